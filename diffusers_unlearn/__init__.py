@@ -1,0 +1,43 @@
+"""diffusers-unlearn: continual concept unlearning for diffusers text-to-image pipelines.
+
+Each removal request becomes one small, constrained adapter on the UNet's cross-attention K/V projections,
+recorded in a ledger; regularizers (drift penalties, selective fine-tuning, gradient projection, merging) keep a
+stream of requests from collapsing the model.
+"""
+
+__version__ = "0.1.0"
+
+from . import testing
+from .adapters import RequestAdapter
+from .embeddings import concept_embedding, cosine_similarities
+from .ledger import Ledger, LedgerError, RequestRecord
+from .merging import MergeStrategy
+from .mixin import UnknownRequestError, UnlearnMixin, attach
+from .objectives import CAConfig, ESDConfig, ObjectiveConfig, register_objective
+from .prompts import TEMPLATES, register_templates
+from .regularizers import Regularizer, register_regularizer
+from .trainer import TrainingConfig
+
+__all__ = [
+    "__version__",
+    "testing",
+    "attach",
+    "UnlearnMixin",
+    "concept_embedding",
+    "cosine_similarities",
+    "MergeStrategy",
+    "TrainingConfig",
+    "ESDConfig",
+    "CAConfig",
+    "ObjectiveConfig",
+    "register_objective",
+    "Regularizer",
+    "register_regularizer",
+    "TEMPLATES",
+    "register_templates",
+    "Ledger",
+    "LedgerError",
+    "RequestRecord",
+    "RequestAdapter",
+    "UnknownRequestError",
+]

@@ -1,0 +1,95 @@
+"""Model merging as a composition strategy: requests trained independently from the base, deltas combined.
+
+Uses ``peft.utils.merge_utils`` on the per-layer deltas. With one active request there is nothing to merge and the
+request is used as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from peft.utils import merge_utils
+
+MergeMethod = Literal["uniform", "task_arithmetic", "ties"]
+MERGE_METHODS: tuple[str, ...] = ("uniform", "task_arithmetic", "ties")
+
+
+@dataclass(frozen=True)
+class MergeStrategy:
+    """How the deltas of independently unlearned requests combine.
+
+    Args:
+        method: "uniform" (mean), "task_arithmetic" (scale * sum) or "ties" (trim each delta to its top
+            ``density`` fraction by magnitude per layer, elect the sign of the sum, disjoint mean, times scale).
+        scale: lambda. Default: 1.0 for task arithmetic; for TIES it grows with the number n of merged requests,
+            1.25 + 0.15 * (n - 2) (1.25 at 2, 2.75 at 12), as in the paper's tuned values.
+        density: fraction of each delta TIES keeps (paper's grid: 0.2, 0.4, 0.6, 0.8).
+    """
+
+    method: MergeMethod = "ties"
+    scale: float | None = None
+    density: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {self.method!r}; allowed: {list(MERGE_METHODS)}")
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale <= 0:
+                raise ValueError(f"merge scale must be a number > 0, got {self.scale!r}")
+            if self.method == "uniform":
+                raise ValueError("merge method 'uniform' takes no scale (it is the mean); use 'task_arithmetic'")
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
+            raise ValueError(f"merge density must be in (0, 1], got {self.density!r}")
+
+    def scale_for(self, n: int) -> float:
+        if self.method == "uniform":
+            return 1.0 / n
+        if self.scale is not None:
+            return float(self.scale)
+        return 1.0 if self.method == "task_arithmetic" else 1.25 + 0.15 * (n - 2)
+
+    def combine(self, deltas: list[torch.Tensor]) -> torch.Tensor:
+        """Merge one layer's deltas (all the same shape)."""
+        if not deltas:
+            raise ValueError("nothing to merge")
+        if len(deltas) == 1:
+            return deltas[0]
+        n = len(deltas)
+        ones = torch.ones(n, dtype=deltas[0].dtype)
+        if self.method == "ties":
+            return merge_utils.ties(deltas, ones, density=self.density) * self.scale_for(n)
+        return merge_utils.task_arithmetic(deltas, ones * self.scale_for(n))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": "merge", **dataclasses.asdict(self)}
+
+
+Strategy = Literal["sequential"] | MergeStrategy
+
+
+def resolve_strategy(strategy: str | MergeStrategy | None) -> str | MergeStrategy:
+    """"sequential" (default), "merge" (TIES), a merge method name, or a ``MergeStrategy``."""
+    if strategy is None or strategy == "sequential":
+        return "sequential"
+    if isinstance(strategy, MergeStrategy):
+        return strategy
+    if strategy == "merge":
+        return MergeStrategy()
+    if isinstance(strategy, str) and strategy in MERGE_METHODS:
+        return MergeStrategy(method=strategy)
+    raise ValueError(
+        f"unknown strategy {strategy!r}; allowed: 'sequential', 'merge', {list(MERGE_METHODS)} or a MergeStrategy"
+    )
+
+
+def strategy_to_dict(strategy: str | MergeStrategy) -> dict[str, Any]:
+    return strategy.to_dict() if isinstance(strategy, MergeStrategy) else {"strategy": "sequential"}
+
+
+def strategy_from_dict(data: dict[str, Any]) -> str | MergeStrategy:
+    if data.get("strategy", "sequential") == "sequential":
+        return "sequential"
+    return MergeStrategy(**{k: v for k, v in data.items() if k != "strategy"})

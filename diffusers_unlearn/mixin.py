@@ -1,0 +1,388 @@
+"""``UnlearnMixin``: continual unlearning as pipeline methods, in the way diffusers' loader mixins add behaviour.
+
+The pipeline keeps an ``UnlearningState``: a copy of the base K/V weights and their fingerprint, the ledger, one
+artifact per request, and how they are composed (stacked adapters or folded weights). Every method that changes
+the UNet rebuilds it from that state, so a failed or interrupted call restores exactly what was there before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from . import __version__
+from . import adapters as ad
+from .composition import Mode, combined_deltas, materialize
+from .conditioning import SUPPORTED_ARCHITECTURES
+from .ledger import (
+    Ledger,
+    LedgerError,
+    RequestRecord,
+    check_adapter_fits,
+    fingerprint,
+    now,
+    read_ledger_dir,
+    write_ledger_dir,
+)
+from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
+from .objectives import ObjectiveConfig, build_objective_config
+from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
+from .regularizers import Regularizer, check_regularizers
+from .trainer import TrainingConfig, train_request
+
+logger = logging.getLogger(__name__)
+STATE_ATTR = "_unlearning_state"
+
+
+class UnknownRequestError(KeyError):
+    """A request id that the ledger does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+@dataclass
+class UnlearningState:
+    base_weights: dict[str, torch.Tensor]
+    base_fingerprint: str
+    ledger: Ledger
+    artifacts: dict[str, ad.RequestAdapter] = field(default_factory=dict)
+    mode: Mode = "stacked"
+
+    @property
+    def strategy(self) -> str | MergeStrategy:
+        if not self.ledger.requests:
+            return "sequential"
+        return strategy_from_dict(self.ledger.requests[0].strategy)
+
+    def active(self, ids: Sequence[str] | None = None) -> list[tuple[str, ad.RequestAdapter]]:
+        ids = self.ledger.ids() if ids is None else ids
+        return [(i, self.artifacts[i]) for i in ids]
+
+
+def check_pipeline(pipe: Any) -> None:
+    """Refuse pipelines whose denoiser has no cross-attention K/V layers, naming what is supported."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not ad.kv_module_names(unet):
+        denoiser = type(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe).__name__
+        raise TypeError(
+            f"{type(pipe).__name__} (denoiser {denoiser}) has no UNet cross-attention K/V layers to unlearn on; "
+            f"supported: {SUPPORTED_ARCHITECTURES}"
+        )
+
+
+class UnlearnMixin:
+    """Adds continual unlearning to a diffusers pipeline with a cross-attention UNet.
+
+    Use ``du.attach(pipe)`` on an existing pipeline, or a ready class such as ``UnlearnStableDiffusionPipeline``.
+    """
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _unlearning(self) -> UnlearningState:
+        state = self.__dict__.get(STATE_ATTR)
+        if state is None:
+            check_pipeline(self)
+            unet = self.unet
+            if any(isinstance(m, ad.LoraLayer) for m in unet.modules()):
+                raise ValueError(
+                    "the UNet already carries peft/LoRA layers; fuse_lora() and unload_lora() them before unlearning "
+                    "(unlearning needs the plain K/V weights as its base)"
+                )
+            base = {name: w.detach().clone() for name, w in ad.kv_weights(unet).items()}
+            key = fingerprint(base)
+            state = UnlearningState(base_weights=base, base_fingerprint=key, ledger=Ledger(key))
+            object.__setattr__(self, STATE_ATTR, state)
+        return state
+
+    def _rebuild(self, ids: Sequence[str] | None = None, mode: Mode | None = None) -> None:
+        state = self._unlearning()
+        materialize(self.unet, state.base_weights, state.active(ids), mode or state.mode, state.strategy)
+
+    # -------------------------------------------------------------------------------------------- queries
+    @property
+    def removed_concepts(self) -> list[str]:
+        """Concepts of the active requests, in the order they were removed."""
+        return [r.concept for r in self._unlearning().ledger.requests]
+
+    @property
+    def unlearning_ledger(self) -> Ledger:
+        """The ledger (treat as read-only; change it through unlearn/rollback/load_unlearning)."""
+        return self._unlearning().ledger
+
+    @property
+    def unlearning_mode(self) -> Mode:
+        """"stacked" (one peft adapter per request) or "folded" (baked into the K/V weights)."""
+        return self._unlearning().mode
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self._unlearning().base_fingerprint
+
+    def request_adapter(self, request_id: str) -> ad.RequestAdapter:
+        """The stored artifact of one request (factors or dense delta, float32, CPU)."""
+        self._check_request_id(request_id)
+        return self._unlearning().artifacts[request_id]
+
+    def _check_request_id(self, request_id: object) -> str:
+        state = self._unlearning()
+        if not isinstance(request_id, str) or request_id not in state.artifacts:
+            known = state.ledger.ids() or "none (the ledger is empty)"
+            raise UnknownRequestError(f"no request {request_id!r} in the ledger; known request ids: {known}")
+        return request_id
+
+    # -------------------------------------------------------------------------------------------- unlearn
+    def unlearn(
+        self,
+        concept: str,
+        method: str | ObjectiveConfig = "esd",
+        *,
+        domain: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        regularizers: Sequence[Regularizer] | Regularizer | None = None,
+        strategy: str | MergeStrategy | None = None,
+        rank: int | Literal["full"] | None = None,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        training: TrainingConfig | None = None,
+        prompts: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        progress: bool | None = None,
+        **method_options: Any,
+    ) -> RequestRecord:
+        """Remove ``concept`` with one new adapter trained on the current model; return its ledger record.
+
+        Args:
+            concept: what to remove, e.g. "van gogh".
+            method: "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method config.
+            domain: "style", "object", "concept" (default) or a registered domain: picks the prompt templates.
+            steps, rank, learning_rate, batch_size: shortcuts for the same ``TrainingConfig`` fields.
+            seed: makes the request reproducible (adapter init, trajectories, minibatches).
+            regularizers: e.g. ``[du.GradientProjection(retain=["monet"]), du.L2Drift(weight=1e3)]``.
+            strategy: "sequential" (default: train on top of earlier requests) or "merge"/"ties"/
+                "task_arithmetic"/"uniform"/``du.MergeStrategy`` (train from the base, combine deltas).
+            prompts: explicit prompts instead of the domain templates; ``templates`` replaces the templates.
+            progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
+            **method_options: fields of the method's config, e.g. ``negative_guidance=2.0`` or ``anchor="a dog"``.
+
+        A failed or interrupted request (exception, Ctrl-C) leaves the pipeline and the ledger as they were.
+        """
+        state = self._unlearning()
+        # Validate everything before the model is touched.
+        concept = check_concept(concept)
+        domain = check_domain(domain)
+        objective_config = build_objective_config(method, method_options)
+        training = _training_config(training, steps, rank, learning_rate, batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        regs = check_regularizers(regularizers)
+        chosen_strategy = resolve_strategy(strategy)
+        if state.ledger.requests and strategy_to_dict(chosen_strategy) != strategy_to_dict(state.strategy):
+            raise ValueError(
+                f"this ledger composes requests with strategy {strategy_to_dict(state.strategy)}; the request asks "
+                f"for {strategy_to_dict(chosen_strategy)}. One ledger uses one strategy: roll back or start anew."
+            )
+        used_templates: tuple[str, ...] | None = None
+        if prompts is not None:
+            if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+                raise ValueError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
+            request_prompts = list(prompts)
+        else:
+            used_templates = validate_templates(templates) if templates is not None else TEMPLATES[domain]
+            request_prompts = [t.format(concept) for t in used_templates]
+        if progress is None:
+            progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+
+        earlier = list(state.ledger.requests)
+        sequential = not isinstance(chosen_strategy, MergeStrategy)
+        start = state.active() if sequential else []
+        start_offsets = combined_deltas([a for _, a in start], "sequential")
+        try:
+            materialize(self.unet, state.base_weights, start, "folded", "sequential")
+            result = train_request(
+                self,
+                concept=concept,
+                domain=domain,
+                prompts=request_prompts,
+                templates=used_templates,
+                objective_config=objective_config,
+                regularizers=regs,
+                training=training,
+                seed=seed,
+                base_weights=state.base_weights,
+                start_offsets=start_offsets,
+                earlier=earlier,
+                progress=progress,
+            )
+        except BaseException:
+            self._rebuild()
+            raise
+
+        request_id = state.ledger.new_request_id()
+        ranks = sorted({a.shape[0] for key, a in result.adapter.tensors.items() if key.endswith(".lora_A")})
+        record = RequestRecord(
+            request_id=request_id,
+            index=state.ledger.next_index,
+            concept=concept,
+            domain=domain,
+            method=objective_config.method,
+            method_config=objective_config.to_dict(),
+            strategy=strategy_to_dict(chosen_strategy),
+            regularizers=result.reports,
+            adapter={"kind": result.adapter.kind, "ranks": ranks, "targets": list(ad.KV_SUFFIXES)},
+            training=training.to_dict(),
+            prompts=request_prompts,
+            steps=training.steps,
+            seed=seed,
+            seconds=round(result.seconds, 3),
+            final_loss=result.final_loss,
+            base_fingerprint=state.base_fingerprint,
+            library_version=__version__,
+        )
+        state.ledger.requests.append(record)
+        state.artifacts[request_id] = result.adapter
+        state.ledger.next_index += 1
+        try:
+            self._rebuild()
+        except BaseException:
+            state.ledger.requests.pop()
+            del state.artifacts[request_id]
+            state.ledger.next_index -= 1
+            self._rebuild()
+            raise
+        return record
+
+    # -------------------------------------------------------------------------------------- save and load
+    def save_unlearning(self, directory: str | os.PathLike) -> None:
+        """Write the ledger (JSON) and one safetensors adapter per request into ``directory``, atomically."""
+        state = self._unlearning()
+        write_ledger_dir(directory, state.ledger, state.artifacts)
+
+    def load_unlearning(self, directory: str | os.PathLike, replace: bool = False) -> list[str]:
+        """Load a saved ledger and its adapters onto this pipeline (same base weights); return the request ids.
+
+        Everything is checked before anything changes. A pipeline that already holds requests is refused unless
+        ``replace=True``.
+        """
+        state = self._unlearning()
+        ledger, artifacts = read_ledger_dir(directory)
+        if ledger.base_fingerprint != state.base_fingerprint:
+            raise LedgerError(
+                f"{directory} was made on base weights with fingerprint {ledger.base_fingerprint}, but this pipeline's "
+                f"base has fingerprint {state.base_fingerprint}: load it onto the pipeline it was trained on"
+            )
+        shapes = {name: tuple(w.shape) for name, w in state.base_weights.items()}
+        strategies = {str(strategy_from_dict(r.strategy)) for r in ledger.requests}
+        if len(strategies) > 1:
+            raise LedgerError(f"{directory} mixes composition strategies {sorted(strategies)}")
+        for record in ledger.requests:
+            check_adapter_fits(artifacts[record.request_id], shapes, f"{directory}/{record.adapter['file']}")
+        if state.ledger.requests and not replace:
+            raise ValueError(
+                f"this pipeline already holds requests {state.ledger.ids()}; pass replace=True to swap them for "
+                f"the ledger in {directory}"
+            )
+        previous = (state.ledger, state.artifacts)
+        state.ledger, state.artifacts = ledger, artifacts
+        try:
+            self._rebuild()
+        except BaseException:
+            state.ledger, state.artifacts = previous
+            self._rebuild()
+            raise
+        return ledger.ids()
+
+    # ------------------------------------------------------------------------------ audit, rollback, fold
+    @contextmanager
+    def audit(self, request_id: str, mode: Literal["only", "without"] = "only") -> Iterator[Any]:
+        """Within the block, only that request is active (``mode="only"``) or all but it (``"without"``).
+
+        The previous state comes back on exit, also on exceptions.
+        """
+        state = self._unlearning()
+        self._check_request_id(request_id)
+        if mode not in ("only", "without"):
+            raise ValueError(f"audit mode must be 'only' or 'without', got {mode!r}")
+        ids = [request_id] if mode == "only" else [i for i in state.ledger.ids() if i != request_id]
+        try:
+            self._rebuild(ids)
+            yield self
+        finally:
+            self._rebuild()
+
+    def rollback(self, request_id: str) -> RequestRecord:
+        """Drop one request (its adapter and record), keep the rest; returns the dropped record."""
+        state = self._unlearning()
+        self._check_request_id(request_id)
+        record = state.ledger.get(request_id)
+        artifact = state.artifacts.pop(request_id)
+        position = state.ledger.requests.index(record)
+        state.ledger.requests.remove(record)
+        state.ledger.history.append({"event": "rollback", "request_id": request_id, "concept": record.concept, "at": now()})
+        try:
+            self._rebuild()
+        except BaseException:
+            state.ledger.requests.insert(position, record)
+            state.ledger.history.pop()
+            state.artifacts[request_id] = artifact
+            self._rebuild()
+            raise
+        if state.mode == "folded":
+            logger.info("rolled back %s on a folded pipeline: re-folded the base weights with the remaining requests",
+                        request_id)
+        return record
+
+    def fold(self) -> None:
+        """Bake the active requests into the UNet's K/V weights (plain layers, no adapters, base speed)."""
+        self._set_mode("folded")
+
+    def unfold(self) -> None:
+        """Back to one peft adapter per request on the base weights."""
+        self._set_mode("stacked")
+
+    def _set_mode(self, mode: Mode) -> None:
+        state = self._unlearning()
+        previous, state.mode = state.mode, mode
+        try:
+            self._rebuild()
+        except BaseException:
+            state.mode = previous
+            self._rebuild()
+            raise
+
+
+def _training_config(
+    training: TrainingConfig | None, steps: int | None, rank: Any, learning_rate: float | None, batch_size: int | None
+) -> TrainingConfig:
+    if training is not None and not isinstance(training, TrainingConfig):
+        raise TypeError(f"training must be a du.TrainingConfig, got {training!r}")
+    values = (training or TrainingConfig()).to_dict()
+    for key, value in (("steps", steps), ("rank", rank), ("learning_rate", learning_rate), ("batch_size", batch_size)):
+        if value is not None:
+            values[key] = value
+    return TrainingConfig(**values)
+
+
+_MIXED_CLASSES: dict[type, type] = {}
+
+
+def attach(pipe: Any) -> Any:
+    """Give an existing pipeline instance the ``UnlearnMixin`` behaviour; returns the same object.
+
+    The instance's class becomes a subclass of its own class and ``UnlearnMixin`` with the same name, so
+    ``save_pretrained`` still writes the original class name and plain diffusers loads the folder.
+    """
+    check_pipeline(pipe)
+    if not isinstance(pipe, UnlearnMixin):
+        cls = type(pipe)
+        if cls not in _MIXED_CLASSES:
+            _MIXED_CLASSES[cls] = type(cls.__name__, (UnlearnMixin, cls), {"__module__": cls.__module__})
+        pipe.__class__ = _MIXED_CLASSES[cls]
+    pipe._unlearning()
+    return pipe

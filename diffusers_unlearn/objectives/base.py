@@ -1,0 +1,192 @@
+"""The objective interface: what the adapted model should predict instead, for one concept.
+
+An objective knows nothing of regularizers or adapters. The trainer hands it an ``ObjectiveContext`` (the UNet,
+how to run it frozen, the prompts) and asks for losses. Objectives in this package sample trajectories from the
+frozen model once per request and reuse them (and the frozen predictions on them) across training steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..conditioning import Conditioning, TextConditioner, sample_trajectory
+
+
+@dataclass
+class ObjectiveConfig:
+    """Settings every trajectory-based objective shares.
+
+    Args:
+        sampling_steps: DDIM steps of the frozen model's trajectories (x_t is drawn from them).
+        guidance_scale: classifier-free guidance used to sample those trajectories (ESD's "start guidance").
+        num_trajectories: trajectories sampled once per request and reused by every training step.
+        resolution: image size in pixels for the trajectories (default: the UNet's native size).
+    """
+
+    method: ClassVar[str] = ""
+    sampling_steps: int = 50
+    guidance_scale: float = 3.0
+    num_trajectories: int = 4
+    resolution: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int(self, "sampling_steps", minimum=1)
+        _check_int(self, "num_trajectories", minimum=1)
+        if self.resolution is not None:
+            _check_int(self, "resolution", minimum=8)
+        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+def _check_int(config: object, field: str, minimum: int) -> None:
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class ObjectiveContext:
+    """What the trainer gives an objective for one request."""
+
+    pipe: Any
+    conditioner: TextConditioner
+    unet: torch.nn.Module
+    concept: str
+    prompts: list[str]
+    frozen: Callable[[], AbstractContextManager]  # runs the UNet without the request's adapter
+    generator: torch.Generator  # CPU generator seeded from the request's seed
+    templates: tuple[str, ...] | None = None  # the templates behind ``prompts`` (None: prompts given directly)
+
+
+class Objective(ABC):
+    """One unlearning method. Subclasses are registered with ``register_objective``."""
+
+    config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
+
+    def __init__(self, config: ObjectiveConfig, context: ObjectiveContext):
+        self.config = config
+        self.context = context
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Sample whatever the losses need from the frozen model (called once, before training)."""
+
+    @abstractmethod
+    def training_loss(self, batch_size: int) -> torch.Tensor:
+        """The loss of one training step on a random minibatch (drawn with the context's generator)."""
+
+    @abstractmethod
+    def trajectory_losses(self) -> Iterator[torch.Tensor]:
+        """One loss per step of the cached trajectories, for importance scores accumulated over sampling."""
+
+
+class TrajectoryObjective(Objective):
+    """Shared machinery: sample trajectories with the frozen model for ``sampling prompts``, train the prediction
+    for ``training prompts`` on those latents toward a frozen target computed once per (step, trajectory)."""
+
+    def sampling_prompts(self) -> list[str]:
+        return self.context.prompts
+
+    def training_prompts(self) -> list[str]:
+        return self.context.prompts
+
+    @abstractmethod
+    def frozen_target(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Target noise prediction, computed under ``context.frozen()`` for trajectory ``rows``."""
+
+    def prepare(self) -> None:
+        ctx, cfg = self.context, self.config
+        n = cfg.num_trajectories
+        sampling, training = self.sampling_prompts(), self.training_prompts()
+        self.rows_prompt = torch.arange(n) % len(sampling)
+        self.sampling_cond = ctx.conditioner.encode(sampling).select(self.rows_prompt)
+        self.training_cond = ctx.conditioner.encode(training).select(self.rows_prompt)
+        self.uncond = ctx.conditioner.encode_unconditional(n)
+        with ctx.frozen():
+            self.latents, self.timesteps = sample_trajectory(
+                ctx.conditioner,
+                ctx.unet,
+                self.sampling_cond,
+                self.uncond,
+                steps=cfg.sampling_steps,
+                guidance_scale=cfg.guidance_scale,
+                generator=ctx.generator,
+                resolution=cfg.resolution,
+            )
+        self._targets: dict[int, torch.Tensor] = {}
+
+    def targets_at(self, step: int) -> torch.Tensor:
+        """Frozen targets of every trajectory at trajectory step ``step`` (memoised: computed once per request)."""
+        if step not in self._targets:
+            rows = torch.arange(self.config.num_trajectories)
+            timesteps = self.timesteps[step].expand(len(rows))
+            with torch.no_grad(), self.context.frozen():
+                self._targets[step] = self.frozen_target(self.latents[step], timesteps, rows).float()
+        return self._targets[step]
+
+    def _loss(self, steps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        latents = self.latents[steps, rows]
+        timesteps = self.timesteps[steps]
+        target = torch.stack([self.targets_at(int(s))[int(r)] for s, r in zip(steps, rows)])
+        cond = self.training_cond.select(rows.to(self.training_cond.hidden_states.device))
+        prediction = self.context.conditioner.predict_noise(self.context.unet, latents, timesteps, cond)
+        return F.mse_loss(prediction.float(), target)
+
+    def training_loss(self, batch_size: int) -> torch.Tensor:
+        gen = self.context.generator
+        steps = torch.randint(0, len(self.timesteps), (batch_size,), generator=gen)
+        rows = torch.randint(0, self.config.num_trajectories, (batch_size,), generator=gen)
+        return self._loss(steps, rows)
+
+    def trajectory_losses(self) -> Iterator[torch.Tensor]:
+        rows = torch.arange(self.config.num_trajectories)
+        for step in range(len(self.timesteps)):
+            yield self._loss(torch.full_like(rows, step), rows)
+
+
+OBJECTIVES: dict[str, tuple[type[ObjectiveConfig], type[Objective]]] = {}
+
+
+def register_objective(config_class: type[ObjectiveConfig], objective_class: type[Objective]) -> None:
+    """Make ``config_class.method`` usable as ``pipe.unlearn(..., method=name)``."""
+    name = config_class.method
+    if not name:
+        raise ValueError(f"{config_class.__name__}.method must name the method")
+    objective_class.config_class = config_class
+    OBJECTIVES[name] = (config_class, objective_class)
+
+
+def build_objective_config(method: str | ObjectiveConfig, options: dict[str, Any] | None = None) -> ObjectiveConfig:
+    """A method name plus options, or a ready config, as a validated config object."""
+    options = dict(options or {})
+    if isinstance(method, ObjectiveConfig):
+        if options:
+            raise TypeError(f"options {sorted(options)} given together with a ready {type(method).__name__}")
+        return method
+    if not isinstance(method, str) or method not in OBJECTIVES:
+        raise ValueError(f"unknown method {method!r}; known methods: {sorted(OBJECTIVES)}")
+    config_class = OBJECTIVES[method][0]
+    allowed = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"method {method!r} has no option(s) {unknown}; allowed: {sorted(allowed)}")
+    return config_class(**options)
+
+
+def objective_for(config: ObjectiveConfig, context: ObjectiveContext) -> Objective:
+    return OBJECTIVES[config.method][1](config, context)
+
+
+def cond_rows(cond: Conditioning, rows: torch.Tensor) -> Conditioning:
+    return cond.select(rows.to(cond.hidden_states.device))

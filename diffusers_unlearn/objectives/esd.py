@@ -1,0 +1,44 @@
+"""ESD (Gandikota et al., 2023), negative-guidance variant: steer the concept's prediction away from it.
+
+Target for x_t on the frozen model's own trajectory for the concept prompt:
+eps(x_t, empty) - eta * (eps(x_t, concept) - eps(x_t, empty)), all from the frozen model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..conditioning import Conditioning
+from .base import ObjectiveConfig, TrajectoryObjective, cond_rows, register_objective
+
+
+@dataclass
+class ESDConfig(ObjectiveConfig):
+    """Args:
+    negative_guidance: eta, how far past the unconditional prediction the target goes (ESD default 1.0).
+    """
+
+    method: ClassVar[str] = "esd"
+    negative_guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.negative_guidance, (int, float)) or self.negative_guidance < 0:
+            raise ValueError(f"negative_guidance must be a number >= 0, got {self.negative_guidance!r}")
+
+
+class ESDObjective(TrajectoryObjective):
+    def frozen_target(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        both = Conditioning.cat([cond_rows(self.uncond, rows), cond_rows(self.sampling_cond, rows)])
+        noise = ctx.conditioner.predict_noise(
+            ctx.unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both
+        ).float()
+        empty, concept = noise.chunk(2)
+        return empty - self.config.negative_guidance * (concept - empty)
+
+
+register_objective(ESDConfig, ESDObjective)

@@ -1,0 +1,73 @@
+"""Prompt templates per concept domain. A concept is always seen by the model inside a template."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# Domain -> templates with one "{}" slot for the concept. Module-level so users can add a domain or replace one
+# with register_templates; requests record the prompts they used, so later edits do not change old records.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "style": (
+        "an image in {} style",
+        "a painting in {} style",
+        "a picture of a city in {} style",
+        "a portrait in {} style",
+    ),
+    "object": (
+        "a photo of a {}",
+        "an image of a {}",
+        "a painting of a {}",
+        "a picture of a {} in a field",
+    ),
+    "concept": (
+        "{}",
+        "an image of {}",
+        "a picture of {}",
+        "a photo of {}",
+    ),
+}
+
+DEFAULT_DOMAIN = "concept"
+
+
+def register_templates(domain: str, templates: Sequence[str]) -> None:
+    """Add or replace the templates of ``domain``; each template needs exactly one ``{}`` slot."""
+    if not isinstance(domain, str) or not domain.strip():
+        raise ValueError(f"domain must be a non-empty string, got {domain!r}")
+    TEMPLATES[domain] = validate_templates(templates)
+
+
+def validate_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(templates, str) or not templates:
+        raise ValueError(f"templates must be a non-empty list of strings with one '{{}}' slot, got {templates!r}")
+    for template in templates:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ValueError(f"each template needs exactly one '{{}}' slot, got {template!r}")
+    return tuple(templates)
+
+
+def check_domain(domain: str | None) -> str:
+    domain = DEFAULT_DOMAIN if domain is None else domain
+    if domain not in TEMPLATES:
+        raise ValueError(f"unknown domain {domain!r}; known domains: {sorted(TEMPLATES)} (add one with register_templates)")
+    return domain
+
+
+def check_concept(concept: object, what: str = "concept") -> str:
+    """A concept is a non-empty string; surrounding whitespace is dropped."""
+    if not isinstance(concept, str):
+        raise TypeError(f"{what} must be a string, got {type(concept).__name__}: {concept!r}")
+    if not concept.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {concept!r}")
+    return concept.strip()
+
+
+def same_concept(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def concept_prompts(concept: str, domain: str | None = None, templates: Sequence[str] | None = None) -> list[str]:
+    """The prompts that stand for ``concept``: each template of its domain filled with it."""
+    concept = check_concept(concept)
+    chosen = validate_templates(templates) if templates is not None else TEMPLATES[check_domain(domain)]
+    return [template.format(concept) for template in chosen]

@@ -1,0 +1,114 @@
+"""The regularizer interface: small hooks the trainer calls, knowing nothing of the objective.
+
+Hooks, in the order the trainer calls them for one request:
+
+* ``setup(ctx)``: once, after the adapter and the objective are ready (compute masks, projectors, references).
+* ``loss(ctx)``: an extra loss term per step (drift penalties), or None.
+* ``transform_gradients(ctx)``: after backward and gradient synchronisation, before clipping (projection).
+* ``after_step(ctx)``: after the optimizer step (keep parameters inside their constraint set).
+* ``report()``: JSON-able figures for the ledger (what was protected, how much was masked...).
+
+Regularizers run in ``order`` (lower first): masks before projections before penalties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from ..adapters import TrainableAdapter
+    from ..ledger import RequestRecord
+    from ..objectives import Objective
+
+
+@dataclass
+class TrainingContext:
+    """What regularizers see of one request being trained."""
+
+    pipe: Any
+    unet: torch.nn.Module
+    adapter: TrainableAdapter
+    objective: Objective
+    concept: str
+    domain: str
+    earlier: list[RequestRecord]  # requests active before this one, in ledger order
+    base_weights: dict[str, torch.Tensor]  # the original K/V weights
+    start_offsets: dict[str, torch.Tensor] | None  # training start model minus base (None: starts at the base)
+    step: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Regularizer:
+    """Base class. Subclasses are dataclasses of their settings, registered with ``register_regularizer``."""
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 100
+    adapter_kind: ClassVar[str | None] = None  # "dense" when it needs a full (masked) delta instead of a LoRA
+
+    def setup(self, ctx: TrainingContext) -> None:
+        pass
+
+    def loss(self, ctx: TrainingContext) -> torch.Tensor | None:
+        return None
+
+    def transform_gradients(self, ctx: TrainingContext) -> None:
+        pass
+
+    def after_step(self, ctx: TrainingContext) -> None:
+        pass
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return {"name": self.name, **settings}
+
+
+REGULARIZERS: dict[str, type[Regularizer]] = {}
+
+
+def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
+    """Make ``cls`` available by ``cls.name`` (for ledgers and run plans)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__}.name must be set")
+    REGULARIZERS[cls.name] = cls
+    return cls
+
+
+def regularizer_from_dict(data: dict[str, Any]) -> Regularizer:
+    """Rebuild a regularizer from ``{"name": ..., **settings}`` (the ledger's and run plans' form)."""
+    if not isinstance(data, dict) or data.get("name") not in REGULARIZERS:
+        known = sorted(REGULARIZERS)
+        raise ValueError(f"unknown regularizer {data!r}; known: {known}")
+    cls = REGULARIZERS[data["name"]]
+    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
+    settings = {k: v for k, v in data.items() if k != "name"}
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise ValueError(f"regularizer {data['name']!r} has no setting(s) {unknown}; allowed: {sorted(allowed)}")
+    return cls(**settings)
+
+
+def check_regularizers(regularizers: object) -> list[Regularizer]:
+    if regularizers is None:
+        return []
+    if isinstance(regularizers, Regularizer):
+        regularizers = [regularizers]
+    items = list(regularizers)  # type: ignore[arg-type]
+    for item in items:
+        if not isinstance(item, Regularizer):
+            raise TypeError(
+                f"regularizers must be du.L1Drift, du.L2Drift, du.SelectiveFinetune, du.GradientProjection "
+                f"(or another Regularizer); got {item!r}"
+            )
+    names = [r.name for r in items]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"each regularizer may appear once per request; repeated: {duplicated}")
+    return sorted(items, key=lambda r: r.order)

@@ -15,7 +15,14 @@ from .merging import MergeStrategy
 from .mixin import UnknownRequestError, UnlearnMixin, attach
 from .objectives import CAConfig, ESDConfig, ObjectiveConfig, register_objective
 from .prompts import TEMPLATES, register_templates
-from .regularizers import Regularizer, register_regularizer
+from .regularizers import (
+    GradientProjection,
+    L1Drift,
+    L2Drift,
+    Regularizer,
+    SelectiveFinetune,
+    register_regularizer,
+)
 from .trainer import TrainingConfig
 
 __all__ = [
@@ -31,6 +38,10 @@ __all__ = [
     "CAConfig",
     "ObjectiveConfig",
     "register_objective",
+    "L1Drift",
+    "L2Drift",
+    "SelectiveFinetune",
+    "GradientProjection",
     "Regularizer",
     "register_regularizer",
     "TEMPLATES",

@@ -182,6 +182,8 @@ class UnlearnMixin:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         regs = check_regularizers(regularizers)
+        for regularizer in regs:
+            regularizer.check_request(concept, domain)
         chosen_strategy = resolve_strategy(strategy)
         if state.ledger.requests and strategy_to_dict(chosen_strategy) != strategy_to_dict(state.strategy):
             raise ValueError(

@@ -8,8 +8,15 @@ from .base import (
     register_regularizer,
     regularizer_from_dict,
 )
+from .drift import L1Drift, L2Drift
+from .projection import GradientProjection
+from .selective import SelectiveFinetune
 
 __all__ = [
+    "L1Drift",
+    "L2Drift",
+    "SelectiveFinetune",
+    "GradientProjection",
     "REGULARIZERS",
     "Regularizer",
     "TrainingContext",

@@ -2,6 +2,7 @@
 
 Hooks, in the order the trainer calls them for one request:
 
+* ``check_request(concept, domain)``: before anything runs, to refuse settings that cannot fit this request.
 * ``setup(ctx)``: once, after the adapter and the objective are ready (compute masks, projectors, references).
 * ``loss(ctx)``: an extra loss term per step (drift penalties), or None.
 * ``transform_gradients(ctx)``: after backward and gradient synchronisation, before clipping (projection).
@@ -49,6 +50,9 @@ class Regularizer:
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100
     adapter_kind: ClassVar[str | None] = None  # "dense" when it needs a full (masked) delta instead of a LoRA
+
+    def check_request(self, concept: str, domain: str) -> None:
+        pass
 
     def setup(self, ctx: TrainingContext) -> None:
         pass

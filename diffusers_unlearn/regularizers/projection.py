@@ -1,0 +1,242 @@
+"""Gradient projection: K/V outputs on the embeddings of concepts to keep do not move.
+
+C's columns are the embeddings (``du.concept_embedding``) of the concepts to keep: the user's ``retain`` list,
+every concept removed earlier, and the ``neighbors`` concepts of a vocabulary most similar to the target. Each K/V
+weight update is restricted to the orthogonal complement of span(C): G -> G @ P, with
+P = I - C (C^T C + eps I)^-1 C^T. Then dW @ c = 0 for every protected c:
+
+* LoRA (dW = B A s): A starts in the complement, its gradient is projected and, because Adam's elementwise update
+  leaves the subspace, A itself is projected back after every step.
+* dense delta: the same on D's rows; when selective fine-tuning masks D, each row is projected inside its own
+  allowed entries (masking a projected update would break the projection).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..embeddings import concept_embedding, cosine_similarities
+from ..prompts import DEFAULT_DOMAIN, check_concept, same_concept
+from ..vocabulary import DEFAULT_VOCABULARY
+from .base import Regularizer, TrainingContext, register_regularizer
+
+CONDITION_LIMIT = 1e10
+
+
+def complement_projector(columns: torch.Tensor, eps: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """P = I - C (C^T C + eps I)^-1 C^T for C = ``columns`` [d, m], in float64.
+
+    eps defaults to max(1e-4, 1e-6 * trace(C^T C) / m); when C^T C itself is ill-conditioned (condition number
+    above 1e10: columns nearly dependent) its pseudo-inverse is used instead, which projects exactly onto span(C).
+    """
+    c = columns.double()
+    d, m = c.shape
+    if m == 0:
+        return torch.eye(d, dtype=torch.float64), {"eps": 0.0, "pseudo_inverse": False}
+    gram = c.T @ c
+    if eps is None:
+        eps = max(1e-4, 1e-6 * float(torch.trace(gram)) / m)
+    regularised = gram + eps * torch.eye(m, dtype=torch.float64)
+    use_pinv = bool(torch.linalg.cond(gram) > CONDITION_LIMIT)
+    inverse = torch.linalg.pinv(gram, hermitian=True) if use_pinv else torch.linalg.inv(regularised)
+    return torch.eye(d, dtype=torch.float64) - c @ inverse @ c.T, {"eps": eps, "pseudo_inverse": use_pinv}
+
+
+def masked_row_projectors(columns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row K_i = pinv(C^T diag(mask_i) C) [rows, m, m]: row i's projection inside its allowed entries is
+    g_i - mask_i * (C K_i C^T g_i), which makes C^T (mask_i * g_i) exactly zero."""
+    c = columns.double()
+    m = c.shape[1]
+    outer = (c[:, :, None] * c[:, None, :]).reshape(c.shape[0], m * m)  # [in, m*m]
+    grams = (mask.double() @ outer).reshape(mask.shape[0], m, m)
+    return torch.linalg.pinv(grams, hermitian=True)
+
+
+def project_rows(tensor: torch.Tensor, columns: torch.Tensor, projector: torch.Tensor | None,
+                 row_projectors: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """Remove from each row of ``tensor`` [rows, in] its component along span(C) (inside the row's mask)."""
+    if mask is None:
+        return tensor @ projector
+    # float64: the per-row Gram matrices of nearly parallel columns are ill-conditioned
+    columns = columns.double()
+    coefficients = torch.bmm(row_projectors, (tensor.double() @ columns)[:, :, None])[:, :, 0]
+    return (tensor - (coefficients @ columns.T) * mask).to(tensor.dtype)
+
+
+@dataclass
+class _Protected:
+    concept: str
+    domain: str
+    source: str  # "retain", "removed" or "neighbor"
+    similarity: float | None = None
+
+
+@register_regularizer
+@dataclass
+class GradientProjection(Regularizer):
+    """Keep the K/V outputs of protected concepts fixed while the target is removed.
+
+    Args:
+        retain: concepts to keep, embedded in the request's domain (and in the plain "concept" templates, so that
+            ``du.concept_embedding(pipe, c)`` is protected whichever domain it is asked for).
+        neighbors: how many concepts of ``vocabulary`` most similar to the target to protect as well.
+        threshold: only protect neighbours whose cosine similarity to the target is at least this.
+        vocabulary: neighbour candidates, ``{domain: [concepts]}`` or a list (in the request's domain); default:
+            the built-in styles and objects (``diffusers_unlearn.vocabulary.DEFAULT_VOCABULARY``).
+        include_removed: protect every concept removed by an earlier request of the ledger.
+        dedup_cosine: drop a neighbour whose embedding's cosine with a column already in C exceeds this.
+        warn_in_span: warn when more than this fraction of the target embedding's energy lies in span(C).
+    """
+
+    name: ClassVar[str] = "gradient_projection"
+    order: ClassVar[int] = 10
+
+    retain: Sequence[str] = field(default_factory=list)
+    neighbors: int = 8
+    threshold: float | None = None
+    vocabulary: Mapping[str, Sequence[str]] | Sequence[str] | None = None
+    include_removed: bool = True
+    dedup_cosine: float = 0.95
+    warn_in_span: float = 0.9
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retain, str):
+            self.retain = [self.retain]
+        self.retain = [check_concept(c, "retain concept") for c in self.retain]
+        if isinstance(self.neighbors, bool) or not isinstance(self.neighbors, int) or self.neighbors < 0:
+            raise ValueError(f"GradientProjection neighbors must be an integer >= 0, got {self.neighbors!r}")
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not -1 <= self.threshold <= 1
+        ):
+            raise ValueError(f"GradientProjection threshold must be a cosine similarity in [-1, 1], got {self.threshold!r}")
+        if not isinstance(self.dedup_cosine, (int, float)) or not 0 < self.dedup_cosine <= 1:
+            raise ValueError(f"GradientProjection dedup_cosine must be in (0, 1], got {self.dedup_cosine!r}")
+        if not isinstance(self.warn_in_span, (int, float)) or not 0 < self.warn_in_span <= 1:
+            raise ValueError(f"GradientProjection warn_in_span must be in (0, 1], got {self.warn_in_span!r}")
+        if self.vocabulary is not None and not isinstance(self.vocabulary, (Mapping, Sequence)):
+            raise TypeError(f"vocabulary must be a dict of domain -> concepts or a list, got {self.vocabulary!r}")
+        if self.vocabulary is not None and not isinstance(self.vocabulary, Mapping):
+            self.vocabulary = [check_concept(c, "vocabulary concept") for c in self.vocabulary]
+        if not self.retain and self.neighbors == 0:
+            warnings.warn(
+                "GradientProjection(retain=[], neighbors=0) protects only concepts removed earlier; "
+                "with an empty ledger it protects nothing",
+                stacklevel=3,
+            )
+
+    def check_request(self, concept: str, domain: str) -> None:
+        for kept in self.retain:
+            if same_concept(kept, concept):
+                raise ValueError(f"GradientProjection cannot retain {kept!r}: it is the concept being removed")
+
+    # -------------------------------------------------------------------------------- which concepts
+    def _candidates(self, domain: str) -> list[tuple[str, str]]:
+        vocabulary = DEFAULT_VOCABULARY if self.vocabulary is None else self.vocabulary
+        if isinstance(vocabulary, Mapping):
+            return [(c, d) for d, concepts in vocabulary.items() for c in concepts]
+        return [(c, domain) for c in vocabulary]
+
+    def protected_concepts(self, ctx: TrainingContext) -> list[_Protected]:
+        """The user's retain list, earlier removed concepts, then the target's nearest vocabulary neighbours."""
+        chosen: list[_Protected] = [_Protected(c, ctx.domain, "retain") for c in self.retain]
+        if self.include_removed:
+            chosen += [_Protected(r.concept, r.domain, "removed") for r in ctx.earlier
+                       if not same_concept(r.concept, ctx.concept)]
+        if self.neighbors:
+            taken = [p.concept for p in chosen] + [ctx.concept]
+            pool = [(c, d) for c, d in self._candidates(ctx.domain) if not any(same_concept(c, t) for t in taken)]
+            pool = list(dict.fromkeys(pool))
+            if pool:
+                target = concept_embedding(ctx.pipe, ctx.concept, ctx.domain)
+                embeds = torch.stack([concept_embedding(ctx.pipe, c, d) for c, d in pool], dim=1)
+                sims = cosine_similarities(target, embeds)
+                order = torch.argsort(sims, descending=True, stable=True)
+                for i in order[: self.neighbors].tolist():
+                    if self.threshold is not None and sims[i] < self.threshold:
+                        break
+                    chosen.append(_Protected(pool[i][0], pool[i][1], "neighbor", round(float(sims[i]), 4)))
+        return chosen
+
+    def _columns(self, ctx: TrainingContext, chosen: list[_Protected]) -> tuple[torch.Tensor, list[_Protected]]:
+        """C's columns, and the concepts behind them. Concepts the user or the ledger names are always kept (their
+        invariant must hold exactly); a neighbour nearly parallel to a kept column (cosine > dedup_cosine) adds
+        nothing but ill-conditioning and is dropped."""
+        kept: list[torch.Tensor] = []
+        used: list[_Protected] = []
+        for item in chosen:
+            domains = [item.domain]
+            if item.source != "neighbor" and item.domain != DEFAULT_DOMAIN:
+                domains.append(DEFAULT_DOMAIN)
+            vectors = [concept_embedding(ctx.pipe, item.concept, d) for d in domains]
+            if item.source == "neighbor" and any(
+                torch.nn.functional.cosine_similarity(v, k, dim=0) > self.dedup_cosine for v in vectors for k in kept
+            ):
+                continue
+            kept += vectors
+            used.append(item)
+        d = ctx.base_weights[next(iter(ctx.base_weights))].shape[1]
+        return (torch.stack(kept, dim=1) if kept else torch.zeros(d, 0)), used
+
+    # -------------------------------------------------------------------------------------- hooks
+    def setup(self, ctx: TrainingContext) -> None:
+        self.check_request(ctx.concept, ctx.domain)
+        columns, chosen = self._columns(ctx, self.protected_concepts(ctx))
+        projector, info = complement_projector(columns)
+        target = concept_embedding(ctx.pipe, ctx.concept, ctx.domain).double()
+        in_span = float(1 - (projector @ target).square().sum() / target.square().sum()) if columns.shape[1] else 0.0
+        self._report = {
+            "protected": [vars(p) for p in chosen],
+            "columns": int(columns.shape[1]),
+            "target_in_span": round(in_span, 6),
+            **info,
+        }
+        if columns.shape[1] == 0:
+            warnings.warn(f"GradientProjection has nothing to protect while removing {ctx.concept!r}", stacklevel=2)
+        if in_span > self.warn_in_span:
+            warnings.warn(
+                f"{in_span:.0%} of {ctx.concept!r}'s embedding lies in the span of the protected concepts: it cannot "
+                "be removed much without touching them (protect fewer neighbours, or accept the overlap)",
+                stacklevel=2,
+            )
+
+        adapter = ctx.adapter
+        device = adapter.input_factor(adapter.layer_names[0]).device
+        self._active = columns.shape[1] > 0
+        self._columns_t = columns.to(device, torch.float32)
+        self._projector = projector.to(device, torch.float32)
+        self._row_projectors: dict[str, torch.Tensor] = {}
+        if adapter.masks is not None and self._active:
+            for layer, mask in adapter.masks.items():
+                self._row_projectors[layer] = masked_row_projectors(columns, mask.cpu()).to(device)
+        self._project_parameters(ctx)  # a LoRA's A starts in the complement of span(C)
+
+    def _project(self, layer: str, tensor: torch.Tensor, ctx: TrainingContext) -> torch.Tensor:
+        mask = None if ctx.adapter.masks is None else ctx.adapter.masks[layer]
+        return project_rows(tensor, self._columns_t, self._projector, self._row_projectors.get(layer), mask)
+
+    def transform_gradients(self, ctx: TrainingContext) -> None:
+        if not self._active:
+            return
+        for layer in ctx.adapter.layer_names:
+            param = ctx.adapter.input_factor(layer)
+            if param.grad is not None:
+                param.grad.copy_(self._project(layer, param.grad, ctx))
+
+    @torch.no_grad()
+    def _project_parameters(self, ctx: TrainingContext) -> None:
+        if not self._active:
+            return
+        for layer in ctx.adapter.layer_names:
+            param = ctx.adapter.input_factor(layer)
+            param.copy_(self._project(layer, param, ctx))
+
+    def after_step(self, ctx: TrainingContext) -> None:
+        self._project_parameters(ctx)  # Adam's elementwise update leaves the subspace; bring A (or D) back
+
+    def report(self) -> dict[str, Any]:
+        return dict(self._report)

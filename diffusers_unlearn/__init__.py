@@ -7,7 +7,6 @@ stream of requests from collapsing the model.
 
 __version__ = "0.1.0"
 
-from . import testing
 from .adapters import RequestAdapter
 from .embeddings import concept_embedding, cosine_similarities
 from .ledger import Ledger, LedgerError, RequestRecord
@@ -24,6 +23,17 @@ from .regularizers import (
     register_regularizer,
 )
 from .trainer import TrainingConfig
+
+
+
+def __getattr__(name: str):
+    # ``du.testing`` imports diffusers' pipeline classes; load it only when it is used
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",

@@ -243,6 +243,7 @@ class UnlearnMixin:
             steps=training.steps,
             seed=seed,
             seconds=round(result.seconds, 3),
+            timing=result.timing,
             final_loss=result.final_loss,
             base_fingerprint=state.base_fingerprint,
             library_version=__version__,

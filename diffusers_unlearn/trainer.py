@@ -71,6 +71,7 @@ class TrainingResult:
     adapter: ad.RequestAdapter
     final_loss: float
     seconds: float
+    timing: dict[str, float]  # setup (adapter, trajectories, regularizer setup) and the step loop, in seconds
     reports: list[dict[str, Any]]
 
 
@@ -134,6 +135,7 @@ def train_request(
         regularizer.setup(ctx)
 
     optimizer = torch.optim.AdamW(adapter.parameters, lr=training.learning_rate, weight_decay=0.0)
+    loop_started = time.perf_counter()
     bar = tqdm(range(training.steps), desc=f"unlearning {concept!r}", disable=not progress, leave=False)
     loss_value = float("nan")
     for step in bar:
@@ -158,10 +160,16 @@ def train_request(
         if progress:
             bar.set_postfix(loss=f"{loss_value:.4g}")
     bar.close()
+    finished = time.perf_counter()
     return TrainingResult(
         adapter=adapter.to_artifact(),
         final_loss=loss_value,
-        seconds=time.perf_counter() - started,
+        seconds=finished - started,
+        timing={
+            "setup_seconds": round(loop_started - started, 4),
+            "loop_seconds": round(finished - loop_started, 4),
+            "seconds_per_step": round((finished - loop_started) / training.steps, 6),
+        },
         reports=[{**r.to_dict(), "report": r.report()} for r in regularizers],
     )
 

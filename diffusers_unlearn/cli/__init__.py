@@ -1,0 +1,69 @@
+"""``diffusers-unlearn`` command line. Each subcommand is one module here with ``register(subparsers)``.
+
+Exit status: 0 success, 2 bad usage or input, 1 failure. Errors print one line; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+
+# Subcommand modules, in the order --help lists them.
+COMMANDS = ("demo",)
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit status 2)."""
+
+
+def _quiet_libraries() -> None:
+    # transformers warns that torchvision is absent when diffusers' pipelines import; nothing here needs it
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusers-unlearn",
+        description="Continual concept unlearning for diffusers pipelines: one constrained K/V adapter per "
+        "removal request, recorded in a ledger.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..ledger import LedgerError
+    from ..mixin import UnknownRequestError
+
+    try:
+        result = args.func(args)
+        return int(result or 0)
+    except (UsageError, LedgerError, UnknownRequestError, FileNotFoundError, ValueError, TypeError) as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"diffusers-unlearn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"diffusers-unlearn {args.command}: interrupted", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - the command line reports any failure in one line
+        if args.debug:
+            traceback.print_exc()
+        print(f"diffusers-unlearn {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

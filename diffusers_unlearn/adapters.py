@@ -10,7 +10,6 @@ Two kinds of artifact, one mechanism:
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -86,9 +85,6 @@ class RequestAdapter:
         if self.kind == "lora":
             return self.tensors[f"{layer}.lora_A"], self.tensors[f"{layer}.lora_B"], self.scales[layer]
         return (*identity_factors(self.tensors[f"{layer}.delta"]), 1.0)
-
-    def metadata(self) -> dict[str, str]:
-        return {"kind": self.kind, "scales": json.dumps(self.scales, sort_keys=True)}
 
     @classmethod
     def from_dense(cls, deltas: dict[str, torch.Tensor]) -> RequestAdapter:

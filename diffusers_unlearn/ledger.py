@@ -31,6 +31,8 @@ from .adapters import RequestAdapter
 LEDGER_FILE = "ledger.json"
 ADAPTER_DIR = "adapters"
 LEDGER_FORMAT = 1
+ADAPTER_FORMAT = "diffusers-unlearn-adapter/1"
+ADAPTER_METADATA_KEY = "diffusers_unlearn"
 
 
 class LedgerError(ValueError):
@@ -144,7 +146,10 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def adapter_bytes(adapter: RequestAdapter, request_id: str) -> bytes:
-    metadata = {"format": "diffusers-unlearn-adapter", "request_id": request_id, **adapter.metadata()}
+    # One metadata key: safetensors writes its metadata map in hash order, so several keys would make the bytes
+    # (and the checksum in the ledger) differ from process to process for the same adapter.
+    info = {"format": ADAPTER_FORMAT, "request_id": request_id, "kind": adapter.kind, "scales": adapter.scales}
+    metadata = {ADAPTER_METADATA_KEY: json.dumps(info, sort_keys=True)}
     return st_save({k: v.contiguous() for k, v in adapter.tensors.items()}, metadata=metadata)
 
 
@@ -161,13 +166,16 @@ def read_adapter(path: Path, expected_sha256: str | None = None) -> RequestAdapt
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise LedgerError(f"adapter file {path} is not a valid safetensors file: {err}") from err
-    if metadata.get("format") != "diffusers-unlearn-adapter" or metadata.get("kind") not in ("lora", "dense"):
-        raise LedgerError(f"adapter file {path} is safetensors but not a diffusers-unlearn adapter")
     try:
-        scales = {k: float(v) for k, v in json.loads(metadata.get("scales", "{}")).items()}
-    except (ValueError, AttributeError) as err:
-        raise LedgerError(f"adapter file {path} has corrupted metadata: {err}") from err
-    adapter = RequestAdapter(metadata["kind"], {k: v.float() for k, v in tensors.items()}, scales)
+        info = json.loads(metadata[ADAPTER_METADATA_KEY])
+        kind = info["kind"]
+        scales = {k: float(v) for k, v in info["scales"].items()}
+        fmt = info["format"]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise LedgerError(f"adapter file {path} is safetensors but not a diffusers-unlearn adapter ({err!r})") from err
+    if fmt != ADAPTER_FORMAT or kind not in ("lora", "dense"):
+        raise LedgerError(f"adapter file {path} is safetensors but not a diffusers-unlearn adapter")
+    adapter = RequestAdapter(kind, {k: v.float() for k, v in tensors.items()}, scales)
     if adapter.kind == "lora" and set(scales) != set(adapter.layers):
         raise LedgerError(f"adapter file {path} has scales for {sorted(scales)} but layers {adapter.layers}")
     return adapter

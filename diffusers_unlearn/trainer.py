@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from . import adapters as ad
@@ -35,6 +38,9 @@ class TrainingConfig:
         lora_alpha: LoRA alpha (default: the rank, i.e. scale 1).
         max_grad_norm: gradient clipping after the regularizers' transforms (None: no clipping).
         init_lora_weights: peft's LoRA init; False gives a non-zero adapter from the start (tests).
+        mixed_precision: "no", "fp16" or "bf16": autocast for the UNet passes (adapter parameters stay float32).
+        gradient_accumulation_steps: micro-batches of ``batch_size`` per optimizer step.
+        gradient_checkpointing: recompute UNet activations in backward (less memory, more time).
     """
 
     steps: int = 200
@@ -44,6 +50,9 @@ class TrainingConfig:
     lora_alpha: float | None = None
     max_grad_norm: float | None = 1.0
     init_lora_weights: bool | str = True
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(field: str) -> None:
@@ -53,6 +62,9 @@ class TrainingConfig:
 
         positive_int("steps")
         positive_int("batch_size")
+        positive_int("gradient_accumulation_steps")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.rank != "full":
             positive_int("rank")
         for field in ("learning_rate", "lora_alpha", "max_grad_norm"):
@@ -90,22 +102,48 @@ def train_request(
     start_offsets: dict[str, torch.Tensor] | None,
     earlier: list,
     progress: bool = True,
+    accelerator: Accelerator | None = None,
+    data_parallel: bool = True,
 ) -> TrainingResult:
     """Train one request's adapter on ``pipe.unet`` (whose K/V weights already hold the start model).
 
     Leaves the training adapter attached; the caller rebuilds the composed state (also on failure).
+    With ``data_parallel`` (the default) every process of ``accelerator`` trains this same request on its slice of
+    the global batch and gradients are averaged; without it each process trains on its own (merge requests).
     """
     unet = pipe.unet
     started = time.perf_counter()
+    accelerator = accelerator or make_accelerator(training)
+    shard = (accelerator.process_index, accelerator.num_processes) if data_parallel else (0, 1)
+    if training.batch_size % shard[1]:
+        raise ValueError(
+            f"batch_size {training.batch_size} must be a multiple of the {accelerator.num_processes} processes: "
+            "each process trains on an equal share of the global batch"
+        )
     kind = "dense" if any(r.adapter_kind == "dense" for r in regularizers) else "lora"
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
+        torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG; same seed -> same init everywhere
         adapter = ad.TrainableAdapter(
             unet, TRAINING_ADAPTER, kind, training.rank, training.lora_alpha, training.init_lora_weights
         )
     ad.activate(unet, [adapter.name], adapter.parameters)
+    checkpointing_was = bool(getattr(unet, "is_gradient_checkpointing", False))
+    if training.gradient_checkpointing and not checkpointing_was:
+        unet.enable_gradient_checkpointing()
+    try:
+        return _train(pipe, unet, adapter, accelerator, shard, started, concept=concept, domain=domain,
+                      prompts=prompts, templates=templates, objective_config=objective_config,
+                      regularizers=regularizers, training=training, seed=seed, base_weights=base_weights,
+                      start_offsets=start_offsets, earlier=earlier, progress=progress)
+    finally:
+        if training.gradient_checkpointing and not checkpointing_was:
+            unet.disable_gradient_checkpointing()
 
-    generator = torch.Generator().manual_seed(seed)
+
+def _train(pipe, unet, adapter, accelerator, shard, started, *, concept, domain, prompts, templates,
+           objective_config, regularizers, training, seed, base_weights, start_offsets, earlier,
+           progress) -> TrainingResult:
+    generator = torch.Generator().manual_seed(seed)  # the same draws in every process: the global batch
     objective = objective_for(
         objective_config,
         ObjectiveContext(
@@ -119,7 +157,8 @@ def train_request(
             templates=templates,
         ),
     )
-    objective.prepare()
+    with accelerator.autocast():
+        objective.prepare()
     ctx = TrainingContext(
         pipe=pipe,
         unet=unet,
@@ -132,21 +171,36 @@ def train_request(
         start_offsets=start_offsets,
     )
     for regularizer in regularizers:
-        regularizer.setup(ctx)
+        with accelerator.autocast():
+            regularizer.setup(ctx)
 
-    optimizer = torch.optim.AdamW(adapter.parameters, lr=training.learning_rate, weight_decay=0.0)
+    # The optimizer goes through accelerate for fp16 loss scaling; gradients are averaged over processes by hand
+    # (the UNet is not wrapped in DDP: its frozen passes and adapter toggles would trip DDP's bookkeeping).
+    optimizer = accelerator.prepare_optimizer(
+        torch.optim.AdamW(adapter.parameters, lr=training.learning_rate, weight_decay=0.0), device_placement=False
+    )
+    accumulation = training.gradient_accumulation_steps
     loop_started = time.perf_counter()
-    bar = tqdm(range(training.steps), desc=f"unlearning {concept!r}", disable=not progress, leave=False)
+    show = progress and accelerator.is_local_main_process
+    bar = tqdm(range(training.steps), desc=f"unlearning {concept!r}", disable=not show, leave=False)
     loss_value = float("nan")
     for step in bar:
         ctx.step = step
-        loss = objective.training_loss(training.batch_size)
-        for regularizer in regularizers:
-            extra = regularizer.loss(ctx)
-            if extra is not None:
-                loss = loss + extra
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for _ in range(accumulation):
+            with accelerator.autocast():
+                loss = objective.training_loss(training.batch_size, shard=shard)
+                for regularizer in regularizers:
+                    extra = regularizer.loss(ctx)
+                    if extra is not None:
+                        loss = loss + extra
+            accelerator.backward(loss / accumulation)
+            total += float(loss.detach()) / accumulation
+        # Regularizers see the synchronised, unscaled gradient, so every process applies the same update.
+        if shard[1] > 1:
+            average_gradients(adapter.parameters, accelerator)
+        accelerator.unscale_gradients()
         apply_masks_to_gradients(adapter)
         for regularizer in regularizers:
             regularizer.transform_gradients(ctx)
@@ -156,8 +210,8 @@ def train_request(
         apply_masks_to_parameters(adapter)
         for regularizer in regularizers:
             regularizer.after_step(ctx)
-        loss_value = float(loss.detach())
-        if progress:
+        loss_value = _mean_over_processes(total, accelerator) if shard[1] > 1 else total
+        if show:
             bar.set_postfix(loss=f"{loss_value:.4g}")
     bar.close()
     finished = time.perf_counter()
@@ -169,9 +223,36 @@ def train_request(
             "setup_seconds": round(loop_started - started, 4),
             "loop_seconds": round(finished - loop_started, 4),
             "seconds_per_step": round((finished - loop_started) / training.steps, 6),
+            "processes": shard[1],
         },
         reports=[{**r.to_dict(), "report": r.report()} for r in regularizers],
     )
+
+
+def make_accelerator(training: TrainingConfig) -> Accelerator:
+    """An ``Accelerator`` for one request (accelerate's process-wide state is created once and shared)."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", training.mixed_precision) != training.mixed_precision:
+        raise ValueError(
+            f"accelerate is already set up in this process with mixed_precision={state['_mixed_precision']!r}; "
+            f"the request asks for {training.mixed_precision!r}. Use one setting per process, or pass "
+            "accelerator=... to unlearn()"
+        )
+    return Accelerator(mixed_precision=training.mixed_precision)
+
+
+def average_gradients(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """All-reduce (mean) the adapter gradients across processes, in one flat buffer."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+    offset = 0
+    for param, grad in zip(parameters, grads):
+        param.grad = flat[offset : offset + grad.numel()].view_as(grad).clone()
+        offset += grad.numel()
+
+
+def _mean_over_processes(value: float, accelerator: Accelerator) -> float:
+    return float(reduce(torch.tensor([value], device=accelerator.device), reduction="mean"))
 
 
 def apply_masks_to_gradients(adapter: ad.TrainableAdapter) -> None:

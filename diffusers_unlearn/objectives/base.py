@@ -83,8 +83,10 @@ class Objective(ABC):
         """Sample whatever the losses need from the frozen model (called once, before training)."""
 
     @abstractmethod
-    def training_loss(self, batch_size: int) -> torch.Tensor:
-        """The loss of one training step on a random minibatch (drawn with the context's generator)."""
+    def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """The loss of one training step on a random minibatch of ``batch_size`` (drawn with the context's
+        generator). With ``shard=(i, n)``, the loss of the i-th of n equal slices of that minibatch: every process
+        draws the same global batch and trains on its own slice."""
 
     @abstractmethod
     def trajectory_losses(self) -> Iterator[torch.Tensor]:
@@ -143,11 +145,13 @@ class TrajectoryObjective(Objective):
         prediction = self.context.conditioner.predict_noise(self.context.unet, latents, timesteps, cond)
         return F.mse_loss(prediction.float(), target)
 
-    def training_loss(self, batch_size: int) -> torch.Tensor:
+    def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         gen = self.context.generator
         steps = torch.randint(0, len(self.timesteps), (batch_size,), generator=gen)
         rows = torch.randint(0, self.config.num_trajectories, (batch_size,), generator=gen)
-        return self._loss(steps, rows)
+        index, count = shard
+        part = slice(index * batch_size // count, (index + 1) * batch_size // count)
+        return self._loss(steps[part], rows[part])
 
     def trajectory_losses(self) -> Iterator[torch.Tensor]:
         rows = torch.arange(self.config.num_trajectories)

@@ -22,7 +22,6 @@ import torch
 
 if TYPE_CHECKING:
     from ..adapters import TrainableAdapter
-    from ..ledger import RequestRecord
     from ..objectives import Objective
 
 
@@ -36,7 +35,7 @@ class TrainingContext:
     objective: Objective
     concept: str
     domain: str
-    earlier: list[RequestRecord]  # requests active before this one, in ledger order
+    earlier: list[Any]  # records of the requests before this one (anything with .concept and .domain)
     base_weights: dict[str, torch.Tensor]  # the original K/V weights
     start_offsets: dict[str, torch.Tensor] | None  # training start model minus base (None: starts at the base)
     step: int = 0

@@ -23,7 +23,12 @@ from .regularizers import (
     register_regularizer,
 )
 from .trainer import TrainingConfig
+from .export import LoraExport
+from .plan import PlanError, load_plan, run_plan
 
+
+
+_PIPELINE_NAMES = ("UnlearnStableDiffusionPipeline", "UnlearnStableDiffusionXLPipeline", "load_pipeline")
 
 
 def __getattr__(name: str):
@@ -32,6 +37,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module(".testing", __name__)
+    if name in _PIPELINE_NAMES:  # the ready classes import diffusers' pipeline classes too
+        from . import pipelines
+
+        return getattr(pipelines, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -61,4 +70,11 @@ __all__ = [
     "RequestRecord",
     "RequestAdapter",
     "UnknownRequestError",
+    "UnlearnStableDiffusionPipeline",
+    "UnlearnStableDiffusionXLPipeline",
+    "load_pipeline",
+    "LoraExport",
+    "PlanError",
+    "load_plan",
+    "run_plan",
 ]

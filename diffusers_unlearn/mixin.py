@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from . import __version__
 from . import adapters as ad
@@ -34,10 +37,25 @@ from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strate
 from .objectives import ObjectiveConfig, build_objective_config
 from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
 from .regularizers import Regularizer, check_regularizers
-from .trainer import TrainingConfig, train_request
+from .trainer import TrainingConfig, TrainingResult, make_accelerator, train_request
 
 logger = logging.getLogger(__name__)
 STATE_ATTR = "_unlearning_state"
+
+
+@dataclass
+class _RequestSpec:
+    """A fully validated request, ready to train."""
+
+    concept: str
+    domain: str
+    objective_config: ObjectiveConfig
+    training: TrainingConfig
+    seed: int
+    regularizers: list[Regularizer]
+    strategy: str | MergeStrategy
+    prompts: list[str]
+    templates: tuple[str, ...] | None
 
 
 class UnknownRequestError(KeyError):
@@ -95,8 +113,14 @@ class UnlearnMixin:
                     "(unlearning needs the plain K/V weights as its base)"
                 )
             base = {name: w.detach().clone() for name, w in ad.kv_weights(unet).items()}
-            key = fingerprint(base)
-            state = UnlearningState(base_weights=base, base_fingerprint=key, ledger=Ledger(key))
+            # Loaded from a save_unlearned folder, the UNet holds FOLDED weights: the true base, the ledger and the
+            # adapters come from the folder's unlearning/ (None for any other pipeline).
+            from .export import restore_saved_state
+
+            state = restore_saved_state(self, base)
+            if state is None:
+                key = fingerprint(base)
+                state = UnlearningState(base_weights=base, base_fingerprint=key, ledger=Ledger(key))
             object.__setattr__(self, STATE_ATTR, state)
         return state
 
@@ -154,6 +178,7 @@ class UnlearnMixin:
         prompts: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
         progress: bool | None = None,
+        accelerator: Accelerator | None = None,
         **method_options: Any,
     ) -> RequestRecord:
         """Remove ``concept`` with one new adapter trained on the current model; return its ledger record.
@@ -162,19 +187,115 @@ class UnlearnMixin:
             concept: what to remove, e.g. "van gogh".
             method: "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method config.
             domain: "style", "object", "concept" (default) or a registered domain: picks the prompt templates.
-            steps, rank, learning_rate, batch_size: shortcuts for the same ``TrainingConfig`` fields.
+            steps, rank, learning_rate, batch_size: shortcuts for the same ``TrainingConfig`` fields
+                (``training=du.TrainingConfig(...)`` sets the rest: mixed precision, accumulation, checkpointing).
             seed: makes the request reproducible (adapter init, trajectories, minibatches).
             regularizers: e.g. ``[du.GradientProjection(retain=["monet"]), du.L2Drift(weight=1e3)]``.
             strategy: "sequential" (default: train on top of earlier requests) or "merge"/"ties"/
                 "task_arithmetic"/"uniform"/``du.MergeStrategy`` (train from the base, combine deltas).
             prompts: explicit prompts instead of the domain templates; ``templates`` replaces the templates.
             progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
+            accelerator: an ``accelerate.Accelerator`` (default: one made from ``training``). Under
+                ``accelerate launch`` every process runs this call; the global batch is split between them.
             **method_options: fields of the method's config, e.g. ``negative_guidance=2.0`` or ``anchor="a dog"``.
 
         A failed or interrupted request (exception, Ctrl-C) leaves the pipeline and the ledger as they were.
         """
+        spec = self._prepare_request(
+            concept, method, domain=domain, steps=steps, seed=seed, regularizers=regularizers, strategy=strategy,
+            rank=rank, learning_rate=learning_rate, batch_size=batch_size, training=training, prompts=prompts,
+            templates=templates, **method_options,
+        )
+        accelerator = self._place_on(accelerator or make_accelerator(spec.training))
         state = self._unlearning()
-        # Validate everything before the model is touched.
+        try:
+            result = self._train_request(spec, list(state.ledger.requests), accelerator, self._progress(progress))
+        except BaseException:
+            self._rebuild()
+            raise
+        return self._commit_request(spec, result)
+
+    def unlearn_parallel(
+        self,
+        requests: Sequence[Mapping[str, Any]],
+        *,
+        strategy: str | MergeStrategy = "merge",
+        accelerator: Accelerator | None = None,
+        progress: bool | None = None,
+    ) -> list[RequestRecord]:
+        """Train independent (merge-strategy) requests in parallel, one per process, and add them all in order.
+
+        ``requests`` holds ``unlearn`` keyword arguments, one mapping per request (``concept`` required). Under
+        ``accelerate launch`` process i trains requests i, i + n, ...; the adapters are gathered and every
+        process ends with the same ledger, equal to training the requests one after another with ``unlearn``.
+        """
+        chosen = resolve_strategy(strategy)
+        if not isinstance(chosen, MergeStrategy):
+            raise ValueError("unlearn_parallel trains requests independently from the base: it needs a merge "
+                             f"strategy ('merge', 'ties', 'task_arithmetic', 'uniform'), got {strategy!r}")
+        if isinstance(requests, Mapping) or not requests:
+            raise ValueError(f"requests must be a non-empty list of unlearn() keyword mappings, got {requests!r}")
+        specs = []
+        for i, options in enumerate(requests):
+            options = dict(options)
+            if "concept" not in options:
+                raise ValueError(f"request {i} has no 'concept': {options!r}")
+            if options.pop("strategy", chosen) not in (chosen, strategy):
+                raise ValueError(f"request {i} asks for another strategy than {strategy!r}")
+            specs.append(self._prepare_request(options.pop("concept"), options.pop("method", "esd"),
+                                               strategy=chosen, **options))
+        accelerator = self._place_on(accelerator or make_accelerator(specs[0].training))
+        state = self._unlearning()
+        before = list(state.ledger.requests)
+        mine = range(accelerator.process_index, len(specs), accelerator.num_processes)
+        try:
+            results = []
+            for i in mine:
+                # As if trained one after another: earlier requests of this batch count as removed before it.
+                earlier = before + [SimpleNamespace(concept=s.concept, domain=s.domain) for s in specs[:i]]
+                results.append((i, self._train_request(specs[i], earlier, accelerator, self._progress(progress),
+                                                       data_parallel=False)))
+            gathered = dict(gather_object(results)) if accelerator.num_processes > 1 else dict(results)
+        except BaseException:
+            self._rebuild()
+            raise
+        return [self._commit_request(specs[i], gathered[i]) for i in range(len(specs))]
+
+    def _progress(self, progress: bool | None) -> bool:
+        if progress is None:
+            return not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        return bool(progress)
+
+    def _place_on(self, accelerator: Accelerator) -> Accelerator:
+        """Training runs on the accelerator's device (each process its own under ``accelerate launch``)."""
+        here, there = self.unet.device, torch.device(accelerator.device)
+        if here.type != there.type or (here.index or 0) != (there.index or 0):  # "cuda" is "cuda:0"
+            logger.info("moving the pipeline from %s to %s for training", self.unet.device, accelerator.device)
+            self.to(accelerator.device)
+            state = self._unlearning()
+            state.base_weights = {k: v.to(accelerator.device) for k, v in state.base_weights.items()}
+        return accelerator
+
+    def _prepare_request(
+        self,
+        concept: str,
+        method: str | ObjectiveConfig = "esd",
+        *,
+        domain: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        regularizers: Sequence[Regularizer] | Regularizer | None = None,
+        strategy: str | MergeStrategy | None = None,
+        rank: int | Literal["full"] | None = None,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        training: TrainingConfig | None = None,
+        prompts: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        **method_options: Any,
+    ) -> _RequestSpec:
+        """Validate a request completely, before anything touches the model."""
+        state = self._unlearning()
         concept = check_concept(concept)
         domain = check_domain(domain)
         objective_config = build_objective_config(method, method_options)
@@ -198,50 +319,57 @@ class UnlearnMixin:
         else:
             used_templates = validate_templates(templates) if templates is not None else TEMPLATES[domain]
             request_prompts = [t.format(concept) for t in used_templates]
-        if progress is None:
-            progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        return _RequestSpec(concept, domain, objective_config, training, seed, regs, chosen_strategy,
+                            request_prompts, used_templates)
 
-        earlier = list(state.ledger.requests)
-        sequential = not isinstance(chosen_strategy, MergeStrategy)
-        start = state.active() if sequential else []
-        start_offsets = combined_deltas([a for _, a in start], "sequential")
-        try:
-            materialize(self.unet, state.base_weights, start, "folded", "sequential")
-            result = train_request(
-                self,
-                concept=concept,
-                domain=domain,
-                prompts=request_prompts,
-                templates=used_templates,
-                objective_config=objective_config,
-                regularizers=regs,
-                training=training,
-                seed=seed,
-                base_weights=state.base_weights,
-                start_offsets=start_offsets,
-                earlier=earlier,
-                progress=progress,
-            )
-        except BaseException:
-            self._rebuild()
-            raise
+    def _train_request(
+        self, spec: _RequestSpec, earlier: list[Any], accelerator: Accelerator, progress: bool,
+        data_parallel: bool = True,
+    ) -> TrainingResult:
+        """Train one request on its start model (earlier requests folded in, or the base for merging).
 
+        Leaves the UNet with the training adapter; callers rebuild the composed state afterwards.
+        """
+        state = self._unlearning()
+        start = state.active() if not isinstance(spec.strategy, MergeStrategy) else []
+        materialize(self.unet, state.base_weights, start, "folded", "sequential")
+        return train_request(
+            self,
+            concept=spec.concept,
+            domain=spec.domain,
+            prompts=spec.prompts,
+            templates=spec.templates,
+            objective_config=spec.objective_config,
+            regularizers=spec.regularizers,
+            training=spec.training,
+            seed=spec.seed,
+            base_weights=state.base_weights,
+            start_offsets=combined_deltas([a for _, a in start], "sequential"),
+            earlier=earlier,
+            progress=progress,
+            accelerator=accelerator,
+            data_parallel=data_parallel,
+        )
+
+    def _commit_request(self, spec: _RequestSpec, result: TrainingResult) -> RequestRecord:
+        """Append the trained request to the ledger and rebuild the UNet with it (or undo both)."""
+        state = self._unlearning()
         request_id = state.ledger.new_request_id()
         ranks = sorted({a.shape[0] for key, a in result.adapter.tensors.items() if key.endswith(".lora_A")})
         record = RequestRecord(
             request_id=request_id,
             index=state.ledger.next_index,
-            concept=concept,
-            domain=domain,
-            method=objective_config.method,
-            method_config=objective_config.to_dict(),
-            strategy=strategy_to_dict(chosen_strategy),
+            concept=spec.concept,
+            domain=spec.domain,
+            method=spec.objective_config.method,
+            method_config=spec.objective_config.to_dict(),
+            strategy=strategy_to_dict(spec.strategy),
             regularizers=result.reports,
             adapter={"kind": result.adapter.kind, "ranks": ranks, "targets": list(ad.KV_SUFFIXES)},
-            training=training.to_dict(),
-            prompts=request_prompts,
-            steps=training.steps,
-            seed=seed,
+            training=spec.training.to_dict(),
+            prompts=spec.prompts,
+            steps=spec.training.steps,
+            seed=spec.seed,
             seconds=round(result.seconds, 3),
             timing=result.timing,
             final_loss=result.final_loss,
@@ -337,8 +465,8 @@ class UnlearnMixin:
             self._rebuild()
             raise
         if state.mode == "folded":
-            logger.info("rolled back %s on a folded pipeline: re-folded the base weights with the remaining requests",
-                        request_id)
+            logger.warning("rolled back %s on a folded pipeline: re-folded the base weights (fingerprint %s) with the "
+                           "remaining requests %s", request_id, state.base_fingerprint, state.ledger.ids())
         return record
 
     def fold(self) -> None:
@@ -358,6 +486,78 @@ class UnlearnMixin:
             state.mode = previous
             self._rebuild()
             raise
+
+    # ------------------------------------------------------------------- deployment (export.py, hub.py, audit.py)
+    def export_lora(self, request_id: str, directory: str | os.PathLike, weight_name: str | None = None) -> Any:
+        """Write one request's adapter in diffusers' LoRA format (``directory/weight_name``, default
+        ``<request_id>.safetensors``); plain diffusers' ``load_lora_weights`` on the base pipeline reproduces that
+        request alone. Returns an ``export.LoraExport`` (path, ranks, size)."""
+        from .export import export_lora
+
+        return export_lora(self, request_id, directory, weight_name)
+
+    def save_unlearned(
+        self, directory: str | os.PathLike, *, base_model: str | None = None, evaluation: dict[str, Any] | None = None
+    ) -> Any:
+        """Write a complete diffusers pipeline folder: folded weights, ``unlearning/`` (ledger, adapters, base K/V
+        weights, diffusers-format LoRAs) and the model card ``README.md``. Plain ``DiffusionPipeline.from_pretrained``
+        loads it; with this package it comes back with its ledger. The pipeline's mode is unchanged afterwards.
+
+        Args:
+            base_model: Hub id of the model before unlearning, for the card (default: the id it was loaded from).
+            evaluation: overall evaluation figures for the card (per-request figures come from the ledger).
+        """
+        from .export import save_unlearned
+
+        return save_unlearned(self, directory, base_model=base_model, evaluation=evaluation)
+
+    def unlearned_model_card(self, *, base_model: str | None = None, evaluation: dict[str, Any] | None = None) -> Any:
+        """The model card ``save_unlearned`` writes (a ``huggingface_hub.ModelCard``), without the LoRA file table."""
+        from .export import diffusers_class_name, guess_base_model
+        from .model_card import build_model_card
+
+        return build_model_card(self._unlearning().ledger, base_model=base_model or guess_base_model(self),
+                                pipeline_class=diffusers_class_name(self), evaluation=evaluation)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        base_model: str | None = None,
+        evaluation: dict[str, Any] | None = None,
+    ) -> Any:
+        """Save the unlearned pipeline (as ``save_unlearned``) and upload it in one commit; the repo is created if
+        missing. Returns ``huggingface_hub.CommitInfo``. The token is only handed to ``huggingface_hub``."""
+        import tempfile
+
+        from .hub import check_repo_id, push_folder
+
+        check_repo_id(repo_id)
+        with tempfile.TemporaryDirectory(prefix="diffusers-unlearn-push-") as tmp:
+            folder = self.save_unlearned(os.path.join(tmp, "pipeline"), base_model=base_model, evaluation=evaluation)
+            return push_folder(folder, repo_id, private=private, token=token, create_pr=create_pr,
+                               commit_message=commit_message)
+
+    def audit_grid(self, request_id: str, prompt: str, **kwargs: Any) -> Any:
+        """A 2x2 PIL image: the same prompt and seed on the base, all requests, only ``request_id`` and all but it,
+        with captions. ``kwargs``: ``num_inference_steps``, ``seed``, ``guidance_scale`` and other pipeline args."""
+        from .audit import audit_grid
+
+        return audit_grid(self, request_id, prompt, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained``, made safe for plain diffusers: stacked requests are folded for the save
+        (a UNet saved with peft wrappers loads with random K/V weights) and model_index.json names the diffusers
+        class. Writes no ledger: ``save_unlearned`` writes the complete, restorable folder."""
+        from .export import save_pretrained_folded
+
+        save_pretrained_folded(
+            self, save_directory, lambda: super(UnlearnMixin, self).save_pretrained(save_directory, *args, **kwargs)
+        )
 
 
 def _training_config(

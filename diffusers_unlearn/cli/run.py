@@ -1,0 +1,47 @@
+"""``diffusers-unlearn run PLAN.yaml``: run a stream of removal requests; a rerun resumes where it stopped.
+
+After every request the ledger is saved in OUT/unlearning/; at the end OUT is the folded pipeline folder. A rerun
+skips the requests the ledger already holds (and refuses a plan whose first requests differ from the ledger).
+See ``diffusers_unlearn.plan`` for the plan format.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_quiet, set_quiet
+
+EXAMPLE = """example PLAN.yaml:
+  model: tiny                # or a pipeline folder (relative to the plan) or a Hub id
+  output: out/               # relative to the plan
+  defaults: {method: esd, steps: 200, learning_rate: 1.0e-4}
+  requests:
+    - concept: van gogh
+      domain: style
+      regularizers: [{name: gradient_projection, retain: [monet]}, {name: l2_drift, weight: 1000}]
+    - {concept: cat, domain: object, method: ca, anchor: dog}
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run a PLAN.yaml stream of requests (resumable)", description=__doc__, epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("plan", metavar="PLAN.yaml", help="the plan file")
+    parser.add_argument("--model", default=None, help="start from this model instead of the plan's 'model'")
+    parser.add_argument("--out", default=None, help="write here instead of the plan's 'output'")
+    add_quiet(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..plan import load_plan, run_plan
+
+    plan = load_plan(args.plan, model=args.model, output=args.out)
+    set_quiet(args.quiet)
+    print(f"plan {args.plan}: {len(plan.requests)} request(s) on {plan.model} -> {plan.output}")
+    result = run_plan(plan, progress=not args.quiet)
+    print(f"done: {len(result.trained)} trained, {len(result.skipped)} already in the ledger; "
+          f"removed concepts: {result.pipe.removed_concepts}")
+    return 0

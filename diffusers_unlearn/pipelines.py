@@ -1,0 +1,153 @@
+"""Ready pipeline classes with ``UnlearnMixin``, and one loader for every model name the command line accepts.
+
+``UnlearnStableDiffusionPipeline`` and ``UnlearnStableDiffusionXLPipeline`` load with ``from_pretrained`` like their
+diffusers parents. Loaded from a folder (or Hub repo) that ``save_unlearned`` wrote, they come back with the base
+weights, the ledger and the adapters of that folder, in mode "folded". They save under their parent's class name, so
+plain diffusers loads what they write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from .export import FOLDER_ATTR, UNLEARNING_DIR, is_hub_repo_id
+from .mixin import UnlearnMixin, attach
+
+logger = logging.getLogger(__name__)
+
+TINY_MODELS = ("tiny", "tiny-sdxl")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _fetch_unlearning_folder(name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> Path | None:
+    """Where the ``unlearning/`` folder of a loaded model lies: the local folder itself, or, for a Hub id, a
+    snapshot of just that subfolder (diffusers downloads only the pipeline components)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if not is_hub_repo_id(str(name_or_path)):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                str(name_or_path),
+                allow_patterns=[f"{UNLEARNING_DIR}/*"],
+                revision=kwargs.get("revision"),
+                token=kwargs.get("token"),
+                cache_dir=kwargs.get("cache_dir"),
+                local_files_only=bool(kwargs.get("local_files_only", False)),
+            )
+        )
+    except Exception as err:  # noqa: BLE001 - the weights loaded; say what is missing and go on
+        warnings.warn(
+            f"could not fetch {UNLEARNING_DIR}/ from {name_or_path} ({type(err).__name__}); if it is an unlearned "
+            "pipeline, its ledger is not restored and the loaded (folded) weights act as the base",
+            stacklevel=3,
+        )
+        return None
+
+
+def _finish_loading(pipe: Any, name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> Any:
+    folder = _fetch_unlearning_folder(name_or_path, kwargs)
+    if folder is not None:
+        object.__setattr__(pipe, FOLDER_ATTR, str(folder))
+    return attach(pipe)  # restores (or starts) the state now, while the weights are the ones loaded
+
+
+class _ReadyClassMixin:
+    """``from_pretrained`` that restores a saved unlearning state (``UnlearnMixin.save_pretrained`` writes the
+    parent's class name, so plain diffusers loads what these classes save)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+        """Load like the diffusers parent class; restore the ledger of a ``save_unlearned`` folder or repo."""
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return _finish_loading(pipe, pretrained_model_name_or_path, kwargs)
+
+
+class UnlearnStableDiffusionPipeline(_ReadyClassMixin, UnlearnMixin, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` (1.x / 2.x) with continual unlearning (``unlearn``, ``audit``, ``rollback``,
+    ``fold``, ``save_unlearned``, ``push_to_hub``)."""
+
+
+class UnlearnStableDiffusionXLPipeline(_ReadyClassMixin, UnlearnMixin, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` with continual unlearning. Projection and similarity use the concatenated
+    hidden states of both text encoders: what the UNet's cross-attention reads."""
+
+
+READY_CLASSES: dict[str, type] = {
+    "StableDiffusionPipeline": UnlearnStableDiffusionPipeline,
+    "StableDiffusionXLPipeline": UnlearnStableDiffusionXLPipeline,
+}
+
+
+def _dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if torch_dtype is None or isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {torch_dtype!r}; allowed: {sorted(_DTYPES)}")
+    return _DTYPES[torch_dtype]
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    *,
+    torch_dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A pipeline with ``UnlearnMixin`` for a model name: "tiny" / "tiny-sdxl" (the offline test pipelines, seed 0),
+    a local pipeline folder (a ``save_unlearned`` folder comes back with its ledger) or a Hub model id.
+
+    Pipelines without UNet cross-attention K/V layers (DiTs, unconditional UNets) are refused with a ``TypeError``
+    that names the supported architectures.
+    """
+    from . import testing
+
+    dtype = _dtype(torch_dtype)
+    name = os.fspath(model) if isinstance(model, os.PathLike) else model
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model must be 'tiny', 'tiny-sdxl', a pipeline folder or a Hub id, got {model!r}")
+    if name in TINY_MODELS:
+        pipe = attach(testing.tiny_pipeline(seed=0) if name == "tiny" else testing.tiny_sdxl_pipeline(seed=0))
+        if dtype is not None:
+            pipe.to(dtype=dtype)
+    else:
+        path = Path(name)
+        if path.is_dir():
+            index = path / "model_index.json"
+            if not index.is_file():
+                holds_ledger = (path / "ledger.json").is_file()
+                hint = " (it holds a ledger: pass the base model it was made on)" if holds_ledger else ""
+                raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder{hint}")
+            class_name = json.loads(index.read_text()).get("_class_name")
+        elif is_hub_repo_id(name):
+            class_name = DiffusionPipeline.load_config(name, **{k: v for k, v in kwargs.items() if k in (
+                "revision", "token", "cache_dir", "local_files_only")}).get("_class_name")
+        else:
+            raise FileNotFoundError(
+                f"model {name!r} is not 'tiny', 'tiny-sdxl', an existing pipeline folder or a Hub model id"
+            )
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        ready = READY_CLASSES.get(class_name)
+        if ready is not None:
+            pipe = ready.from_pretrained(name, **kwargs)
+        else:
+            pipe = _finish_loading(DiffusionPipeline.from_pretrained(name, **kwargs), name, kwargs)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+__all__ = ["UnlearnStableDiffusionPipeline", "UnlearnStableDiffusionXLPipeline", "READY_CLASSES", "load_pipeline"]

@@ -1,0 +1,419 @@
+"""Run plans: a stream of removal requests in one YAML file, run in order and resumable.
+
+Example ``PLAN.yaml``::
+
+    model: tiny                 # "tiny", "tiny-sdxl", a pipeline folder (relative to this file) or a Hub id
+    output: out/                # the unlearned pipeline folder (relative to this file)
+    base_model: user/base       # optional: Hub id of the base for the model card
+    strategy: sequential        # or merge / ties / task_arithmetic / uniform / {method: ties, density: 0.4}
+    defaults:                   # any request field, for every request
+      method: esd
+      steps: 200
+      learning_rate: 1.0e-4
+    requests:
+      - concept: van gogh
+        domain: style
+        regularizers:
+          - {name: gradient_projection, retain: [monet]}
+          - {name: l2_drift, weight: 1000}
+      - concept: cat
+        domain: object
+        method: ca
+        anchor: dog             # fields the request does not know are options of its method
+
+After every request the ledger and adapters are saved atomically in ``<output>/unlearning/``; at the end the
+complete folded pipeline is written to ``<output>``. A rerun loads that ledger, checks that the requests it holds
+are the plan's first requests with the same settings (it refuses when they differ) and runs only the rest, so an
+interrupted run loses at most the request in flight and finishes with the same ledger as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .export import STATE_FILE, UNLEARNING_DIR, check_output_folder, read_saved_state
+from .ledger import LEDGER_FILE, RequestRecord, read_ledger_dir
+from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
+from .model_card import check_base_model
+from .objectives import build_objective_config
+from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
+from .regularizers import check_regularizers, regularizer_from_dict
+from .trainer import TrainingConfig
+
+PLAN_KEYS = ("model", "output", "base_model", "strategy", "defaults", "requests", "torch_dtype", "device")
+TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
+REQUEST_KEYS = (
+    "concept", "domain", "method", "seed", "regularizers", "strategy", "prompts", "templates", *TRAINING_KEYS
+)
+
+
+class PlanError(ValueError):
+    """A plan that cannot run (bad field, or a ledger that does not match it), with where and why."""
+
+
+class _PlanLoader(yaml.SafeLoader):
+    """YAML 1.1 reads "1e-4" as a string; plans are written by people who mean a number."""
+
+
+_PlanLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One request of a plan, validated: everything ``pipe.unlearn`` needs."""
+
+    position: int  # 1-based place in the plan
+    concept: str
+    domain: str
+    method: str
+    method_options: dict[str, Any]
+    training: TrainingConfig
+    seed: int
+    regularizers: tuple[dict[str, Any], ...]
+    strategy: dict[str, Any]
+    prompts: tuple[str, ...] | None = None
+    templates: tuple[str, ...] | None = None
+
+    def build_regularizers(self) -> list[Any]:
+        """Fresh regularizer objects (they hold per-request state, so every run builds new ones)."""
+        return check_regularizers([regularizer_from_dict(dict(data)) for data in self.regularizers])
+
+    def unlearn_kwargs(self) -> dict[str, Any]:
+        return dict(
+            concept=self.concept,
+            method=self.method,
+            domain=self.domain,
+            seed=self.seed,
+            regularizers=self.build_regularizers(),
+            strategy=strategy_from_dict(self.strategy),
+            training=self.training,
+            prompts=list(self.prompts) if self.prompts is not None else None,
+            templates=list(self.templates) if self.templates is not None else None,
+            **self.method_options,
+        )
+
+    def request_prompts(self) -> list[str]:
+        if self.prompts is not None:
+            return list(self.prompts)
+        templates = self.templates if self.templates is not None else TEMPLATES[self.domain]
+        return [t.format(self.concept) for t in templates]
+
+    def signature(self) -> dict[str, Any]:
+        """The settings a ledger record of this request must have (compared on resume)."""
+        return _normalise({
+            "concept": self.concept,
+            "domain": self.domain,
+            "method_config": build_objective_config(self.method, dict(self.method_options)).to_dict(),
+            "training": self.training.to_dict(),
+            "seed": self.seed,
+            "regularizers": [r.to_dict() for r in self.build_regularizers()],
+            "strategy": self.strategy,
+            "prompts": self.request_prompts(),
+        })
+
+
+def record_signature(record: RequestRecord) -> dict[str, Any]:
+    """The same settings, read from a ledger record."""
+    return _normalise({
+        "concept": record.concept,
+        "domain": record.domain,
+        "method_config": record.method_config,
+        "training": record.training,
+        "seed": record.seed,
+        "regularizers": [{k: v for k, v in r.items() if k != "report"} for r in record.regularizers],
+        "strategy": record.strategy,
+        "prompts": record.prompts,
+    })
+
+
+def _normalise(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+@dataclass
+class Plan:
+    """A validated plan: where to start, where to write, and the requests in order."""
+
+    model: str
+    output: Path
+    requests: list[PlannedRequest]
+    base_model: str | None = None
+    torch_dtype: str | None = None
+    device: str | None = None
+    source: str = "plan"
+
+
+def _where(source: str, position: int | None, concept: Any = None) -> str:
+    if position is None:
+        return source
+    return f"{source}: request {position}" + (f" ({concept!r})" if isinstance(concept, str) else "")
+
+
+def _resolve_path(value: str, base_dir: Path | None) -> str:
+    if base_dir is None or os.path.isabs(value):
+        return value
+    candidate = base_dir / value
+    return str(candidate) if candidate.exists() or value.startswith((".", "..")) else value
+
+
+def _strategy(value: Any, where: str) -> dict[str, Any]:
+    try:
+        if isinstance(value, dict):
+            data = dict(value)
+            if data.get("strategy", "merge") == "sequential":
+                return strategy_to_dict("sequential")
+            data.pop("strategy", None)
+            return strategy_to_dict(MergeStrategy(**data))
+        return strategy_to_dict(resolve_strategy(value))
+    except TypeError as err:
+        raise PlanError(f"{where}: bad strategy {value!r}: {err}") from None
+    except ValueError as err:
+        raise PlanError(f"{where}: {err}") from None
+
+
+def _regularizer_dicts(value: Any, where: str) -> tuple[dict[str, Any], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise PlanError(f"{where}: regularizers must be a list of names or {{name: ..., settings}} maps, got {value!r}")
+    out = []
+    for item in value:
+        data = {"name": item} if isinstance(item, str) else item
+        if not isinstance(data, dict):
+            raise PlanError(f"{where}: each regularizer is a name or a {{name: ..., settings}} map, got {item!r}")
+        try:
+            regularizer_from_dict(dict(data))  # validates the name and every setting
+        except (TypeError, ValueError) as err:
+            raise PlanError(f"{where}: {err}") from None
+        out.append(dict(data))
+    return tuple(out)
+
+
+def _strings(value: Any, field: str, where: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise PlanError(f"{where}: {field} must be a non-empty list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def _planned_request(
+    raw: Any, defaults: dict[str, Any], position: int, plan_strategy: Any, source: str
+) -> PlannedRequest:
+    if not isinstance(raw, dict):
+        raise PlanError(f"{_where(source, position)}: a request is a map with at least 'concept', got {raw!r}")
+    fields = {**defaults, **raw}
+    concept = fields.get("concept")
+    where = _where(source, position, concept)
+    if "concept" not in raw:
+        raise PlanError(f"{where}: missing 'concept'")
+    if not isinstance(concept, str):
+        raise PlanError(f"{where}: concept must be a string, got {type(concept).__name__} {concept!r} "
+                        "(quote it in YAML: yes/no/on/off and numbers are not strings there)")
+    try:
+        concept = check_concept(concept)
+        domain = check_domain(fields.get("domain"))
+        method = fields.get("method", "esd")
+        if not isinstance(method, str):
+            raise ValueError(f"method must be a method name, got {method!r}")
+        options = {k: v for k, v in fields.items() if k not in REQUEST_KEYS}
+        build_objective_config(method, dict(options))  # unknown options and bad values are refused here
+        training = TrainingConfig(**{k: fields[k] for k in TRAINING_KEYS if k in fields})
+        seed = fields.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        templates = _strings(fields.get("templates"), "templates", where)
+        if templates is not None:
+            validate_templates(list(templates))
+    except PlanError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise PlanError(f"{where}: {err}") from None
+    strategy = _strategy(fields.get("strategy", plan_strategy), where)
+    return PlannedRequest(
+        position=position,
+        concept=concept,
+        domain=domain,
+        method=method,
+        method_options=options,
+        training=training,
+        seed=seed,
+        regularizers=_regularizer_dicts(fields.get("regularizers"), where),
+        strategy=strategy,
+        prompts=_strings(fields.get("prompts"), "prompts", where),
+        templates=templates,
+    )
+
+
+def parse_plan(
+    data: Any, *, source: str = "plan", base_dir: Path | None = None, model: str | None = None,
+    output: str | os.PathLike | None = None,
+) -> Plan:
+    """Validate a plan given as a dict (the parsed YAML). ``model``/``output`` override the plan's own fields;
+    relative paths in the plan are relative to ``base_dir`` (the plan file's folder)."""
+    if not isinstance(data, dict):
+        raise PlanError(f"{source}: a plan is a map with 'model', 'output' and 'requests', got {type(data).__name__}")
+    unknown = sorted(set(data) - set(PLAN_KEYS))
+    if unknown:
+        raise PlanError(f"{source}: unknown field(s) {unknown}; allowed: {list(PLAN_KEYS)}")
+    model_name = model if model is not None else data.get("model")
+    if not isinstance(model_name, str) or not model_name:
+        raise PlanError(f"{source}: 'model' must name the model to start from ('tiny', a folder or a Hub id)")
+    if model is None:
+        model_name = _resolve_path(model_name, base_dir)
+    out = output if output is not None else data.get("output")
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise PlanError(f"{source}: 'output' must name the folder to write the unlearned pipeline to")
+    out_path = Path(out) if output is not None or base_dir is None else base_dir / Path(out)
+    if Path(model_name).is_dir() and Path(model_name).resolve() == out_path.resolve():
+        raise PlanError(f"{source}: model and output are the same folder ({out_path}); the plan's requests come after "
+                        "the model's own, so write them to a new output folder")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise PlanError(f"{source}: 'defaults' must be a map of request fields, got {defaults!r}")
+    if "concept" in defaults:
+        raise PlanError(f"{source}: 'defaults' cannot set 'concept'")
+    raw_requests = data.get("requests")
+    if not isinstance(raw_requests, list) or not raw_requests:
+        raise PlanError(f"{source}: 'requests' must be a non-empty list of requests")
+    plan_strategy = data.get("strategy", "sequential")
+    requests = [_planned_request(raw, defaults, i, plan_strategy, source) for i, raw in enumerate(raw_requests, 1)]
+    strategies = {json.dumps(r.strategy, sort_keys=True) for r in requests}
+    if len(strategies) > 1:
+        raise PlanError(f"{source}: one ledger composes requests with one strategy; the plan mixes "
+                        f"{sorted(strategies)}")
+    base_model = data.get("base_model")
+    try:
+        check_base_model(base_model)
+    except (TypeError, ValueError) as err:
+        raise PlanError(f"{source}: {err}") from None
+    for key in ("torch_dtype", "device"):
+        if data.get(key) is not None and not isinstance(data.get(key), str):
+            raise PlanError(f"{source}: {key} must be a string, got {data.get(key)!r}")
+    return Plan(model_name, out_path, requests, base_model, data.get("torch_dtype"), data.get("device"), source)
+
+
+def load_plan(path: str | os.PathLike, *, model: str | None = None, output: str | os.PathLike | None = None) -> Plan:
+    """Read and validate ``PLAN.yaml`` (every request is checked before anything runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"plan file {path} does not exist")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_PlanLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise PlanError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    return parse_plan(data, source=str(path), base_dir=path.parent, model=model, output=output)
+
+
+@dataclass
+class RunResult:
+    """What ``run_plan`` did."""
+
+    pipe: Any
+    output: Path
+    trained: list[str]  # request ids trained by this run
+    skipped: list[str]  # request ids the ledger already held
+    saved: bool  # whether the pipeline folder was (re)written
+
+
+def _mismatch(planned: PlannedRequest, record: RequestRecord, source: str) -> str | None:
+    expected, found = planned.signature(), record_signature(record)
+    for key in expected:
+        if expected[key] != found.get(key):
+            return (f"{_where(source, planned.position, planned.concept)} does not match ledger request "
+                    f"{record.request_id} ({record.concept!r}): {key} is {json.dumps(expected[key])} in the plan and "
+                    f"{json.dumps(found.get(key))} in the ledger; restore the plan or use another output folder")
+    return None
+
+
+def run_plan(
+    plan: Plan,
+    *,
+    pipe: Any = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = print,
+    after_request: Callable[[PlannedRequest, RequestRecord], None] | None = None,
+) -> RunResult:
+    """Run the plan's requests that the output's ledger does not hold yet, then write the folded pipeline folder.
+
+    Args:
+        plan: from ``load_plan``/``parse_plan``.
+        pipe: a pipeline to use instead of loading ``plan.model`` (it must be that model).
+        progress: progress bars during training (default: the pipeline's setting).
+        log: where one line per request goes (None: silent).
+        after_request: called after each request is trained and saved (for callers that report or stop).
+    """
+    from .pipelines import load_pipeline
+
+    say = log or (lambda _: None)
+    if pipe is None:
+        pipe = load_pipeline(plan.model, torch_dtype=plan.torch_dtype, device=plan.device)
+    checkpoint = plan.output / UNLEARNING_DIR
+    own = [(r.request_id, r.adapter.get("sha256")) for r in pipe.unlearning_ledger.requests]
+    if (checkpoint / LEDGER_FILE).is_file():
+        ledger, _ = read_ledger_dir(checkpoint)
+        if [(r.request_id, r.adapter.get("sha256")) for r in ledger.requests[: len(own)]] != own:
+            raise PlanError(
+                f"{checkpoint} does not continue the ledger of model {plan.model} (its first requests differ); "
+                "use another output folder"
+            )
+        if ledger.ids() != pipe.unlearning_ledger.ids():
+            pipe.load_unlearning(checkpoint, replace=True)  # checks the base fingerprint and every adapter
+    else:
+        check_output_folder(plan.output)  # refuse a foreign non-empty folder before any training
+    done = pipe.unlearning_ledger.requests[len(own):]
+    total = len(plan.requests)
+    if len(done) > total:
+        raise PlanError(f"{checkpoint} holds {len(done)} requests of this plan, but the plan has only {total}; "
+                        "use another output folder")
+    skipped = []
+    for planned, record in zip(plan.requests, done):
+        problem = _mismatch(planned, record, plan.source)
+        if problem:
+            raise PlanError(problem)
+        skipped.append(record.request_id)
+        say(f"[{planned.position}/{total}] {planned.concept!r}: already in the ledger as {record.request_id}, skipped")
+    trained = []
+    for planned in plan.requests[len(done):]:
+        record = pipe.unlearn(**planned.unlearn_kwargs(), progress=progress)
+        pipe.save_unlearning(checkpoint)  # atomic: an interruption from here on loses nothing
+        trained.append(record.request_id)
+        say(f"[{planned.position}/{total}] {planned.concept!r}: removed as {record.request_id} in "
+            f"{record.seconds:.1f}s (final loss {record.final_loss:.4g})")
+        if after_request is not None:
+            after_request(planned, record)
+    saved = False
+    if trained or not _folder_up_to_date(plan.output, pipe.unlearning_ledger.ids()):
+        pipe.save_unlearned(plan.output, base_model=plan.base_model)
+        saved = True
+        say(f"saved the unlearned pipeline ({len(pipe.unlearning_ledger.requests)} requests folded) to {plan.output}")
+    else:
+        say(f"nothing to do: all {total} requests are in the ledger and {plan.output} is up to date")
+    return RunResult(pipe, plan.output, trained, skipped, saved)
+
+
+def _folder_up_to_date(output: Path, ids: list[str]) -> bool:
+    if not (output / UNLEARNING_DIR / STATE_FILE).is_file() or not (output / "model_index.json").is_file():
+        return False
+    try:
+        return read_saved_state(output).get("requests") == ids
+    except ValueError:
+        return False
+
+
+__all__ = [
+    "Plan", "PlanError", "PlannedRequest", "RunResult", "load_plan", "parse_plan", "record_signature", "run_plan",
+]

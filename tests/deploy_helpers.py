@@ -1,0 +1,55 @@
+"""Shared by the deployment tests: fresh-process runs and a plain-diffusers check script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import PROMPT
+
+# Run first in a fresh process: makes ``import diffusers_unlearn`` fail, so whatever the script does works with
+# plain diffusers alone (as on a machine without this package).
+BLOCK_PACKAGE = "import sys; sys.modules['diffusers_unlearn'] = None\n"
+
+PLAIN_CHECK = """
+import torch
+torch.set_num_threads(1)
+from diffusers import DiffusionPipeline
+
+def images(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe({prompt!r}, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+expected = torch.load({expected!r})
+saved = DiffusionPipeline.from_pretrained({saved!r})
+assert type(saved).__name__ == {class_name!r}, type(saved).__name__
+diff = (images(saved) - expected["folded"]).abs().max().item()
+assert diff == 0.0, ("saved folder", diff)
+for request_id, own in expected["only"].items():
+    base = DiffusionPipeline.from_pretrained({base!r})
+    base.load_lora_weights({saved!r} + "/unlearning/lora", weight_name=request_id + ".safetensors")
+    diff = (images(base) - own).abs().max().item()
+    assert diff < 1e-4, (request_id, diff)
+    print("LORA", request_id, diff)
+print("PLAIN DIFFUSERS OK")
+"""
+
+
+def run_python(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
+
+
+def check_with_plain_diffusers(tmp_path: Path, saved: Path, base: Path, expected: dict, class_name: str) -> str:
+    """In a fresh process without this package: the saved folder loads and gives ``expected["folded"]`` exactly,
+    and each exported LoRA on the base gives ``expected["only"][id]`` within 1e-4. Returns stdout."""
+    import torch
+
+    torch.save(expected, tmp_path / "expected.pt")
+    script = BLOCK_PACKAGE + PLAIN_CHECK.format(
+        prompt=PROMPT, expected=str(tmp_path / "expected.pt"), saved=str(saved), base=str(base), class_name=class_name
+    )
+    result = run_python(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PLAIN DIFFUSERS OK" in result.stdout
+    return result.stdout

@@ -1,8 +1,12 @@
-"""Composition: put a chosen set of requests into the UNet, stacked as peft adapters or folded into the weights.
+"""Composition: put a chosen set of requests into the UNet, stacked as a peft adapter or folded into the weights.
 
 The UNet's K/V state is always rebuilt from the same inputs (the base K/V weights, the request artifacts, the
 active list, the mode and the strategy), never patched incrementally, so any state (audit, rollback, unfold, an
 interrupted request) can be reached again bit for bit.
+
+Stacked requests share ONE peft adapter whose factors are the requests' factors side by side
+(A = [A_1; A_2; ...], B = [B_1 s_1, B_2 s_2, ...]), so B @ A is the sum of the requests' deltas: one LoRA branch
+per K/V layer however many requests are active, instead of one branch (and its kernel launches) per request.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from .merging import MergeStrategy
 
 Mode = Literal["stacked", "folded"]
 MERGED_ADAPTER = "merged"
+STACK_ADAPTER = "stack"
 
 
 def combined_deltas(
@@ -57,8 +62,8 @@ def materialize(
     """Rebuild the UNet's K/V state for the active ``requests`` (in ledger order).
 
     * folded: plain ``nn.Linear`` layers holding base + the combined delta.
-    * stacked, sequential: one peft adapter per request, all active, summed in ledger order.
-    * stacked, merge: one adapter holding the merged delta (or the single request's own adapter).
+    * stacked, sequential: the peft adapter ``unlearn_stack`` holding every request side by side.
+    * stacked, merge: the adapter ``unlearn_merged`` holding the merged delta (a single request: ``unlearn_stack``).
     """
     ad.remove_all(unet)
     artifacts = [artifact for _, artifact in requests]
@@ -66,12 +71,40 @@ def materialize(
         set_kv_weights(unet, base, combined_deltas(artifacts, strategy))
         return
     set_kv_weights(unet, base, None)
-    if isinstance(strategy, MergeStrategy) and len(requests) > 1:
-        merged = ad.RequestAdapter.from_dense(combined_deltas(artifacts, strategy))
-        requests = [(MERGED_ADAPTER, merged)]
-    names = []
-    for request_id, artifact in requests:
-        name = ad.adapter_name(request_id)
-        ad.install(unet, name, artifact)
-        names.append(name)
-    ad.activate(unet, names)
+    if not artifacts:
+        return
+    if isinstance(strategy, MergeStrategy) and len(artifacts) > 1:
+        name, adapter = MERGED_ADAPTER, ad.RequestAdapter.from_dense(combined_deltas(artifacts, strategy))
+    else:
+        name, adapter = STACK_ADAPTER, stack(artifacts)
+    ad.install(unet, ad.adapter_name(name), adapter)
+    ad.activate(unet, [ad.adapter_name(name)])
+
+
+def stack(artifacts: list[ad.RequestAdapter]) -> ad.RequestAdapter:
+    """One LoRA equal to the sum of ``artifacts``: their factors side by side, scales folded into B.
+
+    Dense deltas are summed (in order) into one identity-factor block. A single LoRA request keeps its own
+    factors and scale, so stacking it changes nothing.
+    """
+    if len(artifacts) == 1 and artifacts[0].kind == "lora":
+        return artifacts[0]
+    tensors, scales = {}, {}
+    for layer in artifacts[0].layers:
+        a_parts, b_parts, dense = [], [], None
+        for artifact in artifacts:
+            if artifact.kind == "dense":
+                delta = artifact.delta(layer)
+                dense = delta.clone() if dense is None else dense + delta
+            else:
+                a, b, scale = artifact.lora_factors(layer)
+                a_parts.append(a)
+                b_parts.append(b * scale)
+        if dense is not None:
+            a, b = ad.identity_factors(dense)
+            a_parts.append(a)
+            b_parts.append(b)
+        tensors[f"{layer}.lora_A"] = torch.cat(a_parts, dim=0)
+        tensors[f"{layer}.lora_B"] = torch.cat(b_parts, dim=1)
+        scales[layer] = 1.0
+    return ad.RequestAdapter("lora", tensors, scales)

@@ -207,20 +207,16 @@ def save_pretrained_folded(pipe: Any, directory: str | os.PathLike, save: Callab
 
     Inside ``audit()`` (a partial set of adapters) this refuses rather than saving a state the ledger does not name.
     """
-    from .composition import MERGED_ADAPTER
     from .mixin import STATE_ATTR
 
     state = pipe.__dict__.get(STATE_ATTR)
+    if state is not None and state.auditing:
+        raise ValueError(
+            "save_pretrained inside audit() would save a partial set of requests; save outside the audit block "
+            "(or export one request with export_lora)"
+        )
     stacked = state is not None and any(isinstance(m, ad.LoraLayer) for m in pipe.unet.modules())
     if stacked:
-        ids = state.ledger.ids()
-        merged = not isinstance(state.strategy, str) and len(ids) > 1
-        expected = [MERGED_ADAPTER] if merged else [ad.adapter_name(i) for i in ids]
-        if list(pipe.unet.active_adapters()) != expected:
-            raise ValueError(
-                "save_pretrained inside audit() would save a partial set of requests; save outside the audit block "
-                "(or export one request with export_lora)"
-            )
         pipe._rebuild(mode="folded")
     try:
         save()

@@ -72,6 +72,7 @@ class UnlearningState:
     ledger: Ledger
     artifacts: dict[str, ad.RequestAdapter] = field(default_factory=dict)
     mode: Mode = "stacked"
+    auditing: bool = False  # inside audit(): the UNet holds a partial set of requests
 
     @property
     def strategy(self) -> str | MergeStrategy:
@@ -141,7 +142,7 @@ class UnlearnMixin:
 
     @property
     def unlearning_mode(self) -> Mode:
-        """"stacked" (one peft adapter per request) or "folded" (baked into the K/V weights)."""
+        """"stacked" (the requests as one peft adapter on the base weights) or "folded" (baked into the weights)."""
         return self._unlearning().mode
 
     @property
@@ -442,9 +443,11 @@ class UnlearnMixin:
             raise ValueError(f"audit mode must be 'only' or 'without', got {mode!r}")
         ids = [request_id] if mode == "only" else [i for i in state.ledger.ids() if i != request_id]
         try:
+            state.auditing = True
             self._rebuild(ids)
             yield self
         finally:
+            state.auditing = False
             self._rebuild()
 
     def rollback(self, request_id: str) -> RequestRecord:
@@ -474,7 +477,7 @@ class UnlearnMixin:
         self._set_mode("folded")
 
     def unfold(self) -> None:
-        """Back to one peft adapter per request on the base weights."""
+        """Back to the requests stacked as a peft adapter (``unlearn_stack``) on the base K/V weights."""
         self._set_mode("stacked")
 
     def _set_mode(self, mode: Mode) -> None:

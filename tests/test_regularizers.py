@@ -167,9 +167,10 @@ def test_selective_finetune_adapter_saves_loads_audits_rolls_back_and_folds(tmp_
     assert torch.equal(generate(fresh), stacked)
     with pipe.audit(r1.request_id):
         only = generate(pipe)
-    pipe.unet.set_adapters([ad.adapter_name(r1.request_id)])
-    assert torch.equal(generate(pipe), only)
-    pipe.unfold()  # rebuild the stacked state after the manual switch
+    reference = du.testing.tiny_pipeline(seed=0)  # the dense request alone, put in by hand as a peft adapter
+    ad.install(reference.unet, "manual", pipe.request_adapter(r1.request_id))
+    ad.activate(reference.unet, ["manual"])
+    assert torch.equal(generate(reference), only)
     pipe.fold()
     assert (generate(pipe) - stacked).abs().max() < 1e-4
     pipe.rollback(r1.request_id)

@@ -98,7 +98,7 @@ def test_projection_warns_when_target_lies_in_the_protected_span(pipe):
 
 def test_projection_with_nothing_to_protect_warns_and_still_trains(pipe):
     with pytest.warns(UserWarning, match="protects nothing"):
-        projection = du.GradientProjection(retain=[], neighbors=0)
+        projection = du.GradientProjection(retain=[], neighbors=0, protect_unconditional=False)
     with pytest.warns(UserWarning, match="nothing to protect"):
         record = pipe.unlearn("van gogh", domain="style", seed=0, regularizers=[projection], **TRAIN)
     assert record.regularizers[0]["report"]["columns"] == 0

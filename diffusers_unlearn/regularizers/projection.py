@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..conditioning import TextConditioner
 from ..embeddings import concept_embedding, cosine_similarities
 from ..prompts import DEFAULT_DOMAIN, check_concept, same_concept
 from ..vocabulary import DEFAULT_VOCABULARY
@@ -89,6 +90,9 @@ class GradientProjection(Regularizer):
         vocabulary: neighbour candidates, ``{domain: [concepts]}`` or a list (in the request's domain); default:
             the built-in styles and objects (``diffusers_unlearn.vocabulary.DEFAULT_VOCABULARY``).
         include_removed: protect every concept removed by an earlier request of the ledger.
+        protect_unconditional: also keep the K/V outputs of the unconditional (empty) prompt's tokens fixed: the
+            start token is the same in every prompt and the unconditional branch enters every image through
+            classifier-free guidance, so an update that moves them moves every concept.
         dedup_cosine: drop a neighbour whose embedding's cosine with a column already in C exceeds this.
         warn_in_span: warn when more than this fraction of the target embedding's energy lies in span(C).
     """
@@ -101,6 +105,7 @@ class GradientProjection(Regularizer):
     threshold: float | None = None
     vocabulary: Mapping[str, Sequence[str]] | Sequence[str] | None = None
     include_removed: bool = True
+    protect_unconditional: bool = True
     dedup_cosine: float = 0.95
     warn_in_span: float = 0.9
 
@@ -124,8 +129,9 @@ class GradientProjection(Regularizer):
             self.vocabulary = [check_concept(c, "vocabulary concept") for c in self.vocabulary]
         if not self.retain and self.neighbors == 0:
             warnings.warn(
-                "GradientProjection(retain=[], neighbors=0) protects only concepts removed earlier; "
-                "with an empty ledger it protects nothing",
+                "GradientProjection(retain=[], neighbors=0) keeps no concept of its own: only concepts removed "
+                "earlier (with an empty ledger it protects nothing)"
+                + (" and the unconditional prompt" if self.protect_unconditional else ""),
                 stacklevel=3,
             )
 
@@ -179,6 +185,14 @@ class GradientProjection(Regularizer):
                 continue
             kept += vectors
             used.append(item)
+        self._unconditional_columns = 0
+        if self.protect_unconditional:
+            # Every position, near-duplicates included: a dropped one would not be kept exactly. The projector's
+            # regularised inverse (or pseudo-inverse) copes with the near-dependence.
+            for vector in TextConditioner(ctx.pipe).encode_unconditional(1).hidden_states[0].float().cpu():
+                if vector.norm() > 0:
+                    kept.append(vector)
+                    self._unconditional_columns += 1
         d = ctx.base_weights[next(iter(ctx.base_weights))].shape[1]
         return (torch.stack(kept, dim=1) if kept else torch.zeros(d, 0)), used
 
@@ -192,6 +206,7 @@ class GradientProjection(Regularizer):
         self._report = {
             "protected": [vars(p) for p in chosen],
             "columns": int(columns.shape[1]),
+            "unconditional_columns": self._unconditional_columns,
             "target_in_span": round(in_span, 6),
             **info,
         }

@@ -173,32 +173,39 @@ class _Style:
     soft_edge: float = 0.0  # blur radius of the object mask (128 px canvas), for wash-like styles
 
 
-_NEON_BG = ((8, 6, 24), (28, 16, 60))
-_NEON_FG = ((255, 40, 200), (30, 240, 255))
-_PASTEL_BG = ((250, 236, 226), (232, 244, 236))
-_PASTEL_FG = ((250, 140, 186), (104, 196, 226))
-_INK_BG = ((244, 240, 228), (228, 222, 206))
+# Families share the background and the main colour; each member has its own second colour and texture, so that
+# neighbours are close but separable even where a generator blurs the texture.
+_NEON_BG = ((8, 6, 24), (40, 24, 84))
+_NEON = (255, 40, 200)
+_PASTEL_BG = ((250, 236, 226), (226, 238, 246))
+_PASTEL = (250, 140, 186)
+_INK_BG = ((244, 240, 228), (226, 220, 204))
+_INK = (20, 20, 24)
+_PAPER = (244, 240, 228)
 _SUNSET_BG = ((255, 170, 60), (120, 40, 120))
+_PLUM = (60, 20, 40)
 
 _STYLE_SPECS: dict[str, _Style] = {
-    "neon lines": _Style("neon", _NEON_BG, _lines(24), _NEON_FG, _lines(14), (255, 255, 255), 3),
-    "neon waves": _Style("neon", _NEON_BG, _waves(24), _NEON_FG, _waves(16), (255, 255, 255), 3),
-    "neon dots": _Style("neon", _NEON_BG, _dots(24, 0.22), _NEON_FG, _dots(16, 0.3), (255, 255, 255), 3),
-    "pastel waves": _Style("pastel", _PASTEL_BG, _waves(26), _PASTEL_FG, _waves(16), (170, 120, 170), 4),
-    "pastel dots": _Style("pastel", _PASTEL_BG, _dots(26, 0.22), _PASTEL_FG, _dots(16, 0.3), (170, 120, 170), 4),
-    "pastel checks": _Style("pastel", _PASTEL_BG, _checks(26), _PASTEL_FG, _checks(16), (170, 120, 170), 4),
-    "ink sketch": _Style("ink", _INK_BG, _wash(), ((244, 240, 228), (244, 240, 228)), _flat(), (20, 20, 24), 5,
-                         fill=False),
+    "neon lines": _Style("neon", _NEON_BG, _lines(36), (_NEON, (30, 240, 255)), _lines(26), (255, 255, 255), 3),
+    "neon waves": _Style("neon", _NEON_BG, _waves(36), (_NEON, (120, 255, 60)), _waves(26), (255, 255, 255), 3),
+    "neon dots": _Style("neon", _NEON_BG, _dots(36, 0.2), (_NEON, (255, 235, 40)), _dots(26, 0.3), (255, 255, 255),
+                        3),
+    "pastel waves": _Style("pastel", _PASTEL_BG, _waves(36), (_PASTEL, (104, 196, 226)), _waves(26), (170, 120, 170),
+                           4),
+    "pastel dots": _Style("pastel", _PASTEL_BG, _dots(36, 0.2), (_PASTEL, (120, 210, 150)), _dots(26, 0.3),
+                          (170, 120, 170), 4),
+    "pastel checks": _Style("pastel", _PASTEL_BG, _checks(36), (_PASTEL, (170, 150, 230)), _checks(26),
+                            (170, 120, 170), 4),
+    "ink sketch": _Style("ink", _INK_BG, _wash(), (_PAPER, _PAPER), _flat(), _INK, 5, fill=False),
     "ink wash": _Style("ink", _INK_BG, _wash(), ((70, 74, 88), (150, 154, 166)), _wash(), (70, 74, 88), 0,
                        soft_edge=5.0),
-    "ink hatching": _Style("ink", _INK_BG, _wash(), ((244, 240, 228), (20, 20, 24)), _hatching(12), (20, 20, 24),
-                           4),
+    "ink hatching": _Style("ink", _INK_BG, _wash(), (_PAPER, _INK), _hatching(20), _INK, 4),
     "sunset gradient": _Style("sunset", _SUNSET_BG, _vertical_gradient(), ((40, 12, 40), (70, 20, 50)),
                               _vertical_gradient(), (40, 12, 40), 0),
-    "sunset mosaic": _Style("sunset", ((255, 190, 70), (230, 90, 60)), _mosaic(22), ((110, 30, 110), (60, 20, 90)),
-                            _mosaic(14), (60, 20, 40), 3),
-    "sunset lines": _Style("sunset", _SUNSET_BG, _vertical_gradient(), ((255, 230, 110), (120, 30, 90)),
-                           _lines(14), (60, 20, 40), 3),
+    "sunset mosaic": _Style("sunset", ((255, 190, 70), (230, 90, 60)), _mosaic(30), ((110, 30, 110), (60, 20, 90)),
+                            _mosaic(20), _PLUM, 3),
+    "sunset lines": _Style("sunset", _SUNSET_BG, _vertical_gradient(), ((255, 230, 110), (120, 30, 90)), _lines(26),
+                           _PLUM, 3),
 }
 
 STYLES: list[str] = list(_STYLE_SPECS)
@@ -273,7 +280,7 @@ VOCABULARY: list[str] = sorted(
     {w for s in STYLES for w in s.split()}
     | set(OBJECTS)
     | set(PROMPT_TEMPLATE.replace("{object}", "").replace("{style}", "").split())
-    | {"image", "photo", "of", "the", "an", "picture", "painting", "drawing", "style"}
+    | {"image", "photo", "of", "the", "an", "picture", "painting", "drawing", "portrait", "city", "field", "style"}
 )
 
 

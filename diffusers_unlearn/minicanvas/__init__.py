@@ -1,0 +1,65 @@
+"""MiniCanvas: a tiny, shipped Stable-Diffusion-architecture model of a synthetic style x object world.
+
+The offline default model of diffusers-unlearn. A real ``StableDiffusionPipeline`` (UNet2DConditionModel with
+cross-attention, AutoencoderKL, CLIPTextModel, an offline CLIP tokenizer, DDIM) trained by
+``python -m diffusers_unlearn.minicanvas.train`` on :mod:`~diffusers_unlearn.minicanvas.data`, plus style and object
+classifiers that judge its images, as UnlearnCanvas does for Stable Diffusion.
+
+>>> from diffusers_unlearn import minicanvas as mc
+>>> pipe = mc.load_pipeline()
+>>> style_clf, object_clf = mc.load_classifiers()
+>>> images = pipe([mc.prompt("neon dots", "cat")], num_inference_steps=mc.NUM_INFERENCE_STEPS,
+...               guidance_scale=mc.GUIDANCE_SCALE).images
+>>> style_clf(images), object_clf(images)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .classifier import ConceptClassifier
+from .data import OBJECTS, PROMPT_TEMPLATE, STYLE_FAMILIES, STYLES, prompt, render
+from .settings import EVAL_SEEDS, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, RESOLUTION
+from .weights import DEFAULT_WEIGHTS_DIR, MiniCanvasWeightsError, verify_weights
+
+__all__ = [
+    "DEFAULT_WEIGHTS_DIR",
+    "EVAL_SEEDS",
+    "GUIDANCE_SCALE",
+    "NUM_INFERENCE_STEPS",
+    "OBJECTS",
+    "PROMPT_TEMPLATE",
+    "RESOLUTION",
+    "STYLES",
+    "STYLE_FAMILIES",
+    "ConceptClassifier",
+    "MiniCanvasWeightsError",
+    "load_classifiers",
+    "load_pipeline",
+    "prompt",
+    "render",
+    "verify_weights",
+]
+
+
+def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.dtype = torch.float32,
+                  weights_dir: str | os.PathLike | None = None):
+    """The MiniCanvas ``StableDiffusionPipeline``, loaded offline after checking every file's sha256.
+
+    Raises :class:`MiniCanvasWeightsError` (a ``ValueError``) naming the file when a weight file is missing,
+    corrupted or does not fit the model. ``device=None`` leaves it on the CPU.
+    """
+    from .weights import load_pipeline_from
+
+    return load_pipeline_from(weights_dir, device=device, torch_dtype=torch_dtype)
+
+
+def load_classifiers(device: str | torch.device | None = None,
+                     weights_dir: str | os.PathLike | None = None) -> tuple[ConceptClassifier, ConceptClassifier]:
+    """``(style_classifier, object_classifier)``; each maps PIL images or a ``[B, 3, H, W]`` tensor in [0, 1] to
+    label names (``STYLES`` / ``OBJECTS``). Checks the weights like :func:`load_pipeline`."""
+    from .weights import load_classifiers_from
+
+    return load_classifiers_from(weights_dir, device=device)

@@ -395,3 +395,41 @@ def test_attach_refuses_a_pipeline_without_cross_attention():
 
     with pytest.raises(TypeError, match="supported: Stable Diffusion 1.x/2.x and SDXL"):
         du.attach(NoUnet())
+
+
+def test_esd_on_a_trained_model_moves_the_target_and_barely_an_unrelated_concept():
+    """On MiniCanvas (trained, so its conditioning means something): ESD on "neon lines" brings that style's
+    prediction closer to the ESD target and moves its conditional signal a lot; an unrelated style and object
+    ("ink wash" tower, on its own trajectory) moves far less."""
+    from diffusers_unlearn import minicanvas as mc
+
+    pipe = du.attach(mc.load_pipeline())
+    cond = TextConditioner(pipe)
+    target_prompt, unrelated_prompt = mc.prompt("neon lines", "cat"), mc.prompt("ink wash", "tower")
+
+    def probe(prompt):
+        latents, timesteps = sample_trajectory(
+            cond, pipe.unet, cond.encode([prompt] * 2), cond.encode_unconditional(2), steps=8,
+            guidance_scale=mc.GUIDANCE_SCALE, generator=torch.Generator().manual_seed(3),
+        )
+        return latents[[2, 4, 6]].flatten(0, 1), timesteps[[2, 4, 6]].repeat_interleave(2)
+
+    def predict(x, t, prompt=None):
+        c = cond.encode_unconditional(len(x)) if prompt is None else cond.encode([prompt] * len(x))
+        with torch.no_grad():
+            return cond.predict_noise(pipe.unet, x, t, c)
+
+    xa, ta = probe(target_prompt)
+    xb, tb = probe(unrelated_prompt)
+    a0, ua = predict(xa, ta, target_prompt), predict(xa, ta)
+    b0, ub = predict(xb, tb, unrelated_prompt), predict(xb, tb)
+    esd_target = ua - (a0 - ua)  # negative guidance 1, frozen model
+
+    pipe.unlearn("neon lines", domain="style", templates=[f"a {o} in {{}} style" for o in mc.OBJECTS], steps=30,
+                 learning_rate=3e-3, sampling_steps=10, num_trajectories=6, seed=0)
+    a1, b1 = predict(xa, ta, target_prompt), predict(xb, tb, unrelated_prompt)
+    assert (a1 - esd_target).norm() < 0.95 * (a0 - esd_target).norm()
+    moved_target = (a1 - a0).norm() / (a0 - ua).norm()  # relative to each prompt's own conditional signal
+    moved_unrelated = (b1 - b0).norm() / (b0 - ub).norm()
+    assert moved_target > 0.3, float(moved_target)
+    assert moved_unrelated < 0.25 * moved_target, (float(moved_unrelated), float(moved_target))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from diffusers_unlearn.cli import main
 
@@ -23,12 +25,24 @@ def test_unknown_subcommand_is_bad_usage():
     assert info.value.code == 2
 
 
-def test_console_script_demo_runs_and_prints_the_ledger(tmp_path):
+def test_console_script_demo_removes_two_minicanvas_styles(tmp_path):
+    from diffusers_unlearn import minicanvas as mc
+    from diffusers_unlearn.bench import family_round_robin
+
     result = subprocess.run(
-        [sys.executable, "-m", "diffusers_unlearn.cli", "demo", "--steps", "3", "--quiet", "--out", str(tmp_path)],
+        [sys.executable, "-m", "diffusers_unlearn.cli", "demo", "--steps", "3", "--eval-seeds", "1", "--eval-steps", "8",
+         "--quiet", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "removed concepts: ['van gogh', 'dog']" in result.stdout
+    removed = family_round_robin(mc.STYLE_FAMILIES)[:2]
+    assert f"removed concepts: {removed}" in result.stdout
+    rows = re.findall(r"^\| (base model|after removing [^|]+) \| (n/a|[\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                      result.stdout, flags=re.M)
+    assert [r[0] for r in rows] == ["base model", f"after removing {removed[0]}", f"after removing {', '.join(removed)}"]
+    assert rows[0][1] == "n/a"
+    assert all(0 <= float(v) <= 100 for r in rows[1:] for v in r[1:])
     assert (tmp_path / "ledger.json").is_file()
+    with Image.open(tmp_path / "demo_grid.png") as grid:
+        assert grid.format == "PNG" and grid.width > grid.height
     assert "torchvision" not in result.stderr

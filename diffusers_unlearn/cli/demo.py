@@ -1,38 +1,137 @@
-"""``diffusers-unlearn demo``: remove two concepts in sequence and show the ledger."""
+"""``diffusers-unlearn demo``: remove two styles in sequence from MiniCanvas with gradient projection.
+
+Loads the shipped MiniCanvas model, measures UA / IRA / CRA before and after each request, writes a before/after
+image grid (the removed styles, their family neighbours, one unrelated style) and the ledger into --out.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+from pathlib import Path
+from typing import Any
+
+DEMO_REQUESTS = 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="remove two concepts in sequence on a tiny offline pipeline",
-                                   description=__doc__)
-    parser.add_argument("--steps", type=int, default=30, help="training steps per request (default 30)")
-    parser.add_argument("--out", default=None, help="also save the ledger and adapters to this directory")
+    from ..bench import Hyperparameters
+
+    parser = subparsers.add_parser("demo", help="remove two styles from MiniCanvas with gradient projection; "
+                                   "before/after grid and UA/IRA/CRA", description=__doc__)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps per request (default {Hyperparameters().steps}, as in bench)")
+    parser.add_argument("--eval-seeds", type=int, default=2,
+                        help="evaluation images per prompt: the first N of MiniCanvas's EVAL_SEEDS (default 2)")
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help="sampling steps of the images and of the requests' trajectories (default: MiniCanvas's "
+                        "recommended NUM_INFERENCE_STEPS)")
+    parser.add_argument("--out", default="unlearn-demo",
+                        help="folder for the image grid and the ledger (default ./unlearn-demo)")
+    parser.add_argument("--weights-dir", default=None, help="MiniCanvas weights folder (default: the shipped one)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def grid_styles(removed: list[str], families: dict[str, list[str]]) -> list[str]:
+    """Rows of the grid: each removed style's whole family (its nearest neighbours), then one untouched style."""
+    rows: list[str] = []
+    touched = set()
+    for style in removed:
+        family = next((name for name, members in families.items() if style in members), None)
+        members = families[family] if family is not None else [style]
+        touched.add(family)
+        rows += [m for m in members if m not in rows]
+    untouched = next((members[0] for name, members in families.items() if name not in touched), None)
+    return rows + ([untouched] if untouched else [])
+
+
+def save_grid(panels: list[tuple[str, Any]], styles: list[str], objects: list[str], removed: list[str],
+              path: str | os.PathLike) -> None:
+    """One panel per model state: rows = styles (removed ones marked), columns = objects."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import torch
 
-    import diffusers_unlearn as du
+    rows, cols = len(styles), len(objects)
+    size = panels[0][1].shape[-1]
+    gap = max(1, size // 16)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels) + 1.2, 0.5 * rows + 1.2))
+    for ax, (title, images) in zip(axes, panels):
+        canvas = torch.ones(3, rows * (size + gap) - gap, cols * (size + gap) - gap)
+        for i in range(rows):
+            for j in range(cols):
+                y, x = i * (size + gap), j * (size + gap)
+                canvas[:, y : y + size, x : x + size] = images[i * cols + j]
+        ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([j * (size + gap) + size / 2 for j in range(cols)], objects, fontsize=7, rotation=45)
+        ax.set_yticks([i * (size + gap) + size / 2 for i in range(rows)], [])
+        for side in ("top", "right", "bottom", "left"):
+            ax.spines[side].set_visible(False)
+    axes[0].set_yticks([i * (size + gap) + size / 2 for i in range(rows)],
+                       [f"{s} (removed)" if s in removed else s for s in styles], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
-    torch.manual_seed(0)
-    pipe = du.attach(du.testing.tiny_pipeline(seed=0))
-    pipe.set_progress_bar_config(disable=args.quiet)
-    for concept, domain, regularizers in (
-        ("van gogh", "style", [du.GradientProjection(retain=["monet"])]),
-        ("dog", "object", [du.GradientProjection(), du.L2Drift(weight=1e3)]),
-    ):
-        record = pipe.unlearn(concept, domain=domain, steps=args.steps, seed=0, learning_rate=3e-3,
-                              sampling_steps=10, regularizers=regularizers)
-        print(f"removed {record.concept!r} as {record.request_id} in {record.seconds:.1f}s (loss {record.final_loss:.4g})")
-    print(json.dumps([r.to_dict() for r in pipe.unlearning_ledger.requests], indent=2, default=str)[:4000])
+
+def run(args: argparse.Namespace) -> int:
+    from .. import minicanvas as mc
+    from ..bench import PROTOCOLS, BenchSettings, Hyperparameters, minicanvas_world, serve_request
+    from ..evaluation import evaluate_unlearning, generate_images, kv_drift
+    from ..mixin import attach
+    from ._common import set_quiet
+
+    set_quiet(args.quiet)
+    hparams = Hyperparameters() if args.steps is None else Hyperparameters(steps=args.steps)
+    settings = BenchSettings(requests=DEMO_REQUESTS, domain="style", method="esd", protocols=["gp"], hparams=hparams)
+    world = minicanvas_world(weights_dir=args.weights_dir, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps)
+    world.register_domains()
+    stream = world.stream("style", DEMO_REQUESTS)
+    pipe = attach(world.load_pipeline())
+    config = world.eval_config
+    styles = grid_styles(stream, mc.STYLE_FAMILIES)
+    objects = list(config.objects)
+    cases = config.cases()
+    # the grid shows the first evaluation seed's images of its styles: no extra generation
+    grid_rows = [cases.index((s, o, config.seeds[0])) for s in styles for o in objects]
+
+    def snapshot(title: str, removed: list[str]) -> tuple[str, Any, Any]:
+        images = generate_images(pipe, [config.prompt(s, o) for s, o, _ in cases], [seed for _, _, seed in cases],
+                                 num_inference_steps=config.num_inference_steps,
+                                 guidance_scale=config.guidance_scale, batch_size=config.batch_size,
+                                 progress=not args.quiet, desc=title)
+        scores = evaluate_unlearning(pipe, removed, "style", world.style_classifier, world.object_classifier, config,
+                                     images=images)
+        return title, images[grid_rows], scores
+
+    print(f"MiniCanvas: {len(mc.STYLES)} styles x {len(mc.OBJECTS)} objects; removing {stream} with gradient "
+          f"projection, {hparams.steps} steps each; scores on {len(config.cases())} images "
+          f"({len(config.seeds)} seed(s) per prompt)")
+    states = [snapshot("base model", [])]
+    for k, concept in enumerate(stream):
+        steps, seconds = serve_request(pipe, PROTOCOLS["gp"], world, settings, stream, k, progress=not args.quiet)
+        record = pipe.unlearning_ledger.requests[-1]
+        print(f"removed {concept!r} as {record.request_id} in {seconds:.1f}s ({steps} steps, loss "
+              f"{record.final_loss:.4g})")
+        states.append(snapshot(f"after removing {', '.join(stream[: k + 1])}", list(stream[: k + 1])))
+
+    print()
+    print("| model | UA | IRA | CRA |")
+    print("|---|---|---|---|")
+    for title, _, scores in states:
+        ua = "n/a" if scores.ua is None else f"{scores.ua:.1f}"
+        print(f"| {title} | {ua} | {scores.ira:.1f} | {scores.cra:.1f} |")
+    print(f"K/V drift from the base: {kv_drift(pipe):.4f}")
     print("removed concepts:", pipe.removed_concepts)
-    if args.out:
-        pipe.save_unlearning(args.out)
-        print(f"saved ledger and adapters to {args.out}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = out / "demo_grid.png"
+    save_grid([(title, images) for title, images, _ in states], styles, objects, list(stream), grid)
+    pipe.save_unlearning(out)
+    print(f"wrote {grid} and the ledger ({out / 'ledger.json'}, adapters/)")
     return 0

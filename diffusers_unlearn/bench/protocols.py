@@ -1,0 +1,148 @@
+"""The continual-unlearning protocols the benchmark compares, as in Lee et al. (ICLR 2026), Table 1.
+
+A protocol says how request k of the stream is trained: on top of the earlier ones (sequential), independently from
+the base and merged, or as one retraining from the base on every request so far (simultaneous), and with which
+regularizers. Every protocol uses the same erasure method, steps, learning rate and LoRA rank unless its
+regularizer needs otherwise (selective fine-tuning trains a masked dense delta, not a LoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..merging import MergeStrategy
+from ..regularizers import GradientProjection, L1Drift, L2Drift, Regularizer, SelectiveFinetune
+
+
+@dataclass
+class Hyperparameters:
+    """Per-request training settings and regularizer strengths shared by every protocol.
+
+    Args:
+        steps: optimizer steps per request (simultaneous: ``steps`` x the number of requests so far).
+        learning_rate: AdamW learning rate.
+        batch_size: (x_t, t) samples per step.
+        rank: LoRA rank of a request's adapter (ignored where selective fine-tuning needs a dense delta).
+        l1_weight, l2_weight: lambda of the drift penalties.
+        selective_top_k: fraction of K/V elements selective fine-tuning may change, alone.
+        gp_selective_top_k: the same, combined with gradient projection (the paper uses a larger k there).
+        gp_neighbors: how many of the world's other concepts (both domains, nearest to the target first) gradient
+            projection protects besides earlier removals; None: all of them, as the paper protects its whole
+            auxiliary vocabulary (about 200 styles and objects in SD's 768-wide text space). 8 by default because
+            MiniCanvas's text space is only 64 wide: protecting all 17 other concepts (and the empty prompt's tokens) puts 90-99% of a target's
+            embedding inside the protected span, and the first style was not removed at all (UA 0 after 100 steps
+            against 50 with 8 neighbours; compare ``bench --protocols gp --gp-neighbors all``).
+        merge_density: fraction of each delta TIES keeps.
+        merge_scale: TIES lambda (None: the strategy's default, growing with the number of merged requests).
+    """
+
+    steps: int = 100
+    learning_rate: float = 2e-3
+    batch_size: int = 1
+    rank: int = 4
+    l1_weight: float = 0.3
+    l2_weight: float = 30.0
+    selective_top_k: float = 0.05
+    gp_selective_top_k: float = 0.3
+    gp_neighbors: int | None = 8
+    merge_density: float = 0.6
+    merge_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.gp_neighbors is not None and (isinstance(self.gp_neighbors, bool)
+                                              or not isinstance(self.gp_neighbors, int) or self.gp_neighbors < 0):
+            raise ValueError(f"gp_neighbors must be an integer >= 0 or None (all), got {self.gp_neighbors!r}")
+        for name in ("learning_rate", "l1_weight", "l2_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        for name in ("selective_top_k", "gp_selective_top_k", "merge_density"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+        # MergeStrategy validates the scale the way every merge does
+        self.merge_strategy()
+
+    def merge_strategy(self) -> MergeStrategy:
+        return MergeStrategy("ties", scale=self.merge_scale, density=self.merge_density)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ProtocolContext:
+    """What a protocol's regularizers may depend on: the settings and the concept vocabulary of the world."""
+
+    hparams: Hyperparameters
+    vocabulary: Mapping[str, Sequence[str]]  # registered prompt domain -> concepts, gradient projection's pool
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One way of serving a stream of removal requests."""
+
+    name: str
+    label: str
+    regularizers: Callable[[ProtocolContext], list[Regularizer]] = lambda ctx: []
+    merge: bool = False  # train each request from the base, compose with TIES
+    simultaneous: bool = False  # retrain from the base on all requests so far, at every step
+    description: str = ""
+
+    def build_regularizers(self, ctx: ProtocolContext) -> list[Regularizer]:
+        return list(self.regularizers(ctx))
+
+    def strategy(self, ctx: ProtocolContext) -> str | MergeStrategy:
+        return ctx.hparams.merge_strategy() if self.merge else "sequential"
+
+
+def _gp(ctx: ProtocolContext) -> GradientProjection:
+    neighbors = ctx.hparams.gp_neighbors
+    if neighbors is None:  # every concept of the world (the target and earlier removals are taken out of the pool)
+        neighbors = sum(len(concepts) for concepts in ctx.vocabulary.values())
+    return GradientProjection(neighbors=neighbors, vocabulary=dict(ctx.vocabulary))
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    p.name: p
+    for p in (
+        Protocol("sequential", "Sequential (no regularizer)",
+                 description="each request trained on top of the earlier ones, nothing else"),
+        Protocol("simultaneous", "Simultaneous (retrain)", simultaneous=True,
+                 description="at request k, retrain from the base on all k concepts with k x the steps"),
+        Protocol("l1", "L1", lambda ctx: [L1Drift(weight=ctx.hparams.l1_weight)],
+                 description="sequential + lambda mean|dW| from the previous checkpoint"),
+        Protocol("l2", "L2", lambda ctx: [L2Drift(weight=ctx.hparams.l2_weight)],
+                 description="sequential + lambda mean(dW^2) from the previous checkpoint"),
+        Protocol("selective", "Selective FT", lambda ctx: [SelectiveFinetune(top_k=ctx.hparams.selective_top_k)],
+                 description="sequential, only the top-k K/V elements by |theta * grad| change"),
+        Protocol("merge", "Merging (TIES)", merge=True,
+                 description="each request trained from the base, deltas merged with TIES"),
+        Protocol("gp", "GP", lambda ctx: [_gp(ctx)],
+                 description="sequential + gradient projection protecting earlier removals and nearest concepts"),
+        Protocol("gp+selective", "GP + Selective FT",
+                 lambda ctx: [_gp(ctx), SelectiveFinetune(top_k=ctx.hparams.gp_selective_top_k)],
+                 description="gradient projection inside the selective fine-tuning mask"),
+        Protocol("gp+merge", "GP + Merging", lambda ctx: [_gp(ctx)], merge=True,
+                 description="gradient projection on each independently trained request, TIES-merged"),
+    )
+}
+
+
+def resolve_protocols(names: Sequence[str] | str | None) -> list[Protocol]:
+    """Protocols by name (a list or a comma-separated string); None or "all": every protocol, in table order."""
+    if names is None or names == "all":
+        return list(PROTOCOLS.values())
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROTOCOLS]
+    if unknown or not names:
+        raise ValueError(f"unknown protocol(s) {unknown or names!r}; known: {list(PROTOCOLS)}")
+    return [PROTOCOLS[n] for n in dict.fromkeys(names)]

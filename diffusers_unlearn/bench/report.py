@@ -1,0 +1,167 @@
+"""Benchmark report: results table (Markdown and JSON), metric curves and cost curves (PNG)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS = (("ua", "UA"), ("ira", "IRA"), ("cra", "CRA"))
+REFERENCE = "sequential"
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def final_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each protocol's row after the last request."""
+    return {name: p["rows"][-1] for name, p in result["protocols"].items()}
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """The after-the-last-request table, with each protocol's change against plain sequential unlearning."""
+    finals = final_rows(result)
+    reference = finals.get(REFERENCE)
+    header = ["protocol", "UA", "IRA", "CRA"]
+    if reference is not None:
+        header += ["ΔUA", "ΔIRA", "ΔCRA"]
+    header += ["K/V drift", "training steps", "training s"]
+    rows = []
+    for name, row in finals.items():
+        cells = [result["protocols"][name]["label"]] + [_pct(row[m]) for m, _ in METRICS]
+        if reference is not None:
+            for metric, _ in METRICS:
+                both = row[metric] is not None and reference[metric] is not None
+                cells.append(_pct(row[metric] - reference[metric], signed=True) if both else "n/a")
+        cells += [f"{row['drift']:.4f}", str(row["cumulative_steps"]), f"{row['cumulative_seconds']:.1f}"]
+        rows.append(cells)
+    return _table(header, rows)
+
+
+def markdown(result: dict[str, Any], title: str | None = None) -> str:
+    """The whole results table as Markdown."""
+    settings, hp = result["settings"], result["settings"]["hparams"]
+    base = result["base"]
+    n = len(result["stream"])
+    lines = [f"## {title or 'Continual unlearning benchmark'}", ""]
+    if result.get("command"):
+        lines += ["Command:", "", "```bash", result["command"], "```", ""]
+    eval_cfg = result["world"]["eval"]
+    lines += [
+        f"World `{result['world']['name']}`; {n} {settings['domain']} removal requests with `{settings['method']}`, "
+        f"in this order: " + ", ".join(f"`{c}`" for c in result["stream"]) + ".",
+        f"Per request: {hp['steps']} steps, learning rate {hp['learning_rate']}, LoRA rank {hp['rank']}; "
+        f"evaluation on {base['num_images']} images ({len(eval_cfg['styles'])} styles x {len(eval_cfg['objects'])} "
+        f"objects x {len(eval_cfg['seeds'])} seeds, {eval_cfg['num_inference_steps']} steps, guidance "
+        f"{eval_cfg['guidance_scale']}). Whole run: {result['seconds'] / 60:.1f} min "
+        f"({result['environment'].get('jobs', 1)} worker process(es), {result['environment']['threads']} torch "
+        f"thread(s) each).",
+        f"Base model: IRA {_pct(base['ira'])}, CRA {_pct(base['cra'])} "
+        f"(accuracy of the {settings['domain']} and the other domain's classifier on the base model's images).",
+        "",
+        f"### After request {n}",
+        "",
+        *headline(result),
+        "",
+        "Δ: change against plain sequential unlearning, in percentage points. K/V drift: ||W - W_base||_F / "
+        "||W_base||_F over all cross-attention K/V weights. Training steps and seconds: cumulative over the stream "
+        "(simultaneous retrains on every request so far, so its cost grows with the stream).",
+        "",
+    ]
+    for metric, name in METRICS:
+        lines += [f"### {name} after each request", ""]
+        header = ["protocol"] + [str(k) for k in range(n + 1)]
+        rows = [[p["label"]] + [_pct(r[metric]) for r in p["rows"]] for p in result["protocols"].values()]
+        lines += _table(header, rows) + [""]
+    return "\n".join(lines)
+
+
+def _colors(names: list[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {name: cmap(i % 10) for i, name in enumerate(names)}
+
+
+def plot_metrics(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """UA, IRA and CRA against the number of requests, one line per protocol (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["protocols"])
+    colors = _colors(names)
+    n = len(result["stream"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharex=True)
+    for ax, (metric, label) in zip(axes, METRICS):
+        for name in names:
+            protocol = result["protocols"][name]
+            points = [(r["request"], r[metric]) for r in protocol["rows"] if r[metric] is not None]
+            style = dict(linestyle="--", linewidth=2.2) if name == REFERENCE else dict(linewidth=1.5)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3.5,
+                    color=colors[name], label=protocol["label"], **style)
+        ax.set_title(label)
+        ax.set_xlabel("number of removal requests")
+        ax.set_xticks(range(n + 1))
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy-based score (%)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(names)), fontsize=8, frameon=False)
+    fig.suptitle(f"{result['world']['name']}: {n} {result['settings']['domain']} requests, "
+                 f"{result['settings']['method']}", fontsize=11)
+    fig.tight_layout(rect=(0, 0.1 if len(names) > 5 else 0.06, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_cost(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Cumulative training steps and seconds against the number of requests: sequential against simultaneous."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("sequential", "simultaneous") if n in result["protocols"]] or list(result["protocols"])
+    colors = _colors(list(result["protocols"]))
+    n = len(result["stream"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    for ax, (key, label) in zip(axes, (("cumulative_steps", "cumulative training steps"),
+                                      ("cumulative_seconds", "cumulative training seconds"))):
+        for name in names:
+            protocol = result["protocols"][name]
+            ax.plot([r["request"] for r in protocol["rows"]], [r[key] for r in protocol["rows"]], marker="o",
+                    markersize=3.5, color=colors[name], label=protocol["label"])
+        ax.set_title(label)
+        ax.set_xlabel("number of removal requests")
+        ax.set_xticks(range(n + 1))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(result: dict[str, Any], out_dir: str | os.PathLike, title: str | None = None) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md``, ``metrics.png`` and ``cost.png`` into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "metrics_plot": out / "metrics.png",
+             "cost_plot": out / "cost.png"}
+    # allow_nan=False: undefined scores are None (null), never NaN, so the file is strict JSON
+    paths["json"].write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    paths["markdown"].write_text(markdown(result, title) + "\n")
+    plot_metrics(result, paths["metrics_plot"])
+    plot_cost(result, paths["cost_plot"])
+    return paths

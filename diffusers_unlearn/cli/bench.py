@@ -1,0 +1,193 @@
+"""``diffusers-unlearn bench``: the paper's continual-unlearning experiment on MiniCanvas.
+
+A stream of removal requests (default: 6 styles) is served under every protocol (sequential, simultaneous, L1, L2,
+selective fine-tuning, TIES merging, gradient projection and its combinations); UA, IRA and CRA are measured after
+every request. Writes results.md, results.json, metrics.png and cost.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shlex
+import time
+from typing import Any
+
+from . import UsageError
+
+# --quick: the same code path, small enough for CI (a couple of minutes on 2 CPU cores).
+QUICK = {"requests": 2, "steps": 4, "eval_seeds": 1, "eval_objects": 2, "eval_steps": 10}
+# Options that map onto Hyperparameters fields (argparse dest -> field).
+HPARAM_OPTIONS = {
+    "steps": "steps",
+    "lr": "learning_rate",
+    "batch_size": "batch_size",
+    "rank": "rank",
+    "l1_weight": "l1_weight",
+    "l2_weight": "l2_weight",
+    "selective_top_k": "selective_top_k",
+    "gp_selective_top_k": "gp_selective_top_k",
+    "gp_neighbors": "gp_neighbors",
+    "merge_density": "merge_density",
+    "merge_scale": "merge_scale",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..bench import PROTOCOLS, BenchSettings, Hyperparameters
+
+    defaults, bench_defaults = Hyperparameters(), BenchSettings()
+    parser = subparsers.add_parser("bench", help="continual-unlearning benchmark on MiniCanvas (UA/IRA/CRA per "
+                                   "request, table and plots)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small run for CI: {QUICK['requests']} requests, {QUICK['steps']} steps, "
+                        f"{QUICK['eval_seeds']} evaluation seed, {QUICK['eval_objects']} evaluated objects, "
+                        f"{QUICK['eval_steps']} sampling steps (explicit options still win)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="length of the removal stream (default 6, at most the domain's concepts minus one)")
+    parser.add_argument("--domain", choices=["style", "object"], default="style")
+    parser.add_argument("--method", choices=["esd", "ca"], default="esd")
+    parser.add_argument("--protocols", default="all",
+                        help=f"comma-separated subset of: {','.join(PROTOCOLS)} (default all)")
+    parser.add_argument("--eval-seeds", type=int, default=None,
+                        help="evaluation seeds per prompt, the first N of MiniCanvas's EVAL_SEEDS (default 2)")
+    parser.add_argument("--eval-objects", type=int, default=None,
+                        help="evaluate on the first N MiniCanvas objects only (default: all)")
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help="sampling steps of the evaluation images and of the frozen model's trajectories "
+                        "(default: MiniCanvas's recommended NUM_INFERENCE_STEPS)")
+    parser.add_argument("--out", default="bench-results", help="output folder (default ./bench-results)")
+    parser.add_argument("--weights-dir", default=None, help="MiniCanvas weights folder (default: the shipped one)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="protocols run in parallel worker processes, one torch thread each (default: the "
+                        "number of CPU cores this process may use)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads with --jobs 1 (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="request k uses seed SEED + k")
+    parser.add_argument("--negative-guidance", type=float, default=None,
+                        help=f"ESD's eta (default {bench_defaults.negative_guidance})")
+    parser.add_argument("--anchor", default=None, help="Concept Ablation's anchor (default: a generic word)")
+    group = parser.add_argument_group("per-request training (shared by every protocol)")
+    group.add_argument("--steps", type=int, default=None, help=f"steps per request (default {defaults.steps})")
+    group.add_argument("--lr", type=float, default=None, help=f"learning rate (default {defaults.learning_rate})")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help=f"samples per step (default {defaults.batch_size})")
+    group.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {defaults.rank})")
+    group.add_argument("--l1-weight", type=float, default=None, help=f"default {defaults.l1_weight}")
+    group.add_argument("--l2-weight", type=float, default=None, help=f"default {defaults.l2_weight}")
+    group.add_argument("--selective-top-k", type=float, default=None, help=f"default {defaults.selective_top_k}")
+    group.add_argument("--gp-selective-top-k", type=float, default=None,
+                       help=f"default {defaults.gp_selective_top_k}")
+    group.add_argument("--gp-neighbors", type=_neighbors, default=None,
+                       help="concepts gradient projection protects besides earlier removals, an integer or 'all' "
+                       f"(default {defaults.gp_neighbors})")
+    group.add_argument("--merge-density", type=float, default=None, help=f"default {defaults.merge_density}")
+    group.add_argument("--merge-scale", type=float, default=None, help="TIES lambda (default: grows with n)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or per-request lines")
+    parser.set_defaults(func=run)
+
+
+def command_line(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> str:
+    """The command that reproduces this run: every option that differs from its default."""
+    parts = ["diffusers-unlearn", "bench"]
+    if args.quick:
+        parts.append("--quick")
+    for key, value in vars(args).items():
+        if key in ("func", "command", "debug", "quick", "quiet") or value == parser_defaults.get(key):
+            continue
+        parts += [f"--{key.replace('_', '-')}", str(value)]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import bench
+    from ..bench.report import headline
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    preset = QUICK if args.quick else {}
+
+    def option(name: str, default: Any = None) -> Any:
+        """An explicit option wins over --quick's preset, which wins over the default."""
+        value = getattr(args, name)
+        return value if value is not None else preset.get(name, default)
+
+    fields: dict[str, Any] = {}
+    for dest, name in HPARAM_OPTIONS.items():
+        value = option(dest)
+        if value is not None:
+            fields[name] = None if value == "all" else value
+    hparams = bench.Hyperparameters(**fields)
+    eval_seeds = option("eval_seeds", 2)
+    eval_objects = option("eval_objects")
+    if eval_objects is not None and eval_objects < 1:
+        raise UsageError(f"--eval-objects must be >= 1, got {eval_objects}")
+    eval_steps = option("eval_steps")
+    if eval_steps is not None and eval_steps < 1:
+        raise UsageError(f"--eval-steps must be >= 1, got {eval_steps}")
+    if args.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    from .. import minicanvas
+
+    world_factory = functools.partial(
+        bench.minicanvas_world, weights_dir=args.weights_dir, eval_seeds=eval_seeds, eval_steps=eval_steps,
+        eval_objects=None if eval_objects is None else minicanvas.OBJECTS[:eval_objects])
+    world = world_factory()
+    requests = option("requests", min(6, len(world.eval_config.concepts(args.domain)) - 1))
+    options: dict[str, Any] = {}
+    if args.negative_guidance is not None:
+        options["negative_guidance"] = args.negative_guidance
+    settings = bench.BenchSettings(requests=requests, domain=args.domain, method=args.method,
+                                   protocols=args.protocols, hparams=hparams, anchor=args.anchor, seed=args.seed,
+                                   **options)
+    world.stream(settings.domain, settings.requests)  # refuse an impossible stream before any work
+    command = command_line(args, _defaults())
+    started = time.perf_counter()
+    jobs = args.jobs if args.jobs is not None else min(len(os.sched_getaffinity(0)), len(settings.protocols))
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    result = bench.run_bench(world, settings, progress=not args.quiet, log=None if args.quiet else _write,
+                             command=command, jobs=jobs, world_factory=world_factory)
+    paths = bench.write_report(result, args.out, title="MiniCanvas continual unlearning")
+    print()
+    print(f"After request {settings.requests} ({settings.domain}, {settings.method}; "
+          f"{(time.perf_counter() - started) / 60:.1f} min):")
+    print("\n".join(headline(result)))
+    print()
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _neighbors(text: str) -> int | str:
+    """--gp-neighbors: an integer >= 0, or "all" (every concept of the world)."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'all', got {text!r}")
+    return value
+
+
+def _defaults() -> dict[str, Any]:
+    """The bench parser's defaults (parsing no arguments), to tell which options a run changed."""
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    register(subparsers)
+    return vars(subparsers.choices["bench"].parse_args([]))
+
+
+def _write(line: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)  # keeps the progress bar below the log lines

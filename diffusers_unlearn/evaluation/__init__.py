@@ -1,0 +1,50 @@
+"""Evaluation of unlearned pipelines: UnlearnCanvas's UA / IRA / CRA with any classifier, K/V drift, cost.
+
+>>> from diffusers_unlearn import evaluation as ev
+>>> config = ev.EvalConfig.minicanvas(seeds=2)
+>>> style_clf, object_clf = ev.minicanvas_classifiers()
+>>> scores = ev.evaluate_unlearning(pipe, pipe.removed_concepts, "style", style_clf, object_clf, config)
+>>> scores.ua, scores.ira, scores.cra, ev.kv_drift(pipe)
+"""
+
+from .classifiers import (
+    DEFAULT_CLIP_TEMPLATES,
+    Classifier,
+    CLIPZeroShotClassifier,
+    classify,
+    minicanvas_classifiers,
+    to_pil,
+)
+from .generation import generate_images
+from .metrics import (
+    DOMAINS,
+    UNLEARNCANVAS_SEEDS,
+    UNLEARNCANVAS_TEMPLATE,
+    EvalConfig,
+    UnlearnCanvasScores,
+    evaluate_unlearning,
+    kv_drift,
+    kv_drift_per_layer,
+    request_costs,
+    score_predictions,
+)
+
+__all__ = [
+    "DEFAULT_CLIP_TEMPLATES",
+    "DOMAINS",
+    "UNLEARNCANVAS_SEEDS",
+    "UNLEARNCANVAS_TEMPLATE",
+    "CLIPZeroShotClassifier",
+    "Classifier",
+    "EvalConfig",
+    "UnlearnCanvasScores",
+    "classify",
+    "evaluate_unlearning",
+    "generate_images",
+    "kv_drift",
+    "kv_drift_per_layer",
+    "minicanvas_classifiers",
+    "request_costs",
+    "score_predictions",
+    "to_pil",
+]

@@ -1,0 +1,275 @@
+"""UnlearnCanvas's metrics for any pipeline and any pair of classifiers, plus K/V drift and per-request cost.
+
+For removed concepts of one domain (styles or objects), on images of every style x object prompt at fixed seeds:
+
+* UA (unlearning accuracy) = 100 - accuracy of that domain's classifier on the removed concepts' images,
+* IRA (in-domain retain accuracy) = mean accuracy of that classifier on each kept concept's images,
+* CRA (cross-domain retain accuracy) = accuracy of the other domain's classifier on the kept concepts' images.
+
+Accuracies are percentages, averaged per concept (every concept has the same number of images, so this is also
+the plain image average). CRA leaves out the removed concepts' images: it measures what the model keeps, and an
+erased style may legitimately take its object with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .classifiers import Classifier, classify
+from .generation import generate_images
+
+Domain = Literal["style", "object"]
+DOMAINS: tuple[str, ...] = ("style", "object")
+UNLEARNCANVAS_TEMPLATE = "A {object} image in {style} style."
+UNLEARNCANVAS_SEEDS: tuple[int, ...] = (188, 288, 588, 688, 888)
+
+
+def check_eval_domain(domain: str) -> Domain:
+    if domain not in DOMAINS:
+        raise ValueError(f"evaluation domain must be one of {list(DOMAINS)}, got {domain!r}")
+    return domain  # type: ignore[return-value]
+
+
+@dataclass
+class EvalConfig:
+    """What to generate: every style x object prompt at every seed, and how to sample it.
+
+    Args:
+        styles, objects: the concepts of each domain (names the classifiers answer with).
+        template: prompt with ``{object}`` and ``{style}`` slots (UnlearnCanvas: "A {object} image in {style} style.").
+        seeds: one image per prompt and seed (UnlearnCanvas: 188, 288, 588, 688, 888). Fewer seeds = a cheaper subset.
+        num_inference_steps, guidance_scale: the pipeline's sampling settings (UnlearnCanvas: 100 DDIM steps, 9.0).
+        batch_size: images per pipeline call.
+        height, width: image size (default: the pipeline's).
+    """
+
+    styles: Sequence[str]
+    objects: Sequence[str]
+    template: str = UNLEARNCANVAS_TEMPLATE
+    seeds: Sequence[int] = UNLEARNCANVAS_SEEDS
+    num_inference_steps: int = 100
+    guidance_scale: float = 9.0
+    batch_size: int = 64
+    height: int | None = None
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("styles", "objects"):
+            values = getattr(self, name)
+            if isinstance(values, str) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+                raise ValueError(f"EvalConfig {name} must be a non-empty list of names, got {values!r}")
+            if len(set(values)) != len(values):
+                raise ValueError(f"EvalConfig {name} has duplicates: {list(values)}")
+            setattr(self, name, list(values))
+        if not isinstance(self.template, str) or "{object}" not in self.template or "{style}" not in self.template:
+            raise ValueError(f"EvalConfig template needs '{{object}}' and '{{style}}' slots, got {self.template!r}")
+        if isinstance(self.seeds, (str, int)) or not self.seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds
+        ):
+            raise ValueError(f"EvalConfig seeds must be a non-empty list of integers >= 0, got {self.seeds!r}")
+        self.seeds = list(self.seeds)
+        for name in ("num_inference_steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EvalConfig {name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) \
+                or self.guidance_scale < 0:
+            raise ValueError(f"EvalConfig guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
+
+    @classmethod
+    def minicanvas(cls, seeds: Sequence[int] | int | None = None, **overrides: Any) -> EvalConfig:
+        """MiniCanvas's concepts, prompt and recommended sampling; ``seeds`` an int = the first n ``EVAL_SEEDS``."""
+        from .. import minicanvas as mc
+
+        if seeds is None:
+            seeds = list(mc.EVAL_SEEDS)
+        elif isinstance(seeds, int) and not isinstance(seeds, bool):
+            if not 1 <= seeds <= len(mc.EVAL_SEEDS):
+                raise ValueError(f"MiniCanvas has {len(mc.EVAL_SEEDS)} evaluation seeds; asked for {seeds}")
+            seeds = list(mc.EVAL_SEEDS)[:seeds]
+        values = dict(styles=list(mc.STYLES), objects=list(mc.OBJECTS), template=mc.PROMPT_TEMPLATE, seeds=seeds,
+                      num_inference_steps=mc.NUM_INFERENCE_STEPS, guidance_scale=mc.GUIDANCE_SCALE)
+        values.update(overrides)
+        return cls(**values)
+
+    def concepts(self, domain: str) -> list[str]:
+        return list(self.styles if check_eval_domain(domain) == "style" else self.objects)
+
+    def prompt(self, style: str, obj: str) -> str:
+        return self.template.format(style=style, object=obj)
+
+    def cases(self) -> list[tuple[str, str, int]]:
+        """Every (style, object, seed) the evaluation generates, seed-major."""
+        return [(s, o, seed) for seed in self.seeds for s in self.styles for o in self.objects]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class UnlearnCanvasScores:
+    """UA / IRA / CRA (percent; None where undefined: no removed, or no kept, concept) and their details."""
+
+    domain: Domain
+    removed: list[str]
+    ua: float | None
+    ira: float | None
+    cra: float | None
+    accuracy: dict[str, float]  # per concept of ``domain``: its classifier's accuracy on that concept's images
+    cross_accuracy: dict[str, float]  # per concept of the other domain, on the kept concepts' images
+    num_images: int
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        def pct(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:.1f}"
+
+        return f"UA {pct(self.ua)}  IRA {pct(self.ira)}  CRA {pct(self.cra)}  ({self.num_images} images)"
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def score_predictions(
+    cases: Sequence[tuple[str, str, int]] | Sequence[tuple[str, str]],
+    style_predictions: Sequence[str],
+    object_predictions: Sequence[str],
+    removed: Sequence[str],
+    domain: str,
+) -> UnlearnCanvasScores:
+    """UA / IRA / CRA from the intended ``(style, object, ...)`` of each image and the two classifiers' answers."""
+    domain = check_eval_domain(domain)
+    if not (len(cases) == len(style_predictions) == len(object_predictions)):
+        raise ValueError(f"need one prediction per image: {len(cases)} images, {len(style_predictions)} style and "
+                         f"{len(object_predictions)} object predictions")
+    axis, other = (0, 1) if domain == "style" else (1, 0)
+    own_pred, other_pred = (style_predictions, object_predictions) if domain == "style" else \
+        (object_predictions, style_predictions)
+    concepts = list(dict.fromkeys(case[axis] for case in cases))
+    removed = list(dict.fromkeys(removed))
+    unknown = [c for c in removed if c not in concepts]
+    if unknown:
+        raise ValueError(f"removed {domain}(s) {unknown} are not among the evaluated {domain}s {concepts}")
+
+    def accuracy(pairs: list[tuple[str, str]]) -> float:
+        return 100.0 * sum(p == t for p, t in pairs) / len(pairs)
+
+    accuracy_by: dict[str, float] = {}
+    for concept in concepts:
+        accuracy_by[concept] = accuracy([(own_pred[i], concept) for i, c in enumerate(cases) if c[axis] == concept])
+    kept_rows = [i for i, c in enumerate(cases) if c[axis] not in removed]
+    cross_by: dict[str, float] = {}
+    for concept in dict.fromkeys(cases[i][other] for i in kept_rows):
+        cross_by[concept] = accuracy([(other_pred[i], concept) for i in kept_rows if cases[i][other] == concept])
+    removed_acc = _mean([accuracy_by[c] for c in removed])
+    return UnlearnCanvasScores(
+        domain=domain,
+        removed=removed,
+        ua=None if removed_acc is None else 100.0 - removed_acc,
+        ira=_mean([accuracy_by[c] for c in concepts if c not in removed]),
+        cra=_mean(list(cross_by.values())),
+        accuracy=accuracy_by,
+        cross_accuracy=cross_by,
+        num_images=len(cases),
+    )
+
+
+def evaluate_unlearning(
+    pipe: Any,
+    removed: Sequence[str],
+    domain: str,
+    style_classifier: Classifier,
+    object_classifier: Classifier,
+    config: EvalConfig,
+    *,
+    progress: bool = True,
+    images: torch.Tensor | None = None,
+) -> UnlearnCanvasScores:
+    """Generate ``config``'s images with ``pipe`` (or take ``images``, in ``config.cases()`` order) and score them."""
+    domain = check_eval_domain(domain)
+    cases = config.cases()
+    started = time.perf_counter()
+    if images is None:
+        images = generate_images(
+            pipe, [config.prompt(s, o) for s, o, _ in cases], [seed for _, _, seed in cases],
+            num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+            batch_size=config.batch_size, height=config.height, width=config.width, progress=progress,
+            desc=f"evaluating ({len(removed)} removed)",
+        )
+    elif len(images) != len(cases):
+        raise ValueError(f"got {len(images)} images for {len(cases)} evaluation cases")
+    scores = score_predictions(cases, classify(style_classifier, images), classify(object_classifier, images),
+                               removed, domain)
+    scores.seconds = round(time.perf_counter() - started, 3)
+    scores.config = config.to_dict()
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------- drift and cost
+def _kv_change(pipe: Any, base_weights: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor],
+                                                                              dict[str, torch.Tensor]]:
+    from .. import adapters as ad
+    from ..composition import combined_deltas
+    from ..mixin import UnlearnMixin
+
+    if base_weights is None:
+        if not isinstance(pipe, UnlearnMixin):
+            raise TypeError("kv_drift needs an attached pipeline (du.attach) or explicit base_weights to compare with")
+        state = pipe._unlearning()
+        base = {k: w.detach().float().cpu() for k, w in state.base_weights.items()}
+        deltas = combined_deltas([a for _, a in state.active()], state.strategy)
+        if deltas is None:
+            return base, {k: torch.zeros_like(w) for k, w in base.items()}
+        return base, {k: deltas[k].float().cpu() for k in base}
+    if any(isinstance(m, ad.LoraLayer) for m in pipe.unet.modules()):
+        raise ValueError("kv_drift with explicit base_weights needs plain K/V layers: fold() the pipeline first")
+    current = {k: w.detach().float().cpu() for k, w in ad.kv_weights(pipe.unet).items()}
+    missing = sorted(set(current) ^ set(base_weights))
+    if missing:
+        raise ValueError(f"base_weights do not match the pipeline's K/V layers: {missing[:4]}")
+    base = {k: base_weights[k].detach().float().cpu() for k in current}
+    return base, {k: current[k] - base[k] for k in current}
+
+
+def kv_drift(pipe: Any, base_weights: dict[str, torch.Tensor] | None = None) -> float:
+    """Relative Frobenius norm of the K/V change from the base: ||W - W_base||_F / ||W_base||_F over all K/V layers.
+
+    For an attached pipeline the change is that of its active requests as composed (stacked, merged, folded);
+    otherwise pass ``base_weights`` (layer name -> weight) of the model it came from.
+    """
+    base, change = _kv_change(pipe, base_weights)
+    num = sum(float(d.square().sum()) for d in change.values())
+    den = sum(float(w.square().sum()) for w in base.values())
+    return (num / den) ** 0.5 if den else 0.0
+
+
+def kv_drift_per_layer(pipe: Any, base_weights: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """``||dW||_F / ||W_base||_F`` per K/V layer."""
+    base, change = _kv_change(pipe, base_weights)
+    return {k: float(change[k].norm() / base[k].norm()) if float(base[k].norm()) else 0.0 for k in base}
+
+
+def request_costs(pipe: Any) -> list[dict[str, Any]]:
+    """Training cost of each active request, from the ledger: steps, seconds (setup + loop), seconds per step."""
+    rows = []
+    for record in pipe.unlearning_ledger.requests:
+        rows.append({
+            "request_id": record.request_id,
+            "concept": record.concept,
+            "steps": int(record.steps),
+            "seconds": float(record.seconds),
+            "setup_seconds": float(record.timing.get("setup_seconds", 0.0)),
+            "loop_seconds": float(record.timing.get("loop_seconds", 0.0)),
+        })
+    return rows

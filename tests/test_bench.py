@@ -1,0 +1,182 @@
+"""The benchmark: protocols on a tiny world (structure, costs, what each protocol trains), the report files, and
+``diffusers-unlearn bench --quick`` on the shipped MiniCanvas model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from test_evaluation import OBJECTS, STYLES, ChannelClassifier, tiny_config
+
+import diffusers_unlearn as du
+from diffusers_unlearn import bench
+from diffusers_unlearn.bench.objectives import CAMultiConfig
+from diffusers_unlearn.bench.report import headline
+
+HP = bench.Hyperparameters(steps=3, learning_rate=1e-2)
+
+
+def tiny_world(**overrides) -> bench.BenchWorld:
+    values = dict(name="tinyworld", eval_config=tiny_config(seeds=[3], num_inference_steps=3),
+                  load_pipeline=lambda: du.testing.tiny_pipeline(0), style_classifier=ChannelClassifier(STYLES),
+                  object_classifier=ChannelClassifier(OBJECTS))
+    values.update(overrides)
+    return bench.BenchWorld(**values)
+
+
+@pytest.fixture(scope="module")
+def result():
+    settings = bench.BenchSettings(requests=2, hparams=HP, seed=0)
+    return bench.run_bench(tiny_world(), settings, progress=False, log=None, command="pytest")
+
+
+def check_result_structure(result, requests, protocols):
+    """What every results JSON holds, whatever the numbers: shared by the tiny run and `bench --quick`."""
+    assert list(result["protocols"]) == protocols
+    assert len(result["stream"]) == requests and len(set(result["stream"])) == requests
+    for name, protocol in result["protocols"].items():
+        rows = protocol["rows"]
+        assert [r["request"] for r in rows] == list(range(requests + 1)), name
+        assert rows[0]["ua"] is None and rows[0]["drift"] == 0.0 and rows[0]["cumulative_steps"] == 0
+        assert [r["concept"] for r in rows[1:]] == result["stream"]
+        for row in rows[1:]:
+            for metric in ("ua", "ira", "cra"):
+                assert 0.0 <= row[metric] <= 100.0, (name, row)
+            assert row["drift"] > 0 and row["steps"] > 0 and row["seconds"] > 0, (name, row)
+        for before, after in zip(rows, rows[1:]):
+            assert after["cumulative_steps"] == before["cumulative_steps"] + after["steps"]
+            assert after["cumulative_seconds"] >= before["cumulative_seconds"]
+    steps = result["settings"]["hparams"]["steps"]
+    for name, protocol in result["protocols"].items():
+        per_request = [r["steps"] for r in protocol["rows"][1:]]
+        if name == "simultaneous":  # retrain on all k requests with k x the steps
+            assert per_request == [steps * k for k in range(1, requests + 1)]
+        else:
+            assert per_request == [steps] * requests
+
+
+def test_bench_rows_costs_and_ranges(result):
+    check_result_structure(result, 2, list(bench.PROTOCOLS))
+    assert result["stream"] == STYLES[:2]
+    seq, sim = result["protocols"]["sequential"]["rows"], result["protocols"]["simultaneous"]["rows"]
+    assert sim[-1]["cumulative_steps"] > seq[-1]["cumulative_steps"]
+    assert result["base"]["ua"] is None and 0 <= result["base"]["ira"] <= 100
+    # the first request is the same for sequential and simultaneous (same seed, same prompts, same steps)
+    assert sim[1]["ua"] == seq[1]["ua"] and sim[1]["drift"] == pytest.approx(seq[1]["drift"], rel=1e-4)
+    # drift penalties shrink the change they penalise
+    assert result["protocols"]["l2"]["rows"][1]["drift"] < seq[1]["drift"]
+
+
+def test_report_files(result, tmp_path):
+    paths = bench.write_report(result, tmp_path, title="Tiny")
+    data = json.loads(paths["json"].read_text())
+    assert data["protocols"]["gp"]["rows"] == result["protocols"]["gp"]["rows"]
+    text = paths["markdown"].read_text()
+    assert text.startswith("## Tiny") and "pytest" in text
+    for protocol in result["protocols"].values():
+        assert text.count(f"| {protocol['label']} |") == 4  # headline + UA, IRA and CRA per-request tables
+    table = headline(result)
+    assert table[0].startswith("| protocol | UA | IRA | CRA | ΔUA | ΔIRA | ΔCRA |") and len(table) == 2 + 9
+    assert "| Sequential (no regularizer) | " in table[2] and "| +0.0 | +0.0 | +0.0 |" in table[2]
+    for key in ("metrics_plot", "cost_plot"):
+        with Image.open(paths[key]) as image:
+            assert image.format == "PNG" and image.width > 300
+
+
+def _replay(protocol_name, requests=2, method="esd", **settings):
+    world = tiny_world()
+    world.register_domains()
+    config = bench.BenchSettings(requests=requests, hparams=HP, protocols=[protocol_name], method=method, **settings)
+    stream = world.stream("style", requests)
+    pipe = du.attach(world.load_pipeline())
+    for k in range(requests):
+        bench.serve_request(pipe, bench.PROTOCOLS[protocol_name], world, config, stream, k, progress=False)
+    return pipe, world, stream
+
+
+def test_protocols_train_what_they_say():
+    pipe, world, stream = _replay("simultaneous")
+    [record] = pipe.unlearning_ledger.requests  # earlier retrainings are rolled back
+    assert record.concept == "+".join(stream) and record.steps == 2 * HP.steps
+    assert record.prompts == [t.format(c) for c in stream for t in world.templates("style")]
+    assert record.method_config["num_trajectories"] == len(record.prompts)
+
+    pipe, world, stream = _replay("gp+merge")
+    records = pipe.unlearning_ledger.requests
+    assert [r.strategy["strategy"] for r in records] == ["merge", "merge"]
+    assert records[0].domain == "tinyworld-style" and records[0].prompts[0] == "a dog in van gogh style"
+    report = records[1].regularizers[0]["report"]
+    protected = {(p["concept"], p["domain"], p["source"]) for p in report["protected"]}
+    assert ("van gogh", "tinyworld-style", "removed") in protected
+    assert all(d in world.vocabulary() for _, d, _ in protected)  # neighbours come from the world's concepts
+    # the earlier removal's K/V outputs do not move under the second request
+    c = du.concept_embedding(pipe, "van gogh", "tinyworld-style")
+    delta = pipe.request_adapter(records[1].request_id)
+    base = pipe._unlearning().base_weights
+    assert max(float((delta.delta(k) @ c).norm() / (base[k] @ c).norm()) for k in base) < 1e-4
+
+    pipe, _, _ = _replay("gp+selective")
+    assert [r.adapter["kind"] for r in pipe.unlearning_ledger.requests] == ["dense", "dense"]
+    kept = pipe.unlearning_ledger.requests[0].regularizers[0]["report"]["kept_fraction"]
+    assert kept == pytest.approx(HP.gp_selective_top_k, abs=0.01)
+
+
+def test_concept_ablation_simultaneous_swaps_each_prompts_own_concept():
+    pipe, world, stream = _replay("simultaneous", method="ca", anchor="picasso")
+    [record] = pipe.unlearning_ledger.requests
+    assert record.method == "ca_multi" and list(record.method_config["concepts"]) == stream
+    assert record.method_config["anchor"] == "picasso"
+    pipe, _, _ = _replay("sequential", method="ca", anchor="picasso")
+    assert [r.method for r in pipe.unlearning_ledger.requests] == ["ca", "ca"]
+    config = CAMultiConfig(anchor="picasso", concepts=("van gogh", "monet"), sampling_steps=2, num_trajectories=2)
+    with pytest.raises(ValueError, match="contains none of the concepts"):
+        pipe.unlearn("van gogh+monet", config, prompts=["a dog in van gogh style", "a cat"], steps=1)
+    with pytest.raises(ValueError, match="anchor 'monet' is one of the concepts"):
+        pipe.unlearn("van gogh+monet", CAMultiConfig(anchor="monet", concepts=("van gogh", "monet")),
+                     prompts=["a dog in van gogh style"], steps=1)
+    assert len(pipe.unlearning_ledger.requests) == 2  # refused requests change nothing
+
+
+def test_settings_and_world_refuse_bad_input():
+    world = tiny_world()
+    with pytest.raises(ValueError, match="leave none to measure retention"):
+        world.stream("style", len(STYLES))
+    with pytest.raises(ValueError, match="unknown protocol"):
+        bench.BenchSettings(protocols="sequential,nope")
+    with pytest.raises(ValueError, match="method"):
+        bench.BenchSettings(method="uce")
+    with pytest.raises(ValueError, match="removal order"):
+        tiny_world(orders={"style": ["monet", "klimt"]})
+    with pytest.raises(ValueError, match="selective_top_k"):
+        bench.Hyperparameters(selective_top_k=0)
+    assert bench.BenchSettings(method="ca", domain="object").anchor == bench.DEFAULT_ANCHORS["object"]
+    assert bench.family_round_robin({"a": ["a1", "a2"], "b": ["b1"]}) == ["a1", "b1", "a2"]
+
+
+# ------------------------------------------------------------------------------------- the command, on MiniCanvas
+def test_bench_quick_on_minicanvas(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "diffusers_unlearn.cli", "bench", "--quick", "--quiet",
+                           "--jobs", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    requests = result["settings"]["requests"]
+    check_result_structure(result, requests, list(bench.PROTOCOLS))
+    from diffusers_unlearn import minicanvas as mc
+
+    assert set(result["stream"]) <= set(mc.STYLES)
+    eval_config = result["world"]["eval"]
+    assert eval_config["num_inference_steps"] == 10 and len(eval_config["objects"]) == 2
+    assert result["base"]["num_images"] == len(mc.STYLES) * 2
+    assert 0 <= result["base"]["ira"] <= 100 and 0 <= result["base"]["cra"] <= 100
+    text = (out / "results.md").read_text()
+    assert "diffusers-unlearn bench --quick" in text
+    assert f"### After request {requests}" in text
+    assert "| protocol | UA | IRA | CRA |" in proc.stdout  # the headline table is printed too
+    for name in ("metrics.png", "cost.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"

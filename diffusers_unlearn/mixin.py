@@ -376,6 +376,7 @@ class UnlearnMixin:
             final_loss=result.final_loss,
             base_fingerprint=state.base_fingerprint,
             library_version=__version__,
+            created_at=result.finished_at,
         )
         state.ledger.requests.append(record)
         state.artifacts[request_id] = result.adapter

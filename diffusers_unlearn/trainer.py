@@ -19,6 +19,7 @@ from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from . import adapters as ad
+from .ledger import now
 from .conditioning import TextConditioner
 from .objectives import ObjectiveConfig, ObjectiveContext, objective_for
 from .regularizers import Regularizer, TrainingContext
@@ -85,6 +86,9 @@ class TrainingResult:
     seconds: float
     timing: dict[str, float]  # setup (adapter, trajectories, regularizer setup) and the step loop, in seconds
     reports: list[dict[str, Any]]
+    # when training ended (UTC, ISO seconds): the record's created_at, taken here so that every process that
+    # receives a gathered result writes the same ledger
+    finished_at: str = dataclasses.field(default_factory=now)
 
 
 def train_request(

@@ -32,9 +32,9 @@ class Hyperparameters:
         gp_neighbors: how many of the world's other concepts (both domains, nearest to the target first) gradient
             projection protects besides earlier removals; None: all of them, as the paper protects its whole
             auxiliary vocabulary (about 200 styles and objects in SD's 768-wide text space). 8 by default because
-            MiniCanvas's text space is only 64 wide: protecting all 17 other concepts (and the empty prompt's tokens) puts 90-99% of a target's
-            embedding inside the protected span, and the first style was not removed at all (UA 0 after 100 steps
-            against 50 with 8 neighbours; compare ``bench --protocols gp --gp-neighbors all``).
+            MiniCanvas's text space is only 64 wide: with all 17 other concepts protected the first style was not
+            removed at all (UA 0 after 100 steps, against 50-67 with 8; compare ``bench --protocols gp
+            --gp-neighbors all``).
         merge_density: fraction of each delta TIES keeps.
         merge_scale: TIES lambda (None: the strategy's default, growing with the number of merged requests).
     """

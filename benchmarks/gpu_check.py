@@ -83,8 +83,9 @@ def synchronize(device: str) -> None:
 
 
 def measure(args, variant: str) -> dict:
-    import diffusers_unlearn as du
     from naive_esd import naive_esd
+
+    import diffusers_unlearn as du
 
     pipe = build(args)
     synchronize(args.device)

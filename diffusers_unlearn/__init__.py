@@ -9,10 +9,12 @@ __version__ = "0.1.0"
 
 from .adapters import RequestAdapter
 from .embeddings import concept_embedding, cosine_similarities
+from .export import LoraExport
 from .ledger import Ledger, LedgerError, RequestRecord
 from .merging import MergeStrategy
 from .mixin import UnknownRequestError, UnlearnMixin, attach
 from .objectives import CAConfig, ESDConfig, ObjectiveConfig, register_objective
+from .plan import PlanError, load_plan, run_plan
 from .prompts import TEMPLATES, register_templates
 from .regularizers import (
     GradientProjection,
@@ -23,10 +25,6 @@ from .regularizers import (
     register_regularizer,
 )
 from .trainer import TrainingConfig
-from .export import LoraExport
-from .plan import PlanError, load_plan, run_plan
-
-
 
 _PIPELINE_NAMES = ("UnlearnStableDiffusionPipeline", "UnlearnStableDiffusionXLPipeline", "load_pipeline")
 

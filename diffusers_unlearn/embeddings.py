@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .conditioning import TextConditioner
-from .prompts import check_concept, check_domain, concept_prompts, validate_templates, TEMPLATES
+from .prompts import TEMPLATES, check_concept, check_domain, concept_prompts, validate_templates
 
 _CACHE_ATTR = "_unlearn_embedding_cache"
 

@@ -19,8 +19,8 @@ from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from . import adapters as ad
-from .ledger import now
 from .conditioning import TextConditioner
+from .ledger import now
 from .objectives import ObjectiveConfig, ObjectiveContext, objective_for
 from .regularizers import Regularizer, TrainingContext
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 from test_evaluation import OBJECTS, STYLES, ChannelClassifier, tiny_config
 

@@ -142,8 +142,9 @@ def test_concept_ablation_simultaneous_swaps_each_prompts_own_concept():
 
 def test_settings_and_world_refuse_bad_input():
     world = tiny_world()
-    with pytest.raises(ValueError, match="leave none to measure retention"):
-        world.stream("style", len(STYLES))
+    assert world.stream("style", len(STYLES)) == STYLES  # every style may go; IRA is then undefined (n/a)
+    with pytest.raises(ValueError, match=f"use at most {len(STYLES)}"):
+        world.stream("style", len(STYLES) + 1)
     with pytest.raises(ValueError, match="unknown protocol"):
         bench.BenchSettings(protocols="sequential,nope")
     with pytest.raises(ValueError, match="method"):

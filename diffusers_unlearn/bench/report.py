@@ -78,6 +78,9 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
         "(simultaneous retrains on every request so far, so its cost grows with the stream).",
         "",
     ]
+    if any(row["ira"] is None for row in final_rows(result).values()):
+        lines += [f"Request {n} removes the last kept {settings['domain']}: IRA and CRA are undefined (n/a) after "
+                  f"it; the per-request tables below show them up to request {n - 1}.", ""]
     for metric, name in METRICS:
         lines += [f"### {name} after each request", ""]
         header = ["protocol"] + [str(k) for k in range(n + 1)]

@@ -61,16 +61,17 @@ class BenchWorld:
         return list(self.styles if check_eval_domain(domain) == "style" else self.objects)  # type: ignore[arg-type]
 
     def stream(self, domain: str, requests: int) -> list[str]:
-        """The first ``requests`` concepts of the domain's removal order; at least one evaluated concept must stay
-        kept."""
+        """The first ``requests`` concepts of the domain's removal order.
+
+        A stream may remove every evaluated concept of the domain (MiniCanvas's ``--requests 12``); after the request
+        that removes the last kept one, IRA and CRA are undefined (n/a) and UA is the only score.
+        """
         order = self.orders[check_eval_domain(domain)]
-        evaluated = self.eval_config.concepts(domain)
         if isinstance(requests, bool) or not isinstance(requests, int) or requests < 1:
             raise ValueError(f"requests must be an integer >= 1, got {requests!r}")
-        limit = min(len(order), len(evaluated) - 1)
-        if requests > limit:
-            raise ValueError(f"{self.name} evaluates {len(evaluated)} {domain}s; a stream of {requests} removal "
-                             f"requests would leave none to measure retention (IRA) on: use at most {limit}")
+        if requests > len(order):
+            raise ValueError(f"{self.name} has {len(order)} {domain}s to remove in its removal order; asked for a "
+                             f"stream of {requests} requests: use at most {len(order)}")
         return order[:requests]
 
     def prompt_domain(self, domain: str) -> str:

@@ -46,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"{QUICK['eval_seeds']} evaluation seed, {QUICK['eval_objects']} evaluated objects, "
                         f"{QUICK['eval_steps']} sampling steps (explicit options still win)")
     parser.add_argument("--requests", type=int, default=None,
-                        help="length of the removal stream (default 6, at most the domain's concepts minus one)")
+                        help="length of the removal stream (default 6 for styles, 5 for objects; at most the domain's "
+                        "concepts: 12 styles, 6 objects)")
     parser.add_argument("--domain", choices=["style", "object"], default="style")
     parser.add_argument("--method", choices=["esd", "ca"], default="esd")
     parser.add_argument("--protocols", default="all",

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import PROMPT
+from conftest import PROMPT, generate
 
 # Run first in a fresh process: makes ``import diffusers_unlearn`` fail, so whatever the script does works with
 # plain diffusers alone (as on a machine without this package).
@@ -40,12 +40,24 @@ def run_python(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
 
 
-def check_with_plain_diffusers(tmp_path: Path, saved: Path, base: Path, expected: dict, class_name: str) -> str:
-    """In a fresh process without this package: the saved folder loads and gives ``expected["folded"]`` exactly,
-    and each exported LoRA on the base gives ``expected["only"][id]`` within 1e-4. Returns stdout."""
+def check_with_plain_diffusers(tmp_path: Path, pipe, saved: Path, base_pipe, class_name: str) -> str:
+    """In a fresh process without this package: the saved folder loads and gives ``pipe``'s folded images exactly,
+    and each exported LoRA on ``base_pipe`` (saved under ``tmp_path``) gives that request's own images (the request
+    alone on the base, as ``pipe.audit`` shows it) within 1e-4. Returns stdout."""
     import torch
 
-    torch.save(expected, tmp_path / "expected.pt")
+    only = {}
+    for request_id in pipe.unlearning_ledger.ids():
+        with pipe.audit(request_id):  # the request's own adapter, stacked on the base
+            only[request_id] = generate(pipe)
+    pipe.fold()
+    try:
+        folded = generate(pipe)
+    finally:
+        pipe.unfold()
+    base = tmp_path / "base"
+    base_pipe.save_pretrained(base)
+    torch.save({"folded": folded, "only": only}, tmp_path / "expected.pt")
     script = BLOCK_PACKAGE + PLAIN_CHECK.format(
         prompt=PROMPT, expected=str(tmp_path / "expected.pt"), saved=str(saved), base=str(base), class_name=class_name
     )

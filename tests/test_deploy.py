@@ -114,17 +114,7 @@ def test_export_metadata_keeps_per_layer_ranks_and_alphas(deployed, tmp_path):
 
 def test_saved_folder_and_loras_work_with_plain_diffusers_in_a_fresh_process(deployed, tmp_path):
     pipe, folder = deployed
-    only = {}
-    for request_id in pipe.unlearning_ledger.ids():
-        with pipe.audit(request_id):  # the request's own adapter, stacked on the base
-            only[request_id] = generate(pipe)
-    pipe.fold()
-    try:
-        folded = generate(pipe)
-    finally:
-        pipe.unfold()
-    du.testing.tiny_pipeline(seed=0).save_pretrained(tmp_path / "base")
-    out = check_with_plain_diffusers(tmp_path, folder, tmp_path / "base", {"folded": folded, "only": only},
+    out = check_with_plain_diffusers(tmp_path, pipe, folder, du.testing.tiny_pipeline(seed=0),
                                      "StableDiffusionPipeline")
     assert out.count("LORA") == 3
 

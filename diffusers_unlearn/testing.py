@@ -37,13 +37,16 @@ TINY_WORDS: tuple[str, ...] = tuple(
 # every prompt would condition the UNet alike.
 TINY_MAX_LENGTH = 16
 
-_SCHEDULER_CONFIG = dict(
+# Stable Diffusion 1.x's noise schedule, as its DDIMScheduler config (also MiniCanvas's).
+SD1_DDIM_CONFIG = dict(
+    num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
     clip_sample=False,
     set_alpha_to_one=False,
     steps_offset=1,
+    prediction_type="epsilon",
 )
 
 
@@ -114,7 +117,7 @@ def tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32) -> StableDiffusi
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         unet=unet.eval(),
-        scheduler=DDIMScheduler(**_SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**SD1_DDIM_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -161,7 +164,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet.eval(),
-        scheduler=DDIMScheduler(**_SCHEDULER_CONFIG),
+        scheduler=DDIMScheduler(**SD1_DDIM_CONFIG),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -223,16 +223,9 @@ def build_scheduler():
     """Stable Diffusion 1.x noise schedule, DDIM sampling."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    from ..testing import SD1_DDIM_CONFIG
+
+    return DDIMScheduler(**SD1_DDIM_CONFIG)
 
 
 def _cosine_lr(step: int, total: int, warmup: int) -> float:

@@ -15,33 +15,12 @@ from typing import Any
 
 import torch
 
+from ..evaluation import generate_images, to_pil
 from . import data as mc_data
 from . import settings
 from . import weights as mc_weights
 
-__all__ = ["evaluate_weights", "generate", "measure_quality", "sample_grid"]
-
-
-@torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int],
-             num_inference_steps: int = settings.NUM_INFERENCE_STEPS, guidance_scale: float = settings.GUIDANCE_SCALE,
-             batch_size: int = 128, output_type: str = "pt") -> torch.Tensor | list:
-    """One image per ``(prompt, seed)`` pair, batched; image i uses ``torch.Generator().manual_seed(seeds[i])``.
-
-    Returns a float tensor ``[N, 3, H, W]`` in [0, 1] (``output_type="pt"``) or a list of PIL images (``"pil"``).
-    """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
-    images: list = []
-    for i in range(0, len(prompts), batch_size):
-        # CPU generators: identical noise on any device, so results do not depend on where they are sampled.
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-        out = pipe(list(prompts[i : i + batch_size]), generator=gens, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, output_type=output_type)
-        images.extend(out.images if output_type == "pil" else list(out.images.float().cpu()))
-    if output_type == "pil":
-        return images
-    return torch.stack(images) if images else torch.zeros(0, 3, settings.RESOLUTION, settings.RESOLUTION)
+__all__ = ["evaluate_weights", "measure_quality", "sample_grid"]
 
 
 def measure_quality(pipe, style_classifier, object_classifier, seeds: Sequence[int] = tuple(settings.EVAL_SEEDS),
@@ -53,13 +32,9 @@ def measure_quality(pipe, style_classifier, object_classifier, seeds: Sequence[i
     objects = list(objects or mc_data.OBJECTS)
     triples = [(s, o, seed) for seed in seeds for s in styles for o in objects]
     prompts = [mc_data.prompt(s, o) for s, o, _ in triples]
-    disable = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    pipe.set_progress_bar_config(disable=True)
     t0 = time.time()
-    try:
-        images = generate(pipe, prompts, [t[2] for t in triples], num_inference_steps, guidance_scale, batch_size)
-    finally:
-        pipe.set_progress_bar_config(disable=disable)
+    images = generate_images(pipe, prompts, [t[2] for t in triples], num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, batch_size=batch_size, progress=False)
     seconds = time.time() - t0
     pred_style = style_classifier(images)
     pred_object = object_classifier(images)
@@ -95,7 +70,9 @@ def sample_grid(pipe, seed: int = settings.EVAL_SEEDS[0], scale: int = 3, **kwar
     from PIL import Image
 
     prompts = [mc_data.prompt(s, o) for s in mc_data.STYLES for o in mc_data.OBJECTS]
-    images = generate(pipe, prompts, [seed] * len(prompts), output_type="pil", **kwargs)
+    kwargs = {"num_inference_steps": settings.NUM_INFERENCE_STEPS, "guidance_scale": settings.GUIDANCE_SCALE,
+              "progress": False, **kwargs}
+    images = to_pil(generate_images(pipe, prompts, [seed] * len(prompts), **kwargs))
     w, h = images[0].size
     cols = len(mc_data.OBJECTS)
     grid = Image.new("RGB", (cols * w, len(mc_data.STYLES) * h))

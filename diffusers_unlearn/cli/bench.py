@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from . import UsageError
+from ._common import set_quiet
 
 # --quick: the same code path, small enough for CI (a couple of minutes on 2 CPU cores).
 QUICK = {"requests": 2, "steps": 4, "eval_seeds": 1, "eval_objects": 2, "eval_steps": 10}
@@ -132,10 +133,7 @@ def run(args: argparse.Namespace) -> int:
     eval_steps = option("eval_steps")
     if eval_steps is not None and eval_steps < 1:
         raise UsageError(f"--eval-steps must be >= 1, got {eval_steps}")
-    if args.quiet:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
+    set_quiet(args.quiet)
     from .. import minicanvas
 
     world_factory = functools.partial(

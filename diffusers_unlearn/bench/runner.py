@@ -87,7 +87,7 @@ def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[st
 def serve_request(pipe: Any, protocol: Protocol, world: BenchWorld, settings: BenchSettings, stream: Sequence[str],
                   k: int, progress: bool = True) -> tuple[int, float]:
     """Serve request ``k`` (0-based) of ``stream`` on ``pipe`` under ``protocol``; returns (training steps, seconds)."""
-    world.register_domains()
+    world.register_domains()  # here, where requests need them: in worker processes too
     ctx = ProtocolContext(settings.hparams, world.vocabulary())
     hp = settings.hparams
     domain = world.prompt_domain(settings.domain)
@@ -142,7 +142,6 @@ def run_protocol(world: BenchWorld, settings: BenchSettings, protocol: Protocol,
     """Serve the whole stream under one protocol on a fresh pipeline; one row per request after ``base_row``."""
     say = log or (lambda message: None)
     stream = world.stream(settings.domain, settings.requests)
-    world.register_domains()
     pipe = attach(world.load_pipeline())
     rows = [dict(base_row)]
     cum_steps, cum_seconds = 0, 0.0
@@ -185,7 +184,6 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
     say = log or (lambda message: None)
     started = time.perf_counter()
     stream = world.stream(settings.domain, settings.requests)
-    world.register_domains()
     protocols = resolve_protocols(settings.protocols)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")

@@ -89,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
     hparams = Hyperparameters() if args.steps is None else Hyperparameters(steps=args.steps)
     settings = BenchSettings(requests=DEMO_REQUESTS, domain="style", method="esd", protocols=["gp"], hparams=hparams)
     world = minicanvas_world(weights_dir=args.weights_dir, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps)
-    world.register_domains()
     stream = world.stream("style", DEMO_REQUESTS)
     pipe = attach(world.load_pipeline())
     config = world.eval_config

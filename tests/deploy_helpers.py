@@ -25,7 +25,9 @@ expected = torch.load({expected!r})
 saved = DiffusionPipeline.from_pretrained({saved!r})
 assert type(saved).__name__ == {class_name!r}, type(saved).__name__
 diff = (images(saved) - expected["folded"]).abs().max().item()
-assert diff == 0.0, ("saved folder", diff)
+# Another process may pick other float32 kernels (seen: 1.07e-06 on one machine); images lie in [0, 1], so 1e-5 is
+# float32 rounding over the few sampling steps, far below one 8-bit level (3.9e-3).
+assert diff < 1e-5, ("saved folder", diff)
 for request_id, own in expected["only"].items():
     base = DiffusionPipeline.from_pretrained({base!r})
     base.load_lora_weights({saved!r} + "/unlearning/lora", weight_name=request_id + ".safetensors")

@@ -30,11 +30,11 @@ _PIPELINE_NAMES = ("UnlearnStableDiffusionPipeline", "UnlearnStableDiffusionXLPi
 
 
 def __getattr__(name: str):
-    # ``du.testing`` imports diffusers' pipeline classes; load it only when it is used
-    if name == "testing":
+    # ``du.testing`` imports diffusers' pipeline classes; load it (and the other heavy submodules) only when used
+    if name in ("testing", "evaluation", "minicanvas"):
         import importlib
 
-        return importlib.import_module(".testing", __name__)
+        return importlib.import_module(f".{name}", __name__)
     if name in _PIPELINE_NAMES:  # the ready classes import diffusers' pipeline classes too
         from . import pipelines
 

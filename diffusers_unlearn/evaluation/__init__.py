@@ -7,6 +7,7 @@
 >>> scores.ua, scores.ira, scores.cra, ev.kv_drift(pipe)
 """
 
+from .attacks import ATTACKS, AttackResult, attack, register_attack
 from .classifiers import (
     DEFAULT_CLIP_TEMPLATES,
     Classifier,
@@ -30,6 +31,10 @@ from .metrics import (
 )
 
 __all__ = [
+    "ATTACKS",
+    "AttackResult",
+    "attack",
+    "register_attack",
     "DEFAULT_CLIP_TEMPLATES",
     "DOMAINS",
     "UNLEARNCANVAS_SEEDS",

@@ -12,7 +12,7 @@ import sys
 import traceback
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ("demo", "bench", "unlearn", "run", "eval", "fold", "audit", "push")
+COMMANDS = ("demo", "bench", "unlearn", "run", "eval", "fold", "audit", "push", "attack")
 
 
 class UsageError(ValueError):

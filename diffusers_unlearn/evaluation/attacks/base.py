@@ -107,7 +107,8 @@ class AttackResult:
     Attributes:
         accuracy: percent of the attack's images that the classifier names as the concept.
         plain_accuracy: the same for the concept's plain prompts on the pipeline as given.
-        seconds, steps: the attack's cost (wall time including scoring; optimisation steps, 0 for prompt-only).
+        seconds, steps: the attack's cost (wall time, its own images' scoring included, the plain prompts'
+            excluded; optimisation steps, 0 for prompt-only attacks).
         settings: every option the attack ran with. details: per-kind figures (per wording, per try, per request).
     """
 
@@ -337,8 +338,8 @@ def attack(
     context = AttackContext(pipe, concept, domain, classifier, seed, config)
     runner = ATTACKS[kind](config, context)
     runner.check()
-    started = time.perf_counter()
     plain = context.plain_accuracy()
+    started = time.perf_counter()  # the attack's cost: everything after scoring the plain prompts
     outcome = runner.run()
     return AttackResult(
         kind=kind,

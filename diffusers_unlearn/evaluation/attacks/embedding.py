@@ -99,7 +99,8 @@ class EmbeddingAttack(Attack):
             raise TypeError(f"the embedding attack needs a pipeline with one text encoder and tokenizer (Stable "
                             f"Diffusion 1.x/2.x); {type(pipe).__name__} has "
                             f"{'two' if getattr(pipe, 'text_encoder_2', None) is not None else 'no'} text encoder(s)")
-        if self.config.token in pipe.tokenizer.get_vocab():
+        token = self.config.token
+        if token in pipe.tokenizer.get_vocab() or len(pipe.tokenizer.tokenize(token)) == 1:
             raise ValueError(f"attack 'embedding' option token {self.config.token!r} is already a token of the "
                              f"pipeline's tokenizer: choose a new word")
 

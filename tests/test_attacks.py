@@ -202,7 +202,7 @@ def _minicanvas_pipe(mc):
     return pipe
 
 
-MC_EMBEDDING = dict(seeds=1, steps=60, tries=2, learning_rate=1e-2, progress=False)
+MC_EMBEDDING = dict(seeds=1, steps=100, tries=2, learning_rate=5e-3, progress=False)
 
 
 def test_embedding_attack_recovers_a_style_erased_by_esd(minicanvas):
@@ -211,7 +211,7 @@ def test_embedding_attack_recovers_a_style_erased_by_esd(minicanvas):
     pipe.unlearn("neon lines", du.ESDConfig(negative_guidance=5.0, sampling_steps=20, guidance_scale=5.0,
                                             num_trajectories=6),
                  domain="style", templates=[mc.PROMPT_TEMPLATE.format(object=o, style="{}") for o in mc.OBJECTS],
-                 steps=60, learning_rate=2e-3, rank=4, seed=0, progress=False)
+                 steps=100, learning_rate=2e-3, rank=4, seed=0, progress=False)
     result = attack(pipe, "neon lines", "embedding", domain="style", classifier=style_clf, seed=0, **MC_EMBEDDING)
     assert result.plain_accuracy <= 100 / 3  # erased: at most 2 of the 6 plain images show it
     assert result.accuracy >= result.plain_accuracy + 100 / 3  # recovered in at least 2 more images
@@ -256,3 +256,26 @@ def test_model_card_gains_a_robustness_section_only_when_measured(stream):
     assert "| all requests | ua |" in card  # the other figures stay in the evaluation table
     with pytest.raises(ValueError, match="robustness"):
         stream.unlearned_model_card(evaluation={"robustness": [{"kind": "paraphrase"}]})
+
+
+def test_bench_report_adds_robust_ua_columns_after_the_last_request():
+    from diffusers_unlearn.bench import BenchSettings
+    from diffusers_unlearn.bench.report import attack_section, headline
+
+    def row(ua, attacks=None):
+        out = {"ua": ua, "ira": 90.0, "cra": 80.0, "drift": 0.1, "cumulative_steps": 10, "cumulative_seconds": 1.0}
+        return {**out, "attacks": attacks} if attacks else out
+
+    attacked = {"embedding": {"ua": 100.0, "robust_ua": 37.5, "steps": 200, "seconds": 12.0},
+                "paraphrase": {"ua": 100.0, "robust_ua": 87.5, "steps": 0, "seconds": 3.0}}
+    result = {"stream": ["a", "b"], "protocols": {
+        "sequential": {"label": "Sequential", "rows": [row(None), row(100.0), row(100.0, attacked)]}}}
+    header, _, line = headline(result)
+    assert header.endswith("| robust UA (embedding) | robust UA (paraphrase) |")
+    assert line.endswith("| 37.5 | 87.5 |")
+    section = "\n".join(attack_section(result))
+    assert "| Sequential | embedding | 100.0 | 37.5 | -62.5 | 200 | 12.0 |" in section
+    assert attack_section({**result, "protocols": {"sequential": {"label": "S", "rows": [row(100.0)]}}}) == []
+    assert BenchSettings(attacks="paraphrase, embedding").attacks == ["paraphrase", "embedding"]
+    with pytest.raises(ValueError, match="'nope'"):
+        BenchSettings(attacks=["nope"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import time
 from abc import ABC, abstractmethod
@@ -432,8 +433,6 @@ def pipeline_view(pipe: Any, **replace: Any) -> Any:
     components["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
     components.update(replace)
     cls = diffusers_class(pipe)
-    import inspect
-
     accepted = inspect.signature(cls.__init__).parameters
     if "requires_safety_checker" in accepted:
         components["requires_safety_checker"] = bool(getattr(pipe.config, "requires_safety_checker", False))

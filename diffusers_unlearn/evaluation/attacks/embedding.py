@@ -112,7 +112,8 @@ class EmbeddingAttack(Attack):
         token_prompts = ctx.prompts(templates, concept=cfg.token)
 
         # What the model drew of the concept before any request: the targets of the inversion.
-        reference_seeds = [REFERENCE_SEED_OFFSET + ctx.seed * cfg.reference_seeds + i for i in range(cfg.reference_seeds)]
+        first = REFERENCE_SEED_OFFSET + ctx.seed * cfg.reference_seeds
+        reference_seeds = [first + i for i in range(cfg.reference_seeds)]
         pairs = [(i, s) for i in range(len(plain_prompts)) for s in reference_seeds]
         base = base_pipeline(pipe)
         latents = generate_latents(base, [plain_prompts[i] for i, _ in pairs], [s for _, s in pairs],

@@ -90,7 +90,7 @@ class BenchWorld:
             name = self.prompt_domain(domain)
             templates = tuple(self.templates(domain))
             if TEMPLATES.get(name) != templates:
-                register_templates(name, templates)
+                register_templates(name, templates, replace=True)  # a world of the same name, other concepts
 
     def vocabulary(self) -> dict[str, list[str]]:
         """Gradient projection's neighbour pool: every concept of both domains, in the world's prompt domains."""

@@ -1,17 +1,18 @@
 """``UnlearnMixin``: continual unlearning as pipeline methods, in the way diffusers' loader mixins add behaviour.
 
-The pipeline keeps an ``UnlearningState``: a copy of the base K/V weights and their fingerprint, the ledger, one
-artifact per request, and how they are composed (stacked adapters or folded weights). Every method that changes
-the UNet rebuilds it from that state, so a failed or interrupted call restores exactly what was there before.
+The pipeline's ``state.UnlearningState`` holds the base K/V weights, the ledger, one artifact per request and how
+they are composed. Every method that changes the UNet rebuilds it from that state, so a failed or interrupted call
+restores exactly what was there before.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Literal
 
@@ -21,26 +22,28 @@ from accelerate.utils import gather_object
 
 from . import __version__
 from . import adapters as ad
+from .audit import audit_grid
 from .composition import Mode, combined_deltas, materialize
-from .conditioning import SUPPORTED_ARCHITECTURES
-from .ledger import (
-    Ledger,
-    LedgerError,
-    RequestRecord,
-    check_adapter_fits,
-    fingerprint,
-    now,
-    read_ledger_dir,
-    write_ledger_dir,
-)
+from .export import diffusers_class_name, export_lora, guess_base_model, save_pretrained_folded, save_unlearned
+from .hub import check_repo_id, push_folder
+from .ledger import Ledger, LedgerError, RequestRecord, check_adapter_fits, now, read_ledger_dir, write_ledger_dir
 from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
+from .model_card import build_model_card
 from .objectives import ObjectiveConfig, build_objective_config
 from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
 from .regularizers import Regularizer, check_regularizers
+from .state import (  # noqa: F401 - UnknownRequestError and UnlearningState are also importable from here
+    UnknownRequestError,
+    UnlearningState,
+    check_pipeline,
+    check_request_id,
+    rebuild,
+    set_mode,
+    unlearning_state,
+)
 from .trainer import TrainingConfig, TrainingResult, make_accelerator, train_request
 
 logger = logging.getLogger(__name__)
-STATE_ATTR = "_unlearning_state"
 
 
 @dataclass
@@ -58,44 +61,6 @@ class _RequestSpec:
     templates: tuple[str, ...] | None
 
 
-class UnknownRequestError(KeyError):
-    """A request id that the ledger does not hold."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
-
-
-@dataclass
-class UnlearningState:
-    base_weights: dict[str, torch.Tensor]
-    base_fingerprint: str
-    ledger: Ledger
-    artifacts: dict[str, ad.RequestAdapter] = field(default_factory=dict)
-    mode: Mode = "stacked"
-    auditing: bool = False  # inside audit(): the UNet holds a partial set of requests
-
-    @property
-    def strategy(self) -> str | MergeStrategy:
-        if not self.ledger.requests:
-            return "sequential"
-        return strategy_from_dict(self.ledger.requests[0].strategy)
-
-    def active(self, ids: Sequence[str] | None = None) -> list[tuple[str, ad.RequestAdapter]]:
-        ids = self.ledger.ids() if ids is None else ids
-        return [(i, self.artifacts[i]) for i in ids]
-
-
-def check_pipeline(pipe: Any) -> None:
-    """Refuse pipelines whose denoiser has no cross-attention K/V layers, naming what is supported."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not ad.kv_module_names(unet):
-        denoiser = type(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe).__name__
-        raise TypeError(
-            f"{type(pipe).__name__} (denoiser {denoiser}) has no UNet cross-attention K/V layers to unlearn on; "
-            f"supported: {SUPPORTED_ARCHITECTURES}"
-        )
-
-
 class UnlearnMixin:
     """Adds continual unlearning to a diffusers pipeline with a cross-attention UNet.
 
@@ -103,63 +68,39 @@ class UnlearnMixin:
     """
 
     # ----------------------------------------------------------------------------------------------- state
+    # kept as methods for callers of earlier versions; the state and its interface live in ``state``
     def _unlearning(self) -> UnlearningState:
-        state = self.__dict__.get(STATE_ATTR)
-        if state is None:
-            check_pipeline(self)
-            unet = self.unet
-            if any(isinstance(m, ad.LoraLayer) for m in unet.modules()):
-                raise ValueError(
-                    "the UNet already carries peft/LoRA layers; fuse_lora() and unload_lora() them before unlearning "
-                    "(unlearning needs the plain K/V weights as its base)"
-                )
-            base = {name: w.detach().clone() for name, w in ad.kv_weights(unet).items()}
-            # Loaded from a save_unlearned folder, the UNet holds FOLDED weights: the true base, the ledger and the
-            # adapters come from the folder's unlearning/ (None for any other pipeline).
-            from .export import restore_saved_state
-
-            state = restore_saved_state(self, base)
-            if state is None:
-                key = fingerprint(base)
-                state = UnlearningState(base_weights=base, base_fingerprint=key, ledger=Ledger(key))
-            object.__setattr__(self, STATE_ATTR, state)
-        return state
+        return unlearning_state(self)
 
     def _rebuild(self, ids: Sequence[str] | None = None, mode: Mode | None = None) -> None:
-        state = self._unlearning()
-        materialize(self.unet, state.base_weights, state.active(ids), mode or state.mode, state.strategy)
+        rebuild(self, ids, mode)
 
     # -------------------------------------------------------------------------------------------- queries
     @property
     def removed_concepts(self) -> list[str]:
         """Concepts of the active requests, in the order they were removed."""
-        return [r.concept for r in self._unlearning().ledger.requests]
+        return [r.concept for r in unlearning_state(self).ledger.requests]
 
     @property
     def unlearning_ledger(self) -> Ledger:
         """The ledger (treat as read-only; change it through unlearn/rollback/load_unlearning)."""
-        return self._unlearning().ledger
+        return unlearning_state(self).ledger
 
     @property
     def unlearning_mode(self) -> Mode:
         """"stacked" (the requests as one peft adapter on the base weights) or "folded" (baked into the weights)."""
-        return self._unlearning().mode
+        return unlearning_state(self).mode
 
     @property
     def base_fingerprint(self) -> str:
-        return self._unlearning().base_fingerprint
+        return unlearning_state(self).base_fingerprint
 
     def request_adapter(self, request_id: str) -> ad.RequestAdapter:
         """The stored artifact of one request (factors or dense delta, float32, CPU)."""
-        self._check_request_id(request_id)
-        return self._unlearning().artifacts[request_id]
+        return unlearning_state(self).artifact(request_id)
 
     def _check_request_id(self, request_id: object) -> str:
-        state = self._unlearning()
-        if not isinstance(request_id, str) or request_id not in state.artifacts:
-            known = state.ledger.ids() or "none (the ledger is empty)"
-            raise UnknownRequestError(f"no request {request_id!r} in the ledger; known request ids: {known}")
-        return request_id
+        return check_request_id(self, request_id)
 
     # -------------------------------------------------------------------------------------------- unlearn
     def unlearn(
@@ -208,11 +149,11 @@ class UnlearnMixin:
             templates=templates, **method_options,
         )
         accelerator = self._place_on(accelerator or make_accelerator(spec.training))
-        state = self._unlearning()
+        state = unlearning_state(self)
         try:
             result = self._train_request(spec, list(state.ledger.requests), accelerator, self._progress(progress))
         except BaseException:
-            self._rebuild()
+            rebuild(self)
             raise
         return self._commit_request(spec, result)
 
@@ -246,7 +187,7 @@ class UnlearnMixin:
             specs.append(self._prepare_request(options.pop("concept"), options.pop("method", "esd"),
                                                strategy=chosen, **options))
         accelerator = self._place_on(accelerator or make_accelerator(specs[0].training))
-        state = self._unlearning()
+        state = unlearning_state(self)
         before = list(state.ledger.requests)
         mine = range(accelerator.process_index, len(specs), accelerator.num_processes)
         try:
@@ -258,7 +199,7 @@ class UnlearnMixin:
                                                        data_parallel=False)))
             gathered = dict(gather_object(results)) if accelerator.num_processes > 1 else dict(results)
         except BaseException:
-            self._rebuild()
+            rebuild(self)
             raise
         return [self._commit_request(specs[i], gathered[i]) for i in range(len(specs))]
 
@@ -273,7 +214,7 @@ class UnlearnMixin:
         if here.type != there.type or (here.index or 0) != (there.index or 0):  # "cuda" is "cuda:0"
             logger.info("moving the pipeline from %s to %s for training", self.unet.device, accelerator.device)
             self.to(accelerator.device)
-            state = self._unlearning()
+            state = unlearning_state(self)
             state.base_weights = {k: v.to(accelerator.device) for k, v in state.base_weights.items()}
         return accelerator
 
@@ -296,7 +237,7 @@ class UnlearnMixin:
         **method_options: Any,
     ) -> _RequestSpec:
         """Validate a request completely, before anything touches the model."""
-        state = self._unlearning()
+        state = unlearning_state(self)
         concept = check_concept(concept)
         domain = check_domain(domain)
         objective_config = build_objective_config(method, method_options)
@@ -331,7 +272,7 @@ class UnlearnMixin:
 
         Leaves the UNet with the training adapter; callers rebuild the composed state afterwards.
         """
-        state = self._unlearning()
+        state = unlearning_state(self)
         start = state.active() if not isinstance(spec.strategy, MergeStrategy) else []
         materialize(self.unet, state.base_weights, start, "folded", "sequential")
         return train_request(
@@ -354,7 +295,7 @@ class UnlearnMixin:
 
     def _commit_request(self, spec: _RequestSpec, result: TrainingResult) -> RequestRecord:
         """Append the trained request to the ledger and rebuild the UNet with it (or undo both)."""
-        state = self._unlearning()
+        state = unlearning_state(self)
         request_id = state.ledger.new_request_id()
         ranks = sorted({a.shape[0] for key, a in result.adapter.tensors.items() if key.endswith(".lora_A")})
         record = RequestRecord(
@@ -382,19 +323,19 @@ class UnlearnMixin:
         state.artifacts[request_id] = result.adapter
         state.ledger.next_index += 1
         try:
-            self._rebuild()
+            rebuild(self)
         except BaseException:
             state.ledger.requests.pop()
             del state.artifacts[request_id]
             state.ledger.next_index -= 1
-            self._rebuild()
+            rebuild(self)
             raise
         return record
 
     # -------------------------------------------------------------------------------------- save and load
     def save_unlearning(self, directory: str | os.PathLike) -> None:
         """Write the ledger (JSON) and one safetensors adapter per request into ``directory``, atomically."""
-        state = self._unlearning()
+        state = unlearning_state(self)
         write_ledger_dir(directory, state.ledger, state.artifacts)
 
     def load_unlearning(self, directory: str | os.PathLike, replace: bool = False) -> list[str]:
@@ -403,7 +344,7 @@ class UnlearnMixin:
         Everything is checked before anything changes. A pipeline that already holds requests is refused unless
         ``replace=True``.
         """
-        state = self._unlearning()
+        state = unlearning_state(self)
         ledger, artifacts = read_ledger_dir(directory)
         if ledger.base_fingerprint != state.base_fingerprint:
             raise LedgerError(
@@ -424,10 +365,10 @@ class UnlearnMixin:
         previous = (state.ledger, state.artifacts)
         state.ledger, state.artifacts = ledger, artifacts
         try:
-            self._rebuild()
+            rebuild(self)
         except BaseException:
             state.ledger, state.artifacts = previous
-            self._rebuild()
+            rebuild(self)
             raise
         return ledger.ids()
 
@@ -438,35 +379,35 @@ class UnlearnMixin:
 
         The previous state comes back on exit, also on exceptions.
         """
-        state = self._unlearning()
-        self._check_request_id(request_id)
+        state = unlearning_state(self)
+        check_request_id(self, request_id)
         if mode not in ("only", "without"):
             raise ValueError(f"audit mode must be 'only' or 'without', got {mode!r}")
         ids = [request_id] if mode == "only" else [i for i in state.ledger.ids() if i != request_id]
         try:
             state.auditing = True
-            self._rebuild(ids)
+            rebuild(self, ids)
             yield self
         finally:
             state.auditing = False
-            self._rebuild()
+            rebuild(self)
 
     def rollback(self, request_id: str) -> RequestRecord:
         """Drop one request (its adapter and record), keep the rest; returns the dropped record."""
-        state = self._unlearning()
-        self._check_request_id(request_id)
+        state = unlearning_state(self)
+        check_request_id(self, request_id)
         record = state.ledger.get(request_id)
         artifact = state.artifacts.pop(request_id)
         position = state.ledger.requests.index(record)
         state.ledger.requests.remove(record)
         state.ledger.history.append({"event": "rollback", "request_id": request_id, "concept": record.concept, "at": now()})
         try:
-            self._rebuild()
+            rebuild(self)
         except BaseException:
             state.ledger.requests.insert(position, record)
             state.ledger.history.pop()
             state.artifacts[request_id] = artifact
-            self._rebuild()
+            rebuild(self)
             raise
         if state.mode == "folded":
             logger.warning("rolled back %s on a folded pipeline: re-folded the base weights (fingerprint %s) with the "
@@ -475,29 +416,20 @@ class UnlearnMixin:
 
     def fold(self) -> None:
         """Bake the active requests into the UNet's K/V weights (plain layers, no adapters, base speed)."""
-        self._set_mode("folded")
+        set_mode(self, "folded")
 
     def unfold(self) -> None:
         """Back to the requests stacked as a peft adapter (``unlearn_stack``) on the base K/V weights."""
-        self._set_mode("stacked")
+        set_mode(self, "stacked")
 
     def _set_mode(self, mode: Mode) -> None:
-        state = self._unlearning()
-        previous, state.mode = state.mode, mode
-        try:
-            self._rebuild()
-        except BaseException:
-            state.mode = previous
-            self._rebuild()
-            raise
+        set_mode(self, mode)
 
     # ------------------------------------------------------------------- deployment (export.py, hub.py, audit.py)
     def export_lora(self, request_id: str, directory: str | os.PathLike, weight_name: str | None = None) -> Any:
         """Write one request's adapter in diffusers' LoRA format (``directory/weight_name``, default
         ``<request_id>.safetensors``); plain diffusers' ``load_lora_weights`` on the base pipeline reproduces that
         request alone. Returns an ``export.LoraExport`` (path, ranks, size)."""
-        from .export import export_lora
-
         return export_lora(self, request_id, directory, weight_name)
 
     def save_unlearned(
@@ -511,16 +443,11 @@ class UnlearnMixin:
             base_model: Hub id of the model before unlearning, for the card (default: the id it was loaded from).
             evaluation: overall evaluation figures for the card (per-request figures come from the ledger).
         """
-        from .export import save_unlearned
-
         return save_unlearned(self, directory, base_model=base_model, evaluation=evaluation)
 
     def unlearned_model_card(self, *, base_model: str | None = None, evaluation: dict[str, Any] | None = None) -> Any:
         """The model card ``save_unlearned`` writes (a ``huggingface_hub.ModelCard``), without the LoRA file table."""
-        from .export import diffusers_class_name, guess_base_model
-        from .model_card import build_model_card
-
-        return build_model_card(self._unlearning().ledger, base_model=base_model or guess_base_model(self),
+        return build_model_card(unlearning_state(self).ledger, base_model=base_model or guess_base_model(self),
                                 pipeline_class=diffusers_class_name(self), evaluation=evaluation)
 
     def push_to_hub(
@@ -536,10 +463,6 @@ class UnlearnMixin:
     ) -> Any:
         """Save the unlearned pipeline (as ``save_unlearned``) and upload it in one commit; the repo is created if
         missing. Returns ``huggingface_hub.CommitInfo``. The token is only handed to ``huggingface_hub``."""
-        import tempfile
-
-        from .hub import check_repo_id, push_folder
-
         check_repo_id(repo_id)
         with tempfile.TemporaryDirectory(prefix="diffusers-unlearn-push-") as tmp:
             folder = self.save_unlearned(os.path.join(tmp, "pipeline"), base_model=base_model, evaluation=evaluation)
@@ -549,16 +472,12 @@ class UnlearnMixin:
     def audit_grid(self, request_id: str, prompt: str, **kwargs: Any) -> Any:
         """A 2x2 PIL image: the same prompt and seed on the base, all requests, only ``request_id`` and all but it,
         with captions. ``kwargs``: ``num_inference_steps``, ``seed``, ``guidance_scale`` and other pipeline args."""
-        from .audit import audit_grid
-
         return audit_grid(self, request_id, prompt, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, made safe for plain diffusers: stacked requests are folded for the save
         (a UNet saved with peft wrappers loads with random K/V weights) and model_index.json names the diffusers
         class. Writes no ledger: ``save_unlearned`` writes the complete, restorable folder."""
-        from .export import save_pretrained_folded
-
         save_pretrained_folded(
             self, save_directory, lambda: super(UnlearnMixin, self).save_pretrained(save_directory, *args, **kwargs)
         )
@@ -591,5 +510,5 @@ def attach(pipe: Any) -> Any:
         if cls not in _MIXED_CLASSES:
             _MIXED_CLASSES[cls] = type(cls.__name__, (UnlearnMixin, cls), {"__module__": cls.__module__})
         pipe.__class__ = _MIXED_CLASSES[cls]
-    pipe._unlearning()
+    unlearning_state(pipe)
     return pipe

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from .export import FOLDER_ATTR, UNLEARNING_DIR, is_hub_repo_id
+from .export import is_hub_repo_id
 from .mixin import UnlearnMixin, attach
+from .saved_folder import FOLDER_ATTR, UNLEARNING_DIR
+from .tiny import tiny_pipeline, tiny_sdxl_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +114,12 @@ def load_pipeline(
     Pipelines without UNet cross-attention K/V layers (DiTs, unconditional UNets) are refused with a ``TypeError``
     that names the supported architectures.
     """
-    from . import testing
-
     dtype = _dtype(torch_dtype)
     name = os.fspath(model) if isinstance(model, os.PathLike) else model
     if not isinstance(name, str) or not name:
         raise ValueError(f"model must be 'tiny', 'tiny-sdxl', a pipeline folder or a Hub id, got {model!r}")
     if name in TINY_MODELS:
-        pipe = attach(testing.tiny_pipeline(seed=0) if name == "tiny" else testing.tiny_sdxl_pipeline(seed=0))
+        pipe = attach(tiny_pipeline(seed=0) if name == "tiny" else tiny_sdxl_pipeline(seed=0))
         if dtype is not None:
             pipe.to(dtype=dtype)
     else:

@@ -124,12 +124,16 @@ def test_training_starts_from_earlier_requests_folded(pipe):
     class StartCheck(du.Regularizer):
         name: ClassVar[str] = "start_check"
 
+        setups: ClassVar[list[str]] = []
+
         def setup(self, ctx):
             for n, w in expected.items():
                 torch.testing.assert_close(ad.kv_linear(ctx.unet, n).weight, w, rtol=0, atol=1e-6)
             assert ctx.start_offsets is not None
+            self.setups.append(ctx.concept)
 
     pipe.unlearn("dog", domain="object", seed=1, regularizers=[StartCheck()], **FAST)
+    assert StartCheck.setups == ["dog"]  # the checks above ran, once, for this request
 
 
 def _with_adapters(pipe, request_ids):

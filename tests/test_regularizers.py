@@ -267,9 +267,12 @@ def test_merge_strategy_trains_from_the_base_and_composes_by_ties():
     class FromBase(du.Regularizer):
         name: ClassVar[str] = "from_base"
 
+        setups: ClassVar[list[str]] = []
+
         def setup(self, ctx):
             for n, w in base.items():
                 assert torch.equal(ad.kv_linear(ctx.unet, n).weight, w), n
+            self.setups.append(ctx.concept)
 
     strategy = MergeStrategy("ties", density=0.5)
     r1 = pipe.unlearn("van gogh", domain="style", seed=0, strategy=strategy, **TRAIN)
@@ -277,6 +280,7 @@ def test_merge_strategy_trains_from_the_base_and_composes_by_ties():
     with pipe.audit(r1.request_id):
         assert torch.equal(generate(pipe), single)  # merge of one request is that request
     r2 = pipe.unlearn("dog", domain="object", seed=1, strategy=strategy, regularizers=[FromBase()], **TRAIN)
+    assert FromBase.setups == ["dog"]  # the start-from-the-base check above ran for this request
     stacked = generate(pipe)
     pipe.fold()
     d1, d2 = pipe.request_adapter(r1.request_id), pipe.request_adapter(r2.request_id)

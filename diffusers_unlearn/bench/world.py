@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import minicanvas as mc
 from ..evaluation import Classifier, EvalConfig
 from ..evaluation.metrics import check_eval_domain
 from ..prompts import TEMPLATES, register_templates
@@ -121,8 +122,6 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
     ``eval_seeds`` (the first n ``EVAL_SEEDS``), ``eval_objects`` and ``eval_steps`` (sampling steps, also those of
     the requests' trajectories) make the evaluation a cheaper subset.
     """
-    from .. import minicanvas as mc
-
     style_clf, object_clf = mc.load_classifiers(device=device, weights_dir=weights_dir)
 
     def load() -> Any:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
@@ -28,61 +26,6 @@ def test_gradient_checkpointing_trains_the_same_adapter():
     for key in plain.tensors:
         torch.testing.assert_close(checkpointed.tensors[key], plain.tensors[key], rtol=0, atol=1e-6)
     assert not pipe.unet.is_gradient_checkpointing  # switched back off after the request
-
-
-@dataclass
-class AccumulationProbe(du.Regularizer):
-    """Counts micro-batches per optimizer step and, at step 0, recomputes the accumulated gradient by hand: the
-    mean of the gradients of ``micro_batches`` separately drawn minibatches, from the generator state training
-    started with."""
-
-    name: ClassVar[str] = "accumulation_probe"
-    micro_batches: int = 3
-    batch_size: int = 1
-
-    def setup(self, ctx):
-        self.start_state = ctx.objective.context.generator.get_state()
-        self.losses_per_step: dict[int, int] = {}
-
-    def loss(self, ctx):
-        self.losses_per_step[ctx.step] = self.losses_per_step.get(ctx.step, 0) + 1
-        return None
-
-    def transform_gradients(self, ctx):
-        if ctx.step != 0:
-            return
-        params = ctx.adapter.parameters
-        self.accumulated = [p.grad.detach().clone() for p in params]
-        generator = ctx.objective.context.generator
-        state_now = generator.get_state()
-        generator.set_state(self.start_state)
-        per_batch = [torch.autograd.grad(ctx.objective.training_loss(self.batch_size), params, allow_unused=True)
-                     for _ in range(self.micro_batches)]
-        generator.set_state(state_now)  # training goes on as if nothing happened
-        zero = [torch.zeros_like(p) for p in params]
-        per_batch = [[g if g is not None else z for g, z in zip(grads, zero)] for grads in per_batch]
-        self.by_hand = [sum(grads[i] for grads in per_batch) / self.micro_batches for i in range(len(params))]
-        self.first_batch = per_batch[0]
-
-
-def test_gradient_accumulation_runs_micro_batches_per_step():
-    _, record, _ = _adapter(training=du.TrainingConfig(gradient_accumulation_steps=3, steps=FAST["steps"],
-                                                       learning_rate=FAST["learning_rate"]))
-    assert record.training["gradient_accumulation_steps"] == 3 and record.final_loss == record.final_loss
-
-
-def test_gradient_accumulation_averages_the_gradients_of_separately_drawn_micro_batches():
-    probe = AccumulationProbe(micro_batches=3, batch_size=1)
-    _adapter(regularizers=[probe], training=du.TrainingConfig(
-        gradient_accumulation_steps=3, batch_size=1, steps=FAST["steps"], learning_rate=FAST["learning_rate"]))
-    assert probe.losses_per_step == {step: 3 for step in range(FAST["steps"])}  # 3 forward passes per step
-    # float32 sums of the same three gradients in another order: equal to rounding
-    for accumulated, by_hand in zip(probe.accumulated, probe.by_hand):
-        torch.testing.assert_close(accumulated, by_hand, rtol=1e-5, atol=1e-7)
-    # ... and not the gradient of one micro-batch: the three draws differ
-    difference = max(float((a - f).abs().max()) for a, f in zip(probe.accumulated, probe.first_batch))
-    scale = max(float(a.abs().max()) for a in probe.accumulated)
-    assert difference > 1e-3 * scale > 0
 
 
 def test_parallel_merge_requests_in_one_process_equal_one_after_another():

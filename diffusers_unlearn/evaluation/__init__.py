@@ -7,6 +7,7 @@
 >>> scores.ua, scores.ira, scores.cra, ev.kv_drift(pipe)
 """
 
+from ..images import generate_images, to_pil
 from .attacks import ATTACKS, AttackResult, attack, register_attack
 from .classifiers import (
     DEFAULT_CLIP_TEMPLATES,
@@ -14,9 +15,7 @@ from .classifiers import (
     CLIPZeroShotClassifier,
     classify,
     minicanvas_classifiers,
-    to_pil,
 )
-from .generation import generate_images
 from .metrics import (
     DOMAINS,
     UNLEARNCANVAS_SEEDS,

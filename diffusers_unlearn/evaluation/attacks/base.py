@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from ...images import generate_images
 from ...prompts import TEMPLATES, check_concept, check_domain
 from ..classifiers import Classifier, classify
-from ..generation import generate_images
 from ..metrics import UNLEARNCANVAS_SEEDS
 
 

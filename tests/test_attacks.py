@@ -280,3 +280,35 @@ def test_bench_report_adds_robust_ua_columns_after_the_last_request():
     assert BenchSettings(attacks="paraphrase, embedding").attacks == ["paraphrase", "embedding"]
     with pytest.raises(ValueError, match="'nope'"):
         BenchSettings(attacks=["nope"])
+
+
+def test_bench_attacks_every_removed_concept_after_the_last_request_only():
+    from diffusers_unlearn.bench import BenchSettings, BenchWorld, Hyperparameters, run_protocol
+    from diffusers_unlearn.bench.protocols import resolve_protocols
+    from diffusers_unlearn.evaluation import EvalConfig
+
+    class ObjectClassifier:
+        labels = ["cat", "dog"]
+
+        def __call__(self, images):
+            return [self.labels[int(float(im.mean()) * 1000) % 2] for im in images]
+
+    def load():
+        pipe = du.testing.tiny_pipeline(seed=0)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    config = EvalConfig(styles=STYLES[:3], objects=["cat", "dog"], template="a {object} in {style} style", seeds=[0],
+                        num_inference_steps=3, guidance_scale=5.0)
+    world = BenchWorld("tinyworld", config, load, BrightnessClassifier(), ObjectClassifier())
+    settings = BenchSettings(requests=2, protocols=["sequential"], hparams=Hyperparameters(steps=2),
+                             attacks=["paraphrase", "rollback"])
+    rows = run_protocol(world, settings, resolve_protocols(["sequential"])[0], {"request": 0}, progress=False)
+    assert [("attacks" in r) for r in rows] == [False, False, True]
+    attacks = rows[-1]["attacks"]
+    assert list(attacks) == ["paraphrase", "rollback"]
+    removed = STYLES[:2]
+    for kind, figures in attacks.items():
+        assert list(figures["accuracy"]) == removed
+        assert math.isclose(figures["robust_ua"], 100 - sum(figures["accuracy"].values()) / len(removed))
+        assert math.isclose(figures["ua"], 100 - sum(figures["plain_accuracy"].values()) / len(removed))

@@ -20,10 +20,10 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusio
 
 from .export import FOLDER_ATTR, UNLEARNING_DIR, is_hub_repo_id
 from .mixin import UnlearnMixin, attach
+from .worlds import describe_worlds, get_world, world_names
 
 logger = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny", "tiny-sdxl")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -106,20 +106,21 @@ def load_pipeline(
     device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> Any:
-    """A pipeline with ``UnlearnMixin`` for a model name: "tiny" / "tiny-sdxl" (the offline test pipelines, seed 0),
-    a local pipeline folder (a ``save_unlearned`` folder comes back with its ledger) or a Hub model id.
+    """A pipeline with ``UnlearnMixin`` for a model name: a world name ("minicanvas", "tiny", "tiny-sdxl" or
+    another registered in ``diffusers_unlearn.worlds``), a local pipeline folder (a ``save_unlearned`` folder comes
+    back with its ledger) or a Hub model id.
 
     Pipelines without UNet cross-attention K/V layers (DiTs, unconditional UNets) are refused with a ``TypeError``
     that names the supported architectures.
     """
-    from . import testing
-
     dtype = _dtype(torch_dtype)
     name = os.fspath(model) if isinstance(model, os.PathLike) else model
     if not isinstance(name, str) or not name:
-        raise ValueError(f"model must be 'tiny', 'tiny-sdxl', a pipeline folder or a Hub id, got {model!r}")
-    if name in TINY_MODELS:
-        pipe = attach(testing.tiny_pipeline(seed=0) if name == "tiny" else testing.tiny_sdxl_pipeline(seed=0))
+        raise ValueError(f"model must be a world name ({', '.join(world_names())}), a pipeline folder or a Hub id, "
+                         f"got {model!r}")
+    world = get_world(name)
+    if world is not None:
+        pipe = attach(world.load_pipeline())
         if dtype is not None:
             pipe.to(dtype=dtype)
     else:
@@ -136,7 +137,8 @@ def load_pipeline(
                 "revision", "token", "cache_dir", "local_files_only")}).get("_class_name")
         else:
             raise FileNotFoundError(
-                f"model {name!r} is not 'tiny', 'tiny-sdxl', an existing pipeline folder or a Hub model id"
+                f"model {name!r} is not a world name, an existing pipeline folder or a Hub model id; worlds: "
+                f"{describe_worlds()}"
             )
         if dtype is not None:
             kwargs["torch_dtype"] = dtype

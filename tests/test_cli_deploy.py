@@ -145,7 +145,7 @@ def test_run_plan_and_rerun(tmp_path, capsys):
         (["unlearn", "tiny", "--concept", "cat", "--option", "oops", "--out", "{tmp}/o"], "unlearn", "KEY=VALUE"),
         (["unlearn", "tiny", "--concept", "cat", "--option", "bogus=1", "--out", "{tmp}/o"], "unlearn", "bogus"),
         (["unlearn", "tiny", "--concept", "cat", "--top-k", "2", "--out", "{tmp}/o"], "unlearn", "top_k"),
-        (["unlearn", "{tmp}/nothing", "--concept", "cat", "--out", "{tmp}/o"], "unlearn", "is not 'tiny'"),
+        (["unlearn", "{tmp}/nothing", "--concept", "cat", "--out", "{tmp}/o"], "unlearn", "is not a world name"),
         (["unlearn", "tiny", "--concept", "cat", "--out", "{tmp}/foreign"], "unlearn", "not an unlearned pipeline"),
         (["unlearn", "tiny", "--concept", " ", "--out", "{tmp}/o"], "unlearn", "non-empty"),
         (["unlearn", "tiny", "--concept", "c", "--base-model", "<b>", "--out", "{tmp}/o"], "unlearn", "Hub model id"),

@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 
 # Subcommand modules, in the order --help lists them.
 COMMANDS = ("demo", "bench", "unlearn", "run", "eval", "fold", "audit", "push")
@@ -27,6 +28,19 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _warning_printer(command: str):
+    """``warnings.showwarning`` for the command line: one line, the command's name, no source line."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 - warnings' API
+        text = str(message)
+        hint = getattr(message, "cli_hint", None)
+        if hint:
+            text += f" ({hint})"
+        print(f"diffusers-unlearn {command}: warning: {text}", file=file or sys.stderr)
+
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusers-unlearn",
@@ -41,29 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()  # after parsing: --help imports neither transformers nor torch
     from ..ledger import LedgerError
     from ..mixin import UnknownRequestError
 
-    try:
-        result = args.func(args)
-        return int(result or 0)
-    except (UsageError, LedgerError, UnknownRequestError, FileNotFoundError, ValueError, TypeError) as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"diffusers-unlearn {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"diffusers-unlearn {args.command}: interrupted", file=sys.stderr)
-        return 1
-    except Exception as err:  # noqa: BLE001 - the command line reports any failure in one line
-        if args.debug:
-            traceback.print_exc()
-        print(f"diffusers-unlearn {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(args.command)
+        try:
+            result = args.func(args)
+            return int(result or 0)
+        except (UsageError, LedgerError, UnknownRequestError, FileNotFoundError, ValueError, TypeError) as err:
+            if args.debug:
+                traceback.print_exc()
+            print(f"diffusers-unlearn {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"diffusers-unlearn {args.command}: interrupted", file=sys.stderr)
+            return 1
+        except Exception as err:  # noqa: BLE001 - the command line reports any failure in one line
+            if args.debug:
+                traceback.print_exc()
+            print(f"diffusers-unlearn {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,16 +11,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ._common import default_text
+
 DEMO_REQUESTS = 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..bench import Hyperparameters
-
     parser = subparsers.add_parser("demo", help="remove two styles from MiniCanvas with gradient projection; "
                                    "before/after grid and UA/IRA/CRA", description=__doc__)
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"training steps per request (default {Hyperparameters().steps}, as in bench)")
+                        help="training steps per request "
+                        f"({default_text('bench/protocols.py', 'Hyperparameters', 'steps')}, as in bench)")
     parser.add_argument("--eval-seeds", type=int, default=2,
                         help="evaluation images per prompt: the first N of MiniCanvas's EVAL_SEEDS (default 2)")
     parser.add_argument("--eval-steps", type=int, default=None,
@@ -81,13 +82,15 @@ def save_grid(panels: list[tuple[str, Any]], styles: list[str], objects: list[st
 def run(args: argparse.Namespace) -> int:
     from .. import minicanvas as mc
     from ..bench import PROTOCOLS, BenchSettings, Hyperparameters, minicanvas_world, serve_request
+    from ..bench.recipes import RECOMMENDED_PROTOCOL
     from ..evaluation import evaluate_unlearning, generate_images, kv_drift
     from ..mixin import attach
     from ._common import set_quiet
 
     set_quiet(args.quiet)
     hparams = Hyperparameters() if args.steps is None else Hyperparameters(steps=args.steps)
-    settings = BenchSettings(requests=DEMO_REQUESTS, domain="style", method="esd", protocols=["gp"], hparams=hparams)
+    settings = BenchSettings(requests=DEMO_REQUESTS, domain="style", method="esd", protocols=[RECOMMENDED_PROTOCOL],
+                             hparams=hparams)
     world = minicanvas_world(weights_dir=args.weights_dir, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps)
     stream = world.stream("style", DEMO_REQUESTS)
     pipe = attach(world.load_pipeline())
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
           f"({len(config.seeds)} seed(s) per prompt)")
     states = [snapshot("base model", [])]
     for k, concept in enumerate(stream):
-        steps, seconds = serve_request(pipe, PROTOCOLS["gp"], world, settings, stream, k, progress=not args.quiet)
+        steps, seconds = serve_request(pipe, PROTOCOLS[RECOMMENDED_PROTOCOL], world, settings, stream, k,
+                                       progress=not args.quiet)
         record = pipe.unlearning_ledger.requests[-1]
         print(f"removed {concept!r} as {record.request_id} in {seconds:.1f}s ({steps} steps, loss "
               f"{record.final_loss:.4g})")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from ._warn import warn
 from .export import FOLDER_ATTR, UNLEARNING_DIR, is_hub_repo_id
 from .mixin import UnlearnMixin, attach
 from .worlds import describe_worlds, get_world, world_names
@@ -49,11 +49,8 @@ def _fetch_unlearning_folder(name_or_path: str | os.PathLike, kwargs: dict[str, 
             )
         )
     except Exception as err:  # noqa: BLE001 - the weights loaded; say what is missing and go on
-        warnings.warn(
-            f"could not fetch {UNLEARNING_DIR}/ from {name_or_path} ({type(err).__name__}); if it is an unlearned "
-            "pipeline, its ledger is not restored and the loaded (folded) weights act as the base",
-            stacklevel=3,
-        )
+        warn(f"could not fetch {UNLEARNING_DIR}/ from {name_or_path} ({type(err).__name__}); if it is an unlearned "
+             "pipeline, its ledger is not restored and the loaded (folded) weights act as the base")
         return None
 
 

@@ -159,6 +159,7 @@ def _train(pipe, unet, adapter, accelerator, shard, started, *, concept, domain,
             frozen=lambda: ad.adapters_disabled(unet, adapter.parameters),
             generator=generator,
             templates=templates,
+            progress=progress and accelerator.is_local_main_process,
         ),
     )
     with accelerator.autocast():
@@ -173,6 +174,7 @@ def _train(pipe, unet, adapter, accelerator, shard, started, *, concept, domain,
         earlier=earlier,
         base_weights=base_weights,
         start_offsets=start_offsets,
+        progress=progress and accelerator.is_local_main_process,
     )
     for regularizer in regularizers:
         with accelerator.autocast():

@@ -199,3 +199,49 @@ def test_unlearn_minicanvas_on_the_command_line_serves_the_demo_request(tmp_path
     assert ours.keys() == theirs.keys()
     for layer, delta in ours.items():
         assert torch.equal(delta, theirs[layer]), layer
+
+
+def test_demo_grid_has_no_tick_marks_and_readable_labels():
+    import matplotlib.pyplot as plt
+
+    from diffusers_unlearn.cli.demo import grid_figure
+
+    styles, objects = ["a", "b", "c"], ["x", "y"]
+    panels = [(f"panel {k}", torch.rand(len(styles) * len(objects), 3, 8, 8)) for k in range(3)]
+    fig = grid_figure(panels, styles, objects, removed=["b"])
+    try:
+        for index, ax in enumerate(fig.axes):
+            for axis in (ax.xaxis, ax.yaxis):
+                assert all(tick.tick1line.get_markersize() == 0 for tick in axis.get_major_ticks())
+            assert [t.get_text() for t in ax.get_xticklabels()] == objects
+            rows = [t.get_text() for t in ax.get_yticklabels()]
+            assert rows == (["a", "b (removed)", "c"] if index == 0 else [])  # row names once, on the left
+            assert min(t.get_fontsize() for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]) >= 10
+    finally:
+        plt.close(fig)
+
+
+def test_unlearn_shows_labelled_progress_one_warning_and_quiet_silences_the_bars(tmp_path, capsys):
+    args = ["unlearn", "tiny", "--concept", "van gogh", "--domain", "style", "--steps", "1",
+            "--option", "sampling_steps=3", "--option", "num_trajectories=1", "--top-k", "0.3",
+            # a threshold every request exceeds: the in-span warning must appear, once
+            "--regularizer", "gradient_projection:warn_in_span=0.0001,retain=[monet],neighbors=2,vocabulary=[dali, cat, "
+            "goya]"]
+    assert main([*args, "--out", str(tmp_path / "loud")]) == 0
+    captured = capsys.readouterr()
+    for label in ("sampling 1 trajectory of the frozen model", "gradient projection: embedding neighbour candidates",
+                  "selective fine-tuning: importance scores", "unlearning 'van gogh'", "saving the unlearned pipeline"):
+        assert label in captured.err, label
+    assert "regularizers: selective_finetune(top_k=0.3), gradient_projection(retain=['monet'], neighbors=2" \
+        in captured.out  # --retain's neighbours are said, not silent
+    warned = [line for line in captured.err.splitlines() if ": warning: " in line]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("diffusers-unlearn unlearn: warning: ")
+    assert "of the embedding of 'van gogh' lies in the span" in warned[0]
+    assert "on the command line: --neighbors (now 2), --retain (now ['monet']), --steps" in warned[0]
+    assert ".py:" not in captured.err and "setup(ctx)" not in captured.err and "''s" not in captured.err
+
+    assert main([*args, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "%|" not in captured.err and "it/s" not in captured.err  # no bar at all, the libraries' included
+    assert "saving the unlearned pipeline" not in captured.err

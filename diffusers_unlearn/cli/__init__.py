@@ -28,14 +28,28 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Library settings named by a warning (``UnlearnWarning.settings``) -> the flag of each subcommand that sets them.
+SETTING_FLAGS = {
+    "unlearn": {"neighbors": "--neighbors", "retain": "--retain", "steps": "--steps"},
+    "bench": {"neighbors": "--gp-neighbors", "steps": "--steps"},
+    "demo": {"steps": "--steps"},
+}
+
+
 def _warning_printer(command: str):
-    """``warnings.showwarning`` for the command line: one line, the command's name, no source line."""
+    """``warnings.showwarning`` for the command line: one line, the command's name, the flags that address it, no
+    source line."""
+    flags = SETTING_FLAGS.get(command, {})
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 - warnings' API
         text = str(message)
-        hint = getattr(message, "cli_hint", None)
-        if hint:
-            text += f" ({hint})"
+        settings = getattr(message, "settings", {})
+        named = [flags[key] + ("" if value in (None, [], ()) else f" (now {value})")
+                 for key, value in settings.items() if key in flags]
+        if named:
+            text += f"; on the command line: {', '.join(named)}"
+        elif settings and command == "run":
+            text += f"; in the plan: {', '.join(settings)}"
         print(f"diffusers-unlearn {command}: warning: {text}", file=file or sys.stderr)
 
     return show

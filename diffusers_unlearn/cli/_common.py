@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,16 @@ def load(model: str, args: argparse.Namespace) -> Any:
     pipe = load_pipeline(model, torch_dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
     pipe.set_progress_bar_config(disable=getattr(args, "quiet", False))
     return pipe
+
+
+@contextlib.contextmanager
+def working(desc: str, quiet: bool) -> Iterator[None]:
+    """A labelled bar for one long step without progress of its own (writing a pipeline folder)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=1, desc=desc, disable=quiet, leave=False, bar_format="{desc} ({elapsed})") as bar:
+        yield
+        bar.update(1)
 
 
 def is_ledger_folder(path: Path) -> bool:

@@ -50,6 +50,15 @@ def grid_styles(removed: list[str], families: dict[str, list[str]]) -> list[str]
 def save_grid(panels: list[tuple[str, Any]], styles: list[str], objects: list[str], removed: list[str],
               path: str | os.PathLike) -> None:
     """One panel per model state: rows = styles (removed ones marked), columns = objects."""
+    import matplotlib.pyplot as plt
+
+    fig = grid_figure(panels, styles, objects, removed)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grid_figure(panels: list[tuple[str, Any]], styles: list[str], objects: list[str], removed: list[str]) -> Any:
+    """The matplotlib figure of :func:`save_grid`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,24 +68,27 @@ def save_grid(panels: list[tuple[str, Any]], styles: list[str], objects: list[st
     rows, cols = len(styles), len(objects)
     size = panels[0][1].shape[-1]
     gap = max(1, size // 16)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels) + 1.2, 0.5 * rows + 1.2))
-    for ax, (title, images) in zip(axes, panels):
+    cell = 0.62  # inches per image: room for 10-point labels under every column
+    fig, axes = plt.subplots(1, len(panels), figsize=(cell * cols * len(panels) + 1.8, cell * rows + 1.4),
+                             squeeze=False)
+    centres = lambda n: [k * (size + gap) + size / 2 for k in range(n)]  # noqa: E731
+    for index, (ax, (title, images)) in enumerate(zip(axes[0], panels)):
         canvas = torch.ones(3, rows * (size + gap) - gap, cols * (size + gap) - gap)
         for i in range(rows):
             for j in range(cols):
                 y, x = i * (size + gap), j * (size + gap)
                 canvas[:, y : y + size, x : x + size] = images[i * cols + j]
         ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([j * (size + gap) + size / 2 for j in range(cols)], objects, fontsize=7, rotation=45)
-        ax.set_yticks([i * (size + gap) + size / 2 for i in range(rows)], [])
+        ax.set_title(title, fontsize=12)
+        ax.set_xticks(centres(cols), objects, fontsize=10, rotation=45, ha="right", rotation_mode="anchor")
+        # row labels once, on the left panel; no tick marks anywhere (the labels sit next to their images)
+        labels = [f"{s} (removed)" if s in removed else s for s in styles] if index == 0 else []
+        ax.set_yticks(centres(rows) if index == 0 else [], labels, fontsize=10)
+        ax.tick_params(length=0)
         for side in ("top", "right", "bottom", "left"):
             ax.spines[side].set_visible(False)
-    axes[0].set_yticks([i * (size + gap) + size / 2 for i in range(rows)],
-                       [f"{s} (removed)" if s in removed else s for s in styles], fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def run(args: argparse.Namespace) -> int:

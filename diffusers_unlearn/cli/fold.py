@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, is_ledger_folder, load_folder, short
+from ._common import MODEL_HELP, add_loading_options, add_quiet, is_ledger_folder, load_folder, short, working
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         record = pipe.rollback(request_id)
         print(f"rolled back {request_id} ({short(record.concept)}): re-folded the base weights with the "
               f"{len(pipe.unlearning_ledger.requests)} remaining request(s)")
-    pipe.save_unlearned(out, base_model=args.base_model)
+    with working(f"saving the folded pipeline to {out}", args.quiet):
+        pipe.save_unlearned(out, base_model=args.base_model)
     print(f"saved the folded pipeline ({len(pipe.unlearning_ledger.requests)} request(s): "
           f"{', '.join(pipe.unlearning_ledger.ids()) or 'none'}) to {out}")
     return 0

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, default_text, load, short
+from ._common import MODEL_HELP, add_loading_options, add_quiet, default_text, load, short, working
 
 REGULARIZER_FLAGS = ("--retain", "--neighbors", "--project", "--top-k", "--l1", "--l2", "--regularizer")
 
@@ -199,6 +199,23 @@ def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | N
     return kwargs, recipe.summary if recipe else None
 
 
+def _describe(regularizer: Any) -> str:
+    """``gradient_projection(retain=['monet'], neighbors=8)``: the settings that differ from the defaults, and always
+    the neighbour count (what --retain brings with it)."""
+    import dataclasses
+
+    shown = {}
+    for spec in dataclasses.fields(regularizer):
+        value = getattr(regularizer, spec.name)
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if spec.name == "vocabulary" and value is not None:
+            count = sum(len(c) for c in value.values()) if isinstance(value, dict) else len(value)
+            shown[spec.name] = f"<{count} concepts>"
+        elif value != default or spec.name == "neighbors":
+            shown[spec.name] = repr(value)
+    return f"{regularizer.name}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..export import check_output_folder
     from ..model_card import check_base_model
@@ -209,11 +226,14 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(out)
     if recipe:
         print(f"{recipe}; flags given override it")
+    if "regularizers" in kwargs:
+        print("regularizers: " + (", ".join(_describe(r) for r in kwargs["regularizers"]) or "none"))
     pipe = load(args.model, args)
     before = len(pipe.unlearning_ledger.requests)
     record = pipe.unlearn(args.concept, seed=args.seed, progress=not args.quiet, **kwargs)
     print(f"removed {short(record.concept)} as {record.request_id} in {record.seconds:.1f}s "
           f"(final loss {record.final_loss:.4g}; {before} earlier request(s))")
-    pipe.save_unlearned(out, base_model=args.base_model)
+    with working(f"saving the unlearned pipeline to {out}", args.quiet):
+        pipe.save_unlearned(out, base_model=args.base_model)
     print(f"saved the unlearned pipeline ({len(pipe.unlearning_ledger.requests)} request(s) folded) to {out}")
     return 0

@@ -40,6 +40,7 @@ class TrainingContext:
     start_offsets: dict[str, torch.Tensor] | None  # training start model minus base (None: starts at the base)
     step: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    progress: bool = False  # show progress bars for long set-ups (projector, importance scores)
 
 
 @dataclass

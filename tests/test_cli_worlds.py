@@ -245,3 +245,19 @@ def test_unlearn_shows_labelled_progress_one_warning_and_quiet_silences_the_bars
     captured = capsys.readouterr()
     assert "%|" not in captured.err and "it/s" not in captured.err  # no bar at all, the libraries' included
     assert "saving the unlearned pipeline" not in captured.err
+
+
+def test_an_unlearned_minicanvas_folder_keeps_its_world_recipe(tmp_path):
+    from diffusers_unlearn.cli.unlearn import _world_of_folder
+
+    ledger = tmp_path / "out" / "unlearning" / "ledger.json"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(json.dumps({"requests": [{"domain": "minicanvas-style"}, {"domain": "minicanvas-object"}]}))
+    assert _world_of_folder(str(tmp_path / "out")) is get_world("minicanvas")
+    ledger.write_text(json.dumps({"requests": [{"domain": "style"}]}))
+    assert _world_of_folder(str(tmp_path / "out")) is None  # generic prompts: no world
+    ledger.write_text(json.dumps({"requests": [{"domain": "tiny-style"}]}))
+    assert _world_of_folder(str(tmp_path / "out")) is None  # a world without a recipe
+    ledger.write_text("not json")
+    assert _world_of_folder(str(tmp_path / "out")) is None
+    assert _world_of_folder(str(tmp_path / "missing")) is None

@@ -168,6 +168,26 @@ def _rank(value: str | None) -> int | str | None:
         raise UsageError(f"--rank must be an integer or 'full', got {value!r}") from None
 
 
+def _world_of_folder(model: str) -> Any:
+    """The world an unlearned folder was made on, told by its ledger's prompt domains (a recipe's requests use
+    ``"<world>-style"`` / ``"<world>-object"``); None for any other model. Its next request then follows the same
+    recipe, and the world's prompt domains are registered again for the earlier requests."""
+    import json
+
+    from ..worlds import get_world
+
+    ledger = Path(model) / "unlearning" / "ledger.json"
+    if not ledger.is_file():
+        return None
+    try:
+        domains = [r.get("domain", "") for r in json.loads(ledger.read_text()).get("requests", [])]
+    except (ValueError, AttributeError):
+        return None  # loading the folder reports what is wrong with it
+    names = {d.rpartition("-")[0] for d in domains if isinstance(d, str) and get_world(d.rpartition("-")[0])}
+    world = get_world(names.pop()) if len(names) == 1 else None
+    return world if world is not None and world.recipe else None
+
+
 def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     """``pipe.unlearn`` keyword arguments from the flags over the world's recipe, and the recipe's summary line.
     Everything is checked here, before the model loads."""
@@ -180,7 +200,7 @@ def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | N
     options = parse_options(args.option)
     if args.anchor is not None:
         options["anchor"] = args.anchor
-    world = get_world(args.model)
+    world = get_world(args.model) or _world_of_folder(args.model)
     recipe = world.request_recipe(args.domain, args.method) if world is not None else None
     kwargs: dict[str, Any] = dict(recipe.unlearn_kwargs) if recipe else {"method": args.method, "domain": args.domain}
     method = kwargs["method"]

@@ -40,6 +40,7 @@ _EXPORTS = {
     "Regularizer": "regularizers",
     "SelectiveFinetune": "regularizers",
     "register_regularizer": "regularizers",
+    "UnlearnRequest": "request",
     "TrainingConfig": "trainer",
     "UnlearnStableDiffusionPipeline": "pipelines",
     "UnlearnStableDiffusionXLPipeline": "pipelines",
@@ -67,6 +68,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names abov
         SelectiveFinetune,
         register_regularizer,
     )
+    from .request import UnlearnRequest
     from .trainer import TrainingConfig
     from .worlds import World, register_world
 
@@ -90,6 +92,7 @@ __all__ = [
     "testing",
     "attach",
     "UnlearnMixin",
+    "UnlearnRequest",
     "concept_embedding",
     "cosine_similarities",
     "MergeStrategy",

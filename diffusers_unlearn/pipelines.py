@@ -18,8 +18,9 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from ._warn import warn
-from .export import FOLDER_ATTR, UNLEARNING_DIR, is_hub_repo_id
+from .export import is_hub_repo_id
 from .mixin import UnlearnMixin, attach
+from .saved_folder import FOLDER_ATTR, UNLEARNING_DIR
 from .worlds import describe_worlds, get_world, world_names
 
 logger = logging.getLogger(__name__)

@@ -126,8 +126,8 @@ register_world(World(
     folder="minicanvas/weights/pipeline",
 ))
 register_world(World("tiny", "tiny random Stable Diffusion test pipeline built offline (seed 0)",
-                     pipeline="diffusers_unlearn.testing:tiny_pipeline", pipeline_kwargs={"seed": 0}))
+                     pipeline="diffusers_unlearn.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))
 register_world(World("tiny-sdxl", "tiny random SDXL test pipeline built offline (seed 0)",
-                     pipeline="diffusers_unlearn.testing:tiny_sdxl_pipeline", pipeline_kwargs={"seed": 0}))
+                     pipeline="diffusers_unlearn.tiny:tiny_sdxl_pipeline", pipeline_kwargs={"seed": 0}))
 
 __all__ = ["WORLDS", "World", "WorldRecipe", "describe_worlds", "get_world", "register_world", "world_names"]

@@ -12,7 +12,7 @@ from typing import Any
 from ..evaluation.metrics import check_eval_domain
 from ..worlds import WorldRecipe
 from .protocols import PROTOCOLS
-from .runner import METHODS, BenchSettings, request_kwargs
+from .runner import BenchSettings, request_kwargs
 from .world import BenchWorld, minicanvas_world
 
 # Gradient projection: the demo's protocol, the best kept-concept scores per request in docs/benchmarks.md.
@@ -28,12 +28,9 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str,
         check_eval_domain(domain)
     except ValueError:
         raise ValueError(f"{world.name} knows the domains style and object, got {domain!r}") from None
-    chosen = method if method in METHODS else "esd"  # another registered method: the world's training settings only
-    settings = BenchSettings(requests=1, domain=domain, method=chosen, protocols=[protocol])
+    settings = BenchSettings(requests=1, domain=domain, method=method, protocols=[protocol])
     kwargs: dict[str, Any] = request_kwargs(world, settings, PROTOCOLS[protocol], concept="")
     del kwargs["concept"]  # the caller's; the settings above do not depend on it for a single-concept request
-    if chosen != method:
-        kwargs["method"] = method
     hp = settings.hparams
     regularizers = ", ".join(r.name for r in kwargs["regularizers"]) or "none"
     if protocol.startswith("gp"):

@@ -56,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "concepts: 12 styles, 6 objects)")
     parser.add_argument("--domain", choices=["style", "object"], default="style")
     parser.add_argument("--method", default="esd",
-                        help="erasure method (default esd); one of the bench's methods (bench.METHODS), an unknown "
-                        "name is refused with the list")
+                        help="erasure method registered with du.register_objective (default esd); an unknown name is "
+                        "refused with the registered list")
     parser.add_argument("--protocols", default="all",
                         help=f"comma-separated subset of: {protocols} (default all)")
     parser.add_argument("--eval-seeds", type=int, default=None,

@@ -12,9 +12,6 @@ from typing import Any
 
 from ._common import MODEL_HELP, add_loading_options, add_quiet, default_text, load, short, working
 
-REGULARIZER_FLAGS = ("--retain", "--neighbors", "--project", "--top-k", "--l1", "--l2", "--regularizer")
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     gp_neighbors = default_text("regularizers/projection.py", "GradientProjection", "neighbors", prefix="")
     parser = subparsers.add_parser(
@@ -239,18 +236,20 @@ def _describe(regularizer: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..export import check_output_folder
     from ..model_card import check_base_model
+    from ..request import UnlearnRequest
 
     check_base_model(args.base_model)
-    kwargs, recipe = request_arguments(args)  # bad settings fail here, before the model loads
+    kwargs, recipe = request_arguments(args)
+    request = UnlearnRequest.build(args.concept, seed=args.seed, **kwargs)  # checked whole, before the model loads
     out = Path(args.out)
     check_output_folder(out)
     if recipe:
         print(f"{recipe}; flags given override it")
     if "regularizers" in kwargs:
-        print("regularizers: " + (", ".join(_describe(r) for r in kwargs["regularizers"]) or "none"))
+        print("regularizers: " + (", ".join(_describe(r) for r in request.regularizers) or "none"))
     pipe = load(args.model, args)
     before = len(pipe.unlearning_ledger.requests)
-    record = pipe.unlearn(args.concept, seed=args.seed, progress=not args.quiet, **kwargs)
+    record = pipe.unlearn(request, progress=not args.quiet)
     print(f"removed {short(record.concept)} as {record.request_id} in {record.seconds:.1f}s "
           f"(final loss {record.final_loss:.4g}; {before} earlier request(s))")
     with working(f"saving the unlearned pipeline to {out}", args.quiet):

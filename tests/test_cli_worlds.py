@@ -44,14 +44,15 @@ def test_help_of_every_subcommand_imports_no_heavy_library():
 def test_import_of_the_package_is_lazy_and_exports_still_resolve():
     code = ("import sys, diffusers_unlearn as du\n"
             "assert 'torch' not in sys.modules, 'import diffusers_unlearn loaded torch'\n"
-            "assert du.GradientProjection.name == 'gradient_projection' and callable(du.attach)\n"
-            "assert du.testing.tiny_pipeline and du.minicanvas.STYLES\n"
-            "from diffusers_unlearn import L2Drift, load_pipeline\n")
+            "assert du.worlds.world_names() and 'torch' not in sys.modules\n")  # a light submodule, on first use
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert set(du.__all__) <= set(dir(du))
-    for name in du.__all__:
+    for name in du.__all__:  # every public name still resolves (here, where torch is loaded anyway)
         assert getattr(du, name) is not None
+    from diffusers_unlearn import L2Drift, load_pipeline  # noqa: F401 - from-imports go through __getattr__ too
+
+    assert du.minicanvas.STYLES and du.testing.tiny_pipeline
 
 
 def test_help_defaults_are_read_from_the_dataclasses():

@@ -189,7 +189,8 @@ class UnlearningMixin:
         return accelerator
 
     def _check_fits_ledger(self, request: UnlearnRequest) -> None:
-        """One ledger composes its requests with one strategy."""
+        """The request's regularizers accept it, and one ledger composes its requests with one strategy."""
+        request.check_regularizers_fit()
         state = unlearning_state(self)
         if state.ledger.requests and strategy_to_dict(request.strategy) != strategy_to_dict(state.strategy):
             raise ValueError(

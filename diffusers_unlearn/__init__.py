@@ -1,6 +1,7 @@
 """diffusers-unlearn: continual concept unlearning for diffusers text-to-image pipelines.
 
-Each removal request becomes one small, constrained adapter on the UNet's cross-attention K/V projections,
+Each removal request becomes one small, constrained adapter on the K/V projections that read the text (a UNet's
+cross-attention, or the text stream of SD3's and Flux's joint blocks),
 recorded in a ledger; regularizers (drift penalties, selective fine-tuning, gradient projection, merging) keep a
 stream of requests from collapsing the model.
 """
@@ -26,7 +27,13 @@ from .regularizers import (
 )
 from .trainer import TrainingConfig
 
-_PIPELINE_NAMES = ("UnlearnStableDiffusionPipeline", "UnlearnStableDiffusionXLPipeline", "load_pipeline")
+_PIPELINE_NAMES = (
+    "UnlearnStableDiffusionPipeline",
+    "UnlearnStableDiffusionXLPipeline",
+    "UnlearnStableDiffusion3Pipeline",
+    "UnlearnFluxPipeline",
+    "load_pipeline",
+)
 
 
 def __getattr__(name: str):
@@ -70,6 +77,8 @@ __all__ = [
     "UnknownRequestError",
     "UnlearnStableDiffusionPipeline",
     "UnlearnStableDiffusionXLPipeline",
+    "UnlearnStableDiffusion3Pipeline",
+    "UnlearnFluxPipeline",
     "load_pipeline",
     "LoraExport",
     "PlanError",

@@ -22,7 +22,7 @@ from accelerate.utils import gather_object
 from . import __version__
 from . import adapters as ad
 from .composition import Mode, combined_deltas, materialize
-from .conditioning import SUPPORTED_ARCHITECTURES
+from .families import denoiser_of, family_of
 from .ledger import (
     Ledger,
     LedgerError,
@@ -86,31 +86,36 @@ class UnlearningState:
 
 
 def check_pipeline(pipe: Any) -> None:
-    """Refuse pipelines whose denoiser has no cross-attention K/V layers, naming what is supported."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not ad.kv_module_names(unet):
-        denoiser = type(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe).__name__
+    """Refuse pipelines whose denoiser has no text K/V layers of a known family, naming what is supported."""
+    family = family_of(pipe)  # TypeError for unknown denoisers
+    if not ad.kv_module_names(denoiser_of(pipe)):
         raise TypeError(
-            f"{type(pipe).__name__} (denoiser {denoiser}) has no UNet cross-attention K/V layers to unlearn on; "
-            f"supported: {SUPPORTED_ARCHITECTURES}"
+            f"{type(pipe).__name__}'s {type(denoiser_of(pipe)).__name__} has no {' / '.join(family.kv_suffixes)} "
+            f"layers to unlearn on (an unconditional model?); supported: {family.description}"
         )
 
 
 class UnlearnMixin:
-    """Adds continual unlearning to a diffusers pipeline with a cross-attention UNet.
+    """Adds continual unlearning to a diffusers pipeline of a supported family (``families.py``): SD 1.x/2.x and
+    SDXL UNets, SD3 and Flux transformers.
 
     Use ``du.attach(pipe)`` on an existing pipeline, or a ready class such as ``UnlearnStableDiffusionPipeline``.
     """
+
+    @property
+    def unlearning_denoiser(self) -> torch.nn.Module:
+        """The model the requests adapt: the UNet, or the transformer of SD3 / Flux."""
+        return denoiser_of(self)
 
     # ----------------------------------------------------------------------------------------------- state
     def _unlearning(self) -> UnlearningState:
         state = self.__dict__.get(STATE_ATTR)
         if state is None:
             check_pipeline(self)
-            unet = self.unet
+            unet = self.unlearning_denoiser
             if any(isinstance(m, ad.LoraLayer) for m in unet.modules()):
                 raise ValueError(
-                    "the UNet already carries peft/LoRA layers; fuse_lora() and unload_lora() them before unlearning "
+                    f"the {type(unet).__name__} already carries peft/LoRA layers; fuse_lora() and unload_lora() them before unlearning "
                     "(unlearning needs the plain K/V weights as its base)"
                 )
             base = {name: w.detach().clone() for name, w in ad.kv_weights(unet).items()}
@@ -127,7 +132,7 @@ class UnlearnMixin:
 
     def _rebuild(self, ids: Sequence[str] | None = None, mode: Mode | None = None) -> None:
         state = self._unlearning()
-        materialize(self.unet, state.base_weights, state.active(ids), mode or state.mode, state.strategy)
+        materialize(self.unlearning_denoiser, state.base_weights, state.active(ids), mode or state.mode, state.strategy)
 
     # -------------------------------------------------------------------------------------------- queries
     @property
@@ -269,9 +274,9 @@ class UnlearnMixin:
 
     def _place_on(self, accelerator: Accelerator) -> Accelerator:
         """Training runs on the accelerator's device (each process its own under ``accelerate launch``)."""
-        here, there = self.unet.device, torch.device(accelerator.device)
+        here, there = self.unlearning_denoiser.device, torch.device(accelerator.device)
         if here.type != there.type or (here.index or 0) != (there.index or 0):  # "cuda" is "cuda:0"
-            logger.info("moving the pipeline from %s to %s for training", self.unet.device, accelerator.device)
+            logger.info("moving the pipeline from %s to %s for training", here, accelerator.device)
             self.to(accelerator.device)
             state = self._unlearning()
             state.base_weights = {k: v.to(accelerator.device) for k, v in state.base_weights.items()}
@@ -333,7 +338,7 @@ class UnlearnMixin:
         """
         state = self._unlearning()
         start = state.active() if not isinstance(spec.strategy, MergeStrategy) else []
-        materialize(self.unet, state.base_weights, start, "folded", "sequential")
+        materialize(self.unlearning_denoiser, state.base_weights, start, "folded", "sequential")
         return train_request(
             self,
             concept=spec.concept,
@@ -366,7 +371,7 @@ class UnlearnMixin:
             method_config=spec.objective_config.to_dict(),
             strategy=strategy_to_dict(spec.strategy),
             regularizers=result.reports,
-            adapter={"kind": result.adapter.kind, "ranks": ranks, "targets": list(ad.KV_SUFFIXES)},
+            adapter={"kind": result.adapter.kind, "ranks": ranks, "targets": list(family_of(self).kv_suffixes)},
             training=spec.training.to_dict(),
             prompts=spec.prompts,
             steps=spec.training.steps,

@@ -1,7 +1,7 @@
 """Ready pipeline classes with ``UnlearnMixin``, and one loader for every model name the command line accepts.
 
-``UnlearnStableDiffusionPipeline`` and ``UnlearnStableDiffusionXLPipeline`` load with ``from_pretrained`` like their
-diffusers parents. Loaded from a folder (or Hub repo) that ``save_unlearned`` wrote, they come back with the base
+``UnlearnStableDiffusionPipeline``, ``UnlearnStableDiffusionXLPipeline``, ``UnlearnStableDiffusion3Pipeline`` and
+``UnlearnFluxPipeline`` load with ``from_pretrained`` like their diffusers parents. Loaded from a folder (or Hub repo) that ``save_unlearned`` wrote, they come back with the base
 weights, the ledger and the adapters of that folder, in mode "folded". They save under their parent's class name, so
 plain diffusers loads what they write.
 """
@@ -16,14 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from .export import FOLDER_ATTR, UNLEARNING_DIR, is_hub_repo_id
 from .mixin import UnlearnMixin, attach
 
 logger = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny", "tiny-sdxl")
+TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -85,10 +91,25 @@ class UnlearnStableDiffusionXLPipeline(_ReadyClassMixin, UnlearnMixin, StableDif
     hidden states of both text encoders: what the UNet's cross-attention reads."""
 
 
+class UnlearnStableDiffusion3Pipeline(_ReadyClassMixin, UnlearnMixin, StableDiffusion3Pipeline):
+    """``StableDiffusion3Pipeline`` (SD 3 / 3.5) with continual unlearning. Requests adapt the text-stream
+    ``add_k_proj`` / ``add_v_proj`` of every joint block; objectives work on the flow-matching velocity."""
+
+
+class UnlearnFluxPipeline(_ReadyClassMixin, UnlearnMixin, FluxPipeline):
+    """``FluxPipeline`` with continual unlearning. Requests adapt the text-stream ``add_k_proj`` / ``add_v_proj``
+    of the dual-stream blocks (the single-stream blocks are left alone, see ``families.py``); FLUX.1-dev's
+    guidance embedding replaces classifier-free guidance in every objective."""
+
+
 READY_CLASSES: dict[str, type] = {
     "StableDiffusionPipeline": UnlearnStableDiffusionPipeline,
     "StableDiffusionXLPipeline": UnlearnStableDiffusionXLPipeline,
+    "StableDiffusion3Pipeline": UnlearnStableDiffusion3Pipeline,
+    "FluxPipeline": UnlearnFluxPipeline,
 }
+_TINY_BUILDERS = {"tiny": "tiny_pipeline", "tiny-sdxl": "tiny_sdxl_pipeline", "tiny-sd3": "tiny_sd3_pipeline",
+                  "tiny-flux": "tiny_flux_pipeline"}
 
 
 def _dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -106,20 +127,21 @@ def load_pipeline(
     device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> Any:
-    """A pipeline with ``UnlearnMixin`` for a model name: "tiny" / "tiny-sdxl" (the offline test pipelines, seed 0),
-    a local pipeline folder (a ``save_unlearned`` folder comes back with its ledger) or a Hub model id.
+    """A pipeline with ``UnlearnMixin`` for a model name: "tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux" (the offline
+    test pipelines, seed 0), a local pipeline folder (a ``save_unlearned`` folder comes back with its ledger) or a
+    Hub model id.
 
-    Pipelines without UNet cross-attention K/V layers (DiTs, unconditional UNets) are refused with a ``TypeError``
-    that names the supported architectures.
+    Pipelines of no supported family (other DiTs, unconditional UNets) are refused with a ``TypeError`` that names
+    the supported architectures.
     """
     from . import testing
 
     dtype = _dtype(torch_dtype)
     name = os.fspath(model) if isinstance(model, os.PathLike) else model
     if not isinstance(name, str) or not name:
-        raise ValueError(f"model must be 'tiny', 'tiny-sdxl', a pipeline folder or a Hub id, got {model!r}")
+        raise ValueError(f"model must be one of {list(TINY_MODELS)}, a pipeline folder or a Hub id, got {model!r}")
     if name in TINY_MODELS:
-        pipe = attach(testing.tiny_pipeline(seed=0) if name == "tiny" else testing.tiny_sdxl_pipeline(seed=0))
+        pipe = attach(getattr(testing, _TINY_BUILDERS[name])(seed=0))
         if dtype is not None:
             pipe.to(dtype=dtype)
     else:
@@ -136,7 +158,7 @@ def load_pipeline(
                 "revision", "token", "cache_dir", "local_files_only")}).get("_class_name")
         else:
             raise FileNotFoundError(
-                f"model {name!r} is not 'tiny', 'tiny-sdxl', an existing pipeline folder or a Hub model id"
+                f"model {name!r} is not one of {list(TINY_MODELS)}, an existing pipeline folder or a Hub model id"
             )
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
@@ -150,4 +172,11 @@ def load_pipeline(
     return pipe
 
 
-__all__ = ["UnlearnStableDiffusionPipeline", "UnlearnStableDiffusionXLPipeline", "READY_CLASSES", "load_pipeline"]
+__all__ = [
+    "UnlearnStableDiffusionPipeline",
+    "UnlearnStableDiffusionXLPipeline",
+    "UnlearnStableDiffusion3Pipeline",
+    "UnlearnFluxPipeline",
+    "READY_CLASSES",
+    "load_pipeline",
+]

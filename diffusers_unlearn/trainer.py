@@ -19,7 +19,7 @@ from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from . import adapters as ad
-from .conditioning import TextConditioner
+from .families import conditioner_for, denoiser_of
 from .ledger import now
 from .objectives import ObjectiveConfig, ObjectiveContext, objective_for
 from .regularizers import Regularizer, TrainingContext
@@ -109,13 +109,13 @@ def train_request(
     accelerator: Accelerator | None = None,
     data_parallel: bool = True,
 ) -> TrainingResult:
-    """Train one request's adapter on ``pipe.unet`` (whose K/V weights already hold the start model).
+    """Train one request's adapter on the pipeline's denoiser (whose K/V weights already hold the start model).
 
     Leaves the training adapter attached; the caller rebuilds the composed state (also on failure).
     With ``data_parallel`` (the default) every process of ``accelerator`` trains this same request on its slice of
     the global batch and gradients are averaged; without it each process trains on its own (merge requests).
     """
-    unet = pipe.unet
+    unet = denoiser_of(pipe)  # the UNet or the transformer
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator(training)
     shard = (accelerator.process_index, accelerator.num_processes) if data_parallel else (0, 1)
@@ -152,7 +152,7 @@ def _train(pipe, unet, adapter, accelerator, shard, started, *, concept, domain,
         objective_config,
         ObjectiveContext(
             pipe=pipe,
-            conditioner=TextConditioner(pipe),
+            conditioner=conditioner_for(pipe, guidance_scale=objective_config.guidance_scale),
             unet=unet,
             concept=concept,
             prompts=prompts,

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-MODEL_HELP = ("'tiny' or 'tiny-sdxl' (offline test pipelines), a pipeline folder (an unlearned folder keeps its "
+MODEL_HELP = ("'tiny', 'tiny-sdxl', 'tiny-sd3' or 'tiny-flux' (offline test pipelines), a pipeline folder (an unlearned folder keeps its "
               "ledger) or a Hub model id")
 
 

@@ -221,6 +221,7 @@ def _kv_change(pipe: Any, base_weights: dict[str, torch.Tensor] | None) -> tuple
                                                                               dict[str, torch.Tensor]]:
     from .. import adapters as ad
     from ..composition import combined_deltas
+    from ..families import denoiser_of
     from ..mixin import UnlearnMixin
 
     if base_weights is None:
@@ -232,9 +233,10 @@ def _kv_change(pipe: Any, base_weights: dict[str, torch.Tensor] | None) -> tuple
         if deltas is None:
             return base, {k: torch.zeros_like(w) for k, w in base.items()}
         return base, {k: deltas[k].float().cpu() for k in base}
-    if any(isinstance(m, ad.LoraLayer) for m in pipe.unet.modules()):
+    denoiser = denoiser_of(pipe)
+    if any(isinstance(m, ad.LoraLayer) for m in denoiser.modules()):
         raise ValueError("kv_drift with explicit base_weights needs plain K/V layers: fold() the pipeline first")
-    current = {k: w.detach().float().cpu() for k, w in ad.kv_weights(pipe.unet).items()}
+    current = {k: w.detach().float().cpu() for k, w in ad.kv_weights(denoiser).items()}
     missing = sorted(set(current) ^ set(base_weights))
     if missing:
         raise ValueError(f"base_weights do not match the pipeline's K/V layers: {missing[:4]}")

@@ -8,6 +8,7 @@ frozen model once per request and reuse them (and the frozen predictions on them
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -44,8 +45,10 @@ class ObjectiveConfig:
         _check_int(self, "num_trajectories", minimum=1)
         if self.resolution is not None:
             _check_int(self, "resolution", minimum=8)
-        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) or not (
+            math.isfinite(self.guidance_scale) and self.guidance_scale >= 0
+        ):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}

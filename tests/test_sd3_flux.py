@@ -162,3 +162,25 @@ def test_tiny_pipelines_are_deterministic_small_and_offline():
         assert image.shape == (1, 3, 16, 16)
         assert not torch.equal(build(seed=1).transformer.state_dict()["context_embedder.weight"],
                                a.transformer.state_dict()["context_embedder.weight"])
+
+
+def test_command_line_plans_and_push_dry_run_on_tiny_sd3_and_flux(tmp_path, capsys):
+    from diffusers_unlearn.cli import main
+
+    (tmp_path / "plan.yaml").write_text(
+        "model: tiny-flux\noutput: out\ndefaults: {steps: 2, sampling_steps: 2, num_trajectories: 1}\n"
+        "requests:\n  - {concept: van gogh, domain: style}\n  - {concept: dog, domain: object, seed: 1}\n"
+    )
+    assert main(["run", str(tmp_path / "plan.yaml"), "--quiet"]) == 0
+    assert "[2/2] 'dog': removed as r0002" in capsys.readouterr().out
+    assert du.load_pipeline(tmp_path / "out").removed_concepts == ["van gogh", "dog"]
+    assert main(["unlearn", "tiny-sd3", "--concept", "van gogh", "--domain", "style", "--retain", "monet", "--neighbors", "0",
+                 "--steps", "2", "--option", "sampling_steps=2", "--option", "num_trajectories=1", "--quiet",
+                 "--out", str(tmp_path / "sd3")]) == 0
+    assert main(["fold", str(tmp_path / "sd3"), "--rollback", "r0001", "--out", str(tmp_path / "sd3-base"),
+                 "--quiet"]) == 0
+    assert du.load_pipeline(tmp_path / "sd3-base").removed_concepts == []
+    capsys.readouterr()
+    assert main(["push", str(tmp_path / "sd3"), "--repo-id", "user/sd3-unlearned", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer/diffusion_pytorch_model.safetensors" in out and "van gogh" in out

@@ -92,7 +92,8 @@ def text_stream_change(
     options = record.method_config
     conditioner = conditioner_for(pipe, guidance_scale=options.get("guidance_scale"))
     prompts = list(concept_prompts(concept, templates=TEMPLATES[check_domain(domain)]))
-    protected = [ProtectedPrompt(p, where) for p, where in zip(prompts, conditioner.concept_positions(prompts, concept))]
+    positions = conditioner.concept_positions(prompts, concept)
+    protected = [ProtectedPrompt(p, where) for p, where in zip(prompts, positions)]
     ids = state.ledger.ids()
     sequential = record.strategy.get("strategy", "sequential") == "sequential"
     earlier = ids[: ids.index(request_id)] if sequential else []

@@ -115,7 +115,8 @@ class UnlearnMixin:
             unet = self.unlearning_denoiser
             if any(isinstance(m, ad.LoraLayer) for m in unet.modules()):
                 raise ValueError(
-                    f"the {type(unet).__name__} already carries peft/LoRA layers; fuse_lora() and unload_lora() them before unlearning "
+                    f"the {type(unet).__name__} already carries peft/LoRA layers; fuse_lora() and unload_lora() them "
+                    "before unlearning "
                     "(unlearning needs the plain K/V weights as its base)"
                 )
             base = {name: w.detach().clone() for name, w in ad.kv_weights(unet).items()}

@@ -1,8 +1,8 @@
 """Ready pipeline classes with ``UnlearnMixin``, and one loader for every model name the command line accepts.
 
 ``UnlearnStableDiffusionPipeline``, ``UnlearnStableDiffusionXLPipeline``, ``UnlearnStableDiffusion3Pipeline`` and
-``UnlearnFluxPipeline`` load with ``from_pretrained`` like their diffusers parents. Loaded from a folder (or Hub repo) that ``save_unlearned`` wrote, they come back with the base
-weights, the ledger and the adapters of that folder, in mode "folded". They save under their parent's class name, so
+``UnlearnFluxPipeline`` load with ``from_pretrained`` like their diffusers parents.
+Loaded from a folder (or Hub repo) that ``save_unlearned`` wrote, they come back with the base weights, the ledger and the adapters of that folder, in mode "folded". They save under their parent's class name, so
 plain diffusers loads what they write.
 """
 

@@ -2,7 +2,8 @@
 
 Example ``PLAN.yaml``::
 
-    model: tiny                 # "tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", a pipeline folder (relative to this file) or a Hub id
+    model: tiny                 # "tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", a pipeline folder (relative to
+                                # this file) or a Hub id
     output: out/                # the unlearned pipeline folder (relative to this file)
     base_model: user/base       # optional: Hub id of the base for the model card
     strategy: sequential        # or merge / ties / task_arithmetic / uniform / {method: ties, density: 0.4}

@@ -31,8 +31,8 @@ def stream(request, tmp_path_factory):
     Tests must not change the pipeline."""
     build, _, _ = FAMILIES[request.param]
     pipe = du.attach(build(seed=0))
-    pipe.unlearn("van gogh", domain="style", seed=0, regularizers=[du.GradientProjection(retain=["monet"], neighbors=0)],
-                 **FAST)
+    pipe.unlearn("van gogh", domain="style", seed=0,
+                 regularizers=[du.GradientProjection(retain=["monet"], neighbors=0)], **FAST)
     pipe.unlearn("dog", method="ca", anchor="cat", domain="object", seed=1, **FAST)
     folder = tmp_path_factory.mktemp(request.param) / "saved"
     pipe.save_unlearned(folder)
@@ -174,8 +174,8 @@ def test_command_line_plans_and_push_dry_run_on_tiny_sd3_and_flux(tmp_path, caps
     assert main(["run", str(tmp_path / "plan.yaml"), "--quiet"]) == 0
     assert "[2/2] 'dog': removed as r0002" in capsys.readouterr().out
     assert du.load_pipeline(tmp_path / "out").removed_concepts == ["van gogh", "dog"]
-    assert main(["unlearn", "tiny-sd3", "--concept", "van gogh", "--domain", "style", "--retain", "monet", "--neighbors", "0",
-                 "--steps", "2", "--option", "sampling_steps=2", "--option", "num_trajectories=1", "--quiet",
+    assert main(["unlearn", "tiny-sd3", "--concept", "van gogh", "--domain", "style", "--retain", "monet",
+                 "--neighbors", "0", "--steps", "2", "--option", "sampling_steps=2", "--option", "num_trajectories=1", "--quiet",
                  "--out", str(tmp_path / "sd3")]) == 0
     assert main(["fold", str(tmp_path / "sd3"), "--rollback", "r0001", "--out", str(tmp_path / "sd3-base"),
                  "--quiet"]) == 0

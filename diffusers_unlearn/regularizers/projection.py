@@ -122,9 +122,9 @@ class GradientProjection(Regularizer):
     samples_per_step: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.samples_per_step, bool) or not isinstance(self.samples_per_step, int) or \
-                self.samples_per_step < 1:
-            raise ValueError(f"GradientProjection samples_per_step must be an integer >= 1, got {self.samples_per_step!r}")
+        samples = self.samples_per_step
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"GradientProjection samples_per_step must be an integer >= 1, got {samples!r}")
         if isinstance(self.retain, str):
             self.retain = [self.retain]
         self.retain = [check_concept(c, "retain concept") for c in self.retain]

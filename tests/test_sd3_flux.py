@@ -128,7 +128,8 @@ def test_two_request_stream_with_rollback_from_the_saved_folder(stream):
     loaded.rollback("r0001")
     assert loaded.removed_concepts == ["dog"]
     assert (generate(loaded, **SIZE) - expected).abs().max() < 1e-5  # folded vs stacked: float32 rounding
-    assert "dog" in loaded.unlearned_model_card().content
+    card = loaded.unlearned_model_card().content
+    assert "dog" in card and "add_k_proj" in card and "in the transformer weights" in card
 
 
 def test_bf16_model_with_gradient_checkpointing_trains_float32_adapters():

@@ -25,6 +25,7 @@ from .regularizers import (
     SelectiveFinetune,
     register_regularizer,
 )
+from .request import UnlearnRequest
 from .trainer import TrainingConfig
 
 _PIPELINE_NAMES = (
@@ -54,6 +55,7 @@ __all__ = [
     "testing",
     "attach",
     "UnlearnMixin",
+    "UnlearnRequest",
     "concept_embedding",
     "cosine_similarities",
     "MergeStrategy",

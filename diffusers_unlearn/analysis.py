@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from .composition import combined_deltas
 from .embeddings import concept_embedding, cosine_similarities
 from .families import conditioner_for, denoiser_of
 from .prompts import TEMPLATES, check_domain, concept_prompts
 from .text_states import ProtectedPrompt, collect_block_states, relative_change
+from .state import rebuild, unlearning_state
 
 
 @dataclass
@@ -51,12 +51,11 @@ def similarity_vs_change(
     ``others`` are concept names (embedded in ``domain``) or ``(concept, domain)`` pairs. dW is the change of
     request ``request_id``, or of every active request together (as composed) when it is None; W is the base.
     """
-    state = pipe._unlearning()
+    state = unlearning_state(pipe)
     if request_id is not None:
-        pipe._check_request_id(request_id)
-        deltas = state.artifacts[request_id].deltas()
+        deltas = state.artifact(request_id).deltas()
     else:
-        deltas = combined_deltas([a for _, a in state.active()], state.strategy)
+        deltas = state.composed_deltas()
     if deltas is None:
         raise ValueError("the pipeline holds no unlearning request: nothing has changed yet")
     pairs = [(o, domain) if isinstance(o, str) else (o[0], o[1]) for o in others]
@@ -86,8 +85,8 @@ def text_stream_change(
     first joint block's value is zero up to float rounding; later blocks show how far the protection carries to
     x_t it was not collected on.
     """
-    state = pipe._unlearning()
-    pipe._check_request_id(request_id)
+    state = unlearning_state(pipe)
+    state.check_request_id(request_id)
     record = state.ledger.get(request_id)
     options = record.method_config
     conditioner = conditioner_for(pipe, guidance_scale=options.get("guidance_scale"))
@@ -100,7 +99,7 @@ def text_stream_change(
     denoiser = denoiser_of(pipe)
     artifact = state.artifacts[request_id]
     try:
-        pipe._rebuild(earlier, mode="folded")
+        rebuild(pipe, earlier, mode="folded")
         cond = conditioner.encode(prompts)
         latents, timesteps = conditioner.sample_trajectory(
             denoiser, cond, conditioner.encode_unconditional(len(prompts)), steps=int(options["sampling_steps"]),
@@ -110,7 +109,7 @@ def text_stream_change(
         states = collect_block_states(conditioner, denoiser, artifact.layers, protected, latents, timesteps,
                                       samples_per_step)
     finally:
-        pipe._rebuild()
+        rebuild(pipe)
     base = {name: w.float().cpu() for name, w in state.base_weights.items()}
     return relative_change(artifact.deltas(), base, states)
 

@@ -24,12 +24,16 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from .export import FOLDER_ATTR, UNLEARNING_DIR, is_hub_repo_id
+from . import minicanvas
+from .export import is_hub_repo_id
 from .mixin import UnlearnMixin, attach
+from .saved_folder import FOLDER_ATTR, UNLEARNING_DIR
+from .tiny import tiny_flux_pipeline, tiny_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
 
 logger = logging.getLogger(__name__)
 
 TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+MINICANVAS_MODEL = "minicanvas"  # the shipped MiniCanvas model, checked against its manifest
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -108,8 +112,8 @@ READY_CLASSES: dict[str, type] = {
     "StableDiffusion3Pipeline": UnlearnStableDiffusion3Pipeline,
     "FluxPipeline": UnlearnFluxPipeline,
 }
-_TINY_BUILDERS = {"tiny": "tiny_pipeline", "tiny-sdxl": "tiny_sdxl_pipeline", "tiny-sd3": "tiny_sd3_pipeline",
-                  "tiny-flux": "tiny_flux_pipeline"}
+_TINY_BUILDERS = {"tiny": tiny_pipeline, "tiny-sdxl": tiny_sdxl_pipeline, "tiny-sd3": tiny_sd3_pipeline,
+                  "tiny-flux": tiny_flux_pipeline}
 
 
 def _dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -128,20 +132,21 @@ def load_pipeline(
     **kwargs: Any,
 ) -> Any:
     """A pipeline with ``UnlearnMixin`` for a model name: "tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux" (the offline
-    test pipelines, seed 0), a local pipeline folder (a ``save_unlearned`` folder comes back with its ledger) or a
-    Hub model id.
+    test pipelines, seed 0), "minicanvas" (the shipped MiniCanvas model), a local pipeline folder (a
+    ``save_unlearned`` folder comes back with its ledger) or a Hub model id.
 
     Pipelines of no supported family (other DiTs, unconditional UNets) are refused with a ``TypeError`` that names
     the supported architectures.
     """
-    from . import testing
-
     dtype = _dtype(torch_dtype)
     name = os.fspath(model) if isinstance(model, os.PathLike) else model
     if not isinstance(name, str) or not name:
-        raise ValueError(f"model must be one of {list(TINY_MODELS)}, a pipeline folder or a Hub id, got {model!r}")
-    if name in TINY_MODELS:
-        pipe = attach(getattr(testing, _TINY_BUILDERS[name])(seed=0))
+        raise ValueError(f"model must be one of {[*TINY_MODELS, MINICANVAS_MODEL]}, a pipeline folder or a Hub id, "
+                         f"got {model!r}")
+    if name == MINICANVAS_MODEL:
+        pipe = attach(minicanvas.load_pipeline(torch_dtype=dtype or torch.float32))
+    elif name in TINY_MODELS:
+        pipe = attach(_TINY_BUILDERS[name](seed=0))
         if dtype is not None:
             pipe.to(dtype=dtype)
     else:
@@ -158,7 +163,8 @@ def load_pipeline(
                 "revision", "token", "cache_dir", "local_files_only")}).get("_class_name")
         else:
             raise FileNotFoundError(
-                f"model {name!r} is not one of {list(TINY_MODELS)}, an existing pipeline folder or a Hub model id"
+                f"model {name!r} is not one of {[*TINY_MODELS, MINICANVAS_MODEL]}, an existing pipeline folder or "
+                "a Hub model id"
             )
         if dtype is not None:
             kwargs["torch_dtype"] = dtype

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ._warn import warn
 from .families import conditioner_for
 from .prompts import TEMPLATES, check_concept, check_domain, concept_prompts, validate_templates
 

@@ -98,7 +98,8 @@ class Conditioner:
 
     def sample_trajectory(
         self, denoiser: torch.nn.Module, cond: Conditioning, uncond: Conditioning, *, steps: int,
-        guidance_scale: float, generator: torch.Generator, resolution: int | None = None,
+        guidance_scale: float, generator: torch.Generator, resolution: int | None = None, progress: bool = False,
+        desc: str = "sampling trajectories",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample from noise with the pipeline's scheduler; return every visited latent [steps, B, ...] (the
         denoiser's input at each step, float32) and the timesteps [steps]."""
@@ -247,10 +248,11 @@ class TextConditioner(Conditioner):
 
     def sample_trajectory(
         self, denoiser: torch.nn.Module, cond: Conditioning, uncond: Conditioning, *, steps: int,
-        guidance_scale: float, generator: torch.Generator, resolution: int | None = None,
+        guidance_scale: float, generator: torch.Generator, resolution: int | None = None, progress: bool = False,
+        desc: str = "sampling trajectories",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _ddim_trajectory(self, denoiser, cond, uncond, steps=steps, guidance_scale=guidance_scale,
-                                generator=generator, resolution=resolution)
+                                generator=generator, resolution=resolution, progress=progress, desc=desc)
 
 
 def sampling_scheduler(pipe: Any, steps: int) -> DDIMScheduler:
@@ -270,10 +272,12 @@ def sample_trajectory(
     guidance_scale: float,
     generator: torch.Generator,
     resolution: int | None = None,
+    progress: bool = False,
+    desc: str = "sampling trajectories",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen model's trajectories with the conditioner's own sampler (see ``Conditioner.sample_trajectory``)."""
     return conditioner.sample_trajectory(denoiser, cond, uncond, steps=steps, guidance_scale=guidance_scale,
-                                         generator=generator, resolution=resolution)
+                                         generator=generator, resolution=resolution, progress=progress, desc=desc)
 
 
 @torch.no_grad()

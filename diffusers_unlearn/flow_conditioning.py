@@ -90,7 +90,8 @@ class FlowConditioner(Conditioner):
     @torch.no_grad()
     def sample_trajectory(
         self, denoiser: torch.nn.Module, cond: Conditioning, uncond: Conditioning, *, steps: int,
-        guidance_scale: float, generator: torch.Generator, resolution: int | None = None,
+        guidance_scale: float, generator: torch.Generator, resolution: int | None = None, progress: bool = False,
+        desc: str = "sampling trajectories",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if denoiser is not self.denoiser:
             raise ValueError("flow-matching trajectories are sampled by the pipeline: pass its own transformer")
@@ -104,7 +105,7 @@ class FlowConditioner(Conditioner):
             return {}
 
         bar = dict(getattr(pipe, "_progress_bar_config", {}))
-        pipe.set_progress_bar_config(**{**bar, "disable": True})  # one bar per request, the trainer's
+        pipe.set_progress_bar_config(**{**bar, "desc": desc, "leave": False, "disable": not progress})
         try:
             pipe(
                 **self._call_arguments(cond, uncond, guidance_scale),

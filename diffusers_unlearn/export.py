@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from peft import LoraConfig
 from safetensors.torch import save as st_save
 
 from . import __version__, model_card
 from . import adapters as ad
+from .families import denoiser_of, family_of
 from .ledger import LEDGER_FILE, atomic_write_bytes, fingerprint, write_ledger_dir
 from .saved_folder import (  # noqa: F401 - the folder layout, also importable from here as before
     BASE_KV_FILE,
@@ -131,13 +132,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _lora_saver(pipe: Any) -> type:
-    """The diffusers class whose ``save_lora_weights`` matches the pipeline (SDXL or SD 1.x/2.x key layout)."""
-    for cls in (StableDiffusionXLLoraLoaderMixin, StableDiffusionLoraLoaderMixin):
-        if isinstance(pipe, cls):
-            return cls
+def _lora_saver(pipe: Any) -> tuple[type, str]:
+    """The diffusers LoRA loader whose ``save_lora_weights`` writes the pipeline family's key layout ("unet." or
+    "transformer." + module name), and the component name its keyword arguments start with."""
+    import diffusers.loaders
+
+    family = family_of(pipe)
+    if family.name == "unet" and isinstance(pipe, StableDiffusionXLLoraLoaderMixin):
+        return StableDiffusionXLLoraLoaderMixin, "unet"
     # Other UNet pipelines: the SD layout ("unet." + module name) is what every UNet LoRA loader reads.
-    return StableDiffusionLoraLoaderMixin
+    return getattr(diffusers.loaders, family.lora_loader), family.lora_component
 
 
 def export_lora(
@@ -158,8 +162,10 @@ def export_lora(
     tensors, metadata, ranks = lora_state_dict(artifact)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _lora_saver(pipe).save_lora_weights(
-        directory, unet_lora_layers=tensors, unet_lora_adapter_metadata=metadata, weight_name=weight_name
+    saver, component = _lora_saver(pipe)
+    saver.save_lora_weights(
+        directory, weight_name=weight_name,
+        **{f"{component}_lora_layers": tensors, f"{component}_lora_adapter_metadata": metadata},
     )
     path = directory / weight_name
     return LoraExport(request_id, path, weight_name, artifact.kind, ranks, path.stat().st_size)
@@ -186,7 +192,7 @@ def fix_model_index(directory: Path, class_name: str) -> None:
 
 
 def save_pretrained_folded(pipe: Any, directory: str | os.PathLike, save: Callable[[], None]) -> None:
-    """Run diffusers' ``save`` with the UNet folded when it carries the stacked requests, then put them back.
+    """Run diffusers' ``save`` with the denoiser folded when it carries the stacked requests, then put them back.
 
     Inside ``audit()`` (a partial set of adapters) this refuses rather than saving a state the ledger does not name.
     """
@@ -196,7 +202,7 @@ def save_pretrained_folded(pipe: Any, directory: str | os.PathLike, save: Callab
             "save_pretrained inside audit() would save a partial set of requests; save outside the audit block "
             "(or export one request with export_lora)"
         )
-    stacked = state is not None and any(isinstance(m, ad.LoraLayer) for m in pipe.unet.modules())
+    stacked = state is not None and any(isinstance(m, ad.LoraLayer) for m in denoiser_of(pipe).modules())
     if stacked:
         rebuild(pipe, mode="folded")
     try:
@@ -264,7 +270,7 @@ def save_unlearned(
         previous = state.mode
         set_mode(pipe, "folded")  # plain nn.Linear layers holding base + all requests: what plain diffusers loads
         try:
-            folded_fingerprint = fingerprint(ad.kv_weights(pipe.unet))
+            folded_fingerprint = fingerprint(ad.kv_weights(denoiser_of(pipe)))
             pipe.save_pretrained(tmp, safe_serialization=True)
         finally:
             if previous != "folded":

@@ -239,6 +239,11 @@ def build_model_card(
         },
     )
     check_base_model(base_model)  # a Hub id: safe in the link below without escaping
+    # SD3 / Flux pipelines carry a transformer whose joint blocks' text-stream projections are adapted
+    transformer = pipeline_class.startswith(("StableDiffusion3", "Flux"))
+    component = "transformer" if transformer else "UNet"
+    layers = ("transformer's text-stream key/value projections (joint blocks' add_k_proj / add_v_proj)"
+              if transformer else "UNet's cross-attention key/value projections")
     base_link = (f"[{base_model}](https://huggingface.co/{base_model})" if base_model
                  else "a local checkpoint (no Hub id recorded)")
     lines = [
@@ -246,8 +251,8 @@ def build_model_card(
         "",
         f"This `{pipeline_class}` had {len(concepts)} concept(s) removed with "
         "diffusers-unlearn (continual concept unlearning): each removal request became one "
-        "constrained adapter on the UNet's cross-attention key/value projections, recorded in a ledger. The "
-        "requests are folded into the UNet weights, so the folder loads with plain diffusers.",
+        f"constrained adapter on the {layers}, recorded in a ledger. The "
+        f"requests are folded into the {component} weights, so the folder loads with plain diffusers.",
         "",
         f"- Base model: {base_link}",
         f"- Base K/V fingerprint: `{ledger.base_fingerprint}`",
@@ -287,7 +292,7 @@ def build_model_card(
         "```python",
         "from diffusers import DiffusionPipeline",
         "",
-        'pipe = DiffusionPipeline.from_pretrained("THIS_REPO_OR_FOLDER")  # the removals are in the UNet weights',
+        f'pipe = DiffusionPipeline.from_pretrained("THIS_REPO_OR_FOLDER")  # the removals are in the {component} weights',
         "```",
         "",
         "## Audit and rollback",

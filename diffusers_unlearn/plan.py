@@ -2,7 +2,7 @@
 
 Example ``PLAN.yaml``::
 
-    model: tiny                 # a world name (minicanvas, tiny, tiny-sdxl), a pipeline folder (relative to this
+    model: tiny                 # a world name (minicanvas, tiny, tiny-sdxl, tiny-sd3, tiny-flux), a pipeline folder (relative to this
                                 # file) or a Hub id
     output: out/                # the unlearned pipeline folder (relative to this file)
     base_model: user/base       # optional: Hub id of the base for the model card

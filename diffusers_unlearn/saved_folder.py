@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import adapters as ad
+from .families import denoiser_of
 from .ledger import LEDGER_FILE, Ledger, LedgerError, check_adapter_fits, fingerprint, read_ledger_dir
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def find_unlearned_folder(pipe: Any) -> Path | None:
     config = getattr(pipe, "config", None)
     if config is not None and hasattr(config, "get"):
         candidates.append(config.get("_name_or_path"))
-    unet_config = getattr(getattr(pipe, "unet", None), "config", None)
+    unet_config = getattr(denoiser_of(pipe), "config", None)  # the UNet's or the transformer's
     if unet_config is not None and hasattr(unet_config, "get") and unet_config.get("_name_or_path"):
         candidates.append(Path(str(unet_config.get("_name_or_path"))).parent)
     for candidate in candidates:

@@ -19,7 +19,7 @@ from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from . import adapters as ad
-from .conditioning import TextConditioner
+from .families import conditioner_for, denoiser_of
 from .ledger import now
 from .objectives import ObjectiveContext, objective_for
 from .regularizers import TrainingContext
@@ -105,13 +105,13 @@ def train_request(
     accelerator: Accelerator | None = None,
     data_parallel: bool = True,
 ) -> TrainingResult:
-    """Train ``request``'s adapter on ``pipe.unet`` (whose K/V weights already hold the start model).
+    """Train ``request``'s adapter on the pipeline's denoiser (whose K/V weights already hold the start model).
 
     Leaves the training adapter attached; the caller rebuilds the composed state (also on failure).
     With ``data_parallel`` (the default) every process of ``accelerator`` trains this same request on its slice of
     the global batch and gradients are averaged; without it each process trains on its own (merge requests).
     """
-    unet = pipe.unet
+    unet = denoiser_of(pipe)  # the UNet or the transformer
     training = request.training
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator(training)
@@ -142,13 +142,13 @@ def train_request(
 def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, accelerator: Accelerator,
            shard: tuple[int, int], started: float, *, base_weights: dict[str, torch.Tensor],
            start_offsets: dict[str, torch.Tensor] | None, earlier: list, progress: bool) -> TrainingResult:
-    unet, training, regularizers, concept = pipe.unet, request.training, request.regularizers, request.concept
+    unet, training, regularizers, concept = denoiser_of(pipe), request.training, request.regularizers, request.concept
     generator = torch.Generator().manual_seed(request.seed)  # the same draws in every process: the global batch
     objective = objective_for(
         request.method,
         ObjectiveContext(
             pipe=pipe,
-            conditioner=TextConditioner(pipe),
+            conditioner=conditioner_for(pipe, guidance_scale=getattr(request.method, "guidance_scale", None)),
             unet=unet,
             concept=concept,
             prompts=request.prompts,

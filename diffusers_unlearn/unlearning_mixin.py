@@ -21,6 +21,7 @@ from . import __version__
 from . import adapters as ad
 from .audit import audit_grid
 from .composition import Mode, combined_deltas, materialize
+from .families import denoiser_of, family_of
 from .ledger import Ledger, RequestRecord, now
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
 from .objectives import ObjectiveConfig
@@ -32,8 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 class UnlearningMixin:
-    """Unlearning on a diffusers pipeline with a cross-attention UNet: ``unlearn``, ``unlearn_parallel``,
-    ``audit``, ``rollback``, ``fold`` / ``unfold``, and what the pipeline holds (ledger, removed concepts)."""
+    """Unlearning on a diffusers pipeline of a supported family (SD 1.x/2.x and SDXL UNets, SD3 and Flux
+    transformers: ``families.py``): ``unlearn``, ``unlearn_parallel``, ``audit``, ``rollback``, ``fold`` /
+    ``unfold``, and what the pipeline holds (ledger, removed concepts)."""
+
+    @property
+    def unlearning_denoiser(self) -> torch.nn.Module:
+        """The model the requests adapt: the UNet, or the transformer of SD3 / Flux."""
+        return denoiser_of(self)
 
     # kept as methods for callers of earlier versions; the state and its interface live in ``state``
     def _unlearning(self) -> UnlearningState:
@@ -180,9 +187,9 @@ class UnlearningMixin:
 
     def _place_on(self, accelerator: Accelerator) -> Accelerator:
         """Training runs on the accelerator's device (each process its own under ``accelerate launch``)."""
-        here, there = self.unet.device, torch.device(accelerator.device)
+        here, there = denoiser_of(self).device, torch.device(accelerator.device)
         if here.type != there.type or (here.index or 0) != (there.index or 0):  # "cuda" is "cuda:0"
-            logger.info("moving the pipeline from %s to %s for training", self.unet.device, accelerator.device)
+            logger.info("moving the pipeline from %s to %s for training", here, accelerator.device)
             self.to(accelerator.device)
             state = unlearning_state(self)
             state.base_weights = {k: v.to(accelerator.device) for k, v in state.base_weights.items()}
@@ -208,7 +215,7 @@ class UnlearningMixin:
         """
         state = unlearning_state(self)
         start = state.active() if not isinstance(request.strategy, MergeStrategy) else []
-        materialize(self.unet, state.base_weights, start, "folded", "sequential")
+        materialize(denoiser_of(self), state.base_weights, start, "folded", "sequential")
         return train_request(self, request, base_weights=state.base_weights,
                              start_offsets=combined_deltas([a for _, a in start], "sequential"), earlier=earlier,
                              progress=progress, accelerator=accelerator, data_parallel=data_parallel)
@@ -223,7 +230,7 @@ class UnlearningMixin:
             index=state.ledger.next_index,
             **request.record_fields(),
             regularizers=result.reports,
-            adapter={"kind": result.adapter.kind, "ranks": ranks, "targets": list(ad.KV_SUFFIXES)},
+            adapter={"kind": result.adapter.kind, "ranks": ranks, "targets": list(family_of(self).kv_suffixes)},
             seconds=round(result.seconds, 3),
             timing=result.timing,
             final_loss=result.final_loss,

@@ -129,5 +129,9 @@ register_world(World("tiny", "tiny random Stable Diffusion test pipeline built o
                      pipeline="diffusers_unlearn.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))
 register_world(World("tiny-sdxl", "tiny random SDXL test pipeline built offline (seed 0)",
                      pipeline="diffusers_unlearn.tiny:tiny_sdxl_pipeline", pipeline_kwargs={"seed": 0}))
+register_world(World("tiny-sd3", "tiny random SD3 test pipeline built offline (seed 0)",
+                     pipeline="diffusers_unlearn.tiny:tiny_sd3_pipeline", pipeline_kwargs={"seed": 0}))
+register_world(World("tiny-flux", "tiny random Flux (guidance-distilled) test pipeline built offline (seed 0)",
+                     pipeline="diffusers_unlearn.tiny:tiny_flux_pipeline", pipeline_kwargs={"seed": 0}))
 
 __all__ = ["WORLDS", "World", "WorldRecipe", "describe_worlds", "get_world", "register_world", "world_names"]

@@ -23,6 +23,7 @@ import torch
 
 from .. import adapters as ad
 from .. import minicanvas as mc
+from ..families import denoiser_of
 from ..images import generate_images
 from ..mixin import UnlearnMixin
 from ..state import unlearning_state
@@ -230,9 +231,10 @@ def _kv_change(pipe: Any, base_weights: dict[str, torch.Tensor] | None) -> tuple
         if deltas is None:
             return base, {k: torch.zeros_like(w) for k, w in base.items()}
         return base, {k: deltas[k].float().cpu() for k in base}
-    if any(isinstance(m, ad.LoraLayer) for m in pipe.unet.modules()):
+    denoiser = denoiser_of(pipe)
+    if any(isinstance(m, ad.LoraLayer) for m in denoiser.modules()):
         raise ValueError("kv_drift with explicit base_weights needs plain K/V layers: fold() the pipeline first")
-    current = {k: w.detach().float().cpu() for k, w in ad.kv_weights(pipe.unet).items()}
+    current = {k: w.detach().float().cpu() for k, w in ad.kv_weights(denoiser).items()}
     missing = sorted(set(current) ^ set(base_weights))
     if missing:
         raise ValueError(f"base_weights do not match the pipeline's K/V layers: {missing[:4]}")

@@ -23,6 +23,7 @@ from . import __version__
 from . import adapters as ad
 from .composition import Mode, combined_deltas, materialize
 from .conditioning import SUPPORTED_ARCHITECTURES
+from .erasure_check import check_erasure, report_erasure
 from .ledger import (
     Ledger,
     LedgerError,
@@ -56,6 +57,7 @@ class _RequestSpec:
     strategy: str | MergeStrategy
     prompts: list[str]
     templates: tuple[str, ...] | None
+    require_erasure: bool = False
 
 
 class UnknownRequestError(KeyError):
@@ -180,6 +182,7 @@ class UnlearnMixin:
         templates: Sequence[str] | None = None,
         progress: bool | None = None,
         accelerator: Accelerator | None = None,
+        require_erasure: bool = False,
         **method_options: Any,
     ) -> RequestRecord:
         """Remove ``concept`` with one new adapter trained on the current model; return its ledger record.
@@ -198,14 +201,17 @@ class UnlearnMixin:
             progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
             accelerator: an ``accelerate.Accelerator`` (default: one made from ``training``). Under
                 ``accelerate launch`` every process runs this call; the global batch is split between them.
+            require_erasure: raise ``ErasureError`` (and commit nothing) when the closing erasure check finds that
+                the concept barely moved; by default such a request is committed with an ``ErasureWarning``.
             **method_options: fields of the method's config, e.g. ``negative_guidance=2.0`` or ``anchor="a dog"``.
 
+        Every request ends with an erasure check (``erasure_check.py``); its figures are in ``record.erasure``.
         A failed or interrupted request (exception, Ctrl-C) leaves the pipeline and the ledger as they were.
         """
         spec = self._prepare_request(
             concept, method, domain=domain, steps=steps, seed=seed, regularizers=regularizers, strategy=strategy,
             rank=rank, learning_rate=learning_rate, batch_size=batch_size, training=training, prompts=prompts,
-            templates=templates, **method_options,
+            templates=templates, require_erasure=require_erasure, **method_options,
         )
         accelerator = self._place_on(accelerator or make_accelerator(spec.training))
         state = self._unlearning()
@@ -293,6 +299,7 @@ class UnlearnMixin:
         training: TrainingConfig | None = None,
         prompts: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
+        require_erasure: bool = False,
         **method_options: Any,
     ) -> _RequestSpec:
         """Validate a request completely, before anything touches the model."""
@@ -304,6 +311,9 @@ class UnlearnMixin:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         regs = check_regularizers(regularizers)
+        objective_config.check_regularizers(regs)
+        if not isinstance(require_erasure, bool):
+            raise TypeError(f"require_erasure must be True or False, got {require_erasure!r}")
         for regularizer in regs:
             regularizer.check_request(concept, domain)
         chosen_strategy = resolve_strategy(strategy)
@@ -321,7 +331,7 @@ class UnlearnMixin:
             used_templates = validate_templates(templates) if templates is not None else TEMPLATES[domain]
             request_prompts = [t.format(concept) for t in used_templates]
         return _RequestSpec(concept, domain, objective_config, training, seed, regs, chosen_strategy,
-                            request_prompts, used_templates)
+                            request_prompts, used_templates, require_erasure)
 
     def _train_request(
         self, spec: _RequestSpec, earlier: list[Any], accelerator: Accelerator, progress: bool,
@@ -369,7 +379,7 @@ class UnlearnMixin:
             adapter={"kind": result.adapter.kind, "ranks": ranks, "targets": list(ad.KV_SUFFIXES)},
             training=spec.training.to_dict(),
             prompts=spec.prompts,
-            steps=spec.training.steps,
+            steps=spec.training.steps if result.steps is None else result.steps,
             seed=spec.seed,
             seconds=round(result.seconds, 3),
             timing=result.timing,
@@ -383,6 +393,10 @@ class UnlearnMixin:
         state.ledger.next_index += 1
         try:
             self._rebuild()
+            record.erasure = check_erasure(self, request_id, spec.concept, spec.prompts, seed=spec.seed,
+                                           guidance_scale=spec.objective_config.guidance_scale,
+                                           resolution=spec.objective_config.resolution)
+            report_erasure(spec.concept, record.erasure, spec.require_erasure)
         except BaseException:
             state.ledger.requests.pop()
             del state.artifacts[request_id]
@@ -452,17 +466,30 @@ class UnlearnMixin:
             self._rebuild()
 
     def rollback(self, request_id: str) -> RequestRecord:
-        """Drop one request (its adapter and record), keep the rest; returns the dropped record."""
+        """Drop one request (its adapter and record), keep the rest; returns the dropped record.
+
+        Closed-form requests after it are re-solved on the requests that remain (each was solved on top of, and
+        keeping, the ones before it); the history entry lists them. Trained requests keep their adapters.
+        """
+        from .objectives.closed_form import resolve_after_rollback
+
         state = self._unlearning()
         self._check_request_id(request_id)
         record = state.ledger.get(request_id)
         artifact = state.artifacts.pop(request_id)
         position = state.ledger.requests.index(record)
         state.ledger.requests.remove(record)
-        state.ledger.history.append({"event": "rollback", "request_id": request_id, "concept": record.concept, "at": now()})
+        event = {"event": "rollback", "request_id": request_id, "concept": record.concept, "at": now()}
+        state.ledger.history.append(event)
+        previous = dict(state.artifacts)
         try:
+            resolved = resolve_after_rollback(self, state, position)
+            state.artifacts.update(resolved)
+            if resolved:
+                event["resolved"] = sorted(resolved)
             self._rebuild()
         except BaseException:
+            state.artifacts = previous
             state.ledger.requests.insert(position, record)
             state.ledger.history.pop()
             state.artifacts[request_id] = artifact

@@ -89,6 +89,7 @@ class TrainingResult:
     # when training ended (UTC, ISO seconds): the record's created_at, taken here so that every process that
     # receives a gathered result writes the same ledger
     finished_at: str = dataclasses.field(default_factory=now)
+    steps: int | None = None  # optimizer steps taken (None: training.steps); 0 for a closed-form solve
 
 
 def train_request(
@@ -115,6 +116,12 @@ def train_request(
     With ``data_parallel`` (the default) every process of ``accelerator`` trains this same request on its slice of
     the global batch and gradients are averaged; without it each process trains on its own (merge requests).
     """
+    if getattr(objective_config, "closed_form", False):  # solved, not trained: no adapter, loop or accelerator
+        from .objectives.closed_form import solve_request
+
+        return solve_request(pipe, concept=concept, domain=domain, prompts=prompts, objective_config=objective_config,
+                             base_weights=base_weights, start_offsets=start_offsets, earlier=earlier,
+                             progress=progress)
     unet = pipe.unet
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator(training)

@@ -16,7 +16,7 @@ from .. import __version__
 from ..evaluation import evaluate_unlearning, kv_drift
 from ..evaluation.metrics import check_eval_domain
 from ..mixin import attach
-from ..objectives import CAConfig, ESDConfig, ObjectiveConfig
+from ..objectives import CAConfig, ClosedFormConfig, ESDConfig, ObjectiveConfig
 from .objectives import CAMultiConfig
 from .protocols import Hyperparameters, Protocol, ProtocolContext, resolve_protocols
 from .world import BenchWorld
@@ -72,12 +72,15 @@ class BenchSettings:
 
 
 def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[str],
-               num_prompts: int) -> ObjectiveConfig:
+               num_prompts: int, method: str | None = None) -> ObjectiveConfig:
     """The method config of one request over ``concepts`` (several: a simultaneous retraining)."""
     config = world.eval_config
     common = dict(sampling_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                   num_trajectories=num_prompts * settings.trajectories_per_prompt)
-    if settings.method == "esd":
+    method = method or settings.method
+    if method == "closed_form":  # keeps every other concept of the world, and the earlier removals
+        return ClosedFormConfig(vocabulary=world.vocabulary(), **common)
+    if method == "esd":
         return ESDConfig(negative_guidance=settings.negative_guidance, **common)
     if len(concepts) == 1:
         return CAConfig(anchor=settings.anchor, **common)
@@ -104,7 +107,8 @@ def serve_request(pipe: Any, protocol: Protocol, world: BenchWorld, settings: Be
         )
     else:
         record = pipe.unlearn(
-            stream[k], _objective(settings, world, [stream[k]], len(templates)), domain=domain, steps=hp.steps,
+            stream[k], _objective(settings, world, [stream[k]], len(templates), protocol.method), domain=domain,
+            steps=hp.steps,
             seed=settings.seed + k, learning_rate=hp.learning_rate, rank=hp.rank,
             batch_size=hp.batch_size, regularizers=protocol.build_regularizers(ctx), strategy=protocol.strategy(ctx),
             progress=progress,

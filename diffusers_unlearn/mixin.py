@@ -37,6 +37,7 @@ from .ledger import (
 from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
 from .objectives import ObjectiveConfig, build_objective_config
 from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
+from .recipe import resolve_method
 from .regularizers import Regularizer, check_regularizers
 from .trainer import TrainingConfig, TrainingResult, make_accelerator, train_request
 
@@ -167,7 +168,7 @@ class UnlearnMixin:
     def unlearn(
         self,
         concept: str,
-        method: str | ObjectiveConfig = "esd",
+        method: str | ObjectiveConfig | None = None,
         *,
         domain: str | None = None,
         steps: int | None = None,
@@ -189,7 +190,9 @@ class UnlearnMixin:
 
         Args:
             concept: what to remove, e.g. "van gogh".
-            method: "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method config.
+            method: "closed_form", "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method
+                config. None (default): the recommended recipe (``recipe.py``: "closed_form"), or "esd" when training
+                settings or regularizers are given.
             domain: "style", "object", "concept" (default) or a registered domain: picks the prompt templates.
             steps, rank, learning_rate, batch_size: shortcuts for the same ``TrainingConfig`` fields
                 (``training=du.TrainingConfig(...)`` sets the rest: mixed precision, accumulation, checkpointing).
@@ -249,7 +252,7 @@ class UnlearnMixin:
                 raise ValueError(f"request {i} has no 'concept': {options!r}")
             if options.pop("strategy", chosen) not in (chosen, strategy):
                 raise ValueError(f"request {i} asks for another strategy than {strategy!r}")
-            specs.append(self._prepare_request(options.pop("concept"), options.pop("method", "esd"),
+            specs.append(self._prepare_request(options.pop("concept"), options.pop("method", None),
                                                strategy=chosen, **options))
         accelerator = self._place_on(accelerator or make_accelerator(specs[0].training))
         state = self._unlearning()
@@ -286,7 +289,7 @@ class UnlearnMixin:
     def _prepare_request(
         self,
         concept: str,
-        method: str | ObjectiveConfig = "esd",
+        method: str | ObjectiveConfig | None = None,
         *,
         domain: str | None = None,
         steps: int | None = None,
@@ -306,6 +309,8 @@ class UnlearnMixin:
         state = self._unlearning()
         concept = check_concept(concept)
         domain = check_domain(domain)
+        method = resolve_method(method, dict(steps=steps, learning_rate=learning_rate, rank=rank,
+                                             batch_size=batch_size, training=training, regularizers=regularizers))
         objective_config = build_objective_config(method, method_options)
         training = _training_config(training, steps, rank, learning_rate, batch_size)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

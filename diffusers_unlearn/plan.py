@@ -46,6 +46,7 @@ from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strate
 from .model_card import check_base_model
 from .objectives import build_objective_config
 from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
+from .recipe import resolve_method
 from .regularizers import check_regularizers, regularizer_from_dict
 from .trainer import TrainingConfig
 
@@ -226,7 +227,7 @@ def _planned_request(
     try:
         concept = check_concept(concept)
         domain = check_domain(fields.get("domain"))
-        method = fields.get("method", "esd")
+        method = resolve_method(fields.get("method"), {k: fields.get(k) for k in ("regularizers", *TRAINING_KEYS)})
         if not isinstance(method, str):
             raise ValueError(f"method must be a method name, got {method!r}")
         options = {k: v for k, v in fields.items() if k not in REQUEST_KEYS}

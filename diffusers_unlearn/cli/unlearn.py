@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True,
                         help="folder to write the unlearned pipeline to (new, empty, or an unlearned folder; "
                              "MODEL_OR_FOLDER itself updates it)")
-    parser.add_argument("--method", default="esd", help="erasure method: esd (default), ca, or a registered one")
+    parser.add_argument("--method", default=None,
+                        help="erasure method: closed_form, esd, ca, or a registered one (default: the recommended "
+                             "recipe, closed_form; esd when training or regularizer options are given)")
     parser.add_argument("--anchor", default=None, help="anchor concept (method ca)")
     parser.add_argument("--domain", default=None, help="style, object or concept (default): picks the prompt templates")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: TrainingConfig's)")

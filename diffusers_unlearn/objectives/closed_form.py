@@ -15,9 +15,10 @@ When the target lies almost inside span(P) (narrow text spaces: MiniCanvas's 64-
 style's energy outside the span of the other styles and the empty prompt) only that residual can carry the erasure;
 the solve still maps it (a larger edit), and the ledger records how much of the target was in the span.
 
-The result is stored as a LoRA whose factors come from the SVD of D: exact to float32 (singular values below 1e-7 of
-the largest are dropped, below float32 rounding of D itself), so the ledger, audit, fold, merge and LoRA export treat
-it like any trained request. Rolling back a request re-solves the closed-form requests after it
+The solve (basis, eigendecomposition, inverse) runs in float64; its factors are applied to each float32 weight in
+float32. The result is stored exactly as LoRA factors D = B @ A (A: the solve's directions, rank <= the free
+directions; an identity factor once that rank reaches min(out, in)), so the ledger, audit, fold, merge and LoRA
+export treat it like any trained request. Rolling back a request re-solves the closed-form requests after it
 (``resolve_after_rollback``), since each was solved on top of, and keeping, the ones before it.
 """
 
@@ -31,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..adapters import RequestAdapter
+from ..adapters import RequestAdapter, identity_factors
 from ..conditioning import TextConditioner
 from ..embeddings import _find_sublist, concept_embedding
 from ..prompts import TEMPLATES, check_concept, same_concept
@@ -39,7 +40,6 @@ from ..vocabulary import DEFAULT_VOCABULARY
 from .base import Objective, ObjectiveConfig, register_objective
 
 SPAN_RTOL = 1e-8  # singular values of P below this fraction of the largest: directions P does not use
-FACTOR_RTOL = 1e-7  # singular values of D dropped from the stored factors (below float32 rounding of D)
 KEY_RTOL = 1e-12  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
 
 
@@ -224,29 +224,42 @@ class Solver:
         weights = projected @ vectors / (values + lam)  # [n, k]
         return cls(q, anchors.T @ weights, keys.T @ weights, vectors)
 
-    def layer_factors(self, base: torch.Tensor, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [r, d], B [out, r]), float64, with D = B @ A the change of one weight."""
-        w0, w = base.double(), current.double()
+    def to(self, dtype: torch.dtype) -> Solver:
+        return Solver(*(t.to(dtype) for t in (self.protected, self.anchor_factor, self.key_factor, self.directions)))
+
+    def layer_factors(self, base: torch.Tensor, offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, d], B [out, r]) with D = B @ A the change of one weight whose current value is ``base + offset``
+        (``offset`` None: the base itself), in the solver's dtype."""
+        dtype = self.directions.dtype
+        w0 = base.to(dtype)
+        off = None if offset is None else offset.to(dtype)
         a_parts, b_parts = [], []
         q = self.protected
-        start = w
-        if q.shape[1]:
+        drift = None
+        if q.shape[1] and off is not None:
             # bring P back to its base outputs (a no-op unless a trained request moved them): min-norm on span(P)
-            drift = (w0 - w) @ q
-            if drift.abs().max() > 1e-12 * max(float(w0.abs().max()), 1.0):
+            drift = -(off @ q)
+            if drift.abs().max() > 1e-6 * max(float(w0.abs().max()), 1e-30):
                 a_parts.append(q.T)
                 b_parts.append(drift)
-                start = w + drift @ q.T
+            else:
+                drift = None
         if self.directions.shape[1]:
+            # B = W0 Fa - (W0 + off + drift q^T) Fk, without forming the current weight
+            b = w0 @ (self.anchor_factor - self.key_factor)
+            if off is not None:
+                b = b - off @ self.key_factor
+            if drift is not None:
+                b = b - drift @ (q.T @ self.key_factor)
             a_parts.append(self.directions.T)
-            b_parts.append(w0 @ self.anchor_factor - start @ self.key_factor)
+            b_parts.append(b)
         if not a_parts:
-            return torch.zeros(1, w.shape[1], dtype=torch.float64), torch.zeros(w.shape[0], 1, dtype=torch.float64)
+            return torch.zeros(1, w0.shape[1], dtype=dtype), torch.zeros(w0.shape[0], 1, dtype=dtype)
         return torch.cat(a_parts), torch.cat(b_parts, dim=1)
 
-    def layer_delta(self, base: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        """D [out, d] (float64) for one weight."""
-        a, b = self.layer_factors(base, current)
+    def layer_delta(self, base: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """D [out, d] for one weight."""
+        a, b = self.layer_factors(base, offset)
         return b @ a
 
 
@@ -258,21 +271,11 @@ def _basis(columns: torch.Tensor) -> torch.Tensor:
     return u[:, s > SPAN_RTOL * s[0]]
 
 
-def solve_layer(base: torch.Tensor, current: torch.Tensor, protected: torch.Tensor,
-                mappings: Sequence[tuple[torch.Tensor, torch.Tensor]], ridge: float) -> torch.Tensor:
-    """The change D [out, d] (float64) of one weight (see the module docstring); ``mappings``: (keys [n, d],
-    anchor keys [n, d]) per concept to map, whose targets are ``base @ anchor``."""
-    return Solver.build(protected, mappings, ridge).layer_delta(base, current)
-
-
 def compact_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (A, B) with B @ A equal to the given product to float32 rounding. Kept as they are when their rank
-    is below min(out, in) / 2; otherwise re-factored by SVD (singular values under FACTOR_RTOL of the largest are
-    below float32 rounding of the product and dropped), so that stacked requests stay cheap."""
-    if a.shape[0] * 2 > min(b.shape[0], a.shape[1]):
-        u, s, vh = torch.linalg.svd(b @ a, full_matrices=False)
-        rank = max(1, int((s > FACTOR_RTOL * s[0]).sum())) if s[0] > 0 else 1
-        a, b = s[:rank, None] * vh[:rank], u[:, :rank]
+    """float32 (A, B) with the same product: kept as they are below rank min(out, in), otherwise the product with an
+    identity factor (rank min(out, in), like a dense delta), so that stacked requests stay cheap."""
+    if a.shape[0] >= min(b.shape[0], a.shape[1]):
+        a, b = identity_factors(b @ a)
     return a.float().contiguous(), b.float().contiguous()
 
 
@@ -324,10 +327,12 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
 
     weights = [1.0] + [config.earlier_weight] * (len(mappings) - 1)
     solver = Solver.build(protected, mappings, config.ridge, weights)
+    # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
+    applied = solver.to(torch.float32)
     for layer in tqdm(layers, desc=f"solving {concept!r}", disable=not progress, leave=False):
         base = base_weights[layer].detach().cpu()
-        current = base.double() + (start_offsets[layer].detach().cpu().double() if start_offsets else 0)
-        a, b = compact_factors(*solver.layer_factors(base, current))
+        offset = start_offsets[layer].detach().cpu() if start_offsets else None
+        a, b = compact_factors(*applied.layer_factors(base, offset))
         tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"] = a, b
         scales[layer] = 1.0
     q = solver.protected

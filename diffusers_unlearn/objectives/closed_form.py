@@ -56,6 +56,9 @@ class ClosedFormConfig(ObjectiveConfig):
     include_earlier: keep every earlier removal of the ledger mapped to its anchor.
     earlier_weight: weight of each earlier removal's token pairs against the new concept's in the least squares:
         where both compete for the same free directions, the earlier removals win.
+    preserve_weight: weight of each token of the kept concepts' prompts (every token from the concept on, in every
+        template of its domain) in a soft penalty on its output change: span(P) holds each kept concept's average
+        vector exactly, this keeps its individual tokens close too (UCE's preservation term).
     ridge: Tikhonov weight of the mapping solve, relative to the mean eigenvalue of its key covariance: bounds the
         edit when the concept's part outside the protected span is tiny (0: exact least squares).
     sampling_steps, guidance_scale, num_trajectories: used only by the erasure check's trajectories.
@@ -69,6 +72,7 @@ class ClosedFormConfig(ObjectiveConfig):
     protect_unconditional: bool = True
     include_earlier: bool = True
     earlier_weight: float = 10.0
+    preserve_weight: float = 0.1
     ridge: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -90,10 +94,11 @@ class ClosedFormConfig(ObjectiveConfig):
         for name in ("protect_unconditional", "include_earlier"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("earlier_weight",):
+        for name, strict in (("earlier_weight", True), ("preserve_weight", False)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not value < float("inf")
+            if bad or value < 0 or (strict and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if strict else '>= 0'}, got {value!r}")
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not 0 <= self.ridge < float("inf"):
             raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
 
@@ -165,8 +170,9 @@ def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str]) -
 
 
 def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormConfig,
-                      removed: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
-    """P [d, m] (float64): kept/auxiliary concept embeddings and the empty prompt's tokens; the concepts named."""
+                      removed: Sequence[str]) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """P [d, m] (float64): kept/auxiliary concept embeddings and the empty prompt's tokens; the (concept, domain)
+    pairs behind them."""
     vocabulary = DEFAULT_VOCABULARY if config.vocabulary is None else config.vocabulary
     if isinstance(vocabulary, Mapping):
         candidates = [(c, d) for d, cs in vocabulary.items() for c in cs if d in TEMPLATES]
@@ -182,7 +188,28 @@ def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormCo
     if not columns:
         d = TextConditioner(pipe).cross_attention_dim
         return torch.zeros(d, 0, dtype=torch.float64), []
-    return torch.stack(columns, dim=1), [c for c, _ in chosen]
+    return torch.stack(columns, dim=1), chosen
+
+
+_TOKEN_CACHE = "_unlearn_closed_form_tokens"
+
+
+@torch.no_grad()
+def concept_tokens(pipe: Any, concept: str, domain: str) -> torch.Tensor:
+    """Token states [n, d] (float64) of ``concept`` in every template of its domain: its first token and every one
+    after it (the tokens its presence changes). Cached on the pipeline (the text encoders are never trained)."""
+    cache: dict = pipe.__dict__.setdefault(_TOKEN_CACHE, {})
+    key = (concept.lower(), TEMPLATES[domain])
+    if key not in cache:
+        prompts = [t.format(concept) for t in TEMPLATES[domain]]
+        hidden, ids = TextConditioner(pipe).token_hidden_states(prompts)
+        concept_ids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
+        rows = []
+        for row, prompt_ids in enumerate(ids):
+            start = _find_sublist(prompt_ids, concept_ids)
+            rows.append(hidden[row, max(start, 0):].double().cpu())
+        cache[key] = torch.cat(rows)
+    return cache[key]
 
 
 # ------------------------------------------------------------------------------------------------ solve
@@ -192,37 +219,46 @@ class Solver:
     the ridge-regularised inverse of the mapping keys' covariance in its complement, as low-rank factors."""
 
     protected: torch.Tensor  # [d, r] orthonormal basis of span(P)
-    anchor_factor: torch.Tensor  # [d, k]: sum over pairs of a (c_N)^T V (L + lambda)^-1
-    key_factor: torch.Tensor  # [d, k]: the same with the keys c instead of the anchor keys a
-    directions: torch.Tensor  # [d, k]: V, eigenvectors of the projected keys' covariance
+    anchor_factor: torch.Tensor  # [d, f]: A^T X_F K^-1 (anchor keys A, keys X in free coordinates X_F)
+    key_factor: torch.Tensor  # [d, f]: X^T X_F K^-1
+    directions: torch.Tensor  # [d, f]: F, orthonormal basis of the complement of span(P)
 
     @classmethod
     def build(cls, protected: torch.Tensor, mappings: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              ridge: float, weights: Sequence[float] | None = None) -> Solver:
-        """``weights``: one per mapping (default 1), multiplying its token pairs' squared errors."""
+              ridge: float, weights: Sequence[float] | None = None, preserve: torch.Tensor | None = None,
+              preserve_weight: float = 0.0) -> Solver:
+        """``weights``: one per mapping (default 1), multiplying its token pairs' squared errors. ``preserve``
+        [m, d]: token states whose outputs should move little (soft, weight ``preserve_weight`` each).
+
+        Minimises sum w ||(W + D) x - W0 a||^2 + preserve_weight sum ||D p||^2 + lambda ||D||^2 over D = Z F^T
+        (so D q = 0 on span(P)): Z = (W0 A^T - W X^T) X_F K^-1 with K = X_F^T X_F + preserve_weight P_F^T P_F
+        + lambda I, lambda = ridge * trace(X_F^T X_F) / f."""
         d = protected.shape[0]
         q = _basis(protected)
+        if q.shape[1]:
+            u, _, _ = torch.linalg.svd(protected, full_matrices=True)
+            free = u[:, q.shape[1]:]
+        else:
+            free = torch.eye(d, dtype=torch.float64)
         empty = torch.zeros(d, 0, dtype=torch.float64)
-        if not mappings:
+        if not mappings or free.shape[1] == 0:
             return cls(q, empty, empty, empty)
         weights = [1.0] * len(mappings) if weights is None else list(weights)
         roots = [float(w) ** 0.5 for w in weights]  # sqrt(w) on both sides of a pair weights its squared error by w
         keys = torch.cat([r * k for r, (k, _) in zip(roots, mappings)]).double()
         anchors = torch.cat([r * a for r, (_, a) in zip(roots, mappings)]).double()
-        projected = keys - (keys @ q) @ q.T  # the keys' part outside span(P): all the solve may act on
-        values, vectors = torch.linalg.eigh(projected.T @ projected)
-        free = d - q.shape[1]
-        lam = ridge * float(values.clamp(min=0).sum()) / max(free, 1)
-        keep = values > KEY_RTOL * float(keys.square().sum())  # relative to the keys' energy before projection
-        if lam > 0:
-            keep &= values > 1e-6 * lam  # below this a direction's share of the solution is under 1e-6
-        if not bool(keep.any()):
-            return cls(q, empty, empty, empty)
-        values, vectors = values[keep], vectors[:, keep]
-        # keep the directions exactly outside span(P): eigenvectors of a matrix whose range is there
-        vectors = vectors - q @ (q.T @ vectors)
-        weights = projected @ vectors / (values + lam)  # [n, k]
-        return cls(q, anchors.T @ weights, keys.T @ weights, vectors)
+        coords = keys @ free  # [n, f]: the keys' part outside span(P), all the solve may act on
+        system = coords.T @ coords
+        energy = float(torch.trace(system))
+        if energy <= KEY_RTOL * float(keys.square().sum()):
+            return cls(q, empty, empty, empty)  # the keys lie inside span(P): nothing may move
+        if preserve is not None and len(preserve) and preserve_weight > 0:
+            kept = preserve.double() @ free
+            system = system + preserve_weight * (kept.T @ kept)
+        lam = ridge * energy / free.shape[1]
+        system = system + lam * torch.eye(free.shape[1], dtype=torch.float64)
+        solved = torch.linalg.lstsq(system, coords.T).solution.T  # [n, f] = X_F K^-1 (K symmetric)
+        return cls(q, anchors.T @ solved, keys.T @ solved, free)
 
     def to(self, dtype: torch.dtype) -> Solver:
         return Solver(*(t.to(dtype) for t in (self.protected, self.anchor_factor, self.key_factor, self.directions)))
@@ -308,7 +344,10 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
         raise ValueError(f"anchor {config.anchor!r} is the concept being removed")
     earlier_list = earlier_requests(earlier)
     removed = [e.concept for e in earlier_list]
-    protected, names = protected_columns(pipe, concept, domain, config, removed)
+    protected, chosen = protected_columns(pipe, concept, domain, config, removed)
+    names = [c for c, _ in chosen]
+    preserve = (torch.cat([concept_tokens(pipe, c, d) for c, d in chosen])
+                if chosen and config.preserve_weight > 0 else None)
     mappings = [mapping_keys(pipe, concept, config.anchor, prompts)]
     skipped = []
     if config.include_earlier:
@@ -326,7 +365,7 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     from tqdm.auto import tqdm
 
     weights = [1.0] + [config.earlier_weight] * (len(mappings) - 1)
-    solver = Solver.build(protected, mappings, config.ridge, weights)
+    solver = Solver.build(protected, mappings, config.ridge, weights, preserve, config.preserve_weight)
     # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
     applied = solver.to(torch.float32)
     for layer in tqdm(layers, desc=f"solving {concept!r}", disable=not progress, leave=False):

@@ -91,10 +91,10 @@ def test_plan_killed_during_a_request_loses_only_that_request(uninterrupted, tmp
     pipe = du.load_pipeline("tiny")
     original = pipe.unlearn
 
-    def crash_on_dog(**kwargs):
-        if kwargs["concept"] == "dog":
-            kwargs["regularizers"] = [*kwargs["regularizers"], Crash()]
-        return original(**kwargs)
+    def crash_on_dog(request, **kwargs):  # run_plan hands unlearn() each request's UnlearnRequest
+        if request.concept == "dog":
+            request.regularizers = [*request.regularizers, Crash()]
+        return original(request, **kwargs)
 
     monkeypatch.setattr(pipe, "unlearn", crash_on_dog)
     with pytest.raises(KeyboardInterrupt):

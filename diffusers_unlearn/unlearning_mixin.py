@@ -112,7 +112,7 @@ class UnlearningMixin:
         if not isinstance(require_erasure, bool):
             raise TypeError(f"require_erasure must be True or False, got {require_erasure!r}")
         if isinstance(concept, UnlearnRequest):
-            extra = sorted(options) + (["method"] if method is not None else [])
+            extra = sorted([*options, *(["method"] if method is not None else [])])
             if extra:
                 raise TypeError(f"unlearn() got a ready UnlearnRequest and also {extra}; set them on the request")
             request = concept

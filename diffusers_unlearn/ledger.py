@@ -63,6 +63,7 @@ class RequestRecord:
     created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     timing: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    erasure: dict[str, Any] = field(default_factory=dict)  # the erasure check's figures ({}: ledgers made before it)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

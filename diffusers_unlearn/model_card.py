@@ -190,6 +190,15 @@ def _method(record: RequestRecord) -> str:
     return f"{record.method} (anchor: {anchor})" if anchor else record.method
 
 
+def _erasure_text(record: RequestRecord) -> str:
+    """The erasure check's verdict (``erasure_check.py``): how far the concept's prediction moved."""
+    figures = record.erasure or {}
+    if "erased" not in figures:
+        return "not checked"
+    verdict = "erased" if figures["erased"] else "**NOT erased**"
+    return f"{verdict} (shift {float(figures['target_shift']):.2f}, needs {float(figures['min_shift']):g})"
+
+
 def check_base_model(base_model: object) -> str | None:
     """None, or a Hub model id ("name" or "namespace/name"); anything else raises, naming the value."""
     if base_model is None:
@@ -233,7 +242,8 @@ def build_model_card(
             "version": __version__,
             "base_fingerprint": ledger.base_fingerprint,
             "requests": [
-                {"id": r.request_id, "concept": r.concept, "domain": r.domain, "method": r.method}
+                {"id": r.request_id, "concept": r.concept, "domain": r.domain, "method": r.method,
+                 "erased": r.erasure.get("erased")}
                 for r in ledger.requests
             ],
         },
@@ -263,8 +273,8 @@ def build_model_card(
     ]
     if ledger.requests:
         lines += [
-            "| # | request | concept | domain | method | regularizers | date | steps |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| # | request | concept | domain | method | regularizers | date | steps | erasure check |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for position, record in enumerate(ledger.requests, start=1):
             cells = [
@@ -276,6 +286,7 @@ def build_model_card(
                 escape_markdown(regularizer_summary(record.regularizers), limit=400),
                 escape_markdown(_date(record)),
                 str(int(record.steps)),
+                _erasure_text(record),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     else:

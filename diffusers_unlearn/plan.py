@@ -46,6 +46,7 @@ from .ledger import LEDGER_FILE, RequestRecord, read_ledger_dir
 from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
 from .model_card import check_base_model
 from .objectives import build_objective_config
+from .recipe import resolve_method
 from .regularizers import regularizer_from_dict
 from .request import UnlearnRequest, record_signature
 from .trainer import TrainingConfig
@@ -188,7 +189,7 @@ def _planned_request(
     if not isinstance(concept, str):
         raise PlanError(f"{where}: concept must be a string, got {type(concept).__name__} {concept!r} "
                         "(quote it in YAML: yes/no/on/off and numbers are not strings there)")
-    method = fields.get("method", "esd")
+    method = resolve_method(fields.get("method"), {k: fields.get(k) for k in ("regularizers", *TRAINING_KEYS)})
     options = {k: v for k, v in fields.items() if k not in REQUEST_KEYS}
     strategy = _strategy(fields.get("strategy", plan_strategy), where)
     regularizers = _regularizer_dicts(fields.get("regularizers"), where)

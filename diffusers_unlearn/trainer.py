@@ -92,6 +92,7 @@ class TrainingResult:
     # when training ended (UTC, ISO seconds): the record's created_at, taken here so that every process that
     # receives a gathered result writes the same ledger
     finished_at: str = dataclasses.field(default_factory=now)
+    steps: int | None = None  # optimizer steps taken (None: training.steps); 0 for a closed-form solve
 
 
 def train_request(
@@ -111,6 +112,12 @@ def train_request(
     With ``data_parallel`` (the default) every process of ``accelerator`` trains this same request on its slice of
     the global batch and gradients are averaged; without it each process trains on its own (merge requests).
     """
+    if getattr(request.method, "closed_form", False):  # solved, not trained: no adapter, loop or accelerator
+        from .objectives.closed_form import solve_request
+
+        return solve_request(pipe, concept=request.concept, domain=request.domain, prompts=request.prompts,
+                             objective_config=request.method, base_weights=base_weights,
+                             start_offsets=start_offsets, earlier=earlier, progress=progress)
     unet = denoiser_of(pipe)  # the UNet or the transformer
     training = request.training
     started = time.perf_counter()

@@ -95,6 +95,7 @@ class Protocol:
     merge: bool = False  # train each request from the base, compose with TIES
     simultaneous: bool = False  # retrain from the base on all requests so far, at every step
     description: str = ""
+    method: str | None = None  # the erasure method of this protocol (None: the bench's --method)
 
     def build_regularizers(self, ctx: ProtocolContext) -> list[Regularizer]:
         return list(self.regularizers(ctx))
@@ -132,6 +133,8 @@ PROTOCOLS: dict[str, Protocol] = {
                  description="gradient projection inside the selective fine-tuning mask"),
         Protocol("gp+merge", "GP + Merging", lambda ctx: [_gp(ctx)], merge=True,
                  description="gradient projection on each independently trained request, TIES-merged"),
+        Protocol("closed_form", "Closed form", method="closed_form",
+                 description="no training: minimum-norm K/V edit keeping the world's other concepts, earlier removals"),
     )
 }
 

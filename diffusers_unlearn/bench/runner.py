@@ -125,11 +125,14 @@ def attack_removed(world: BenchWorld, settings: BenchSettings, pipe: Any, remove
 
 
 def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[str],
-               num_prompts: int) -> ObjectiveConfig:
+               num_prompts: int, method: str | None = None) -> ObjectiveConfig:
     """The method config of one request over ``concepts`` (several: a simultaneous retraining)."""
     config = world.eval_config
     common = dict(sampling_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                   num_trajectories=num_prompts * settings.trajectories_per_prompt)
+    method = method or settings.method  # a protocol may name its own method
+    if method == "closed_form":  # keeps every other concept of the world, and the earlier removals
+        return build_objective_config("closed_form", dict(common, vocabulary=world.vocabulary()))
     if settings.method == "esd":
         return build_objective_config("esd", dict(common, negative_guidance=settings.negative_guidance))
     if settings.method == "ca":
@@ -148,7 +151,8 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
     ctx = ProtocolContext(settings.hparams, world.vocabulary())
     hp = settings.hparams
     return dict(
-        concept=concept, method=_objective(settings, world, [concept], len(world.templates(settings.domain))),
+        concept=concept,
+        method=_objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method),
         domain=world.prompt_domain(settings.domain), steps=hp.steps, learning_rate=hp.learning_rate, rank=hp.rank,
         batch_size=hp.batch_size, regularizers=protocol.build_regularizers(ctx), strategy=protocol.strategy(ctx),
     )

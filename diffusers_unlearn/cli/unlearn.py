@@ -28,9 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True,
                         help="folder to write the unlearned pipeline to (new, empty, or an unlearned folder; "
                              "MODEL_OR_FOLDER itself updates it)")
-    parser.add_argument("--method", default="esd",
-                        help="erasure method registered with du.register_objective (default esd); an unknown name "
-                        "is refused with the registered list")
+    parser.add_argument("--method", default=None,
+                        help="erasure method registered with du.register_objective (default: the recommended recipe, "
+                        "closed_form; esd when training or regularizer options are given); an unknown name is "
+                        "refused with the registered list")
     parser.add_argument("--anchor", default=None, help="anchor concept (method ca)")
     parser.add_argument("--domain", default=None,
                         help="picks the prompt templates: style, object or concept (default); a world with a recipe "

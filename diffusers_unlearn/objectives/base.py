@@ -53,6 +53,9 @@ class ObjectiveConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    def check_regularizers(self, regularizers: list[Any]) -> None:
+        """Refuse regularizers this method cannot apply (called before anything runs); trained methods take all."""
+
 
 def _check_int(config: object, field: str, minimum: int) -> None:
     value = getattr(config, field)

@@ -79,8 +79,9 @@ class World:
         """A fresh pipeline of this world (without ``UnlearnMixin``; ``load_pipeline`` attaches it)."""
         return _resolve(self.pipeline)(**dict(self.pipeline_kwargs))
 
-    def request_recipe(self, domain: str | None, method: str) -> WorldRecipe | None:
-        """The world's calibrated settings for a request of ``domain`` with ``method`` (None: no recipe)."""
+    def request_recipe(self, domain: str | None, method: str | None) -> WorldRecipe | None:
+        """The world's calibrated settings for a request of ``domain`` with ``method`` (None: the world's own
+        calibrated method); None when the world has no recipe."""
         return None if self.recipe is None else _resolve(self.recipe)(domain, method)
 
     def folder_path(self) -> Path | None:

@@ -193,7 +193,7 @@ def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | N
     from ..objectives import OBJECTIVES, ObjectiveConfig, build_objective_config
     from ..worlds import get_world
 
-    if args.method not in OBJECTIVES:
+    if args.method is not None and args.method not in OBJECTIVES:
         raise UsageError(f"unknown --method {args.method!r}; registered methods: {', '.join(sorted(OBJECTIVES))}")
     options = parse_options(args.option)
     if args.anchor is not None:
@@ -206,6 +206,12 @@ def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | N
         settings = {k: v for k, v in method.to_dict().items() if k != "method"}
         kwargs["method"] = build_objective_config(method.method, {**settings, **options})
     else:
+        if method is None:  # no --method: the recommended recipe, or the trained method when training is asked for
+            from ..recipe import resolve_method
+
+            trained = {"steps": args.steps, "learning_rate": args.learning_rate, "rank": args.rank,
+                       "options": options or None, "regularizers": build_regularizers(args, recipe)}
+            method = resolve_method(None, trained)
         kwargs["method"] = build_objective_config(method, options)
     for key, value in (("steps", args.steps), ("learning_rate", args.learning_rate), ("rank", _rank(args.rank)),
                        ("strategy", args.strategy)):

@@ -34,7 +34,8 @@ import torch
 
 from ..adapters import RequestAdapter, identity_factors
 from ..conditioning import TextConditioner
-from ..embeddings import _find_sublist, concept_embedding
+from ..conditioning import _find_sublist
+from ..embeddings import concept_embedding
 from ..prompts import TEMPLATES, check_concept, same_concept
 from ..vocabulary import DEFAULT_VOCABULARY
 from .base import Objective, ObjectiveConfig, register_objective

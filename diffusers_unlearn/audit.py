@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ._validation import check_seed
+
 PANELS = ("base", "all", "only", "without")
 _LABEL_HEIGHT = 22
 _GAP = 4  # white space between tiles
@@ -32,8 +34,7 @@ def audit_images(
     pipe._check_request_id(request_id)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_seed(seed)
 
     def generate() -> Image.Image:
         kwargs = dict(pipe_kwargs)

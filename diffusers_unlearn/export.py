@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -36,12 +34,15 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from . import adapters as ad
+from ._atomic import atomic_write_bytes, fix_modes, staging_folder, switch_folder
+from ._validation import check_repo_id, is_repo_id
 from .ledger import (
     LEDGER_FILE,
+    REQUEST_ID,
     LedgerError,
-    atomic_write_bytes,
     check_adapter_fits,
     fingerprint,
+    parse_json,
     read_ledger_dir,
     write_ledger_dir,
 )
@@ -227,12 +228,9 @@ def save_pretrained_folded(pipe: Any, directory: str | os.PathLike, save: Callab
         fix_model_index(Path(directory), diffusers_class_name(pipe))
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-
-
 def is_hub_repo_id(value: object) -> bool:
     """True for strings shaped like a Hub model id ("user/model") that are not a local path."""
-    return isinstance(value, str) and bool(_REPO_ID.match(value)) and not os.path.exists(value) and ".." not in value
+    return is_repo_id(value)
 
 
 def guess_base_model(pipe: Any) -> str | None:
@@ -267,9 +265,10 @@ def save_unlearned(
 ) -> Path:
     """Write a complete diffusers pipeline folder with every request of the ledger folded into the UNet.
 
-    Everything is written to a temporary folder beside ``directory`` and moved into place at the end, so an
-    interrupted save leaves the previous folder as it was. An existing ``directory`` is replaced only when it is
-    empty or an unlearned pipeline folder. The pipeline's mode (stacked or folded) is the same afterwards.
+    Everything is written to a new folder beside ``directory`` and switched in by one atomic exchange, so a crash
+    at any point leaves the previous folder or the new one, complete. An existing ``directory`` is replaced only
+    when it is empty or an unlearned pipeline folder. Files and folders get the umask's permissions (usually 0644
+    and 0755). The pipeline's mode (stacked or folded) is the same afterwards.
     """
     from .model_card import build_model_card, check_base_model
 
@@ -278,8 +277,7 @@ def save_unlearned(
     check_output_folder(directory)
     base_model = check_base_model(base_model) or guess_base_model(pipe)
     class_name = diffusers_class_name(pipe)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    tmp = staging_folder(directory)
     try:
         previous = state.mode
         pipe.fold()  # plain nn.Linear layers holding base + all requests: what plain diffusers must load
@@ -322,28 +320,13 @@ def save_unlearned(
             "lora": exports,
         }
         atomic_write_bytes(unlearning / STATE_FILE, (json.dumps(saved_state, indent=2) + "\n").encode())
-        _replace_folder(tmp, directory)
+        fix_modes(tmp)  # diffusers/transformers writers and tempfile leave some files 0600
+        switch_folder(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("saved the unlearned pipeline (%d requests folded) to %s", len(state.ledger.requests), directory)
     return directory
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is renamed away first and removed only once ``new`` is there."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.rmdir(old)
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def saved_files(directory: str | os.PathLike) -> list[str]:
@@ -378,13 +361,57 @@ def check_unlearned_folder(directory: str | os.PathLike) -> dict[str, Any]:
 def read_saved_state(directory: Path) -> dict[str, Any]:
     path = Path(directory) / UNLEARNING_DIR / STATE_FILE
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
         raise LedgerError(f"{path} is unreadable or corrupted: {err}") from err
-    required = ("format", "base_fingerprint", "folded_fingerprint")
-    if not isinstance(data, dict) or data.get("format") != SAVED_FORMAT or any(k not in data for k in required):
+    data = parse_json(text, str(path))
+    if not isinstance(data, dict) or data.get("format") != SAVED_FORMAT:
         raise LedgerError(f"{path} is not a diffusers-unlearn saved-pipeline state (format {SAVED_FORMAT})")
+    check_saved_state(data, str(path))
     return data
+
+
+def _is_base_model(value: Any) -> bool:
+    try:
+        check_repo_id(value, "base_model")
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_lora_entry(request_id: str, entry: Any) -> bool:
+    return isinstance(entry, dict) and entry.get("file") == f"{UNLEARNING_DIR}/{LORA_DIR}/{request_id}.safetensors"
+
+
+# field -> (check, what it must be), for unlearning/state.json
+_STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "format": (lambda v: v == SAVED_FORMAT, f"{SAVED_FORMAT}"),
+    "library_version": (lambda v: isinstance(v, str), "a string"),
+    "mode": (lambda v: v == "folded", "'folded'"),
+    "pipeline_class": (lambda v: isinstance(v, str) and v.isidentifier(), "a class name"),
+    "base_model": (lambda v: v is None or _is_base_model(v), "null or a Hub model id"),
+    "base_fingerprint": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "folded_fingerprint": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "requests": (lambda v: isinstance(v, list) and all(isinstance(i, str) and REQUEST_ID.fullmatch(i) for i in v),
+                 "a list of request ids like 'r0001'"),
+    "lora": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and REQUEST_ID.fullmatch(k)
+                                                   and _is_lora_entry(k, e) for k, e in v.items()),
+             "a map of request id -> {file: 'unlearning/lora/<request id>.safetensors', ...}"),
+}
+
+
+def check_saved_state(data: dict[str, Any], where: str) -> None:
+    """Every field of ``unlearning/state.json`` has the form ``save_unlearned`` writes (LedgerError naming it)."""
+    missing = [k for k in ("format", "base_fingerprint", "folded_fingerprint") if k not in data]
+    if missing:
+        raise LedgerError(f"{where} is missing field(s) {missing}")
+    unknown = sorted(set(data) - set(_STATE_FIELDS))
+    if unknown:
+        raise LedgerError(f"{where} has unknown field(s) {unknown}; allowed: {sorted(_STATE_FIELDS)}")
+    for name, value in data.items():
+        check, wanted = _STATE_FIELDS[name]
+        if not check(value):
+            raise LedgerError(f"{where}: {name} must be {wanted}, got {value!r}"[:400])
 
 
 # ------------------------------------------------------------------------------------------------------ restore
@@ -462,11 +489,15 @@ def read_base_kv(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as handle:
             if (handle.metadata() or {}).get("format") != "diffusers-unlearn-base-kv":
                 raise LedgerError(f"{path} is safetensors but not diffusers-unlearn base weights")
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            weights = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         if isinstance(err, LedgerError):
             raise
         raise LedgerError(f"{path} is not a valid safetensors file: {err}") from err
+    for key, tensor in weights.items():
+        if not tensor.is_floating_point() or tensor.dim() != 2 or not bool(torch.isfinite(tensor).all()):
+            raise LedgerError(f"{path}: {key} must be a 2-D float tensor of finite values")
+    return weights
 
 
 __all__ = [

@@ -21,6 +21,7 @@ from accelerate.utils import gather_object
 
 from . import __version__
 from . import adapters as ad
+from ._validation import check_seed
 from .composition import Mode, combined_deltas, materialize
 from .conditioning import SUPPORTED_ARCHITECTURES
 from .ledger import (
@@ -301,8 +302,7 @@ class UnlearnMixin:
         domain = check_domain(domain)
         objective_config = build_objective_config(method, method_options)
         training = _training_config(training, steps, rank, learning_rate, batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        check_seed(seed)
         regs = check_regularizers(regularizers)
         for regularizer in regs:
             regularizer.check_request(concept, domain)

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
 MODEL_HELP = ("'tiny' or 'tiny-sdxl' (offline test pipelines), a pipeline folder (an unlearned folder keeps its "
               "ledger) or a Hub model id")
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` for numbers: NaN, Inf and values beyond float range are refused, as everywhere else."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_loading_options(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, load, short
+from ._common import MODEL_HELP, add_loading_options, add_quiet, finite_float, load, short
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--anchor", default=None, help="anchor concept (method ca)")
     parser.add_argument("--domain", default=None, help="style, object or concept (default): picks the prompt templates")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: TrainingConfig's)")
-    parser.add_argument("--learning-rate", type=float, default=None, help="learning rate")
+    parser.add_argument("--learning-rate", type=finite_float, default=None, help="learning rate")
     parser.add_argument("--rank", default=None, help="LoRA rank, or 'full'")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request (default 0)")
     parser.add_argument("--retain", action="append", default=None, metavar="CONCEPTS",
@@ -31,9 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="gradient projection also keeps this many concepts most similar to the target")
     parser.add_argument("--project", action="store_true",
                         help="gradient projection with its defaults (implied by --retain / --neighbors)")
-    parser.add_argument("--top-k", type=float, default=None, help="selective fine-tuning: fraction of K/V elements")
-    parser.add_argument("--l1", type=float, default=None, help="L1 drift penalty weight")
-    parser.add_argument("--l2", type=float, default=None, help="L2 drift penalty weight")
+    parser.add_argument("--top-k", type=finite_float, default=None, help="selective fine-tuning: fraction of K/V elements")
+    parser.add_argument("--l1", type=finite_float, default=None, help="L1 drift penalty weight")
+    parser.add_argument("--l2", type=finite_float, default=None, help="L2 drift penalty weight")
     parser.add_argument("--strategy", default=None,
                         help="sequential (default), merge, ties, task_arithmetic or uniform (one per ledger)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

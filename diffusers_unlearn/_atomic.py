@@ -18,6 +18,8 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _UMASK_LOCK = threading.Lock()
@@ -78,6 +80,28 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def folder_lock(folder: Path, shared: bool = False) -> Iterator[None]:
+    """Hold a lock on ``folder`` itself (flock on its descriptor: no lock file is left behind): exclusive for a
+    saver, shared for a reader. A no-op where ``fcntl`` does not exist (Windows) or the folder cannot be opened.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def staging_folder(target: Path) -> Path:
     """A new empty hidden folder beside ``target`` (same file system, so it can be renamed into place)."""
     target = Path(target)
@@ -87,17 +111,18 @@ def staging_folder(target: Path) -> Path:
     return folder
 
 
-def fix_modes(folder: Path) -> None:
-    """Give every file and folder under ``folder`` the umask's permissions (libraries may create 0600 files)."""
+def fix_modes(folder: Path, since: float | None = None) -> None:
+    """Give files and folders under ``folder`` the umask's permissions (safetensors and tempfile create 0600 files
+    and 0700 folders). With ``since`` (a ``time.time()``), only what was modified from then on: a save into an
+    existing folder leaves the user's other files alone."""
     files, folders = file_mode(), folder_mode()
     for root, dirs, names in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), folders)
-        for name in names:
+        for name, mode in [*((d, folders) for d in dirs), *((n, files) for n in names)]:
             path = os.path.join(root, name)
-            if not os.path.islink(path):
-                os.chmod(path, files)
-    os.chmod(folder, folders)
+            if not os.path.islink(path) and (since is None or os.stat(path).st_mtime >= since):
+                os.chmod(path, mode)
+    if since is None or os.stat(folder).st_mtime >= since:
+        os.chmod(folder, folders)
 
 
 _RENAME_EXCHANGE = 2

@@ -69,8 +69,10 @@ def check_number(
 
 
 def check_seed(value: Any, name: str = "seed") -> int:
-    """A random seed: an integer in [0, 2**63 - 1]."""
-    return check_int(value, name, minimum=0, maximum=SEED_MAX)
+    """A random seed: an integer >= 0 (at most 2**63 - 1, what torch's generators take)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{name} must be an integer >= 0 (at most 2**63 - 1), got {value!r}")
+    return value
 
 
 def check_optional_number(value: Any, name: str, **bounds: Any) -> float | None:

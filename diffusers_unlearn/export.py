@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -219,11 +220,14 @@ def save_pretrained_folded(pipe: Any, directory: str | os.PathLike, save: Callab
     stacked = state is not None and any(isinstance(m, ad.LoraLayer) for m in pipe.unet.modules())
     if stacked:
         pipe._rebuild(mode="folded")
+    started = time.time() - 1  # file system timestamps may be coarser than time.time()
     try:
         save()
     finally:
         if stacked:
             pipe._rebuild()
+    if Path(directory).is_dir():
+        fix_modes(Path(directory), since=started)  # safetensors writes weights 0600
     if Path(directory, "model_index.json").is_file():
         fix_model_index(Path(directory), diffusers_class_name(pipe))
 

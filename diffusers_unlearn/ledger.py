@@ -30,18 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from ._atomic import atomic_write_bytes
+from ._atomic import atomic_write_bytes, folder_lock
 from ._validation import finite_json_float, refuse_json_constant
 from .adapters import RequestAdapter
 from .merging import strategy_from_dict
 
 LEDGER_FILE = "ledger.json"
 ADAPTER_DIR = "adapters"
-LOCK_FILE = ".ledger.lock"
 LEDGER_FORMAT = 1
 ADAPTER_FORMAT = "diffusers-unlearn-adapter/1"
 ADAPTER_METADATA_KEY = "diffusers_unlearn"
@@ -154,9 +152,9 @@ class RequestRecord:
         """Build a record from its JSON form, checking every field; ``where`` names it in errors."""
         if not _is_dict(data):
             raise LedgerError(f"{where} must be a map, got {type(data).__name__}")
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING]
-        _check_fields(data, _RECORD_FIELDS, required, where)
+        # every field is required: the library writes them all, and a loader that filled in defaults would
+        # silently hold something other than what the file says
+        _check_fields(data, _RECORD_FIELDS, list(_RECORD_FIELDS), where)
         request_id = data["request_id"]
         if request_id != f"r{data['index']:04d}":
             raise LedgerError(f"{where}.request_id {request_id!r} does not match its index {data['index']} "
@@ -212,9 +210,9 @@ class Ledger:
             "requests": (lambda v: isinstance(v, list), "a list"),
             "history": (lambda v: isinstance(v, list) and all(_is_dict(e) for e in v), "a list of maps"),
         }
-        _check_fields(data, spec, ("base_fingerprint", "next_index", "requests"), where)
+        _check_fields(data, spec, list(spec), where)
         requests = [RequestRecord.from_dict(r, f"{where}: requests[{i}]") for i, r in enumerate(data["requests"])]
-        ledger = cls(data["base_fingerprint"], requests, data["next_index"], list(data.get("history", [])))
+        ledger = cls(data["base_fingerprint"], requests, data["next_index"], list(data["history"]))
         ids = ledger.ids()
         if len(set(ids)) != len(ids):
             raise LedgerError(f"{where} is corrupted: duplicate request ids in {ids}")
@@ -335,20 +333,19 @@ def check_adapter_fits(adapter: RequestAdapter, shapes: dict[str, tuple[int, ...
             raise LedgerError(f"{where}: layer {layer} has shape {got}, the UNet has {tuple(shapes[layer])}")
 
 
-def _write_lock(directory: Path) -> FileLock:
-    return FileLock(str(directory / LOCK_FILE))
-
-
 def write_ledger_dir(directory: str | os.PathLike, ledger: Ledger, adapters: dict[str, RequestAdapter]) -> None:
     """Save the ledger and its adapters so that a crash at any point leaves the old or the new ledger, complete.
 
     Adapters go to content-addressed names (never over a file the old ledger names with other bytes), then
     ``ledger.json`` is replaced in one rename, then adapter files no record names are removed. Concurrent savers
-    into one folder are serialised by a lock file, so one of them wins whole.
+    into one folder are serialised by a lock on the folder, so one of them wins whole.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     adapter_dir = directory / ADAPTER_DIR
+    for path in (adapter_dir, directory / LEDGER_FILE):
+        if path.is_symlink():  # a planted link would make the save write outside the folder
+            raise LedgerError(f"{path} is a symbolic link; refusing to save through it")
     records = []
     files = {}
     for record in ledger.requests:
@@ -356,7 +353,7 @@ def write_ledger_dir(directory: str | os.PathLike, ledger: Ledger, adapters: dic
         checksum = sha256_bytes(data)
         records.append((record, adapter_file_name(record.request_id, checksum), checksum))
         files[adapter_file_name(record.request_id, checksum)] = data
-    with _write_lock(directory):
+    with folder_lock(directory):
         for name, data in files.items():
             path = directory / name
             if not (path.is_file() and sha256_bytes(path.read_bytes()) == sha256_bytes(data)):
@@ -387,17 +384,18 @@ def read_ledger_dir(directory: str | os.PathLike) -> tuple[Ledger, dict[str, Req
     path = directory / LEDGER_FILE
     if not path.is_file():
         raise LedgerError(f"{directory} has no {LEDGER_FILE}: not a saved unlearning directory")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise LedgerError(f"{path} is corrupted (not UTF-8 text): {err}") from None
-    ledger = Ledger.from_dict(parse_json(text, str(path)), str(path))
-    adapters = {}
-    for i, record in enumerate(ledger.requests):
-        # the file name was checked against ADAPTER_FILE: it lies in adapters/ of this folder, whatever the ledger says
-        adapters[record.request_id] = read_adapter(
-            directory / record.adapter["file"], record.adapter["sha256"], record.request_id
-        )
+    with folder_lock(directory, shared=True):  # a concurrent save cannot remove the files this ledger names
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise LedgerError(f"{path} is corrupted (not UTF-8 text): {err}") from None
+        ledger = Ledger.from_dict(parse_json(text, str(path)), str(path))
+        adapters = {}
+        for record in ledger.requests:
+            # the name matched ADAPTER_FILE: it lies in adapters/ of this folder, whatever the ledger says
+            adapters[record.request_id] = read_adapter(
+                directory / record.adapter["file"], record.adapter["sha256"], record.request_id
+            )
     return ledger, adapters
 
 

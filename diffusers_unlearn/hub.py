@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ._validation import check_repo_id
-from .export import CARD_FILE, UNLEARNING_DIR, check_unlearned_folder, saved_files
+from .saved_folder import CARD_FILE, UNLEARNING_DIR, check_unlearned_folder, saved_files
 
 
 @dataclass

@@ -9,12 +9,11 @@ every request, results table and plots. ``diffusers-unlearn bench`` runs it on M
 
 from .protocols import PROTOCOLS, Hyperparameters, Protocol, ProtocolContext, resolve_protocols
 from .report import markdown, plot_cost, plot_metrics, write_report
-from .runner import DEFAULT_ANCHORS, METHODS, BenchSettings, run_bench, run_protocol, serve_request
+from .runner import DEFAULT_ANCHORS, BenchSettings, run_bench, run_protocol, serve_request
 from .world import BenchWorld, family_round_robin, minicanvas_world
 
 __all__ = [
     "DEFAULT_ANCHORS",
-    "METHODS",
     "PROTOCOLS",
     "BenchSettings",
     "BenchWorld",

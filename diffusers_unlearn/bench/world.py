@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import minicanvas as mc
 from .._validation import check_int
 from ..evaluation import Classifier, EvalConfig
 from ..evaluation.metrics import check_eval_domain
@@ -90,7 +91,7 @@ class BenchWorld:
             name = self.prompt_domain(domain)
             templates = tuple(self.templates(domain))
             if TEMPLATES.get(name) != templates:
-                register_templates(name, templates)
+                register_templates(name, templates, replace=True)  # a world of the same name, other concepts
 
     def vocabulary(self) -> dict[str, list[str]]:
         """Gradient projection's neighbour pool: every concept of both domains, in the world's prompt domains."""
@@ -121,8 +122,6 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
     ``eval_seeds`` (the first n ``EVAL_SEEDS``), ``eval_objects`` and ``eval_steps`` (sampling steps, also those of
     the requests' trajectories) make the evaluation a cheaper subset.
     """
-    from .. import minicanvas as mc
-
     style_clf, object_clf = mc.load_classifiers(device=device, weights_dir=weights_dir)
 
     def load() -> Any:

@@ -104,9 +104,11 @@ _ADAPTER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 _ADAPTER_REQUIRED = ("kind", "file", "sha256")
 
 
-def _check_fields(
-    data: dict[str, Any], spec: dict[str, tuple[Callable[[Any], bool], str]], required: Any, where: str
+def check_fields(
+    data: dict[str, Any], spec: dict[str, tuple[Callable[[Any], bool], str]], required: Any, where: str,
+    sep: str = ".",
 ) -> None:
+    """Refuse missing, unknown and malformed fields of a JSON map; the error names ``where`` + sep + the field."""
     missing = [name for name in required if name not in data]
     if missing:
         raise LedgerError(f"{where} is missing field(s) {missing}")
@@ -116,7 +118,7 @@ def _check_fields(
     for name, value in data.items():
         check, wanted = spec[name]
         if not check(value):
-            raise LedgerError(f"{where}.{name} must be {wanted}, got {value!r}"[:400])
+            raise LedgerError(f"{where}{sep}{name} must be {wanted}, got {value!r}"[:400])
 
 
 @dataclass
@@ -154,12 +156,12 @@ class RequestRecord:
             raise LedgerError(f"{where} must be a map, got {type(data).__name__}")
         # every field is required: the library writes them all, and a loader that filled in defaults would
         # silently hold something other than what the file says
-        _check_fields(data, _RECORD_FIELDS, list(_RECORD_FIELDS), where)
+        check_fields(data, _RECORD_FIELDS, list(_RECORD_FIELDS), where)
         request_id = data["request_id"]
         if request_id != f"r{data['index']:04d}":
             raise LedgerError(f"{where}.request_id {request_id!r} does not match its index {data['index']} "
                               f"(the ledger writes 'r{data['index']:04d}')")
-        _check_fields(data["adapter"], _ADAPTER_FIELDS, _ADAPTER_REQUIRED, f"{where}.adapter")
+        check_fields(data["adapter"], _ADAPTER_FIELDS, _ADAPTER_REQUIRED, f"{where}.adapter")
         if ADAPTER_FILE.fullmatch(data["adapter"]["file"]).group(1) != request_id:
             raise LedgerError(f"{where}.adapter.file {data['adapter']['file']!r} is not request {request_id}'s file")
         try:
@@ -210,7 +212,7 @@ class Ledger:
             "requests": (lambda v: isinstance(v, list), "a list"),
             "history": (lambda v: isinstance(v, list) and all(_is_dict(e) for e in v), "a list of maps"),
         }
-        _check_fields(data, spec, list(spec), where)
+        check_fields(data, spec, list(spec), where, sep=": ")
         requests = [RequestRecord.from_dict(r, f"{where}: requests[{i}]") for i, r in enumerate(data["requests"])]
         ledger = cls(data["base_fingerprint"], requests, data["next_index"], list(data["history"]))
         ids = ledger.ids()

@@ -35,6 +35,7 @@ from .ledger import (
     Ledger,
     LedgerError,
     check_adapter_fits,
+    check_fields,
     fingerprint,
     parse_json,
     read_ledger_dir,
@@ -133,16 +134,7 @@ _STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def check_saved_state(data: dict[str, Any], where: str) -> None:
     """Every field of ``unlearning/state.json`` has the form ``save_unlearned`` writes (LedgerError naming it)."""
-    missing = [k for k in ("format", "base_fingerprint", "folded_fingerprint") if k not in data]
-    if missing:
-        raise LedgerError(f"{where} is missing field(s) {missing}")
-    unknown = sorted(set(data) - set(_STATE_FIELDS))
-    if unknown:
-        raise LedgerError(f"{where} has unknown field(s) {unknown}; allowed: {sorted(_STATE_FIELDS)}")
-    for name, value in data.items():
-        check, wanted = _STATE_FIELDS[name]
-        if not check(value):
-            raise LedgerError(f"{where}: {name} must be {wanted}, got {value!r}"[:400])
+    check_fields(data, _STATE_FIELDS, ("format", "base_fingerprint", "folded_fingerprint"), where, sep=": ")
 
 
 def find_unlearned_folder(pipe: Any) -> Path | None:

@@ -117,6 +117,21 @@ class FileOps:
         return wrapper
 
 
+def crash_each(points, monkeypatch, reference_old, target, save, classify) -> list[str]:
+    """For each k in ``points``: restore the old folder, fail the save at its k-th file operation, classify what is
+    left ("old", "new" or "broken")."""
+    outcomes = []
+    for k in points:
+        shutil.rmtree(target)
+        shutil.copytree(reference_old, target)
+        with monkeypatch.context() as patch:
+            FileOps(patch, None, crash_at=k)  # the counting pass checked the state before every operation
+            with pytest.raises(Crash):
+                save(target)
+        outcomes.append(classify())
+    return outcomes
+
+
 def _trained(concept, seed, domain="style"):
     pipe = du.attach(du.testing.tiny_pipeline(seed=0))
     pipe.unlearn(concept, domain=domain, seed=seed, **FAST)
@@ -165,16 +180,11 @@ def test_ledger_save_crashing_at_every_file_operation_leaves_the_old_or_the_new_
     total = counting.count
     assert total >= 8, counting.names  # adapters (temp file, write, fsync, rename) x 2, ledger.json, cleanup
     assert _same(_ledger_state(target), new)
-    outcomes = []
-    for k in range(1, total + 1):
-        shutil.rmtree(target)
-        shutil.copytree(reference_old, target)
-        with monkeypatch.context() as patch:
-            FileOps(patch, None, crash_at=k)  # the counting pass checked the state before every operation
-            with pytest.raises(Crash):
-                new_pipe.save_unlearning(target)
+    def classify():
         state = _ledger_state(target)
-        outcomes.append("new" if _same(state, new) else "old" if _same(state, old) else "broken")
+        return "new" if _same(state, new) else "old" if _same(state, old) else "broken"
+
+    outcomes = crash_each(range(1, total + 1), monkeypatch, reference_old, target, new_pipe.save_unlearning, classify)
     assert "broken" not in outcomes and outcomes[0] == "old" and "new" in outcomes, outcomes
     # the fresh pipeline loads whatever was left, complete
     fresh = du.attach(du.testing.tiny_pipeline(seed=0))
@@ -212,7 +222,7 @@ def _save_unlearned_crashes(old_pipe, new_pipe, tmp_path, monkeypatch, every_op)
     old_pipe.save_unlearned(reference_old)
     new_pipe.save_unlearned(reference_new)
     old, new = tree(reference_old), tree(reference_new)
-    assert old != new and new == tree(new_pipe.save_unlearned(tmp_path / "again"))  # deterministic bytes
+    assert old != new and new == tree(new_pipe.save_unlearned(tmp_path / "again"))  # deterministic content
     target = tmp_path / "target"
 
     def check():
@@ -224,16 +234,12 @@ def _save_unlearned_crashes(old_pipe, new_pipe, tmp_path, monkeypatch, every_op)
         new_pipe.save_unlearned(target)
     total = counting.count
     assert tree(target) == new and total > 20, counting.names
-    outcomes = []
-    for k in crash_points(total, every_op):
-        shutil.rmtree(target)
-        shutil.copytree(reference_old, target)
-        with monkeypatch.context() as patch:
-            FileOps(patch, None, crash_at=k)  # the counting pass checked the state before every operation
-            with pytest.raises(Crash):
-                new_pipe.save_unlearned(target)
+    def classify():
         state = tree(target)
-        outcomes.append("new" if state == new else "old" if state == old else "broken")
+        return "new" if state == new else "old" if state == old else "broken"
+
+    outcomes = crash_each(crash_points(total, every_op), monkeypatch, reference_old, target, new_pipe.save_unlearned,
+                          classify)
     assert "broken" not in outcomes and outcomes[0] == "old" and outcomes[-1] == "new", outcomes
     # no staging folder is left behind by a failed save (the cleanup ran), and the pipeline is as it was
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".target")) == []

@@ -9,7 +9,7 @@ every request, results table and plots. ``diffusers-unlearn bench`` runs it on M
 
 from .protocols import PROTOCOLS, Hyperparameters, Protocol, ProtocolContext, resolve_protocols
 from .report import markdown, plot_cost, plot_metrics, write_report
-from .runner import DEFAULT_ANCHORS, BenchSettings, run_bench, run_protocol, serve_request
+from .runner import DEFAULT_ANCHORS, BenchSettings, request_kwargs, run_bench, run_protocol, serve_request
 from .world import BenchWorld, family_round_robin, minicanvas_world
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "minicanvas_world",
     "plot_cost",
     "plot_metrics",
+    "request_kwargs",
     "resolve_protocols",
     "run_bench",
     "run_protocol",

@@ -149,6 +149,27 @@ def evaluation_rows(ledger: Ledger, evaluation: Mapping[str, Any] | None) -> lis
     return [(scope, metric, _format_value(value)) for scope, metric, value in rows]
 
 
+def robustness_lines(results: Any) -> list[str]:
+    """The card's robustness section from recovery-attack results (``AttackResult.to_dict()`` mappings), if any."""
+    if results is None:
+        return []
+    if isinstance(results, Mapping) or not isinstance(results, (list, tuple)) or not all(
+            isinstance(r, Mapping) and {"kind", "concept", "accuracy", "plain_accuracy"} <= set(r) for r in results):
+        raise ValueError("evaluation['robustness'] must be a list of attack results (AttackResult.to_dict(): kind, "
+                         f"concept, accuracy, plain_accuracy, ...), got {results!r:.200}")
+    lines = ["", "## Robustness to recovery attacks", "",
+             "Percent of images a classifier names as the removed concept, with its plain prompts and under each "
+             "attack (`du.evaluation.attack`); robust UA = 100 - attack accuracy.", "",
+             "| concept | attack | plain prompts | under attack | robust UA | attack cost |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        cost = f"{int(r.get('steps', 0))} steps, {float(r.get('seconds', 0.0)):.1f} s"
+        lines.append(f"| {escape_markdown(r['concept'])} | {escape_markdown(r['kind'])} | "
+                     f"{float(r['plain_accuracy']):.1f} | {float(r['accuracy']):.1f} | "
+                     f"{100.0 - float(r['accuracy']):.1f} | {cost} |")
+    return lines
+
+
 def _strategy_text(ledger: Ledger) -> str:
     if not ledger.requests:
         return "none (no requests)"
@@ -190,7 +211,10 @@ def build_model_card(
         pipeline_class: the diffusers class that loads the folder.
         lora_exports: per request id, what ``export_lora`` wrote (file, kind, ranks), listed in the body.
         evaluation: overall evaluation figures (nested dicts allowed); per-request figures come from the records.
+            Its ``"robustness"`` entry, a list of recovery-attack results, becomes a section of its own.
     """
+    evaluation = dict(evaluation or {})
+    robustness = robustness_lines(evaluation.pop("robustness", None))
     concepts = [r.concept for r in ledger.requests]
     data = ModelCardData(
         base_model=base_model,
@@ -249,6 +273,7 @@ def build_model_card(
     if rows:
         lines += ["", "## Evaluation", "", "| scope | metric | value |", "| --- | --- | --- |"]
         lines += [f"| {escape_markdown(s)} | {escape_markdown(m)} | {escape_markdown(v)} |" for s, m, v in rows]
+    lines += robustness
     lines += [
         "",
         "## Use",

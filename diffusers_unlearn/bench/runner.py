@@ -41,6 +41,9 @@ class BenchSettings:
         anchor: Concept Ablation's anchor (default: a generic word of the domain, ``DEFAULT_ANCHORS``).
         trajectories_per_prompt: frozen-model trajectories per request prompt (one prompt per template).
         seed: request k uses seed ``seed + k`` in every protocol.
+        attacks: recovery attack kinds (``evaluation.ATTACKS``) run on every removed concept after the last request;
+            their robust UA (100 - attack accuracy) joins the results.
+        attack_steps: optimisation steps of the embedding and finetune attacks (None: their defaults).
     """
 
     requests: int = 6
@@ -52,9 +55,15 @@ class BenchSettings:
     anchor: str | None = None
     trajectories_per_prompt: int = 1
     seed: int = 0
+    attacks: Sequence[str] = ()
+    attack_steps: int | None = None
 
     def __post_init__(self) -> None:
         check_eval_domain(self.domain)
+        self.attacks = check_attacks(self.attacks)
+        if self.attack_steps is not None and (isinstance(self.attack_steps, bool)
+                                              or not isinstance(self.attack_steps, int) or self.attack_steps < 1):
+            raise ValueError(f"attack_steps must be an integer >= 1 or None, got {self.attack_steps!r}")
         if self.method not in OBJECTIVES:
             raise ValueError(f"bench method must be a registered method {sorted(OBJECTIVES)}, got {self.method!r}")
         self.protocols = [p.name for p in resolve_protocols(self.protocols)]
@@ -67,6 +76,52 @@ class BenchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_attacks(attacks: Sequence[str] | str | None) -> list[str]:
+    """Attack kinds by name (a list or a comma-separated string), each a registered kind."""
+    from ..evaluation import ATTACKS
+
+    if attacks is None:
+        return []
+    names = [a.strip() for a in attacks.split(",") if a.strip()] if isinstance(attacks, str) else list(attacks)
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack kind(s) {unknown}; allowed: {sorted(ATTACKS)}")
+    return list(dict.fromkeys(names))
+
+
+def attack_removed(world: BenchWorld, settings: BenchSettings, pipe: Any, removed: Sequence[str],
+                   progress: bool = True) -> dict[str, Any]:
+    """Every attack of ``settings`` on every removed concept; per kind, robust UA = 100 - mean attack accuracy."""
+    from ..evaluation import attack
+
+    config = world.eval_config
+    classifier = world.style_classifier if settings.domain == "style" else world.object_classifier
+    axis_template = (config.template.format(object=o, style="{}") for o in config.objects) \
+        if settings.domain == "style" else (config.template.format(object="{}", style=s) for s in config.styles)
+    shared = dict(seeds=list(config.seeds), num_inference_steps=config.num_inference_steps,
+                  guidance_scale=config.guidance_scale, batch_size=config.batch_size,
+                  plain_templates=list(axis_template), progress=progress)
+    out: dict[str, Any] = {}
+    for kind in settings.attacks:
+        options = dict(shared)
+        if settings.attack_steps is not None and kind in ("embedding", "finetune"):
+            options["steps"] = settings.attack_steps
+        results = [attack(pipe, concept, kind, domain=world.prompt_domain(settings.domain), classifier=classifier,
+                          seed=settings.seed, **options) for concept in removed]
+        accuracy = sum(r.accuracy for r in results) / len(results)
+        plain = sum(r.plain_accuracy for r in results) / len(results)
+        out[kind] = {
+            "robust_ua": 100.0 - accuracy,
+            "ua": 100.0 - plain,
+            "accuracy": {r.concept: r.accuracy for r in results},
+            "plain_accuracy": {r.concept: r.plain_accuracy for r in results},
+            "steps": sum(r.steps for r in results),
+            "seconds": round(sum(r.seconds for r in results), 3),
+            "settings": {k: v for k, v in results[0].settings.items() if k != "plain_prompts"},
+        }
+    return out
 
 
 def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[str],
@@ -163,6 +218,10 @@ def run_protocol(world: BenchWorld, settings: BenchSettings, protocol: Protocol,
         rows.append(_row(k + 1, stream[k], scores, drift, steps, seconds, cum_steps, cum_seconds))
         say(f"[{protocol.name}] request {k + 1}/{len(stream)} {stream[k]!r}: {scores.summary()}  "
             f"drift {drift:.4f}  train {seconds:.1f}s ({steps} steps)  eval {scores.seconds:.1f}s")
+        if settings.attacks and k == len(stream) - 1:
+            rows[-1]["attacks"] = attack_removed(world, settings, pipe, stream, progress)
+            say(f"[{protocol.name}] robust UA: " + ", ".join(
+                f"{kind} {a['robust_ua']:.1f} ({a['seconds']:.0f}s)" for kind, a in rows[-1]["attacks"].items()))
         if on_request is not None:
             on_request()
     return rows

@@ -94,6 +94,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        f"({default('gp_neighbors')})")
     group.add_argument("--merge-density", type=finite_float, default=None, help=default("merge_density"))
     group.add_argument("--merge-scale", type=finite_float, default=None, help="TIES lambda (default: grows with n)")
+    parser.add_argument("--attacks", default=None,
+                        help="recovery attacks after the last request, comma-separated (paraphrase, embedding, "
+                        "finetune, rollback): adds robust-UA columns")
+    parser.add_argument("--attack-steps", type=int, default=None,
+                        help="optimisation steps of the embedding and finetune attacks (default: theirs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-request lines")
     parser.set_defaults(func=run)
 
@@ -153,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         options["negative_guidance"] = args.negative_guidance
     settings = bench.BenchSettings(requests=requests, domain=args.domain, method=args.method,
                                    protocols=args.protocols, hparams=hparams, anchor=args.anchor, seed=args.seed,
-                                   **options)
+                                   attacks=args.attacks, attack_steps=args.attack_steps, **options)
     world.stream(settings.domain, settings.requests)  # refuse an impossible stream before any work
     command = command_line(args, _defaults())
     started = time.perf_counter()

@@ -19,6 +19,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
+from ._validation import check_repo_id
 from .ledger import Ledger, RequestRecord
 from .merging import strategy_from_dict
 from .regularizers import REGULARIZERS
@@ -26,7 +27,6 @@ from .regularizers import REGULARIZERS
 TAGS = ["diffusers", "text-to-image", "concept-unlearning"]
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._/+-]*")  # strings written without quotes when YAML reads them back so
 _MAX_CELL = 200  # characters of user text per table cell (the YAML keeps the full text)
-HUB_MODEL_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 class _CardDumper(yaml.SafeDumper):
@@ -201,13 +201,7 @@ def _erasure_text(record: RequestRecord) -> str:
 
 def check_base_model(base_model: object) -> str | None:
     """None, or a Hub model id ("name" or "namespace/name"); anything else raises, naming the value."""
-    if base_model is None:
-        return None
-    if not isinstance(base_model, str):
-        raise TypeError(f"base_model must be a Hub model id string, got {base_model!r}")
-    if not HUB_MODEL_ID.fullmatch(base_model) or ".." in base_model:
-        raise ValueError(f"base_model must be a Hub model id like 'user/model', got {base_model!r}")
-    return base_model
+    return None if base_model is None else check_repo_id(base_model, "base_model")
 
 
 def build_model_card(

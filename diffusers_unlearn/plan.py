@@ -67,6 +67,26 @@ class _PlanLoader(yaml.SafeLoader):
     """YAML 1.1 reads "1e-4" as a string; plans are written by people who mean a number."""
 
 
+def _construct_unique_mapping(loader: _PlanLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A key given twice is refused (PyYAML keeps the last one silently, so ``{concept: cat, concept: dog}`` would
+    remove "dog")."""
+    loader.flatten_mapping(node)
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: the base constructor reports it
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+            )
+        seen[key] = True
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_PlanLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 _PlanLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -277,8 +297,10 @@ def load_plan(path: str | os.PathLike, *, model: str | None = None, output: str 
         raise FileNotFoundError(f"plan file {path} does not exist")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_PlanLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        raise PlanError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:
+        raise PlanError(f"{path} is not UTF-8 text: {err}") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise PlanError(f"{path} is not valid YAML: {' '.join(str(err).split())[:500]}") from None
     return parse_plan(data, source=str(path), base_dir=path.parent, model=model, output=output)
 
 

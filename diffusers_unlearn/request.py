@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ._validation import check_seed
 from .ledger import RequestRecord
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
 from .objectives import ObjectiveConfig, build_objective_config
@@ -58,8 +59,7 @@ class UnlearnRequest:
         self.method = build_objective_config(self.method)
         if not isinstance(self.training, TrainingConfig):
             raise TypeError(f"training must be a du.TrainingConfig, got {self.training!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_seed(self.seed)
         self.regularizers = check_regularizers(self.regularizers)
         self.method.check_regularizers(self.regularizers)
         self.strategy = resolve_strategy(self.strategy)

@@ -19,6 +19,7 @@ from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from . import adapters as ad
+from ._validation import check_int, check_number, check_optional_number
 from .families import conditioner_for, denoiser_of
 from .ledger import now
 from .objectives import ObjectiveContext, objective_for
@@ -59,24 +60,15 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        def positive_int(field: str) -> None:
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
-
-        positive_int("steps")
-        positive_int("batch_size")
-        positive_int("gradient_accumulation_steps")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps"):
+            check_int(getattr(self, name), name, minimum=1)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.rank != "full":
-            positive_int("rank")
-        for field in ("learning_rate", "lora_alpha", "max_grad_norm"):
-            value = getattr(self, field)
-            if value is None and field != "learning_rate":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{field} must be a number > 0, got {value!r}")
+            check_int(self.rank, "rank", minimum=1)
+        check_number(self.learning_rate, "learning_rate", minimum=0, exclusive_minimum=True)
+        for name in ("lora_alpha", "max_grad_norm"):
+            check_optional_number(getattr(self, name), name, minimum=0, exclusive_minimum=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,6 +196,7 @@ def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, acc
                     extra = regularizer.loss(ctx)
                     if extra is not None:
                         loss = loss + extra
+            _check_finite_loss(loss, step, concept)
             accelerator.backward(loss / accumulation)
             total += float(loss.detach()) / accumulation
         # Regularizers see the synchronised, unscaled gradient, so every process applies the same update.
@@ -213,10 +206,13 @@ def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, acc
         apply_masks_to_gradients(adapter)
         for regularizer in regularizers:
             regularizer.transform_gradients(ctx)
+        if training.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps on its own
+            _check_finite_tensors((p.grad for p in adapter.parameters), "gradients", step, concept)
         if training.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(adapter.parameters, training.max_grad_norm)
         optimizer.step()
         apply_masks_to_parameters(adapter)
+        _check_finite_tensors(adapter.parameters, "adapter weights", step, concept)
         for regularizer in regularizers:
             regularizer.after_step(ctx)
         loss_value = _mean_over_processes(total, accelerator) if shard[1] > 1 else total
@@ -236,6 +232,24 @@ def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, acc
         },
         reports=[{**r.to_dict(), "report": r.report()} for r in regularizers],
     )
+
+
+def _check_finite_loss(loss: torch.Tensor, step: int, concept: str) -> None:
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise FloatingPointError(
+            f"unlearning {concept!r}: the loss became {float(loss.detach())} at step {step + 1}; the request was "
+            "stopped and nothing was committed. Lower the learning rate or the regularizer weights."
+        )
+
+
+def _check_finite_tensors(tensors: Any, what: str, step: int, concept: str) -> None:
+    """A NaN or Inf would be trained into the adapter and poison every image: stop the request instead."""
+    for tensor in tensors:
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise FloatingPointError(
+                f"unlearning {concept!r}: the {what} became non-finite (NaN or Inf) at step {step + 1}; the request "
+                "was stopped and nothing was committed. Lower the learning rate or the regularizer weights."
+            )
 
 
 def make_accelerator(training: TrainingConfig) -> Accelerator:

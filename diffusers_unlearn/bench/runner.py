@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .._validation import check_int, check_number, check_seed
 from ..evaluation import evaluate_unlearning, kv_drift
 from ..evaluation.metrics import check_eval_domain
 from ..mixin import attach
@@ -66,11 +67,10 @@ class BenchSettings:
         if self.method not in OBJECTIVES:
             raise ValueError(f"bench method must be a registered method {sorted(OBJECTIVES)}, got {self.method!r}")
         self.protocols = [p.name for p in resolve_protocols(self.protocols)]
-        if isinstance(self.requests, bool) or not isinstance(self.requests, int) or self.requests < 1:
-            raise ValueError(f"requests must be an integer >= 1, got {self.requests!r}")
-        if isinstance(self.trajectories_per_prompt, bool) or not isinstance(self.trajectories_per_prompt, int) \
-                or self.trajectories_per_prompt < 1:
-            raise ValueError(f"trajectories_per_prompt must be an integer >= 1, got {self.trajectories_per_prompt!r}")
+        check_int(self.requests, "requests", minimum=1)
+        check_int(self.trajectories_per_prompt, "trajectories_per_prompt", minimum=1)
+        check_number(self.negative_guidance, "negative_guidance", minimum=0)
+        check_seed(self.seed)
         if self.method == "ca" and self.anchor is None:
             self.anchor = DEFAULT_ANCHORS[self.domain]
 
@@ -258,8 +258,7 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
     started = time.perf_counter()
     stream = world.stream(settings.domain, settings.requests)
     protocols = resolve_protocols(settings.protocols)
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    check_int(jobs, "jobs", minimum=1)
     if jobs > 1 and world_factory is None:
         raise ValueError("jobs > 1 needs a picklable world_factory: worker processes rebuild the world")
 

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, default_text, load, short, working
+from ._common import MODEL_HELP, add_loading_options, add_quiet, default_text, finite_float, load, short, working
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     gp_neighbors = default_text("regularizers/projection.py", "GradientProjection", "neighbors", prefix="")
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(minicanvas) needs style or object and uses its own prompts for them")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, else "
                         "TrainingConfig's)")
-    parser.add_argument("--learning-rate", type=float, default=None, help="learning rate (default: as --steps)")
+    parser.add_argument("--learning-rate", type=finite_float, default=None, help="learning rate (default: as --steps)")
     parser.add_argument("--rank", default=None, help="LoRA rank, or 'full' (default: as --steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request (default 0)")
     group = parser.add_argument_group(
@@ -54,9 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "--retain)")
     group.add_argument("--project", action="store_true",
                        help="gradient projection with its defaults (implied by --retain / --neighbors)")
-    group.add_argument("--top-k", type=float, default=None, help="selective fine-tuning: fraction of K/V elements")
-    group.add_argument("--l1", type=float, default=None, help="L1 drift penalty weight")
-    group.add_argument("--l2", type=float, default=None, help="L2 drift penalty weight")
+    group.add_argument("--top-k", type=finite_float, default=None, help="selective fine-tuning: fraction of K/V elements")
+    group.add_argument("--l1", type=finite_float, default=None, help="L1 drift penalty weight")
+    group.add_argument("--l2", type=finite_float, default=None, help="L2 drift penalty weight")
     group.add_argument("--regularizer", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                        help="a registered regularizer in the plan-file form, e.g. l2_drift:weight=1000 or "
                        "'gradient_projection:retain=[monet, picasso],neighbors=2'; repeatable; 'none' for no "

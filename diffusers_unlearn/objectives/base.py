@@ -8,7 +8,6 @@ frozen model once per request and reuse them (and the frozen predictions on them
 from __future__ import annotations
 
 import dataclasses
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -18,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from .._validation import check_int, check_number
 from ..conditioning import Conditioner, Conditioning, sample_trajectory
 
 
@@ -41,26 +41,17 @@ class ObjectiveConfig:
     resolution: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int(self, "sampling_steps", minimum=1)
-        _check_int(self, "num_trajectories", minimum=1)
+        check_int(self.sampling_steps, "sampling_steps", minimum=1)
+        check_int(self.num_trajectories, "num_trajectories", minimum=1)
         if self.resolution is not None:
-            _check_int(self, "resolution", minimum=8)
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) or not (
-            math.isfinite(self.guidance_scale) and self.guidance_scale >= 0
-        ):
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+            check_int(self.resolution, "resolution", minimum=8)
+        check_number(self.guidance_scale, "guidance_scale", minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
     def check_regularizers(self, regularizers: list[Any]) -> None:
         """Refuse regularizers this method cannot apply (called before anything runs); trained methods take all."""
-
-
-def _check_int(config: object, field: str, minimum: int) -> None:
-    value = getattr(config, field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass

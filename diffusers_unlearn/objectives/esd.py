@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validation import check_number
 from ..conditioning import Conditioning
 from .base import ObjectiveConfig, TrajectoryObjective, cond_rows, register_objective
 
@@ -31,8 +32,7 @@ class ESDConfig(ObjectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.negative_guidance, (int, float)) or self.negative_guidance < 0:
-            raise ValueError(f"negative_guidance must be a number >= 0, got {self.negative_guidance!r}")
+        check_number(self.negative_guidance, "negative_guidance", minimum=0)
 
 
 class ESDObjective(TrajectoryObjective):

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_int, check_number, check_optional_number
 from .._warn import warn
 from ..embeddings import concept_embedding, cosine_similarities
 from ..families import conditioner_for, family_of
@@ -129,16 +130,14 @@ class GradientProjection(Regularizer):
         if isinstance(self.retain, str):
             self.retain = [self.retain]
         self.retain = [check_concept(c, "retain concept") for c in self.retain]
-        if isinstance(self.neighbors, bool) or not isinstance(self.neighbors, int) or self.neighbors < 0:
-            raise ValueError(f"GradientProjection neighbors must be an integer >= 0, got {self.neighbors!r}")
-        if self.threshold is not None and (
-            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not -1 <= self.threshold <= 1
-        ):
-            raise ValueError(f"GradientProjection threshold must be a cosine similarity in [-1, 1], got {self.threshold!r}")
-        if not isinstance(self.dedup_cosine, (int, float)) or not 0 < self.dedup_cosine <= 1:
-            raise ValueError(f"GradientProjection dedup_cosine must be in (0, 1], got {self.dedup_cosine!r}")
-        if not isinstance(self.warn_in_span, (int, float)) or not 0 < self.warn_in_span <= 1:
-            raise ValueError(f"GradientProjection warn_in_span must be in (0, 1], got {self.warn_in_span!r}")
+        check_int(self.neighbors, "GradientProjection neighbors", minimum=0)
+        try:
+            check_optional_number(self.threshold, "threshold", minimum=-1, maximum=1)
+        except ValueError:
+            raise ValueError(f"GradientProjection threshold must be a cosine similarity in [-1, 1], got "
+                             f"{self.threshold!r}") from None
+        check_number(self.dedup_cosine, "GradientProjection dedup_cosine", minimum=0, maximum=1, exclusive_minimum=True)
+        check_number(self.warn_in_span, "GradientProjection warn_in_span", minimum=0, maximum=1, exclusive_minimum=True)
         if self.vocabulary is not None and not isinstance(self.vocabulary, (Mapping, Sequence)):
             raise TypeError(f"vocabulary must be a dict of domain -> concepts or a list, got {self.vocabulary!r}")
         if self.vocabulary is not None and not isinstance(self.vocabulary, Mapping):

@@ -92,7 +92,10 @@ _RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "created_at": (lambda v: isinstance(v, str), "a string"),
     "timing": (lambda v: _is_dict(v) and all(_is_number(x) for x in v.values()), "a map of numbers"),
     "evaluation": (_is_dict, "a map"),
+    "erasure": (_is_dict, "a map"),  # the erasure check's figures; absent in ledgers written before it
 }
+# fields a ledger written by an earlier version may lack (every other field is required)
+_RECORD_OPTIONAL = ("erasure",)
 _ADAPTER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kind": (lambda v: v in ("lora", "dense"), "'lora' or 'dense'"),
     "file": (lambda v: isinstance(v, str) and bool(ADAPTER_FILE.fullmatch(v)),
@@ -157,7 +160,7 @@ class RequestRecord:
             raise LedgerError(f"{where} must be a map, got {type(data).__name__}")
         # every field is required: the library writes them all, and a loader that filled in defaults would
         # silently hold something other than what the file says
-        check_fields(data, _RECORD_FIELDS, list(_RECORD_FIELDS), where)
+        check_fields(data, _RECORD_FIELDS, [f for f in _RECORD_FIELDS if f not in _RECORD_OPTIONAL], where)
         request_id = data["request_id"]
         if request_id != f"r{data['index']:04d}":
             raise LedgerError(f"{where}.request_id {request_id!r} does not match its index {data['index']} "

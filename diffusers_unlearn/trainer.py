@@ -23,6 +23,7 @@ from ._validation import check_int, check_number, check_optional_number
 from .families import conditioner_for, denoiser_of
 from .ledger import now
 from .objectives import ObjectiveContext, objective_for
+from .objectives.closed_form import solve as solve_closed_form
 from .regularizers import TrainingContext
 
 if TYPE_CHECKING:  # the request module builds on TrainingConfig below
@@ -105,11 +106,14 @@ def train_request(
     the global batch and gradients are averaged; without it each process trains on its own (merge requests).
     """
     if getattr(request.method, "closed_form", False):  # solved, not trained: no adapter, loop or accelerator
-        from .objectives.closed_form import solve_request
-
-        return solve_request(pipe, concept=request.concept, domain=request.domain, prompts=request.prompts,
-                             objective_config=request.method, base_weights=base_weights,
-                             start_offsets=start_offsets, earlier=earlier, progress=progress)
+        started = time.perf_counter()
+        adapter, report = solve_closed_form(pipe, concept=request.concept, domain=request.domain,
+                                            prompts=request.prompts, config=request.method, base_weights=base_weights,
+                                            start_offsets=start_offsets, earlier=earlier, progress=progress)
+        seconds = time.perf_counter() - started
+        return TrainingResult(adapter=adapter, final_loss=0.0, seconds=seconds,
+                              timing={"solve_seconds": round(seconds, 4)},
+                              reports=[{"name": "closed_form", "report": report}], steps=0)
     unet = denoiser_of(pipe)  # the UNet or the transformer
     training = request.training
     started = time.perf_counter()

@@ -114,10 +114,10 @@ class ClosedFormConfig(ObjectiveConfig):
 
 
 class ClosedFormObjective(Objective):
-    """Registered so that ``method="closed_form"`` validates like any method; the trainer calls ``solve_request``."""
+    """Registered so that ``method="closed_form"`` validates like any method; the trainer calls ``solve``."""
 
     def prepare(self) -> None:
-        raise TypeError("closed_form is solved, not trained: train_request calls solve_request for it")
+        raise TypeError("closed_form is solved, not trained: train_request calls closed_form.solve for it")
 
     def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         raise TypeError("closed_form has no training loss")
@@ -382,22 +382,6 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
               "target_in_span": round(in_span, 6), "earlier_mapped": len(mappings) - 1,
               "solve_rank": int(solver.directions.shape[1]), "ridge": config.ridge}
     return RequestAdapter("lora", tensors, scales), report
-
-
-def solve_request(pipe: Any, *, concept: str, domain: str, prompts: list[str], objective_config: ClosedFormConfig,
-                  base_weights: Mapping[str, torch.Tensor], start_offsets: Mapping[str, torch.Tensor] | None,
-                  earlier: Sequence[Any], progress: bool = True, **_: Any) -> Any:
-    """The trainer's entry point for closed-form methods: a ``TrainingResult`` with no training steps."""
-    from ..trainer import TrainingResult
-
-    started = time.perf_counter()
-    adapter, report = solve(pipe, concept=concept, domain=domain, prompts=prompts, config=objective_config,
-                            base_weights=base_weights, start_offsets=start_offsets, earlier=earlier,
-                            progress=progress)
-    seconds = time.perf_counter() - started
-    return TrainingResult(adapter=adapter, final_loss=0.0, seconds=seconds,
-                          timing={"solve_seconds": round(seconds, 4)},
-                          reports=[{"name": "closed_form", "report": report}], steps=0)
 
 
 def resolve_after_rollback(pipe: Any, state: Any, position: int) -> dict[str, RequestAdapter]:

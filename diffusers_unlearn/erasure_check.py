@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .conditioning import Conditioning, TextConditioner, sample_trajectory
+from .conditioning import Conditioning, sample_trajectory
+from .families import conditioner_for, denoiser_of
 
 MIN_SHIFT = 0.5
 
@@ -72,7 +73,8 @@ def check_erasure(pipe: Any, request_id: str, concept: str, prompts: list[str], 
                   check: ErasureCheck | None = None) -> dict[str, Any]:
     """Measure request ``request_id`` of ``pipe`` (already committed); returns the record's ``erasure`` figures."""
     check = check or ErasureCheck()
-    conditioner = TextConditioner(pipe)
+    conditioner = conditioner_for(pipe)  # the UNet's or the transformer's own parametrisation
+    denoiser = denoiser_of(pipe)
     probes = list(prompts[: check.prompts])
     references = [_without(p, concept) for p in probes]
     n = len(probes)
@@ -83,10 +85,10 @@ def check_erasure(pipe: Any, request_id: str, concept: str, prompts: list[str], 
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         both = Conditioning.cat([cond, reference, uncond])
-        return conditioner.predict_noise(pipe.unet, torch.cat([x] * 3), torch.cat([t] * 3), both).float()
+        return conditioner.predict(denoiser, torch.cat([x] * 3), torch.cat([t] * 3), both).float()
 
     with pipe.audit(request_id, mode="without"):
-        latents, timesteps = sample_trajectory(conditioner, pipe.unet, cond, uncond, steps=check.steps,
+        latents, timesteps = sample_trajectory(conditioner, denoiser, cond, uncond, steps=check.steps,
                                                guidance_scale=guidance_scale, generator=generator,
                                                resolution=resolution)
         points = torch.linspace(0, len(timesteps) - 1, check.probe_points + 2).round().long()[1:-1].unique()

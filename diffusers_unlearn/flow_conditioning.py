@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._validation import check_int
 from .conditioning import Conditioner, Conditioning, TokenSegment
 
 
@@ -37,8 +38,13 @@ class FlowConditioner(Conditioner):
 
     def __init__(self, pipe: Any, guidance_scale: float | None = None):
         super().__init__(pipe)
-        # what the pipeline pads T5 prompts to when a user generates (256 for SD3, 512 for Flux)
-        self.max_sequence_length = int(_pipeline_default(pipe, "max_sequence_length", 256))
+        # What T5 prompts are padded to when a user generates: the pipeline's default (256 for SD3, 512 for Flux),
+        # or ``pipe.unlearning_max_sequence_length`` for a deployment that passes another ``max_sequence_length``:
+        # unlearning must see the text stream that generation will see.
+        length = getattr(pipe, "unlearning_max_sequence_length", None)
+        if length is None:
+            length = _pipeline_default(pipe, "max_sequence_length", 256)
+        self.max_sequence_length = check_int(length, "unlearning_max_sequence_length", minimum=1)
         self.guidance_scale = float(
             _pipeline_default(pipe, "guidance_scale", 3.5) if guidance_scale is None else guidance_scale
         )

@@ -186,3 +186,17 @@ def test_command_line_plans_and_push_dry_run_on_tiny_sd3_and_flux(tmp_path, caps
     assert main(["push", str(tmp_path / "sd3"), "--repo-id", "user/sd3-unlearned", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "transformer/diffusion_pytorch_model.safetensors" in out and "van gogh" in out
+
+
+@pytest.mark.parametrize("family, default", [("sd3", 256), ("flux", 512)])
+def test_unlearning_sees_the_text_length_generation_uses(family, default):
+    pipe = FAMILIES[family][0](seed=0)
+    assert conditioner_for(pipe).max_sequence_length == default  # the pipeline's own max_sequence_length default
+    pipe.unlearning_max_sequence_length = 24  # a deployment that generates with max_sequence_length=24
+    conditioner = conditioner_for(pipe)
+    assert conditioner.max_sequence_length == 24
+    tokens = conditioner.encode(["a painting in van gogh style"]).hidden_states.shape[1]
+    assert tokens == 24 + (int(pipe.tokenizer_max_length) if family == "sd3" else 0)
+    pipe.unlearning_max_sequence_length = 0
+    with pytest.raises(ValueError, match="unlearning_max_sequence_length must be an integer >= 1, got 0"):
+        conditioner_for(pipe)

@@ -37,27 +37,38 @@ def load(model: str):
     return du.attach(du.testing.tiny_pipeline(seed=0)), "a painting in van gogh style"
 
 
-def floor_seconds_per_step(unet: torch.nn.Module, text_states: torch.Tensor, steps: int, rank: int = 4) -> float:
-    """Seconds per step of the bare loop: LoRA forward + backward + AdamW at batch 1 on random points."""
+def floor_seconds_per_step(unet: torch.nn.Module, text_states: torch.Tensor, steps: int, rank: int = 4,
+                           autocast_dtype: torch.dtype | None = None) -> float:
+    """Seconds per step of the bare loop: LoRA forward + backward + AdamW at batch 1 on random points (the UNet's
+    device; ``autocast_dtype``: autocast as the library's mixed precision does, adapter weights in float32)."""
     from peft import LoraConfig
 
+    device = next(unet.parameters()).device
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["attn2.to_k", "attn2.to_v"]))
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     for name, p in unet.named_parameters():
         p.requires_grad_("lora_" in name)
+    for p in params:
+        p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     size = unet.config.sample_size
     gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(steps, 1, unet.config.in_channels, size, size, generator=gen)
-    targets = torch.randn(steps, 1, unet.config.in_channels, size, size, generator=gen)
-    timesteps = torch.randint(0, 1000, (steps, 1), generator=gen)
+    latents = torch.randn(steps, 1, unet.config.in_channels, size, size, generator=gen).to(device)
+    targets = torch.randn(steps, 1, unet.config.in_channels, size, size, generator=gen).to(device)
+    timesteps = torch.randint(0, 1000, (steps, 1), generator=gen).to(device)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     started = time.perf_counter()
     for k in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        prediction = unet(latents[k], timesteps[k], encoder_hidden_states=text_states).sample
-        loss = torch.nn.functional.mse_loss(prediction, targets[k])
+        with autocast:
+            prediction = unet(latents[k], timesteps[k], encoder_hidden_states=text_states).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), targets[k])
         loss.backward()
         optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - started) / steps
 
 

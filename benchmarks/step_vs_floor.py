@@ -24,17 +24,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import table  # noqa: E402
-
-
-def load(model: str):
-    import diffusers_unlearn as du
-
-    if model == "minicanvas":
-        from diffusers_unlearn import minicanvas
-
-        return du.attach(minicanvas.load_pipeline()), "a bird in neon lines style"
-    return du.attach(du.testing.tiny_pipeline(seed=0)), "a painting in van gogh style"
+from _measure import load, table  # noqa: E402
 
 
 def floor_seconds_per_step(unet: torch.nn.Module, text_states: torch.Tensor, steps: int, rank: int = 4,

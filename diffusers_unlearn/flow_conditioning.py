@@ -89,6 +89,25 @@ class FlowConditioner(Conditioner):
     def _ids(self, tokenizer: Any, prompts: list[str], max_length: int) -> list[list[int]]:
         return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True).input_ids
 
+    def predict(
+        self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        dtype = next(denoiser.parameters()).dtype
+        cond = cond.to(dtype)
+        timesteps = timesteps.to(latents.device).expand(latents.shape[0])
+        return denoiser(
+            hidden_states=latents.to(dtype), encoder_hidden_states=cond.hidden_states,
+            pooled_projections=cond.added["pooled_projections"], return_dict=False,
+            **self._denoiser_arguments(latents, timesteps, cond, dtype),
+        )[0]
+
+    def _denoiser_arguments(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        """The family's own keywords of the transformer call: its timestep convention, position ids, guidance
+        (``timesteps`` are already on the latents' device, one per row; ``cond`` is in the transformer's dtype)."""
+        raise NotImplementedError
+
     # ---------------------------------------------------------------------------------------------- sampling
     def _call_arguments(self, cond: Conditioning, uncond: Conditioning, guidance_scale: float) -> dict[str, Any]:
         raise NotImplementedError
@@ -144,16 +163,10 @@ class SD3Conditioner(FlowConditioner):
         )
         return Conditioning(embeds, {"pooled_projections": pooled})
 
-    def predict(
-        self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
-    ) -> torch.Tensor:
-        dtype = next(denoiser.parameters()).dtype
-        cond = cond.to(dtype)
-        timesteps = timesteps.to(latents.device).expand(latents.shape[0])
-        return denoiser(
-            hidden_states=latents.to(dtype), encoder_hidden_states=cond.hidden_states,
-            pooled_projections=cond.added["pooled_projections"], timestep=timesteps, return_dict=False,
-        )[0]
+    def _denoiser_arguments(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        return {"timestep": timesteps}
 
     def token_segments(self, prompts: list[str]) -> list[TokenSegment]:
         clip_length = int(self.pipe.tokenizer_max_length)
@@ -192,11 +205,9 @@ class FluxConditioner(FlowConditioner):
         )
         return Conditioning(embeds, {"pooled_projections": pooled})
 
-    def predict(
-        self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
-    ) -> torch.Tensor:
-        dtype = next(denoiser.parameters()).dtype
-        cond = cond.to(dtype)
+    def _denoiser_arguments(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, dtype: torch.dtype
+    ) -> dict[str, Any]:
         batch, tokens, device = latents.shape[0], latents.shape[1], latents.device
         height, width = self._grid(tokens)
         image_ids = self.pipe._prepare_latent_image_ids(batch, height, width, device, dtype)
@@ -204,12 +215,8 @@ class FluxConditioner(FlowConditioner):
         guidance = None
         if self.guidance_embeds:
             guidance = torch.full((batch,), self.guidance_scale, device=device, dtype=torch.float32)
-        timesteps = timesteps.to(device).expand(batch)
-        return denoiser(
-            hidden_states=latents.to(dtype), encoder_hidden_states=cond.hidden_states,
-            pooled_projections=cond.added["pooled_projections"], timestep=timesteps.to(dtype) / 1000,
-            guidance=guidance, txt_ids=text_ids, img_ids=image_ids, return_dict=False,
-        )[0]
+        # Flux's transformer takes the timestep in [0, 1] (the pipeline divides by 1000 too)
+        return dict(timestep=timesteps.to(dtype) / 1000, guidance=guidance, txt_ids=text_ids, img_ids=image_ids)
 
     def _grid(self, tokens: int) -> tuple[int, int]:
         # packed 2x2 latent patches; trajectories are square (height == width)

@@ -115,7 +115,7 @@ def family_round_robin(families: dict[str, Sequence[str]]) -> list[str]:
 
 
 def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: int | None = None,
-                     eval_objects: Sequence[str] | None = None, eval_steps: int | None = None, batch_size: int = 128,
+                     eval_objects: Sequence[str] | None = None, eval_steps: int | None = None, batch_size: int = 32,
                      device: str | None = None) -> BenchWorld:
     """The shipped MiniCanvas model and classifiers; styles removed one per family in turn.
 

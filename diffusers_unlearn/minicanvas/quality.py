@@ -26,7 +26,7 @@ __all__ = ["evaluate_weights", "measure_quality", "sample_grid"]
 def measure_quality(pipe, style_classifier, object_classifier, seeds: Sequence[int] = tuple(settings.EVAL_SEEDS),
                     styles: Sequence[str] | None = None, objects: Sequence[str] | None = None,
                     num_inference_steps: int = settings.NUM_INFERENCE_STEPS,
-                    guidance_scale: float = settings.GUIDANCE_SCALE, batch_size: int = 128) -> dict[str, Any]:
+                    guidance_scale: float = settings.GUIDANCE_SCALE, batch_size: int = 32) -> dict[str, Any]:
     """Accuracy of both classifiers on the pipeline's images of every style x object prompt and seed."""
     styles = list(styles or mc_data.STYLES)
     objects = list(objects or mc_data.OBJECTS)

@@ -32,19 +32,7 @@ def concept_embedding(
     """
     concept = check_concept(concept)
     chosen = validate_templates(templates) if templates is not None else TEMPLATES[check_domain(domain)]
-    cache: dict = pipe.__dict__.setdefault(_CACHE_ATTR, {})
-    key = (concept.lower(), chosen)
-    if key in cache:
-        return cache[key].clone()
-
-    conditioner = conditioner_for(pipe)
-    prompts = concept_prompts(concept, templates=chosen)
-    hidden = conditioner.text_states(prompts)
-    positions = conditioner.concept_positions(prompts, concept)
-    vectors = [hidden[row, where].mean(dim=0) for row, where in enumerate(positions)]
-    embedding = torch.stack(vectors).mean(dim=0).cpu()
-    cache[key] = embedding
-    return embedding.clone()
+    return _embeddings(pipe, [(concept, chosen)])[:, 0]
 
 
 @torch.no_grad()
@@ -52,14 +40,17 @@ def concept_embeddings(pipe: Any, concepts: Sequence[tuple[str, str | None]], pr
                        ) -> torch.Tensor:
     """``[d, m]``: :func:`concept_embedding` of each ``(concept, domain)``, the ones not cached yet computed in
     batched text-encoder passes (a protected set of a hundred concepts is a few passes, not a hundred)."""
+    return _embeddings(pipe, [(check_concept(c), TEMPLATES[check_domain(d)]) for c, d in concepts],
+                       prompts_per_batch)
+
+
+def _embeddings(pipe: Any, items: Sequence[tuple[str, tuple[str, ...]]], prompts_per_batch: int = 256
+                ) -> torch.Tensor:
+    """``[d, m]`` for checked ``(concept, templates)`` pairs; results are cached on the pipeline (the text encoders
+    are never trained here, so the cache stays valid) and the uncached ones share batched text-encoder passes."""
     cache: dict = pipe.__dict__.setdefault(_CACHE_ATTR, {})
-    keys, missing = [], {}
-    for concept, domain in concepts:
-        concept = check_concept(concept)
-        key = (concept.lower(), TEMPLATES[check_domain(domain)])
-        keys.append(key)
-        if key not in cache:
-            missing.setdefault(key, concept)
+    keys = [(concept.lower(), templates) for concept, templates in items]
+    missing = {key: concept for key, (concept, _) in zip(keys, items) if key not in cache}
     if missing:
         conditioner = conditioner_for(pipe)
         rows = []  # (key, prompt, the concept's token positions in it)

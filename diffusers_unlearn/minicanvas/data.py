@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,7 @@ __all__ = [
     "TEXTURE_WORDS",
     "TRAINING_TEMPLATES",
     "VOCABULARY",
+    "auxiliary_concepts",
     "prompt",
     "render",
     "render_batch",
@@ -458,6 +459,20 @@ VOCABULARY: list[str] = sorted(
        for w in t.replace("{object}", " ").replace("{style}", " ").replace(",", " ").replace("-", " ").split()}
     | {"image", "photo", "of", "the", "an", "picture", "painting", "drawing", "portrait", "city", "field", "style"}
 )
+
+
+def auxiliary_concepts(exclude: Sequence[str] = ()) -> dict[str, list[str]]:
+    """A protected auxiliary concept set of the paper's kind, derived from the vocabulary (no download).
+
+    ``{"style": [...], "object": [...]}``: every style, every family word and every texture word on its own, a fixed
+    quarter of the family x texture combinations that are not styles ("neon mosaic": words the model knows, in
+    pairs it never saw), and every object; 108 concepts in all, less those in ``exclude`` (the request's target).
+    """
+    excluded = {c.strip().lower() for c in exclude}
+    unseen = [f"{f} {t}" for f in FAMILY_PALETTES for t in TEXTURE_WORDS if f"{f} {t}" not in _STYLE_SPECS]
+    styles = list(STYLES) + list(FAMILY_PALETTES) + list(TEXTURE_WORDS) + unseen[::4]
+    return {"style": [c for c in styles if c not in excluded],
+            "object": [c for c in OBJECTS if c not in excluded]}
 
 
 # --------------------------------------------------------------------------------------------------- render

@@ -35,7 +35,7 @@ from . import data as mc_data
 from . import weights as mc_weights
 from .classifier import ConceptClassifierNet
 
-__all__ = ["TrainConfig", "FULL", "QUICK", "train", "main"]
+__all__ = ["TrainConfig", "FULL", "QUICK", "export_checkpoint", "train", "main"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class TrainConfig:
     unet_channels: tuple[int, ...] = (32, 64, 96)
     unet_layers_per_block: int = 1
     unet_heads: int = 4
-    unet_steps: int = 3000
+    unet_steps: int = 4000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     unet_warmup: int = 100
@@ -402,7 +402,9 @@ _STAGE_FIELDS["classifiers"] = _STAGE_FIELDS["vae"] + ("clf_width", "clf_steps",
 def _stage_config(cfg: TrainConfig, stage: str) -> dict:
     config = asdict(cfg)
     fields = _STAGE_FIELDS.get(stage)
-    return config if fields is None else {k: config[k] for k in fields}
+    if fields is None:  # the diffusion stage depends on everything but what only logs or follows training
+        return {k: v for k, v in config.items() if k not in ("evaluate", "log_every")}
+    return {k: config[k] for k in fields}
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict | None:
@@ -648,6 +650,43 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.devi
     return report
 
 
+def export_checkpoint(cfg: TrainConfig, work_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+    """Write a weights folder from a run in progress: the work folder's VAE and classifiers and the EMA weights
+    of its last diffusion checkpoint (the manifest's training report says which step). Changes nothing in
+    ``work_dir``; for looking at, or experimenting with, a model before its run ends."""
+    from diffusers import StableDiffusionPipeline
+
+    work = Path(work_dir)
+    stages = {name: _load_checkpoint(work / f"{name}.pt", cfg) for name in ("vae", "classifiers", "diffusion")}
+    missing = [name for name, state in stages.items() if state is None]
+    if missing:
+        raise SystemExit(f"{work} has no {', '.join(missing)} result yet: nothing to export")
+    tokenizer = build_tokenizer(cfg)
+    vae, text_encoder, unet = build_models(cfg, tokenizer)
+    vae.load_state_dict(stages["vae"]["vae"])
+    vae.register_to_config(scaling_factor=stages["vae"]["scaling"])
+    diffusion = stages["diffusion"]
+    unet.load_state_dict(diffusion["unet"])
+    text_encoder.load_state_dict(diffusion["text_encoder"])
+    ema = _EMA([unet, text_encoder], cfg.ema_decay)
+    ema.shadow = list(diffusion["ema"])
+    ema.copy_to_model()
+    style_net = ConceptClassifierNet(len(mc_data.STYLES), width=cfg.clf_width)
+    object_net = ConceptClassifierNet(len(mc_data.OBJECTS), width=cfg.clf_width)
+    style_net.load_state_dict(stages["classifiers"]["style"])
+    object_net.load_state_dict(stages["classifiers"]["object"])
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=build_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    report = {"config": asdict(cfg), "exported_at_step": diffusion["step"],
+              "partial": diffusion["step"] < cfg.unet_steps}
+    mc_weights.save_weights(Path(out_dir), pipe, {"style": (style_net.eval(), mc_data.STYLES),
+                                                  "object": (object_net.eval(), mc_data.OBJECTS)},
+                            resolution=cfg.resolution, width=cfg.clf_width, training=report)
+    _log(f"exported step {diffusion['step']}/{cfg.unet_steps} of {work} to {out_dir}")
+    return report
+
+
 def _overrides(cfg: TrainConfig, items: list[str]) -> dict[str, object]:
     out: dict[str, object] = {}
     for item in items:
@@ -682,6 +721,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None,
                    help="folder for stage results and checkpoints; rerunning the same command resumes from it")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="diffusion checkpoint interval (default 5)")
+    p.add_argument("--export-checkpoint", action="store_true",
+                   help="write --out from --work-dir's last checkpoint (a run in progress), no training")
     p.add_argument("--evaluate-only", action="store_true", help="measure the quality of --out's weights, no training")
     p.add_argument("--no-evaluate", action="store_true", help="skip the quality check after training")
     return p.parse_args(argv)
@@ -702,6 +743,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = replace(cfg, seed=args.seed, **_overrides(cfg, args.set))
     if args.no_evaluate:
         cfg = replace(cfg, evaluate=False)
+    if args.export_checkpoint:
+        if args.work_dir is None or args.out is None:
+            print("--export-checkpoint needs --work-dir (the run) and --out (the folder to write)", file=sys.stderr)
+            return 2
+        export_checkpoint(cfg, args.work_dir, args.out)
+        return 0
     if args.out is None:
         out = Path(tempfile.mkdtemp(prefix="minicanvas-quick-")) / "weights" if args.quick \
             else mc_weights.DEFAULT_WEIGHTS_DIR

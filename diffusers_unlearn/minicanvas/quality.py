@@ -29,7 +29,7 @@ from . import weights as mc_weights
 __all__ = ["OBJECTS_PER_STYLE", "QUALITY_TARGETS", "evaluate_weights", "measure_classifiers", "measure_quality",
            "quality_pairs", "sample_grid"]
 
-OBJECTS_PER_STYLE = 3
+OBJECTS_PER_STYLE = 2
 # The shipped model's targets (issue 9): generations in the training wording and in held-out wordings, and the
 # classifiers on rendered ground truth.
 QUALITY_TARGETS: dict[str, float] = {

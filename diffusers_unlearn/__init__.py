@@ -24,6 +24,7 @@ from .regularizers import (
     SelectiveFinetune,
     register_regularizer,
 )
+from .request import UnlearnRequest
 from .trainer import TrainingConfig
 
 _PIPELINE_NAMES = ("UnlearnStableDiffusionPipeline", "UnlearnStableDiffusionXLPipeline", "load_pipeline")
@@ -47,6 +48,7 @@ __all__ = [
     "testing",
     "attach",
     "UnlearnMixin",
+    "UnlearnRequest",
     "concept_embedding",
     "cosine_similarities",
     "MergeStrategy",

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .composition import combined_deltas
 from .embeddings import concept_embedding, cosine_similarities
+from .state import unlearning_state
 
 
 @dataclass
@@ -44,12 +44,11 @@ def similarity_vs_change(
     ``others`` are concept names (embedded in ``domain``) or ``(concept, domain)`` pairs. dW is the change of
     request ``request_id``, or of every active request together (as composed) when it is None; W is the base.
     """
-    state = pipe._unlearning()
+    state = unlearning_state(pipe)
     if request_id is not None:
-        pipe._check_request_id(request_id)
-        deltas = state.artifacts[request_id].deltas()
+        deltas = state.artifact(request_id).deltas()
     else:
-        deltas = combined_deltas([a for _, a in state.active()], state.strategy)
+        deltas = state.composed_deltas()
     if deltas is None:
         raise ValueError("the pipeline holds no unlearning request: nothing has changed yet")
     pairs = [(o, domain) if isinstance(o, str) else (o[0], o[1]) for o in others]

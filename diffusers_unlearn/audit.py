@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .state import check_request_id, rebuild
+
 PANELS = ("base", "all", "only", "without")
 _LABEL_HEIGHT = 22
 _GAP = 4  # white space between tiles
@@ -29,7 +31,7 @@ def audit_images(
     ``pipe.audit(request_id)``), "without" all but it (``mode="without"``). The pipeline's state is the same
     afterwards, also when generation fails.
     """
-    pipe._check_request_id(request_id)
+    check_request_id(pipe, request_id)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -45,10 +47,10 @@ def audit_images(
 
     images: dict[str, Image.Image] = {}
     try:
-        pipe._rebuild([])  # no request active: the base model
+        rebuild(pipe, [])  # no request active: the base model
         images["base"] = generate()
     finally:
-        pipe._rebuild()
+        rebuild(pipe)
     images["all"] = generate()
     with pipe.audit(request_id):
         images["only"] = generate()

@@ -70,15 +70,6 @@ def concept_embedding(
     return embedding.clone()
 
 
-def concept_embeddings(
-    pipe: Any, concepts: Sequence[str], domain: str | None = None, templates: Sequence[str] | None = None
-) -> torch.Tensor:
-    """Embeddings of several concepts as the columns of a ``[d, m]`` matrix."""
-    if not concepts:
-        return torch.zeros(TextConditioner(pipe).cross_attention_dim, 0)
-    return torch.stack([concept_embedding(pipe, c, domain, templates) for c in concepts], dim=1)
-
-
 def cosine_similarities(target: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of a ``[d]`` vector with each column of a ``[d, m]`` matrix."""
     return torch.nn.functional.cosine_similarity(others.T.double(), target.double()[None, :], dim=1).float()

@@ -1,13 +1,6 @@
-"""Deployment: export requests as diffusers LoRA files, save a complete folded pipeline folder, restore it.
+"""Deployment: export requests as diffusers LoRA files, save a complete folded pipeline folder.
 
-Layout written by ``save_unlearned(directory)``::
-
-    model_index.json, unet/, vae/, text_encoder/, ...   a plain diffusers pipeline; the UNet holds FOLDED weights
-    README.md                                           model card (removed concepts, request table)
-    unlearning/ledger.json, unlearning/adapters/        the ledger and one native artifact per request
-    unlearning/lora/<request_id>.safetensors            each request in diffusers' LoRA format, relative to the BASE
-    unlearning/base_kv.safetensors                      the true base K/V weights (the UNet only has folded ones)
-    unlearning/state.json                               fingerprints and mode, written last
+The folder's layout and reading it back are in ``saved_folder``.
 
 ``DiffusionPipeline.from_pretrained(directory)`` loads it without this package. A pipeline with ``UnlearnMixin``
 loaded from it (``du.attach`` or the ready classes) restores its base weights, ledger and adapters from
@@ -22,43 +15,38 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from peft import LoraConfig
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from . import __version__
+from . import __version__, model_card
 from . import adapters as ad
-from .ledger import (
-    LEDGER_FILE,
-    LedgerError,
-    atomic_write_bytes,
-    check_adapter_fits,
-    fingerprint,
-    read_ledger_dir,
-    write_ledger_dir,
+from .ledger import LEDGER_FILE, atomic_write_bytes, fingerprint, write_ledger_dir
+from .saved_folder import (  # noqa: F401 - the folder layout, also importable from here as before
+    BASE_KV_FILE,
+    CARD_FILE,
+    FOLDER_ATTR,
+    LORA_DIR,
+    SAVED_FORMAT,
+    STATE_FILE,
+    UNLEARNING_DIR,
+    check_unlearned_folder,
+    find_unlearned_folder,
+    read_base_kv,
+    read_saved_state,
+    saved_files,
 )
-
-if TYPE_CHECKING:
-    from .mixin import UnlearningState
+from .state import find_state, rebuild, set_mode, unlearning_state
 
 logger = logging.getLogger(__name__)
 
-UNLEARNING_DIR = "unlearning"
-LORA_DIR = "lora"
-BASE_KV_FILE = "base_kv.safetensors"
-STATE_FILE = "state.json"
-CARD_FILE = "README.md"
-SAVED_FORMAT = 1
-FOLDER_ATTR = "_unlearned_folder"  # set by the ready classes' from_pretrained (Hub downloads land elsewhere)
-ORIGIN_ATTR = "_unlearned_origin"  # where a restored state came from, and its base model id
 
 
 # ------------------------------------------------------------------------------------------------ LoRA export
@@ -145,8 +133,6 @@ def _jsonable(value: Any) -> Any:
 
 def _lora_saver(pipe: Any) -> type:
     """The diffusers class whose ``save_lora_weights`` matches the pipeline (SDXL or SD 1.x/2.x key layout)."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
-
     for cls in (StableDiffusionXLLoraLoaderMixin, StableDiffusionLoraLoaderMixin):
         if isinstance(pipe, cls):
             return cls
@@ -163,8 +149,7 @@ def export_lora(
     Masked dense deltas (selective fine-tuning) are written as an exact LoRA of rank min(non-zero rows, non-zero
     columns) per layer, at most min(out, in): up to (out + in) / max(out, in) times the dense delta's size.
     """
-    pipe._check_request_id(request_id)
-    artifact = pipe._unlearning().artifacts[request_id]
+    artifact = unlearning_state(pipe).artifact(request_id)
     weight_name = weight_name or f"{request_id}.safetensors"
     if not isinstance(weight_name, str) or "/" in weight_name or "\\" in weight_name or not weight_name.endswith(
         ".safetensors"
@@ -183,10 +168,8 @@ def export_lora(
 # ----------------------------------------------------------------------------------------------- save_unlearned
 def diffusers_class_name(pipe: Any) -> str:
     """Name of the diffusers pipeline class behind ``pipe`` (what model_index.json must name for plain diffusers)."""
-    from .mixin import UnlearnMixin
-
     for cls in type(pipe).__mro__:
-        if cls is UnlearnMixin or cls.__module__.startswith("diffusers_unlearn"):
+        if cls.__module__.startswith("diffusers_unlearn"):  # the mixins, and the classes attach() makes
             continue
         if cls.__module__.startswith("diffusers."):
             return cls.__name__
@@ -207,9 +190,7 @@ def save_pretrained_folded(pipe: Any, directory: str | os.PathLike, save: Callab
 
     Inside ``audit()`` (a partial set of adapters) this refuses rather than saving a state the ledger does not name.
     """
-    from .mixin import STATE_ATTR
-
-    state = pipe.__dict__.get(STATE_ATTR)
+    state = find_state(pipe)
     if state is not None and state.auditing:
         raise ValueError(
             "save_pretrained inside audit() would save a partial set of requests; save outside the audit block "
@@ -217,12 +198,12 @@ def save_pretrained_folded(pipe: Any, directory: str | os.PathLike, save: Callab
         )
     stacked = state is not None and any(isinstance(m, ad.LoraLayer) for m in pipe.unet.modules())
     if stacked:
-        pipe._rebuild(mode="folded")
+        rebuild(pipe, mode="folded")
     try:
         save()
     finally:
         if stacked:
-            pipe._rebuild()
+            rebuild(pipe)
     if Path(directory, "model_index.json").is_file():
         fix_model_index(Path(directory), diffusers_class_name(pipe))
 
@@ -238,7 +219,8 @@ def is_hub_repo_id(value: object) -> bool:
 def guess_base_model(pipe: Any) -> str | None:
     """The Hub id of the model the unlearning started from, when it is known (a restored folder's record, or the
     id the pipeline was loaded from); None for local checkpoints and pipelines built in code."""
-    origin = pipe.__dict__.get(ORIGIN_ATTR) or {}
+    state = find_state(pipe)
+    origin = state.origin if state is not None else {}
     if origin.get("base_model"):
         return origin["base_model"]
     if origin:  # restored from a saved folder whose base model was not a Hub id
@@ -271,24 +253,22 @@ def save_unlearned(
     interrupted save leaves the previous folder as it was. An existing ``directory`` is replaced only when it is
     empty or an unlearned pipeline folder. The pipeline's mode (stacked or folded) is the same afterwards.
     """
-    from .model_card import build_model_card, check_base_model
-
-    state = pipe._unlearning()
+    state = unlearning_state(pipe)
     directory = Path(directory)
     check_output_folder(directory)
-    base_model = check_base_model(base_model) or guess_base_model(pipe)
+    base_model = model_card.check_base_model(base_model) or guess_base_model(pipe)
     class_name = diffusers_class_name(pipe)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         previous = state.mode
-        pipe.fold()  # plain nn.Linear layers holding base + all requests: what plain diffusers must load
+        set_mode(pipe, "folded")  # plain nn.Linear layers holding base + all requests: what plain diffusers loads
         try:
             folded_fingerprint = fingerprint(ad.kv_weights(pipe.unet))
             pipe.save_pretrained(tmp, safe_serialization=True)
         finally:
             if previous != "folded":
-                pipe._set_mode(previous)
+                set_mode(pipe, previous)
         fix_model_index(tmp, class_name)
 
         unlearning = tmp / UNLEARNING_DIR
@@ -302,7 +282,7 @@ def save_unlearned(
         for request_id in state.ledger.ids():
             export = export_lora(pipe, request_id, unlearning / LORA_DIR)
             exports[request_id] = {**export.to_dict(), "file": f"{UNLEARNING_DIR}/{LORA_DIR}/{export.weight_name}"}
-        card = build_model_card(
+        card = model_card.build_model_card(
             state.ledger,
             base_model=base_model,
             pipeline_class=class_name,
@@ -346,129 +326,6 @@ def _replace_folder(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def saved_files(directory: str | os.PathLike) -> list[str]:
-    """Every file of a saved folder, as sorted POSIX paths relative to it (hidden files and folders left out)."""
-    directory = Path(directory)
-    files = []
-    for path in directory.rglob("*"):
-        rel = path.relative_to(directory)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-            files.append(rel.as_posix())
-    return sorted(files)
-
-
-def check_unlearned_folder(directory: str | os.PathLike) -> dict[str, Any]:
-    """Check that ``directory`` is a folder ``save_unlearned`` wrote; return its ``unlearning/state.json``."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} does not exist or is not a folder")
-    missing = [
-        name
-        for name in ("model_index.json", CARD_FILE, f"{UNLEARNING_DIR}/{STATE_FILE}", f"{UNLEARNING_DIR}/{LEDGER_FILE}")
-        if not (directory / name).is_file()
-    ]
-    if missing:
-        raise LedgerError(
-            f"{directory} is not an unlearned pipeline folder (missing {', '.join(missing)}); write one with "
-            "pipe.save_unlearned(...) or `diffusers-unlearn fold`"
-        )
-    return read_saved_state(directory)
-
-
-def read_saved_state(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / UNLEARNING_DIR / STATE_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LedgerError(f"{path} is unreadable or corrupted: {err}") from err
-    required = ("format", "base_fingerprint", "folded_fingerprint")
-    if not isinstance(data, dict) or data.get("format") != SAVED_FORMAT or any(k not in data for k in required):
-        raise LedgerError(f"{path} is not a diffusers-unlearn saved-pipeline state (format {SAVED_FORMAT})")
-    return data
-
-
-# ------------------------------------------------------------------------------------------------------ restore
-def find_unlearned_folder(pipe: Any) -> Path | None:
-    """The save_unlearned folder ``pipe`` was loaded from, if any: the ready classes record it; otherwise the path
-    diffusers recorded in the pipeline's or the UNet's config (``_name_or_path``)."""
-    candidates = [pipe.__dict__.get(FOLDER_ATTR)]
-    config = getattr(pipe, "config", None)
-    if config is not None and hasattr(config, "get"):
-        candidates.append(config.get("_name_or_path"))
-    unet_config = getattr(getattr(pipe, "unet", None), "config", None)
-    if unet_config is not None and hasattr(unet_config, "get") and unet_config.get("_name_or_path"):
-        candidates.append(Path(str(unet_config.get("_name_or_path"))).parent)
-    for candidate in candidates:
-        if candidate and isinstance(candidate, (str, os.PathLike)):
-            path = Path(candidate)
-            if (path / UNLEARNING_DIR / STATE_FILE).is_file():
-                return path
-    return None
-
-
-def restore_saved_state(pipe: Any, current: dict[str, torch.Tensor]) -> UnlearningState | None:
-    """The unlearning state of a pipeline loaded from a ``save_unlearned`` folder, or None for any other pipeline.
-
-    ``current`` holds the UNet's K/V weights as loaded. They must be the folded weights the folder recorded
-    (same fingerprint); then the base comes from ``unlearning/base_kv.safetensors`` and the ledger and adapters from
-    ``unlearning/``, in mode "folded". If the weights were changed after loading, the current weights become a new
-    base (with a warning) rather than silently treating a removal as part of the base.
-    """
-    from .mixin import UnlearningState
-
-    folder = find_unlearned_folder(pipe)
-    if folder is None:
-        return None
-    saved = read_saved_state(folder)
-    if fingerprint(current) != saved["folded_fingerprint"]:
-        warnings.warn(
-            f"this pipeline was loaded from the unlearned folder {folder}, but its UNet K/V weights are not the folded "
-            "weights saved there (changed after loading?); starting a new ledger with the current weights as the base",
-            stacklevel=4,
-        )
-        return None
-    ledger, artifacts = read_ledger_dir(folder / UNLEARNING_DIR)
-    base = read_base_kv(folder / UNLEARNING_DIR / BASE_KV_FILE)
-    where = str(folder / UNLEARNING_DIR)
-    if sorted(base) != sorted(current):
-        raise LedgerError(f"{where}/{BASE_KV_FILE} holds layers that do not match this UNet's K/V layers")
-    for name, tensor in base.items():
-        if tuple(tensor.shape) != tuple(current[name].shape):
-            raise LedgerError(f"{where}/{BASE_KV_FILE}: layer {name} has shape {tuple(tensor.shape)}, the UNet "
-                              f"has {tuple(current[name].shape)}")
-    if not fingerprint(base) == ledger.base_fingerprint == saved["base_fingerprint"]:
-        raise LedgerError(f"{where}: the base weights, the ledger and {STATE_FILE} name different base fingerprints")
-    if ledger.ids() != saved.get("requests", ledger.ids()):
-        raise LedgerError(
-            f"{where}: {LEDGER_FILE} lists requests {ledger.ids()} but the folded weights hold {saved.get('requests')} "
-            "(changed after save_unlearned, e.g. by an interrupted `diffusers-unlearn run`?); rerun the plan or save "
-            "the folder again"
-        )
-    shapes = {name: tuple(t.shape) for name, t in base.items()}
-    for record in ledger.requests:
-        check_adapter_fits(artifacts[record.request_id], shapes, f"{where}/{record.adapter['file']}")
-    base = {name: tensor.to(device=current[name].device, dtype=current[name].dtype) for name, tensor in base.items()}
-    object.__setattr__(pipe, ORIGIN_ATTR, {"folder": str(folder), "base_model": saved.get("base_model")})
-    logger.info("restored %d unlearning request(s) and the base K/V weights from %s", len(ledger.requests), folder)
-    return UnlearningState(
-        base_weights=base, base_fingerprint=ledger.base_fingerprint, ledger=ledger, artifacts=artifacts, mode="folded"
-    )
-
-
-def read_base_kv(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise LedgerError(f"{path} is missing: the saved folder cannot restore its base weights")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            if (handle.metadata() or {}).get("format") != "diffusers-unlearn-base-kv":
-                raise LedgerError(f"{path} is safetensors but not diffusers-unlearn base weights")
-            return {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        if isinstance(err, LedgerError):
-            raise
-        raise LedgerError(f"{path} is not a valid safetensors file: {err}") from err
-
-
 __all__ = [
     "LoraExport",
     "check_unlearned_folder",
@@ -478,7 +335,6 @@ __all__ = [
     "find_unlearned_folder",
     "guess_base_model",
     "lora_state_dict",
-    "restore_saved_state",
     "save_unlearned",
     "saved_files",
 ]

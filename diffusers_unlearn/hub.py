@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .export import CARD_FILE, UNLEARNING_DIR, check_unlearned_folder, saved_files
+from .saved_folder import CARD_FILE, UNLEARNING_DIR, check_unlearned_folder, saved_files
 
 
 @dataclass

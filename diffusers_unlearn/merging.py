@@ -67,9 +67,6 @@ class MergeStrategy:
         return {"strategy": "merge", **dataclasses.asdict(self)}
 
 
-Strategy = Literal["sequential"] | MergeStrategy
-
-
 def resolve_strategy(strategy: str | MergeStrategy | None) -> str | MergeStrategy:
     """"sequential" (default), "merge" (TIES), a merge method name, or a ``MergeStrategy``."""
     if strategy is None or strategy == "sequential":

@@ -21,6 +21,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from . import __version__
 from .ledger import Ledger, RequestRecord
 from .merging import strategy_from_dict
+from .regularizers import REGULARIZERS
 
 TAGS = ["diffusers", "text-to-image", "concept-unlearning"]
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._/+-]*")  # strings written without quotes when YAML reads them back so
@@ -94,8 +95,6 @@ def _format_value(value: Any) -> str:
 
 
 def _defaults(name: str) -> dict[str, Any]:
-    from .regularizers import REGULARIZERS
-
     cls = REGULARIZERS.get(name)
     if cls is None:
         return {}

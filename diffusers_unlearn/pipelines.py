@@ -18,12 +18,16 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from .export import FOLDER_ATTR, UNLEARNING_DIR, is_hub_repo_id
+from . import minicanvas
+from .export import is_hub_repo_id
 from .mixin import UnlearnMixin, attach
+from .saved_folder import FOLDER_ATTR, UNLEARNING_DIR
+from .tiny import tiny_pipeline, tiny_sdxl_pipeline
 
 logger = logging.getLogger(__name__)
 
 TINY_MODELS = ("tiny", "tiny-sdxl")
+MINICANVAS_MODEL = "minicanvas"  # the shipped MiniCanvas model, checked against its manifest
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -107,19 +111,20 @@ def load_pipeline(
     **kwargs: Any,
 ) -> Any:
     """A pipeline with ``UnlearnMixin`` for a model name: "tiny" / "tiny-sdxl" (the offline test pipelines, seed 0),
+    "minicanvas" (the shipped MiniCanvas model),
     a local pipeline folder (a ``save_unlearned`` folder comes back with its ledger) or a Hub model id.
 
     Pipelines without UNet cross-attention K/V layers (DiTs, unconditional UNets) are refused with a ``TypeError``
     that names the supported architectures.
     """
-    from . import testing
-
     dtype = _dtype(torch_dtype)
     name = os.fspath(model) if isinstance(model, os.PathLike) else model
     if not isinstance(name, str) or not name:
-        raise ValueError(f"model must be 'tiny', 'tiny-sdxl', a pipeline folder or a Hub id, got {model!r}")
-    if name in TINY_MODELS:
-        pipe = attach(testing.tiny_pipeline(seed=0) if name == "tiny" else testing.tiny_sdxl_pipeline(seed=0))
+        raise ValueError(f"model must be 'tiny', 'tiny-sdxl', 'minicanvas', a pipeline folder or a Hub id, got {model!r}")
+    if name == MINICANVAS_MODEL:
+        pipe = attach(minicanvas.load_pipeline(torch_dtype=dtype or torch.float32))
+    elif name in TINY_MODELS:
+        pipe = attach(tiny_pipeline(seed=0) if name == "tiny" else tiny_sdxl_pipeline(seed=0))
         if dtype is not None:
             pipe.to(dtype=dtype)
     else:
@@ -136,7 +141,7 @@ def load_pipeline(
                 "revision", "token", "cache_dir", "local_files_only")}).get("_class_name")
         else:
             raise FileNotFoundError(
-                f"model {name!r} is not 'tiny', 'tiny-sdxl', an existing pipeline folder or a Hub model id"
+                f"model {name!r} is not 'tiny', 'tiny-sdxl', 'minicanvas', an existing pipeline folder or a Hub model id"
             )
         if dtype is not None:
             kwargs["torch_dtype"] = dtype

@@ -45,8 +45,8 @@ from .ledger import LEDGER_FILE, RequestRecord, read_ledger_dir
 from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
 from .model_card import check_base_model
 from .objectives import build_objective_config
-from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
-from .regularizers import check_regularizers, regularizer_from_dict
+from .regularizers import regularizer_from_dict
+from .request import UnlearnRequest, record_signature
 from .trainer import TrainingConfig
 
 PLAN_KEYS = ("model", "output", "base_model", "strategy", "defaults", "requests", "torch_dtype", "device")
@@ -73,7 +73,7 @@ _PlanLoader.add_implicit_resolver(
 
 @dataclass(frozen=True)
 class PlannedRequest:
-    """One request of a plan, validated: everything ``pipe.unlearn`` needs."""
+    """One request of a plan, validated (by building its ``UnlearnRequest``), in the plan's own terms."""
 
     position: int  # 1-based place in the plan
     concept: str
@@ -87,60 +87,23 @@ class PlannedRequest:
     prompts: tuple[str, ...] | None = None
     templates: tuple[str, ...] | None = None
 
-    def build_regularizers(self) -> list[Any]:
-        """Fresh regularizer objects (they hold per-request state, so every run builds new ones)."""
-        return check_regularizers([regularizer_from_dict(dict(data)) for data in self.regularizers])
-
-    def unlearn_kwargs(self) -> dict[str, Any]:
-        return dict(
-            concept=self.concept,
-            method=self.method,
+    def to_request(self) -> UnlearnRequest:
+        """The request to run, with fresh regularizer objects (they hold per-request state)."""
+        return UnlearnRequest(
+            self.concept,
+            build_objective_config(self.method, dict(self.method_options)),
             domain=self.domain,
-            seed=self.seed,
-            regularizers=self.build_regularizers(),
-            strategy=strategy_from_dict(self.strategy),
             training=self.training,
-            prompts=list(self.prompts) if self.prompts is not None else None,
-            templates=list(self.templates) if self.templates is not None else None,
-            **self.method_options,
+            seed=self.seed,
+            regularizers=[regularizer_from_dict(dict(data)) for data in self.regularizers],
+            strategy=strategy_from_dict(self.strategy),
+            prompts=self.prompts,
+            templates=self.templates,
         )
-
-    def request_prompts(self) -> list[str]:
-        if self.prompts is not None:
-            return list(self.prompts)
-        templates = self.templates if self.templates is not None else TEMPLATES[self.domain]
-        return [t.format(self.concept) for t in templates]
 
     def signature(self) -> dict[str, Any]:
         """The settings a ledger record of this request must have (compared on resume)."""
-        return _normalise({
-            "concept": self.concept,
-            "domain": self.domain,
-            "method_config": build_objective_config(self.method, dict(self.method_options)).to_dict(),
-            "training": self.training.to_dict(),
-            "seed": self.seed,
-            "regularizers": [r.to_dict() for r in self.build_regularizers()],
-            "strategy": self.strategy,
-            "prompts": self.request_prompts(),
-        })
-
-
-def record_signature(record: RequestRecord) -> dict[str, Any]:
-    """The same settings, read from a ledger record."""
-    return _normalise({
-        "concept": record.concept,
-        "domain": record.domain,
-        "method_config": record.method_config,
-        "training": record.training,
-        "seed": record.seed,
-        "regularizers": [{k: v for k, v in r.items() if k != "report"} for r in record.regularizers],
-        "strategy": record.strategy,
-        "prompts": record.prompts,
-    })
-
-
-def _normalise(value: Any) -> Any:
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+        return self.to_request().signature()
 
 
 @dataclass
@@ -223,37 +186,34 @@ def _planned_request(
     if not isinstance(concept, str):
         raise PlanError(f"{where}: concept must be a string, got {type(concept).__name__} {concept!r} "
                         "(quote it in YAML: yes/no/on/off and numbers are not strings there)")
+    method = fields.get("method", "esd")
+    options = {k: v for k, v in fields.items() if k not in REQUEST_KEYS}
+    strategy = _strategy(fields.get("strategy", plan_strategy), where)
+    regularizers = _regularizer_dicts(fields.get("regularizers"), where)
+    prompts = _strings(fields.get("prompts"), "prompts", where)
+    templates = _strings(fields.get("templates"), "templates", where)
     try:
-        concept = check_concept(concept)
-        domain = check_domain(fields.get("domain"))
-        method = fields.get("method", "esd")
         if not isinstance(method, str):
             raise ValueError(f"method must be a method name, got {method!r}")
-        options = {k: v for k, v in fields.items() if k not in REQUEST_KEYS}
-        build_objective_config(method, dict(options))  # unknown options and bad values are refused here
         training = TrainingConfig(**{k: fields[k] for k in TRAINING_KEYS if k in fields})
-        seed = fields.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        templates = _strings(fields.get("templates"), "templates", where)
-        if templates is not None:
-            validate_templates(list(templates))
-    except PlanError:
-        raise
+        request = UnlearnRequest(  # validates every field once, as pipe.unlearn does
+            concept, build_objective_config(method, dict(options)), domain=fields.get("domain"), training=training,
+            seed=fields.get("seed", 0), regularizers=[regularizer_from_dict(dict(r)) for r in regularizers],
+            strategy=strategy_from_dict(strategy), prompts=prompts, templates=templates,
+        )
     except (TypeError, ValueError) as err:
         raise PlanError(f"{where}: {err}") from None
-    strategy = _strategy(fields.get("strategy", plan_strategy), where)
     return PlannedRequest(
         position=position,
-        concept=concept,
-        domain=domain,
+        concept=request.concept,
+        domain=request.domain,
         method=method,
         method_options=options,
         training=training,
-        seed=seed,
-        regularizers=_regularizer_dicts(fields.get("regularizers"), where),
+        seed=request.seed,
+        regularizers=regularizers,
         strategy=strategy,
-        prompts=_strings(fields.get("prompts"), "prompts", where),
+        prompts=prompts,
         templates=templates,
     )
 
@@ -388,7 +348,7 @@ def run_plan(
         say(f"[{planned.position}/{total}] {planned.concept!r}: already in the ledger as {record.request_id}, skipped")
     trained = []
     for planned in plan.requests[len(done):]:
-        record = pipe.unlearn(**planned.unlearn_kwargs(), progress=progress)
+        record = pipe.unlearn(planned.to_request(), progress=progress)
         pipe.save_unlearning(checkpoint)  # atomic: an interruption from here on loses nothing
         trained.append(record.request_id)
         say(f"[{planned.position}/{total}] {planned.concept!r}: removed as {record.request_id} in "

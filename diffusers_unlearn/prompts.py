@@ -30,11 +30,18 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 DEFAULT_DOMAIN = "concept"
 
 
-def register_templates(domain: str, templates: Sequence[str]) -> None:
-    """Add or replace the templates of ``domain``; each template needs exactly one ``{}`` slot."""
+def register_templates(domain: str, templates: Sequence[str], *, replace: bool = False) -> None:
+    """Add the templates of a new ``domain`` (``replace=True``: swap those of a known one); each template needs
+    exactly one ``{}`` slot. Registering a known domain again without ``replace=True`` is refused."""
     if not isinstance(domain, str) or not domain.strip():
         raise ValueError(f"domain must be a non-empty string, got {domain!r}")
-    TEMPLATES[domain] = validate_templates(templates)
+    checked = validate_templates(templates)
+    if domain in TEMPLATES and not replace:
+        raise ValueError(
+            f"domain {domain!r} is already registered with templates {list(TEMPLATES[domain])}; pass replace=True "
+            f"to swap them. Registered domains: {sorted(TEMPLATES)}"
+        )
+    TEMPLATES[domain] = checked
 
 
 def validate_templates(templates: Sequence[str]) -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -21,8 +21,11 @@ from tqdm.auto import tqdm
 from . import adapters as ad
 from .conditioning import TextConditioner
 from .ledger import now
-from .objectives import ObjectiveConfig, ObjectiveContext, objective_for
-from .regularizers import Regularizer, TrainingContext
+from .objectives import ObjectiveContext, objective_for
+from .regularizers import TrainingContext
+
+if TYPE_CHECKING:  # the request module builds on TrainingConfig below
+    from .request import UnlearnRequest
 
 TRAINING_ADAPTER = "unlearn_training"
 
@@ -93,15 +96,8 @@ class TrainingResult:
 
 def train_request(
     pipe: Any,
+    request: UnlearnRequest,
     *,
-    concept: str,
-    domain: str,
-    prompts: list[str],
-    templates: tuple[str, ...] | None,
-    objective_config: ObjectiveConfig,
-    regularizers: list[Regularizer],
-    training: TrainingConfig,
-    seed: int,
     base_weights: dict[str, torch.Tensor],
     start_offsets: dict[str, torch.Tensor] | None,
     earlier: list,
@@ -109,13 +105,14 @@ def train_request(
     accelerator: Accelerator | None = None,
     data_parallel: bool = True,
 ) -> TrainingResult:
-    """Train one request's adapter on ``pipe.unet`` (whose K/V weights already hold the start model).
+    """Train ``request``'s adapter on ``pipe.unet`` (whose K/V weights already hold the start model).
 
     Leaves the training adapter attached; the caller rebuilds the composed state (also on failure).
     With ``data_parallel`` (the default) every process of ``accelerator`` trains this same request on its slice of
     the global batch and gradients are averaged; without it each process trains on its own (merge requests).
     """
     unet = pipe.unet
+    training = request.training
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator(training)
     shard = (accelerator.process_index, accelerator.num_processes) if data_parallel else (0, 1)
@@ -124,9 +121,9 @@ def train_request(
             f"batch_size {training.batch_size} must be a multiple of the {accelerator.num_processes} processes: "
             "each process trains on an equal share of the global batch"
         )
-    kind = "dense" if any(r.adapter_kind == "dense" for r in regularizers) else "lora"
+    kind = "dense" if any(r.adapter_kind == "dense" for r in request.regularizers) else "lora"
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG; same seed -> same init everywhere
+        torch.manual_seed(request.seed)  # peft's LoRA init draws from the global RNG; same seed -> same init everywhere
         adapter = ad.TrainableAdapter(
             unet, TRAINING_ADAPTER, kind, training.rank, training.lora_alpha, training.init_lora_weights
         )
@@ -135,30 +132,29 @@ def train_request(
     if training.gradient_checkpointing and not checkpointing_was:
         unet.enable_gradient_checkpointing()
     try:
-        return _train(pipe, unet, adapter, accelerator, shard, started, concept=concept, domain=domain,
-                      prompts=prompts, templates=templates, objective_config=objective_config,
-                      regularizers=regularizers, training=training, seed=seed, base_weights=base_weights,
+        return _train(pipe, request, adapter, accelerator, shard, started, base_weights=base_weights,
                       start_offsets=start_offsets, earlier=earlier, progress=progress)
     finally:
         if training.gradient_checkpointing and not checkpointing_was:
             unet.disable_gradient_checkpointing()
 
 
-def _train(pipe, unet, adapter, accelerator, shard, started, *, concept, domain, prompts, templates,
-           objective_config, regularizers, training, seed, base_weights, start_offsets, earlier,
-           progress) -> TrainingResult:
-    generator = torch.Generator().manual_seed(seed)  # the same draws in every process: the global batch
+def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, accelerator: Accelerator,
+           shard: tuple[int, int], started: float, *, base_weights: dict[str, torch.Tensor],
+           start_offsets: dict[str, torch.Tensor] | None, earlier: list, progress: bool) -> TrainingResult:
+    unet, training, regularizers, concept = pipe.unet, request.training, request.regularizers, request.concept
+    generator = torch.Generator().manual_seed(request.seed)  # the same draws in every process: the global batch
     objective = objective_for(
-        objective_config,
+        request.method,
         ObjectiveContext(
             pipe=pipe,
             conditioner=TextConditioner(pipe),
             unet=unet,
             concept=concept,
-            prompts=prompts,
+            prompts=request.prompts,
             frozen=lambda: ad.adapters_disabled(unet, adapter.parameters),
             generator=generator,
-            templates=templates,
+            templates=request.templates,
         ),
     )
     with accelerator.autocast():
@@ -169,7 +165,7 @@ def _train(pipe, unet, adapter, accelerator, shard, started, *, concept, domain,
         adapter=adapter,
         objective=objective,
         concept=concept,
-        domain=domain,
+        domain=request.domain,
         earlier=earlier,
         base_weights=base_weights,
         start_offsets=start_offsets,

@@ -13,7 +13,6 @@ from test_evaluation import OBJECTS, STYLES, ChannelClassifier, tiny_config
 
 import diffusers_unlearn as du
 from diffusers_unlearn import bench
-from diffusers_unlearn.bench.objectives import CAMultiConfig
 from diffusers_unlearn.bench.report import headline
 
 HP = bench.Hyperparameters(steps=3, learning_rate=1e-2)
@@ -127,15 +126,16 @@ def test_protocols_train_what_they_say():
 def test_concept_ablation_simultaneous_swaps_each_prompts_own_concept():
     pipe, world, stream = _replay("simultaneous", method="ca", anchor="picasso")
     [record] = pipe.unlearning_ledger.requests
-    assert record.method == "ca_multi" and list(record.method_config["concepts"]) == stream
+    assert record.method == "ca" and list(record.method_config["concepts"]) == stream  # one method, several concepts
     assert record.method_config["anchor"] == "picasso"
     pipe, _, _ = _replay("sequential", method="ca", anchor="picasso")
     assert [r.method for r in pipe.unlearning_ledger.requests] == ["ca", "ca"]
-    config = CAMultiConfig(anchor="picasso", concepts=("van gogh", "monet"), sampling_steps=2, num_trajectories=2)
+    assert all("concepts" not in r.method_config for r in pipe.unlearning_ledger.requests)
+    config = du.CAConfig(anchor="picasso", concepts=("van gogh", "monet"), sampling_steps=2, num_trajectories=2)
     with pytest.raises(ValueError, match="contains none of the concepts"):
         pipe.unlearn("van gogh+monet", config, prompts=["a dog in van gogh style", "a cat"], steps=1)
     with pytest.raises(ValueError, match="anchor 'monet' is one of the concepts"):
-        pipe.unlearn("van gogh+monet", CAMultiConfig(anchor="monet", concepts=("van gogh", "monet")),
+        pipe.unlearn("van gogh+monet", "ca", anchor="monet", concepts=("van gogh", "monet"),
                      prompts=["a dog in van gogh style"], steps=1)
     assert len(pipe.unlearning_ledger.requests) == 2  # refused requests change nothing
 

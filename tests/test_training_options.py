@@ -28,12 +28,6 @@ def test_gradient_checkpointing_trains_the_same_adapter():
     assert not pipe.unet.is_gradient_checkpointing  # switched back off after the request
 
 
-def test_gradient_accumulation_runs_micro_batches_per_step():
-    _, record, _ = _adapter(training=du.TrainingConfig(gradient_accumulation_steps=3, steps=FAST["steps"],
-                                                       learning_rate=FAST["learning_rate"]))
-    assert record.training["gradient_accumulation_steps"] == 3 and record.final_loss == record.final_loss
-
-
 def test_parallel_merge_requests_in_one_process_equal_one_after_another():
     requests = [dict(concept="van gogh", domain="style", seed=0, **FAST), dict(concept="dog", domain="object", seed=1,
                                                                                **FAST)]

@@ -9,7 +9,7 @@ every request, results table and plots. ``diffusers-unlearn bench`` runs it on M
 
 from .protocols import PROTOCOLS, Hyperparameters, Protocol, ProtocolContext, resolve_protocols
 from .report import markdown, plot_cost, plot_metrics, write_report
-from .runner import DEFAULT_ANCHORS, METHODS, BenchSettings, run_bench, run_protocol, serve_request
+from .runner import DEFAULT_ANCHORS, BenchSettings, run_bench, run_protocol, serve_request
 from .heldout import heldout_cases, heldout_unlearning
 from .report import plot_ua_matrix, ua_matrix
 from .world import MINICANVAS_EVAL_OBJECTS, BenchWorld, family_round_robin, minicanvas_style_plan, minicanvas_world
@@ -17,7 +17,6 @@ from .world import MINICANVAS_EVAL_OBJECTS, BenchWorld, family_round_robin, mini
 __all__ = [
     "DEFAULT_ANCHORS",
     "MINICANVAS_EVAL_OBJECTS",
-    "METHODS",
     "PROTOCOLS",
     "BenchSettings",
     "BenchWorld",

@@ -16,13 +16,11 @@ from .. import __version__
 from ..evaluation import evaluate_unlearning, kv_drift
 from ..evaluation.metrics import check_eval_domain
 from ..mixin import attach
-from ..objectives import CAConfig, ESDConfig, ObjectiveConfig
+from ..objectives import OBJECTIVES, ObjectiveConfig, build_objective_config
 from .heldout import heldout_unlearning
-from .objectives import CAMultiConfig
 from .protocols import Hyperparameters, Protocol, ProtocolContext, resolve_protocols
 from .world import BenchWorld
 
-METHODS = ("esd", "ca")
 # Concept Ablation maps a concept onto an anchor in the same prompt slot. MiniCanvas's text encoder never saw these
 # words in that slot, so they act as a generic "no particular style / object" anchor.
 DEFAULT_ANCHORS = {"style": "painting", "object": "picture"}
@@ -35,7 +33,7 @@ class BenchSettings:
     Args:
         requests: length of the removal stream (the first concepts of the world's order for ``domain``).
         domain: "style" or "object".
-        method: erasure method, "esd" or "ca".
+        method: a registered erasure method ("esd", "ca", ...; see ``objectives.OBJECTIVES``).
         protocols: protocol names (see ``bench.PROTOCOLS``); None: all of them.
         hparams: steps, learning rate, rank and regularizer strengths, shared by every protocol.
         negative_guidance: ESD's eta. 5 rather than ESD's usual 1: on MiniCanvas, eta 1 to 3 did not reliably
@@ -57,8 +55,8 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         check_eval_domain(self.domain)
-        if self.method not in METHODS:
-            raise ValueError(f"bench method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.method not in OBJECTIVES:
+            raise ValueError(f"bench method must be a registered method {sorted(OBJECTIVES)}, got {self.method!r}")
         self.protocols = [p.name for p in resolve_protocols(self.protocols)]
         if isinstance(self.requests, bool) or not isinstance(self.requests, int) or self.requests < 1:
             raise ValueError(f"requests must be an integer >= 1, got {self.requests!r}")
@@ -79,10 +77,11 @@ def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[st
     common = dict(sampling_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                   num_trajectories=num_prompts * settings.trajectories_per_prompt)
     if settings.method == "esd":
-        return ESDConfig(negative_guidance=settings.negative_guidance, **common)
-    if len(concepts) == 1:
-        return CAConfig(anchor=settings.anchor, **common)
-    return CAMultiConfig(anchor=settings.anchor, concepts=tuple(concepts), **common)
+        return build_objective_config("esd", dict(common, negative_guidance=settings.negative_guidance))
+    if settings.method == "ca":
+        several = {"concepts": tuple(concepts)} if len(concepts) > 1 else {}
+        return build_objective_config("ca", dict(common, anchor=settings.anchor, **several))
+    return build_objective_config(settings.method, common)  # another registered method: its own defaults
 
 
 def serve_request(pipe: Any, protocol: Protocol, world: BenchWorld, settings: BenchSettings, stream: Sequence[str],

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import minicanvas as mc
 from ..evaluation import Classifier, EvalConfig
 from ..evaluation.metrics import check_eval_domain
 from ..prompts import TEMPLATES, register_templates
@@ -110,7 +111,7 @@ class BenchWorld:
             name = self.prompt_domain(domain)
             templates = tuple(self.templates(domain))
             if TEMPLATES.get(name) != templates:
-                register_templates(name, templates)
+                register_templates(name, templates, replace=True)  # a world of the same name, other concepts
 
     def vocabulary(self) -> dict[str, list[str]]:
         """Gradient projection's pool, in the world's prompt domains: ``auxiliary`` or every concept of the world."""
@@ -144,8 +145,6 @@ def minicanvas_style_plan(families: int | None = None) -> tuple[list[str], list[
     each family, a near neighbour (same family word and palette) of a removed style, and shares texture words with
     removed styles of other families. ``families``: only the first n families (a cheaper evaluation).
     """
-    from .. import minicanvas as mc
-
     groups = list(mc.STYLE_FAMILIES.values())
     if families is not None:
         if isinstance(families, bool) or not isinstance(families, int) or not 1 <= families <= len(groups):
@@ -171,8 +170,6 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
     first n families) and ``eval_steps`` (sampling steps, also those of the requests' trajectories) make the
     evaluation cheaper. Gradient projection's pool is ``minicanvas.auxiliary_concepts()`` (108 concepts).
     """
-    from .. import minicanvas as mc
-
     check_eval_domain(domain)
     style_clf, object_clf = mc.load_classifiers(device=device, weights_dir=weights_dir)
 

@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import UsageError
+    from ..state import check_request_id
 
     out = Path(args.out or f"audit-{args.request}.png")
     if out.suffix.lower() != ".png":
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     pipe = load_folder(args.folder, args.model, args)
-    pipe._check_request_id(args.request)
+    check_request_id(pipe, args.request)
     grid = pipe.audit_grid(args.request, args.prompt, num_inference_steps=args.steps, seed=args.seed,
                            guidance_scale=args.guidance)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import UsageError
     from ..export import check_output_folder
     from ..model_card import check_base_model
+    from ..state import check_request_id
 
     check_base_model(args.base_model)
     folder = Path(args.folder)
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(out)
     pipe = load_folder(args.folder, args.model, args)
     for request_id in args.rollback:
-        pipe._check_request_id(request_id)  # every id is checked before anything is dropped
+        check_request_id(pipe, request_id)  # every id is checked before anything is dropped
     for request_id in args.rollback:
         record = pipe.rollback(request_id)
         print(f"rolled back {request_id} ({short(record.concept)}): re-folded the base weights with the "

@@ -96,6 +96,7 @@ def _rank(value: str | None) -> int | str | None:
 def run(args: argparse.Namespace) -> int:
     from ..export import check_output_folder
     from ..model_card import check_base_model
+    from ..request import UnlearnRequest
 
     check_base_model(args.base_model)
     options = parse_options(args.option)
@@ -103,14 +104,16 @@ def run(args: argparse.Namespace) -> int:
         options["anchor"] = args.anchor
     regularizers = build_regularizers(args)  # bad settings fail here, before the model loads
     rank = _rank(args.rank)
+    # the whole request is checked here, before the model loads
+    request = UnlearnRequest.build(
+        args.concept, args.method, domain=args.domain, steps=args.steps, seed=args.seed, regularizers=regularizers,
+        strategy=args.strategy, rank=rank, learning_rate=args.learning_rate, **options,
+    )
     out = Path(args.out)
     check_output_folder(out)
     pipe = load(args.model, args)
     before = len(pipe.unlearning_ledger.requests)
-    record = pipe.unlearn(
-        args.concept, args.method, domain=args.domain, steps=args.steps, seed=args.seed, regularizers=regularizers,
-        strategy=args.strategy, rank=rank, learning_rate=args.learning_rate, progress=not args.quiet, **options,
-    )
+    record = pipe.unlearn(request, progress=not args.quiet)
     print(f"removed {short(record.concept)} as {record.request_id} in {record.seconds:.1f}s "
           f"(final loss {record.final_loss:.4g}; {before} earlier request(s))")
     pipe.save_unlearned(out, base_model=args.base_model)

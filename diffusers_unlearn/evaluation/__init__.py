@@ -7,15 +7,14 @@
 >>> scores.ua, scores.ira, scores.cra, ev.kv_drift(pipe)
 """
 
+from ..images import generate_images, to_pil
 from .classifiers import (
     DEFAULT_CLIP_TEMPLATES,
     Classifier,
     CLIPZeroShotClassifier,
     classify,
     minicanvas_classifiers,
-    to_pil,
 )
-from .generation import generate_images
 from .metrics import (
     DOMAINS,
     UNLEARNCANVAS_SEEDS,

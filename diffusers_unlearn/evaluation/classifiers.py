@@ -11,36 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-Images = Union[torch.Tensor, Sequence[Image.Image]]
+from .. import minicanvas
+from ..images import Images, to_pil
+
 Classifier = Callable[[Images], Sequence[str]]
 
 DEFAULT_CLIP_TEMPLATES: tuple[str, ...] = ("a {} image", "an image in {} style", "a picture of a {}")
-
-
-def to_pil(images: Images) -> list[Image.Image]:
-    """A ``[B, 3, H, W]`` tensor in [0, 1] (or PIL images) as a list of RGB PIL images."""
-    if isinstance(images, torch.Tensor):
-        x = images.detach().float().cpu()
-        if x.ndim == 3:
-            x = x.unsqueeze(0)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected an image tensor of shape [B, 3, H, W], got {tuple(images.shape)}")
-        arrays = (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
-        return [Image.fromarray(a, "RGB") for a in arrays]
-    if isinstance(images, Image.Image):
-        return [images.convert("RGB")]
-    out = []
-    for image in images:
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected PIL images or a [B, 3, H, W] tensor, got {type(image).__name__}")
-        out.append(image.convert("RGB"))
-    return out
 
 
 def classify(classifier: Classifier, images: Images, labels: Sequence[str] | None = None) -> list[str]:
@@ -145,6 +125,4 @@ class CLIPZeroShotClassifier:
 def minicanvas_classifiers(weights_dir: str | os.PathLike | None = None,
                            device: str | torch.device | None = None) -> tuple[Any, Any]:
     """The shipped MiniCanvas ``(style_classifier, object_classifier)``, checked against their manifest."""
-    from .. import minicanvas
-
     return minicanvas.load_classifiers(device=device, weights_dir=weights_dir)

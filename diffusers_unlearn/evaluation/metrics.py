@@ -21,8 +21,12 @@ from typing import Any, Literal
 
 import torch
 
+from .. import adapters as ad
+from .. import minicanvas as mc
+from ..images import generate_images
+from ..mixin import UnlearnMixin
+from ..state import unlearning_state
 from .classifiers import Classifier, classify
-from .generation import generate_images
 
 Domain = Literal["style", "object"]
 DOMAINS: tuple[str, ...] = ("style", "object")
@@ -85,8 +89,6 @@ class EvalConfig:
     @classmethod
     def minicanvas(cls, seeds: Sequence[int] | int | None = None, **overrides: Any) -> EvalConfig:
         """MiniCanvas's concepts, prompt and recommended sampling; ``seeds`` an int = the first n ``EVAL_SEEDS``."""
-        from .. import minicanvas as mc
-
         if seeds is None:
             seeds = list(mc.EVAL_SEEDS)
         elif isinstance(seeds, int) and not isinstance(seeds, bool):
@@ -219,16 +221,12 @@ def evaluate_unlearning(
 # ----------------------------------------------------------------------------------------------- drift and cost
 def _kv_change(pipe: Any, base_weights: dict[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor],
                                                                               dict[str, torch.Tensor]]:
-    from .. import adapters as ad
-    from ..composition import combined_deltas
-    from ..mixin import UnlearnMixin
-
     if base_weights is None:
         if not isinstance(pipe, UnlearnMixin):
             raise TypeError("kv_drift needs an attached pipeline (du.attach) or explicit base_weights to compare with")
-        state = pipe._unlearning()
+        state = unlearning_state(pipe)
         base = {k: w.detach().float().cpu() for k, w in state.base_weights.items()}
-        deltas = combined_deltas([a for _, a in state.active()], state.strategy)
+        deltas = state.composed_deltas()
         if deltas is None:
             return base, {k: torch.zeros_like(w) for k, w in base.items()}
         return base, {k: deltas[k].float().cpu() for k in base}

@@ -32,7 +32,13 @@ from .data import (
     render,
 )
 from .settings import EVAL_SEEDS, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, RESOLUTION
-from .weights import DEFAULT_WEIGHTS_DIR, MiniCanvasWeightsError, verify_weights
+from .weights import (
+    DEFAULT_WEIGHTS_DIR,
+    MiniCanvasWeightsError,
+    load_classifiers_from,
+    load_pipeline_from,
+    verify_weights,
+)
 
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
@@ -64,8 +70,6 @@ def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.d
     Raises :class:`MiniCanvasWeightsError` (a ``ValueError``) naming the file when a weight file is missing,
     corrupted or does not fit the model. ``device=None`` leaves it on the CPU.
     """
-    from .weights import load_pipeline_from
-
     return load_pipeline_from(weights_dir, device=device, torch_dtype=torch_dtype)
 
 
@@ -73,6 +77,4 @@ def load_classifiers(device: str | torch.device | None = None,
                      weights_dir: str | os.PathLike | None = None) -> tuple[ConceptClassifier, ConceptClassifier]:
     """``(style_classifier, object_classifier)``; each maps PIL images or a ``[B, 3, H, W]`` tensor in [0, 1] to
     label names (``STYLES`` / ``OBJECTS``). Checks the weights like :func:`load_pipeline`."""
-    from .weights import load_classifiers_from
-
     return load_classifiers_from(weights_dir, device=device)

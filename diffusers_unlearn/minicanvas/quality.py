@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation import generate_images, to_pil
+from ..images import generate_images, to_pil
 from . import data as mc_data
 from . import settings
 from . import weights as mc_weights

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _tokenizer
+from ..tiny import SD1_DDIM_CONFIG
 from . import data as mc_data
+from . import quality
 from . import weights as mc_weights
 from .classifier import ConceptClassifierNet
 
@@ -232,8 +234,6 @@ def build_models(cfg: TrainConfig, tokenizer):
 def build_scheduler():
     """Stable Diffusion 1.x noise schedule, DDIM sampling."""
     from diffusers import DDIMScheduler
-
-    from ..testing import SD1_DDIM_CONFIG
 
     return DDIMScheduler(**SD1_DDIM_CONFIG)
 
@@ -733,8 +733,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import quality
-
     if args.evaluate_only:
         result = quality.evaluate_weights(args.out or mc_weights.DEFAULT_WEIGHTS_DIR, device=args.device)
         print(json.dumps(result, indent=2))

@@ -167,6 +167,12 @@ def register_objective(config_class: type[ObjectiveConfig], objective_class: typ
     name = config_class.method
     if not name:
         raise ValueError(f"{config_class.__name__}.method must name the method")
+    if name in OBJECTIVES:
+        registered = OBJECTIVES[name][1]
+        raise ValueError(
+            f"method {name!r} is already registered (by {registered.__module__}.{registered.__name__}); "
+            f"pick another name. Registered methods: {sorted(OBJECTIVES)}"
+        )
     objective_class.config_class = config_class
     OBJECTIVES[name] = (config_class, objective_class)
 

@@ -80,6 +80,12 @@ def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
     """Make ``cls`` available by ``cls.name`` (for ledgers and run plans)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__}.name must be set")
+    if cls.name in REGULARIZERS:
+        registered = REGULARIZERS[cls.name]
+        raise ValueError(
+            f"regularizer {cls.name!r} is already registered (by {registered.__module__}.{registered.__qualname__}); "
+            f"pick another name. Registered regularizers: {sorted(REGULARIZERS)}"
+        )
     REGULARIZERS[cls.name] = cls
     return cls
 

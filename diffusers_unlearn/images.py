@@ -1,4 +1,4 @@
-"""Batched, seeded image generation for evaluation.
+"""Batched, seeded image generation (for evaluation and model checks) and image conversion.
 
 Every image gets its own CPU ``torch.Generator`` seeded with its seed, so an image depends only on its prompt and
 seed (not on the batch size, the order or the device), and two evaluations of the same model agree image by image.
@@ -7,10 +7,14 @@ seed (not on the batch size, the order or the device), and two evaluations of th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
+
+Images = Union[torch.Tensor, Sequence[Image.Image]]
 
 
 def _progress_config(pipe: Any) -> dict[str, Any]:
@@ -65,3 +69,23 @@ def generate_images(
         # set_progress_bar_config merges keys, so put back exactly the dict the pipeline had
         pipe._progress_bar_config = saved
     return torch.cat(chunks)
+
+
+def to_pil(images: Images) -> list[Image.Image]:
+    """A ``[B, 3, H, W]`` tensor in [0, 1] (or PIL images) as a list of RGB PIL images."""
+    if isinstance(images, torch.Tensor):
+        x = images.detach().float().cpu()
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an image tensor of shape [B, 3, H, W], got {tuple(images.shape)}")
+        arrays = (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+        return [Image.fromarray(a, "RGB") for a in arrays]
+    if isinstance(images, Image.Image):
+        return [images.convert("RGB")]
+    out = []
+    for image in images:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected PIL images or a [B, 3, H, W] tensor, got {type(image).__name__}")
+        out.append(image.convert("RGB"))
+    return out

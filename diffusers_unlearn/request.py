@@ -1,0 +1,167 @@
+"""``UnlearnRequest``: one removal request, described and validated in one place.
+
+``pipe.unlearn(...)``, plan files and the command line all build one, so a request is checked the same way
+wherever it comes from, before anything touches the model; the trainer takes it whole. It knows the prompts it
+trains on, the fields its ledger record gets and its signature (what a resumed plan compares with the ledger).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .ledger import RequestRecord
+from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
+from .objectives import ObjectiveConfig, build_objective_config
+from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
+from .regularizers import Regularizer, check_regularizers
+from .trainer import TrainingConfig
+
+
+@dataclass
+class UnlearnRequest:
+    """One removal request, validated on construction.
+
+    Args:
+        concept: what to remove, e.g. "van gogh".
+        method: a registered method name ("esd", "ca", ...) or a ready method config (``du.CAConfig(...)``); a
+            name becomes its config with default options (``UnlearnRequest.build`` passes options).
+        domain: "style", "object", "concept" (default) or a registered domain: picks the prompt templates.
+        training: steps, learning rate, rank, batch size, mixed precision...
+        seed: makes the request reproducible (adapter init, trajectories, minibatches).
+        regularizers: e.g. ``[du.GradientProjection(retain=["monet"])]``; kept sorted by their ``order``.
+        strategy: "sequential" (default) or a merge strategy (name or ``du.MergeStrategy``).
+        prompts: explicit prompts instead of the domain's templates filled with the concept.
+        templates: templates to fill instead of the domain's (ignored when ``prompts`` is given).
+
+    After construction ``method`` is an ``ObjectiveConfig``, ``domain`` a known domain, ``strategy`` resolved,
+    ``prompts`` the list the request trains on and ``templates`` the templates behind them (None for explicit
+    prompts).
+    """
+
+    concept: str
+    method: ObjectiveConfig | str = "esd"
+    domain: str | None = None
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    seed: int = 0
+    regularizers: Sequence[Regularizer] | Regularizer | None = ()
+    strategy: str | MergeStrategy | None = None
+    prompts: Sequence[str] | None = None
+    templates: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.concept = check_concept(self.concept)
+        self.domain = check_domain(self.domain)
+        self.method = build_objective_config(self.method)
+        if not isinstance(self.training, TrainingConfig):
+            raise TypeError(f"training must be a du.TrainingConfig, got {self.training!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        self.regularizers = check_regularizers(self.regularizers)
+        for regularizer in self.regularizers:
+            regularizer.check_request(self.concept, self.domain)
+        self.strategy = resolve_strategy(self.strategy)
+        if self.prompts is not None:
+            prompts = self.prompts
+            if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+                raise ValueError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
+            self.prompts, self.templates = list(prompts), None
+        else:
+            chosen = validate_templates(self.templates) if self.templates is not None else TEMPLATES[self.domain]
+            self.prompts, self.templates = [t.format(self.concept) for t in chosen], chosen
+
+    @classmethod
+    def build(
+        cls,
+        concept: str,
+        method: str | ObjectiveConfig = "esd",
+        *,
+        domain: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        regularizers: Sequence[Regularizer] | Regularizer | None = None,
+        strategy: str | MergeStrategy | None = None,
+        rank: int | Literal["full"] | None = None,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        training: TrainingConfig | None = None,
+        prompts: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        **method_options: Any,
+    ) -> UnlearnRequest:
+        """The request ``pipe.unlearn`` takes as keywords: ``steps``, ``rank``, ``learning_rate`` and
+        ``batch_size`` are shortcuts for the same ``TrainingConfig`` fields; other keywords are options of the
+        method's config (``anchor="a dog"``, ``negative_guidance=2.0``)."""
+        return cls(
+            concept,
+            build_objective_config(method, method_options),
+            domain=domain,
+            training=training_config(training, steps=steps, rank=rank, learning_rate=learning_rate,
+                                     batch_size=batch_size),
+            seed=seed,
+            regularizers=regularizers,
+            strategy=strategy,
+            prompts=prompts,
+            templates=templates,
+        )
+
+    def record_fields(self) -> dict[str, Any]:
+        """The ledger record's fields that describe the request (the rest come from training it)."""
+        return {
+            "concept": self.concept,
+            "domain": self.domain,
+            "method": self.method.method,
+            "method_config": self.method.to_dict(),
+            "strategy": strategy_to_dict(self.strategy),
+            "training": self.training.to_dict(),
+            "prompts": list(self.prompts),
+            "steps": self.training.steps,
+            "seed": self.seed,
+        }
+
+    def signature(self) -> dict[str, Any]:
+        """The settings a ledger record of this request must have (a resumed plan compares them)."""
+        fields = self.record_fields()
+        return _signature(fields, [r.to_dict() for r in self.regularizers])
+
+
+def record_signature(record: RequestRecord) -> dict[str, Any]:
+    """``UnlearnRequest.signature`` read back from a ledger record."""
+    fields = {
+        "concept": record.concept,
+        "domain": record.domain,
+        "method_config": record.method_config,
+        "training": record.training,
+        "seed": record.seed,
+        "strategy": record.strategy,
+        "prompts": record.prompts,
+    }
+    return _signature(fields, [{k: v for k, v in r.items() if k != "report"} for r in record.regularizers])
+
+
+_SIGNATURE_KEYS = ("concept", "domain", "method_config", "training", "seed", "regularizers", "strategy", "prompts")
+
+
+def _signature(fields: dict[str, Any], regularizers: list[dict[str, Any]]) -> dict[str, Any]:
+    values = {**fields, "regularizers": regularizers}
+    # through JSON, as the ledger stores them: tuples become lists, keys sorted
+    return json.loads(json.dumps({key: values[key] for key in _SIGNATURE_KEYS}, sort_keys=True, default=str))
+
+
+def training_config(
+    training: TrainingConfig | None, *, steps: int | None = None, rank: int | Literal["full"] | None = None,
+    learning_rate: float | None = None, batch_size: int | None = None,
+) -> TrainingConfig:
+    """``training`` (default: ``TrainingConfig()``) with the shortcut fields that are given replaced."""
+    if training is not None and not isinstance(training, TrainingConfig):
+        raise TypeError(f"training must be a du.TrainingConfig, got {training!r}")
+    values = (training or TrainingConfig()).to_dict()
+    for key, value in (("steps", steps), ("rank", rank), ("learning_rate", learning_rate), ("batch_size", batch_size)):
+        if value is not None:
+            values[key] = value
+    return TrainingConfig(**values)
+
+
+__all__ = ["UnlearnRequest", "record_signature", "training_config"]

@@ -1,0 +1,134 @@
+"""The unlearning state of a pipeline, and the one place that reads or changes it.
+
+A pipeline's ``UnlearningState`` holds a copy of the base K/V weights and their fingerprint, the ledger, one
+artifact per request, and how they are composed (stacked adapters or folded weights). Every change of the UNet
+goes through ``rebuild``: the UNet's K/V state is rebuilt from the state, never patched, so a failed or interrupted
+call can restore exactly what was there before.
+
+Layers above (the mixins, export, audit, analysis, evaluation, the command line) use ``unlearning_state``,
+``check_request_id``, ``rebuild`` and ``set_mode`` instead of the pipeline's private attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import adapters as ad
+from .composition import Mode, combined_deltas, materialize
+from .conditioning import SUPPORTED_ARCHITECTURES
+from .ledger import Ledger, fingerprint
+from .merging import MergeStrategy, strategy_from_dict
+from .saved_folder import read_saved_unlearning
+
+STATE_ATTR = "_unlearning_state"
+
+
+class UnknownRequestError(KeyError):
+    """A request id that the ledger does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+@dataclass
+class UnlearningState:
+    base_weights: dict[str, torch.Tensor]
+    base_fingerprint: str
+    ledger: Ledger
+    artifacts: dict[str, ad.RequestAdapter] = field(default_factory=dict)
+    mode: Mode = "stacked"
+    auditing: bool = False  # inside audit(): the UNet holds a partial set of requests
+    origin: dict[str, Any] = field(default_factory=dict)  # restored from a saved folder: its path and base model id
+
+    @property
+    def strategy(self) -> str | MergeStrategy:
+        if not self.ledger.requests:
+            return "sequential"
+        return strategy_from_dict(self.ledger.requests[0].strategy)
+
+    def active(self, ids: Sequence[str] | None = None) -> list[tuple[str, ad.RequestAdapter]]:
+        ids = self.ledger.ids() if ids is None else ids
+        return [(i, self.artifacts[i]) for i in ids]
+
+    def check_request_id(self, request_id: object) -> str:
+        """``request_id`` if the ledger holds it; otherwise ``UnknownRequestError`` naming the known ids."""
+        if not isinstance(request_id, str) or request_id not in self.artifacts:
+            known = self.ledger.ids() or "none (the ledger is empty)"
+            raise UnknownRequestError(f"no request {request_id!r} in the ledger; known request ids: {known}")
+        return request_id
+
+    def composed_deltas(self) -> dict[str, torch.Tensor] | None:
+        """Per-layer change of the active requests as composed (summed or merged); None when there are none."""
+        return combined_deltas([artifact for _, artifact in self.active()], self.strategy)
+
+    def artifact(self, request_id: str) -> ad.RequestAdapter:
+        """The stored artifact of one request (factors or dense delta, float32, CPU)."""
+        return self.artifacts[self.check_request_id(request_id)]
+
+
+def check_pipeline(pipe: Any) -> None:
+    """Refuse pipelines whose denoiser has no cross-attention K/V layers, naming what is supported."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not ad.kv_module_names(unet):
+        denoiser = type(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe).__name__
+        raise TypeError(
+            f"{type(pipe).__name__} (denoiser {denoiser}) has no UNet cross-attention K/V layers to unlearn on; "
+            f"supported: {SUPPORTED_ARCHITECTURES}"
+        )
+
+
+def find_state(pipe: Any) -> UnlearningState | None:
+    """The pipeline's state if it has one already (None: it never unlearned nor was attached)."""
+    return pipe.__dict__.get(STATE_ATTR)
+
+
+def unlearning_state(pipe: Any) -> UnlearningState:
+    """The pipeline's state, made on first use: the current K/V weights become the base, or, for a pipeline loaded
+    from a ``save_unlearned`` folder (its UNet holds FOLDED weights), the base, ledger and adapters come from it."""
+    state = find_state(pipe)
+    if state is not None:
+        return state
+    check_pipeline(pipe)
+    unet = pipe.unet
+    if any(isinstance(m, ad.LoraLayer) for m in unet.modules()):
+        raise ValueError(
+            "the UNet already carries peft/LoRA layers; fuse_lora() and unload_lora() them before unlearning "
+            "(unlearning needs the plain K/V weights as its base)"
+        )
+    base = {name: w.detach().clone() for name, w in ad.kv_weights(unet).items()}
+    saved = read_saved_unlearning(pipe, base)
+    if saved is None:
+        key = fingerprint(base)
+        state = UnlearningState(base_weights=base, base_fingerprint=key, ledger=Ledger(key))
+    else:
+        state = UnlearningState(base_weights=saved.base_weights, base_fingerprint=saved.ledger.base_fingerprint,
+                                ledger=saved.ledger, artifacts=saved.artifacts, mode="folded", origin=saved.origin)
+    object.__setattr__(pipe, STATE_ATTR, state)  # bypasses diffusers' __setattr__, which registers config entries
+    return state
+
+
+def check_request_id(pipe: Any, request_id: object) -> str:
+    """``request_id`` if the pipeline's ledger holds it; otherwise ``UnknownRequestError`` naming the known ids."""
+    return unlearning_state(pipe).check_request_id(request_id)
+
+
+def rebuild(pipe: Any, ids: Sequence[str] | None = None, mode: Mode | None = None) -> None:
+    """Put requests ``ids`` (default: every active one) into the UNet in ``mode`` (default: the state's mode)."""
+    state = unlearning_state(pipe)
+    materialize(pipe.unet, state.base_weights, state.active(ids), mode or state.mode, state.strategy)
+
+
+def set_mode(pipe: Any, mode: Mode) -> None:
+    """Switch between "stacked" and "folded"; on failure the previous mode comes back."""
+    state = unlearning_state(pipe)
+    previous, state.mode = state.mode, mode
+    try:
+        rebuild(pipe)
+    except BaseException:
+        state.mode = previous
+        rebuild(pipe)
+        raise

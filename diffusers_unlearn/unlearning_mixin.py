@@ -1,0 +1,317 @@
+"""``UnlearningMixin``: unlearn, audit, roll back and fold requests on a pipeline.
+
+The pipeline's ``state.UnlearningState`` holds the base K/V weights, the ledger, one artifact per request and how
+they are composed. Every method that changes the UNet rebuilds it from that state, so a failed or interrupted call
+restores exactly what was there before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from . import __version__
+from . import adapters as ad
+from .audit import audit_grid
+from .composition import Mode, combined_deltas, materialize
+from .ledger import Ledger, RequestRecord, now
+from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
+from .objectives import ObjectiveConfig
+from .regularizers import Regularizer
+from .request import UnlearnRequest
+from .state import UnlearningState, check_request_id, rebuild, set_mode, unlearning_state
+from .trainer import TrainingConfig, TrainingResult, make_accelerator, train_request
+
+logger = logging.getLogger(__name__)
+
+
+class UnlearningMixin:
+    """Unlearning on a diffusers pipeline with a cross-attention UNet: ``unlearn``, ``unlearn_parallel``,
+    ``audit``, ``rollback``, ``fold`` / ``unfold``, and what the pipeline holds (ledger, removed concepts)."""
+
+    # kept as methods for callers of earlier versions; the state and its interface live in ``state``
+    def _unlearning(self) -> UnlearningState:
+        return unlearning_state(self)
+
+    def _rebuild(self, ids: Sequence[str] | None = None, mode: Mode | None = None) -> None:
+        rebuild(self, ids, mode)
+
+    def _check_request_id(self, request_id: object) -> str:
+        return check_request_id(self, request_id)
+
+    # -------------------------------------------------------------------------------------------- queries
+    @property
+    def removed_concepts(self) -> list[str]:
+        """Concepts of the active requests, in the order they were removed."""
+        return [r.concept for r in unlearning_state(self).ledger.requests]
+
+    @property
+    def unlearning_ledger(self) -> Ledger:
+        """The ledger (treat as read-only; change it through unlearn/rollback/load_unlearning)."""
+        return unlearning_state(self).ledger
+
+    @property
+    def unlearning_mode(self) -> Mode:
+        """"stacked" (the requests as one peft adapter on the base weights) or "folded" (baked into the weights)."""
+        return unlearning_state(self).mode
+
+    @property
+    def base_fingerprint(self) -> str:
+        return unlearning_state(self).base_fingerprint
+
+    def request_adapter(self, request_id: str) -> ad.RequestAdapter:
+        """The stored artifact of one request (factors or dense delta, float32, CPU)."""
+        return unlearning_state(self).artifact(request_id)
+
+    # -------------------------------------------------------------------------------------------- unlearn
+    def unlearn(
+        self,
+        concept: str | UnlearnRequest,
+        method: str | ObjectiveConfig = "esd",
+        *,
+        domain: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        regularizers: Sequence[Regularizer] | Regularizer | None = None,
+        strategy: str | MergeStrategy | None = None,
+        rank: int | Literal["full"] | None = None,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        training: TrainingConfig | None = None,
+        prompts: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
+        progress: bool | None = None,
+        accelerator: Accelerator | None = None,
+        **method_options: Any,
+    ) -> RequestRecord:
+        """Remove ``concept`` with one new adapter trained on the current model; return its ledger record.
+
+        Args:
+            concept: what to remove, e.g. "van gogh", or a ready ``du.UnlearnRequest`` (then no other argument
+                but ``progress`` and ``accelerator``).
+            method: "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method config.
+            domain: "style", "object", "concept" (default) or a registered domain: picks the prompt templates.
+            steps, rank, learning_rate, batch_size: shortcuts for the same ``TrainingConfig`` fields
+                (``training=du.TrainingConfig(...)`` sets the rest: mixed precision, accumulation, checkpointing).
+            seed: makes the request reproducible (adapter init, trajectories, minibatches).
+            regularizers: e.g. ``[du.GradientProjection(retain=["monet"]), du.L2Drift(weight=1e3)]``.
+            strategy: "sequential" (default: train on top of earlier requests) or "merge"/"ties"/
+                "task_arithmetic"/"uniform"/``du.MergeStrategy`` (train from the base, combine deltas).
+            prompts: explicit prompts instead of the domain templates; ``templates`` replaces the templates.
+            progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
+            accelerator: an ``accelerate.Accelerator`` (default: one made from ``training``). Under
+                ``accelerate launch`` every process runs this call; the global batch is split between them.
+            **method_options: fields of the method's config, e.g. ``negative_guidance=2.0`` or ``anchor="a dog"``.
+
+        A failed or interrupted request (exception, Ctrl-C) leaves the pipeline and the ledger as they were.
+        """
+        if isinstance(concept, UnlearnRequest):
+            given = dict(method_options, domain=domain, steps=steps, regularizers=regularizers, strategy=strategy,
+                         rank=rank, learning_rate=learning_rate, batch_size=batch_size, training=training,
+                         prompts=prompts, templates=templates)
+            extra = sorted(k for k, v in given.items() if v is not None) + (["method"] if method != "esd" else []) \
+                + (["seed"] if seed != 0 else [])
+            if extra:
+                raise TypeError(f"unlearn() got a ready UnlearnRequest and also {extra}; set them on the request")
+            request = concept
+        else:
+            request = UnlearnRequest.build(
+                concept, method, domain=domain, steps=steps, seed=seed, regularizers=regularizers, strategy=strategy,
+                rank=rank, learning_rate=learning_rate, batch_size=batch_size, training=training, prompts=prompts,
+                templates=templates, **method_options,
+            )
+        self._check_fits_ledger(request)
+        accelerator = self._place_on(accelerator or make_accelerator(request.training))
+        state = unlearning_state(self)
+        try:
+            result = self._train_request(request, list(state.ledger.requests), accelerator, self._progress(progress))
+        except BaseException:
+            rebuild(self)
+            raise
+        return self._commit_request(request, result)
+
+    def unlearn_parallel(
+        self,
+        requests: Sequence[Mapping[str, Any] | UnlearnRequest],
+        *,
+        strategy: str | MergeStrategy = "merge",
+        accelerator: Accelerator | None = None,
+        progress: bool | None = None,
+    ) -> list[RequestRecord]:
+        """Train independent (merge-strategy) requests in parallel, one per process, and add them all in order.
+
+        ``requests`` holds ``unlearn`` keyword arguments, one mapping per request (``concept`` required), or ready
+        ``UnlearnRequest`` objects. Under ``accelerate launch`` process i trains requests i, i + n, ...; the adapters
+        are gathered and every process ends with the same ledger, equal to training the requests one after another
+        with ``unlearn``.
+        """
+        chosen = resolve_strategy(strategy)
+        if not isinstance(chosen, MergeStrategy):
+            raise ValueError("unlearn_parallel trains requests independently from the base: it needs a merge "
+                             f"strategy ('merge', 'ties', 'task_arithmetic', 'uniform'), got {strategy!r}")
+        if isinstance(requests, Mapping) or not requests:
+            raise ValueError(f"requests must be a non-empty list of unlearn() keyword mappings, got {requests!r}")
+        built = []
+        for i, options in enumerate(requests):
+            if isinstance(options, UnlearnRequest):
+                request = options
+            else:
+                options = dict(options)
+                if "concept" not in options:
+                    raise ValueError(f"request {i} has no 'concept': {options!r}")
+                if options.pop("strategy", chosen) not in (chosen, strategy):
+                    raise ValueError(f"request {i} asks for another strategy than {strategy!r}")
+                request = UnlearnRequest.build(options.pop("concept"), options.pop("method", "esd"), strategy=chosen,
+                                               **options)
+            if strategy_to_dict(request.strategy) != strategy_to_dict(chosen):
+                raise ValueError(f"request {i} asks for another strategy than {strategy!r}")
+            self._check_fits_ledger(request)
+            built.append(request)
+        accelerator = self._place_on(accelerator or make_accelerator(built[0].training))
+        state = unlearning_state(self)
+        before = list(state.ledger.requests)
+        mine = range(accelerator.process_index, len(built), accelerator.num_processes)
+        try:
+            results = []
+            for i in mine:
+                # As if trained one after another: earlier requests of this batch count as removed before it.
+                earlier = before + [SimpleNamespace(concept=r.concept, domain=r.domain) for r in built[:i]]
+                results.append((i, self._train_request(built[i], earlier, accelerator, self._progress(progress),
+                                                       data_parallel=False)))
+            gathered = dict(gather_object(results)) if accelerator.num_processes > 1 else dict(results)
+        except BaseException:
+            rebuild(self)
+            raise
+        return [self._commit_request(built[i], gathered[i]) for i in range(len(built))]
+
+    def _progress(self, progress: bool | None) -> bool:
+        if progress is None:
+            return not getattr(self, "_progress_bar_config", {}).get("disable", False)
+        return bool(progress)
+
+    def _place_on(self, accelerator: Accelerator) -> Accelerator:
+        """Training runs on the accelerator's device (each process its own under ``accelerate launch``)."""
+        here, there = self.unet.device, torch.device(accelerator.device)
+        if here.type != there.type or (here.index or 0) != (there.index or 0):  # "cuda" is "cuda:0"
+            logger.info("moving the pipeline from %s to %s for training", self.unet.device, accelerator.device)
+            self.to(accelerator.device)
+            state = unlearning_state(self)
+            state.base_weights = {k: v.to(accelerator.device) for k, v in state.base_weights.items()}
+        return accelerator
+
+    def _check_fits_ledger(self, request: UnlearnRequest) -> None:
+        """One ledger composes its requests with one strategy."""
+        state = unlearning_state(self)
+        if state.ledger.requests and strategy_to_dict(request.strategy) != strategy_to_dict(state.strategy):
+            raise ValueError(
+                f"this ledger composes requests with strategy {strategy_to_dict(state.strategy)}; the request asks "
+                f"for {strategy_to_dict(request.strategy)}. One ledger uses one strategy: roll back or start anew."
+            )
+
+    def _train_request(
+        self, request: UnlearnRequest, earlier: list[Any], accelerator: Accelerator, progress: bool,
+        data_parallel: bool = True,
+    ) -> TrainingResult:
+        """Train one request on its start model (earlier requests folded in, or the base for merging).
+
+        Leaves the UNet with the training adapter; callers rebuild the composed state afterwards.
+        """
+        state = unlearning_state(self)
+        start = state.active() if not isinstance(request.strategy, MergeStrategy) else []
+        materialize(self.unet, state.base_weights, start, "folded", "sequential")
+        return train_request(self, request, base_weights=state.base_weights,
+                             start_offsets=combined_deltas([a for _, a in start], "sequential"), earlier=earlier,
+                             progress=progress, accelerator=accelerator, data_parallel=data_parallel)
+
+    def _commit_request(self, request: UnlearnRequest, result: TrainingResult) -> RequestRecord:
+        """Append the trained request to the ledger and rebuild the UNet with it (or undo both)."""
+        state = unlearning_state(self)
+        request_id = state.ledger.new_request_id()
+        ranks = sorted({a.shape[0] for key, a in result.adapter.tensors.items() if key.endswith(".lora_A")})
+        record = RequestRecord(
+            request_id=request_id,
+            index=state.ledger.next_index,
+            **request.record_fields(),
+            regularizers=result.reports,
+            adapter={"kind": result.adapter.kind, "ranks": ranks, "targets": list(ad.KV_SUFFIXES)},
+            seconds=round(result.seconds, 3),
+            timing=result.timing,
+            final_loss=result.final_loss,
+            base_fingerprint=state.base_fingerprint,
+            library_version=__version__,
+            created_at=result.finished_at,
+        )
+        state.ledger.requests.append(record)
+        state.artifacts[request_id] = result.adapter
+        state.ledger.next_index += 1
+        try:
+            rebuild(self)
+        except BaseException:
+            state.ledger.requests.pop()
+            del state.artifacts[request_id]
+            state.ledger.next_index -= 1
+            rebuild(self)
+            raise
+        return record
+
+    # ------------------------------------------------------------------------------ audit, rollback, fold
+    @contextmanager
+    def audit(self, request_id: str, mode: Literal["only", "without"] = "only") -> Iterator[Any]:
+        """Within the block, only that request is active (``mode="only"``) or all but it (``"without"``).
+
+        The previous state comes back on exit, also on exceptions.
+        """
+        state = unlearning_state(self)
+        check_request_id(self, request_id)
+        if mode not in ("only", "without"):
+            raise ValueError(f"audit mode must be 'only' or 'without', got {mode!r}")
+        ids = [request_id] if mode == "only" else [i for i in state.ledger.ids() if i != request_id]
+        try:
+            state.auditing = True
+            rebuild(self, ids)
+            yield self
+        finally:
+            state.auditing = False
+            rebuild(self)
+
+    def rollback(self, request_id: str) -> RequestRecord:
+        """Drop one request (its adapter and record), keep the rest; returns the dropped record."""
+        state = unlearning_state(self)
+        check_request_id(self, request_id)
+        record = state.ledger.get(request_id)
+        artifact = state.artifacts.pop(request_id)
+        position = state.ledger.requests.index(record)
+        state.ledger.requests.remove(record)
+        state.ledger.history.append({"event": "rollback", "request_id": request_id, "concept": record.concept, "at": now()})
+        try:
+            rebuild(self)
+        except BaseException:
+            state.ledger.requests.insert(position, record)
+            state.ledger.history.pop()
+            state.artifacts[request_id] = artifact
+            rebuild(self)
+            raise
+        if state.mode == "folded":
+            logger.warning("rolled back %s on a folded pipeline: re-folded the base weights (fingerprint %s) with the "
+                           "remaining requests %s", request_id, state.base_fingerprint, state.ledger.ids())
+        return record
+
+    def fold(self) -> None:
+        """Bake the active requests into the UNet's K/V weights (plain layers, no adapters, base speed)."""
+        set_mode(self, "folded")
+
+    def unfold(self) -> None:
+        """Back to the requests stacked as a peft adapter (``unlearn_stack``) on the base K/V weights."""
+        set_mode(self, "stacked")
+
+    def audit_grid(self, request_id: str, prompt: str, **kwargs: Any) -> Any:
+        """A 2x2 PIL image: the same prompt and seed on the base, all requests, only ``request_id`` and all but it,
+        with captions. ``kwargs``: ``num_inference_steps``, ``seed``, ``guidance_scale`` and other pipeline args."""
+        return audit_grid(self, request_id, prompt, **kwargs)

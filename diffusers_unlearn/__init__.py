@@ -7,40 +7,84 @@ stream of requests from collapsing the model.
 
 __version__ = "0.1.0"
 
-from .adapters import RequestAdapter
-from .embeddings import concept_embedding, cosine_similarities
-from .export import LoraExport
-from .ledger import Ledger, LedgerError, RequestRecord
-from .merging import MergeStrategy
-from .mixin import UnknownRequestError, UnlearnMixin, attach
-from .objectives import CAConfig, ESDConfig, ObjectiveConfig, register_objective
-from .plan import PlanError, load_plan, run_plan
-from .prompts import TEMPLATES, register_templates
-from .regularizers import (
-    GradientProjection,
-    L1Drift,
-    L2Drift,
-    Regularizer,
-    SelectiveFinetune,
-    register_regularizer,
-)
-from .request import UnlearnRequest
-from .trainer import TrainingConfig
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
 
-_PIPELINE_NAMES = ("UnlearnStableDiffusionPipeline", "UnlearnStableDiffusionXLPipeline", "load_pipeline")
+# Public name -> the submodule that defines it. Imported on first use (PEP 562), so that ``import diffusers_unlearn``
+# and ``diffusers-unlearn --help`` do not pay for torch, diffusers and transformers.
+_EXPORTS = {
+    "RequestAdapter": "adapters",
+    "concept_embedding": "embeddings",
+    "cosine_similarities": "embeddings",
+    "LoraExport": "export",
+    "Ledger": "ledger",
+    "LedgerError": "ledger",
+    "RequestRecord": "ledger",
+    "MergeStrategy": "merging",
+    "UnknownRequestError": "mixin",
+    "UnlearnMixin": "mixin",
+    "attach": "mixin",
+    "CAConfig": "objectives",
+    "ESDConfig": "objectives",
+    "ObjectiveConfig": "objectives",
+    "register_objective": "objectives",
+    "PlanError": "plan",
+    "load_plan": "plan",
+    "run_plan": "plan",
+    "TEMPLATES": "prompts",
+    "register_templates": "prompts",
+    "GradientProjection": "regularizers",
+    "L1Drift": "regularizers",
+    "L2Drift": "regularizers",
+    "Regularizer": "regularizers",
+    "SelectiveFinetune": "regularizers",
+    "register_regularizer": "regularizers",
+    "UnlearnRequest": "request",
+    "TrainingConfig": "trainer",
+    "UnlearnStableDiffusionPipeline": "pipelines",
+    "UnlearnStableDiffusionXLPipeline": "pipelines",
+    "load_pipeline": "pipelines",
+    "World": "worlds",
+    "register_world": "worlds",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names above load on first use
+    from .adapters import RequestAdapter
+    from .embeddings import concept_embedding, cosine_similarities
+    from .export import LoraExport
+    from .ledger import Ledger, LedgerError, RequestRecord
+    from .merging import MergeStrategy
+    from .mixin import UnknownRequestError, UnlearnMixin, attach
+    from .objectives import CAConfig, ESDConfig, ObjectiveConfig, register_objective
+    from .pipelines import UnlearnStableDiffusionPipeline, UnlearnStableDiffusionXLPipeline, load_pipeline
+    from .plan import PlanError, load_plan, run_plan
+    from .prompts import TEMPLATES, register_templates
+    from .regularizers import (
+        GradientProjection,
+        L1Drift,
+        L2Drift,
+        Regularizer,
+        SelectiveFinetune,
+        register_regularizer,
+    )
+    from .request import UnlearnRequest
+    from .trainer import TrainingConfig
+    from .worlds import World, register_world
 
 
 def __getattr__(name: str):
-    # ``du.testing`` imports diffusers' pipeline classes; load it only when it is used
-    if name == "testing":
-        import importlib
-
-        return importlib.import_module(".testing", __name__)
-    if name in _PIPELINE_NAMES:  # the ready classes import diffusers' pipeline classes too
-        from . import pipelines
-
-        return getattr(pipelines, name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: du.testing, du.minicanvas, ...
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(__all__))
 
 
 __all__ = [
@@ -77,4 +121,6 @@ __all__ = [
     "PlanError",
     "load_plan",
     "run_plan",
+    "World",
+    "register_world",
 ]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
 
 SUPPORTED_ARCHITECTURES = (
     "Stable Diffusion 1.x/2.x and SDXL pipelines: a UNet2DConditionModel whose transformer blocks have "
@@ -132,6 +133,8 @@ def sample_trajectory(
     guidance_scale: float,
     generator: torch.Generator,
     resolution: int | None = None,
+    progress: bool = False,
+    desc: str = "sampling trajectories",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run DDIM with classifier-free guidance from noise; return every visited latent and its timestep.
 
@@ -145,7 +148,7 @@ def sample_trajectory(
     latents = latents.to(conditioner.device) * scheduler.init_noise_sigma
     both = Conditioning.cat([uncond, cond])
     visited = []
-    for t in scheduler.timesteps:
+    for t in tqdm(scheduler.timesteps, desc=desc, unit="step", disable=not progress, leave=False):
         visited.append(latents)
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         noise_uncond, noise_cond = conditioner.predict_noise(unet, model_in, t, both).float().chunk(2)

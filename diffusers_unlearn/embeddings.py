@@ -7,12 +7,12 @@ these vectors fixed; similarity analysis compares them.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ._warn import warn
 from .conditioning import TextConditioner
 from .prompts import TEMPLATES, check_concept, check_domain, concept_prompts, validate_templates
 
@@ -52,19 +52,18 @@ def concept_embedding(
     prompts = concept_prompts(concept, templates=chosen)
     hidden, ids = conditioner.token_hidden_states(prompts)
     concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
-    vectors = []
+    vectors, mismatched = [], []
     for row, prompt_ids in enumerate(ids):
         start = _find_sublist(prompt_ids, concept_ids)
         if start >= 0:
             positions = list(range(start, start + len(concept_ids)))
         else:  # the template changed how the concept tokenizes (or truncated it): use every content token
             positions = _content_positions(prompt_ids, tokenizer)
-            warnings.warn(
-                f"concept {concept!r} does not tokenize the same inside {prompts[row]!r}; "
-                "its embedding there averages every token of the prompt",
-                stacklevel=2,
-            )
+            mismatched.append(prompts[row])
         vectors.append(hidden[row, positions].mean(dim=0))
+    if mismatched:  # one warning per concept, not one per prompt
+        warn(f"concept {concept!r} does not tokenize the same inside {len(mismatched)} of its {len(prompts)} prompts "
+             f"(e.g. {mismatched[0]!r}); its embedding there averages every token of the prompt")
     embedding = torch.stack(vectors).mean(dim=0).cpu()
     cache[key] = embedding
     return embedding.clone()

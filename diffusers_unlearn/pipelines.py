@@ -11,23 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from . import minicanvas
+from ._warn import warn
 from .export import is_hub_repo_id
 from .mixin import UnlearnMixin, attach
 from .saved_folder import FOLDER_ATTR, UNLEARNING_DIR
-from .tiny import tiny_pipeline, tiny_sdxl_pipeline
+from .worlds import describe_worlds, get_world, world_names
 
 logger = logging.getLogger(__name__)
 
-TINY_MODELS = ("tiny", "tiny-sdxl")
-MINICANVAS_MODEL = "minicanvas"  # the shipped MiniCanvas model, checked against its manifest
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -53,11 +50,8 @@ def _fetch_unlearning_folder(name_or_path: str | os.PathLike, kwargs: dict[str, 
             )
         )
     except Exception as err:  # noqa: BLE001 - the weights loaded; say what is missing and go on
-        warnings.warn(
-            f"could not fetch {UNLEARNING_DIR}/ from {name_or_path} ({type(err).__name__}); if it is an unlearned "
-            "pipeline, its ledger is not restored and the loaded (folded) weights act as the base",
-            stacklevel=3,
-        )
+        warn(f"could not fetch {UNLEARNING_DIR}/ from {name_or_path} ({type(err).__name__}); if it is an unlearned "
+             "pipeline, its ledger is not restored and the loaded (folded) weights act as the base")
         return None
 
 
@@ -110,9 +104,9 @@ def load_pipeline(
     device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> Any:
-    """A pipeline with ``UnlearnMixin`` for a model name: "tiny" / "tiny-sdxl" (the offline test pipelines, seed 0),
-    "minicanvas" (the shipped MiniCanvas model),
-    a local pipeline folder (a ``save_unlearned`` folder comes back with its ledger) or a Hub model id.
+    """A pipeline with ``UnlearnMixin`` for a model name: a world name ("minicanvas", "tiny", "tiny-sdxl" or
+    another registered in ``diffusers_unlearn.worlds``), a local pipeline folder (a ``save_unlearned`` folder comes
+    back with its ledger) or a Hub model id.
 
     Pipelines without UNet cross-attention K/V layers (DiTs, unconditional UNets) are refused with a ``TypeError``
     that names the supported architectures.
@@ -120,11 +114,11 @@ def load_pipeline(
     dtype = _dtype(torch_dtype)
     name = os.fspath(model) if isinstance(model, os.PathLike) else model
     if not isinstance(name, str) or not name:
-        raise ValueError(f"model must be 'tiny', 'tiny-sdxl', 'minicanvas', a pipeline folder or a Hub id, got {model!r}")
-    if name == MINICANVAS_MODEL:
-        pipe = attach(minicanvas.load_pipeline(torch_dtype=dtype or torch.float32))
-    elif name in TINY_MODELS:
-        pipe = attach(tiny_pipeline(seed=0) if name == "tiny" else tiny_sdxl_pipeline(seed=0))
+        raise ValueError(f"model must be a world name ({', '.join(world_names())}), a pipeline folder or a Hub id, "
+                         f"got {model!r}")
+    world = get_world(name)
+    if world is not None:
+        pipe = attach(world.load_pipeline())
         if dtype is not None:
             pipe.to(dtype=dtype)
     else:
@@ -141,7 +135,8 @@ def load_pipeline(
                 "revision", "token", "cache_dir", "local_files_only")}).get("_class_name")
         else:
             raise FileNotFoundError(
-                f"model {name!r} is not 'tiny', 'tiny-sdxl', 'minicanvas', an existing pipeline folder or a Hub model id"
+                f"model {name!r} is not a world name, an existing pipeline folder or a Hub model id; worlds: "
+                f"{describe_worlds()}"
             )
         if dtype is not None:
             kwargs["torch_dtype"] = dtype

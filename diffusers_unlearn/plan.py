@@ -2,7 +2,8 @@
 
 Example ``PLAN.yaml``::
 
-    model: tiny                 # "tiny", "tiny-sdxl", a pipeline folder (relative to this file) or a Hub id
+    model: tiny                 # a world name (minicanvas, tiny, tiny-sdxl), a pipeline folder (relative to this
+                                # file) or a Hub id
     output: out/                # the unlearned pipeline folder (relative to this file)
     base_model: user/base       # optional: Hub id of the base for the model card
     strategy: sequential        # or merge / ties / task_arithmetic / uniform / {method: ties, density: 0.4}
@@ -48,6 +49,7 @@ from .objectives import build_objective_config
 from .regularizers import regularizer_from_dict
 from .request import UnlearnRequest, record_signature
 from .trainer import TrainingConfig
+from .worlds import get_world
 
 PLAN_KEYS = ("model", "output", "base_model", "strategy", "defaults", "requests", "torch_dtype", "device")
 TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
@@ -231,8 +233,9 @@ def parse_plan(
         raise PlanError(f"{source}: unknown field(s) {unknown}; allowed: {list(PLAN_KEYS)}")
     model_name = model if model is not None else data.get("model")
     if not isinstance(model_name, str) or not model_name:
-        raise PlanError(f"{source}: 'model' must name the model to start from ('tiny', a folder or a Hub id)")
-    if model is None:
+        raise PlanError(f"{source}: 'model' must name the model to start from (a world name, a folder or a "
+                        "Hub id)")
+    if model is None and get_world(model_name) is None:  # a world name wins over a folder of that name
         model_name = _resolve_path(model_name, base_dir)
     out = output if output is not None else data.get("output")
     if not isinstance(out, (str, os.PathLike)) or not str(out):

@@ -60,8 +60,6 @@ class UnlearnRequest:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         self.regularizers = check_regularizers(self.regularizers)
-        for regularizer in self.regularizers:
-            regularizer.check_request(self.concept, self.domain)
         self.strategy = resolve_strategy(self.strategy)
         if self.prompts is not None:
             prompts = self.prompts
@@ -106,6 +104,12 @@ class UnlearnRequest:
             prompts=prompts,
             templates=templates,
         )
+
+    def check_regularizers_fit(self) -> None:
+        """Each regularizer's own check of this request (e.g. gradient projection cannot retain the concept it
+        removes); ``unlearn`` runs it just before training, after a resumed plan has compared its ledger."""
+        for regularizer in self.regularizers:
+            regularizer.check_request(self.concept, self.domain)
 
     def record_fields(self) -> dict[str, Any]:
         """The ledger record's fields that describe the request (the rest come from training it)."""

@@ -8,6 +8,8 @@ code path that runs on Stable Diffusion runs here, in well under a second and wi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -75,6 +77,12 @@ def _spread_token_embeddings(text_encoder: torch.nn.Module, std: float = 0.3) ->
         text_encoder.get_input_embeddings().weight.normal_(mean=0.0, std=std)
 
 
+def _tiny_unet(**architecture: Any) -> UNet2DConditionModel:
+    """A 2-block UNet on 8x8x4 latents; ``architecture`` sets the block types and conditioning."""
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), norm_num_groups=8, **architecture)
+
+
 def _tiny_vae() -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(16, 32),
@@ -98,17 +106,11 @@ def tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32) -> StableDiffusi
     tokenizer = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_MAX_LENGTH)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(16, 32),
+        unet = _tiny_unet(
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=cross_attention_dim,
             attention_head_dim=8,
-            norm_num_groups=8,
         )
         vae = _tiny_vae()
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_size=cross_attention_dim))
@@ -140,12 +142,7 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_size=16, projection_dim=16))
         _spread_token_embeddings(text_encoder)
         _spread_token_embeddings(text_encoder_2)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(16, 32),
+        unet = _tiny_unet(
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32,
@@ -155,7 +152,6 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
             addition_time_embed_dim=8,
             transformer_layers_per_block=(1, 1),
             projection_class_embeddings_input_dim=16 + 6 * 8,  # pooled text (16) + 6 time ids x 8
-            norm_num_groups=8,
         )
         vae = _tiny_vae()
     pipe = StableDiffusionXLPipeline(

@@ -155,6 +155,7 @@ def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, acc
             frozen=lambda: ad.adapters_disabled(unet, adapter.parameters),
             generator=generator,
             templates=request.templates,
+            progress=progress and accelerator.is_local_main_process,
         ),
     )
     with accelerator.autocast():
@@ -169,6 +170,7 @@ def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, acc
         earlier=earlier,
         base_weights=base_weights,
         start_offsets=start_offsets,
+        progress=progress and accelerator.is_local_main_process,
     )
     for regularizer in regularizers:
         with accelerator.autocast():

@@ -24,10 +24,9 @@ from .composition import Mode, combined_deltas, materialize
 from .ledger import Ledger, RequestRecord, now
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
 from .objectives import ObjectiveConfig
-from .regularizers import Regularizer
 from .request import UnlearnRequest
 from .state import UnlearningState, check_request_id, rebuild, set_mode, unlearning_state
-from .trainer import TrainingConfig, TrainingResult, make_accelerator, train_request
+from .trainer import TrainingResult, make_accelerator, train_request
 
 logger = logging.getLogger(__name__)
 
@@ -76,20 +75,9 @@ class UnlearningMixin:
         concept: str | UnlearnRequest,
         method: str | ObjectiveConfig = "esd",
         *,
-        domain: str | None = None,
-        steps: int | None = None,
-        seed: int = 0,
-        regularizers: Sequence[Regularizer] | Regularizer | None = None,
-        strategy: str | MergeStrategy | None = None,
-        rank: int | Literal["full"] | None = None,
-        learning_rate: float | None = None,
-        batch_size: int | None = None,
-        training: TrainingConfig | None = None,
-        prompts: Sequence[str] | None = None,
-        templates: Sequence[str] | None = None,
         progress: bool | None = None,
         accelerator: Accelerator | None = None,
-        **method_options: Any,
+        **options: Any,
     ) -> RequestRecord:
         """Remove ``concept`` with one new adapter trained on the current model; return its ledger record.
 
@@ -97,36 +85,30 @@ class UnlearningMixin:
             concept: what to remove, e.g. "van gogh", or a ready ``du.UnlearnRequest`` (then no other argument
                 but ``progress`` and ``accelerator``).
             method: "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method config.
-            domain: "style", "object", "concept" (default) or a registered domain: picks the prompt templates.
-            steps, rank, learning_rate, batch_size: shortcuts for the same ``TrainingConfig`` fields
-                (``training=du.TrainingConfig(...)`` sets the rest: mixed precision, accumulation, checkpointing).
-            seed: makes the request reproducible (adapter init, trajectories, minibatches).
-            regularizers: e.g. ``[du.GradientProjection(retain=["monet"]), du.L2Drift(weight=1e3)]``.
-            strategy: "sequential" (default: train on top of earlier requests) or "merge"/"ties"/
-                "task_arithmetic"/"uniform"/``du.MergeStrategy`` (train from the base, combine deltas).
-            prompts: explicit prompts instead of the domain templates; ``templates`` replaces the templates.
             progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
             accelerator: an ``accelerate.Accelerator`` (default: one made from ``training``). Under
                 ``accelerate launch`` every process runs this call; the global batch is split between them.
-            **method_options: fields of the method's config, e.g. ``negative_guidance=2.0`` or ``anchor="a dog"``.
+            **options: the request, as ``du.UnlearnRequest.build`` takes it:
+
+                - domain: "style", "object", "concept" (default) or a registered domain: picks the templates.
+                - steps, rank, learning_rate, batch_size: shortcuts for the same ``TrainingConfig`` fields
+                  (``training=du.TrainingConfig(...)`` sets the rest: mixed precision, accumulation, checkpointing).
+                - seed: makes the request reproducible (adapter init, trajectories, minibatches).
+                - regularizers: e.g. ``[du.GradientProjection(retain=["monet"]), du.L2Drift(weight=1e3)]``.
+                - strategy: "sequential" (default: train on top of earlier requests) or "merge"/"ties"/
+                  "task_arithmetic"/"uniform"/``du.MergeStrategy`` (train from the base, combine deltas).
+                - prompts: explicit prompts instead of the domain templates; ``templates`` replaces the templates.
+                - any other name: a field of the method's config, e.g. ``negative_guidance=2.0``, ``anchor="a dog"``.
 
         A failed or interrupted request (exception, Ctrl-C) leaves the pipeline and the ledger as they were.
         """
         if isinstance(concept, UnlearnRequest):
-            given = dict(method_options, domain=domain, steps=steps, regularizers=regularizers, strategy=strategy,
-                         rank=rank, learning_rate=learning_rate, batch_size=batch_size, training=training,
-                         prompts=prompts, templates=templates)
-            extra = sorted(k for k, v in given.items() if v is not None) + (["method"] if method != "esd" else []) \
-                + (["seed"] if seed != 0 else [])
+            extra = sorted(options) + (["method"] if method != "esd" else [])
             if extra:
                 raise TypeError(f"unlearn() got a ready UnlearnRequest and also {extra}; set them on the request")
             request = concept
         else:
-            request = UnlearnRequest.build(
-                concept, method, domain=domain, steps=steps, seed=seed, regularizers=regularizers, strategy=strategy,
-                rank=rank, learning_rate=learning_rate, batch_size=batch_size, training=training, prompts=prompts,
-                templates=templates, **method_options,
-            )
+            request = UnlearnRequest.build(concept, method, **options)
         self._check_fits_ledger(request)
         accelerator = self._place_on(accelerator or make_accelerator(request.training))
         state = unlearning_state(self)
@@ -207,7 +189,8 @@ class UnlearningMixin:
         return accelerator
 
     def _check_fits_ledger(self, request: UnlearnRequest) -> None:
-        """One ledger composes its requests with one strategy."""
+        """The request's regularizers accept it, and one ledger composes its requests with one strategy."""
+        request.check_regularizers_fit()
         state = unlearning_state(self)
         if state.ledger.requests and strategy_to_dict(request.strategy) != strategy_to_dict(state.strategy):
             raise ValueError(

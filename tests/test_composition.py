@@ -30,10 +30,10 @@ def test_fold_matches_stacked_and_unfold_restores_exactly(two_requests):
         r1 = pipe.unlearning_ledger.ids()[0]
         with pipe.audit(r1):  # audit works on folded pipelines too
             assert not torch.equal(generate(pipe), folded)
-        assert torch.equal(generate(pipe), folded)
+        assert torch.equal(generate(pipe), folded)  # re-folded from the same base and artifacts by the same code
     finally:
         pipe.unfold()
-    assert torch.equal(generate(pipe), stacked)
+    assert torch.equal(generate(pipe), stacked)  # the same stacked adapter as before folding: the same computation
 
 
 def test_combined_deltas_sum_sequential_requests_and_none_without_requests(two_requests):
@@ -41,5 +41,6 @@ def test_combined_deltas_sum_sequential_requests_and_none_without_requests(two_r
     artifacts = [pipe.request_adapter(i) for i in pipe.unlearning_ledger.ids()]
     total = combined_deltas(artifacts, "sequential")
     for layer in artifacts[0].layers:
+        # atol=0: combined_deltas adds the two deltas in this order, one float32 addition, as the expression does
         torch.testing.assert_close(total[layer], artifacts[0].delta(layer) + artifacts[1].delta(layer), rtol=0, atol=0)
     assert combined_deltas([], "sequential") is None

@@ -22,7 +22,7 @@ def test_tiny_pipeline_is_real_deterministic_and_offline():
     for (name, p), (_, q) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
         assert torch.equal(p, q), name
     assert not torch.equal(a.unet.conv_in.weight, c.unet.conv_in.weight)
-    assert torch.equal(generate(a), generate(b))
+    assert torch.equal(generate(a), generate(b))  # equal weights, same process and code: the same computation
     assert generate(a).shape == (1, 3, 16, 16)
 
 
@@ -92,6 +92,8 @@ def test_audit_and_rollback_equal_turning_that_adapter_off(two_requests):
     assert (_with_adapters(pipe, [r1, r2]) - stacked).abs().max() < 1e-5  # one stacked adapter == separate ones
     assert not torch.equal(without_r1, stacked)
 
+    # Exact: audit installs the same factors through the same peft LoRA layer as _with_adapters does, so the
+    # images are the same computation on the same numbers (the stacked comparison above is a different one).
     with pipe.audit(r1) as audited:
         assert audited is pipe
         assert torch.equal(generate(pipe), only_r1)
@@ -114,13 +116,13 @@ def test_rollback_drops_one_request_and_keeps_the_rest():
     dropped = pipe.rollback(r1)
     assert dropped.concept == "van gogh"
     assert pipe.removed_concepts == ["dog"] and pipe.unlearning_ledger.ids() == [r2]
-    assert torch.equal(generate(pipe), without_r1)
+    assert torch.equal(generate(pipe), without_r1)  # both rebuild base + r2's artifact with the same code
     assert pipe.unlearning_ledger.history[-1]["event"] == "rollback"
     r3 = pipe.unlearn("cat", domain="object", seed=2, **FAST).request_id
     assert r3 == "r0003"  # ids are never reused
 
 
-def test_save_then_load_in_a_fresh_process_gives_identical_images(two_requests, tmp_path):
+def test_save_then_load_in_a_fresh_process_gives_the_same_images(two_requests, tmp_path):
     pipe = two_requests
     pipe.save_unlearning(tmp_path / "out")
     expected = generate(pipe)
@@ -135,12 +137,14 @@ images = pipe({PROMPT!r}, num_inference_steps=4, generator=torch.Generator().man
 expected = torch.load({str(tmp_path / 'expected.pt')!r})
 assert ids == ["r0001", "r0002"], ids
 assert pipe.removed_concepts == ["van gogh", "dog"], pipe.removed_concepts
-assert torch.equal(images, expected), (images - expected).abs().max()
-print("IDENTICAL")
+# Another process may use another thread count, so float32 sums may round differently: 1e-5 on images in
+# [0, 1] is float32 rounding, far below one 8-bit level (3.9e-3) and below any request's effect.
+torch.testing.assert_close(images, expected, rtol=0, atol=1e-5)
+print("SAME IMAGES")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "IDENTICAL" in result.stdout
+    assert "SAME IMAGES" in result.stdout
 
 
 # --------------------------------------------------------------------------------------------- bad input

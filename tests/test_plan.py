@@ -67,6 +67,8 @@ def test_plan_interrupted_after_request_2_and_rerun_ends_with_the_same_ledger(un
     result = run_plan(load_plan(plan_path), log=lines.append)  # a fresh process would do exactly this
     assert result.skipped == ["r0001", "r0002"] and result.trained == ["r0003"] and result.saved
     assert "already in the ledger as r0001, skipped" in lines[0]
+    # equal checksums: in this process the resumed request trains on bit-exact reloaded weights with the same
+    # seed and code as in the uninterrupted run, so it is the same computation
     assert final_ledger(tmp_path / "out") == final_ledger(uninterrupted)
     assert result.pipe.removed_concepts == ["van gogh", "dog", "cat"]
 
@@ -91,10 +93,10 @@ def test_plan_killed_during_a_request_loses_only_that_request(uninterrupted, tmp
     pipe = du.load_pipeline("tiny")
     original = pipe.unlearn
 
-    def crash_on_dog(**kwargs):
-        if kwargs["concept"] == "dog":
-            kwargs["regularizers"] = [*kwargs["regularizers"], Crash()]
-        return original(**kwargs)
+    def crash_on_dog(request, **kwargs):  # run_plan hands unlearn() each request's UnlearnRequest
+        if request.concept == "dog":
+            request.regularizers = [*request.regularizers, Crash()]
+        return original(request, **kwargs)
 
     monkeypatch.setattr(pipe, "unlearn", crash_on_dog)
     with pytest.raises(KeyboardInterrupt):

@@ -9,9 +9,9 @@ every request, results table and plots. ``diffusers-unlearn bench`` runs it on M
 
 from .protocols import PROTOCOLS, Hyperparameters, Protocol, ProtocolContext, resolve_protocols
 from .report import markdown, plot_cost, plot_metrics, write_report
-from .runner import DEFAULT_ANCHORS, BenchSettings, run_bench, run_protocol, serve_request
 from .heldout import heldout_cases, heldout_unlearning
 from .report import plot_ua_matrix, ua_matrix
+from .runner import DEFAULT_ANCHORS, BenchSettings, request_kwargs, run_bench, run_protocol, serve_request
 from .world import MINICANVAS_EVAL_OBJECTS, BenchWorld, family_round_robin, minicanvas_style_plan, minicanvas_world
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "plot_cost",
     "plot_metrics",
     "plot_ua_matrix",
+    "request_kwargs",
     "resolve_protocols",
     "run_bench",
     "run_protocol",

@@ -84,31 +84,42 @@ def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[st
     return build_objective_config(settings.method, common)  # another registered method: its own defaults
 
 
-def serve_request(pipe: Any, protocol: Protocol, world: BenchWorld, settings: BenchSettings, stream: Sequence[str],
-                  k: int, progress: bool = True) -> tuple[int, float]:
-    """Serve request ``k`` (0-based) of ``stream`` on ``pipe`` under ``protocol``; returns (training steps, seconds)."""
+def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protocol, concept: str) -> dict[str, Any]:
+    """``pipe.unlearn`` keyword arguments of one request for ``concept`` under a non-simultaneous ``protocol`` (all
+    but the seed): the world's prompt domain, the method config, training settings, regularizers and strategy.
+    ``diffusers-unlearn unlearn <world>`` uses them too (see ``bench.recipes``)."""
+    if protocol.simultaneous:
+        raise ValueError(f"protocol {protocol.name!r} retrains every request at once; it has no single-request form")
     world.register_domains()  # here, where requests need them: in worker processes too
     ctx = ProtocolContext(settings.hparams, world.vocabulary())
     hp = settings.hparams
+    return dict(
+        concept=concept, method=_objective(settings, world, [concept], len(world.templates(settings.domain))),
+        domain=world.prompt_domain(settings.domain), steps=hp.steps, learning_rate=hp.learning_rate, rank=hp.rank,
+        batch_size=hp.batch_size, regularizers=protocol.build_regularizers(ctx), strategy=protocol.strategy(ctx),
+    )
+
+
+def serve_request(pipe: Any, protocol: Protocol, world: BenchWorld, settings: BenchSettings, stream: Sequence[str],
+                  k: int, progress: bool = True) -> tuple[int, float]:
+    """Serve request ``k`` (0-based) of ``stream`` on ``pipe`` under ``protocol``; returns (training steps, seconds)."""
+    if not protocol.simultaneous:
+        record = pipe.unlearn(**request_kwargs(world, settings, protocol, stream[k]), seed=settings.seed + k,
+                              progress=progress)
+        return int(record.steps), float(record.seconds)
+    world.register_domains()  # here, where requests need them: in worker processes too
+    hp = settings.hparams
     domain = world.prompt_domain(settings.domain)
     templates = world.templates(settings.domain)
-    if protocol.simultaneous:
-        for request_id in list(pipe.unlearning_ledger.ids()):
-            pipe.rollback(request_id)
-        concepts = list(stream[: k + 1])
-        prompts = [t.format(c) for c in concepts for t in templates]
-        record = pipe.unlearn(
-            "+".join(concepts), _objective(settings, world, concepts, len(prompts)), domain=domain,
-            steps=hp.steps * len(concepts), seed=settings.seed + k, learning_rate=hp.learning_rate, rank=hp.rank,
-            batch_size=hp.batch_size, prompts=prompts, progress=progress,
-        )
-    else:
-        record = pipe.unlearn(
-            stream[k], _objective(settings, world, [stream[k]], len(templates)), domain=domain, steps=hp.steps,
-            seed=settings.seed + k, learning_rate=hp.learning_rate, rank=hp.rank,
-            batch_size=hp.batch_size, regularizers=protocol.build_regularizers(ctx), strategy=protocol.strategy(ctx),
-            progress=progress,
-        )
+    for request_id in list(pipe.unlearning_ledger.ids()):
+        pipe.rollback(request_id)
+    concepts = list(stream[: k + 1])
+    prompts = [t.format(c) for c in concepts for t in templates]
+    record = pipe.unlearn(
+        "+".join(concepts), _objective(settings, world, concepts, len(prompts)), domain=domain,
+        steps=hp.steps * len(concepts), seed=settings.seed + k, learning_rate=hp.learning_rate, rank=hp.rank,
+        batch_size=hp.batch_size, prompts=prompts, progress=progress,
+    )
     return int(record.steps), float(record.seconds)
 
 

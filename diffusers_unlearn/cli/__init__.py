@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 
 # Subcommand modules, in the order --help lists them.
 COMMANDS = ("demo", "bench", "unlearn", "run", "eval", "fold", "audit", "push")
@@ -27,6 +28,33 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Library settings named by a warning (``UnlearnWarning.settings``) -> the flag of each subcommand that sets them.
+SETTING_FLAGS = {
+    "unlearn": {"neighbors": "--neighbors", "retain": "--retain", "steps": "--steps"},
+    "bench": {"neighbors": "--gp-neighbors", "steps": "--steps"},
+    "demo": {"steps": "--steps"},
+}
+
+
+def _warning_printer(command: str):
+    """``warnings.showwarning`` for the command line: one line, the command's name, the flags that address it, no
+    source line."""
+    flags = SETTING_FLAGS.get(command, {})
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001 - warnings' API
+        text = str(message)
+        settings = getattr(message, "settings", {})
+        named = [flags[key] + ("" if value in (None, [], ()) else f" (now {value})")
+                 for key, value in settings.items() if key in flags]
+        if named:
+            text += f"; on the command line: {', '.join(named)}"
+        elif settings and command == "run":
+            text += f"; in the plan: {', '.join(settings)}"
+        print(f"diffusers-unlearn {command}: warning: {text}", file=file or sys.stderr)
+
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusers-unlearn",
@@ -41,29 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()  # after parsing: --help imports neither transformers nor torch
     from ..ledger import LedgerError
     from ..mixin import UnknownRequestError
 
-    try:
-        result = args.func(args)
-        return int(result or 0)
-    except (UsageError, LedgerError, UnknownRequestError, FileNotFoundError, ValueError, TypeError) as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"diffusers-unlearn {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"diffusers-unlearn {args.command}: interrupted", file=sys.stderr)
-        return 1
-    except Exception as err:  # noqa: BLE001 - the command line reports any failure in one line
-        if args.debug:
-            traceback.print_exc()
-        print(f"diffusers-unlearn {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(args.command)
+        try:
+            result = args.func(args)
+            return int(result or 0)
+        except (UsageError, LedgerError, UnknownRequestError, FileNotFoundError, ValueError, TypeError) as err:
+            if args.debug:
+                traceback.print_exc()
+            print(f"diffusers-unlearn {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"diffusers-unlearn {args.command}: interrupted", file=sys.stderr)
+            return 1
+        except Exception as err:  # noqa: BLE001 - the command line reports any failure in one line
+            if args.debug:
+                traceback.print_exc()
+            print(f"diffusers-unlearn {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
 
 if __name__ == "__main__":
     sys.exit(main())

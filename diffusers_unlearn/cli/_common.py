@@ -1,13 +1,52 @@
-"""Helpers shared by the deployment subcommands (unlearn, run, fold, audit, push)."""
+"""Helpers shared by the subcommands: the model argument, loading, --quiet, defaults shown in --help.
+
+Nothing here imports torch, diffusers or transformers at module level: ``--help`` must answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-MODEL_HELP = ("'tiny' or 'tiny-sdxl' (offline test pipelines), a pipeline folder (an unlearned folder keeps its "
-              "ledger) or a Hub model id")
+from ..worlds import world_names
+
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+MODEL_HELP = (f"a world name ({', '.join(world_names())}; 'minicanvas' brings its calibrated request recipe), a "
+              "pipeline folder (an unlearned folder keeps its ledger) or a Hub model id")
+
+
+@functools.lru_cache(maxsize=None)
+def dataclass_defaults(module_file: str, class_name: str) -> dict[str, Any]:
+    """The literal field defaults of a dataclass, read from its source file without importing it.
+
+    ``--help`` shows defaults that live in modules importing torch; reading them this way keeps ``--help`` instant
+    and the numbers in one place. ``module_file`` is relative to the package (``"bench/protocols.py"``). Fields whose
+    default is not a literal are left out.
+    """
+    tree = ast.parse((_PACKAGE_DIR / module_file).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            defaults = {}
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
+                    try:
+                        defaults[item.target.id] = ast.literal_eval(item.value)
+                    except ValueError:
+                        continue
+            return defaults
+    raise LookupError(f"no class {class_name} in {module_file}")
+
+
+def default_text(module_file: str, class_name: str, field: str, prefix: str = "default ") -> str:
+    """``"default <value>"`` for a help text, or ``""`` when the default is not a literal."""
+    defaults = dataclass_defaults(module_file, class_name)
+    return f"{prefix}{defaults[field]}" if field in defaults else ""
 
 
 def add_loading_options(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +56,8 @@ def add_loading_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_quiet(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (also silences diffusers' and transformers' own loading bars)")
 
 
 def set_quiet(quiet: bool) -> None:
@@ -31,13 +71,23 @@ def set_quiet(quiet: bool) -> None:
 
 
 def load(model: str, args: argparse.Namespace) -> Any:
-    """The pipeline named on the command line, with its progress bars set by ``--quiet``."""
+    """The pipeline named on the command line (a world, a folder, a Hub id), its progress bars set by ``--quiet``."""
     from ..pipelines import load_pipeline
 
     set_quiet(getattr(args, "quiet", False))
     pipe = load_pipeline(model, torch_dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
     pipe.set_progress_bar_config(disable=getattr(args, "quiet", False))
     return pipe
+
+
+@contextlib.contextmanager
+def working(desc: str, quiet: bool) -> Iterator[None]:
+    """A labelled bar for one long step without progress of its own (writing a pipeline folder)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=1, desc=desc, disable=quiet, leave=False, bar_format="{desc} ({elapsed})") as bar:
+        yield
+        bar.update(1)
 
 
 def is_ledger_folder(path: Path) -> bool:
@@ -55,7 +105,8 @@ def load_folder(folder: str, model: str | None, args: argparse.Namespace) -> Any
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
     if is_ledger_folder(path):
         if model is None:
-            raise UsageError(f"{folder} holds a ledger without a pipeline: pass --model, the base it was made on")
+            raise UsageError(f"{folder} holds a ledger without a pipeline: pass --model, the base it was made on "
+                             f"({', '.join(world_names())}, a folder or a Hub id)")
         pipe = load(model, args)
         pipe.load_unlearning(path, replace=True)
         return pipe

@@ -10,14 +10,16 @@ metrics.png, cost.png and ua_matrix.png (per-concept UA after every request) int
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import os
 import shlex
 import time
+from pathlib import Path
 from typing import Any
 
 from . import UsageError
-from ._common import set_quiet
+from ._common import dataclass_defaults, default_text, set_quiet
 
 # --quick: the same code path, small enough for CI (a couple of minutes on 2 CPU cores).
 QUICK = {"requests": 2, "steps": 4, "eval_seeds": 1, "eval_objects": 2, "eval_families": 2, "eval_steps": 10}
@@ -40,9 +42,12 @@ HPARAM_OPTIONS = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..bench import PROTOCOLS, BenchSettings, Hyperparameters
+    hp = dataclass_defaults("bench/protocols.py", "Hyperparameters")
 
-    defaults, bench_defaults = Hyperparameters(), BenchSettings()
+    def default(name: str) -> str:
+        return f"default {hp[name]}" if name in hp else "default: the bench's"
+
+    protocols = ",".join(_protocol_names()) or "the protocols of bench/protocols.py"
     parser = subparsers.add_parser("bench", help="continual-unlearning benchmark on MiniCanvas (UA/IRA/CRA per "
                                    "request, table and plots)", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,9 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"length of the removal stream (default {DEFAULT_REQUESTS['style']} styles, "
                         f"{DEFAULT_REQUESTS['object']} objects)")
     parser.add_argument("--domain", choices=["style", "object"], default="style")
-    parser.add_argument("--method", choices=["esd", "ca"], default="esd")
+    parser.add_argument("--method", default="esd",
+                        help="erasure method registered with du.register_objective (default esd); an unknown name is "
+                        "refused with the registered list")
     parser.add_argument("--protocols", default="all",
-                        help=f"comma-separated subset of: {','.join(PROTOCOLS)} (default all)")
+                        help=f"comma-separated subset of: {protocols} (default all)")
     parser.add_argument("--eval-seeds", type=int, default=None,
                         help="evaluation seeds per prompt, the first N of MiniCanvas's EVAL_SEEDS (default 2)")
     parser.add_argument("--eval-objects", type=int, default=None,
@@ -78,23 +85,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="torch CPU threads with --jobs 1 (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="request k uses seed SEED + k")
     parser.add_argument("--negative-guidance", type=float, default=None,
-                        help=f"ESD's eta (default {bench_defaults.negative_guidance})")
+                        help=f"ESD's eta ({default_text('bench/runner.py', 'BenchSettings', 'negative_guidance')})")
     parser.add_argument("--anchor", default=None, help="Concept Ablation's anchor (default: a generic word)")
     group = parser.add_argument_group("per-request training (shared by every protocol)")
-    group.add_argument("--steps", type=int, default=None, help=f"steps per request (default {defaults.steps})")
-    group.add_argument("--lr", type=float, default=None, help=f"learning rate (default {defaults.learning_rate})")
+    group.add_argument("--steps", type=int, default=None, help=f"steps per request ({default('steps')})")
+    group.add_argument("--lr", type=float, default=None, help=f"learning rate ({default('learning_rate')})")
     group.add_argument("--batch-size", type=int, default=None,
-                       help=f"samples per step (default {defaults.batch_size})")
-    group.add_argument("--rank", type=int, default=None, help=f"LoRA rank (default {defaults.rank})")
-    group.add_argument("--l1-weight", type=float, default=None, help=f"default {defaults.l1_weight}")
-    group.add_argument("--l2-weight", type=float, default=None, help=f"default {defaults.l2_weight}")
-    group.add_argument("--selective-top-k", type=float, default=None, help=f"default {defaults.selective_top_k}")
+                       help=f"samples per step ({default('batch_size')})")
+    group.add_argument("--rank", type=int, default=None, help=f"LoRA rank ({default('rank')})")
+    group.add_argument("--l1-weight", type=float, default=None, help=default("l1_weight"))
+    group.add_argument("--l2-weight", type=float, default=None, help=default("l2_weight"))
+    group.add_argument("--selective-top-k", type=float, default=None, help=default("selective_top_k"))
     group.add_argument("--gp-selective-top-k", type=float, default=None,
-                       help=f"default {defaults.gp_selective_top_k}")
+                       help=default("gp_selective_top_k"))
     group.add_argument("--gp-neighbors", type=_neighbors, default=None,
                        help="concepts of the auxiliary set gradient projection protects besides earlier removals, "
                        "the K nearest to the target or 'all' (default: all)")
-    group.add_argument("--merge-density", type=float, default=None, help=f"default {defaults.merge_density}")
+    group.add_argument("--merge-density", type=float, default=None, help=default("merge_density"))
     group.add_argument("--merge-scale", type=float, default=None, help="TIES lambda (default: grows with n)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-request lines")
     parser.set_defaults(func=run)
@@ -181,6 +188,18 @@ def run(args: argparse.Namespace) -> int:
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
+
+
+def _protocol_names() -> list[str]:
+    """The protocol names of ``bench/protocols.py``, read without importing it (``--help`` stays instant)."""
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "bench" / "protocols.py").read_text(encoding="utf-8"))
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Protocol" and node.args:
+            first = node.args[0]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                names.append(first.value)
+    return names
 
 
 def _neighbors(text: str) -> int | str:

@@ -11,16 +11,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ._common import default_text
+
 DEMO_REQUESTS = 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..bench import Hyperparameters
-
     parser = subparsers.add_parser("demo", help="remove two styles from MiniCanvas with gradient projection; "
                                    "before/after grid and UA/IRA/CRA", description=__doc__)
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"training steps per request (default {Hyperparameters().steps}, as in bench)")
+                        help="training steps per request "
+                        f"({default_text('bench/protocols.py', 'Hyperparameters', 'steps')}, as in bench)")
     parser.add_argument("--eval-seeds", type=int, default=2,
                         help="evaluation images per prompt: the first N of MiniCanvas's EVAL_SEEDS (default 2)")
     parser.add_argument("--eval-steps", type=int, default=None,
@@ -49,6 +50,15 @@ def grid_styles(removed: list[str], families: dict[str, list[str]]) -> list[str]
 def save_grid(panels: list[tuple[str, Any]], styles: list[str], objects: list[str], removed: list[str],
               path: str | os.PathLike) -> None:
     """One panel per model state: rows = styles (removed ones marked), columns = objects."""
+    import matplotlib.pyplot as plt
+
+    fig = grid_figure(panels, styles, objects, removed)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grid_figure(panels: list[tuple[str, Any]], styles: list[str], objects: list[str], removed: list[str]) -> Any:
+    """The matplotlib figure of :func:`save_grid`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,36 +68,41 @@ def save_grid(panels: list[tuple[str, Any]], styles: list[str], objects: list[st
     rows, cols = len(styles), len(objects)
     size = panels[0][1].shape[-1]
     gap = max(1, size // 16)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels) + 1.2, 0.5 * rows + 1.2))
-    for ax, (title, images) in zip(axes, panels):
+    cell = 0.62  # inches per image: room for 10-point labels under every column
+    fig, axes = plt.subplots(1, len(panels), figsize=(cell * cols * len(panels) + 1.8, cell * rows + 1.4),
+                             squeeze=False)
+    centres = lambda n: [k * (size + gap) + size / 2 for k in range(n)]  # noqa: E731
+    for index, (ax, (title, images)) in enumerate(zip(axes[0], panels)):
         canvas = torch.ones(3, rows * (size + gap) - gap, cols * (size + gap) - gap)
         for i in range(rows):
             for j in range(cols):
                 y, x = i * (size + gap), j * (size + gap)
                 canvas[:, y : y + size, x : x + size] = images[i * cols + j]
         ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([j * (size + gap) + size / 2 for j in range(cols)], objects, fontsize=7, rotation=45)
-        ax.set_yticks([i * (size + gap) + size / 2 for i in range(rows)], [])
+        ax.set_title(title, fontsize=12)
+        ax.set_xticks(centres(cols), objects, fontsize=10, rotation=45, ha="right", rotation_mode="anchor")
+        # row labels once, on the left panel; no tick marks anywhere (the labels sit next to their images)
+        labels = [f"{s} (removed)" if s in removed else s for s in styles] if index == 0 else []
+        ax.set_yticks(centres(rows) if index == 0 else [], labels, fontsize=10)
+        ax.tick_params(length=0)
         for side in ("top", "right", "bottom", "left"):
             ax.spines[side].set_visible(False)
-    axes[0].set_yticks([i * (size + gap) + size / 2 for i in range(rows)],
-                       [f"{s} (removed)" if s in removed else s for s in styles], fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import minicanvas as mc
     from ..bench import PROTOCOLS, BenchSettings, Hyperparameters, minicanvas_world, serve_request
+    from ..bench.recipes import RECOMMENDED_PROTOCOL
     from ..evaluation import evaluate_unlearning, generate_images, kv_drift
     from ..mixin import attach
     from ._common import set_quiet
 
     set_quiet(args.quiet)
     hparams = Hyperparameters() if args.steps is None else Hyperparameters(steps=args.steps)
-    settings = BenchSettings(requests=DEMO_REQUESTS, domain="style", method="esd", protocols=["gp"], hparams=hparams)
+    settings = BenchSettings(requests=DEMO_REQUESTS, domain="style", method="esd", protocols=[RECOMMENDED_PROTOCOL],
+                             hparams=hparams)
     world = minicanvas_world(weights_dir=args.weights_dir, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps)
     stream = world.stream("style", DEMO_REQUESTS)
     pipe = attach(world.load_pipeline())
@@ -112,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
           f"({len(config.seeds)} seed(s) per prompt)")
     states = [snapshot("base model", [])]
     for k, concept in enumerate(stream):
-        steps, seconds = serve_request(pipe, PROTOCOLS["gp"], world, settings, stream, k, progress=not args.quiet)
+        steps, seconds = serve_request(pipe, PROTOCOLS[RECOMMENDED_PROTOCOL], world, settings, stream, k,
+                                       progress=not args.quiet)
         record = pipe.unlearning_ledger.requests[-1]
         print(f"removed {concept!r} as {record.request_id} in {seconds:.1f}s ({steps} steps, loss "
               f"{record.final_loss:.4g})")

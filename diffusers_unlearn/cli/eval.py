@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import UsageError
+from ..worlds import world_names
 from ._common import add_quiet, is_ledger_folder, load, set_quiet
 
 
@@ -26,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", metavar="FOLDER", help="a ledger folder or an unlearned pipeline folder")
     parser.add_argument("--model", default=None,
-                        help="base pipeline of a ledger folder: 'minicanvas' (default), 'tiny' or a pipeline folder")
+                        help=f"base pipeline of a ledger folder: a world name ({', '.join(world_names())}; default "
+                        "minicanvas), a pipeline folder or a Hub id")
     parser.add_argument("--removed", default=None, help="comma-separated removed concepts (default: the ledger's)")
     parser.add_argument("--domain", choices=["style", "object"], default=None,
                         help="domain of the removed concepts (default: the ledger's)")
@@ -57,14 +59,14 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
         if args.model is not None:
             raise UsageError(f"--model is only for ledger folders; {args.folder} is a pipeline folder")
         return load(args.folder, args)
-    if args.model in (None, "minicanvas"):
+    if args.model in (None, "minicanvas") and args.weights_dir is not None:
         from .. import minicanvas
 
         set_quiet(args.quiet)
         pipe = attach(minicanvas.load_pipeline(weights_dir=args.weights_dir))
         pipe.set_progress_bar_config(disable=args.quiet)
     else:
-        pipe = load(args.model, args)
+        pipe = load(args.model or "minicanvas", args)
     pipe.load_unlearning(path, replace=True)
     return pipe
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_loading_options, add_quiet, is_ledger_folder, load_folder, short
+from ._common import MODEL_HELP, add_loading_options, add_quiet, is_ledger_folder, load_folder, short, working
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     parser.add_argument("folder", metavar="FOLDER", help="an unlearned pipeline folder or a ledger folder")
     parser.add_argument("--out", default=None, help="where to write (default: FOLDER itself, for pipeline folders)")
-    parser.add_argument("--model", default=None, help="base model of a ledger folder ('tiny', a folder, a Hub id)")
+    parser.add_argument("--model", default=None, help=f"base model of a ledger folder: {MODEL_HELP}")
     parser.add_argument("--rollback", action="append", default=[], metavar="REQUEST_ID",
                         help="drop this request before folding (re-folds the base with the rest); repeatable")
     parser.add_argument("--base-model", default=None, help="Hub id of the base model, for the model card")
@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         record = pipe.rollback(request_id)
         print(f"rolled back {request_id} ({short(record.concept)}): re-folded the base weights with the "
               f"{len(pipe.unlearning_ledger.requests)} remaining request(s)")
-    pipe.save_unlearned(out, base_model=args.base_model)
+    with working(f"saving the folded pipeline to {out}", args.quiet):
+        pipe.save_unlearned(out, base_model=args.base_model)
     print(f"saved the folded pipeline ({len(pipe.unlearning_ledger.requests)} request(s): "
           f"{', '.join(pipe.unlearning_ledger.ids()) or 'none'}) to {out}")
     return 0

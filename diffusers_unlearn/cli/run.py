@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_quiet, set_quiet
+from ._common import MODEL_HELP, add_quiet, set_quiet
 
 EXAMPLE = """example PLAN.yaml:
-  model: tiny                # or a pipeline folder (relative to the plan) or a Hub id
+  model: tiny                # a world name (minicanvas, tiny, ...), a folder (relative to the plan) or a Hub id
   output: out/               # relative to the plan
   defaults: {method: esd, steps: 200, learning_rate: 1.0e-4}
   requests:
@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("plan", metavar="PLAN.yaml", help="the plan file")
-    parser.add_argument("--model", default=None, help="start from this model instead of the plan's 'model'")
+    parser.add_argument("--model", default=None,
+                        help=f"start from this model instead of the plan's 'model': {MODEL_HELP}")
     parser.add_argument("--out", default=None, help="write here instead of the plan's 'output'")
     add_quiet(parser)
     parser.set_defaults(func=run)

@@ -1,39 +1,65 @@
-"""``diffusers-unlearn unlearn``: remove one concept from a model or an unlearned folder and save the result."""
+"""``diffusers-unlearn unlearn``: remove one concept from a model or an unlearned folder and save the result.
+
+On a world with a calibrated recipe (``minicanvas``) the request uses the world's prompts, method settings,
+training settings and regularizers (what the demo does); every flag given overrides its part of the recipe.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, load, short
-
+from ._common import MODEL_HELP, add_loading_options, add_quiet, default_text, load, short, working
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    gp_neighbors = default_text("regularizers/projection.py", "GradientProjection", "neighbors", prefix="")
     parser = subparsers.add_parser(
         "unlearn", help="remove one concept and save the unlearned pipeline folder", description=__doc__,
-        epilog="example: diffusers-unlearn unlearn tiny --concept 'van gogh' --domain style --retain monet --out out/",
+        epilog="examples:\n"
+        "  diffusers-unlearn unlearn minicanvas --concept 'neon lines' --domain style --out out/\n"
+        "  diffusers-unlearn unlearn tiny --concept 'van gogh' --domain style --retain monet --out out/\n"
+        "  diffusers-unlearn unlearn tiny --concept cat --regularizer 'gradient_projection:retain=[dog],neighbors=0' "
+        "--regularizer l2_drift:weight=1000 --out out/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL_OR_FOLDER", help=MODEL_HELP)
     parser.add_argument("--concept", required=True, help="the concept to remove, e.g. 'van gogh'")
     parser.add_argument("--out", required=True,
                         help="folder to write the unlearned pipeline to (new, empty, or an unlearned folder; "
                              "MODEL_OR_FOLDER itself updates it)")
-    parser.add_argument("--method", default="esd", help="erasure method: esd (default), ca, or a registered one")
+    parser.add_argument("--method", default="esd",
+                        help="erasure method registered with du.register_objective (default esd); an unknown name "
+                        "is refused with the registered list")
     parser.add_argument("--anchor", default=None, help="anchor concept (method ca)")
-    parser.add_argument("--domain", default=None, help="style, object or concept (default): picks the prompt templates")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: TrainingConfig's)")
-    parser.add_argument("--learning-rate", type=float, default=None, help="learning rate")
-    parser.add_argument("--rank", default=None, help="LoRA rank, or 'full'")
+    parser.add_argument("--domain", default=None,
+                        help="picks the prompt templates: style, object or concept (default); a world with a recipe "
+                        "(minicanvas) needs style or object and uses its own prompts for them")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, else "
+                        "TrainingConfig's)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="learning rate (default: as --steps)")
+    parser.add_argument("--rank", default=None, help="LoRA rank, or 'full' (default: as --steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request (default 0)")
-    parser.add_argument("--retain", action="append", default=None, metavar="CONCEPTS",
-                        help="concepts to keep with gradient projection, comma-separated; repeatable")
-    parser.add_argument("--neighbors", type=int, default=None,
-                        help="gradient projection also keeps this many concepts most similar to the target")
-    parser.add_argument("--project", action="store_true",
-                        help="gradient projection with its defaults (implied by --retain / --neighbors)")
-    parser.add_argument("--top-k", type=float, default=None, help="selective fine-tuning: fraction of K/V elements")
-    parser.add_argument("--l1", type=float, default=None, help="L1 drift penalty weight")
-    parser.add_argument("--l2", type=float, default=None, help="L2 drift penalty weight")
+    group = parser.add_argument_group(
+        "regularizers",
+        "Without any of these flags a world's recipe brings its own (minicanvas: gradient projection keeping the "
+        "target's nearest minicanvas concepts), other models none. Any of them replaces the recipe's.")
+    group.add_argument("--retain", action="append", default=None, metavar="CONCEPTS",
+                       help="gradient projection keeps these concepts, comma-separated; repeatable. It also keeps the "
+                       f"--neighbors nearest concepts of the vocabulary (default {gp_neighbors or 'as GradientProjection'}, "
+                       "or the recipe's number over the world's concepts): pass --neighbors 0 to keep only these")
+    group.add_argument("--neighbors", type=int, default=None,
+                       help="gradient projection keeps this many concepts most similar to the target (default: see "
+                       "--retain)")
+    group.add_argument("--project", action="store_true",
+                       help="gradient projection with its defaults (implied by --retain / --neighbors)")
+    group.add_argument("--top-k", type=float, default=None, help="selective fine-tuning: fraction of K/V elements")
+    group.add_argument("--l1", type=float, default=None, help="L1 drift penalty weight")
+    group.add_argument("--l2", type=float, default=None, help="L2 drift penalty weight")
+    group.add_argument("--regularizer", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
+                       help="a registered regularizer in the plan-file form, e.g. l2_drift:weight=1000 or "
+                       "'gradient_projection:retain=[monet, picasso],neighbors=2'; repeatable; 'none' for no "
+                       "regularizer at all")
     parser.add_argument("--strategy", default=None,
                         help="sequential (default), merge, ties, task_arithmetic or uniform (one per ledger)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -44,42 +70,88 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_options(items: list[str]) -> dict:
-    """``KEY=VALUE`` pairs; values read as YAML scalars (numbers, booleans, lists), else as text."""
+def _yaml_value(text: str) -> Any:
+    """A command-line value read as a plan file reads it: numbers, booleans, [lists], else text."""
     import yaml
 
-    from ..cli import UsageError
     from ..plan import _PlanLoader
+
+    if not text:
+        return ""
+    try:
+        return yaml.load(text, Loader=_PlanLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        return text
+
+
+def parse_options(items: list[str], flag: str = "--option") -> dict:
+    """``KEY=VALUE`` pairs; values read as YAML scalars (numbers, booleans, lists), else as text."""
+    from ..cli import UsageError
 
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
-        try:
-            options[key.strip()] = yaml.load(value, Loader=_PlanLoader) if value else ""  # noqa: S506
-        except yaml.YAMLError:
-            options[key.strip()] = value
+            raise UsageError(f"{flag} takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = _yaml_value(value)
     return options
 
 
-def build_regularizers(args: argparse.Namespace) -> list:
-    import diffusers_unlearn as du
+def _split_top_level(text: str) -> list[str]:
+    """``a=1,b=[x, y]`` -> ``["a=1", "b=[x, y]"]``: commas inside brackets or braces belong to the value."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p for p in [*parts, current] if p.strip()]
 
-    regularizers = []
+
+def parse_regularizer(text: str) -> dict[str, Any]:
+    """``NAME[:KEY=VALUE,...]`` -> ``{"name": NAME, KEY: VALUE, ...}`` (the plan file's form)."""
+    from ..cli import UsageError
+
+    name, _, rest = text.partition(":")
+    if not name.strip():
+        raise UsageError(f"--regularizer takes NAME[:KEY=VALUE,...], got {text!r}")
+    return {"name": name.strip(), **parse_options(_split_top_level(rest), flag=f"--regularizer {name.strip()}:")}
+
+
+def build_regularizers(args: argparse.Namespace, recipe: Any = None) -> list | None:
+    """The regularizers the flags ask for; None when no regularizer flag is given (the recipe's apply)."""
+    from ..cli import UsageError
+    from ..regularizers import REGULARIZERS, check_regularizers, regularizer_from_dict
+
+    specs: list[dict[str, Any]] = []
     retain = [c.strip() for value in (args.retain or []) for c in value.split(",") if c.strip()]
     if args.project or args.retain or args.neighbors is not None:
-        settings = {"retain": retain}
-        if args.neighbors is not None:
-            settings["neighbors"] = args.neighbors
-        regularizers.append(du.GradientProjection(**settings))
-    if args.top_k is not None:
-        regularizers.append(du.SelectiveFinetune(top_k=args.top_k))
-    if args.l1 is not None:
-        regularizers.append(du.L1Drift(weight=args.l1))
-    if args.l2 is not None:
-        regularizers.append(du.L2Drift(weight=args.l2))
-    return regularizers
+        specs.append({"name": "gradient_projection", "retain": retain,
+                      **({} if args.neighbors is None else {"neighbors": args.neighbors})})
+    for name, value, key in (("selective_finetune", args.top_k, "top_k"), ("l1_drift", args.l1, "weight"),
+                             ("l2_drift", args.l2, "weight")):
+        if value is not None:
+            specs.append({"name": name, key: value})
+    chose_none = "none" in args.regularizer
+    specs += [parse_regularizer(text) for text in args.regularizer if text != "none"]
+    if chose_none:
+        if specs:
+            raise UsageError("--regularizer none cannot be combined with other regularizer flags")
+        return []
+    if not specs:
+        return None
+    for spec in specs:
+        if spec["name"] not in REGULARIZERS:
+            raise UsageError(f"unknown regularizer {spec['name']!r}; registered: {', '.join(sorted(REGULARIZERS))}")
+        if spec["name"] == "gradient_projection" and recipe is not None and recipe.vocabulary:
+            # the world's concepts are the neighbour pool, as in its recipe
+            spec.setdefault("vocabulary", recipe.vocabulary)
+            spec.setdefault("neighbors", recipe.neighbors if recipe.neighbors is not None
+                            else sum(len(c) for c in recipe.vocabulary.values()))
+    return check_regularizers([regularizer_from_dict(spec) for spec in specs])
 
 
 def _rank(value: str | None) -> int | str | None:
@@ -93,29 +165,94 @@ def _rank(value: str | None) -> int | str | None:
         raise UsageError(f"--rank must be an integer or 'full', got {value!r}") from None
 
 
+def _world_of_folder(model: str) -> Any:
+    """The world an unlearned folder was made on, told by its ledger's prompt domains (a recipe's requests use
+    ``"<world>-style"`` / ``"<world>-object"``); None for any other model. Its next request then follows the same
+    recipe, and the world's prompt domains are registered again for the earlier requests."""
+    import json
+
+    from ..worlds import get_world
+
+    ledger = Path(model) / "unlearning" / "ledger.json"
+    if not ledger.is_file():
+        return None
+    try:
+        domains = [r.get("domain", "") for r in json.loads(ledger.read_text()).get("requests", [])]
+    except (ValueError, AttributeError):
+        return None  # loading the folder reports what is wrong with it
+    names = {d.rpartition("-")[0] for d in domains if isinstance(d, str) and get_world(d.rpartition("-")[0])}
+    world = get_world(names.pop()) if len(names) == 1 else None
+    return world if world is not None and world.recipe else None
+
+
+def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    """``pipe.unlearn`` keyword arguments from the flags over the world's recipe, and the recipe's summary line.
+    Everything is checked here, before the model loads."""
+    from ..cli import UsageError
+    from ..objectives import OBJECTIVES, ObjectiveConfig, build_objective_config
+    from ..worlds import get_world
+
+    if args.method not in OBJECTIVES:
+        raise UsageError(f"unknown --method {args.method!r}; registered methods: {', '.join(sorted(OBJECTIVES))}")
+    options = parse_options(args.option)
+    if args.anchor is not None:
+        options["anchor"] = args.anchor
+    world = get_world(args.model) or _world_of_folder(args.model)
+    recipe = world.request_recipe(args.domain, args.method) if world is not None else None
+    kwargs: dict[str, Any] = dict(recipe.unlearn_kwargs) if recipe else {"method": args.method, "domain": args.domain}
+    method = kwargs["method"]
+    if isinstance(method, ObjectiveConfig):  # the recipe's config, with the --option / --anchor values over it
+        settings = {k: v for k, v in method.to_dict().items() if k != "method"}
+        kwargs["method"] = build_objective_config(method.method, {**settings, **options})
+    else:
+        kwargs["method"] = build_objective_config(method, options)
+    for key, value in (("steps", args.steps), ("learning_rate", args.learning_rate), ("rank", _rank(args.rank)),
+                       ("strategy", args.strategy)):
+        if value is not None:
+            kwargs[key] = value
+    regularizers = build_regularizers(args, recipe)
+    if regularizers is not None:
+        kwargs["regularizers"] = regularizers
+    return kwargs, recipe.summary if recipe else None
+
+
+def _describe(regularizer: Any) -> str:
+    """``gradient_projection(retain=['monet'], neighbors=8)``: the settings that differ from the defaults, and always
+    the neighbour count (what --retain brings with it)."""
+    import dataclasses
+
+    shown = {}
+    for spec in dataclasses.fields(regularizer):
+        value = getattr(regularizer, spec.name)
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if spec.name == "vocabulary" and value is not None:
+            count = sum(len(c) for c in value.values()) if isinstance(value, dict) else len(value)
+            shown[spec.name] = f"<{count} concepts>"
+        elif value != default or spec.name == "neighbors":
+            shown[spec.name] = repr(value)
+    return f"{regularizer.name}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..export import check_output_folder
     from ..model_card import check_base_model
     from ..request import UnlearnRequest
 
     check_base_model(args.base_model)
-    options = parse_options(args.option)
-    if args.anchor is not None:
-        options["anchor"] = args.anchor
-    regularizers = build_regularizers(args)  # bad settings fail here, before the model loads
-    rank = _rank(args.rank)
-    # the whole request is checked here, before the model loads
-    request = UnlearnRequest.build(
-        args.concept, args.method, domain=args.domain, steps=args.steps, seed=args.seed, regularizers=regularizers,
-        strategy=args.strategy, rank=rank, learning_rate=args.learning_rate, **options,
-    )
+    kwargs, recipe = request_arguments(args)
+    request = UnlearnRequest.build(args.concept, seed=args.seed, **kwargs)  # checked whole, before the model loads
     out = Path(args.out)
     check_output_folder(out)
+    if recipe:
+        print(f"{recipe}; flags given override it")
+    if "regularizers" in kwargs:
+        print("regularizers: " + (", ".join(_describe(r) for r in request.regularizers) or "none"))
     pipe = load(args.model, args)
     before = len(pipe.unlearning_ledger.requests)
     record = pipe.unlearn(request, progress=not args.quiet)
     print(f"removed {short(record.concept)} as {record.request_id} in {record.seconds:.1f}s "
           f"(final loss {record.final_loss:.4g}; {before} earlier request(s))")
-    pipe.save_unlearned(out, base_model=args.base_model)
+    with working(f"saving the unlearned pipeline to {out}", args.quiet):
+        pipe.save_unlearned(out, base_model=args.base_model)
     print(f"saved the unlearned pipeline ({len(pipe.unlearning_ledger.requests)} request(s) folded) to {out}")
     return 0

@@ -67,6 +67,7 @@ class ObjectiveContext:
     frozen: Callable[[], AbstractContextManager]  # runs the UNet without the request's adapter
     generator: torch.Generator  # CPU generator seeded from the request's seed
     templates: tuple[str, ...] | None = None  # the templates behind ``prompts`` (None: prompts given directly)
+    progress: bool = False  # show a progress bar while sampling the frozen model's trajectories
 
 
 class Objective(ABC):
@@ -125,6 +126,8 @@ class TrajectoryObjective(Objective):
                 guidance_scale=cfg.guidance_scale,
                 generator=ctx.generator,
                 resolution=cfg.resolution,
+                progress=ctx.progress,
+                desc=f"sampling {n} trajector{'y' if n == 1 else 'ies'} of the frozen model",
             )
         self._targets: dict[int, torch.Tensor] = {}
 

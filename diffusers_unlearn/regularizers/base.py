@@ -40,6 +40,7 @@ class TrainingContext:
     start_offsets: dict[str, torch.Tensor] | None  # training start model minus base (None: starts at the base)
     step: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    progress: bool = False  # show progress bars for long set-ups (projector, importance scores)
 
 
 @dataclass
@@ -93,8 +94,8 @@ def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
 def regularizer_from_dict(data: dict[str, Any]) -> Regularizer:
     """Rebuild a regularizer from ``{"name": ..., **settings}`` (the ledger's and run plans' form)."""
     if not isinstance(data, dict) or data.get("name") not in REGULARIZERS:
-        known = sorted(REGULARIZERS)
-        raise ValueError(f"unknown regularizer {data!r}; known: {known}")
+        name = data.get("name") if isinstance(data, dict) else data
+        raise ValueError(f"unknown regularizer {name!r}; registered: {sorted(REGULARIZERS)}")
     cls = REGULARIZERS[data["name"]]
     allowed = {f.name for f in dataclasses.fields(cls) if f.init}
     settings = {k: v for k, v in data.items() if k != "name"}
@@ -112,10 +113,8 @@ def check_regularizers(regularizers: object) -> list[Regularizer]:
     items = list(regularizers)  # type: ignore[arg-type]
     for item in items:
         if not isinstance(item, Regularizer):
-            raise TypeError(
-                f"regularizers must be du.L1Drift, du.L2Drift, du.SelectiveFinetune, du.GradientProjection "
-                f"(or another Regularizer); got {item!r}"
-            )
+            registered = ", ".join(f"du.{cls.__name__}" for cls in REGULARIZERS.values())
+            raise TypeError(f"regularizers must be Regularizer objects (registered: {registered}); got {item!r}")
     names = [r.name for r in items]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

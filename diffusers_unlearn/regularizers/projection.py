@@ -13,13 +13,14 @@ P = I - C (C^T C + eps I)^-1 C^T. Then dW @ c = 0 for every protected c:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from tqdm.auto import tqdm
 
+from .._warn import warn
 from ..conditioning import TextConditioner
 from ..embeddings import concept_embedding, cosine_similarities
 from ..prompts import DEFAULT_DOMAIN, check_concept, same_concept
@@ -128,12 +129,10 @@ class GradientProjection(Regularizer):
         if self.vocabulary is not None and not isinstance(self.vocabulary, Mapping):
             self.vocabulary = [check_concept(c, "vocabulary concept") for c in self.vocabulary]
         if not self.retain and self.neighbors == 0:
-            warnings.warn(
-                "GradientProjection(retain=[], neighbors=0) keeps no concept of its own: only concepts removed "
-                "earlier (with an empty ledger it protects nothing)"
-                + (" and the unconditional prompt" if self.protect_unconditional else ""),
-                stacklevel=3,
-            )
+            warn("GradientProjection(retain=[], neighbors=0) keeps no concept of its own: only concepts removed "
+                 "earlier (with an empty ledger it protects nothing)"
+                 + (" and the unconditional prompt" if self.protect_unconditional else ""),
+                 {"retain": [], "neighbors": 0})
 
     def check_request(self, concept: str, domain: str) -> None:
         for kept in self.retain:
@@ -159,7 +158,9 @@ class GradientProjection(Regularizer):
             pool = list(dict.fromkeys(pool))
             if pool:
                 target = concept_embedding(ctx.pipe, ctx.concept, ctx.domain)
-                embeds = torch.stack([concept_embedding(ctx.pipe, c, d) for c, d in pool], dim=1)
+                candidates = tqdm(pool, desc="gradient projection: embedding neighbour candidates", unit="concept",
+                                  disable=not ctx.progress, leave=False)
+                embeds = torch.stack([concept_embedding(ctx.pipe, c, d) for c, d in candidates], dim=1)
                 sims = cosine_similarities(target, embeds)
                 order = torch.argsort(sims, descending=True, stable=True)
                 for i in order[: self.neighbors].tolist():
@@ -211,13 +212,16 @@ class GradientProjection(Regularizer):
             **info,
         }
         if columns.shape[1] == 0:
-            warnings.warn(f"GradientProjection has nothing to protect while removing {ctx.concept!r}", stacklevel=2)
+            warn(f"GradientProjection has nothing to protect while removing {ctx.concept!r}: the request is not "
+                 "constrained", {"retain": list(self.retain), "neighbors": self.neighbors})
         if in_span > self.warn_in_span:
-            warnings.warn(
-                f"{in_span:.0%} of {ctx.concept!r}'s embedding lies in the span of the protected concepts: it cannot "
-                "be removed much without touching them (protect fewer neighbours, or accept the overlap)",
-                stacklevel=2,
-            )
+            unconditional = (f" and {self._unconditional_columns} unconditional-prompt tokens"
+                             if self._unconditional_columns else "")
+            warn(f"{in_span:.0%} of the embedding of {ctx.concept!r} lies in the span of what gradient projection "
+                 f"keeps ({len(chosen)} concepts{unconditional}): the request can only act on the remaining "
+                 f"{1 - in_span:.0%}, so {ctx.concept!r} may stay partly visible. If it does, keep fewer concepts "
+                 "(fewer neighbours or retained concepts) or train longer",
+                 {"neighbors": self.neighbors, "retain": list(self.retain), "steps": None})
 
         adapter = ctx.adapter
         device = adapter.input_factor(adapter.layer_names[0]).device

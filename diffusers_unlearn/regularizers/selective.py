@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from tqdm.auto import tqdm
 
 from ..adapters import kv_linear
 from .base import Regularizer, TrainingContext, register_regularizer
@@ -28,7 +29,9 @@ def importance_scores(ctx: TrainingContext) -> dict[str, torch.Tensor]:
     params = {layer: adapter.input_factor(layer) for layer in adapter.layer_names}
     for param in params.values():
         param.grad = None
-    for loss in ctx.objective.trajectory_losses():
+    steps = getattr(ctx.objective.config, "sampling_steps", None)  # one loss per step of the cached trajectories
+    for loss in tqdm(ctx.objective.trajectory_losses(), total=steps, desc="selective fine-tuning: importance scores",
+                     unit="step", disable=not ctx.progress, leave=False):
         loss.backward()
     scores = {}
     for layer, param in params.items():

@@ -1,0 +1,50 @@
+"""A bench world's calibrated recipe for one request: what the demo serves and ``diffusers-unlearn unlearn <world>``
+uses by default (registered for MiniCanvas in ``diffusers_unlearn.worlds``).
+
+Every number comes from the bench's own settings (``Hyperparameters``, ``BenchSettings``, the world's evaluation
+sampling), so a retuned world changes the demo, the bench and the command line together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..evaluation.metrics import check_eval_domain
+from ..worlds import WorldRecipe
+from .protocols import PROTOCOLS
+from .runner import BenchSettings, request_kwargs
+from .world import BenchWorld, minicanvas_world
+
+# Gradient projection: the demo's protocol, the best kept-concept scores per request in docs/benchmarks.md.
+RECOMMENDED_PROTOCOL = "gp"
+
+
+def world_recipe(world: BenchWorld, domain: str | None, method: str,
+                 protocol: str = RECOMMENDED_PROTOCOL) -> WorldRecipe:
+    """The settings of one request on ``world`` (``domain`` "style" or "object") served as the bench serves it."""
+    if domain is None:
+        raise ValueError(f"{world.name} requests need a domain: style or object (--domain on the command line)")
+    try:
+        check_eval_domain(domain)
+    except ValueError:
+        raise ValueError(f"{world.name} knows the domains style and object, got {domain!r}") from None
+    settings = BenchSettings(requests=1, domain=domain, method=method, protocols=[protocol])
+    kwargs: dict[str, Any] = request_kwargs(world, settings, PROTOCOLS[protocol], concept="")
+    del kwargs["concept"]  # the caller's; the settings above do not depend on it for a single-concept request
+    hp = settings.hparams
+    regularizers = ", ".join(r.name for r in kwargs["regularizers"]) or "none"
+    if protocol.startswith("gp"):
+        pool = sum(len(concepts) for concepts in world.vocabulary().values())
+        neighbors = "all" if hp.gp_neighbors is None else hp.gp_neighbors
+        regularizers += f" (the {neighbors} nearest of {pool} {world.name} concepts kept)"
+    summary = (f"{world.name} recipe: {kwargs['method']!r}, prompts of domain {kwargs['domain']!r}, {hp.steps} steps, "
+               f"learning rate {hp.learning_rate}, rank {hp.rank}, regularizers: {regularizers}")
+    return WorldRecipe(kwargs, vocabulary=world.vocabulary(), neighbors=hp.gp_neighbors, summary=summary)
+
+
+def minicanvas_recipe(domain: str | None, method: str) -> WorldRecipe:
+    """MiniCanvas's recipe (the world of ``bench.minicanvas_world()``)."""
+    return world_recipe(minicanvas_world(), domain, method)
+
+
+__all__ = ["RECOMMENDED_PROTOCOL", "minicanvas_recipe", "world_recipe"]

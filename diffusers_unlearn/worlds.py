@@ -1,0 +1,133 @@
+"""Named worlds: the models that ``load_pipeline``, plan files and every subcommand know by name.
+
+A world is a model plus, where one was calibrated for it, a *recipe*: the prompt templates, neighbour pool and
+method settings its requests use by default. ``diffusers-unlearn unlearn minicanvas --concept "neon lines"
+--domain style`` therefore serves the request the demo serves.
+
+Loaders and recipes are registered as ``"package.module:function"`` references and imported when used, so listing
+the names (``--help``, error messages) imports neither torch nor diffusers. One ``register_world(World(...))`` line
+adds a world; a name is registered once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _resolve(reference: str) -> Any:
+    module, _, attr = reference.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass
+class WorldRecipe:
+    """What a world's requests use unless the caller says otherwise.
+
+    Args:
+        unlearn_kwargs: ``pipe.unlearn`` keyword arguments (method config, prompt domain, training settings,
+            regularizers, strategy); the caller adds the concept and may override any of them.
+        vocabulary: gradient projection's neighbour pool, ``{prompt domain: concepts}`` (the world's auxiliary set).
+        neighbors: how many of them gradient projection protects by default (None: all).
+        summary: one line naming the settings, for the command line to print.
+    """
+
+    unlearn_kwargs: dict[str, Any]
+    vocabulary: dict[str, list[str]] | None = None
+    neighbors: int | None = None
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class World:
+    """A model known by name.
+
+    Args:
+        name: what users type (``"minicanvas"``); one word, no ``/`` (so it is never a Hub id).
+        description: one line for help texts and errors.
+        pipeline: ``"module:function"`` returning the pipeline, called with ``pipeline_kwargs``.
+        recipe: ``"module:function"`` called as ``f(domain, method)``, returning a :class:`WorldRecipe`; None: the
+            library's defaults.
+        folder: the world's pipeline folder inside the package, if it ships one (relative to the package).
+    """
+
+    name: str
+    description: str
+    pipeline: str
+    pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    recipe: str | None = None
+    folder: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.name):
+            raise ValueError(f"world name must be one lower-case word (letters, digits, '.', '_', '-'), got "
+                             f"{self.name!r}")
+        for what in ("pipeline", "recipe"):
+            value = getattr(self, what)
+            if (value is not None or what == "pipeline") and not (isinstance(value, str) and _REFERENCE.match(value)):
+                raise ValueError(f"world {self.name!r}: {what} must be a 'package.module:function' reference, got "
+                                 f"{value!r}")
+
+    def load_pipeline(self) -> Any:
+        """A fresh pipeline of this world (without ``UnlearnMixin``; ``load_pipeline`` attaches it)."""
+        return _resolve(self.pipeline)(**dict(self.pipeline_kwargs))
+
+    def request_recipe(self, domain: str | None, method: str) -> WorldRecipe | None:
+        """The world's calibrated settings for a request of ``domain`` with ``method`` (None: no recipe)."""
+        return None if self.recipe is None else _resolve(self.recipe)(domain, method)
+
+    def folder_path(self) -> Path | None:
+        return None if self.folder is None else _PACKAGE_DIR / self.folder
+
+
+WORLDS: dict[str, World] = {}
+
+
+def register_world(world: World) -> World:
+    """Make ``world.name`` a model name everywhere; a name already taken is refused."""
+    if not isinstance(world, World):
+        raise TypeError(f"register_world takes a World, got {world!r}")
+    if world.name in WORLDS:
+        raise ValueError(f"a world named {world.name!r} is already registered ({WORLDS[world.name].description}); "
+                         "choose another name")
+    WORLDS[world.name] = world
+    return world
+
+
+def get_world(name: object) -> World | None:
+    """The world registered as ``name``, or None (a folder, a Hub id, anything else)."""
+    return WORLDS.get(name) if isinstance(name, str) else None
+
+
+def world_names() -> list[str]:
+    return list(WORLDS)
+
+
+def describe_worlds() -> str:
+    """One line per world, for help texts and errors; shipped folders included."""
+    lines = []
+    for world in WORLDS.values():
+        where = world.folder_path()
+        lines.append(f"{world.name}: {world.description}" + (f" (pipeline folder: {where})" if where else ""))
+    return "; ".join(lines)
+
+
+register_world(World(
+    "minicanvas", "the shipped MiniCanvas model (synthetic styles x objects), with its calibrated request recipe",
+    pipeline="diffusers_unlearn.minicanvas:load_pipeline",
+    recipe="diffusers_unlearn.bench.recipes:minicanvas_recipe",
+    folder="minicanvas/weights/pipeline",
+))
+register_world(World("tiny", "tiny random Stable Diffusion test pipeline built offline (seed 0)",
+                     pipeline="diffusers_unlearn.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))
+register_world(World("tiny-sdxl", "tiny random SDXL test pipeline built offline (seed 0)",
+                     pipeline="diffusers_unlearn.tiny:tiny_sdxl_pipeline", pipeline_kwargs={"seed": 0}))
+
+__all__ = ["WORLDS", "World", "WorldRecipe", "describe_worlds", "get_world", "register_world", "world_names"]

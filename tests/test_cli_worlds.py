@@ -1,0 +1,264 @@
+"""Named worlds in every subcommand, the MiniCanvas recipe on the command line, --help without heavy imports,
+registries behind the CLI's choices and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import diffusers_unlearn as du
+from diffusers_unlearn.cli import build_parser, main
+from diffusers_unlearn.cli.unlearn import request_arguments
+from diffusers_unlearn.worlds import WORLDS, World, get_world, register_world, world_names
+
+
+def registered_commands() -> list[str]:
+    parser = build_parser()
+    return sorted(next(a for a in parser._actions if a.dest == "command").choices)
+
+
+def test_help_of_every_subcommand_imports_no_heavy_library():
+    # --help must answer at once: it may not import torch, diffusers or transformers (checked in a fresh process,
+    # since this one has them loaded already). No timing: the imports are what makes it slow.
+    code = (
+        "import sys\n"
+        "from diffusers_unlearn.cli import main\n"
+        f"for command in {[[]] + [[c] for c in registered_commands()]!r}:\n"
+        "    try:\n"
+        "        main([*command, '--help'])\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code == 0, (command, exit.code)\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "HEAVY []" in result.stdout
+    assert result.stdout.count("usage: diffusers-unlearn") == len(registered_commands()) + 1
+
+
+def test_import_of_the_package_is_lazy_and_exports_still_resolve():
+    code = ("import sys, diffusers_unlearn as du\n"
+            "assert 'torch' not in sys.modules, 'import diffusers_unlearn loaded torch'\n"
+            "assert du.worlds.world_names() and 'torch' not in sys.modules\n")  # a light submodule, on first use
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert set(du.__all__) <= set(dir(du))
+    for name in du.__all__:  # every public name still resolves (here, where torch is loaded anyway)
+        assert getattr(du, name) is not None
+    from diffusers_unlearn import L2Drift, load_pipeline  # noqa: F401 - from-imports go through __getattr__ too
+
+    assert du.minicanvas.STYLES and du.testing.tiny_pipeline
+
+
+def test_help_defaults_are_read_from_the_dataclasses():
+    from diffusers_unlearn.bench import PROTOCOLS, BenchSettings, Hyperparameters
+    from diffusers_unlearn.cli._common import dataclass_defaults
+    from diffusers_unlearn.cli.bench import _protocol_names
+
+    literal = dataclass_defaults("bench/protocols.py", "Hyperparameters")
+    real = {f.name: f.default for f in dataclasses.fields(Hyperparameters)}
+    assert literal and literal == {k: v for k, v in real.items() if k in literal}
+    assert dataclass_defaults("bench/runner.py", "BenchSettings")["negative_guidance"] == BenchSettings().negative_guidance
+    assert (dataclass_defaults("regularizers/projection.py", "GradientProjection")["neighbors"]
+            == du.GradientProjection(retain=["x"]).neighbors)
+    assert _protocol_names() == list(PROTOCOLS)
+    with pytest.raises(LookupError, match="NoSuchClass"):
+        dataclass_defaults("bench/protocols.py", "NoSuchClass")
+
+
+def test_world_registry_refuses_duplicates_and_bad_entries():
+    assert world_names()[:3] == ["minicanvas", "tiny", "tiny-sdxl"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_world(World("tiny", "again", pipeline="diffusers_unlearn.testing:tiny_pipeline"))
+    with pytest.raises(ValueError, match="one lower-case word"):
+        World("user/model", "a Hub id is not a world name", pipeline="diffusers_unlearn.testing:tiny_pipeline")
+    with pytest.raises(ValueError, match="'package.module:function'"):
+        World("mine", "no reference", pipeline="tiny_pipeline")
+    with pytest.raises(TypeError, match="takes a World"):
+        register_world("tiny")
+    assert get_world("tiny") is WORLDS["tiny"] and get_world("./tiny") is None and get_world(None) is None
+    folder = get_world("minicanvas").folder_path()
+    assert (folder / "model_index.json").is_file()  # the shipped folder the error message points to
+
+
+def test_a_new_world_is_one_registration_and_loads_everywhere(monkeypatch, tmp_path):
+    monkeypatch.delitem(WORLDS, "tiny-two", raising=False)
+    register_world(World("tiny-two", "the tiny pipeline, seed 2", pipeline="diffusers_unlearn.testing:tiny_pipeline",
+                         pipeline_kwargs={"seed": 2}))
+    try:
+        pipe = du.load_pipeline("tiny-two")
+        expected = du.testing.tiny_pipeline(seed=2)
+        assert isinstance(pipe, du.UnlearnMixin)
+        for (name, a), (_, b) in zip(pipe.unet.state_dict().items(), expected.unet.state_dict().items()):
+            assert torch.equal(a, b), name  # the same seeded construction, not a computation to compare
+        plan = du.load_plan  # plan files take world names too: a folder named like the world does not shadow it
+        (tmp_path / "tiny-two").mkdir()
+        (tmp_path / "plan.yaml").write_text("model: tiny-two\noutput: out\nrequests: [{concept: cat}]\n")
+        assert plan(tmp_path / "plan.yaml").model == "tiny-two"
+    finally:
+        WORLDS.pop("tiny-two", None)
+
+
+def test_unknown_model_error_lists_the_worlds_and_the_shipped_folder(tmp_path, capsys):
+    assert main(["unlearn", str(tmp_path / "nope"), "--concept", "cat", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    for name in world_names():
+        assert f"{name}: " in err
+    assert str(get_world("minicanvas").folder_path()) in err
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["unlearn", *argv, "--out", "unused"])
+
+
+def test_registries_drive_method_and_regularizer_choices():
+    from diffusers_unlearn.objectives import OBJECTIVES
+    from diffusers_unlearn.regularizers import REGULARIZERS
+
+    with pytest.raises(ValueError, match=f"registered methods: {', '.join(sorted(OBJECTIVES))}$"):
+        request_arguments(parse("tiny", "--concept", "cat", "--method", "nope"))
+    with pytest.raises(ValueError, match=f"registered: {', '.join(sorted(REGULARIZERS))}$"):
+        request_arguments(parse("tiny", "--concept", "cat", "--regularizer", "l3_drift:weight=1"))
+    with pytest.raises(TypeError, match="registered: du.L1Drift"):
+        du.regularizers.check_regularizers(["l2"])
+
+
+def test_regularizer_flag_takes_the_plan_form_and_combines_with_the_old_flags():
+    kwargs, _ = request_arguments(parse(
+        "tiny", "--concept", "cat", "--regularizer", "gradient_projection:retain=[monet, picasso],neighbors=2",
+        "--regularizer", "l2_drift:weight=1e3", "--top-k", "0.2"))
+    by_name = {r.name: r for r in kwargs["regularizers"]}
+    assert sorted(by_name) == ["gradient_projection", "l2_drift", "selective_finetune"]
+    assert by_name["gradient_projection"].retain == ["monet", "picasso"]
+    assert by_name["gradient_projection"].neighbors == 2
+    assert by_name["l2_drift"].weight == 1000.0 and by_name["selective_finetune"].top_k == 0.2
+    # the same request written with the old flags gives the same regularizers
+    old, _ = request_arguments(parse("tiny", "--concept", "cat", "--retain", "monet,picasso", "--neighbors", "2",
+                                     "--l2", "1000", "--top-k", "0.2"))
+    assert [r.to_dict() for r in old["regularizers"]] == [r.to_dict() for r in kwargs["regularizers"]]
+    none, _ = request_arguments(parse("tiny", "--concept", "cat", "--regularizer", "none"))
+    assert none["regularizers"] == []
+    with pytest.raises(ValueError, match="cannot be combined"):
+        request_arguments(parse("tiny", "--concept", "cat", "--regularizer", "none", "--l1", "1"))
+    with pytest.raises(ValueError, match="once per request"):
+        request_arguments(parse("tiny", "--concept", "cat", "--retain", "dog", "--regularizer", "gradient_projection"))
+    with pytest.raises(ValueError, match="no setting"):
+        request_arguments(parse("tiny", "--concept", "cat", "--regularizer", "l2_drift:wieght=1"))
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        request_arguments(parse("tiny", "--concept", "cat", "--regularizer", "l2_drift:1000"))
+    plain, summary = request_arguments(parse("tiny", "--concept", "cat"))
+    assert "regularizers" not in plain and summary is None  # tiny has no recipe: the library's defaults
+
+
+def test_minicanvas_recipe_needs_a_domain_and_flags_override_it():
+    with pytest.raises(ValueError, match="need a domain: style or object"):
+        request_arguments(parse("minicanvas", "--concept", "neon lines"))
+    with pytest.raises(ValueError, match="knows the domains style and object"):
+        request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "concept"))
+    kwargs, summary = request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "style",
+                                              "--steps", "7", "--option", "negative_guidance=2", "--retain", "cat"))
+    assert "minicanvas recipe" in summary and kwargs["steps"] == 7
+    assert kwargs["method"].negative_guidance == 2 and kwargs["domain"] == "minicanvas-style"
+    (projection,) = kwargs["regularizers"]
+    # --retain keeps the recipe's neighbour pool (the world's concepts), not the generic vocabulary
+    assert projection.retain == ["cat"] and "neon dots" in projection.vocabulary["minicanvas-style"]
+    ca, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca"))
+    assert ca["method"].method == "ca" and ca["domain"] == "minicanvas-object"
+
+
+def test_unlearn_minicanvas_on_the_command_line_serves_the_demo_request(tmp_path, capsys):
+    from diffusers_unlearn.bench import PROTOCOLS, BenchSettings, Hyperparameters, minicanvas_world, serve_request
+    from diffusers_unlearn.bench.recipes import RECOMMENDED_PROTOCOL
+
+    steps = 2
+    world = minicanvas_world()
+    stream = world.stream("style", 1)
+    assert main(["unlearn", "minicanvas", "--concept", stream[0], "--domain", "style", "--steps", str(steps),
+                 "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    assert "minicanvas recipe" in capsys.readouterr().out
+
+    pipe = du.attach(world.load_pipeline())
+    settings = BenchSettings(requests=1, protocols=[RECOMMENDED_PROTOCOL], hparams=Hyperparameters(steps=steps))
+    serve_request(pipe, PROTOCOLS[RECOMMENDED_PROTOCOL], world, settings, stream, 0, progress=False)
+    demo = pipe.unlearning_ledger.requests[0].to_dict()
+    cli = json.loads((tmp_path / "cli" / "unlearning" / "ledger.json").read_text())["requests"][0]
+    for key in ("concept", "domain", "method_config", "training", "seed", "strategy", "prompts"):
+        assert cli[key] == demo[key], key
+    strip = lambda regs: [{k: v for k, v in r.items() if k != "report"} for r in regs]  # noqa: E731
+    assert strip(cli["regularizers"]) == strip(demo["regularizers"])
+    protected = lambda regs: [p["concept"] for p in regs[0]["report"]["protected"]]  # noqa: E731
+    assert protected(cli["regularizers"]) == protected(demo["regularizers"])
+    # Same weights, same seed, same code path, same process and thread settings: the adapters are the same numbers.
+    saved = du.load_pipeline(tmp_path / "cli")
+    ours, theirs = saved.request_adapter("r0001").deltas(), pipe.request_adapter("r0001").deltas()
+    assert ours.keys() == theirs.keys()
+    for layer, delta in ours.items():
+        assert torch.equal(delta, theirs[layer]), layer
+
+
+def test_demo_grid_has_no_tick_marks_and_readable_labels():
+    import matplotlib.pyplot as plt
+
+    from diffusers_unlearn.cli.demo import grid_figure
+
+    styles, objects = ["a", "b", "c"], ["x", "y"]
+    panels = [(f"panel {k}", torch.rand(len(styles) * len(objects), 3, 8, 8)) for k in range(3)]
+    fig = grid_figure(panels, styles, objects, removed=["b"])
+    try:
+        for index, ax in enumerate(fig.axes):
+            for axis in (ax.xaxis, ax.yaxis):
+                assert all(tick.tick1line.get_markersize() == 0 for tick in axis.get_major_ticks())
+            assert [t.get_text() for t in ax.get_xticklabels()] == objects
+            rows = [t.get_text() for t in ax.get_yticklabels()]
+            assert rows == (["a", "b (removed)", "c"] if index == 0 else [])  # row names once, on the left
+            assert min(t.get_fontsize() for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]) >= 10
+    finally:
+        plt.close(fig)
+
+
+def test_unlearn_shows_labelled_progress_one_warning_and_quiet_silences_the_bars(tmp_path, capsys):
+    args = ["unlearn", "tiny", "--concept", "van gogh", "--domain", "style", "--steps", "1",
+            "--option", "sampling_steps=3", "--option", "num_trajectories=1", "--top-k", "0.3",
+            # a threshold every request exceeds: the in-span warning must appear, once
+            "--regularizer", "gradient_projection:warn_in_span=0.0001,retain=[monet],neighbors=2,vocabulary=[dali, cat, "
+            "goya]"]
+    assert main([*args, "--out", str(tmp_path / "loud")]) == 0
+    captured = capsys.readouterr()
+    for label in ("sampling 1 trajectory of the frozen model", "gradient projection: embedding neighbour candidates",
+                  "selective fine-tuning: importance scores", "unlearning 'van gogh'", "saving the unlearned pipeline"):
+        assert label in captured.err, label
+    assert "regularizers: selective_finetune(top_k=0.3), gradient_projection(retain=['monet'], neighbors=2" \
+        in captured.out  # --retain's neighbours are said, not silent
+    warned = [line for line in captured.err.splitlines() if ": warning: " in line]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("diffusers-unlearn unlearn: warning: ")
+    assert "of the embedding of 'van gogh' lies in the span" in warned[0]
+    assert "on the command line: --neighbors (now 2), --retain (now ['monet']), --steps" in warned[0]
+    assert ".py:" not in captured.err and "setup(ctx)" not in captured.err and "''s" not in captured.err
+
+    assert main([*args, "--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "%|" not in captured.err and "it/s" not in captured.err  # no bar at all, the libraries' included
+    assert "saving the unlearned pipeline" not in captured.err
+
+
+def test_an_unlearned_minicanvas_folder_keeps_its_world_recipe(tmp_path):
+    from diffusers_unlearn.cli.unlearn import _world_of_folder
+
+    ledger = tmp_path / "out" / "unlearning" / "ledger.json"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(json.dumps({"requests": [{"domain": "minicanvas-style"}, {"domain": "minicanvas-object"}]}))
+    assert _world_of_folder(str(tmp_path / "out")) is get_world("minicanvas")
+    ledger.write_text(json.dumps({"requests": [{"domain": "style"}]}))
+    assert _world_of_folder(str(tmp_path / "out")) is None  # generic prompts: no world
+    ledger.write_text(json.dumps({"requests": [{"domain": "tiny-style"}]}))
+    assert _world_of_folder(str(tmp_path / "out")) is None  # a world without a recipe
+    ledger.write_text("not json")
+    assert _world_of_folder(str(tmp_path / "out")) is None
+    assert _world_of_folder(str(tmp_path / "missing")) is None

@@ -1,0 +1,84 @@
+"""request.py: one validated description of a request, built the same way by unlearn(), plans and the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAST
+
+import diffusers_unlearn as du
+from diffusers_unlearn.plan import PlanError, parse_plan
+from diffusers_unlearn.request import UnlearnRequest, record_signature
+
+OPTIONS = dict(steps=FAST["steps"], learning_rate=FAST["learning_rate"], sampling_steps=FAST["sampling_steps"],
+               num_trajectories=FAST["num_trajectories"])
+
+
+def test_a_request_is_normalised_on_construction():
+    request = UnlearnRequest.build("  van gogh ", domain="style", seed=3, regularizers=du.L2Drift(weight=1.0),
+                                   rank="full", negative_guidance=2.0)
+    assert request.concept == "van gogh" and request.domain == "style" and request.seed == 3
+    assert isinstance(request.method, du.ESDConfig) and request.method.negative_guidance == 2.0
+    assert request.training.rank == "full" and request.strategy == "sequential"
+    assert request.templates == du.TEMPLATES["style"]
+    assert request.prompts == [t.format("van gogh") for t in du.TEMPLATES["style"]]
+    assert [type(r) for r in request.regularizers] == [du.L2Drift]
+    explicit = UnlearnRequest("cat", "esd", prompts=("a cat", "a small cat"), templates=["ignored {}"])
+    assert explicit.prompts == ["a cat", "a small cat"] and explicit.templates is None
+    assert explicit.domain == "concept"  # the default domain
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((" ",), {}, ValueError, "concept must be a non-empty string"),
+        ((3,), {}, TypeError, "concept must be a string"),
+        (("cat", "nope"), {}, ValueError, r"unknown method 'nope'; known methods: \['ca', 'esd'"),
+        (("cat",), dict(domain="nope"), ValueError, "unknown domain 'nope'"),
+        (("cat",), dict(seed=-1), ValueError, "seed must be an integer >= 0"),
+        (("cat",), dict(seed=True), ValueError, "seed must be an integer >= 0"),
+        (("cat",), dict(steps=0), ValueError, "steps must be an integer >= 1"),
+        (("cat",), dict(training="fast"), TypeError, "training must be a du.TrainingConfig"),
+        (("cat",), dict(prompts="a cat"), ValueError, "prompts must be a non-empty list"),
+        (("cat",), dict(templates=["no slot"]), ValueError, "exactly one '{}' slot"),
+        (("cat",), dict(strategy="nope"), ValueError, "unknown strategy 'nope'"),
+        (("cat",), dict(regularizers=[du.L2Drift(), du.L2Drift()]), ValueError, "repeated: \\['l2_drift'\\]"),
+        (("cat", "ca"), {}, ValueError, "needs an anchor"),
+        (("cat",), dict(anchor="dog"), TypeError, r"method 'esd' has no option\(s\) \['anchor'\]"),
+    ],
+)
+def test_bad_requests_are_refused_naming_the_value(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        UnlearnRequest.build(*args, **kwargs)
+
+
+def test_a_ready_request_trains_like_its_keywords_and_its_signature_matches_the_record():
+    by_keywords = du.attach(du.testing.tiny_pipeline(seed=0))
+    record = by_keywords.unlearn("van gogh", domain="style", seed=1, regularizers=[du.L2Drift(weight=1.0)], **OPTIONS)
+    request = UnlearnRequest.build("van gogh", domain="style", seed=1, regularizers=[du.L2Drift(weight=1.0)], **OPTIONS)
+    ready = du.attach(du.testing.tiny_pipeline(seed=0))
+    same = ready.unlearn(request, progress=False)
+    a, b = by_keywords.request_adapter(record.request_id), ready.request_adapter(same.request_id)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)  # the same computation, bit for bit
+    assert record_signature(same) == request.signature() == record_signature(record)
+    with pytest.raises(TypeError, match=r"got a ready UnlearnRequest and also \['method', 'steps'\]"):
+        ready.unlearn(request, "ca", steps=3)
+    retains_itself = UnlearnRequest.build("cat", regularizers=[du.GradientProjection(retain=["Cat"])])
+    with pytest.raises(ValueError, match="cannot retain 'Cat': it is the concept being removed"):
+        ready.unlearn(retains_itself)
+    assert ready.unlearning_ledger.ids() == [same.request_id]
+
+
+def test_a_plan_request_is_checked_as_unlearn_checks_it():
+    plan = {"model": "tiny", "output": "out", "requests": [{"concept": "cat", "seed": -1}]}
+    with pytest.raises(PlanError, match=r"plan: request 1 \('cat'\): seed must be an integer >= 0, got -1"):
+        parse_plan(plan)
+    plan["requests"] = [{"concept": "cat", "regularizers": [{"name": "l2_drift", "weight": -1}]}]
+    with pytest.raises(PlanError, match=r"request 1 \('cat'\): .*weight"):
+        parse_plan(plan)  # refused when the plan is read, not when its request comes up
+    plan["requests"] = [{"concept": "cat", "domain": "object", "steps": 2, "anchor": "dog", "method": "ca"}]
+    [planned] = parse_plan(plan).requests
+    request = planned.to_request()
+    assert isinstance(request.method, du.CAConfig) and request.method.anchor == "dog"
+    assert request.training.steps == 2 and request.prompts == [t.format("cat") for t in du.TEMPLATES["object"]]
+    assert planned.signature() == request.signature()

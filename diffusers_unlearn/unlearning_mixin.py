@@ -103,7 +103,7 @@ class UnlearningMixin:
         A failed or interrupted request (exception, Ctrl-C) leaves the pipeline and the ledger as they were.
         """
         if isinstance(concept, UnlearnRequest):
-            extra = sorted(options) + (["method"] if method != "esd" else [])
+            extra = sorted([*options, *(["method"] if method != "esd" else [])])
             if extra:
                 raise TypeError(f"unlearn() got a ready UnlearnRequest and also {extra}; set them on the request")
             request = concept

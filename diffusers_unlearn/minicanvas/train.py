@@ -15,6 +15,7 @@ interruption and it resumes from the last checkpoint, with the same result as an
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -79,6 +80,8 @@ class TrainConfig:
     p_uncond: float = 0.1  # empty prompt, so classifier-free guidance has an unconditional branch
     p_partial: float = 0.2  # style-only or object-only prompt, so a concept alone means something
     p_main_template: float = 0.3  # full prompts: PROMPT_TEMPLATE this often, else another TRAINING_TEMPLATES wording
+    object_only_share: float = 0.5  # of the partial prompts, this share names the object alone (else the style)
+    text_lr_scale: float = 1.0  # the text encoder's learning rate relative to unet_lr
     ema_decay: float = 0.998
     min_snr_gamma: float = 5.0
     # Measure base quality after training (the CLI records it in the manifest).
@@ -413,6 +416,10 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict | None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     expected = _stage_config(cfg, path.stem)
     stored = state.get("config") or {}
+    if path.stem == "diffusion" and state.get("step", 0) <= cfg.unet_steps:
+        # A finished or interrupted run may be extended with more steps (``--set unet_steps=N``): the cosine
+        # schedule is then recomputed for the new total from the stored step on. Every other field must agree.
+        expected = {k: v for k, v in expected.items() if k != "unet_steps"}
     if {k: stored.get(k) for k in expected} != expected:
         raise SystemExit(f"checkpoint {path} was written by a run with another configuration; use another "
                          f"--work-dir or delete it (stored: {stored})")
@@ -421,7 +428,8 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict | None:
 
 def train_diffusion(cfg: TrainConfig, unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Tensor,
                     torch.Tensor], train: _Dataset, scaling: float, gen: torch.Generator,
-                    device: torch.device, checkpoint: Path | None = None, checkpoint_seconds: float = 300.0) -> None:
+                    device: torch.device, checkpoint: Path | None = None, checkpoint_seconds: float = 300.0,
+                    init_from: dict | None = None) -> None:
     """Epsilon-prediction training of UNet + text encoder (min-SNR weighted), EMA weights copied in at the end.
 
     With ``checkpoint``, resumes from that file when it exists and saves it every ``checkpoint_seconds``.
@@ -429,10 +437,19 @@ def train_diffusion(cfg: TrainConfig, unet, text_encoder, tokenizer, scheduler, 
     unet.to(device).train()
     text_encoder.to(device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "scale": 1.0},
+                             {"params": list(text_encoder.parameters()), "scale": cfg.text_lr_scale}],
+                            lr=cfg.unet_lr, weight_decay=1e-2)
     ema = _EMA([unet, text_encoder], cfg.ema_decay)
     first_step = 0
     state = _load_checkpoint(checkpoint, cfg) if checkpoint is not None else None
+    if state is None and init_from is not None:
+        # A second stage: start from another run's EMA weights with a fresh optimiser and this config's schedule.
+        with torch.no_grad():
+            for param, value in zip(params, init_from["ema"]):
+                param.copy_(value)
+        ema.shadow = [p.detach().clone() for p in params]
+        _log(f"diffusion training starts from the EMA weights of a checkpoint at step {init_from['step']}")
     if state is not None:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
@@ -467,7 +484,7 @@ def train_diffusion(cfg: TrainConfig, unet, text_encoder, tokenizer, scheduler, 
     running = 0.0
     for step in range(first_step, cfg.unet_steps):
         for g in opt.param_groups:
-            g["lr"] = cfg.unet_lr * _cosine_lr(step, cfg.unet_steps, cfg.unet_warmup)
+            g["lr"] = cfg.unet_lr * g["scale"] * _cosine_lr(step, cfg.unet_steps, cfg.unet_warmup)
         idx = torch.randint(0, n, (cfg.unet_batch,), generator=gen)
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
         # Prompt choice per sample: full prompt in one of the training wordings, a partial one (style or object
@@ -480,7 +497,7 @@ def train_diffusion(cfg: TrainConfig, unet, text_encoder, tokenizer, scheduler, 
         pick_template = torch.where(main, torch.zeros_like(other), other)
         rows = full_rows[idx, pick_template]
         partial = (u >= cfg.p_uncond) & (u < cfg.p_uncond + cfg.p_partial)
-        style_only = partial & (torch.rand(cfg.unet_batch, generator=gen) < 0.5)
+        style_only = partial & (torch.rand(cfg.unet_batch, generator=gen) < 1.0 - cfg.object_only_share)
         object_only = partial & ~style_only
         rows[style_only] = style_rows[train.style[idx], pick_style][style_only]
         rows[object_only] = object_rows[train.obj[idx], pick_object][object_only]
@@ -521,7 +538,7 @@ def train_diffusion(cfg: TrainConfig, unet, text_encoder, tokenizer, scheduler, 
 
 def train(cfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.device = "cpu",
           render_workers: int = 1, work_dir: str | os.PathLike | None = None,
-          checkpoint_minutes: float = 5.0) -> dict:
+          checkpoint_minutes: float = 5.0, init_from: str | os.PathLike | None = None) -> dict:
     """Run every stage and write the weights folder ``out_dir``; returns the training report.
 
     With ``work_dir``, each finished stage (renders, VAE, classifiers) is kept there and the diffusion stage saves a
@@ -623,8 +640,17 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.devi
     _log(f"classifiers on held-out renders: {clf_report}")
 
     t = time.time()
+    init_state, init_report = None, None
+    if init_from is not None:
+        init_path = Path(init_from)
+        init_state = torch.load(init_path, map_location="cpu", weights_only=False)
+        if not isinstance(init_state, dict) or not {"ema", "step", "config"} <= init_state.keys():
+            raise SystemExit(f"--init-from {init_path} is not a MiniCanvas diffusion checkpoint")
+        init_report = {"file": init_path.name, "sha256": hashlib.sha256(init_path.read_bytes()).hexdigest(),
+                       "step": init_state["step"], "config": init_state["config"]}
     train_diffusion(cfg, unet, text_encoder, tokenizer, scheduler, latents, train_set, scaling, gen, device,
-                    checkpoint=stage_file("diffusion"), checkpoint_seconds=60.0 * checkpoint_minutes)
+                    checkpoint=stage_file("diffusion"), checkpoint_seconds=60.0 * checkpoint_minutes,
+                    init_from=init_state)
     timings["diffusion_s"] = timings.get("diffusion_s", 0.0) + time.time() - t
 
     pipe = StableDiffusionPipeline(
@@ -637,6 +663,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.devi
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "classifiers": clf_report,
         "vae_val_l1": vae_l1,
+        "init_from": init_report,
         "torch": torch.__version__,
         "platform": platform.platform(),
         "device": str(device),
@@ -721,6 +748,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None,
                    help="folder for stage results and checkpoints; rerunning the same command resumes from it")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="diffusion checkpoint interval (default 5)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start the diffusion stage from an earlier run's diffusion checkpoint (a second stage)")
     p.add_argument("--export-checkpoint", action="store_true",
                    help="write --out from --work-dir's last checkpoint (a run in progress), no training")
     p.add_argument("--evaluate-only", action="store_true", help="measure the quality of --out's weights, no training")
@@ -756,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         print("refusing to overwrite the shipped weights with a --quick run; pass another --out DIR", file=sys.stderr)
         return 2
     train(cfg, out, device=args.device, render_workers=args.render_workers, work_dir=args.work_dir,
-          checkpoint_minutes=args.checkpoint_minutes)
+          checkpoint_minutes=args.checkpoint_minutes, init_from=args.init_from)
     if cfg.evaluate:
         result = quality.evaluate_weights(out, device=args.device)
         mc_weights.record_quality(out, result)

@@ -1,6 +1,7 @@
 """diffusers-unlearn: continual concept unlearning for diffusers text-to-image pipelines.
 
-Each removal request becomes one small, constrained adapter on the UNet's cross-attention K/V projections,
+Each removal request becomes one small, constrained adapter on the K/V projections that read the text (a UNet's
+cross-attention, or the text stream of SD3's and Flux's joint blocks),
 recorded in a ledger; regularizers (drift penalties, selective fine-tuning, gradient projection, merging) keep a
 stream of requests from collapsing the model.
 """
@@ -44,6 +45,8 @@ _EXPORTS = {
     "TrainingConfig": "trainer",
     "UnlearnStableDiffusionPipeline": "pipelines",
     "UnlearnStableDiffusionXLPipeline": "pipelines",
+    "UnlearnStableDiffusion3Pipeline": "pipelines",
+    "UnlearnFluxPipeline": "pipelines",
     "load_pipeline": "pipelines",
     "World": "worlds",
     "register_world": "worlds",
@@ -57,7 +60,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names abov
     from .merging import MergeStrategy
     from .mixin import UnknownRequestError, UnlearnMixin, attach
     from .objectives import CAConfig, ESDConfig, ObjectiveConfig, register_objective
-    from .pipelines import UnlearnStableDiffusionPipeline, UnlearnStableDiffusionXLPipeline, load_pipeline
+    from .pipelines import (
+        UnlearnFluxPipeline,
+        UnlearnStableDiffusion3Pipeline,
+        UnlearnStableDiffusionPipeline,
+        UnlearnStableDiffusionXLPipeline,
+        load_pipeline,
+    )
     from .plan import PlanError, load_plan, run_plan
     from .prompts import TEMPLATES, register_templates
     from .regularizers import (
@@ -116,6 +125,8 @@ __all__ = [
     "UnknownRequestError",
     "UnlearnStableDiffusionPipeline",
     "UnlearnStableDiffusionXLPipeline",
+    "UnlearnStableDiffusion3Pipeline",
+    "UnlearnFluxPipeline",
     "load_pipeline",
     "LoraExport",
     "PlanError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 from tokenizers import Regex, pre_tokenizers
 from transformers import CLIPTokenizer
@@ -84,3 +85,24 @@ def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 77) -> CL
     """A real ``CLIPTokenizer`` built offline whose vocabulary covers ``words`` (see :func:`clip_vocabulary`)."""
     vocab, merges = clip_vocabulary(words)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+# T5's special tokens, in T5's own order (ids 0, 1, 2).
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")
+_SPACE = "\u2581"  # SentencePiece's word-start marker
+
+
+def build_t5_tokenizer(words: Iterable[str], model_max_length: int = 512) -> Any:
+    """A real ``T5Tokenizer`` (SentencePiece-style unigram) built offline whose vocabulary has every word of
+    ``words`` as one piece; any other text still tokenizes, into single characters (or ``<unk>``).
+
+    The pieces' scores make a whole word always beat its characters: a word costs one piece, characters cost more.
+    """
+    from transformers import T5Tokenizer
+
+    pieces = sorted({w for text in words for w in text.lower().split()})
+    characters = sorted({c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,'-!?&"})
+    vocab = [(token, 0.0) for token in T5_SPECIAL] + [(_SPACE, -2.0)]
+    vocab += [(_SPACE + word, -1.0) for word in pieces]
+    vocab += [(c, -5.0) for c in characters] + [(_SPACE + c, -5.0) for c in characters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)

@@ -1,4 +1,7 @@
-"""Request adapters on the cross-attention K/V projections, as peft LoRA layers.
+"""Request adapters on the K/V projections that read the text, as peft LoRA layers.
+
+Which layers those are depends on the model family (``families.py``): ``attn2.to_k`` / ``attn2.to_v`` in a UNet,
+the text-stream ``attn.add_k_proj`` / ``attn.add_v_proj`` of SD3's and Flux's joint blocks.
 
 Two kinds of artifact, one mechanism:
 
@@ -20,17 +23,28 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-KV_SUFFIXES = ("attn2.to_k", "attn2.to_v")
+from .families import family_of_denoiser
+
+KV_SUFFIXES = ("attn2.to_k", "attn2.to_v")  # the UNet family's; see ``kv_suffixes`` for any denoiser
 ADAPTER_PREFIX = "unlearn_"
 AdapterKind = Literal["lora", "dense"]
 
 
+def kv_suffixes(denoiser: torch.nn.Module) -> tuple[str, ...]:
+    """Module-name endings of the text K/V layers of ``denoiser``'s family (none for an unknown denoiser)."""
+    family = family_of_denoiser(denoiser)
+    return family.kv_suffixes if family is not None else ()
+
+
 def kv_module_names(unet: torch.nn.Module) -> list[str]:
-    """Names of every cross-attention key/value projection, in module order."""
+    """Names of every K/V projection that reads the text, in module order (``unet``: any supported denoiser)."""
+    suffixes = kv_suffixes(unet)
+    if not suffixes:
+        return []
     names = [
         name
         for name, module in unet.named_modules()
-        if name.endswith(KV_SUFFIXES) and (isinstance(module, torch.nn.Linear) or isinstance(module, LoraLayer))
+        if name.endswith(suffixes) and (isinstance(module, torch.nn.Linear) or isinstance(module, LoraLayer))
     ]
     return names
 
@@ -104,7 +118,7 @@ def _config(ranks: dict[str, int], alphas: dict[str, float], init: bool | str = 
     return LoraConfig(
         r=ranks[first],
         lora_alpha=alphas[first],
-        target_modules=list(KV_SUFFIXES),
+        target_modules=list(ranks),  # full module names: exactly the K/V layers, whatever the family
         rank_pattern=dict(ranks),
         alpha_pattern=dict(alphas),
         init_lora_weights=init,

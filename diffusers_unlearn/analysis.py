@@ -4,6 +4,10 @@ For a target and a list of other concepts, ``similarity_vs_change`` gives each c
 similarity to the target and the relative change of the K/V outputs on its embedding, ||dW c|| / ||W c||,
 averaged over (and maximal across) the K/V layers: the data behind the paper's "semantically similar concepts are
 harder to preserve" figure. Works on any attached pipeline.
+
+``text_stream_change`` measures what gradient projection keeps on joint transformers (SD3, Flux), where each
+block's K/V read a different text state: the relative change of each K/V layer's output on the states it reads at
+a concept's tokens, on held-out x_t (trajectories sampled with another seed than the request's).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from typing import Any
 import torch
 
 from .embeddings import concept_embedding, cosine_similarities
-from .state import unlearning_state
+from .families import conditioner_for, denoiser_of
+from .prompts import TEMPLATES, check_domain, concept_prompts
+from .text_states import ProtectedPrompt, collect_block_states, relative_change
+from .state import rebuild, unlearning_state
 
 
 @dataclass
@@ -64,6 +71,47 @@ def similarity_vs_change(
         ])
         rows.append(ConceptChange(concept, concept_domain, float(sims[i]), float(ratios.mean()), float(ratios.max())))
     return sorted(rows, key=lambda r: -r.similarity)
+
+
+def text_stream_change(
+    pipe: Any, request_id: str, concept: str, *, domain: str | None = None, seed: int = 1, samples_per_step: int = 1
+) -> dict[str, float]:
+    """Per K/V layer, the largest ||dW s|| / ||W s|| over the states s that layer reads at ``concept``'s tokens
+    (one per template of ``domain`` and x_t), dW = request ``request_id``'s change, W = the base.
+
+    The x_t are held out: trajectories of the request's start model (the requests before it, or the base for merge
+    strategies) sampled with ``seed`` at the request's own sampling settings (steps, guidance, resolution); the
+    first ``samples_per_step`` trajectories of each step are used. For a concept gradient projection kept, the
+    first joint block's value is zero up to float rounding; later blocks show how far the protection carries to
+    x_t it was not collected on.
+    """
+    state = unlearning_state(pipe)
+    state.check_request_id(request_id)
+    record = state.ledger.get(request_id)
+    options = record.method_config
+    conditioner = conditioner_for(pipe, guidance_scale=options.get("guidance_scale"))
+    prompts = list(concept_prompts(concept, templates=TEMPLATES[check_domain(domain)]))
+    positions = conditioner.concept_positions(prompts, concept)
+    protected = [ProtectedPrompt(p, where) for p, where in zip(prompts, positions)]
+    ids = state.ledger.ids()
+    sequential = record.strategy.get("strategy", "sequential") == "sequential"
+    earlier = ids[: ids.index(request_id)] if sequential else []
+    denoiser = denoiser_of(pipe)
+    artifact = state.artifacts[request_id]
+    try:
+        rebuild(pipe, earlier, mode="folded")
+        cond = conditioner.encode(prompts)
+        latents, timesteps = conditioner.sample_trajectory(
+            denoiser, cond, conditioner.encode_unconditional(len(prompts)), steps=int(options["sampling_steps"]),
+            guidance_scale=float(options["guidance_scale"]), generator=torch.Generator().manual_seed(seed),
+            resolution=options.get("resolution"),
+        )
+        states = collect_block_states(conditioner, denoiser, artifact.layers, protected, latents, timesteps,
+                                      samples_per_step)
+    finally:
+        rebuild(pipe)
+    base = {name: w.float().cpu() for name, w in state.base_weights.items()}
+    return relative_change(artifact.deltas(), base, states)
 
 
 def plot_similarity_vs_change(rows: Sequence[ConceptChange], path: str | os.PathLike, title: str = "") -> None:

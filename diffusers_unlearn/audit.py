@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ._validation import check_seed
 from .state import check_request_id, rebuild
 
 PANELS = ("base", "all", "only", "without")
@@ -34,8 +35,7 @@ def audit_images(
     check_request_id(pipe, request_id)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_seed(seed)
 
     def generate() -> Image.Image:
         kwargs = dict(pipe_kwargs)

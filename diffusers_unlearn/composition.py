@@ -64,21 +64,36 @@ def materialize(
     * folded: plain ``nn.Linear`` layers holding base + the combined delta.
     * stacked, sequential: the peft adapter ``unlearn_stack`` holding every request side by side.
     * stacked, merge: the adapter ``unlearn_merged`` holding the merged delta (a single request: ``unlearn_stack``).
+
+    The new state is computed and checked (finite values only) before the UNet is touched, so a refused state
+    leaves the UNet as it was.
     """
-    ad.remove_all(unet)
     artifacts = [artifact for _, artifact in requests]
+    deltas, name, adapter = None, None, None
     if mode == "folded":
-        set_kv_weights(unet, base, combined_deltas(artifacts, strategy))
-        return
-    set_kv_weights(unet, base, None)
-    if not artifacts:
-        return
-    if isinstance(strategy, MergeStrategy) and len(artifacts) > 1:
-        name, adapter = MERGED_ADAPTER, ad.RequestAdapter.from_dense(combined_deltas(artifacts, strategy))
-    else:
-        name, adapter = STACK_ADAPTER, stack(artifacts)
-    ad.install(unet, ad.adapter_name(name), adapter)
-    ad.activate(unet, [ad.adapter_name(name)])
+        deltas = combined_deltas(artifacts, strategy)
+        check_finite(deltas or {}, [request_id for request_id, _ in requests])
+    elif artifacts:
+        if isinstance(strategy, MergeStrategy) and len(artifacts) > 1:
+            name, adapter = MERGED_ADAPTER, ad.RequestAdapter.from_dense(combined_deltas(artifacts, strategy))
+        else:
+            name, adapter = STACK_ADAPTER, stack(artifacts)
+        check_finite(adapter.tensors, [request_id for request_id, _ in requests])
+    ad.remove_all(unet)
+    set_kv_weights(unet, base, deltas)
+    if adapter is not None:
+        ad.install(unet, ad.adapter_name(name), adapter)
+        ad.activate(unet, [ad.adapter_name(name)])
+
+
+def check_finite(tensors: dict[str, torch.Tensor], request_ids: list[str]) -> None:
+    """Refuse a NaN or Inf before it reaches the UNet's weights, where it would poison every image."""
+    for key, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise FloatingPointError(
+                f"the combined change of requests {request_ids} holds non-finite values (NaN or Inf) at {key}; "
+                "the UNet was left as it was"
+            )
 
 
 def stack(artifacts: list[ad.RequestAdapter]) -> ad.RequestAdapter:

@@ -1,23 +1,25 @@
-"""What the UNet sees of a prompt, for every supported pipeline family, and frozen-model sampling.
+"""What the denoiser sees of a prompt, and frozen-model sampling: the ``Conditioner`` interface and its UNet form.
 
-Stable Diffusion 1.x/2.x feed the text encoder's last hidden state to cross-attention; SDXL feeds the concatenated
-penultimate hidden states of its two encoders plus pooled text and time ids. ``TextConditioner`` hides that
-difference behind ``encode``/``predict_noise`` so objectives, projection and similarity work on both.
+A conditioner encodes prompts exactly as its pipeline does, calls the denoiser with them (``predict``: the model's
+output in its own parametrisation, noise or velocity), samples trajectories with the pipeline's scheduler and says
+where a concept's tokens sit in the text sequence. Objectives, gradient projection and similarity only talk to
+this interface, so they work on every model family (``families.py``).
+
+Here: ``TextConditioner`` for UNets. Stable Diffusion 1.x/2.x feed the text encoder's last hidden state to
+cross-attention; SDXL feeds the concatenated penultimate hidden states of its two encoders plus pooled text and
+time ids. The flow-matching transformers (SD3, Flux) are in ``flow_conditioning.py``.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
-
-SUPPORTED_ARCHITECTURES = (
-    "Stable Diffusion 1.x/2.x and SDXL pipelines: a UNet2DConditionModel whose transformer blocks have "
-    "cross-attention layers (attn2.to_k / attn2.to_v)"
-)
 
 
 @dataclass
@@ -46,16 +48,139 @@ class Conditioning:
         return Conditioning(self.hidden_states.to(dtype), added)
 
 
-class TextConditioner:
-    """Encodes prompts exactly as the pipeline does and calls its UNet with them."""
+@dataclass
+class TokenSegment:
+    """A run of the denoiser's text sequence that one tokenizer produced: positions ``offset`` to
+    ``offset + length - 1`` hold ``tokenizer``'s ids for each prompt (SD3: CLIP then T5 tokens)."""
+
+    offset: int
+    tokenizer: Any
+    ids: list[list[int]]
+
+
+class Conditioner:
+    """The interface every model family implements (see the module docstring)."""
+
+    denoiser_attr = "unet"
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
-        self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None and hasattr(pipe, "tokenizer_2")
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_attr)
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return self.denoiser.device
+
+    @property
+    def cross_attention_dim(self) -> int:
+        """Width of the text states the K/V layers read."""
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        raise NotImplementedError
+
+    def encode_unconditional(self, batch: int) -> Conditioning:
+        raise NotImplementedError
+
+    def predict(
+        self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """The denoiser's output for ``latents`` at ``timesteps`` (the scheduler's values), in its own
+        parametrisation: noise (or v) for the UNets, the flow-matching velocity noise - x0 for SD3 and Flux."""
+        raise NotImplementedError
+
+    def predict_noise(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Former name of :meth:`predict` (the output is the model's own parametrisation, not always noise)."""
+        return self.predict(*args, **kwargs)
+
+    def sample_trajectory(
+        self, denoiser: torch.nn.Module, cond: Conditioning, uncond: Conditioning, *, steps: int,
+        guidance_scale: float, generator: torch.Generator, resolution: int | None = None, progress: bool = False,
+        desc: str = "sampling trajectories",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample from noise with the pipeline's scheduler; return every visited latent [steps, B, ...] (the
+        denoiser's input at each step, float32) and the timesteps [steps]."""
+        raise NotImplementedError
+
+    def token_segments(self, prompts: list[str]) -> list[TokenSegment]:
+        raise NotImplementedError
+
+    def text_states(self, prompts: list[str]) -> torch.Tensor:
+        """Per-token text states [B, L, d] in the space the K/V layers read (before any per-block change)."""
+        raise NotImplementedError
+
+    def unconditional_positions(self) -> list[int]:
+        """Positions of the empty prompt whose K/V inputs gradient projection keeps (all, for the UNets)."""
+        return list(range(self.encode([""]).hidden_states.shape[1]))
+
+    def concept_positions(self, prompts: Sequence[str], concept: str) -> list[list[int]]:
+        """Positions of ``concept``'s tokens in each prompt's text sequence, over every tokenizer segment.
+
+        Where a template changes how the concept tokenizes, that prompt's content tokens are used, with a warning.
+        """
+        positions: list[list[int]] = [[] for _ in prompts]
+        fallback: list[list[int]] = [[] for _ in prompts]
+        for segment in self.token_segments(list(prompts)):
+            tokenizer = segment.tokenizer
+            concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
+            special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+            for row, ids in enumerate(segment.ids):
+                start = _find_sublist(ids, concept_ids)
+                if start >= 0:
+                    positions[row] += [segment.offset + i for i in range(start, start + len(concept_ids))]
+                fallback[row] += [segment.offset + i for i, token in enumerate(ids) if token not in special]
+        for row, prompt in enumerate(prompts):
+            if not positions[row]:
+                warnings.warn(
+                    f"concept {concept!r} does not tokenize the same inside {prompt!r}; its embedding there averages "
+                    "every token of the prompt",
+                    stacklevel=3,
+                )
+                positions[row] = fallback[row]
+        return positions
+
+    @torch.no_grad()
+    def kv_inputs(
+        self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+        layers: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
+        """What each K/V layer in ``layers`` reads [B, L, d] (float32) in one denoiser pass: the text stream as it
+        reaches that block (for joint transformer blocks it depends on the block, the timestep and the image)."""
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [
+            denoiser.get_submodule(name).register_forward_pre_hook(
+                lambda module, args, kwargs, name=name: seen.__setitem__(name, (args[0] if args else kwargs["input"])
+                                                                          .detach().float()),
+                with_kwargs=True,
+            )
+            for name in layers
+        ]
+        try:
+            self.predict(denoiser, latents, timesteps, cond)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen
+
+
+def _find_sublist(haystack: list[int], needle: list[int]) -> int:
+    for start in range(len(haystack) - len(needle) + 1):
+        if needle and haystack[start : start + len(needle)] == needle:
+            return start
+    return -1
+
+
+class TextConditioner(Conditioner):
+    """Encodes prompts exactly as the pipeline does and calls its UNet with them (SD 1.x/2.x, SDXL)."""
+
+    denoiser_attr = "unet"
+
+    def __init__(self, pipe: Any, guidance_scale: float | None = None):
+        super().__init__(pipe)
+        self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None and hasattr(pipe, "tokenizer_2")
 
     @property
     def cross_attention_dim(self) -> int:
@@ -98,7 +223,7 @@ class TextConditioner:
         ids = torch.tensor([size + [0, 0] + size], dtype=dtype, device=self.device)
         return ids.repeat(batch, 1)
 
-    def predict_noise(
+    def predict(
         self, unet: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
         dtype = next(unet.parameters()).dtype
@@ -114,6 +239,21 @@ class TextConditioner:
         ).input_ids
         return self.encode(prompts).hidden_states.float(), ids
 
+    def token_segments(self, prompts: list[str]) -> list[TokenSegment]:
+        # SDXL's two tokenizers give the same positions (their states are concatenated feature-wise): one segment
+        return [TokenSegment(0, self.pipe.tokenizer, self.token_hidden_states(prompts)[1])]
+
+    def text_states(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode(prompts).hidden_states.float()
+
+    def sample_trajectory(
+        self, denoiser: torch.nn.Module, cond: Conditioning, uncond: Conditioning, *, steps: int,
+        guidance_scale: float, generator: torch.Generator, resolution: int | None = None, progress: bool = False,
+        desc: str = "sampling trajectories",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _ddim_trajectory(self, denoiser, cond, uncond, steps=steps, guidance_scale=guidance_scale,
+                                generator=generator, resolution=resolution, progress=progress, desc=desc)
+
 
 def sampling_scheduler(pipe: Any, steps: int) -> DDIMScheduler:
     """A DDIM scheduler with the pipeline's noise schedule, set to ``steps`` steps."""
@@ -122,8 +262,26 @@ def sampling_scheduler(pipe: Any, steps: int) -> DDIMScheduler:
     return scheduler
 
 
-@torch.no_grad()
 def sample_trajectory(
+    conditioner: Conditioner,
+    denoiser: torch.nn.Module,
+    cond: Conditioning,
+    uncond: Conditioning,
+    *,
+    steps: int,
+    guidance_scale: float,
+    generator: torch.Generator,
+    resolution: int | None = None,
+    progress: bool = False,
+    desc: str = "sampling trajectories",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen model's trajectories with the conditioner's own sampler (see ``Conditioner.sample_trajectory``)."""
+    return conditioner.sample_trajectory(denoiser, cond, uncond, steps=steps, guidance_scale=guidance_scale,
+                                         generator=generator, resolution=resolution, progress=progress, desc=desc)
+
+
+@torch.no_grad()
+def _ddim_trajectory(
     conditioner: TextConditioner,
     unet: torch.nn.Module,
     cond: Conditioning,
@@ -151,7 +309,7 @@ def sample_trajectory(
     for t in tqdm(scheduler.timesteps, desc=desc, unit="step", disable=not progress, leave=False):
         visited.append(latents)
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        noise_uncond, noise_cond = conditioner.predict_noise(unet, model_in, t, both).float().chunk(2)
+        noise_uncond, noise_cond = conditioner.predict(unet, model_in, t, both).float().chunk(2)
         noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
         latents = scheduler.step(noise, t, latents).prev_sample
     return torch.stack(visited), scheduler.timesteps.to(conditioner.device)

@@ -1,8 +1,10 @@
-"""Concept embeddings: the cross-attention input vector that stands for a concept.
+"""Concept embeddings: the K/V input vector that stands for a concept.
 
-A concept's embedding is the text-encoder hidden state (what the UNet's K/V projections read) at the concept's own
-tokens, averaged over those tokens and over every template of its domain. Gradient projection keeps K/V outputs on
-these vectors fixed; similarity analysis compares them.
+A concept's embedding is the text state the K/V projections read at the concept's own tokens, averaged over those
+tokens and over every template of its domain: the text encoder's hidden state for the UNets, and for SD3 / Flux the
+text stream entering the first joint block (``context_embedder`` of the encoders' states; the blocks then
+normalise and modulate it per timestep, see gradient projection). Gradient projection keeps K/V outputs on
+these vectors fixed (UNets); similarity analysis compares them.
 """
 
 from __future__ import annotations
@@ -13,29 +15,17 @@ from typing import Any
 import torch
 
 from ._warn import warn
-from .conditioning import TextConditioner
+from .families import conditioner_for
 from .prompts import TEMPLATES, check_concept, check_domain, concept_prompts, validate_templates
 
 _CACHE_ATTR = "_unlearn_embedding_cache"
-
-
-def _find_sublist(haystack: list[int], needle: list[int]) -> int:
-    for start in range(len(haystack) - len(needle) + 1):
-        if haystack[start : start + len(needle)] == needle:
-            return start
-    return -1
-
-
-def _content_positions(ids: list[int], tokenizer: Any) -> list[int]:
-    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-    return [i for i, token in enumerate(ids) if token not in special]
 
 
 @torch.no_grad()
 def concept_embedding(
     pipe: Any, concept: str, domain: str | None = None, templates: Sequence[str] | None = None
 ) -> torch.Tensor:
-    """The 1-D vector (shape ``[d]``, d = the UNet's cross-attention input size) that stands for ``concept``.
+    """The 1-D vector (shape ``[d]``, d = the K/V layers' input size) that stands for ``concept``.
 
     Averaged over the concept's tokens inside each template of ``domain`` (default domain: "concept").
     Results are cached on the pipeline; the text encoders are never trained here, so the cache stays valid.
@@ -47,23 +37,11 @@ def concept_embedding(
     if key in cache:
         return cache[key].clone()
 
-    conditioner = TextConditioner(pipe)
-    tokenizer = pipe.tokenizer
+    conditioner = conditioner_for(pipe)
     prompts = concept_prompts(concept, templates=chosen)
-    hidden, ids = conditioner.token_hidden_states(prompts)
-    concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
-    vectors, mismatched = [], []
-    for row, prompt_ids in enumerate(ids):
-        start = _find_sublist(prompt_ids, concept_ids)
-        if start >= 0:
-            positions = list(range(start, start + len(concept_ids)))
-        else:  # the template changed how the concept tokenizes (or truncated it): use every content token
-            positions = _content_positions(prompt_ids, tokenizer)
-            mismatched.append(prompts[row])
-        vectors.append(hidden[row, positions].mean(dim=0))
-    if mismatched:  # one warning per concept, not one per prompt
-        warn(f"concept {concept!r} does not tokenize the same inside {len(mismatched)} of its {len(prompts)} prompts "
-             f"(e.g. {mismatched[0]!r}); its embedding there averages every token of the prompt")
+    hidden = conditioner.text_states(prompts)
+    positions = conditioner.concept_positions(prompts, concept)
+    vectors = [hidden[row, where].mean(dim=0) for row, where in enumerate(positions)]
     embedding = torch.stack(vectors).mean(dim=0).cpu()
     cache[key] = embedding
     return embedding.clone()

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,13 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from peft import LoraConfig
 from safetensors.torch import save as st_save
 
 from . import __version__, model_card
 from . import adapters as ad
-from .ledger import LEDGER_FILE, atomic_write_bytes, fingerprint, write_ledger_dir
+from ._atomic import atomic_write_bytes, fix_modes, staging_folder, switch_folder
+from ._validation import is_repo_id
+from .families import denoiser_of, family_of
+from .ledger import LEDGER_FILE, fingerprint, write_ledger_dir
 from .saved_folder import (  # noqa: F401 - the folder layout, also importable from here as before
     BASE_KV_FILE,
     CARD_FILE,
@@ -131,13 +133,16 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _lora_saver(pipe: Any) -> type:
-    """The diffusers class whose ``save_lora_weights`` matches the pipeline (SDXL or SD 1.x/2.x key layout)."""
-    for cls in (StableDiffusionXLLoraLoaderMixin, StableDiffusionLoraLoaderMixin):
-        if isinstance(pipe, cls):
-            return cls
+def _lora_saver(pipe: Any) -> tuple[type, str]:
+    """The diffusers LoRA loader whose ``save_lora_weights`` writes the pipeline family's key layout ("unet." or
+    "transformer." + module name), and the component name its keyword arguments start with."""
+    import diffusers.loaders
+
+    family = family_of(pipe)
+    if family.name == "unet" and isinstance(pipe, StableDiffusionXLLoraLoaderMixin):
+        return StableDiffusionXLLoraLoaderMixin, "unet"
     # Other UNet pipelines: the SD layout ("unet." + module name) is what every UNet LoRA loader reads.
-    return StableDiffusionLoraLoaderMixin
+    return getattr(diffusers.loaders, family.lora_loader), family.lora_component
 
 
 def export_lora(
@@ -158,8 +163,10 @@ def export_lora(
     tensors, metadata, ranks = lora_state_dict(artifact)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _lora_saver(pipe).save_lora_weights(
-        directory, unet_lora_layers=tensors, unet_lora_adapter_metadata=metadata, weight_name=weight_name
+    saver, component = _lora_saver(pipe)
+    saver.save_lora_weights(
+        directory, weight_name=weight_name,
+        **{f"{component}_lora_layers": tensors, f"{component}_lora_adapter_metadata": metadata},
     )
     path = directory / weight_name
     return LoraExport(request_id, path, weight_name, artifact.kind, ranks, path.stat().st_size)
@@ -186,7 +193,7 @@ def fix_model_index(directory: Path, class_name: str) -> None:
 
 
 def save_pretrained_folded(pipe: Any, directory: str | os.PathLike, save: Callable[[], None]) -> None:
-    """Run diffusers' ``save`` with the UNet folded when it carries the stacked requests, then put them back.
+    """Run diffusers' ``save`` with the denoiser folded when it carries the stacked requests, then put them back.
 
     Inside ``audit()`` (a partial set of adapters) this refuses rather than saving a state the ledger does not name.
     """
@@ -196,24 +203,24 @@ def save_pretrained_folded(pipe: Any, directory: str | os.PathLike, save: Callab
             "save_pretrained inside audit() would save a partial set of requests; save outside the audit block "
             "(or export one request with export_lora)"
         )
-    stacked = state is not None and any(isinstance(m, ad.LoraLayer) for m in pipe.unet.modules())
+    stacked = state is not None and any(isinstance(m, ad.LoraLayer) for m in denoiser_of(pipe).modules())
     if stacked:
         rebuild(pipe, mode="folded")
+    started = time.time() - 1  # file system timestamps may be coarser than time.time()
     try:
         save()
     finally:
         if stacked:
             rebuild(pipe)
+    if Path(directory).is_dir():
+        fix_modes(Path(directory), since=started)  # safetensors writes weights 0600
     if Path(directory, "model_index.json").is_file():
         fix_model_index(Path(directory), diffusers_class_name(pipe))
 
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-
-
 def is_hub_repo_id(value: object) -> bool:
     """True for strings shaped like a Hub model id ("user/model") that are not a local path."""
-    return isinstance(value, str) and bool(_REPO_ID.match(value)) and not os.path.exists(value) and ".." not in value
+    return is_repo_id(value)
 
 
 def guess_base_model(pipe: Any) -> str | None:
@@ -249,22 +256,22 @@ def save_unlearned(
 ) -> Path:
     """Write a complete diffusers pipeline folder with every request of the ledger folded into the UNet.
 
-    Everything is written to a temporary folder beside ``directory`` and moved into place at the end, so an
-    interrupted save leaves the previous folder as it was. An existing ``directory`` is replaced only when it is
-    empty or an unlearned pipeline folder. The pipeline's mode (stacked or folded) is the same afterwards.
+    Everything is written to a new folder beside ``directory`` and switched in by one atomic exchange, so a crash
+    at any point leaves the previous folder or the new one, complete. An existing ``directory`` is replaced only
+    when it is empty or an unlearned pipeline folder. Files and folders get the umask's permissions (usually 0644
+    and 0755). The pipeline's mode (stacked or folded) is the same afterwards.
     """
     state = unlearning_state(pipe)
     directory = Path(directory)
     check_output_folder(directory)
     base_model = model_card.check_base_model(base_model) or guess_base_model(pipe)
     class_name = diffusers_class_name(pipe)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    tmp = staging_folder(directory)
     try:
         previous = state.mode
         set_mode(pipe, "folded")  # plain nn.Linear layers holding base + all requests: what plain diffusers loads
         try:
-            folded_fingerprint = fingerprint(ad.kv_weights(pipe.unet))
+            folded_fingerprint = fingerprint(ad.kv_weights(denoiser_of(pipe)))
             pipe.save_pretrained(tmp, safe_serialization=True)
         finally:
             if previous != "folded":
@@ -302,7 +309,8 @@ def save_unlearned(
             "lora": exports,
         }
         atomic_write_bytes(unlearning / STATE_FILE, (json.dumps(saved_state, indent=2) + "\n").encode())
-        _replace_folder(tmp, directory)
+        fix_modes(tmp)  # diffusers/transformers writers and tempfile leave some files 0600
+        switch_folder(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -310,20 +318,6 @@ def save_unlearned(
     return directory
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is renamed away first and removed only once ``new`` is there."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.rmdir(old)
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = [

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._validation import check_repo_id
 from .saved_folder import CARD_FILE, UNLEARNING_DIR, check_unlearned_folder, saved_files
 
 
@@ -35,21 +36,6 @@ class PushPlan:
         ]
         body = [f"  + {path}  ({(self.folder / path).stat().st_size} bytes)" for path in self.files]
         return "\n".join([*head, *body, f"--- {CARD_FILE} ---", self.card.rstrip("\n"), f"--- end of {CARD_FILE} ---"])
-
-
-def check_repo_id(repo_id: object) -> str:
-    """A Hub model id, "name" or "namespace/name"; raises ValueError naming what is wrong."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not isinstance(repo_id, str) or not repo_id:
-        raise ValueError(f"repo_id must be a Hub model id like 'user/model', got {repo_id!r}")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ValueError(f"invalid repo_id {repo_id!r}: {err}") from None
-    if repo_id.count("/") > 1:
-        raise ValueError(f"invalid repo_id {repo_id!r}: use 'name' or 'namespace/name'")
-    return repo_id
 
 
 def plan_push(

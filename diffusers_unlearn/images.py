@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ._validation import check_int
+
 Images = Union[torch.Tensor, Sequence[Image.Image]]
 
 
@@ -42,8 +44,7 @@ def generate_images(
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int(batch_size, "batch_size", minimum=1)
     if not prompts:
         raise ValueError("nothing to generate: no prompts")
     saved = _progress_config(pipe)

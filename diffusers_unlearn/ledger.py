@@ -2,12 +2,17 @@
 
 Layout of a ledger directory::
 
-    ledger.json                 the ordered records (this module's LEDGER_FORMAT)
-    adapters/<request_id>.safetensors   one artifact per request (factors or dense delta, float32)
+    ledger.json                                   the ordered records (this module's LEDGER_FORMAT)
+    adapters/<request_id>-<sha256[:16]>.safetensors   one artifact per request (factors or dense delta, float32)
 
-Writes are atomic (temporary file in the same directory, fsync, rename); adapters are written before the ledger
-that names them, so a crash leaves either the old or the new ledger, each with its files. Loading validates
-everything (JSON schema, safetensors headers, checksums, base fingerprint) before anything is applied.
+Saves are atomic as a whole: adapter files are named by their content, so a save never overwrites a file the
+previous ledger names; the new ``ledger.json`` is switched in by one rename, and only then are files that no
+record names removed. A crash at any point leaves the old ledger or the new one, each with all its files.
+
+Loading trusts nothing: the JSON is checked field by field (a ``LedgerError`` names the field's path), request
+ids and file names must have the form this module writes (nothing outside the folder can be named), checksums
+are required, safetensors files are read without unpickling anything, and adapters with non-finite values or
+inconsistent shapes are refused, all before anything is applied.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
-import tempfile
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,17 +33,95 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from ._atomic import atomic_write_bytes, folder_lock
+from ._validation import finite_json_float, refuse_json_constant
 from .adapters import RequestAdapter
+from .merging import strategy_from_dict
 
 LEDGER_FILE = "ledger.json"
 ADAPTER_DIR = "adapters"
 LEDGER_FORMAT = 1
 ADAPTER_FORMAT = "diffusers-unlearn-adapter/1"
 ADAPTER_METADATA_KEY = "diffusers_unlearn"
+REQUEST_ID = re.compile(r"r[0-9]{4,9}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+# adapters/<id>-<sha256 prefix>.safetensors, and adapters/<id>.safetensors as ledgers before content addressing
+ADAPTER_FILE = re.compile(r"adapters/(r[0-9]{4,9})(-[0-9a-f]{16})?\.safetensors")
 
 
 class LedgerError(ValueError):
     """A ledger directory or adapter file that cannot be used, with the reason and the path."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+# field -> (check, what it must be); the checks a record's JSON passes before a RequestRecord is built
+_RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "request_id": (lambda v: isinstance(v, str) and bool(REQUEST_ID.fullmatch(v)), "a request id like 'r0001'"),
+    "index": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "concept": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
+    "domain": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
+    "method": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
+    "method_config": (_is_dict, "a map"),
+    "strategy": (_is_dict, "a map"),
+    "regularizers": (lambda v: isinstance(v, list) and all(_is_dict(r) and isinstance(r.get("name"), str) for r in v),
+                     "a list of maps with a 'name'"),
+    "adapter": (_is_dict, "a map"),
+    "training": (_is_dict, "a map"),
+    "prompts": (lambda v: _is_str_list(v) and bool(v), "a non-empty list of strings"),
+    "steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "seconds": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "final_loss": (_is_number, "a finite number"),
+    "base_fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "library_version": (lambda v: isinstance(v, str), "a string"),
+    "created_at": (lambda v: isinstance(v, str), "a string"),
+    "timing": (lambda v: _is_dict(v) and all(_is_number(x) for x in v.values()), "a map of numbers"),
+    "evaluation": (_is_dict, "a map"),
+    "erasure": (_is_dict, "a map"),  # the erasure check's figures; absent in ledgers written before it
+}
+# fields a ledger written by an earlier version may lack (every other field is required)
+_RECORD_OPTIONAL = ("erasure",)
+_ADAPTER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "kind": (lambda v: v in ("lora", "dense"), "'lora' or 'dense'"),
+    "file": (lambda v: isinstance(v, str) and bool(ADAPTER_FILE.fullmatch(v)),
+             "'adapters/<request id>-<checksum prefix>.safetensors'"),
+    "sha256": (lambda v: isinstance(v, str) and bool(SHA256.fullmatch(v)), "a sha256 checksum (64 hex digits)"),
+    "ranks": (lambda v: isinstance(v, list) and all(_is_int(r) and r >= 1 for r in v), "a list of integers >= 1"),
+    "targets": (_is_str_list, "a list of strings"),
+}
+_ADAPTER_REQUIRED = ("kind", "file", "sha256")
+
+
+def check_fields(
+    data: dict[str, Any], spec: dict[str, tuple[Callable[[Any], bool], str]], required: Any, where: str,
+    sep: str = ".",
+) -> None:
+    """Refuse missing, unknown and malformed fields of a JSON map; the error names ``where`` + sep + the field."""
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise LedgerError(f"{where} is missing field(s) {missing}")
+    unknown = sorted(set(data) - set(spec))
+    if unknown:
+        raise LedgerError(f"{where} has unknown field(s) {unknown}; allowed: {sorted(spec)}")
+    for name, value in data.items():
+        check, wanted = spec[name]
+        if not check(value):
+            raise LedgerError(f"{where}{sep}{name} must be {wanted}, got {value!r}"[:400])
 
 
 @dataclass
@@ -63,19 +148,31 @@ class RequestRecord:
     created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     timing: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    erasure: dict[str, Any] = field(default_factory=dict)  # the erasure check's figures ({}: ledgers made before it)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
-                    and f.default_factory is dataclasses.MISSING}
-        missing = sorted(required - set(data))
-        if missing:
-            raise LedgerError(f"request record is missing field(s) {missing}: {data.get('request_id', data)!r}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_dict(cls, data: Any, where: str = "request record") -> RequestRecord:
+        """Build a record from its JSON form, checking every field; ``where`` names it in errors."""
+        if not _is_dict(data):
+            raise LedgerError(f"{where} must be a map, got {type(data).__name__}")
+        # every field is required: the library writes them all, and a loader that filled in defaults would
+        # silently hold something other than what the file says
+        check_fields(data, _RECORD_FIELDS, [f for f in _RECORD_FIELDS if f not in _RECORD_OPTIONAL], where)
+        request_id = data["request_id"]
+        if request_id != f"r{data['index']:04d}":
+            raise LedgerError(f"{where}.request_id {request_id!r} does not match its index {data['index']} "
+                              f"(the ledger writes 'r{data['index']:04d}')")
+        check_fields(data["adapter"], _ADAPTER_FIELDS, _ADAPTER_REQUIRED, f"{where}.adapter")
+        if ADAPTER_FILE.fullmatch(data["adapter"]["file"]).group(1) != request_id:
+            raise LedgerError(f"{where}.adapter.file {data['adapter']['file']!r} is not request {request_id}'s file")
+        try:
+            strategy_from_dict(data["strategy"])
+        except (TypeError, ValueError) as err:
+            raise LedgerError(f"{where}.strategy is invalid: {err}") from None
+        return cls(**data)
 
 
 @dataclass
@@ -109,16 +206,33 @@ class Ledger:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Ledger:
+        """Build a ledger from its JSON form, checking every field; errors name ``where`` and the field's path."""
         if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
             raise LedgerError(f"{where} is not a diffusers-unlearn ledger (format {LEDGER_FORMAT})")
-        try:
-            requests = [RequestRecord.from_dict(r) for r in data["requests"]]
-            ledger = cls(str(data["base_fingerprint"]), requests, int(data["next_index"]), list(data.get("history", [])))
-        except (KeyError, TypeError, AttributeError) as err:
-            raise LedgerError(f"{where} is corrupted: {err!r}") from err
+        spec = {
+            "format": (lambda v: True, ""),
+            "base_fingerprint": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+            "next_index": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+            "requests": (lambda v: isinstance(v, list), "a list"),
+            "history": (lambda v: isinstance(v, list) and all(_is_dict(e) for e in v), "a list of maps"),
+        }
+        check_fields(data, spec, list(spec), where, sep=": ")
+        requests = [RequestRecord.from_dict(r, f"{where}: requests[{i}]") for i, r in enumerate(data["requests"])]
+        ledger = cls(data["base_fingerprint"], requests, data["next_index"], list(data["history"]))
         ids = ledger.ids()
         if len(set(ids)) != len(ids):
             raise LedgerError(f"{where} is corrupted: duplicate request ids in {ids}")
+        indices = [r.index for r in requests]
+        if indices != sorted(indices) or (indices and ledger.next_index <= indices[-1]):
+            raise LedgerError(f"{where} is corrupted: request indices {indices} are not increasing and below "
+                              f"next_index {ledger.next_index}")
+        for i, record in enumerate(requests):
+            if record.base_fingerprint != ledger.base_fingerprint:
+                raise LedgerError(f"{where}: requests[{i}].base_fingerprint {record.base_fingerprint!r} is not the "
+                                  f"ledger's {ledger.base_fingerprint!r}")
+        strategies = {json.dumps(r.strategy, sort_keys=True) for r in requests}
+        if len(strategies) > 1:
+            raise LedgerError(f"{where} mixes composition strategies {sorted(strategies)}")
         return ledger
 
 
@@ -126,23 +240,14 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def adapter_file_name(request_id: str, sha256: str) -> str:
+    """Where a request's adapter lives in a ledger folder: named by its id and content, so a save never
+    overwrites a file that the previous ``ledger.json`` names with other bytes."""
+    return f"{ADAPTER_DIR}/{request_id}-{sha256[:16]}.safetensors"
 
 
 def adapter_bytes(adapter: RequestAdapter, request_id: str) -> bytes:
@@ -153,31 +258,66 @@ def adapter_bytes(adapter: RequestAdapter, request_id: str) -> bytes:
     return st_save({k: v.contiguous() for k, v in adapter.tensors.items()}, metadata=metadata)
 
 
-def read_adapter(path: Path, expected_sha256: str | None = None) -> RequestAdapter:
-    """Read and check one adapter file (safetensors with our metadata, optional checksum)."""
+def check_adapter_values(adapter: RequestAdapter, where: str) -> None:
+    """Every tensor is a finite float matrix, the factors of each layer fit together, every scale is finite.
+
+    A NaN or Inf in one adapter would poison every image the pipeline makes; a factor of the wrong shape would
+    fail deep inside torch.
+    """
+    for key, tensor in adapter.tensors.items():
+        if not tensor.is_floating_point() or tensor.dim() != 2:
+            raise LedgerError(f"{where}: tensor {key} must be a 2-D float tensor, got {tensor.dtype} "
+                              f"{tuple(tensor.shape)}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise LedgerError(f"{where}: tensor {key} holds non-finite values (NaN or Inf)")
+    suffixes = (".delta",) if adapter.kind == "dense" else (".lora_A", ".lora_B")
+    stray = [key for key in adapter.tensors if not key.endswith(suffixes)]
+    if stray or not adapter.layers:
+        raise LedgerError(f"{where}: a {adapter.kind} adapter holds unexpected tensors {sorted(stray)[:4]} or none")
+    if adapter.kind == "lora":
+        if set(adapter.scales) != set(adapter.layers):
+            raise LedgerError(f"{where} has scales for {sorted(adapter.scales)} but layers {sorted(adapter.layers)}")
+        for layer in adapter.layers:
+            a, b = adapter.tensors.get(f"{layer}.lora_A"), adapter.tensors.get(f"{layer}.lora_B")
+            if a is None or b is None or a.shape[0] != b.shape[1]:
+                raise LedgerError(f"{where}: layer {layer} has LoRA factors that do not fit together "
+                                  f"(A {None if a is None else tuple(a.shape)}, B {None if b is None else tuple(b.shape)})")
+            if not math.isfinite(adapter.scales[layer]):
+                raise LedgerError(f"{where}: layer {layer} has a non-finite scale {adapter.scales[layer]}")
+        if len(adapter.tensors) != 2 * len(adapter.layers):
+            raise LedgerError(f"{where}: a LoRA factor without its partner")
+
+
+def read_adapter(path: Path, expected_sha256: str, request_id: str | None = None) -> RequestAdapter:
+    """Read and check one adapter file: its checksum (required), safetensors with our metadata (never
+    unpickled), finite values and consistent shapes."""
+    if not isinstance(expected_sha256, str) or not SHA256.fullmatch(expected_sha256):
+        raise LedgerError(f"adapter file {path}: a sha256 checksum is required, got {expected_sha256!r}")
     if not path.is_file():
         raise LedgerError(f"adapter file {path} is missing")
     data = path.read_bytes()
-    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+    if sha256_bytes(data) != expected_sha256:
         raise LedgerError(f"adapter file {path} does not match the checksum in the ledger (changed or corrupted)")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         raise LedgerError(f"adapter file {path} is not a valid safetensors file: {err}") from err
     try:
-        info = json.loads(metadata[ADAPTER_METADATA_KEY])
+        info = json.loads(metadata[ADAPTER_METADATA_KEY], parse_constant=refuse_json_constant,
+                          parse_float=finite_json_float)
         kind = info["kind"]
-        scales = {k: float(v) for k, v in info["scales"].items()}
+        scales = {str(k): float(v) for k, v in info["scales"].items()}
         fmt = info["format"]
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise LedgerError(f"adapter file {path} is safetensors but not a diffusers-unlearn adapter ({err!r})") from err
     if fmt != ADAPTER_FORMAT or kind not in ("lora", "dense"):
         raise LedgerError(f"adapter file {path} is safetensors but not a diffusers-unlearn adapter")
-    adapter = RequestAdapter(kind, {k: v.float() for k, v in tensors.items()}, scales)
-    if adapter.kind == "lora" and set(scales) != set(adapter.layers):
-        raise LedgerError(f"adapter file {path} has scales for {sorted(scales)} but layers {adapter.layers}")
+    if request_id is not None and info.get("request_id") != request_id:
+        raise LedgerError(f"adapter file {path} belongs to request {info.get('request_id')!r}, not {request_id}")
+    adapter = RequestAdapter(kind, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, scales)
+    check_adapter_values(adapter, f"adapter file {path}")
     return adapter
 
 
@@ -189,26 +329,57 @@ def check_adapter_fits(adapter: RequestAdapter, shapes: dict[str, tuple[int, ...
             f"({len(adapter.layers)} in the file, {len(shapes)} in the UNet)"
         )
     for layer in adapter.layers:
-        got = tuple(adapter.delta(layer).shape)
-        if got != tuple(shapes[layer]):
+        out_features, in_features = shapes[layer]
+        if adapter.kind == "dense":
+            got = tuple(adapter.tensors[f"{layer}.delta"].shape)
+        else:  # factor shapes, checked before any product: a wrong one would fail inside torch
+            a, b = adapter.tensors[f"{layer}.lora_A"], adapter.tensors[f"{layer}.lora_B"]
+            got = (b.shape[0], a.shape[1])
+        if got != (out_features, in_features):
             raise LedgerError(f"{where}: layer {layer} has shape {got}, the UNet has {tuple(shapes[layer])}")
 
 
-def write_ledger_dir(directory: Path, ledger: Ledger, adapters: dict[str, RequestAdapter]) -> None:
-    """Write adapters (each atomically), then the ledger, then remove adapter files no record names."""
+def write_ledger_dir(directory: str | os.PathLike, ledger: Ledger, adapters: dict[str, RequestAdapter]) -> None:
+    """Save the ledger and its adapters so that a crash at any point leaves the old or the new ledger, complete.
+
+    Adapters go to content-addressed names (never over a file the old ledger names with other bytes), then
+    ``ledger.json`` is replaced in one rename, then adapter files no record names are removed. Concurrent savers
+    into one folder are serialised by a lock on the folder, so one of them wins whole.
+    """
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     adapter_dir = directory / ADAPTER_DIR
+    for path in (adapter_dir, directory / LEDGER_FILE):
+        if path.is_symlink():  # a planted link would make the save write outside the folder
+            raise LedgerError(f"{path} is a symbolic link; refusing to save through it")
+    records = []
+    files = {}
     for record in ledger.requests:
         data = adapter_bytes(adapters[record.request_id], record.request_id)
-        record.adapter["file"] = f"{ADAPTER_DIR}/{record.request_id}.safetensors"
-        record.adapter["sha256"] = sha256_bytes(data)
-        atomic_write_bytes(directory / record.adapter["file"], data)
-    atomic_write_bytes(directory / LEDGER_FILE, json.dumps(ledger.to_dict(), indent=2).encode())
-    named = {directory / r.adapter["file"] for r in ledger.requests}
-    if adapter_dir.is_dir():
-        for stale in adapter_dir.glob("*.safetensors"):
-            if stale not in named:
-                stale.unlink()
+        checksum = sha256_bytes(data)
+        records.append((record, adapter_file_name(record.request_id, checksum), checksum))
+        files[adapter_file_name(record.request_id, checksum)] = data
+    with folder_lock(directory):
+        for name, data in files.items():
+            path = directory / name
+            if not (path.is_file() and sha256_bytes(path.read_bytes()) == sha256_bytes(data)):
+                atomic_write_bytes(path, data)
+        for record, name, checksum in records:
+            record.adapter["file"], record.adapter["sha256"] = name, checksum
+        atomic_write_bytes(directory / LEDGER_FILE, json.dumps(ledger.to_dict(), indent=2).encode())
+        if adapter_dir.is_dir():
+            for stale in adapter_dir.iterdir():
+                if stale.is_file() and ADAPTER_FILE.fullmatch(f"{ADAPTER_DIR}/{stale.name}") and \
+                        f"{ADAPTER_DIR}/{stale.name}" not in files:
+                    stale.unlink()
+
+
+def parse_json(text: str, where: str) -> Any:
+    """JSON as the library writes it: NaN, Infinity and numbers that overflow a float are refused."""
+    try:
+        return json.loads(text, parse_constant=refuse_json_constant, parse_float=finite_json_float)
+    except (json.JSONDecodeError, ValueError, RecursionError) as err:
+        raise LedgerError(f"{where} is corrupted (not valid JSON as this library writes it): {err}") from None
 
 
 def read_ledger_dir(directory: str | os.PathLike) -> tuple[Ledger, dict[str, RequestAdapter]]:
@@ -219,17 +390,18 @@ def read_ledger_dir(directory: str | os.PathLike) -> tuple[Ledger, dict[str, Req
     path = directory / LEDGER_FILE
     if not path.is_file():
         raise LedgerError(f"{directory} has no {LEDGER_FILE}: not a saved unlearning directory")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LedgerError(f"{path} is corrupted (not valid JSON): {err}") from err
-    ledger = Ledger.from_dict(data, str(path))
-    adapters = {}
-    for record in ledger.requests:
-        file = record.adapter.get("file")
-        if not isinstance(file, str) or Path(file).is_absolute() or ".." in Path(file).parts:
-            raise LedgerError(f"{path}: request {record.request_id} names an invalid adapter file {file!r}")
-        adapters[record.request_id] = read_adapter(directory / file, record.adapter.get("sha256"))
+    with folder_lock(directory, shared=True):  # a concurrent save cannot remove the files this ledger names
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise LedgerError(f"{path} is corrupted (not UTF-8 text): {err}") from None
+        ledger = Ledger.from_dict(parse_json(text, str(path)), str(path))
+        adapters = {}
+        for record in ledger.requests:
+            # the name matched ADAPTER_FILE: it lies in adapters/ of this folder, whatever the ledger says
+            adapters[record.request_id] = read_adapter(
+                directory / record.adapter["file"], record.adapter["sha256"], record.request_id
+            )
     return ledger, adapters
 
 

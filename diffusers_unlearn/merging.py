@@ -13,6 +13,8 @@ from typing import Any, Literal
 import torch
 from peft.utils import merge_utils
 
+from ._validation import check_number
+
 MergeMethod = Literal["uniform", "task_arithmetic", "ties"]
 MERGE_METHODS: tuple[str, ...] = ("uniform", "task_arithmetic", "ties")
 
@@ -37,12 +39,10 @@ class MergeStrategy:
         if self.method not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {self.method!r}; allowed: {list(MERGE_METHODS)}")
         if self.scale is not None:
-            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale <= 0:
-                raise ValueError(f"merge scale must be a number > 0, got {self.scale!r}")
+            check_number(self.scale, "merge scale", minimum=0, exclusive_minimum=True)
             if self.method == "uniform":
                 raise ValueError("merge method 'uniform' takes no scale (it is the mean); use 'task_arithmetic'")
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) or not 0 < self.density <= 1:
-            raise ValueError(f"merge density must be in (0, 1], got {self.density!r}")
+        check_number(self.density, "merge density", minimum=0, maximum=1, exclusive_minimum=True)
 
     def scale_for(self, n: int) -> float:
         if self.method == "uniform":
@@ -87,6 +87,18 @@ def strategy_to_dict(strategy: str | MergeStrategy) -> dict[str, Any]:
 
 
 def strategy_from_dict(data: dict[str, Any]) -> str | MergeStrategy:
-    if data.get("strategy", "sequential") == "sequential":
+    """The strategy a ledger record names; anything but "sequential" or a valid merge is refused."""
+    if not isinstance(data, dict):
+        raise TypeError(f"a strategy record is a map, got {data!r}")
+    kind = data.get("strategy", "sequential")
+    settings = {k: v for k, v in data.items() if k != "strategy"}
+    if kind == "sequential":
+        if settings:
+            raise ValueError(f"the sequential strategy takes no settings, got {sorted(settings)}")
         return "sequential"
-    return MergeStrategy(**{k: v for k, v in data.items() if k != "strategy"})
+    if kind != "merge":
+        raise ValueError(f"unknown strategy {kind!r}; allowed: 'sequential', 'merge'")
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(MergeStrategy)})
+    if unknown:
+        raise ValueError(f"unknown merge setting(s) {unknown}; allowed: {[f.name for f in dataclasses.fields(MergeStrategy)]}")
+    return MergeStrategy(**settings)

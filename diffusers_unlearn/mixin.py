@@ -14,7 +14,8 @@ from .unlearning_mixin import UnlearningMixin
 
 
 class UnlearnMixin(UnlearningMixin, SavingMixin):
-    """Adds continual unlearning to a diffusers pipeline with a cross-attention UNet.
+    """Adds continual unlearning to a diffusers pipeline of a supported family (``families.py``): SD 1.x/2.x and
+    SDXL UNets, SD3 and Flux transformers.
 
     Use ``du.attach(pipe)`` on an existing pipeline, or a ready class such as ``UnlearnStableDiffusionPipeline``.
     """

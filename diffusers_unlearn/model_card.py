@@ -19,6 +19,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
+from ._validation import check_repo_id
 from .ledger import Ledger, RequestRecord
 from .merging import strategy_from_dict
 from .regularizers import REGULARIZERS
@@ -26,7 +27,6 @@ from .regularizers import REGULARIZERS
 TAGS = ["diffusers", "text-to-image", "concept-unlearning"]
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._/+-]*")  # strings written without quotes when YAML reads them back so
 _MAX_CELL = 200  # characters of user text per table cell (the YAML keeps the full text)
-HUB_MODEL_ID = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 class _CardDumper(yaml.SafeDumper):
@@ -149,6 +149,27 @@ def evaluation_rows(ledger: Ledger, evaluation: Mapping[str, Any] | None) -> lis
     return [(scope, metric, _format_value(value)) for scope, metric, value in rows]
 
 
+def robustness_lines(results: Any) -> list[str]:
+    """The card's robustness section from recovery-attack results (``AttackResult.to_dict()`` mappings), if any."""
+    if results is None:
+        return []
+    if isinstance(results, Mapping) or not isinstance(results, (list, tuple)) or not all(
+            isinstance(r, Mapping) and {"kind", "concept", "accuracy", "plain_accuracy"} <= set(r) for r in results):
+        raise ValueError("evaluation['robustness'] must be a list of attack results (AttackResult.to_dict(): kind, "
+                         f"concept, accuracy, plain_accuracy, ...), got {results!r:.200}")
+    lines = ["", "## Robustness to recovery attacks", "",
+             "Percent of images a classifier names as the removed concept, with its plain prompts and under each "
+             "attack (`du.evaluation.attack`); robust UA = 100 - attack accuracy.", "",
+             "| concept | attack | plain prompts | under attack | robust UA | attack cost |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        cost = f"{int(r.get('steps', 0))} steps, {float(r.get('seconds', 0.0)):.1f} s"
+        lines.append(f"| {escape_markdown(r['concept'])} | {escape_markdown(r['kind'])} | "
+                     f"{float(r['plain_accuracy']):.1f} | {float(r['accuracy']):.1f} | "
+                     f"{100.0 - float(r['accuracy']):.1f} | {cost} |")
+    return lines
+
+
 def _strategy_text(ledger: Ledger) -> str:
     if not ledger.requests:
         return "none (no requests)"
@@ -169,15 +190,18 @@ def _method(record: RequestRecord) -> str:
     return f"{record.method} (anchor: {anchor})" if anchor else record.method
 
 
+def _erasure_text(record: RequestRecord) -> str:
+    """The erasure check's verdict (``erasure_check.py``): how far the concept's prediction moved."""
+    figures = record.erasure or {}
+    if "erased" not in figures:
+        return "not checked"
+    verdict = "erased" if figures["erased"] else "**NOT erased**"
+    return f"{verdict} (shift {float(figures['target_shift']):.2f}, needs {float(figures['min_shift']):g})"
+
+
 def check_base_model(base_model: object) -> str | None:
     """None, or a Hub model id ("name" or "namespace/name"); anything else raises, naming the value."""
-    if base_model is None:
-        return None
-    if not isinstance(base_model, str):
-        raise TypeError(f"base_model must be a Hub model id string, got {base_model!r}")
-    if not HUB_MODEL_ID.fullmatch(base_model) or ".." in base_model:
-        raise ValueError(f"base_model must be a Hub model id like 'user/model', got {base_model!r}")
-    return base_model
+    return None if base_model is None else check_repo_id(base_model, "base_model")
 
 
 def build_model_card(
@@ -196,7 +220,10 @@ def build_model_card(
         pipeline_class: the diffusers class that loads the folder.
         lora_exports: per request id, what ``export_lora`` wrote (file, kind, ranks), listed in the body.
         evaluation: overall evaluation figures (nested dicts allowed); per-request figures come from the records.
+            Its ``"robustness"`` entry, a list of recovery-attack results, becomes a section of its own.
     """
+    evaluation = dict(evaluation or {})
+    robustness = robustness_lines(evaluation.pop("robustness", None))
     concepts = [r.concept for r in ledger.requests]
     data = ModelCardData(
         base_model=base_model,
@@ -209,12 +236,18 @@ def build_model_card(
             "version": __version__,
             "base_fingerprint": ledger.base_fingerprint,
             "requests": [
-                {"id": r.request_id, "concept": r.concept, "domain": r.domain, "method": r.method}
+                {"id": r.request_id, "concept": r.concept, "domain": r.domain, "method": r.method,
+                 "erased": r.erasure.get("erased")}
                 for r in ledger.requests
             ],
         },
     )
     check_base_model(base_model)  # a Hub id: safe in the link below without escaping
+    # SD3 / Flux pipelines carry a transformer whose joint blocks' text-stream projections are adapted
+    transformer = pipeline_class.startswith(("StableDiffusion3", "Flux"))
+    component = "transformer" if transformer else "UNet"
+    layers = ("transformer's text-stream key/value projections (joint blocks' add_k_proj / add_v_proj)"
+              if transformer else "UNet's cross-attention key/value projections")
     base_link = (f"[{base_model}](https://huggingface.co/{base_model})" if base_model
                  else "a local checkpoint (no Hub id recorded)")
     lines = [
@@ -222,8 +255,8 @@ def build_model_card(
         "",
         f"This `{pipeline_class}` had {len(concepts)} concept(s) removed with "
         "diffusers-unlearn (continual concept unlearning): each removal request became one "
-        "constrained adapter on the UNet's cross-attention key/value projections, recorded in a ledger. The "
-        "requests are folded into the UNet weights, so the folder loads with plain diffusers.",
+        f"constrained adapter on the {layers}, recorded in a ledger. The "
+        f"requests are folded into the {component} weights, so the folder loads with plain diffusers.",
         "",
         f"- Base model: {base_link}",
         f"- Base K/V fingerprint: `{ledger.base_fingerprint}`",
@@ -234,8 +267,8 @@ def build_model_card(
     ]
     if ledger.requests:
         lines += [
-            "| # | request | concept | domain | method | regularizers | date | steps |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| # | request | concept | domain | method | regularizers | date | steps | erasure check |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for position, record in enumerate(ledger.requests, start=1):
             cells = [
@@ -247,6 +280,7 @@ def build_model_card(
                 escape_markdown(regularizer_summary(record.regularizers), limit=400),
                 escape_markdown(_date(record)),
                 str(int(record.steps)),
+                _erasure_text(record),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     else:
@@ -255,6 +289,7 @@ def build_model_card(
     if rows:
         lines += ["", "## Evaluation", "", "| scope | metric | value |", "| --- | --- | --- |"]
         lines += [f"| {escape_markdown(s)} | {escape_markdown(m)} | {escape_markdown(v)} |" for s, m, v in rows]
+    lines += robustness
     lines += [
         "",
         "## Use",
@@ -262,7 +297,7 @@ def build_model_card(
         "```python",
         "from diffusers import DiffusionPipeline",
         "",
-        'pipe = DiffusionPipeline.from_pretrained("THIS_REPO_OR_FOLDER")  # the removals are in the UNet weights',
+        f'pipe = DiffusionPipeline.from_pretrained("THIS_REPO_OR_FOLDER")  # the removals are in the {component} weights',
         "```",
         "",
         "## Audit and rollback",

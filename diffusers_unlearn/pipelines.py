@@ -1,8 +1,8 @@
 """Ready pipeline classes with ``UnlearnMixin``, and one loader for every model name the command line accepts.
 
-``UnlearnStableDiffusionPipeline`` and ``UnlearnStableDiffusionXLPipeline`` load with ``from_pretrained`` like their
-diffusers parents. Loaded from a folder (or Hub repo) that ``save_unlearned`` wrote, they come back with the base
-weights, the ledger and the adapters of that folder, in mode "folded". They save under their parent's class name, so
+``UnlearnStableDiffusionPipeline``, ``UnlearnStableDiffusionXLPipeline``, ``UnlearnStableDiffusion3Pipeline`` and
+``UnlearnFluxPipeline`` load with ``from_pretrained`` like their diffusers parents.
+Loaded from a folder (or Hub repo) that ``save_unlearned`` wrote, they come back with the base weights, the ledger and the adapters of that folder, in mode "folded". They save under their parent's class name, so
 plain diffusers loads what they write.
 """
 
@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from ._warn import warn
 from .export import is_hub_repo_id
@@ -83,9 +89,22 @@ class UnlearnStableDiffusionXLPipeline(_ReadyClassMixin, UnlearnMixin, StableDif
     hidden states of both text encoders: what the UNet's cross-attention reads."""
 
 
+class UnlearnStableDiffusion3Pipeline(_ReadyClassMixin, UnlearnMixin, StableDiffusion3Pipeline):
+    """``StableDiffusion3Pipeline`` (SD 3 / 3.5) with continual unlearning. Requests adapt the text-stream
+    ``add_k_proj`` / ``add_v_proj`` of every joint block; objectives work on the flow-matching velocity."""
+
+
+class UnlearnFluxPipeline(_ReadyClassMixin, UnlearnMixin, FluxPipeline):
+    """``FluxPipeline`` with continual unlearning. Requests adapt the text-stream ``add_k_proj`` / ``add_v_proj``
+    of the dual-stream blocks (the single-stream blocks are left alone, see ``families.py``); FLUX.1-dev's
+    guidance embedding replaces classifier-free guidance in every objective."""
+
+
 READY_CLASSES: dict[str, type] = {
     "StableDiffusionPipeline": UnlearnStableDiffusionPipeline,
     "StableDiffusionXLPipeline": UnlearnStableDiffusionXLPipeline,
+    "StableDiffusion3Pipeline": UnlearnStableDiffusion3Pipeline,
+    "FluxPipeline": UnlearnFluxPipeline,
 }
 
 
@@ -108,8 +127,8 @@ def load_pipeline(
     another registered in ``diffusers_unlearn.worlds``), a local pipeline folder (a ``save_unlearned`` folder comes
     back with its ledger) or a Hub model id.
 
-    Pipelines without UNet cross-attention K/V layers (DiTs, unconditional UNets) are refused with a ``TypeError``
-    that names the supported architectures.
+    Pipelines of no supported family (other DiTs, unconditional UNets) are refused with a ``TypeError`` that names
+    the supported architectures.
     """
     dtype = _dtype(torch_dtype)
     name = os.fspath(model) if isinstance(model, os.PathLike) else model
@@ -150,4 +169,11 @@ def load_pipeline(
     return pipe
 
 
-__all__ = ["UnlearnStableDiffusionPipeline", "UnlearnStableDiffusionXLPipeline", "READY_CLASSES", "load_pipeline"]
+__all__ = [
+    "UnlearnStableDiffusionPipeline",
+    "UnlearnStableDiffusionXLPipeline",
+    "UnlearnStableDiffusion3Pipeline",
+    "UnlearnFluxPipeline",
+    "READY_CLASSES",
+    "load_pipeline",
+]

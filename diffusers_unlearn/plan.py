@@ -2,7 +2,7 @@
 
 Example ``PLAN.yaml``::
 
-    model: tiny                 # a world name (minicanvas, tiny, tiny-sdxl), a pipeline folder (relative to this
+    model: tiny                 # a world name (minicanvas, tiny, tiny-sdxl, tiny-sd3, tiny-flux), a pipeline folder (relative to this
                                 # file) or a Hub id
     output: out/                # the unlearned pipeline folder (relative to this file)
     base_model: user/base       # optional: Hub id of the base for the model card
@@ -46,6 +46,7 @@ from .ledger import LEDGER_FILE, RequestRecord, read_ledger_dir
 from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
 from .model_card import check_base_model
 from .objectives import build_objective_config
+from .recipe import resolve_method
 from .regularizers import regularizer_from_dict
 from .request import UnlearnRequest, record_signature
 from .trainer import TrainingConfig
@@ -66,6 +67,26 @@ class _PlanLoader(yaml.SafeLoader):
     """YAML 1.1 reads "1e-4" as a string; plans are written by people who mean a number."""
 
 
+def _construct_unique_mapping(loader: _PlanLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A key given twice is refused (PyYAML keeps the last one silently, so ``{concept: cat, concept: dog}`` would
+    remove "dog")."""
+    loader.flatten_mapping(node)
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: the base constructor reports it
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+            )
+        seen[key] = True
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_PlanLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 _PlanLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -188,7 +209,7 @@ def _planned_request(
     if not isinstance(concept, str):
         raise PlanError(f"{where}: concept must be a string, got {type(concept).__name__} {concept!r} "
                         "(quote it in YAML: yes/no/on/off and numbers are not strings there)")
-    method = fields.get("method", "esd")
+    method = resolve_method(fields.get("method"), {k: fields.get(k) for k in ("regularizers", *TRAINING_KEYS)})
     options = {k: v for k, v in fields.items() if k not in REQUEST_KEYS}
     strategy = _strategy(fields.get("strategy", plan_strategy), where)
     regularizers = _regularizer_dicts(fields.get("regularizers"), where)
@@ -276,8 +297,10 @@ def load_plan(path: str | os.PathLike, *, model: str | None = None, output: str 
         raise FileNotFoundError(f"plan file {path} does not exist")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_PlanLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as err:
-        raise PlanError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:
+        raise PlanError(f"{path} is not UTF-8 text: {err}") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise PlanError(f"{path} is not valid YAML: {' '.join(str(err).split())[:500]}") from None
     return parse_plan(data, source=str(path), base_dir=path.parent, model=model, output=output)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 
 # Domain -> templates with one "{}" slot for the concept. Module-level so users can add a domain or replace one
@@ -48,9 +49,19 @@ def validate_templates(templates: Sequence[str]) -> tuple[str, ...]:
     if isinstance(templates, str) or not templates:
         raise ValueError(f"templates must be a non-empty list of strings with one '{{}}' slot, got {templates!r}")
     for template in templates:
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(f"each template needs exactly one '{{}}' slot, got {template!r}")
+        if not isinstance(template, str) or _slots(template) != [""]:
+            raise ValueError(f"each template needs exactly one '{{}}' slot and no other fields (write a literal "
+                             f"brace as '{{{{' or '}}}}'), got {template!r}")
     return tuple(templates)
+
+
+def _slots(template: str) -> list[str] | None:
+    """The replacement fields of a ``str.format`` template ("" for ``{}``), or None when it does not parse."""
+    try:
+        return [f"{name}!{conv}:{spec}" if conv or spec else name
+                for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError:
+        return None
 
 
 def check_domain(domain: str | None) -> str:

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ._validation import check_seed
 from .ledger import RequestRecord
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
 from .objectives import ObjectiveConfig, build_objective_config
 from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
+from .recipe import resolve_method
 from .regularizers import Regularizer, check_regularizers
 from .trainer import TrainingConfig
 
@@ -57,9 +59,9 @@ class UnlearnRequest:
         self.method = build_objective_config(self.method)
         if not isinstance(self.training, TrainingConfig):
             raise TypeError(f"training must be a du.TrainingConfig, got {self.training!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_seed(self.seed)
         self.regularizers = check_regularizers(self.regularizers)
+        self.method.check_regularizers(self.regularizers)
         self.strategy = resolve_strategy(self.strategy)
         if self.prompts is not None:
             prompts = self.prompts
@@ -74,7 +76,7 @@ class UnlearnRequest:
     def build(
         cls,
         concept: str,
-        method: str | ObjectiveConfig = "esd",
+        method: str | ObjectiveConfig | None = None,
         *,
         domain: str | None = None,
         steps: int | None = None,
@@ -92,6 +94,9 @@ class UnlearnRequest:
         """The request ``pipe.unlearn`` takes as keywords: ``steps``, ``rank``, ``learning_rate`` and
         ``batch_size`` are shortcuts for the same ``TrainingConfig`` fields; other keywords are options of the
         method's config (``anchor="a dog"``, ``negative_guidance=2.0``)."""
+        # no method: the recommended recipe, or the trained default when training or regularizers are asked for
+        method = resolve_method(method, dict(steps=steps, rank=rank, learning_rate=learning_rate,
+                                             batch_size=batch_size, training=training, regularizers=regularizers))
         return cls(
             concept,
             build_objective_config(method, method_options),

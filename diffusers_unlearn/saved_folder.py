@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import adapters as ad
-from .ledger import LEDGER_FILE, Ledger, LedgerError, check_adapter_fits, fingerprint, read_ledger_dir
+from ._validation import check_repo_id
+from .families import denoiser_of
+from .ledger import (
+    LEDGER_FILE,
+    REQUEST_ID,
+    Ledger,
+    LedgerError,
+    check_adapter_fits,
+    check_fields,
+    fingerprint,
+    parse_json,
+    read_ledger_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +94,48 @@ def check_unlearned_folder(directory: str | os.PathLike) -> dict[str, Any]:
 def read_saved_state(directory: Path) -> dict[str, Any]:
     path = Path(directory) / UNLEARNING_DIR / STATE_FILE
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
         raise LedgerError(f"{path} is unreadable or corrupted: {err}") from err
-    required = ("format", "base_fingerprint", "folded_fingerprint")
-    if not isinstance(data, dict) or data.get("format") != SAVED_FORMAT or any(k not in data for k in required):
+    data = parse_json(text, str(path))
+    if not isinstance(data, dict) or data.get("format") != SAVED_FORMAT:
         raise LedgerError(f"{path} is not a diffusers-unlearn saved-pipeline state (format {SAVED_FORMAT})")
+    check_saved_state(data, str(path))
     return data
+
+
+def _is_base_model(value: Any) -> bool:
+    try:
+        check_repo_id(value, "base_model")
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_lora_entry(request_id: str, entry: Any) -> bool:
+    return isinstance(entry, dict) and entry.get("file") == f"{UNLEARNING_DIR}/{LORA_DIR}/{request_id}.safetensors"
+
+
+# field -> (check, what it must be), for unlearning/state.json
+_STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "format": (lambda v: v == SAVED_FORMAT, f"{SAVED_FORMAT}"),
+    "library_version": (lambda v: isinstance(v, str), "a string"),
+    "mode": (lambda v: v == "folded", "'folded'"),
+    "pipeline_class": (lambda v: isinstance(v, str) and v.isidentifier(), "a class name"),
+    "base_model": (lambda v: v is None or _is_base_model(v), "null or a Hub model id"),
+    "base_fingerprint": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "folded_fingerprint": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    "requests": (lambda v: isinstance(v, list) and all(isinstance(i, str) and REQUEST_ID.fullmatch(i) for i in v),
+                 "a list of request ids like 'r0001'"),
+    "lora": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and REQUEST_ID.fullmatch(k)
+                                                   and _is_lora_entry(k, e) for k, e in v.items()),
+             "a map of request id -> {file: 'unlearning/lora/<request id>.safetensors', ...}"),
+}
+
+
+def check_saved_state(data: dict[str, Any], where: str) -> None:
+    """Every field of ``unlearning/state.json`` has the form ``save_unlearned`` writes (LedgerError naming it)."""
+    check_fields(data, _STATE_FIELDS, ("format", "base_fingerprint", "folded_fingerprint"), where, sep=": ")
 
 
 def find_unlearned_folder(pipe: Any) -> Path | None:
@@ -97,7 +145,7 @@ def find_unlearned_folder(pipe: Any) -> Path | None:
     config = getattr(pipe, "config", None)
     if config is not None and hasattr(config, "get"):
         candidates.append(config.get("_name_or_path"))
-    unet_config = getattr(getattr(pipe, "unet", None), "config", None)
+    unet_config = getattr(denoiser_of(pipe), "config", None)  # the UNet's or the transformer's
     if unet_config is not None and hasattr(unet_config, "get") and unet_config.get("_name_or_path"):
         candidates.append(Path(str(unet_config.get("_name_or_path"))).parent)
     for candidate in candidates:
@@ -159,8 +207,12 @@ def read_base_kv(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as handle:
             if (handle.metadata() or {}).get("format") != "diffusers-unlearn-base-kv":
                 raise LedgerError(f"{path} is safetensors but not diffusers-unlearn base weights")
-            return {key: handle.get_tensor(key) for key in handle.keys()}
+            weights = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         if isinstance(err, LedgerError):
             raise
         raise LedgerError(f"{path} is not a valid safetensors file: {err}") from err
+    for key, tensor in weights.items():
+        if not tensor.is_floating_point() or tensor.dim() != 2 or not bool(torch.isfinite(tensor).all()):
+            raise LedgerError(f"{path}: {key} must be a 2-D float tensor of finite values")
+    return weights

@@ -19,7 +19,7 @@ import torch
 
 from . import adapters as ad
 from .composition import Mode, combined_deltas, materialize
-from .conditioning import SUPPORTED_ARCHITECTURES
+from .families import denoiser_of, family_of
 from .ledger import Ledger, fingerprint
 from .merging import MergeStrategy, strategy_from_dict
 from .saved_folder import read_saved_unlearning
@@ -71,13 +71,12 @@ class UnlearningState:
 
 
 def check_pipeline(pipe: Any) -> None:
-    """Refuse pipelines whose denoiser has no cross-attention K/V layers, naming what is supported."""
-    unet = getattr(pipe, "unet", None)
-    if unet is None or not ad.kv_module_names(unet):
-        denoiser = type(getattr(pipe, "unet", None) or getattr(pipe, "transformer", None) or pipe).__name__
+    """Refuse pipelines whose denoiser has no text K/V layers of a known family, naming what is supported."""
+    family = family_of(pipe)  # TypeError for unknown denoisers
+    if not ad.kv_module_names(denoiser_of(pipe)):
         raise TypeError(
-            f"{type(pipe).__name__} (denoiser {denoiser}) has no UNet cross-attention K/V layers to unlearn on; "
-            f"supported: {SUPPORTED_ARCHITECTURES}"
+            f"{type(pipe).__name__}'s {type(denoiser_of(pipe)).__name__} has no {' / '.join(family.kv_suffixes)} "
+            f"layers to unlearn on (an unconditional model?); supported: {family.description}"
         )
 
 
@@ -93,10 +92,10 @@ def unlearning_state(pipe: Any) -> UnlearningState:
     if state is not None:
         return state
     check_pipeline(pipe)
-    unet = pipe.unet
+    unet = denoiser_of(pipe)  # the UNet, or the transformer of SD3 / Flux
     if any(isinstance(m, ad.LoraLayer) for m in unet.modules()):
         raise ValueError(
-            "the UNet already carries peft/LoRA layers; fuse_lora() and unload_lora() them before unlearning "
+            f"the {type(unet).__name__} already carries peft/LoRA layers; fuse_lora() and unload_lora() them before unlearning "
             "(unlearning needs the plain K/V weights as its base)"
         )
     base = {name: w.detach().clone() for name, w in ad.kv_weights(unet).items()}
@@ -119,7 +118,7 @@ def check_request_id(pipe: Any, request_id: object) -> str:
 def rebuild(pipe: Any, ids: Sequence[str] | None = None, mode: Mode | None = None) -> None:
     """Put requests ``ids`` (default: every active one) into the UNet in ``mode`` (default: the state's mode)."""
     state = unlearning_state(pipe)
-    materialize(pipe.unet, state.base_weights, state.active(ids), mode or state.mode, state.strategy)
+    materialize(denoiser_of(pipe), state.base_weights, state.active(ids), mode or state.mode, state.strategy)
 
 
 def set_mode(pipe: Any, mode: Mode) -> None:

@@ -1,9 +1,10 @@
-"""Tiny, real, offline pipelines: the "tiny" / "tiny-sdxl" models of ``load_pipeline`` and the command line,
-and what tests, examples and CPU benchmarks run on (``du.testing`` re-exports them).
+"""Tiny, real, offline pipelines: the "tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" models of ``load_pipeline``
+and the command line, and what tests, examples and CPU benchmarks run on (``du.testing`` re-exports them).
 
 The components are the real diffusers/transformers classes (``UNet2DConditionModel`` with cross-attention,
-``AutoencoderKL``, ``CLIPTextModel``, ``CLIPTokenizer``, ``DDIMScheduler``) at toy sizes and random weights, so every
-code path that runs on Stable Diffusion runs here, in well under a second and without a download.
+``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``AutoencoderKL``, CLIP and T5 text encoders and their
+tokenizers, DDIM and flow-matching schedulers) at toy sizes and random weights, so every code path that runs on
+Stable Diffusion, SDXL, SD3 and Flux runs here, in well under a second and without a download.
 """
 
 from __future__ import annotations
@@ -14,16 +15,29 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
-from ._tokenizer import build_clip_tokenizer
+from ._tokenizer import build_clip_tokenizer, build_t5_tokenizer
 from .vocabulary import DEFAULT_VOCABULARY
 
-__all__ = ["tiny_pipeline", "tiny_sdxl_pipeline", "TINY_WORDS", "SD1_DDIM_CONFIG"]
+__all__ = ["tiny_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline", "TINY_WORDS",
+           "SD1_DDIM_CONFIG"]
 
 # Words the tiny tokenizer knows as single tokens: template words, the built-in concept vocabulary, test words.
 TINY_WORDS: tuple[str, ...] = tuple(
@@ -83,17 +97,18 @@ def _tiny_unet(**architecture: Any) -> UNet2DConditionModel:
                                 block_out_channels=(16, 32), norm_num_groups=8, **architecture)
 
 
-def _tiny_vae() -> AutoencoderKL:
+def _tiny_vae(latent_channels: int = 4, **flow_options: float | bool) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(16, 32),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=latent_channels,
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=16,
+        **flow_options,
     )
 
 
@@ -163,5 +178,121 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         unet=unet.eval(),
         scheduler=DDIMScheduler(**SD1_DDIM_CONFIG),
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# SD3's and Flux's VAEs shift and scale latents and have no quant convs; the pipelines read these config values.
+_SD3_VAE = dict(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
+_FLUX_VAE = dict(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _tiny_t5(tokenizer, d_model: int = 32) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    encoder = T5EncoderModel(config)
+    _spread_token_embeddings(encoder)
+    return encoder
+
+
+def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """A real ``StableDiffusion3Pipeline`` of tiny random components, identical for the same ``seed``.
+
+    Two CLIP encoders with projection (hidden 16 each, pooled 16 + 16) and a T5 encoder (d_model 32) feed an
+    ``SD3Transformer2DModel`` of 2 joint blocks (inner size 64; the last block is ``context_pre_only``); 8x8x4
+    latents and 16x16 images by default. Every joint block's text-stream ``add_k_proj``/``add_v_proj`` is a K/V
+    layer to unlearn on (4 layers). Like every SD3 pipeline it pads T5 prompts to ``max_sequence_length`` (256 by
+    default). The global torch RNG is left as it was.
+    """
+    tokenizer = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_MAX_LENGTH)
+    tokenizer_2 = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_MAX_LENGTH)
+    tokenizer_3 = build_t5_tokenizer(TINY_WORDS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, hidden_size=16, projection_dim=16))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_size=16, projection_dim=16))
+        _spread_token_embeddings(text_encoder)
+        _spread_token_embeddings(text_encoder_2)
+        text_encoder_3 = _tiny_t5(tokenizer_3, d_model=32)  # >= 16 + 16: the pipeline pads CLIP states to it
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=32,
+            caption_projection_dim=64,
+            pooled_projection_dim=32,
+            out_channels=4,
+            pos_embed_max_size=16,
+        )
+        vae = _tiny_vae(latent_channels=4, **_SD3_VAE)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """A real, guidance-distilled ``FluxPipeline`` of tiny random components, identical for the same ``seed``.
+
+    A CLIP encoder (pooled text, 32) and a T5 encoder (d_model 32) feed a ``FluxTransformer2DModel`` with 2 dual-stream
+    blocks, 1 single-stream block (inner size 64) and a guidance embedding, as FLUX.1-dev has. Latents are 8x8x1,
+    packed 2x2 into 16 tokens of 4 channels. FluxPipeline's default image size is fixed at 128 latent pixels
+    (256 px here): pass ``height=16, width=16`` for 16x16 images. It pads T5 prompts to 512 tokens by default.
+    """
+    tokenizer = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_MAX_LENGTH)
+    tokenizer_2 = build_t5_tokenizer(TINY_WORDS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_size=32))
+        _spread_token_embeddings(text_encoder)
+        text_encoder_2 = _tiny_t5(tokenizer_2, d_model=32)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            num_layers=2,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        )
+        vae = _tiny_vae(latent_channels=1, **_FLUX_VAE)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+            shift=3.0, use_dynamic_shifting=True,
+        ),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer.eval(),
+    )
+    pipe.default_sample_size = 8  # FluxPipeline hard-codes 128 (1024 px images on FLUX.1)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -19,9 +19,11 @@ from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from . import adapters as ad
-from .conditioning import TextConditioner
+from ._validation import check_int, check_number, check_optional_number
+from .families import conditioner_for, denoiser_of
 from .ledger import now
 from .objectives import ObjectiveContext, objective_for
+from .objectives.closed_form import solve as solve_closed_form
 from .regularizers import TrainingContext
 
 if TYPE_CHECKING:  # the request module builds on TrainingConfig below
@@ -59,24 +61,15 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        def positive_int(field: str) -> None:
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be an integer >= 1, got {value!r}")
-
-        positive_int("steps")
-        positive_int("batch_size")
-        positive_int("gradient_accumulation_steps")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps"):
+            check_int(getattr(self, name), name, minimum=1)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.rank != "full":
-            positive_int("rank")
-        for field in ("learning_rate", "lora_alpha", "max_grad_norm"):
-            value = getattr(self, field)
-            if value is None and field != "learning_rate":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{field} must be a number > 0, got {value!r}")
+            check_int(self.rank, "rank", minimum=1)
+        check_number(self.learning_rate, "learning_rate", minimum=0, exclusive_minimum=True)
+        for name in ("lora_alpha", "max_grad_norm"):
+            check_optional_number(getattr(self, name), name, minimum=0, exclusive_minimum=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,6 +85,7 @@ class TrainingResult:
     # when training ended (UTC, ISO seconds): the record's created_at, taken here so that every process that
     # receives a gathered result writes the same ledger
     finished_at: str = dataclasses.field(default_factory=now)
+    steps: int | None = None  # optimizer steps taken (None: training.steps); 0 for a closed-form solve
 
 
 def train_request(
@@ -105,13 +99,22 @@ def train_request(
     accelerator: Accelerator | None = None,
     data_parallel: bool = True,
 ) -> TrainingResult:
-    """Train ``request``'s adapter on ``pipe.unet`` (whose K/V weights already hold the start model).
+    """Train ``request``'s adapter on the pipeline's denoiser (whose K/V weights already hold the start model).
 
     Leaves the training adapter attached; the caller rebuilds the composed state (also on failure).
     With ``data_parallel`` (the default) every process of ``accelerator`` trains this same request on its slice of
     the global batch and gradients are averaged; without it each process trains on its own (merge requests).
     """
-    unet = pipe.unet
+    if getattr(request.method, "closed_form", False):  # solved, not trained: no adapter, loop or accelerator
+        started = time.perf_counter()
+        adapter, report = solve_closed_form(pipe, concept=request.concept, domain=request.domain,
+                                            prompts=request.prompts, config=request.method, base_weights=base_weights,
+                                            start_offsets=start_offsets, earlier=earlier, progress=progress)
+        seconds = time.perf_counter() - started
+        return TrainingResult(adapter=adapter, final_loss=0.0, seconds=seconds,
+                              timing={"solve_seconds": round(seconds, 4)},
+                              reports=[{"name": "closed_form", "report": report}], steps=0)
+    unet = denoiser_of(pipe)  # the UNet or the transformer
     training = request.training
     started = time.perf_counter()
     accelerator = accelerator or make_accelerator(training)
@@ -142,13 +145,13 @@ def train_request(
 def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, accelerator: Accelerator,
            shard: tuple[int, int], started: float, *, base_weights: dict[str, torch.Tensor],
            start_offsets: dict[str, torch.Tensor] | None, earlier: list, progress: bool) -> TrainingResult:
-    unet, training, regularizers, concept = pipe.unet, request.training, request.regularizers, request.concept
+    unet, training, regularizers, concept = denoiser_of(pipe), request.training, request.regularizers, request.concept
     generator = torch.Generator().manual_seed(request.seed)  # the same draws in every process: the global batch
     objective = objective_for(
         request.method,
         ObjectiveContext(
             pipe=pipe,
-            conditioner=TextConditioner(pipe),
+            conditioner=conditioner_for(pipe, guidance_scale=getattr(request.method, "guidance_scale", None)),
             unet=unet,
             concept=concept,
             prompts=request.prompts,
@@ -197,6 +200,7 @@ def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, acc
                     extra = regularizer.loss(ctx)
                     if extra is not None:
                         loss = loss + extra
+            _check_finite_loss(loss, step, concept)
             accelerator.backward(loss / accumulation)
             total += float(loss.detach()) / accumulation
         # Regularizers see the synchronised, unscaled gradient, so every process applies the same update.
@@ -206,10 +210,13 @@ def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, acc
         apply_masks_to_gradients(adapter)
         for regularizer in regularizers:
             regularizer.transform_gradients(ctx)
+        if training.mixed_precision != "fp16":  # fp16's loss scaler skips overflowing steps on its own
+            _check_finite_tensors((p.grad for p in adapter.parameters), "gradients", step, concept)
         if training.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(adapter.parameters, training.max_grad_norm)
         optimizer.step()
         apply_masks_to_parameters(adapter)
+        _check_finite_tensors(adapter.parameters, "adapter weights", step, concept)
         for regularizer in regularizers:
             regularizer.after_step(ctx)
         loss_value = _mean_over_processes(total, accelerator) if shard[1] > 1 else total
@@ -229,6 +236,24 @@ def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, acc
         },
         reports=[{**r.to_dict(), "report": r.report()} for r in regularizers],
     )
+
+
+def _check_finite_loss(loss: torch.Tensor, step: int, concept: str) -> None:
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise FloatingPointError(
+            f"unlearning {concept!r}: the loss became {float(loss.detach())} at step {step + 1}; the request was "
+            "stopped and nothing was committed. Lower the learning rate or the regularizer weights."
+        )
+
+
+def _check_finite_tensors(tensors: Any, what: str, step: int, concept: str) -> None:
+    """A NaN or Inf would be trained into the adapter and poison every image: stop the request instead."""
+    for tensor in tensors:
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise FloatingPointError(
+                f"unlearning {concept!r}: the {what} became non-finite (NaN or Inf) at step {step + 1}; the request "
+                "was stopped and nothing was committed. Lower the learning rate or the regularizer weights."
+            )
 
 
 def make_accelerator(training: TrainingConfig) -> Accelerator:

@@ -21,6 +21,8 @@ from . import __version__
 from . import adapters as ad
 from .audit import audit_grid
 from .composition import Mode, combined_deltas, materialize
+from .erasure_check import check_erasure, report_erasure
+from .families import denoiser_of, family_of
 from .ledger import Ledger, RequestRecord, now
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
 from .objectives import ObjectiveConfig
@@ -32,8 +34,14 @@ logger = logging.getLogger(__name__)
 
 
 class UnlearningMixin:
-    """Unlearning on a diffusers pipeline with a cross-attention UNet: ``unlearn``, ``unlearn_parallel``,
-    ``audit``, ``rollback``, ``fold`` / ``unfold``, and what the pipeline holds (ledger, removed concepts)."""
+    """Unlearning on a diffusers pipeline of a supported family (SD 1.x/2.x and SDXL UNets, SD3 and Flux
+    transformers: ``families.py``): ``unlearn``, ``unlearn_parallel``, ``audit``, ``rollback``, ``fold`` /
+    ``unfold``, and what the pipeline holds (ledger, removed concepts)."""
+
+    @property
+    def unlearning_denoiser(self) -> torch.nn.Module:
+        """The model the requests adapt: the UNet, or the transformer of SD3 / Flux."""
+        return denoiser_of(self)
 
     # kept as methods for callers of earlier versions; the state and its interface live in ``state``
     def _unlearning(self) -> UnlearningState:
@@ -73,10 +81,11 @@ class UnlearningMixin:
     def unlearn(
         self,
         concept: str | UnlearnRequest,
-        method: str | ObjectiveConfig = "esd",
+        method: str | ObjectiveConfig | None = None,
         *,
         progress: bool | None = None,
         accelerator: Accelerator | None = None,
+        require_erasure: bool = False,
         **options: Any,
     ) -> RequestRecord:
         """Remove ``concept`` with one new adapter trained on the current model; return its ledger record.
@@ -84,7 +93,11 @@ class UnlearningMixin:
         Args:
             concept: what to remove, e.g. "van gogh", or a ready ``du.UnlearnRequest`` (then no other argument
                 but ``progress`` and ``accelerator``).
-            method: "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method config.
+            method: "closed_form", "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method
+                config. None (default): the recommended recipe (``recipe.py``), or "esd" when training settings or
+                regularizers are given.
+            require_erasure: raise ``ErasureError`` (and commit nothing) when the closing erasure check finds that
+                the concept barely moved; by default such a request is committed with an ``ErasureWarning``.
             progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
             accelerator: an ``accelerate.Accelerator`` (default: one made from ``training``). Under
                 ``accelerate launch`` every process runs this call; the global batch is split between them.
@@ -100,10 +113,13 @@ class UnlearningMixin:
                 - prompts: explicit prompts instead of the domain templates; ``templates`` replaces the templates.
                 - any other name: a field of the method's config, e.g. ``negative_guidance=2.0``, ``anchor="a dog"``.
 
+        Every request ends with an erasure check (``erasure_check.py``); its figures are in ``record.erasure``.
         A failed or interrupted request (exception, Ctrl-C) leaves the pipeline and the ledger as they were.
         """
+        if not isinstance(require_erasure, bool):
+            raise TypeError(f"require_erasure must be True or False, got {require_erasure!r}")
         if isinstance(concept, UnlearnRequest):
-            extra = sorted([*options, *(["method"] if method != "esd" else [])])
+            extra = sorted([*options, *(["method"] if method is not None else [])])
             if extra:
                 raise TypeError(f"unlearn() got a ready UnlearnRequest and also {extra}; set them on the request")
             request = concept
@@ -117,7 +133,7 @@ class UnlearningMixin:
         except BaseException:
             rebuild(self)
             raise
-        return self._commit_request(request, result)
+        return self._commit_request(request, result, require_erasure)
 
     def unlearn_parallel(
         self,
@@ -150,7 +166,7 @@ class UnlearningMixin:
                     raise ValueError(f"request {i} has no 'concept': {options!r}")
                 if options.pop("strategy", chosen) not in (chosen, strategy):
                     raise ValueError(f"request {i} asks for another strategy than {strategy!r}")
-                request = UnlearnRequest.build(options.pop("concept"), options.pop("method", "esd"), strategy=chosen,
+                request = UnlearnRequest.build(options.pop("concept"), options.pop("method", None), strategy=chosen,
                                                **options)
             if strategy_to_dict(request.strategy) != strategy_to_dict(chosen):
                 raise ValueError(f"request {i} asks for another strategy than {strategy!r}")
@@ -180,9 +196,9 @@ class UnlearningMixin:
 
     def _place_on(self, accelerator: Accelerator) -> Accelerator:
         """Training runs on the accelerator's device (each process its own under ``accelerate launch``)."""
-        here, there = self.unet.device, torch.device(accelerator.device)
+        here, there = denoiser_of(self).device, torch.device(accelerator.device)
         if here.type != there.type or (here.index or 0) != (there.index or 0):  # "cuda" is "cuda:0"
-            logger.info("moving the pipeline from %s to %s for training", self.unet.device, accelerator.device)
+            logger.info("moving the pipeline from %s to %s for training", here, accelerator.device)
             self.to(accelerator.device)
             state = unlearning_state(self)
             state.base_weights = {k: v.to(accelerator.device) for k, v in state.base_weights.items()}
@@ -208,22 +224,27 @@ class UnlearningMixin:
         """
         state = unlearning_state(self)
         start = state.active() if not isinstance(request.strategy, MergeStrategy) else []
-        materialize(self.unet, state.base_weights, start, "folded", "sequential")
+        materialize(denoiser_of(self), state.base_weights, start, "folded", "sequential")
         return train_request(self, request, base_weights=state.base_weights,
                              start_offsets=combined_deltas([a for _, a in start], "sequential"), earlier=earlier,
                              progress=progress, accelerator=accelerator, data_parallel=data_parallel)
 
-    def _commit_request(self, request: UnlearnRequest, result: TrainingResult) -> RequestRecord:
-        """Append the trained request to the ledger and rebuild the UNet with it (or undo both)."""
+    def _commit_request(self, request: UnlearnRequest, result: TrainingResult,
+                        require_erasure: bool = False) -> RequestRecord:
+        """Append the trained request to the ledger, rebuild the UNet with it and check that it erased (or undo
+        all of it)."""
         state = unlearning_state(self)
         request_id = state.ledger.new_request_id()
         ranks = sorted({a.shape[0] for key, a in result.adapter.tensors.items() if key.endswith(".lora_A")})
+        fields = request.record_fields()
+        if result.steps is not None:  # a closed-form solve takes no training steps
+            fields["steps"] = result.steps
         record = RequestRecord(
             request_id=request_id,
             index=state.ledger.next_index,
-            **request.record_fields(),
+            **fields,
             regularizers=result.reports,
-            adapter={"kind": result.adapter.kind, "ranks": ranks, "targets": list(ad.KV_SUFFIXES)},
+            adapter={"kind": result.adapter.kind, "ranks": ranks, "targets": list(family_of(self).kv_suffixes)},
             seconds=round(result.seconds, 3),
             timing=result.timing,
             final_loss=result.final_loss,
@@ -236,6 +257,10 @@ class UnlearningMixin:
         state.ledger.next_index += 1
         try:
             rebuild(self)
+            record.erasure = check_erasure(self, request_id, request.concept, request.prompts, seed=request.seed,
+                                           guidance_scale=request.method.guidance_scale,
+                                           resolution=request.method.resolution)
+            report_erasure(request.concept, record.erasure, require_erasure)
         except BaseException:
             state.ledger.requests.pop()
             del state.artifacts[request_id]
@@ -265,17 +290,31 @@ class UnlearningMixin:
             rebuild(self)
 
     def rollback(self, request_id: str) -> RequestRecord:
-        """Drop one request (its adapter and record), keep the rest; returns the dropped record."""
+        """Drop one request (its adapter and record), keep the rest; returns the dropped record.
+
+        Closed-form requests after it are re-solved on the requests that remain (each was solved on top of, and
+        keeping, the ones before it); the history entry lists them. Trained requests keep their adapters.
+        """
+        from .objectives.closed_form import resolve_after_rollback
+
         state = unlearning_state(self)
         check_request_id(self, request_id)
         record = state.ledger.get(request_id)
         artifact = state.artifacts.pop(request_id)
         position = state.ledger.requests.index(record)
         state.ledger.requests.remove(record)
-        state.ledger.history.append({"event": "rollback", "request_id": request_id, "concept": record.concept, "at": now()})
+        event = {"event": "rollback", "request_id": request_id, "concept": record.concept, "at": now()}
+        state.ledger.history.append(event)
+        previous = dict(state.artifacts)
         try:
+            resolved = resolve_after_rollback(self, state, position)
+            state.artifacts.update(resolved)
+            if resolved:
+                event["resolved"] = sorted(resolved)
             rebuild(self)
         except BaseException:
+            state.artifacts.clear()
+            state.artifacts.update(previous)
             state.ledger.requests.insert(position, record)
             state.ledger.history.pop()
             state.artifacts[request_id] = artifact

@@ -79,8 +79,9 @@ class World:
         """A fresh pipeline of this world (without ``UnlearnMixin``; ``load_pipeline`` attaches it)."""
         return _resolve(self.pipeline)(**dict(self.pipeline_kwargs))
 
-    def request_recipe(self, domain: str | None, method: str) -> WorldRecipe | None:
-        """The world's calibrated settings for a request of ``domain`` with ``method`` (None: no recipe)."""
+    def request_recipe(self, domain: str | None, method: str | None) -> WorldRecipe | None:
+        """The world's calibrated settings for a request of ``domain`` with ``method`` (None: the world's own
+        calibrated method); None when the world has no recipe."""
         return None if self.recipe is None else _resolve(self.recipe)(domain, method)
 
     def folder_path(self) -> Path | None:
@@ -129,5 +130,9 @@ register_world(World("tiny", "tiny random Stable Diffusion test pipeline built o
                      pipeline="diffusers_unlearn.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))
 register_world(World("tiny-sdxl", "tiny random SDXL test pipeline built offline (seed 0)",
                      pipeline="diffusers_unlearn.tiny:tiny_sdxl_pipeline", pipeline_kwargs={"seed": 0}))
+register_world(World("tiny-sd3", "tiny random SD3 test pipeline built offline (seed 0)",
+                     pipeline="diffusers_unlearn.tiny:tiny_sd3_pipeline", pipeline_kwargs={"seed": 0}))
+register_world(World("tiny-flux", "tiny random Flux (guidance-distilled) test pipeline built offline (seed 0)",
+                     pipeline="diffusers_unlearn.tiny:tiny_flux_pipeline", pipeline_kwargs={"seed": 0}))
 
 __all__ = ["WORLDS", "World", "WorldRecipe", "describe_worlds", "get_world", "register_world", "world_names"]

@@ -13,10 +13,10 @@ import diffusers_unlearn as du  # noqa: E402
 PROMPT = "a painting in van gogh style"
 
 
-def generate(pipe, prompt: str = PROMPT, seed: int = 0, steps: int = 4) -> torch.Tensor:
-    """Deterministic images from the pipeline as a float tensor [B, 3, H, W]."""
+def generate(pipe, prompt: str = PROMPT, seed: int = 0, steps: int = 4, **kwargs) -> torch.Tensor:
+    """Deterministic images from the pipeline as a float tensor [B, 3, H, W] (``kwargs`` go to the pipeline)."""
     return pipe(
-        prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt"
+        prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs
     ).images
 
 

@@ -19,7 +19,8 @@ from diffusers import DiffusionPipeline
 
 def images(pipe):
     pipe.set_progress_bar_config(disable=True)
-    return pipe({prompt!r}, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    return pipe({prompt!r}, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt",
+                **{call_kwargs!r}).images
 
 expected = torch.load({expected!r})
 saved = DiffusionPipeline.from_pretrained({saved!r})
@@ -42,26 +43,30 @@ def run_python(script: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
 
 
-def check_with_plain_diffusers(tmp_path: Path, pipe, saved: Path, base_pipe, class_name: str) -> str:
-    """In a fresh process without this package: the saved folder loads and gives ``pipe``'s folded images exactly,
-    and each exported LoRA on ``base_pipe`` (saved under ``tmp_path``) gives that request's own images (the request
-    alone on the base, as ``pipe.audit`` shows it) within 1e-4. Returns stdout."""
+def check_with_plain_diffusers(tmp_path: Path, pipe, saved: Path, base_pipe, class_name: str,
+                               call_kwargs: dict | None = None) -> str:
+    """In a fresh process without this package: the saved folder loads and gives ``pipe``'s folded images (within
+    float32 rounding, 1e-5), and each exported LoRA on ``base_pipe`` (saved under ``tmp_path``) gives that request's
+    own images (the request alone on the base, as ``pipe.audit`` shows it) within 1e-4. ``call_kwargs`` go to every
+    pipeline call (e.g. an image size the loaded pipeline would not default to). Returns stdout."""
+    call_kwargs = dict(call_kwargs or {})
     import torch
 
     only = {}
     for request_id in pipe.unlearning_ledger.ids():
         with pipe.audit(request_id):  # the request's own adapter, stacked on the base
-            only[request_id] = generate(pipe)
+            only[request_id] = generate(pipe, **call_kwargs)
     pipe.fold()
     try:
-        folded = generate(pipe)
+        folded = generate(pipe, **call_kwargs)
     finally:
         pipe.unfold()
     base = tmp_path / "base"
     base_pipe.save_pretrained(base)
     torch.save({"folded": folded, "only": only}, tmp_path / "expected.pt")
     script = BLOCK_PACKAGE + PLAIN_CHECK.format(
-        prompt=PROMPT, expected=str(tmp_path / "expected.pt"), saved=str(saved), base=str(base), class_name=class_name
+        prompt=PROMPT, expected=str(tmp_path / "expected.pt"), saved=str(saved), base=str(base), class_name=class_name,
+        call_kwargs=call_kwargs,
     )
     result = run_python(script)
     assert result.returncode == 0, result.stderr[-3000:]

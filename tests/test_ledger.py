@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 
 import pytest
@@ -24,7 +26,9 @@ def test_ledger_records_what_the_request_was(two_requests, tmp_path):
     pipe.save_unlearning(tmp_path)
     data = json.loads((tmp_path / "ledger.json").read_text())
     assert [r["concept"] for r in data["requests"]] == ["van gogh", "dog"]
-    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["r0001.safetensors", "r0002.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "adapters").iterdir())
+    assert [re.sub(r"-[0-9a-f]{16}\.", ".", n) for n in names] == ["r0001.safetensors", "r0002.safetensors"]
+    assert [f"adapters/{n}" for n in names] == [r["adapter"]["file"] for r in data["requests"]]
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -53,19 +57,22 @@ def test_bad_ledger_directories_are_refused_and_change_nothing(two_requests, tmp
 
     not_safetensors = tmp_path / "not_safetensors"
     subprocess.run(["cp", "-r", str(saved), str(not_safetensors)], check=True)
-    (not_safetensors / "adapters" / "r0002.safetensors").write_bytes(b"this is not a safetensors file at all")
     data = json.loads((not_safetensors / "ledger.json").read_text())
-    data["requests"][1]["adapter"]["sha256"] = None  # skip the checksum: the format check itself must catch it
+    garbage = b"this is not a safetensors file at all"
+    (not_safetensors / data["requests"][1]["adapter"]["file"]).write_bytes(garbage)
+    # a matching checksum: the format check itself must catch it
+    data["requests"][1]["adapter"]["sha256"] = hashlib.sha256(garbage).hexdigest()
     (not_safetensors / "ledger.json").write_text(json.dumps(data))
-    with pytest.raises(du.LedgerError, match="r0002.safetensors is not a valid safetensors file"):
+    with pytest.raises(du.LedgerError, match="r0002-[0-9a-f]{16}.safetensors is not a valid safetensors file"):
         fresh.load_unlearning(not_safetensors)
 
     tampered = tmp_path / "tampered"
     subprocess.run(["cp", "-r", str(saved), str(tampered)], check=True)
-    raw = bytearray((tampered / "adapters" / "r0001.safetensors").read_bytes())
+    first = tampered / json.loads((tampered / "ledger.json").read_text())["requests"][0]["adapter"]["file"]
+    raw = bytearray(first.read_bytes())
     raw[-5] ^= 0xFF
-    (tampered / "adapters" / "r0001.safetensors").write_bytes(bytes(raw))
-    with pytest.raises(du.LedgerError, match="r0001.safetensors does not match the checksum"):
+    first.write_bytes(bytes(raw))
+    with pytest.raises(du.LedgerError, match="r0001-[0-9a-f]{16}.safetensors does not match the checksum"):
         fresh.load_unlearning(tampered)
 
     other_base = du.attach(du.testing.tiny_pipeline(seed=1))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._validation import check_int, check_number
 from ..merging import MergeStrategy
 from ..regularizers import GradientProjection, L1Drift, L2Drift, Regularizer, SelectiveFinetune
 
@@ -51,20 +52,13 @@ class Hyperparameters:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.gp_neighbors is not None and (isinstance(self.gp_neighbors, bool)
-                                              or not isinstance(self.gp_neighbors, int) or self.gp_neighbors < 0):
-            raise ValueError(f"gp_neighbors must be an integer >= 0 or None (all), got {self.gp_neighbors!r}")
+            check_int(getattr(self, name), name, minimum=1)
+        if self.gp_neighbors is not None:
+            check_int(self.gp_neighbors, "gp_neighbors (None: all)", minimum=0)
         for name in ("learning_rate", "l1_weight", "l2_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
+            check_number(getattr(self, name), name, minimum=0, exclusive_minimum=True)
         for name in ("selective_top_k", "gp_selective_top_k", "merge_density"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+            check_number(getattr(self, name), name, minimum=0, maximum=1, exclusive_minimum=True)
         # MergeStrategy validates the scale the way every merge does
         self.merge_strategy()
 
@@ -93,6 +87,7 @@ class Protocol:
     merge: bool = False  # train each request from the base, compose with TIES
     simultaneous: bool = False  # retrain from the base on all requests so far, at every step
     description: str = ""
+    method: str | None = None  # the erasure method of this protocol (None: the bench's --method)
 
     def build_regularizers(self, ctx: ProtocolContext) -> list[Regularizer]:
         return list(self.regularizers(ctx))
@@ -130,6 +125,8 @@ PROTOCOLS: dict[str, Protocol] = {
                  description="gradient projection inside the selective fine-tuning mask"),
         Protocol("gp+merge", "GP + Merging", lambda ctx: [_gp(ctx)], merge=True,
                  description="gradient projection on each independently trained request, TIES-merged"),
+        Protocol("closed_form", "Closed form", method="closed_form",
+                 description="no training: minimum-norm K/V edit keeping the world's other concepts, earlier removals"),
     )
 }
 

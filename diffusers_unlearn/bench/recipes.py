@@ -19,9 +19,12 @@ from .world import BenchWorld, minicanvas_world
 RECOMMENDED_PROTOCOL = "gp"
 
 
-def world_recipe(world: BenchWorld, domain: str | None, method: str,
+def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
                  protocol: str = RECOMMENDED_PROTOCOL) -> WorldRecipe:
-    """The settings of one request on ``world`` (``domain`` "style" or "object") served as the bench serves it."""
+    """The settings of one request on ``world`` (``domain`` "style" or "object") served as the bench serves it.
+    ``method`` None: the bench's calibrated method for the world."""
+    if method is None:
+        method = BenchSettings.method
     if domain is None:
         raise ValueError(f"{world.name} requests need a domain: style or object (--domain on the command line)")
     try:
@@ -42,7 +45,7 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str,
     return WorldRecipe(kwargs, vocabulary=world.vocabulary(), neighbors=hp.gp_neighbors, summary=summary)
 
 
-def minicanvas_recipe(domain: str | None, method: str) -> WorldRecipe:
+def minicanvas_recipe(domain: str | None, method: str | None) -> WorldRecipe:
     """MiniCanvas's recipe (the world of ``bench.minicanvas_world()``)."""
     return world_recipe(minicanvas_world(), domain, method)
 

@@ -53,6 +53,8 @@ def headline(result: dict[str, Any]) -> list[str]:
     if heldout:
         header += ["UA held-out"]
     header += ["K/V drift", "training steps", "training s"]
+    attacks = list(dict.fromkeys(kind for row in finals.values() for kind in row.get("attacks", {})))
+    header += [f"robust UA ({kind})" for kind in attacks]
     rows = []
     for name, row in finals.items():
         cells = [result["protocols"][name]["label"]] + [_pct(row[m]) for m, _ in METRICS]
@@ -63,6 +65,7 @@ def headline(result: dict[str, Any]) -> list[str]:
         if heldout:
             cells.append(_pct(row.get("ua_heldout")))
         cells += [f"{row['drift']:.4f}", str(row["cumulative_steps"]), f"{row['cumulative_seconds']:.1f}"]
+        cells += [_pct(row.get("attacks", {}).get(kind, {}).get("robust_ua")) for kind in attacks]
         rows.append(cells)
     return _table(header, rows)
 
@@ -116,6 +119,7 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
     if any(row["ira"] is None for row in final_rows(result).values()):
         lines += [f"Request {n} removes the last kept {settings['domain']}: IRA and CRA are undefined (n/a) after "
                   f"it; the per-request tables below show them up to request {n - 1}.", ""]
+    lines += attack_section(result)
     metrics = list(METRICS) + ([("ua_heldout", "UA (held-out wordings)")] if has_heldout(result) else [])
     for metric, name in metrics:
         lines += [f"### {name} after each request", ""]
@@ -132,6 +136,25 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
         lines += _table(header, [[f"{i + 1}. {c}"] + ["" if v is None else f"{v:.0f}" for v in matrix[i]]
                                  for i, c in enumerate(result["stream"])]) + [""]
     return "\n".join(lines)
+
+
+def attack_section(result: dict[str, Any]) -> list[str]:
+    """Robust UA per attack after the last request, with what each attack cost (empty when none ran)."""
+    finals = {n: r for n, r in final_rows(result).items() if r.get("attacks")}
+    if not finals:
+        return []
+    lines = [f"### Under recovery attacks, after request {len(result['stream'])}", ""]
+    rows = []
+    for name, row in finals.items():
+        for kind, a in row["attacks"].items():
+            rows.append([result["protocols"][name]["label"], kind, _pct(a["ua"]), _pct(a["robust_ua"]),
+                         _pct(a["robust_ua"] - a["ua"], signed=True), str(a["steps"]), f"{a['seconds']:.1f}"])
+    lines += _table(["protocol", "attack", "UA (plain prompts)", "robust UA", "change", "attack steps",
+                     "attack s"], rows)
+    lines += ["", "Robust UA = 100 - the percent of attack images the classifier names as the removed concept, "
+              "averaged over the removed concepts; UA here is the same attack's plain prompts. Attack steps and "
+              "seconds: summed over the removed concepts.", ""]
+    return lines
 
 
 def _colors(names: list[str]) -> dict[str, Any]:

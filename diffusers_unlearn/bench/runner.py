@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .._validation import check_int, check_number, check_seed
 from ..evaluation import evaluate_unlearning, kv_drift
 from ..evaluation.metrics import check_eval_domain
 from ..mixin import attach
@@ -41,6 +42,9 @@ class BenchSettings:
         anchor: Concept Ablation's anchor (default: a generic word of the domain, ``DEFAULT_ANCHORS``).
         trajectories_per_prompt: frozen-model trajectories per request prompt (one prompt per template).
         seed: request k uses seed ``seed + k`` in every protocol.
+        attacks: recovery attack kinds (``evaluation.ATTACKS``) run on every removed concept after the last request;
+            their robust UA (100 - attack accuracy) joins the results.
+        attack_steps: optimisation steps of the embedding and finetune attacks (None: their defaults).
     """
 
     requests: int = 6
@@ -52,17 +56,22 @@ class BenchSettings:
     anchor: str | None = None
     trajectories_per_prompt: int = 1
     seed: int = 0
+    attacks: Sequence[str] = ()
+    attack_steps: int | None = None
 
     def __post_init__(self) -> None:
         check_eval_domain(self.domain)
+        self.attacks = check_attacks(self.attacks)
+        if self.attack_steps is not None and (isinstance(self.attack_steps, bool)
+                                              or not isinstance(self.attack_steps, int) or self.attack_steps < 1):
+            raise ValueError(f"attack_steps must be an integer >= 1 or None, got {self.attack_steps!r}")
         if self.method not in OBJECTIVES:
             raise ValueError(f"bench method must be a registered method {sorted(OBJECTIVES)}, got {self.method!r}")
         self.protocols = [p.name for p in resolve_protocols(self.protocols)]
-        if isinstance(self.requests, bool) or not isinstance(self.requests, int) or self.requests < 1:
-            raise ValueError(f"requests must be an integer >= 1, got {self.requests!r}")
-        if isinstance(self.trajectories_per_prompt, bool) or not isinstance(self.trajectories_per_prompt, int) \
-                or self.trajectories_per_prompt < 1:
-            raise ValueError(f"trajectories_per_prompt must be an integer >= 1, got {self.trajectories_per_prompt!r}")
+        check_int(self.requests, "requests", minimum=1)
+        check_int(self.trajectories_per_prompt, "trajectories_per_prompt", minimum=1)
+        check_number(self.negative_guidance, "negative_guidance", minimum=0)
+        check_seed(self.seed)
         if self.method == "ca" and self.anchor is None:
             self.anchor = DEFAULT_ANCHORS[self.domain]
 
@@ -70,12 +79,61 @@ class BenchSettings:
         return dataclasses.asdict(self)
 
 
+def check_attacks(attacks: Sequence[str] | str | None) -> list[str]:
+    """Attack kinds by name (a list or a comma-separated string), each a registered kind."""
+    from ..evaluation import ATTACKS
+
+    if attacks is None:
+        return []
+    names = [a.strip() for a in attacks.split(",") if a.strip()] if isinstance(attacks, str) else list(attacks)
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack kind(s) {unknown}; allowed: {sorted(ATTACKS)}")
+    return list(dict.fromkeys(names))
+
+
+def attack_removed(world: BenchWorld, settings: BenchSettings, pipe: Any, removed: Sequence[str],
+                   progress: bool = True) -> dict[str, Any]:
+    """Every attack of ``settings`` on every removed concept; per kind, robust UA = 100 - mean attack accuracy."""
+    from ..evaluation import attack
+
+    config = world.eval_config
+    classifier = world.style_classifier if settings.domain == "style" else world.object_classifier
+    axis_template = (config.template.format(object=o, style="{}") for o in config.objects) \
+        if settings.domain == "style" else (config.template.format(object="{}", style=s) for s in config.styles)
+    shared = dict(seeds=list(config.seeds), num_inference_steps=config.num_inference_steps,
+                  guidance_scale=config.guidance_scale, batch_size=config.batch_size,
+                  plain_templates=list(axis_template), progress=progress)
+    out: dict[str, Any] = {}
+    for kind in settings.attacks:
+        options = dict(shared)
+        if settings.attack_steps is not None and kind in ("embedding", "finetune"):
+            options["steps"] = settings.attack_steps
+        results = [attack(pipe, concept, kind, domain=world.prompt_domain(settings.domain), classifier=classifier,
+                          seed=settings.seed, **options) for concept in removed]
+        accuracy = sum(r.accuracy for r in results) / len(results)
+        plain = sum(r.plain_accuracy for r in results) / len(results)
+        out[kind] = {
+            "robust_ua": 100.0 - accuracy,
+            "ua": 100.0 - plain,
+            "accuracy": {r.concept: r.accuracy for r in results},
+            "plain_accuracy": {r.concept: r.plain_accuracy for r in results},
+            "steps": sum(r.steps for r in results),
+            "seconds": round(sum(r.seconds for r in results), 3),
+            "settings": {k: v for k, v in results[0].settings.items() if k != "plain_prompts"},
+        }
+    return out
+
+
 def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[str],
-               num_prompts: int) -> ObjectiveConfig:
+               num_prompts: int, method: str | None = None) -> ObjectiveConfig:
     """The method config of one request over ``concepts`` (several: a simultaneous retraining)."""
     config = world.eval_config
     common = dict(sampling_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
                   num_trajectories=num_prompts * settings.trajectories_per_prompt)
+    method = method or settings.method  # a protocol may name its own method
+    if method == "closed_form":  # keeps every other concept of the world, and the earlier removals
+        return build_objective_config("closed_form", dict(common, vocabulary=world.vocabulary()))
     if settings.method == "esd":
         return build_objective_config("esd", dict(common, negative_guidance=settings.negative_guidance))
     if settings.method == "ca":
@@ -94,7 +152,8 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
     ctx = ProtocolContext(settings.hparams, world.vocabulary())
     hp = settings.hparams
     return dict(
-        concept=concept, method=_objective(settings, world, [concept], len(world.templates(settings.domain))),
+        concept=concept,
+        method=_objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method),
         domain=world.prompt_domain(settings.domain), steps=hp.steps, learning_rate=hp.learning_rate, rank=hp.rank,
         batch_size=hp.batch_size, regularizers=protocol.build_regularizers(ctx), strategy=protocol.strategy(ctx),
     )
@@ -170,6 +229,10 @@ def run_protocol(world: BenchWorld, settings: BenchSettings, protocol: Protocol,
         held = "" if heldout is None else f"  UA held-out {heldout['ua']:.1f}"
         say(f"[{protocol.name}] request {k + 1}/{len(stream)} {stream[k]!r}: {scores.summary()}{held}  "
             f"drift {drift:.4f}  train {seconds:.1f}s ({steps} steps)  eval {scores.seconds:.1f}s")
+        if settings.attacks and k == len(stream) - 1:
+            rows[-1]["attacks"] = attack_removed(world, settings, pipe, stream, progress)
+            say(f"[{protocol.name}] robust UA: " + ", ".join(
+                f"{kind} {a['robust_ua']:.1f} ({a['seconds']:.0f}s)" for kind, a in rows[-1]["attacks"].items()))
         if on_request is not None:
             on_request()
     return rows
@@ -202,8 +265,7 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
     started = time.perf_counter()
     stream = world.stream(settings.domain, settings.requests)
     protocols = resolve_protocols(settings.protocols)
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    check_int(jobs, "jobs", minimum=1)
     if jobs > 1 and world_factory is None:
         raise ValueError("jobs > 1 needs a picklable world_factory: worker processes rebuild the world")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import minicanvas as mc
+from .._validation import check_int
 from ..evaluation import Classifier, EvalConfig
 from ..evaluation.metrics import check_eval_domain
 from ..prompts import TEMPLATES, register_templates
@@ -88,8 +89,7 @@ class BenchWorld:
         that removes the last kept one, IRA and CRA are undefined (n/a) and UA is the only score.
         """
         order = self.orders[check_eval_domain(domain)]
-        if isinstance(requests, bool) or not isinstance(requests, int) or requests < 1:
-            raise ValueError(f"requests must be an integer >= 1, got {requests!r}")
+        check_int(requests, "requests", minimum=1)
         if requests > len(order):
             raise ValueError(f"{self.name} has {len(order)} {domain}s to remove in its removal order; asked for a "
                              f"stream of {requests} requests: use at most {len(order)}")

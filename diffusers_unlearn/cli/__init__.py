@@ -13,7 +13,7 @@ import traceback
 import warnings
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ("demo", "bench", "unlearn", "run", "eval", "fold", "audit", "push")
+COMMANDS = ("demo", "bench", "unlearn", "run", "eval", "fold", "audit", "push", "attack")
 
 
 class UsageError(ValueError):

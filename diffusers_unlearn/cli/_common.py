@@ -9,6 +9,7 @@ import argparse
 import ast
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,17 @@ def default_text(module_file: str, class_name: str, field: str, prefix: str = "d
     """``"default <value>"`` for a help text, or ``""`` when the default is not a literal."""
     defaults = dataclass_defaults(module_file, class_name)
     return f"{prefix}{defaults[field]}" if field in defaults else ""
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` for numbers: NaN, Inf and values beyond float range are refused, as everywhere else."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_loading_options(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, load_folder
+from ._common import MODEL_HELP, add_loading_options, add_quiet, finite_float, load_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="PNG file to write (default: audit-<ID>.png)")
     parser.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shared initial noise (default 0)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    parser.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default: the pipeline's)")
     parser.add_argument("--model", default=None, help=f"base model of a ledger folder: {MODEL_HELP}")
     add_loading_options(parser)
     add_quiet(parser)

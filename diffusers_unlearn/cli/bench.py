@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import UsageError
-from ._common import dataclass_defaults, default_text, set_quiet
+from ._common import dataclass_defaults, default_text, finite_float, set_quiet
 
 # --quick: the same code path, small enough for CI (a couple of minutes on 2 CPU cores).
 QUICK = {"requests": 2, "steps": 4, "eval_seeds": 1, "eval_objects": 2, "eval_families": 2, "eval_steps": 10}
@@ -84,25 +84,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads with --jobs 1 (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="request k uses seed SEED + k")
-    parser.add_argument("--negative-guidance", type=float, default=None,
+    parser.add_argument("--negative-guidance", type=finite_float, default=None,
                         help=f"ESD's eta ({default_text('bench/runner.py', 'BenchSettings', 'negative_guidance')})")
     parser.add_argument("--anchor", default=None, help="Concept Ablation's anchor (default: a generic word)")
     group = parser.add_argument_group("per-request training (shared by every protocol)")
     group.add_argument("--steps", type=int, default=None, help=f"steps per request ({default('steps')})")
-    group.add_argument("--lr", type=float, default=None, help=f"learning rate ({default('learning_rate')})")
+    group.add_argument("--lr", type=finite_float, default=None, help=f"learning rate ({default('learning_rate')})")
     group.add_argument("--batch-size", type=int, default=None,
                        help=f"samples per step ({default('batch_size')})")
     group.add_argument("--rank", type=int, default=None, help=f"LoRA rank ({default('rank')})")
-    group.add_argument("--l1-weight", type=float, default=None, help=default("l1_weight"))
-    group.add_argument("--l2-weight", type=float, default=None, help=default("l2_weight"))
-    group.add_argument("--selective-top-k", type=float, default=None, help=default("selective_top_k"))
-    group.add_argument("--gp-selective-top-k", type=float, default=None,
+    group.add_argument("--l1-weight", type=finite_float, default=None, help=default("l1_weight"))
+    group.add_argument("--l2-weight", type=finite_float, default=None, help=default("l2_weight"))
+    group.add_argument("--selective-top-k", type=finite_float, default=None, help=default("selective_top_k"))
+    group.add_argument("--gp-selective-top-k", type=finite_float, default=None,
                        help=default("gp_selective_top_k"))
     group.add_argument("--gp-neighbors", type=_neighbors, default=None,
                        help="concepts of the auxiliary set gradient projection protects besides earlier removals, "
                        "the K nearest to the target or 'all' (default: all)")
-    group.add_argument("--merge-density", type=float, default=None, help=default("merge_density"))
-    group.add_argument("--merge-scale", type=float, default=None, help="TIES lambda (default: grows with n)")
+    group.add_argument("--merge-density", type=finite_float, default=None, help=default("merge_density"))
+    group.add_argument("--merge-scale", type=finite_float, default=None, help="TIES lambda (default: grows with n)")
+    parser.add_argument("--attacks", default=None,
+                        help="recovery attacks after the last request, comma-separated (paraphrase, embedding, "
+                        "finetune, rollback): adds robust-UA columns")
+    parser.add_argument("--attack-steps", type=int, default=None,
+                        help="optimisation steps of the embedding and finetune attacks (default: theirs)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-request lines")
     parser.set_defaults(func=run)
 
@@ -170,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         options["negative_guidance"] = args.negative_guidance
     settings = bench.BenchSettings(requests=requests, domain=args.domain, method=args.method,
                                    protocols=args.protocols, hparams=hparams, anchor=args.anchor, seed=args.seed,
-                                   **options)
+                                   attacks=args.attacks, attack_steps=args.attack_steps, **options)
     world.stream(settings.domain, settings.requests)  # refuse an impossible stream before any work
     command = command_line(args, _defaults())
     started = time.perf_counter()

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import UsageError
 from ..worlds import world_names
-from ._common import add_quiet, is_ledger_folder, load, set_quiet
+from ._common import add_quiet, finite_float, is_ledger_folder, load, set_quiet
 
 
 def _names(text: str | None) -> list[str] | None:
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--template", default=None,
                         help="prompt with {object} and {style} slots (default: MiniCanvas's)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: MiniCanvas's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: MiniCanvas's)")
+    parser.add_argument("--guidance", type=finite_float, default=None, help="guidance scale (default: MiniCanvas's)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per pipeline call (default 64)")
     parser.add_argument("--clip", default=None, metavar="DIR",
                         help="judge with zero-shot CLIP from this local checkpoint instead of MiniCanvas's classifiers")

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, default_text, load, short, working
+from ._common import MODEL_HELP, add_loading_options, add_quiet, default_text, finite_float, load, short, working
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     gp_neighbors = default_text("regularizers/projection.py", "GradientProjection", "neighbors", prefix="")
@@ -28,16 +28,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True,
                         help="folder to write the unlearned pipeline to (new, empty, or an unlearned folder; "
                              "MODEL_OR_FOLDER itself updates it)")
-    parser.add_argument("--method", default="esd",
-                        help="erasure method registered with du.register_objective (default esd); an unknown name "
-                        "is refused with the registered list")
+    parser.add_argument("--method", default=None,
+                        help="erasure method registered with du.register_objective (default: the recommended recipe, "
+                        "closed_form; esd when training or regularizer options are given); an unknown name is "
+                        "refused with the registered list")
     parser.add_argument("--anchor", default=None, help="anchor concept (method ca)")
     parser.add_argument("--domain", default=None,
                         help="picks the prompt templates: style, object or concept (default); a world with a recipe "
                         "(minicanvas) needs style or object and uses its own prompts for them")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's, else "
                         "TrainingConfig's)")
-    parser.add_argument("--learning-rate", type=float, default=None, help="learning rate (default: as --steps)")
+    parser.add_argument("--learning-rate", type=finite_float, default=None, help="learning rate (default: as --steps)")
     parser.add_argument("--rank", default=None, help="LoRA rank, or 'full' (default: as --steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request (default 0)")
     group = parser.add_argument_group(
@@ -53,9 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "--retain)")
     group.add_argument("--project", action="store_true",
                        help="gradient projection with its defaults (implied by --retain / --neighbors)")
-    group.add_argument("--top-k", type=float, default=None, help="selective fine-tuning: fraction of K/V elements")
-    group.add_argument("--l1", type=float, default=None, help="L1 drift penalty weight")
-    group.add_argument("--l2", type=float, default=None, help="L2 drift penalty weight")
+    group.add_argument("--top-k", type=finite_float, default=None, help="selective fine-tuning: fraction of K/V elements")
+    group.add_argument("--l1", type=finite_float, default=None, help="L1 drift penalty weight")
+    group.add_argument("--l2", type=finite_float, default=None, help="L2 drift penalty weight")
     group.add_argument("--regularizer", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                        help="a registered regularizer in the plan-file form, e.g. l2_drift:weight=1000 or "
                        "'gradient_projection:retain=[monet, picasso],neighbors=2'; repeatable; 'none' for no "
@@ -192,7 +193,7 @@ def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | N
     from ..objectives import OBJECTIVES, ObjectiveConfig, build_objective_config
     from ..worlds import get_world
 
-    if args.method not in OBJECTIVES:
+    if args.method is not None and args.method not in OBJECTIVES:
         raise UsageError(f"unknown --method {args.method!r}; registered methods: {', '.join(sorted(OBJECTIVES))}")
     options = parse_options(args.option)
     if args.anchor is not None:
@@ -205,6 +206,12 @@ def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | N
         settings = {k: v for k, v in method.to_dict().items() if k != "method"}
         kwargs["method"] = build_objective_config(method.method, {**settings, **options})
     else:
+        if method is None:  # no --method: the recommended recipe, or the trained method when training is asked for
+            from ..recipe import resolve_method
+
+            trained = {"steps": args.steps, "learning_rate": args.learning_rate, "rank": args.rank,
+                       "options": options or None, "regularizers": build_regularizers(args, recipe)}
+            method = resolve_method(None, trained)
         kwargs["method"] = build_objective_config(method, options)
     for key, value in (("steps", args.steps), ("learning_rate", args.learning_rate), ("rank", _rank(args.rank)),
                        ("strategy", args.strategy)):

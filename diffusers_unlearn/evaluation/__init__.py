@@ -8,6 +8,7 @@
 """
 
 from ..images import generate_images, to_pil
+from .attacks import ATTACKS, AttackResult, attack, register_attack
 from .classifiers import (
     DEFAULT_CLIP_TEMPLATES,
     Classifier,
@@ -29,6 +30,10 @@ from .metrics import (
 )
 
 __all__ = [
+    "ATTACKS",
+    "AttackResult",
+    "attack",
+    "register_attack",
     "DEFAULT_CLIP_TEMPLATES",
     "DOMAINS",
     "UNLEARNCANVAS_SEEDS",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .. import minicanvas
+from .._validation import check_int
 from ..images import Images, to_pil
 
 Classifier = Callable[[Images], Sequence[str]]
@@ -71,8 +72,7 @@ class CLIPZeroShotClassifier:
             raise ValueError(f"labels must be a non-empty list of distinct names, got {labels!r}")
         if isinstance(templates, str) or not templates or any(t.count("{}") != 1 for t in templates):
             raise ValueError(f"templates must be a list of strings with one '{{}}' slot each, got {templates!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int(batch_size, "batch_size", minimum=1)
         try:
             self.model = CLIPModel.from_pretrained(str(path), local_files_only=True).eval()
             self.processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)

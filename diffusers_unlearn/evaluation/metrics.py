@@ -23,6 +23,8 @@ import torch
 
 from .. import adapters as ad
 from .. import minicanvas as mc
+from .._validation import check_int, check_number, check_seed
+from ..families import denoiser_of
 from ..images import generate_images
 from ..mixin import UnlearnMixin
 from ..state import unlearning_state
@@ -73,18 +75,12 @@ class EvalConfig:
             setattr(self, name, list(values))
         if not isinstance(self.template, str) or "{object}" not in self.template or "{style}" not in self.template:
             raise ValueError(f"EvalConfig template needs '{{object}}' and '{{style}}' slots, got {self.template!r}")
-        if isinstance(self.seeds, (str, int)) or not self.seeds or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds
-        ):
+        if isinstance(self.seeds, (str, int)) or not self.seeds:
             raise ValueError(f"EvalConfig seeds must be a non-empty list of integers >= 0, got {self.seeds!r}")
-        self.seeds = list(self.seeds)
+        self.seeds = [check_seed(s, "EvalConfig seeds") for s in self.seeds]
         for name in ("num_inference_steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EvalConfig {name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) \
-                or self.guidance_scale < 0:
-            raise ValueError(f"EvalConfig guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
+            check_int(getattr(self, name), f"EvalConfig {name}", minimum=1)
+        check_number(self.guidance_scale, "EvalConfig guidance_scale", minimum=0)
 
     @classmethod
     def minicanvas(cls, seeds: Sequence[int] | int | None = None, **overrides: Any) -> EvalConfig:
@@ -230,9 +226,10 @@ def _kv_change(pipe: Any, base_weights: dict[str, torch.Tensor] | None) -> tuple
         if deltas is None:
             return base, {k: torch.zeros_like(w) for k, w in base.items()}
         return base, {k: deltas[k].float().cpu() for k in base}
-    if any(isinstance(m, ad.LoraLayer) for m in pipe.unet.modules()):
+    denoiser = denoiser_of(pipe)
+    if any(isinstance(m, ad.LoraLayer) for m in denoiser.modules()):
         raise ValueError("kv_drift with explicit base_weights needs plain K/V layers: fold() the pipeline first")
-    current = {k: w.detach().float().cpu() for k, w in ad.kv_weights(pipe.unet).items()}
+    current = {k: w.detach().float().cpu() for k, w in ad.kv_weights(denoiser).items()}
     missing = sorted(set(current) ^ set(base_weights))
     if missing:
         raise ValueError(f"base_weights do not match the pipeline's K/V layers: {missing[:4]}")

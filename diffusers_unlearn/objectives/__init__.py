@@ -11,6 +11,7 @@ from .base import (
     register_objective,
 )
 from .ca import CAConfig, CAObjective
+from .closed_form import ClosedFormConfig, ClosedFormObjective
 from .esd import ESDConfig, ESDObjective
 
 __all__ = [
@@ -26,4 +27,6 @@ __all__ = [
     "ESDObjective",
     "CAConfig",
     "CAObjective",
+    "ClosedFormConfig",
+    "ClosedFormObjective",
 ]

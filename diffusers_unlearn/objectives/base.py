@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import Conditioning, TextConditioner, sample_trajectory
+from .._validation import check_int, check_number
+from ..conditioning import Conditioner, Conditioning, sample_trajectory
 
 
 @dataclass
@@ -25,8 +26,10 @@ class ObjectiveConfig:
     """Settings every trajectory-based objective shares.
 
     Args:
-        sampling_steps: DDIM steps of the frozen model's trajectories (x_t is drawn from them).
-        guidance_scale: classifier-free guidance used to sample those trajectories (ESD's "start guidance").
+        sampling_steps: sampler steps of the frozen model's trajectories (x_t is drawn from them): DDIM for the
+            UNets, the pipeline's own flow-matching scheduler for SD3 and Flux.
+        guidance_scale: classifier-free guidance used to sample those trajectories (ESD's "start guidance"); for
+            guidance-distilled Flux, the guidance embedding of every prediction (it has no CFG).
         num_trajectories: trajectories sampled once per request and reused by every training step.
         resolution: image size in pixels for the trajectories (default: the UNet's native size).
     """
@@ -38,21 +41,17 @@ class ObjectiveConfig:
     resolution: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int(self, "sampling_steps", minimum=1)
-        _check_int(self, "num_trajectories", minimum=1)
+        check_int(self.sampling_steps, "sampling_steps", minimum=1)
+        check_int(self.num_trajectories, "num_trajectories", minimum=1)
         if self.resolution is not None:
-            _check_int(self, "resolution", minimum=8)
-        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
+            check_int(self.resolution, "resolution", minimum=8)
+        check_number(self.guidance_scale, "guidance_scale", minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
-
-def _check_int(config: object, field: str, minimum: int) -> None:
-    value = getattr(config, field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+    def check_regularizers(self, regularizers: list[Any]) -> None:
+        """Refuse regularizers this method cannot apply (called before anything runs); trained methods take all."""
 
 
 @dataclass
@@ -60,8 +59,8 @@ class ObjectiveContext:
     """What the trainer gives an objective for one request."""
 
     pipe: Any
-    conditioner: TextConditioner
-    unet: torch.nn.Module
+    conditioner: Conditioner
+    unet: torch.nn.Module  # the denoiser: the UNet, or SD3's / Flux's transformer
     concept: str
     prompts: list[str]
     frozen: Callable[[], AbstractContextManager]  # runs the UNet without the request's adapter
@@ -145,7 +144,7 @@ class TrajectoryObjective(Objective):
         timesteps = self.timesteps[steps]
         target = torch.stack([self.targets_at(int(s))[int(r)] for s, r in zip(steps, rows)])
         cond = self.training_cond.select(rows.to(self.training_cond.hidden_states.device))
-        prediction = self.context.conditioner.predict_noise(self.context.unet, latents, timesteps, cond)
+        prediction = self.context.conditioner.predict(self.context.unet, latents, timesteps, cond)
         return F.mse_loss(prediction.float(), target)
 
     def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:

@@ -93,7 +93,7 @@ class CAObjective(TrajectoryObjective):
 
     def frozen_target(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         ctx = self.context
-        return ctx.conditioner.predict_noise(ctx.unet, latents, timesteps, cond_rows(self.sampling_cond, rows))
+        return ctx.conditioner.predict(ctx.unet, latents, timesteps, cond_rows(self.sampling_cond, rows))
 
 
 def _swap(prompt: str, concept: str, anchor: str) -> str:

@@ -1,7 +1,12 @@
 """ESD (Gandikota et al., 2023), negative-guidance variant: steer the concept's prediction away from it.
 
 Target for x_t on the frozen model's own trajectory for the concept prompt:
-eps(x_t, empty) - eta * (eps(x_t, concept) - eps(x_t, empty)), all from the frozen model.
+f(x_t, empty) - eta * (f(x_t, concept) - f(x_t, empty)), all from the frozen model, where f is the denoiser's own
+output: noise for SD/SDXL, the flow-matching velocity noise - x0 for SD3 and Flux (trajectories then come from the
+pipeline's flow-matching scheduler). At fixed x_t and t the velocity is an affine function of the noise
+prediction and the target's weights (1 + eta, -eta) sum to one, so it is the same target in either
+parametrisation. Guidance-distilled Flux has no unconditional branch at sampling time: "empty" is the empty
+prompt, and every prediction (frozen and trained) is taken at the same distilled guidance embedding.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validation import check_number
 from ..conditioning import Conditioning
 from .base import ObjectiveConfig, TrajectoryObjective, cond_rows, register_objective
 
@@ -26,15 +32,14 @@ class ESDConfig(ObjectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.negative_guidance, (int, float)) or self.negative_guidance < 0:
-            raise ValueError(f"negative_guidance must be a number >= 0, got {self.negative_guidance!r}")
+        check_number(self.negative_guidance, "negative_guidance", minimum=0)
 
 
 class ESDObjective(TrajectoryObjective):
     def frozen_target(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         ctx = self.context
         both = Conditioning.cat([cond_rows(self.uncond, rows), cond_rows(self.sampling_cond, rows)])
-        noise = ctx.conditioner.predict_noise(
+        noise = ctx.conditioner.predict(
             ctx.unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both
         ).float()
         empty, concept = noise.chunk(2)

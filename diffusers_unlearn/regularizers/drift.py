@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from .._validation import check_number
 from .base import Regularizer, TrainingContext, register_regularizer
 
 REFERENCES = ("previous", "base")
@@ -24,8 +25,7 @@ class _DriftPenalty(Regularizer):
     order: ClassVar[int] = 50
 
     def __post_init__(self) -> None:
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight < 0:
-            raise ValueError(f"{type(self).__name__} weight must be a number >= 0, got {self.weight!r}")
+        check_number(self.weight, f"{type(self).__name__} weight", minimum=0)
         if self.reference not in REFERENCES:
             raise ValueError(f"{type(self).__name__} reference must be one of {list(REFERENCES)}, got {self.reference!r}")
 

@@ -9,6 +9,13 @@ P = I - C (C^T C + eps I)^-1 C^T. Then dW @ c = 0 for every protected c:
   leaves the subspace, A itself is projected back after every step.
 * dense delta: the same on D's rows; when selective fine-tuning masks D, each row is projected inside its own
   allowed entries (masking a projected update would break the projection).
+
+SD3 and Flux (joint transformer blocks): each block's ``add_k_proj`` / ``add_v_proj`` reads a different text
+state, which depends on the timestep and, after the first block, on the image. There C is per layer: the states
+that layer reads at the protected concepts' tokens (one column per protected prompt and sampled x_t, over the
+x_t of the request's own trajectories; ``text_states.py``). The first block's invariant is then exact at every
+timestep of the sampler; for the later blocks it holds on the collected x_t and approximately on others
+(``analysis.text_stream_change`` measures it on held-out x_t).
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_int, check_number, check_optional_number
 from .._warn import warn
-from ..conditioning import TextConditioner
 from ..embeddings import concept_embedding, cosine_similarities
-from ..prompts import DEFAULT_DOMAIN, check_concept, same_concept
+from ..families import conditioner_for, family_of
+from ..prompts import DEFAULT_DOMAIN, TEMPLATES, check_concept, concept_prompts, same_concept
+from ..text_states import ProtectedPrompt, collect_block_states
 from ..vocabulary import DEFAULT_VOCABULARY
 from .base import Regularizer, TrainingContext, register_regularizer
 
@@ -96,6 +105,9 @@ class GradientProjection(Regularizer):
             classifier-free guidance, so an update that moves them moves every concept.
         dedup_cosine: drop a neighbour whose embedding's cosine with a column already in C exceeds this.
         warn_in_span: warn when more than this fraction of the target embedding's energy lies in span(C).
+        samples_per_step: SD3 / Flux only: x_t per trajectory step on which each block's text states are collected
+            (columns per layer = protected prompts x sampling steps x this). The empty prompt adds its start and
+            end tokens only; its padding tokens are not protected on these models.
     """
 
     name: ClassVar[str] = "gradient_projection"
@@ -109,21 +121,23 @@ class GradientProjection(Regularizer):
     protect_unconditional: bool = True
     dedup_cosine: float = 0.95
     warn_in_span: float = 0.9
+    samples_per_step: int = 1
 
     def __post_init__(self) -> None:
+        samples = self.samples_per_step
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"GradientProjection samples_per_step must be an integer >= 1, got {samples!r}")
         if isinstance(self.retain, str):
             self.retain = [self.retain]
         self.retain = [check_concept(c, "retain concept") for c in self.retain]
-        if isinstance(self.neighbors, bool) or not isinstance(self.neighbors, int) or self.neighbors < 0:
-            raise ValueError(f"GradientProjection neighbors must be an integer >= 0, got {self.neighbors!r}")
-        if self.threshold is not None and (
-            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not -1 <= self.threshold <= 1
-        ):
-            raise ValueError(f"GradientProjection threshold must be a cosine similarity in [-1, 1], got {self.threshold!r}")
-        if not isinstance(self.dedup_cosine, (int, float)) or not 0 < self.dedup_cosine <= 1:
-            raise ValueError(f"GradientProjection dedup_cosine must be in (0, 1], got {self.dedup_cosine!r}")
-        if not isinstance(self.warn_in_span, (int, float)) or not 0 < self.warn_in_span <= 1:
-            raise ValueError(f"GradientProjection warn_in_span must be in (0, 1], got {self.warn_in_span!r}")
+        check_int(self.neighbors, "GradientProjection neighbors", minimum=0)
+        try:
+            check_optional_number(self.threshold, "threshold", minimum=-1, maximum=1)
+        except ValueError:
+            raise ValueError(f"GradientProjection threshold must be a cosine similarity in [-1, 1], got "
+                             f"{self.threshold!r}") from None
+        check_number(self.dedup_cosine, "GradientProjection dedup_cosine", minimum=0, maximum=1, exclusive_minimum=True)
+        check_number(self.warn_in_span, "GradientProjection warn_in_span", minimum=0, maximum=1, exclusive_minimum=True)
         if self.vocabulary is not None and not isinstance(self.vocabulary, (Mapping, Sequence)):
             raise TypeError(f"vocabulary must be a dict of domain -> concepts or a list, got {self.vocabulary!r}")
         if self.vocabulary is not None and not isinstance(self.vocabulary, Mapping):
@@ -190,7 +204,7 @@ class GradientProjection(Regularizer):
         if self.protect_unconditional:
             # Every position, near-duplicates included: a dropped one would not be kept exactly. The projector's
             # regularised inverse (or pseudo-inverse) copes with the near-dependence.
-            for vector in TextConditioner(ctx.pipe).encode_unconditional(1).hidden_states[0].float().cpu():
+            for vector in conditioner_for(ctx.pipe).encode_unconditional(1).hidden_states[0].float().cpu():
                 if vector.norm() > 0:
                     kept.append(vector)
                     self._unconditional_columns += 1
@@ -200,43 +214,122 @@ class GradientProjection(Regularizer):
     # -------------------------------------------------------------------------------------- hooks
     def setup(self, ctx: TrainingContext) -> None:
         self.check_request(ctx.concept, ctx.domain)
-        columns, chosen = self._columns(ctx, self.protected_concepts(ctx))
-        projector, info = complement_projector(columns)
-        target = concept_embedding(ctx.pipe, ctx.concept, ctx.domain).double()
-        in_span = float(1 - (projector @ target).square().sum() / target.square().sum()) if columns.shape[1] else 0.0
+        chosen = self.protected_concepts(ctx)
+        adapter = ctx.adapter
+        if family_of(ctx.pipe).per_block_text_states:
+            self._unconditional_columns = 0
+            used = self._select(ctx, chosen)
+            per_layer, in_span = self._block_columns(ctx, used)
+        else:
+            columns, used = self._columns(ctx, chosen)
+            per_layer = {layer: columns for layer in adapter.layer_names}
+            in_span = {layer: self._in_span(columns, concept_embedding(ctx.pipe, ctx.concept, ctx.domain))
+                       for layer in adapter.layer_names[:1]}
+        counts = sorted({int(c.shape[1]) for c in per_layer.values()})
         self._report = {
-            "protected": [vars(p) for p in chosen],
-            "columns": int(columns.shape[1]),
+            "protected": [vars(p) for p in used],
+            "columns": counts[-1] if counts else 0,
             "unconditional_columns": self._unconditional_columns,
-            "target_in_span": round(in_span, 6),
-            **info,
+            "target_in_span": round(max(in_span.values(), default=0.0), 6),
         }
-        if columns.shape[1] == 0:
+        if not counts or counts[-1] == 0:
             warn(f"GradientProjection has nothing to protect while removing {ctx.concept!r}: the request is not "
                  "constrained", {"retain": list(self.retain), "neighbors": self.neighbors})
-        if in_span > self.warn_in_span:
+        in_span_max = self._report["target_in_span"]
+        if in_span_max > self.warn_in_span:
             unconditional = (f" and {self._unconditional_columns} unconditional-prompt tokens"
                              if self._unconditional_columns else "")
-            warn(f"{in_span:.0%} of the embedding of {ctx.concept!r} lies in the span of what gradient projection "
-                 f"keeps ({len(chosen)} concepts{unconditional}): the request can only act on the remaining "
-                 f"{1 - in_span:.0%}, so {ctx.concept!r} may stay partly visible. If it does, keep fewer concepts "
+            warn(f"{in_span_max:.0%} of the embedding of {ctx.concept!r} lies in the span of what gradient projection "
+                 f"keeps ({len(used)} concepts{unconditional}): the request can only act on the remaining "
+                 f"{1 - in_span_max:.0%}, so {ctx.concept!r} may stay partly visible. If it does, keep fewer concepts "
                  "(fewer neighbours or retained concepts) or train longer",
                  {"neighbors": self.neighbors, "retain": list(self.retain), "steps": None})
 
-        adapter = ctx.adapter
         device = adapter.input_factor(adapter.layer_names[0]).device
-        self._active = columns.shape[1] > 0
-        self._columns_t = columns.to(device, torch.float32)
-        self._projector = projector.to(device, torch.float32)
+        self._active = bool(counts) and counts[-1] > 0
+        self._columns_t: dict[str, torch.Tensor] = {}
+        self._projector: dict[str, torch.Tensor] = {}
         self._row_projectors: dict[str, torch.Tensor] = {}
-        if adapter.masks is not None and self._active:
-            for layer, mask in adapter.masks.items():
-                self._row_projectors[layer] = masked_row_projectors(columns, mask.cpu()).to(device)
+        shared: dict[int, tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = {}  # one projector per distinct C
+        for layer in adapter.layer_names:
+            columns = per_layer[layer]
+            if id(columns) not in shared:
+                projector, info = complement_projector(columns)
+                shared[id(columns)] = (columns.to(device, torch.float32), projector.to(device, torch.float32), info)
+            self._columns_t[layer], self._projector[layer], info = shared[id(columns)]
+            if adapter.masks is not None and self._active:
+                self._row_projectors[layer] = masked_row_projectors(columns, adapter.masks[layer].cpu()).to(device)
+        infos = [info for _, _, info in shared.values()]
+        self._report["eps"] = max((i["eps"] for i in infos), default=0.0)
+        self._report["pseudo_inverse"] = any(i["pseudo_inverse"] for i in infos)
+        if len(shared) > 1:
+            self._report["columns_per_layer"] = {layer: int(c.shape[1]) for layer, c in per_layer.items()}
+            self._report["target_in_span_per_layer"] = {layer: round(v, 6) for layer, v in in_span.items()}
         self._project_parameters(ctx)  # a LoRA's A starts in the complement of span(C)
+
+    @staticmethod
+    def _in_span(columns: torch.Tensor, target: torch.Tensor) -> float:
+        """Share of ``target``'s energy (summed over its columns) inside span(columns)."""
+        if columns.shape[1] == 0:
+            return 0.0
+        projector, _ = complement_projector(columns)
+        target = target.double().reshape(projector.shape[0], -1)
+        return float(1 - (projector @ target).square().sum() / target.square().sum())
+
+    def _select(self, ctx: TrainingContext, chosen: list[_Protected]) -> list[_Protected]:
+        """The protected concepts after dropping near-duplicate neighbours (by their concept embeddings)."""
+        kept: list[torch.Tensor] = []
+        used: list[_Protected] = []
+        for item in chosen:
+            vector = concept_embedding(ctx.pipe, item.concept, item.domain)
+            if item.source == "neighbor" and any(
+                torch.nn.functional.cosine_similarity(vector, k, dim=0) > self.dedup_cosine for k in kept
+            ):
+                continue
+            kept.append(vector)
+            used.append(item)
+        return used
+
+    def _block_columns(self, ctx: TrainingContext, used: list[_Protected]
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Per-layer C for joint transformer blocks, and the share of the target's own states inside it."""
+        objective = ctx.objective
+        if not hasattr(objective, "latents") or not hasattr(objective, "timesteps"):
+            raise ValueError(
+                f"GradientProjection on {type(ctx.unet).__name__} collects each block's text states over the "
+                f"request's sampled x_t; method {objective.config.method!r} samples no trajectories"
+            )
+        conditioner = objective.context.conditioner
+        protected: list[ProtectedPrompt] = []
+        for item in used:
+            prompts = list(concept_prompts(item.concept, templates=TEMPLATES[item.domain]))
+            protected += [ProtectedPrompt(p, pos) for p, pos in
+                          zip(prompts, conditioner.concept_positions(prompts, item.concept))]
+        if self.protect_unconditional:
+            empty = conditioner.unconditional_positions()
+            protected += [ProtectedPrompt("", [i]) for i in empty]
+            self._unconditional_columns = len(empty) * objective.latents.shape[0] * min(
+                self.samples_per_step, objective.latents.shape[1])
+        target_prompts = list(concept_prompts(ctx.concept, templates=TEMPLATES[ctx.domain]))
+        targets = [ProtectedPrompt(p, pos) for p, pos in
+                   zip(target_prompts, conditioner.concept_positions(target_prompts, ctx.concept))]
+        layers = ctx.adapter.layer_names
+        states = collect_block_states(conditioner, ctx.unet, layers, protected + targets, objective.latents,
+                                      objective.timesteps, self.samples_per_step, objective.context.frozen)
+        count, per_x = len(protected), len(protected) + len(targets)
+        columns, in_span = {}, {}
+        for layer in layers:
+            # columns come grouped by x_t: [protected..., targets...] for each sample
+            blocks = states[layer].split(per_x, dim=1)
+            columns[layer] = torch.cat([b[:, :count] for b in blocks], dim=1) if count else \
+                torch.zeros(states[layer].shape[0], 0)
+            in_span[layer] = self._in_span(columns[layer], torch.cat([b[:, count:] for b in blocks], dim=1))
+        return columns, in_span
 
     def _project(self, layer: str, tensor: torch.Tensor, ctx: TrainingContext) -> torch.Tensor:
         mask = None if ctx.adapter.masks is None else ctx.adapter.masks[layer]
-        return project_rows(tensor, self._columns_t, self._projector, self._row_projectors.get(layer), mask)
+        return project_rows(tensor, self._columns_t[layer], self._projector[layer], self._row_projectors.get(layer),
+                            mask)
 
     def transform_gradients(self, ctx: TrainingContext) -> None:
         if not self._active:

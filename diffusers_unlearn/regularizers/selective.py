@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_number
 from ..adapters import kv_linear
 from .base import Regularizer, TrainingContext, register_regularizer
 
@@ -68,8 +69,7 @@ class SelectiveFinetune(Regularizer):
     top_k: float = 0.05
 
     def __post_init__(self) -> None:
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, float)) or not 0 < self.top_k <= 1:
-            raise ValueError(f"SelectiveFinetune top_k must be in (0, 1], got {self.top_k!r}")
+        check_number(self.top_k, "SelectiveFinetune top_k", minimum=0, maximum=1, exclusive_minimum=True)
 
     def setup(self, ctx: TrainingContext) -> None:
         scores = importance_scores(ctx)

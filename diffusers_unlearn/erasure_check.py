@@ -1,0 +1,124 @@
+"""The erasure check every request ends with: did the concept's prediction actually move?
+
+On a few short DDIM trajectories of the request's own prompts, sampled (with the request's seed) on the model as it
+was before the request, compare noise predictions before and after:
+
+* ``target_shift`` = ||eps'(x, c) - eps(x, c)|| / ||eps(x, c) - eps(x, c without the concept)||: how far the
+  concept's prediction moved, relative to the concept's own part of it (the prompt with the concept removed is the
+  reference, so a style's signal is measured apart from its object's);
+* ``reference_shift``: the same for that prompt without the concept, against the empty prompt: how much the
+  rest of the prompt moved.
+
+A request erased when ``target_shift >= min_shift``. The figures go into the request's ledger record
+(``record.erasure``) and the model card. Cost: ``steps`` UNet passes (with guidance) per probe prompt plus a few
+probe predictions, on top of which the model is switched twice (``audit``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .conditioning import Conditioning, sample_trajectory
+from .families import conditioner_for, denoiser_of
+
+MIN_SHIFT = 0.5
+
+
+class ErasureError(RuntimeError):
+    """A request that did not move its concept enough, with ``require_erasure=True``; nothing was committed."""
+
+
+class ErasureWarning(UserWarning):
+    """A request committed although its concept barely moved."""
+
+
+@dataclass
+class ErasureCheck:
+    """Args:
+    prompts: how many of the request's prompts to probe (the first ones).
+    steps: DDIM steps of each probe trajectory.
+    probe_points: trajectory steps where the predictions are compared (spread over the trajectory).
+    min_shift: the concept counts as erased when its prediction moved at least this fraction of its own signal.
+    """
+
+    prompts: int = 2
+    steps: int = 10
+    probe_points: int = 3
+    min_shift: float = MIN_SHIFT
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "steps", "probe_points"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"erasure check {name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.min_shift, bool) or not isinstance(self.min_shift, (int, float)) \
+                or not 0 < self.min_shift < float("inf"):
+            raise ValueError(f"erasure check min_shift must be a finite number > 0, got {self.min_shift!r}")
+
+
+def _without(prompt: str, concept: str) -> str:
+    start = prompt.lower().find(concept.lower())
+    if start < 0:
+        return ""
+    return " ".join((prompt[:start] + prompt[start + len(concept):]).split())
+
+
+@torch.no_grad()
+def check_erasure(pipe: Any, request_id: str, concept: str, prompts: list[str], *, seed: int,
+                  guidance_scale: float = 3.0, resolution: int | None = None,
+                  check: ErasureCheck | None = None) -> dict[str, Any]:
+    """Measure request ``request_id`` of ``pipe`` (already committed); returns the record's ``erasure`` figures."""
+    check = check or ErasureCheck()
+    conditioner = conditioner_for(pipe)  # the UNet's or the transformer's own parametrisation
+    denoiser = denoiser_of(pipe)
+    probes = list(prompts[: check.prompts])
+    references = [_without(p, concept) for p in probes]
+    n = len(probes)
+    cond = conditioner.encode(probes)
+    reference = conditioner.encode(references)
+    uncond = conditioner.encode_unconditional(n)
+    generator = torch.Generator().manual_seed(seed)
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        both = Conditioning.cat([cond, reference, uncond])
+        return conditioner.predict(denoiser, torch.cat([x] * 3), torch.cat([t] * 3), both).float()
+
+    with pipe.audit(request_id, mode="without"):
+        latents, timesteps = sample_trajectory(conditioner, denoiser, cond, uncond, steps=check.steps,
+                                               guidance_scale=guidance_scale, generator=generator,
+                                               resolution=resolution)
+        points = torch.linspace(0, len(timesteps) - 1, check.probe_points + 2).round().long()[1:-1].unique()
+        x = latents[points].flatten(0, 1)
+        t = timesteps[points].repeat_interleave(n)
+        cond, reference, uncond = (c.select(torch.arange(n).repeat(len(points))) for c in (cond, reference, uncond))
+        before = predict(x, t)
+    after = predict(x, t)
+    b_target, b_ref, b_uncond = before.chunk(3)
+    a_target, a_ref, _ = after.chunk(3)
+    tiny = torch.finfo(torch.float32).tiny
+    target_shift = float((a_target - b_target).norm() / (b_target - b_ref).norm().clamp(min=tiny))
+    reference_shift = float((a_ref - b_ref).norm() / (b_ref - b_uncond).norm().clamp(min=tiny))
+    return {
+        "target_shift": round(target_shift, 4),
+        "reference_shift": round(reference_shift, 4),
+        "min_shift": check.min_shift,
+        "erased": bool(target_shift >= check.min_shift),
+        "probe": {"prompts": probes, "steps": check.steps, "points": points.tolist(), "seed": seed},
+    }
+
+
+def report_erasure(concept: str, figures: dict[str, Any], require: bool) -> None:
+    """Warn (or raise ``ErasureError`` when ``require``) about a request whose concept did not move enough."""
+    if figures.get("erased", True):
+        return
+    message = (f"the request removing {concept!r} barely moved it: its prediction shifted by "
+               f"{figures['target_shift']:.2f} of the concept's own signal (erased needs >= {figures['min_shift']}). "
+               "Use more steps, a larger learning rate, another method (e.g. method='closed_form') or fewer "
+               "protected concepts")
+    if require:
+        raise ErasureError(message + "; nothing was committed (require_erasure=True)")
+    warnings.warn(message + "; it is recorded in the ledger as not erased", ErasureWarning, stacklevel=4)

@@ -1,0 +1,464 @@
+"""The attack interface: settings, result, registry, and what every attack shares (prompts, scoring, copies).
+
+An attack tries to make a pipeline produce a concept and reports how often the classifier then names it. Each kind
+is one module with a config dataclass (its ``kind`` and options) and an ``Attack`` subclass, made available by one
+``register_attack(Config, Attack)`` line, in the way peft registers a tuner. An attack never changes the pipeline
+it is given: it works on copies (the text encoder and tokenizer, the whole pipeline) or, for ``rollback``, inside
+``pipe.audit``, which restores the pipeline on exit.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ...images import generate_images
+from ...prompts import TEMPLATES, check_concept, check_domain
+from ..classifiers import Classifier, classify
+from ..metrics import UNLEARNCANVAS_SEEDS
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner} option {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number(owner: str, name: str, value: Any, minimum: float, inclusive: bool = True) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value >= minimum if inclusive else value > minimum)
+    if not ok:
+        bound = f">= {minimum}" if inclusive else f"> {minimum}"
+        raise ValueError(f"{owner} option {name} must be a finite number {bound}, got {value!r}")
+
+
+def check_templates(owner: str, name: str, value: Any) -> tuple[str, ...]:
+    """Templates with one ``{}`` slot (the concept) or ``{style}`` and ``{object}`` slots (MiniCanvas-style)."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{owner} option {name} must be a non-empty list of templates, got {value!r}")
+    for template in value:
+        slots = isinstance(template, str) and (
+            template.count("{}") == 1 or ("{style}" in template and "{object}" in template and "{}" not in template))
+        if not slots:
+            raise ValueError(f"{owner} option {name}: each template needs one '{{}}' slot for the concept (or "
+                             f"'{{style}}' and '{{object}}' slots), got {template!r}")
+    return tuple(value)
+
+
+@dataclass
+class AttackConfig:
+    """Settings every attack shares: which images are scored and how they are sampled.
+
+    Args:
+        seeds: generation seeds; every scored prompt gets one image per seed. An integer n: the first n of
+            UnlearnCanvas's seeds (188, 288, 588, 688, 888), MiniCanvas's ``EVAL_SEEDS``.
+        num_inference_steps, guidance_scale: sampling settings of every scored image (default: MiniCanvas's).
+        batch_size: images per pipeline call.
+        plain_templates: the concept's plain prompts (default: MiniCanvas's prompt across the other domain for a
+            MiniCanvas concept, else the domain's templates, ``du.prompts.TEMPLATES``).
+        progress: progress bars (default: follow the pipeline's ``set_progress_bar_config``).
+    """
+
+    kind: ClassVar[str] = ""
+    seeds: Sequence[int] | int = 2
+    num_inference_steps: int = 20
+    guidance_scale: float = 5.0
+    batch_size: int = 64
+    plain_templates: Sequence[str] | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        owner = f"attack {self.kind!r}"
+        if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
+            if not 1 <= self.seeds <= len(UNLEARNCANVAS_SEEDS):
+                raise ValueError(f"{owner} option seeds: an integer must be 1..{len(UNLEARNCANVAS_SEEDS)} (the first "
+                                 f"n of {list(UNLEARNCANVAS_SEEDS)}), got {self.seeds!r}; or pass a list of seeds")
+            self.seeds = list(UNLEARNCANVAS_SEEDS[: self.seeds])
+        elif isinstance(self.seeds, str) or not isinstance(self.seeds, Sequence) or not self.seeds or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
+            raise ValueError(f"{owner} option seeds must be an integer n or a non-empty list of integers >= 0, "
+                             f"got {self.seeds!r}")
+        self.seeds = list(self.seeds)
+        check_int(owner, "num_inference_steps", self.num_inference_steps, 1)
+        check_int(owner, "batch_size", self.batch_size, 1)
+        check_number(owner, "guidance_scale", self.guidance_scale, 0.0)
+        if self.plain_templates is not None:
+            self.plain_templates = check_templates(owner, "plain_templates", self.plain_templates)
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ValueError(f"{owner} option progress must be True, False or None, got {self.progress!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values.pop("progress")
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
+
+
+@dataclass
+class AttackResult:
+    """What an attack found.
+
+    Attributes:
+        accuracy: percent of the attack's images that the classifier names as the concept.
+        plain_accuracy: the same for the concept's plain prompts on the pipeline as given.
+        seconds, steps: the attack's cost (wall time, its own images' scoring included, the plain prompts'
+            excluded; optimisation steps, 0 for prompt-only attacks).
+        settings: every option the attack ran with. details: per-kind figures (per wording, per try, per request).
+    """
+
+    kind: str
+    concept: str
+    domain: str
+    accuracy: float
+    plain_accuracy: float
+    seconds: float
+    steps: int
+    num_images: int
+    settings: dict[str, Any]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def robust_ua(self) -> float:
+        """Unlearning accuracy under this attack: 100 - ``accuracy``."""
+        return 100.0 - self.accuracy
+
+    @property
+    def plain_ua(self) -> float:
+        return 100.0 - self.plain_accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "robust_ua": self.robust_ua, "plain_ua": self.plain_ua}
+
+    def summary(self) -> str:
+        return (f"{self.kind}: {self.concept!r} named in {self.accuracy:.1f}% of attack images (plain prompt "
+                f"{self.plain_accuracy:.1f}%), UA {self.plain_ua:.1f} -> {self.robust_ua:.1f}; "
+                f"{self.steps} steps, {self.seconds:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+def minicanvas_axis(concept: str, domain: str) -> str | None:
+    """"style" or "object" when ``concept`` is a MiniCanvas concept of that domain ("style", "object" or a bench
+    world's "<world>-style" / "<world>-object"), else None."""
+    from ... import minicanvas as mc
+
+    axis = domain.rsplit("-", 1)[-1]
+    if axis == "style" and concept in mc.STYLES:
+        return "style"
+    if axis == "object" and concept in mc.OBJECTS:
+        return "object"
+    return None
+
+
+def fill_templates(templates: Sequence[str], concept: str, axis: str | None) -> list[list[str]]:
+    """The prompts of each template: a ``{}`` template gives one prompt; a ``{style}``/``{object}`` template gives
+    one per concept of MiniCanvas's other domain (``axis``: the concept's own domain)."""
+    from ... import minicanvas as mc
+
+    out = []
+    for template in templates:
+        if "{}" in template:
+            out.append([template.format(concept)])
+            continue
+        if axis is None:
+            raise ValueError(f"template {template!r} has {{style}}/{{object}} slots, which only MiniCanvas concepts "
+                             f"fill; {concept!r} is not one: use templates with one '{{}}' slot")
+        others = mc.OBJECTS if axis == "style" else mc.STYLES
+        out.append([template.format(style=concept, object=o) if axis == "style" else
+                    template.format(style=o, object=concept) for o in others])
+    return out
+
+
+def default_plain_templates(concept: str, domain: str) -> tuple[str, ...]:
+    """MiniCanvas's own prompt for its concepts, else the domain's request templates."""
+    if minicanvas_axis(concept, domain) is not None:
+        from ... import minicanvas as mc
+
+        return (mc.PROMPT_TEMPLATE,)
+    return TEMPLATES[check_domain(domain)]
+
+
+# ------------------------------------------------------------------------------------------------------ context
+@dataclass
+class AttackContext:
+    """What an attack works with: the pipeline (never to be changed), the concept, the judge and the settings."""
+
+    pipe: Any
+    concept: str
+    domain: str
+    classifier: Classifier
+    seed: int
+    config: AttackConfig
+    _plain: float | None = None
+
+    @property
+    def axis(self) -> str | None:
+        return minicanvas_axis(self.concept, self.domain)
+
+    @property
+    def progress(self) -> bool:
+        if self.config.progress is not None:
+            return self.config.progress
+        return not (getattr(self.pipe, "_progress_bar_config", None) or {}).get("disable", False)
+
+    def plain_templates(self) -> tuple[str, ...]:
+        return tuple(self.config.plain_templates or default_plain_templates(self.concept, self.domain))
+
+    def prompts(self, templates: Sequence[str], concept: str | None = None) -> list[str]:
+        """Every prompt of ``templates`` filled with ``concept`` (default: the attacked concept's own words)."""
+        return [p for group in fill_templates(templates, concept or self.concept, self.axis) for p in group]
+
+    def plain_prompts(self) -> list[str]:
+        return self.prompts(self.plain_templates())
+
+    def images(self, pipe: Any, prompts: Sequence[str], desc: str) -> torch.Tensor:
+        """One image per prompt and seed, prompt-major."""
+        cases = [(p, s) for p in prompts for s in self.config.seeds]
+        return generate_images(pipeline_view(pipe), [p for p, _ in cases], [s for _, s in cases],
+                               num_inference_steps=self.config.num_inference_steps,
+                               guidance_scale=self.config.guidance_scale, batch_size=self.config.batch_size,
+                               progress=self.progress, desc=desc)
+
+    def hits(self, images: torch.Tensor) -> list[bool]:
+        """Whether the classifier names each image as the concept."""
+        return [label == self.concept for label in classify(self.classifier, images)]
+
+    def accuracy(self, pipe: Any, prompts: Sequence[str], desc: str = "attack images") -> float:
+        hits = self.hits(self.images(pipe, prompts, desc))
+        return 100.0 * sum(hits) / len(hits)
+
+    def plain_accuracy(self) -> float:
+        """The plain prompts on the pipeline as given (computed once)."""
+        if self._plain is None:
+            self._plain = self.accuracy(self.pipe, self.plain_prompts(), "plain prompts")
+        return self._plain
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
+
+
+@dataclass
+class AttackOutcome:
+    """What an attack's ``run`` returns; ``attack()`` adds the plain accuracy, the settings and the time."""
+
+    accuracy: float
+    steps: int
+    num_images: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Attack(ABC):
+    """One kind of recovery attack. Subclasses are registered with ``register_attack``."""
+
+    config_class: ClassVar[type[AttackConfig]] = AttackConfig
+
+    def __init__(self, config: AttackConfig, context: AttackContext):
+        self.config = config
+        self.context = context
+
+    def check(self) -> None:
+        """Refuse a pipeline or concept this attack cannot run on, before any work."""
+
+    @abstractmethod
+    def run(self) -> AttackOutcome:
+        """Attack ``context.pipe`` (without changing it) and score the attack's images."""
+
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(config_class: type[AttackConfig], attack_class: type[Attack]) -> None:
+    """Make ``config_class.kind`` usable as ``du.evaluation.attack(..., kind)``; a kind is registered once."""
+    kind = config_class.kind
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"{config_class.__name__}.kind must name the attack kind")
+    if kind in ATTACKS:
+        raise ValueError(f"attack kind {kind!r} is already registered (by {ATTACKS[kind].__name__}); "
+                         f"registered kinds: {sorted(ATTACKS)}")
+    attack_class.config_class = config_class
+    ATTACKS[kind] = attack_class
+
+
+def build_attack_config(kind: str, options: dict[str, Any]) -> AttackConfig:
+    if not isinstance(kind, str) or kind not in ATTACKS:
+        raise ValueError(f"unknown attack kind {kind!r}; allowed kinds: {sorted(ATTACKS)}")
+    config_class = ATTACKS[kind].config_class
+    allowed = {f.name for f in dataclasses.fields(config_class) if f.init}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"attack {kind!r} has no option(s) {unknown}; allowed: {sorted(allowed)}")
+    return config_class(**options)
+
+
+def attack(
+    pipe: Any,
+    concept: str,
+    kind: str,
+    *,
+    domain: str | None = None,
+    classifier: Classifier,
+    seed: int = 0,
+    **options: Any,
+) -> AttackResult:
+    """Try to bring ``concept`` back on ``pipe`` with one kind of attack; the pipeline is left unchanged.
+
+    Args:
+        pipe: a Stable Diffusion-family pipeline, unlearned (``du.attach``) or not.
+        concept: the concept to recover, a label the classifier answers with.
+        kind: "paraphrase", "embedding", "finetune", "rollback" or any registered kind (``ATTACKS``).
+        domain: prompt domain of the concept ("style", "object", "concept" (default) or registered). A MiniCanvas
+            style or object is prompted with MiniCanvas's own prompt across the other domain.
+        classifier: ``images -> labels``; accuracy is the percent of images it names as ``concept``.
+        seed: makes the attack reproducible (optimisation noise, timesteps, minibatches, adapter init).
+        **options: the kind's settings (see its config class, e.g. ``EmbeddingAttackConfig``) and the shared ones
+            of ``AttackConfig`` (``seeds``, ``num_inference_steps``, ``guidance_scale``, ...).
+    """
+    config = build_attack_config(kind, options)
+    concept = check_concept(concept)
+    domain = "concept" if domain is None else domain
+    if not isinstance(domain, str) or not domain:
+        raise ValueError(f"domain must be a non-empty string, got {domain!r}")
+    if minicanvas_axis(concept, domain) is None:
+        check_domain(domain)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not callable(classifier):
+        raise TypeError(f"classifier must be a callable from images to labels, got {classifier!r}")
+    labels = getattr(classifier, "labels", None)
+    if labels is not None and concept not in list(labels):
+        raise ValueError(f"the classifier never answers {concept!r}, so no attack could find it; its labels: "
+                         f"{list(labels)[:20]}")
+    if getattr(pipe, "unet", None) is None:
+        raise TypeError(f"attacks need a UNet pipeline (Stable Diffusion 1.x/2.x or SDXL), got {type(pipe).__name__}")
+    context = AttackContext(pipe, concept, domain, classifier, seed, config)
+    runner = ATTACKS[kind](config, context)
+    runner.check()
+    plain = context.plain_accuracy()
+    started = time.perf_counter()  # the attack's cost: everything after scoring the plain prompts
+    outcome = runner.run()
+    return AttackResult(
+        kind=kind,
+        concept=concept,
+        domain=domain,
+        accuracy=float(outcome.accuracy),
+        plain_accuracy=float(plain),
+        seconds=round(time.perf_counter() - started, 3),
+        steps=int(outcome.steps),
+        num_images=int(outcome.num_images),
+        settings={**config.to_dict(), "seed": seed, "plain_prompts": context.plain_prompts()},
+        details=outcome.details,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def base_pipeline(pipe: Any) -> Any:
+    """The model before any unlearning request: ``pipe`` itself when it holds none, else a copy with every request
+    rolled back (the user's pipeline is untouched)."""
+    from ...mixin import UnlearnMixin
+
+    if not isinstance(pipe, UnlearnMixin) or not pipe.unlearning_ledger.requests:
+        return pipe
+    base = copy.deepcopy(pipe)
+    base.unfold()  # rolling back a folded pipeline would warn about re-folding at every request
+    for request_id in list(base.unlearning_ledger.ids()):
+        base.rollback(request_id)
+    return base
+
+
+@torch.no_grad()
+def generate_latents(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int,
+                     guidance_scale: float, batch_size: int = 64) -> torch.Tensor:
+    """Final latents (the UNet's space, before the VAE) of one sample per ``(prompts[i], seeds[i])``, on the CPU;
+    each sample seeded on its own as in ``generate_images``."""
+    view = pipeline_view(pipe)
+    view.set_progress_bar_config(disable=True)
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        out = view(list(prompts[start : start + batch_size]), generator=generators, output_type="latent",
+                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        chunks.append(out.images.detach().float().cpu())
+    return torch.cat(chunks)
+
+
+class NoisedBatches:
+    """Minibatches for ordinary denoising training on clean latents: rows, timesteps and noise drawn from one
+    generator, the noised latents and the target the pipeline's scheduler predicts (epsilon or v)."""
+
+    def __init__(self, pipe: Any, latents: torch.Tensor, generator: torch.Generator):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"denoising training supports epsilon and v_prediction schedulers, got "
+                             f"{self.prediction_type!r}")
+        self.latents = latents
+        self.generator = generator
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, noisy latents, timesteps, target)``, on the CPU in float32."""
+        gen = self.generator
+        rows = torch.randint(0, len(self.latents), (batch_size,), generator=gen)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        clean = self.latents[rows]
+        noise = torch.randn(clean.shape, generator=gen)
+        noisy = self.scheduler.add_noise(clean, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(clean, noise, timesteps)
+        return rows, noisy, timesteps, target
+
+
+def diffusers_class(pipe: Any) -> type:
+    """The plain diffusers class of a pipeline (``du.attach`` makes a subclass that adds ``UnlearnMixin``)."""
+    from diffusers import DiffusionPipeline
+
+    from ...mixin import UnlearnMixin
+
+    for cls in type(pipe).__mro__:
+        if issubclass(cls, DiffusionPipeline) and not issubclass(cls, UnlearnMixin):
+            return cls
+    raise TypeError(f"{type(pipe).__name__} is not a diffusers pipeline")
+
+
+def pipeline_view(pipe: Any, **replace: Any) -> Any:
+    """A new pipeline object over the same components, with some replaced (e.g. a copied text encoder) and its own
+    scheduler, so that sampling with it changes nothing of ``pipe``."""
+    components = dict(pipe.components)
+    components["scheduler"] = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    components.update(replace)
+    cls = diffusers_class(pipe)
+    accepted = inspect.signature(cls.__init__).parameters
+    if "requires_safety_checker" in accepted:
+        components["requires_safety_checker"] = bool(getattr(pipe.config, "requires_safety_checker", False))
+    view = cls(**{k: v for k, v in components.items() if k in accepted})
+    view.set_progress_bar_config(**(getattr(pipe, "_progress_bar_config", None) or {}))
+    return view
+
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackConfig",
+    "AttackContext",
+    "AttackOutcome",
+    "AttackResult",
+    "attack",
+    "base_pipeline",
+    "build_attack_config",
+    "check_int",
+    "check_number",
+    "check_templates",
+    "default_plain_templates",
+    "fill_templates",
+    "NoisedBatches",
+    "generate_latents",
+    "minicanvas_axis",
+    "pipeline_view",
+    "register_attack",
+]

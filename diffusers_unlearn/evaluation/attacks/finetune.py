@@ -1,0 +1,200 @@
+"""``finetune``: benign fine-tuning resurgence (arXiv 2410.08074).
+
+A user who downloads the unlearned model and fine-tunes it on something unrelated may bring the erased concept
+back. The attack does that on a copy of the pipeline: the unlearning requests are folded into the copy's weights,
+a peft LoRA is put on every attention projection of its UNet (``to_q``, ``to_k``, ``to_v``, ``to_out.0``, self- and
+cross-attention) and trained with the ordinary denoising loss on images of kept concepts only; then the erased
+concept's plain prompts are scored on the copy. The pipeline given is never touched.
+
+Training images: on MiniCanvas, the renderer's own images of the kept concepts (real data, as a user would have);
+elsewhere, the pipeline's own samples of the kept concepts' plain prompts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ...conditioning import TextConditioner
+from ...prompts import check_concept, same_concept
+from ...vocabulary import DEFAULT_VOCABULARY
+from .base import (
+    Attack,
+    AttackConfig,
+    AttackOutcome,
+    NoisedBatches,
+    check_int,
+    check_number,
+    default_plain_templates,
+    generate_latents,
+)
+
+ADAPTER_NAME = "resurgence_attack"
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+# Training images are drawn at seeds from here on, away from the scored images' seeds.
+TRAINING_SEED_OFFSET = 20_000
+# Kept concepts taken from the built-in vocabulary when none are given (outside MiniCanvas).
+DEFAULT_KEPT = 8
+
+
+@dataclass
+class FinetuneAttackConfig(AttackConfig):
+    """Args:
+    steps: fine-tuning steps.
+    learning_rate: AdamW learning rate of the LoRA.
+    rank: LoRA rank (alpha = rank).
+    train_batch_size: images per step.
+    kept: the concepts to fine-tune on (default: MiniCanvas's concepts of the domain that are neither removed nor
+        attacked; elsewhere the first 8 such concepts of the built-in vocabulary of the domain).
+    images_per_prompt: training images per kept concept and prompt.
+    """
+
+    kind: ClassVar[str] = "finetune"
+    steps: int = 300
+    learning_rate: float = 1e-4
+    rank: int = 4
+    train_batch_size: int = 4
+    kept: Sequence[str] | None = None
+    images_per_prompt: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = "attack 'finetune'"
+        check_int(owner, "steps", self.steps, 1)
+        check_int(owner, "rank", self.rank, 1)
+        check_int(owner, "train_batch_size", self.train_batch_size, 1)
+        check_int(owner, "images_per_prompt", self.images_per_prompt, 1)
+        check_number(owner, "learning_rate", self.learning_rate, 0.0, inclusive=False)
+        if self.kept is not None:
+            if isinstance(self.kept, str) or not isinstance(self.kept, Sequence) or not self.kept:
+                raise ValueError(f"{owner} option kept must be a non-empty list of concepts, got {self.kept!r}")
+            self.kept = [check_concept(c, "kept concept") for c in self.kept]
+
+
+class FinetuneAttack(Attack):
+    def check(self) -> None:
+        ctx = self.context
+        kept = self.kept_concepts()
+        clash = [c for c in kept if same_concept(c, ctx.concept)]
+        if clash:
+            raise ValueError(f"attack 'finetune' option kept must not contain the attacked concept {ctx.concept!r}")
+
+    def kept_concepts(self) -> list[str]:
+        ctx = self.context
+        if self.config.kept is not None:
+            return list(self.config.kept)
+        removed = list(getattr(ctx.pipe, "removed_concepts", []) or [])
+
+        def keep(c: str) -> bool:
+            return not any(same_concept(c, r) for r in [*removed, ctx.concept])
+
+        if ctx.axis is not None:
+            from ... import minicanvas as mc
+
+            pool = mc.STYLES if ctx.axis == "style" else mc.OBJECTS
+            kept = [c for c in pool if keep(c)]
+        else:
+            pool = DEFAULT_VOCABULARY.get(ctx.domain.rsplit("-", 1)[-1], ())
+            kept = [c for c in pool if keep(c)][:DEFAULT_KEPT]
+        if not kept:
+            raise ValueError(f"attack 'finetune' found no kept concepts to fine-tune on for domain {ctx.domain!r} "
+                             f"(removed: {removed}); pass kept=[...]")
+        return kept
+
+    def run(self) -> AttackOutcome:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from ...mixin import UnlearnMixin
+
+        ctx, cfg = self.context, self.config
+        kept = self.kept_concepts()
+        work = copy.deepcopy(ctx.pipe)
+        if isinstance(work, UnlearnMixin):
+            work.fold()  # plain K/V layers: the LoRA below is the only adapter of the copy's UNet
+        prompts, latents = self._training_data(work, kept)
+        unet = work.unet
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=list(ATTENTION_PROJECTIONS))
+            inject_adapter_in_model(lora, unet, adapter_name=ADAPTER_NAME)
+        unet.requires_grad_(False)
+        params = [p for n, p in unet.named_parameters() if "lora_" in n and ADAPTER_NAME in n]
+        for p in params:
+            p.requires_grad_(True)
+        conditioner = TextConditioner(work)
+        unique = list(dict.fromkeys(prompts))
+        cond = conditioner.encode(unique)
+        prompt_rows = torch.tensor([unique.index(p) for p in prompts])
+        batches = NoisedBatches(work, latents, ctx.generator(2))
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        device = unet.device
+        losses = []
+        unet.train()
+        with tqdm(total=cfg.steps, desc="fine-tuning attack", unit="step", disable=not ctx.progress,
+                  leave=False) as bar:
+            for _ in range(cfg.steps):
+                rows, noisy, timesteps, target = batches.sample(cfg.train_batch_size)
+                prediction = conditioner.predict_noise(unet, noisy.to(device), timesteps.to(device),
+                                                       cond.select(prompt_rows[rows]))
+                loss = F.mse_loss(prediction.float(), target.to(device))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.update(1)
+        unet.eval()
+        accuracy = ctx.accuracy(work, ctx.plain_prompts(), "after fine-tuning")
+        del work
+        window = max(1, len(losses) // 10)
+        return AttackOutcome(
+            accuracy=accuracy,
+            steps=cfg.steps,
+            num_images=len(ctx.plain_prompts()) * len(cfg.seeds),
+            details={
+                "kept": kept,
+                "training_images": len(latents),
+                "training_data": "minicanvas renders" if ctx.axis is not None else "pipeline samples",
+                "lora_parameters": sum(p.numel() for p in params),
+                "loss_first": sum(losses[:window]) / window,
+                "loss_last": sum(losses[-window:]) / window,
+            },
+        )
+
+    def _training_data(self, work: Any, kept: list[str]) -> tuple[list[str], torch.Tensor]:
+        """Prompts and clean latents of the kept concepts."""
+        ctx, cfg = self.context, self.config
+        seeds = [TRAINING_SEED_OFFSET + ctx.seed * cfg.images_per_prompt + i for i in range(cfg.images_per_prompt)]
+        if ctx.axis is not None:
+            from ... import minicanvas as mc
+
+            pairs = [(k, o) if ctx.axis == "style" else (o, k)
+                     for k in kept for o in (mc.OBJECTS if ctx.axis == "style" else mc.STYLES)]
+            cases = [(s, o, seed) for s, o in pairs for seed in seeds]
+            prompts = [mc.prompt(s, o) for s, o, _ in cases]
+            size = work.unet.config.sample_size * work.vae_scale_factor
+            return prompts, self._encode_images(work, [mc.render(s, o, seed, size=size) for s, o, seed in cases])
+        templates = default_plain_templates(kept[0], ctx.domain)
+        base_prompts = [t.format(k) for k in kept for t in templates if "{}" in t]
+        cases = [(p, s) for p in base_prompts for s in seeds]
+        latents = generate_latents(work, [p for p, _ in cases], [s for _, s in cases],
+                                   num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                   batch_size=cfg.batch_size)
+        return [p for p, _ in cases], latents
+
+    @torch.no_grad()
+    def _encode_images(self, work: Any, images: list[Any]) -> torch.Tensor:
+        vae = work.vae
+        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1.0 for im in images]))
+        pixels = pixels.permute(0, 3, 1, 2).to(vae.device, next(vae.parameters()).dtype)
+        out = []
+        for start in range(0, len(pixels), 64):
+            # the posterior's mean: deterministic, and what the images are
+            out.append(vae.encode(pixels[start : start + 64]).latent_dist.mean.float().cpu())
+        return torch.cat(out) * float(vae.config.scaling_factor)

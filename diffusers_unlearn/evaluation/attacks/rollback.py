@@ -1,0 +1,46 @@
+"""``rollback``: roll back each other request in turn; does the concept come back when one of them goes?
+
+In a stream, later requests are trained on top of earlier ones (or merged with them), so removing one may undo
+part of another. Each other request is left out inside ``pipe.audit(request_id, mode="without")``, which restores
+the pipeline afterwards (also on errors); the worst case (highest accuracy) is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...prompts import same_concept
+from .base import Attack, AttackConfig, AttackOutcome
+
+
+@dataclass
+class RollbackAttackConfig(AttackConfig):
+    """No options of its own: every request of the ledger other than the concept's is rolled back in turn."""
+
+    kind: ClassVar[str] = "rollback"
+
+
+class RollbackAttack(Attack):
+    def run(self) -> AttackOutcome:
+        from ...mixin import UnlearnMixin
+
+        ctx = self.context
+        pipe = ctx.pipe
+        records = pipe.unlearning_ledger.requests if isinstance(pipe, UnlearnMixin) else []
+        others = [r for r in records if not same_concept(r.concept, ctx.concept)]
+        prompts = ctx.plain_prompts()
+        per_request: dict[str, dict[str, object]] = {}
+        for record in others:
+            with pipe.audit(record.request_id, mode="without"):
+                accuracy = ctx.accuracy(pipe, prompts, f"without {record.request_id}")
+            per_request[record.request_id] = {"concept": record.concept, "accuracy": accuracy}
+        if not per_request:  # nothing to roll back: the pipeline as it is
+            return AttackOutcome(ctx.plain_accuracy(), 0, 0, {"rolled_back": [], "note": "no other request"})
+        worst = max(per_request, key=lambda i: per_request[i]["accuracy"])
+        return AttackOutcome(
+            accuracy=float(per_request[worst]["accuracy"]),
+            steps=0,
+            num_images=len(prompts) * len(self.config.seeds) * len(per_request),
+            details={"rolled_back": list(per_request), "per_request": per_request, "worst_request": worst},
+        )

@@ -1,0 +1,413 @@
+"""Closed-form, ledger-aware erasure: the smallest K/V change that maps a concept onto an anchor (UCE-style).
+
+For every cross-attention K/V weight, with W0 the base weight and W the current one (earlier requests folded in),
+the request's change D solves, in float64 and with no training loop:
+
+1. protected set P (kept/auxiliary concepts' embeddings and every token of the empty prompt):
+   (W + D) p = W0 p, exactly on span(P) (a hard constraint: D lives in the complement of span(P) apart from the
+   correction that brings P back to its base outputs);
+2. inside that complement, least squares with a small ridge over token pairs (c, a): the new concept's tokens c map
+   to the anchor's outputs W0 a (the concept's last token and every token after it, paired with the anchor
+   prompt's tokens at the same offset, as UCE does), and so does every concept removed earlier (read from the
+   ledger, each with its own anchor), so request 12 cannot undo request 3.
+
+When the target lies almost inside span(P) (narrow text spaces: MiniCanvas's 64-wide space leaves about 3% of a
+style's energy outside the span of the other styles and the empty prompt) only that residual can carry the erasure;
+the solve still maps it (a larger edit), and the ledger records how much of the target was in the span.
+
+The solve (basis, eigendecomposition, inverse) runs in float64; its factors are applied to each float32 weight in
+float32. The result is stored exactly as LoRA factors D = B @ A (A: the solve's directions, rank <= the free
+directions; an identity factor once that rank reaches min(out, in)), so the ledger, audit, fold, merge and LoRA
+export treat it like any trained request. Rolling back a request re-solves the closed-form requests after it
+(``resolve_after_rollback``), since each was solved on top of, and keeping, the ones before it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..adapters import RequestAdapter, identity_factors
+from ..conditioning import TextConditioner
+from ..conditioning import _find_sublist
+from ..embeddings import concept_embedding
+from ..prompts import TEMPLATES, check_concept, same_concept
+from ..vocabulary import DEFAULT_VOCABULARY
+from .base import Objective, ObjectiveConfig, register_objective
+
+SPAN_RTOL = 1e-8  # singular values of P below this fraction of the largest: directions P does not use
+KEY_RTOL = 1e-12  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
+
+
+@dataclass
+class ClosedFormConfig(ObjectiveConfig):
+    """Args:
+    anchor: what the concept's tokens should produce instead: "" (default: the empty slot, "an image in style"),
+        or a domain anchor such as "painting". Anchor prompts are the request's prompts with the concept swapped.
+    preserve: concepts whose K/V outputs must stay at the base model's (embedded in the request's domain).
+    vocabulary: auxiliary concepts kept too, ``{domain: [concepts]}`` or a list (request's domain); default the
+        built-in styles and objects. The target and every concept removed earlier are left out.
+    protect_unconditional: keep every token of the empty prompt at its base outputs (it enters every image through
+        classifier-free guidance).
+    include_earlier: keep every earlier removal of the ledger mapped to its anchor.
+    earlier_weight: weight of each earlier removal's token pairs against the new concept's in the least squares:
+        where both compete for the same free directions, the earlier removals win.
+    preserve_weight: weight of each token of the kept concepts' prompts (every token from the concept on, in every
+        template of its domain) in a soft penalty on its output change: span(P) holds each kept concept's average
+        vector exactly, this keeps its individual tokens close too (UCE's preservation term).
+    ridge: Tikhonov weight of the mapping solve, relative to the mean eigenvalue of its key covariance: bounds the
+        edit when the concept's part outside the protected span is tiny (0: exact least squares).
+    sampling_steps, guidance_scale, num_trajectories: used only by the erasure check's trajectories.
+    """
+
+    method: ClassVar[str] = "closed_form"
+    closed_form: ClassVar[bool] = True  # the trainer solves it instead of running a training loop
+    anchor: str = ""
+    preserve: Sequence[str] = field(default_factory=list)
+    vocabulary: Mapping[str, Sequence[str]] | Sequence[str] | None = None
+    protect_unconditional: bool = True
+    include_earlier: bool = True
+    earlier_weight: float = 10.0
+    preserve_weight: float = 0.1
+    ridge: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.anchor, str):
+            raise TypeError(f"anchor must be a string ('' for the empty slot), got {self.anchor!r}")
+        self.anchor = " ".join(self.anchor.split())
+        if isinstance(self.preserve, str):
+            self.preserve = [self.preserve]
+        self.preserve = [check_concept(c, "preserve concept") for c in self.preserve]
+        if self.vocabulary is not None:
+            if isinstance(self.vocabulary, Mapping):
+                self.vocabulary = {str(d): [check_concept(c, "vocabulary concept") for c in cs]
+                                   for d, cs in self.vocabulary.items()}
+            elif isinstance(self.vocabulary, Sequence) and not isinstance(self.vocabulary, str):
+                self.vocabulary = [check_concept(c, "vocabulary concept") for c in self.vocabulary]
+            else:
+                raise TypeError(f"vocabulary must be a dict of domain -> concepts or a list, got {self.vocabulary!r}")
+        for name in ("protect_unconditional", "include_earlier"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, strict in (("earlier_weight", True), ("preserve_weight", False)):
+            value = getattr(self, name)
+            bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not value < float("inf")
+            if bad or value < 0 or (strict and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if strict else '>= 0'}, got {value!r}")
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not 0 <= self.ridge < float("inf"):
+            raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
+
+    def check_regularizers(self, regularizers: Sequence[Any]) -> None:
+        if regularizers:
+            names = [getattr(r, "name", type(r).__name__) for r in regularizers]
+            raise ValueError(
+                f"method 'closed_form' takes no regularizers (got {names}): it trains nothing for a drift penalty, "
+                "mask or gradient projection to act on. Its protection is built in: pass preserve=[...] and "
+                "vocabulary=... for the concepts to keep; earlier removals are kept from the ledger"
+            )
+
+
+class ClosedFormObjective(Objective):
+    """Registered so that ``method="closed_form"`` validates like any method; the trainer calls ``solve``."""
+
+    def prepare(self) -> None:
+        raise TypeError("closed_form is solved, not trained: train_request calls closed_form.solve for it")
+
+    def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        raise TypeError("closed_form has no training loss")
+
+    def trajectory_losses(self):  # type: ignore[override]
+        raise TypeError("closed_form has no trajectory losses")
+
+
+# ------------------------------------------------------------------------------------------ token pairs
+def _swap(prompt: str, concept: str, anchor: str) -> str | None:
+    start = prompt.lower().find(concept.lower())
+    if start < 0:
+        return None
+    return " ".join((prompt[:start] + anchor + prompt[start + len(concept):]).split())
+
+
+def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token pairs of ``concept`` -> ``anchor``: (keys [n, d], anchor keys [n, d]), float64.
+
+    In each prompt (and its copy with the anchor in the concept's place), the concept's last token and every
+    token after it pair with the anchor's last token (the token before the slot for an empty anchor) and every
+    token after that, offset by offset, as UCE aligns them. Prompts without the concept are skipped.
+    """
+    pairs = [(p, _swap(p, concept, anchor)) for p in prompts]
+    pairs = [(p, a) for p, a in pairs if a is not None]
+    if not pairs:
+        raise ValueError(f"none of the prompts {list(prompts)} contains the concept {concept!r}")
+    conditioner = TextConditioner(pipe)
+    hidden, ids = conditioner.token_hidden_states([p for p, _ in pairs] + [a for _, a in pairs])
+    hidden = hidden.double().cpu()
+    tokenizer = pipe.tokenizer
+    concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
+    anchor_ids = tokenizer(anchor, add_special_tokens=False).input_ids if anchor else []
+    keys, anchors = [], []
+    n = len(pairs)
+    for row in range(n):
+        start = _find_sublist(ids[row], concept_ids)
+        if start < 0:
+            continue  # truncated or tokenized differently inside this template
+        a_start = _find_sublist(ids[n + row], anchor_ids) if anchor_ids else start
+        if a_start < 0:
+            continue
+        first = start + len(concept_ids) - 1
+        a_first = a_start + len(anchor_ids) - 1
+        length = hidden.shape[1] - max(first, a_first)
+        keys.append(hidden[row, first:first + length])
+        anchors.append(hidden[n + row, a_first:a_first + length])
+    if not keys:
+        raise ValueError(f"concept {concept!r} could not be located in the tokens of {[p for p, _ in pairs]}")
+    return torch.cat(keys), torch.cat(anchors)
+
+
+def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormConfig,
+                      removed: Sequence[str]) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """P [d, m] (float64): kept/auxiliary concept embeddings and the empty prompt's tokens; the (concept, domain)
+    pairs behind them."""
+    vocabulary = DEFAULT_VOCABULARY if config.vocabulary is None else config.vocabulary
+    if isinstance(vocabulary, Mapping):
+        candidates = [(c, d) for d, cs in vocabulary.items() for c in cs if d in TEMPLATES]
+    else:
+        candidates = [(c, domain) for c in vocabulary]
+    candidates = [(c, domain) for c in config.preserve] + candidates
+    taken = [concept, *removed]
+    chosen = list(dict.fromkeys((c, d) for c, d in candidates if not any(same_concept(c, t) for t in taken)))
+    columns = [concept_embedding(pipe, c, d).double() for c, d in chosen]
+    if config.protect_unconditional:
+        empty = TextConditioner(pipe).encode_unconditional(1).hidden_states[0].double().cpu()
+        columns += [v for v in empty if v.norm() > 0]
+    if not columns:
+        d = TextConditioner(pipe).cross_attention_dim
+        return torch.zeros(d, 0, dtype=torch.float64), []
+    return torch.stack(columns, dim=1), chosen
+
+
+_TOKEN_CACHE = "_unlearn_closed_form_tokens"
+
+
+@torch.no_grad()
+def concept_tokens(pipe: Any, concept: str, domain: str) -> torch.Tensor:
+    """Token states [n, d] (float64) of ``concept`` in every template of its domain: its first token and every one
+    after it (the tokens its presence changes). Cached on the pipeline (the text encoders are never trained)."""
+    cache: dict = pipe.__dict__.setdefault(_TOKEN_CACHE, {})
+    key = (concept.lower(), TEMPLATES[domain])
+    if key not in cache:
+        prompts = [t.format(concept) for t in TEMPLATES[domain]]
+        hidden, ids = TextConditioner(pipe).token_hidden_states(prompts)
+        concept_ids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
+        rows = []
+        for row, prompt_ids in enumerate(ids):
+            start = _find_sublist(prompt_ids, concept_ids)
+            rows.append(hidden[row, max(start, 0):].double().cpu())
+        cache[key] = torch.cat(rows)
+    return cache[key]
+
+
+# ------------------------------------------------------------------------------------------------ solve
+@dataclass
+class Solver:
+    """The layer-independent part of the solve (every K/V layer reads the same text keys): the protected basis and
+    the ridge-regularised inverse of the mapping keys' covariance in its complement, as low-rank factors."""
+
+    protected: torch.Tensor  # [d, r] orthonormal basis of span(P)
+    anchor_factor: torch.Tensor  # [d, f]: A^T X_F K^-1 (anchor keys A, keys X in free coordinates X_F)
+    key_factor: torch.Tensor  # [d, f]: X^T X_F K^-1
+    directions: torch.Tensor  # [d, f]: F, orthonormal basis of the complement of span(P)
+
+    @classmethod
+    def build(cls, protected: torch.Tensor, mappings: Sequence[tuple[torch.Tensor, torch.Tensor]],
+              ridge: float, weights: Sequence[float] | None = None, preserve: torch.Tensor | None = None,
+              preserve_weight: float = 0.0) -> Solver:
+        """``weights``: one per mapping (default 1), multiplying its token pairs' squared errors. ``preserve``
+        [m, d]: token states whose outputs should move little (soft, weight ``preserve_weight`` each).
+
+        Minimises sum w ||(W + D) x - W0 a||^2 + preserve_weight sum ||D p||^2 + lambda ||D||^2 over D = Z F^T
+        (so D q = 0 on span(P)): Z = (W0 A^T - W X^T) X_F K^-1 with K = X_F^T X_F + preserve_weight P_F^T P_F
+        + lambda I, lambda = ridge * trace(X_F^T X_F) / f."""
+        d = protected.shape[0]
+        q = _basis(protected)
+        if q.shape[1]:
+            u, _, _ = torch.linalg.svd(protected, full_matrices=True)
+            free = u[:, q.shape[1]:]
+        else:
+            free = torch.eye(d, dtype=torch.float64)
+        empty = torch.zeros(d, 0, dtype=torch.float64)
+        if not mappings or free.shape[1] == 0:
+            return cls(q, empty, empty, empty)
+        weights = [1.0] * len(mappings) if weights is None else list(weights)
+        roots = [float(w) ** 0.5 for w in weights]  # sqrt(w) on both sides of a pair weights its squared error by w
+        keys = torch.cat([r * k for r, (k, _) in zip(roots, mappings)]).double()
+        anchors = torch.cat([r * a for r, (_, a) in zip(roots, mappings)]).double()
+        coords = keys @ free  # [n, f]: the keys' part outside span(P), all the solve may act on
+        system = coords.T @ coords
+        energy = float(torch.trace(system))
+        if energy <= KEY_RTOL * float(keys.square().sum()):
+            return cls(q, empty, empty, empty)  # the keys lie inside span(P): nothing may move
+        if preserve is not None and len(preserve) and preserve_weight > 0:
+            kept = preserve.double() @ free
+            system = system + preserve_weight * (kept.T @ kept)
+        lam = ridge * energy / free.shape[1]
+        system = system + lam * torch.eye(free.shape[1], dtype=torch.float64)
+        solved = torch.linalg.lstsq(system, coords.T).solution.T  # [n, f] = X_F K^-1 (K symmetric)
+        return cls(q, anchors.T @ solved, keys.T @ solved, free)
+
+    def to(self, dtype: torch.dtype) -> Solver:
+        return Solver(*(t.to(dtype) for t in (self.protected, self.anchor_factor, self.key_factor, self.directions)))
+
+    def layer_factors(self, base: torch.Tensor, offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, d], B [out, r]) with D = B @ A the change of one weight whose current value is ``base + offset``
+        (``offset`` None: the base itself), in the solver's dtype."""
+        dtype = self.directions.dtype
+        w0 = base.to(dtype)
+        off = None if offset is None else offset.to(dtype)
+        a_parts, b_parts = [], []
+        q = self.protected
+        drift = None
+        if q.shape[1] and off is not None:
+            # bring P back to its base outputs (a no-op unless a trained request moved them): min-norm on span(P)
+            drift = -(off @ q)
+            if drift.abs().max() > 1e-6 * max(float(w0.abs().max()), 1e-30):
+                a_parts.append(q.T)
+                b_parts.append(drift)
+            else:
+                drift = None
+        if self.directions.shape[1]:
+            # B = W0 Fa - (W0 + off + drift q^T) Fk, without forming the current weight
+            b = w0 @ (self.anchor_factor - self.key_factor)
+            if off is not None:
+                b = b - off @ self.key_factor
+            if drift is not None:
+                b = b - drift @ (q.T @ self.key_factor)
+            a_parts.append(self.directions.T)
+            b_parts.append(b)
+        if not a_parts:
+            return torch.zeros(1, w0.shape[1], dtype=dtype), torch.zeros(w0.shape[0], 1, dtype=dtype)
+        return torch.cat(a_parts), torch.cat(b_parts, dim=1)
+
+    def layer_delta(self, base: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """D [out, d] for one weight."""
+        a, b = self.layer_factors(base, offset)
+        return b @ a
+
+
+def _basis(columns: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis [d, r] of span(columns), dropping directions below SPAN_RTOL of the largest."""
+    if columns.shape[1] == 0:
+        return columns
+    u, s, _ = torch.linalg.svd(columns, full_matrices=False)
+    return u[:, s > SPAN_RTOL * s[0]]
+
+
+def compact_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (A, B) with the same product: kept as they are below rank min(out, in), otherwise the product with an
+    identity factor (rank min(out, in), like a dense delta), so that stacked requests stay cheap."""
+    if a.shape[0] >= min(b.shape[0], a.shape[1]):
+        a, b = identity_factors(b @ a)
+    return a.float().contiguous(), b.float().contiguous()
+
+
+@dataclass
+class EarlierRequest:
+    """What the solve needs of an earlier request: its concept, domain, prompts and anchor."""
+
+    concept: str
+    domain: str
+    prompts: list[str]
+    anchor: str
+
+
+def earlier_requests(records: Sequence[Any]) -> list[EarlierRequest]:
+    """Earlier removals from ledger records; a record's anchor is its method's anchor ("" for ESD-like methods)."""
+    out = []
+    for record in records:
+        config = getattr(record, "method_config", None) or {}
+        anchor = config.get("anchor") or ""
+        prompts = list(getattr(record, "prompts", None) or [])
+        out.append(EarlierRequest(record.concept, record.domain, prompts, " ".join(str(anchor).split())))
+    return out
+
+
+def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], config: ClosedFormConfig,
+          base_weights: Mapping[str, torch.Tensor], start_offsets: Mapping[str, torch.Tensor] | None,
+          earlier: Sequence[Any], progress: bool = False) -> tuple[RequestAdapter, dict[str, Any]]:
+    """One request's artifact and a report (protected concepts, share of the target in the protected span)."""
+    if same_concept(config.anchor, concept):
+        raise ValueError(f"anchor {config.anchor!r} is the concept being removed")
+    earlier_list = earlier_requests(earlier)
+    removed = [e.concept for e in earlier_list]
+    protected, chosen = protected_columns(pipe, concept, domain, config, removed)
+    names = [c for c, _ in chosen]
+    preserve = (torch.cat([concept_tokens(pipe, c, d) for c, d in chosen])
+                if chosen and config.preserve_weight > 0 else None)
+    mappings = [mapping_keys(pipe, concept, config.anchor, prompts)]
+    skipped = []
+    if config.include_earlier:
+        for item in earlier_list:
+            if same_concept(item.concept, concept) or not item.prompts:
+                continue
+            try:
+                mappings.append(mapping_keys(pipe, item.concept, item.anchor, item.prompts))
+            except ValueError:
+                skipped.append(item.concept)  # e.g. a simultaneous retraining "a+b": no single concept to map
+    if skipped:
+        warnings.warn(f"earlier removals {skipped} name no concept inside their prompts: not kept mapped", stacklevel=3)
+    tensors, scales = {}, {}
+    layers = list(base_weights)
+    from tqdm.auto import tqdm
+
+    weights = [1.0] + [config.earlier_weight] * (len(mappings) - 1)
+    solver = Solver.build(protected, mappings, config.ridge, weights, preserve, config.preserve_weight)
+    # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
+    applied = solver.to(torch.float32)
+    for layer in tqdm(layers, desc=f"solving {concept!r}", disable=not progress, leave=False):
+        base = base_weights[layer].detach().cpu()
+        offset = start_offsets[layer].detach().cpu() if start_offsets else None
+        a, b = compact_factors(*applied.layer_factors(base, offset))
+        tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"] = a, b
+        scales[layer] = 1.0
+    q = solver.protected
+    target = concept_embedding(pipe, concept, domain).double()
+    in_span = float((q.T @ target).square().sum() / target.square().sum()) if q.shape[1] else 0.0
+    report = {"protected": names, "protected_columns": int(protected.shape[1]), "protected_rank": int(q.shape[1]),
+              "target_in_span": round(in_span, 6), "earlier_mapped": len(mappings) - 1,
+              "solve_rank": int(solver.directions.shape[1]), "ridge": config.ridge}
+    return RequestAdapter("lora", tensors, scales), report
+
+
+def resolve_after_rollback(pipe: Any, state: Any, position: int) -> dict[str, RequestAdapter]:
+    """New artifacts for the closed-form requests at ``position`` and after, re-solved in ledger order on the
+    requests that remain (each on top of those before it, keeping them mapped). Returns {request_id: artifact};
+    the caller swaps them in. Requests of other methods keep their stored artifacts."""
+    from ..composition import combined_deltas
+    from ..merging import MergeStrategy
+    from ..objectives import build_objective_config
+
+    records = state.ledger.requests
+    artifacts = dict(state.artifacts)
+    replaced: dict[str, RequestAdapter] = {}
+    for index in range(position, len(records)):
+        record = records[index]
+        if record.method != ClosedFormConfig.method:
+            continue
+        options = {k: v for k, v in record.method_config.items() if k != "method"}
+        config = build_objective_config(ClosedFormConfig.method, options)
+        # sequential: solved on top of the requests before it; merge strategies solve every request from the base
+        before = [] if isinstance(state.strategy, MergeStrategy) else [artifacts[r.request_id] for r in records[:index]]
+        adapter, _ = solve(pipe, concept=record.concept, domain=record.domain, prompts=record.prompts,
+                           config=config, base_weights=state.base_weights,
+                           start_offsets=combined_deltas(before, "sequential"), earlier=records[:index])
+        artifacts[record.request_id] = replaced[record.request_id] = adapter
+    return replaced
+
+
+register_objective(ClosedFormConfig, ClosedFormObjective)

@@ -1,0 +1,86 @@
+"""No silent no-op: every request ends with an erasure check, recorded in the ledger and the model card; the
+recommended default recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAST, generate, kv_state
+
+import diffusers_unlearn as du
+from diffusers_unlearn.erasure_check import ErasureCheck, ErasureError, ErasureWarning
+from diffusers_unlearn.model_card import build_model_card
+
+# 32-wide text space: the default vocabulary (69 concepts) and the empty prompt span all of it, so a closed-form
+# request with it has no free direction and changes nothing; two auxiliary concepts leave room.
+NO_ROOM = dict(method="closed_form", domain="style", sampling_steps=4)
+ROOM = dict(method="closed_form", domain="style", sampling_steps=4, vocabulary={"style": ["monet", "picasso"]})
+
+
+@pytest.fixture
+def pipe():
+    p = du.attach(du.testing.tiny_pipeline(seed=0))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_a_request_that_moves_nothing_warns_and_the_ledger_and_card_say_so(pipe):
+    with pytest.warns(ErasureWarning, match="barely moved it: its prediction shifted by 0.00"):
+        record = pipe.unlearn("van gogh", **NO_ROOM)
+    assert record.erasure["erased"] is False and record.erasure["target_shift"] < 1e-3
+    card = str(pipe.unlearned_model_card())
+    assert "**NOT erased** (shift 0.00, needs 0.5)" in card
+    assert "erased: false" in card  # front matter
+
+
+def test_require_erasure_refuses_the_request_and_changes_nothing(pipe):
+    before_images, before_state = generate(pipe), kv_state(pipe)
+    with pytest.raises(ErasureError, match="'van gogh' barely moved.*nothing was committed"):
+        pipe.unlearn("van gogh", require_erasure=True, **NO_ROOM)
+    assert pipe.unlearning_ledger.ids() == [] and pipe.unlearning_ledger.next_index == 1
+    after = kv_state(pipe)
+    assert after.keys() == before_state.keys() and all(torch.equal(after[k], before_state[k]) for k in after)
+    assert torch.equal(generate(pipe), before_images)
+
+
+def test_an_erasing_request_is_recorded_as_erased_and_moves_its_concept_more_than_the_rest(pipe, tmp_path):
+    record = pipe.unlearn("van gogh", require_erasure=True, **ROOM)
+    figures = record.erasure
+    assert figures["erased"] is True and figures["target_shift"] >= figures["min_shift"] == 0.5
+    assert figures["probe"]["prompts"] == record.prompts[:2]
+    pipe.save_unlearning(tmp_path / "saved")
+    fresh = du.attach(du.testing.tiny_pipeline(seed=0))
+    fresh.load_unlearning(tmp_path / "saved")
+    assert fresh.unlearning_ledger.requests[0].erasure == figures
+    assert f"erased (shift {figures['target_shift']:.2f}, needs 0.5)" in str(fresh.unlearned_model_card())
+
+
+def test_ledgers_written_before_the_check_still_load(pipe, tmp_path):
+    pipe.unlearn("van gogh", **ROOM)
+    pipe.save_unlearning(tmp_path / "saved")
+    path = tmp_path / "saved" / "ledger.json"
+    data = json.loads(path.read_text())
+    for record in data["requests"]:
+        del record["erasure"]
+    path.write_text(json.dumps(data))
+    fresh = du.attach(du.testing.tiny_pipeline(seed=0))
+    assert fresh.load_unlearning(tmp_path / "saved") == ["r0001"]
+    assert fresh.unlearning_ledger.requests[0].erasure == {}
+    assert "not checked" in str(build_model_card(fresh.unlearning_ledger))
+
+
+@pytest.mark.parametrize("field, value", [("prompts", 0), ("steps", 1.5), ("min_shift", 0), ("min_shift", float("nan")),
+                                          ("probe_points", True)])
+def test_bad_check_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"erasure check {field} must be"):
+        ErasureCheck(**{field: value})
+
+
+def test_the_default_recipe_is_closed_form_unless_training_is_asked_for(pipe):
+    assert pipe.unlearn("van gogh", domain="style", vocabulary={"style": ["monet"]}, sampling_steps=4).method == \
+        "closed_form"
+    assert pipe.unlearn("dog", domain="object", seed=1, **FAST).method == "esd"  # steps / learning rate given
+    projected = pipe.unlearn("cat", domain="object", regularizers=[du.L2Drift(weight=1.0)], **FAST)
+    assert projected.method == "esd"

@@ -82,6 +82,7 @@ class TrainConfig:
     p_main_template: float = 0.3  # full prompts: PROMPT_TEMPLATE this often, else another TRAINING_TEMPLATES wording
     object_only_share: float = 0.5  # of the partial prompts, this share names the object alone (else the style)
     text_lr_scale: float = 1.0  # the text encoder's learning rate relative to unet_lr
+    high_noise_share: float = 0.0  # this share of samples takes t from the upper half, where layout is decided
     ema_decay: float = 0.998
     min_snr_gamma: float = 5.0
     # Measure base quality after training (the CLI records it in the manifest).
@@ -504,6 +505,10 @@ def train_diffusion(cfg: TrainConfig, unet, text_encoder, tokenizer, scheduler, 
         rows[u < cfg.p_uncond] = 0
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.unet_batch,), generator=gen)
+        if cfg.high_noise_share > 0:  # (no extra draws otherwise, so earlier configs train as they did)
+            half = scheduler.config.num_train_timesteps // 2
+            high = torch.rand(cfg.unet_batch, generator=gen) < cfg.high_noise_share
+            t = torch.where(high, torch.randint(half, 2 * half, (cfg.unet_batch,), generator=gen), t)
         z, noise, t = z.to(device), noise.to(device), t.to(device)
         noisy = scheduler.add_noise(z, noise, t)
         cond = text_encoder(ids[rows].to(device))[0]

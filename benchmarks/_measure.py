@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: run a variant in a fresh process and read its peak memory."""
+"""Helpers shared by the benchmark scripts: load the model, run a variant in a fresh process and read its peak
+memory."""
 
 from __future__ import annotations
 
@@ -7,6 +8,21 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def load(model: str) -> tuple[Any, str]:
+    """The attached pipeline of ``model`` ("minicanvas" or "tiny") and a prompt of a concept it draws.
+
+    Imported here, not at module level, so that ``--help`` stays instant.
+    """
+    import diffusers_unlearn as du
+
+    if model == "minicanvas":
+        from diffusers_unlearn import minicanvas
+
+        return du.attach(minicanvas.load_pipeline()), "a bird in neon lines style"
+    return du.attach(du.testing.tiny_pipeline(seed=0)), "a painting in van gogh style"
 
 
 def peak_rss_mib() -> float:

@@ -19,17 +19,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import peak_rss_mib, run_child, table  # noqa: E402
-
-
-def load(model: str):
-    import diffusers_unlearn as du
-
-    if model == "minicanvas":
-        from diffusers_unlearn import minicanvas
-
-        return du.attach(minicanvas.load_pipeline()), "a bird in neon lines style"
-    return du.attach(du.testing.tiny_pipeline(seed=0)), "a painting in van gogh style"
+from _measure import load, peak_rss_mib, run_child, table  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> None:

@@ -182,6 +182,14 @@ def measure(args, variant: str) -> dict:
     if variant == "naive":
         with torch.autocast(args.device.split(":")[0], dtype=args.dtype, enabled=args.dtype != torch.float32):
             timing = naive_esd(pipe, PROMPT, steps=args.steps, sampling_steps=args.sampling_steps)
+    elif variant == "floor":  # LoRA forward + backward + AdamW at batch 1, nothing else (step_vs_floor.py)
+        from step_vs_floor import floor_seconds_per_step
+
+        with torch.no_grad():
+            text_states = pipe.encode_prompt(PROMPT, args.device, 1, False)[0]
+        per_step = floor_seconds_per_step(pipe.unet, text_states, args.steps,
+                                          autocast_dtype=args.dtype if args.dtype != torch.float32 else None)
+        timing = {"loop_seconds": per_step * args.steps}
     else:
         regularizers = [du.GradientProjection(retain=["monet"])] if variant == "ours+projection" else []
         training = du.TrainingConfig(steps=args.steps, learning_rate=1e-5,
@@ -247,7 +255,7 @@ def main() -> int:
     if args.model != "sd15":
         return transformer_check(args, name)
     measure(args, "ours")  # warm-up: kernels, cuDNN/cuBLAS heuristics, allocator
-    results = [measure(args, v) for v in ("ours", "ours+projection", "naive")]
+    results = [measure(args, v) for v in ("ours", "ours+projection", "naive", "floor")]
     rows = []
     for r in results:
         rows.append([r["variant"], f"{r['seconds_per_step_loop'] * 1000:.1f}",
@@ -255,13 +263,16 @@ def main() -> int:
                      f"{r.get('peak_gib', float('nan')):.2f}", f"{r.get('peak_above_weights_gib', float('nan')):.2f}"])
     print(table(rows, ["variant", "loop ms/step", "loop steps/s", "ms/step incl. setup", "peak GiB",
                        "peak above weights GiB"]))
-    ours, projected, naive = results
+    ours, projected, naive, floor = results
+    print(f"\nstep / floor (loop): {ours['seconds_per_step_loop'] / floor['seconds_per_step_loop']:.2f}x "
+          f"(goal <= 1.15x)")
     print(f"\nspeed-up incl. setup: {naive['seconds_per_step_total'] / ours['seconds_per_step_total']:.2f}x; "
           f"loop: {naive['seconds_per_step_loop'] / ours['seconds_per_step_loop']:.2f}x; "
           f"projection overhead (loop): {(projected['seconds_per_step_loop'] / ours['seconds_per_step_loop'] - 1) * 100:+.1f}%")
     if "peak_gib" in ours:
         print(f"peak memory: ours {ours['peak_gib']:.2f} GiB vs naive {naive['peak_gib']:.2f} GiB "
-              f"({naive['peak_gib'] - ours['peak_gib']:.2f} GiB saved)")
+              f"({naive['peak_gib'] - ours['peak_gib']:.2f} GiB saved; ours / naive "
+              f"{ours['peak_gib'] / naive['peak_gib']:.2f}x, goal <= 0.5x)")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "results": results}, indent=2))
     return 0

@@ -246,13 +246,31 @@ class TextConditioner(Conditioner):
     def text_states(self, prompts: list[str]) -> torch.Tensor:
         return self.encode(prompts).hidden_states.float()
 
+    @torch.no_grad()
     def sample_trajectory(
         self, denoiser: torch.nn.Module, cond: Conditioning, uncond: Conditioning, *, steps: int,
         guidance_scale: float, generator: torch.Generator, resolution: int | None = None, progress: bool = False,
         desc: str = "sampling trajectories",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _ddim_trajectory(self, denoiser, cond, uncond, steps=steps, guidance_scale=guidance_scale,
-                                generator=generator, resolution=resolution, progress=progress, desc=desc)
+        """Run DDIM with classifier-free guidance from noise; return every visited latent and its timestep.
+
+        Returns ``(latents, timesteps)``: latents [steps, B, C, H, W] (the input at each step, in float32, on the
+        UNet's device) and timesteps [steps]. One trajectory per row of ``cond``.
+        """
+        scheduler = sampling_scheduler(self.pipe, steps)
+        batch = len(cond)
+        shape = self.latent_shape(batch, resolution)
+        latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        latents = latents.to(self.device) * scheduler.init_noise_sigma
+        both = Conditioning.cat([uncond, cond])
+        visited = []
+        for t in tqdm(scheduler.timesteps, desc=desc, unit="step", disable=not progress, leave=False):
+            visited.append(latents)
+            model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            noise_uncond, noise_cond = self.predict(denoiser, model_in, t, both).float().chunk(2)
+            noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = scheduler.step(noise, t, latents).prev_sample
+        return torch.stack(visited), scheduler.timesteps.to(self.device)
 
 
 def sampling_scheduler(pipe: Any, steps: int) -> DDIMScheduler:
@@ -279,37 +297,3 @@ def sample_trajectory(
     return conditioner.sample_trajectory(denoiser, cond, uncond, steps=steps, guidance_scale=guidance_scale,
                                          generator=generator, resolution=resolution, progress=progress, desc=desc)
 
-
-@torch.no_grad()
-def _ddim_trajectory(
-    conditioner: TextConditioner,
-    unet: torch.nn.Module,
-    cond: Conditioning,
-    uncond: Conditioning,
-    *,
-    steps: int,
-    guidance_scale: float,
-    generator: torch.Generator,
-    resolution: int | None = None,
-    progress: bool = False,
-    desc: str = "sampling trajectories",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run DDIM with classifier-free guidance from noise; return every visited latent and its timestep.
-
-    Returns ``(latents, timesteps)``: latents [steps, B, C, H, W] (the input at each step, in float32, on the
-    UNet's device) and timesteps [steps]. One trajectory per row of ``cond``.
-    """
-    scheduler = sampling_scheduler(conditioner.pipe, steps)
-    batch = len(cond)
-    shape = conditioner.latent_shape(batch, resolution)
-    latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    latents = latents.to(conditioner.device) * scheduler.init_noise_sigma
-    both = Conditioning.cat([uncond, cond])
-    visited = []
-    for t in tqdm(scheduler.timesteps, desc=desc, unit="step", disable=not progress, leave=False):
-        visited.append(latents)
-        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        noise_uncond, noise_cond = conditioner.predict(unet, model_in, t, both).float().chunk(2)
-        noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-        latents = scheduler.step(noise, t, latents).prev_sample
-    return torch.stack(visited), scheduler.timesteps.to(conditioner.device)

@@ -78,36 +78,26 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 register_family(ModelFamily(
-    name="unet",
-    denoiser_classes=("UNet2DConditionModel",),
-    denoiser_attr="unet",
-    kv_suffixes=("attn2.to_k", "attn2.to_v"),
-    parametrisation="epsilon",
-    conditioner=TextConditioner,
-    lora_loader="StableDiffusionLoraLoaderMixin",
-    lora_component="unet",
+    name="unet", denoiser_classes=("UNet2DConditionModel",), denoiser_attr="unet",
+    kv_suffixes=("attn2.to_k", "attn2.to_v"), parametrisation="epsilon", conditioner=TextConditioner,
+    lora_loader="StableDiffusionLoraLoaderMixin", lora_component="unet",
     description="Stable Diffusion 1.x/2.x and SDXL (UNet2DConditionModel cross-attention attn2.to_k / attn2.to_v)",
 ))
-register_family(ModelFamily(
-    name="sd3",
-    denoiser_classes=("SD3Transformer2DModel",),
-    denoiser_attr="transformer",
-    kv_suffixes=("attn.add_k_proj", "attn.add_v_proj"),
-    parametrisation="flow",
-    conditioner=SD3Conditioner,
-    lora_loader="SD3LoraLoaderMixin",
+
+# What the joint-block transformers (SD3, Flux) have in common: a velocity-predicting ``pipe.transformer`` whose
+# text stream has its own K/V projections, saved under the ``transformer`` prefix of their LoRA loaders.
+JOINT_TRANSFORMER = dict(
+    denoiser_attr="transformer", kv_suffixes=("attn.add_k_proj", "attn.add_v_proj"), parametrisation="flow",
     lora_component="transformer",
+)
+register_family(ModelFamily(
+    name="sd3", denoiser_classes=("SD3Transformer2DModel",), conditioner=SD3Conditioner,
+    lora_loader="SD3LoraLoaderMixin", **JOINT_TRANSFORMER,
     description="Stable Diffusion 3 / 3.5 (SD3Transformer2DModel joint blocks, text-stream add_k_proj / add_v_proj)",
 ))
 register_family(ModelFamily(
-    name="flux",
-    denoiser_classes=("FluxTransformer2DModel",),
-    denoiser_attr="transformer",
-    kv_suffixes=("attn.add_k_proj", "attn.add_v_proj"),
-    parametrisation="flow",
-    conditioner=FluxConditioner,
-    lora_loader="FluxLoraLoaderMixin",
-    lora_component="transformer",
+    name="flux", denoiser_classes=("FluxTransformer2DModel",), conditioner=FluxConditioner,
+    lora_loader="FluxLoraLoaderMixin", **JOINT_TRANSFORMER,
     description="Flux (FluxTransformer2DModel dual-stream blocks, text-stream add_k_proj / add_v_proj)",
 ))
 

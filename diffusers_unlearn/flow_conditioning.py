@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._validation import check_int
 from .conditioning import Conditioner, Conditioning, TokenSegment
 
 
@@ -37,8 +38,13 @@ class FlowConditioner(Conditioner):
 
     def __init__(self, pipe: Any, guidance_scale: float | None = None):
         super().__init__(pipe)
-        # what the pipeline pads T5 prompts to when a user generates (256 for SD3, 512 for Flux)
-        self.max_sequence_length = int(_pipeline_default(pipe, "max_sequence_length", 256))
+        # What T5 prompts are padded to when a user generates: the pipeline's default (256 for SD3, 512 for Flux),
+        # or ``pipe.unlearning_max_sequence_length`` for a deployment that passes another ``max_sequence_length``:
+        # unlearning must see the text stream that generation will see.
+        length = getattr(pipe, "unlearning_max_sequence_length", None)
+        if length is None:
+            length = _pipeline_default(pipe, "max_sequence_length", 256)
+        self.max_sequence_length = check_int(length, "unlearning_max_sequence_length", minimum=1)
         self.guidance_scale = float(
             _pipeline_default(pipe, "guidance_scale", 3.5) if guidance_scale is None else guidance_scale
         )
@@ -82,6 +88,25 @@ class FlowConditioner(Conditioner):
 
     def _ids(self, tokenizer: Any, prompts: list[str], max_length: int) -> list[list[int]]:
         return tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True).input_ids
+
+    def predict(
+        self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        dtype = next(denoiser.parameters()).dtype
+        cond = cond.to(dtype)
+        timesteps = timesteps.to(latents.device).expand(latents.shape[0])
+        return denoiser(
+            hidden_states=latents.to(dtype), encoder_hidden_states=cond.hidden_states,
+            pooled_projections=cond.added["pooled_projections"], return_dict=False,
+            **self._denoiser_arguments(latents, timesteps, cond, dtype),
+        )[0]
+
+    def _denoiser_arguments(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        """The family's own keywords of the transformer call: its timestep convention, position ids, guidance
+        (``timesteps`` are already on the latents' device, one per row; ``cond`` is in the transformer's dtype)."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------------- sampling
     def _call_arguments(self, cond: Conditioning, uncond: Conditioning, guidance_scale: float) -> dict[str, Any]:
@@ -138,16 +163,10 @@ class SD3Conditioner(FlowConditioner):
         )
         return Conditioning(embeds, {"pooled_projections": pooled})
 
-    def predict(
-        self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
-    ) -> torch.Tensor:
-        dtype = next(denoiser.parameters()).dtype
-        cond = cond.to(dtype)
-        timesteps = timesteps.to(latents.device).expand(latents.shape[0])
-        return denoiser(
-            hidden_states=latents.to(dtype), encoder_hidden_states=cond.hidden_states,
-            pooled_projections=cond.added["pooled_projections"], timestep=timesteps, return_dict=False,
-        )[0]
+    def _denoiser_arguments(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        return {"timestep": timesteps}
 
     def token_segments(self, prompts: list[str]) -> list[TokenSegment]:
         clip_length = int(self.pipe.tokenizer_max_length)
@@ -186,11 +205,9 @@ class FluxConditioner(FlowConditioner):
         )
         return Conditioning(embeds, {"pooled_projections": pooled})
 
-    def predict(
-        self, denoiser: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning
-    ) -> torch.Tensor:
-        dtype = next(denoiser.parameters()).dtype
-        cond = cond.to(dtype)
+    def _denoiser_arguments(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, dtype: torch.dtype
+    ) -> dict[str, Any]:
         batch, tokens, device = latents.shape[0], latents.shape[1], latents.device
         height, width = self._grid(tokens)
         image_ids = self.pipe._prepare_latent_image_ids(batch, height, width, device, dtype)
@@ -198,12 +215,8 @@ class FluxConditioner(FlowConditioner):
         guidance = None
         if self.guidance_embeds:
             guidance = torch.full((batch,), self.guidance_scale, device=device, dtype=torch.float32)
-        timesteps = timesteps.to(device).expand(batch)
-        return denoiser(
-            hidden_states=latents.to(dtype), encoder_hidden_states=cond.hidden_states,
-            pooled_projections=cond.added["pooled_projections"], timestep=timesteps.to(dtype) / 1000,
-            guidance=guidance, txt_ids=text_ids, img_ids=image_ids, return_dict=False,
-        )[0]
+        # Flux's transformer takes the timestep in [0, 1] (the pipeline divides by 1000 too)
+        return dict(timestep=timesteps.to(dtype) / 1000, guidance=guidance, txt_ids=text_ids, img_ids=image_ids)
 
     def _grid(self, tokens: int) -> tuple[int, int]:
         # packed 2x2 latent patches; trajectories are square (height == width)

@@ -218,27 +218,17 @@ def _planned_request(
     try:
         if not isinstance(method, str):
             raise ValueError(f"method must be a method name, got {method!r}")
-        training = TrainingConfig(**{k: fields[k] for k in TRAINING_KEYS if k in fields})
-        request = UnlearnRequest(  # validates every field once, as pipe.unlearn does
-            concept, build_objective_config(method, dict(options)), domain=fields.get("domain"), training=training,
-            seed=fields.get("seed", 0), regularizers=[regularizer_from_dict(dict(r)) for r in regularizers],
-            strategy=strategy_from_dict(strategy), prompts=prompts, templates=templates,
+        planned = PlannedRequest(
+            position=position, concept=concept, domain=fields.get("domain"), method=method, method_options=options,
+            training=TrainingConfig(**{k: fields[k] for k in TRAINING_KEYS if k in fields}),
+            seed=fields.get("seed", 0), regularizers=regularizers, strategy=strategy, prompts=prompts,
+            templates=templates,
         )
+        request = planned.to_request()  # validates every field once, as pipe.unlearn does
     except (TypeError, ValueError) as err:
         raise PlanError(f"{where}: {err}") from None
-    return PlannedRequest(
-        position=position,
-        concept=request.concept,
-        domain=request.domain,
-        method=method,
-        method_options=options,
-        training=training,
-        seed=request.seed,
-        regularizers=regularizers,
-        strategy=strategy,
-        prompts=prompts,
-        templates=templates,
-    )
+    # The plan keeps the request's normalised concept, resolved domain and checked seed.
+    return dataclasses.replace(planned, concept=request.concept, domain=request.domain, seed=request.seed)
 
 
 def parse_plan(

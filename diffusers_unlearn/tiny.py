@@ -9,12 +9,13 @@ Stable Diffusion, SDXL, SD3 and Flux runs here, in well under a second and witho
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -67,18 +68,21 @@ SD1_DDIM_CONFIG = dict(
 )
 
 
+def _token_ids(tokenizer: Any) -> dict[str, int]:
+    """What a text encoder's config takes from its tokenizer (CLIP's and T5's alike)."""
+    return dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
 def _text_config(tokenizer: CLIPTokenizer, hidden_size: int = 32, projection_dim: int | None = None) -> CLIPTextConfig:
     return CLIPTextConfig(
-        vocab_size=len(tokenizer),
+        **_token_ids(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
         hidden_size=hidden_size,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=2,
         max_position_embeddings=77,
         layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         projection_dim=projection_dim or hidden_size,
         hidden_act="gelu",
     )
@@ -112,6 +116,16 @@ def _tiny_vae(latent_channels: int = 4, **flow_options: float | bool) -> Autoenc
     )
 
 
+PipelineT = TypeVar("PipelineT", bound=DiffusionPipeline)
+
+
+def _assemble(pipeline_class: type[PipelineT], **components: Any) -> PipelineT:
+    """The pipeline of ``components``, its models in eval mode and its progress bar off."""
+    pipe = pipeline_class(**{k: v.eval() if isinstance(v, torch.nn.Module) else v for k, v in components.items()})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32) -> StableDiffusionPipeline:
     """A real ``StableDiffusionPipeline`` of tiny random components, identical for the same ``seed``.
 
@@ -130,18 +144,11 @@ def tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32) -> StableDiffusi
         vae = _tiny_vae()
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_size=cross_attention_dim))
         _spread_token_embeddings(text_encoder)
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=DDIMScheduler(**SD1_DDIM_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
+    return _assemble(
+        StableDiffusionPipeline, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler(**SD1_DDIM_CONFIG), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
@@ -169,37 +176,24 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
             projection_class_embeddings_input_dim=16 + 6 * 8,  # pooled text (16) + 6 time ids x 8
         )
         vae = _tiny_vae()
-    pipe = StableDiffusionXLPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet.eval(),
-        scheduler=DDIMScheduler(**SD1_DDIM_CONFIG),
+    return _assemble(
+        StableDiffusionXLPipeline, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=DDIMScheduler(**SD1_DDIM_CONFIG),
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # SD3's and Flux's VAEs shift and scale latents and have no quant convs; the pipelines read these config values.
 _SD3_VAE = dict(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False)
 _FLUX_VAE = dict(shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+# The sizes both tiny joint-block transformers share: 2 joint blocks of 4 heads x 16 (inner size 64) reading 32-wide
+# text states and 32-wide pooled text, on 4-channel latents.
+_JOINT_TRANSFORMER = dict(in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+                          joint_attention_dim=32, pooled_projection_dim=32)
 
 
 def _tiny_t5(tokenizer, d_model: int = 32) -> T5EncoderModel:
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=d_model,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
+    config = T5Config(**_token_ids(tokenizer), decoder_start_token_id=tokenizer.pad_token_id, d_model=d_model, d_kv=8,
+                      d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
     encoder = T5EncoderModel(config)
     _spread_token_embeddings(encoder)
     return encoder
@@ -225,32 +219,15 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         _spread_token_embeddings(text_encoder_2)
         text_encoder_3 = _tiny_t5(tokenizer_3, d_model=32)  # >= 16 + 16: the pipeline pads CLIP states to it
         transformer = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=4,
-            joint_attention_dim=32,
-            caption_projection_dim=64,
-            pooled_projection_dim=32,
-            out_channels=4,
-            pos_embed_max_size=16,
+            sample_size=8, patch_size=2, caption_projection_dim=64, out_channels=4, pos_embed_max_size=16,
+            **_JOINT_TRANSFORMER,
         )
         vae = _tiny_vae(latent_channels=4, **_SD3_VAE)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3.eval(),
-        tokenizer_3=tokenizer_3,
+    return _assemble(
+        StableDiffusion3Pipeline, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
@@ -269,30 +246,16 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         _spread_token_embeddings(text_encoder)
         text_encoder_2 = _tiny_t5(tokenizer_2, d_model=32)
         transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4,
-            num_layers=2,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=4,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 4, 8),
+            patch_size=1, num_single_layers=1, guidance_embeds=True, axes_dims_rope=(4, 4, 8), **_JOINT_TRANSFORMER,
         )
         vae = _tiny_vae(latent_channels=1, **_FLUX_VAE)
-    pipe = FluxPipeline(
+    pipe = _assemble(
+        FluxPipeline, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(
             base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
             shift=3.0, use_dynamic_shifting=True,
         ),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=tokenizer_2,
-        transformer=transformer.eval(),
     )
     pipe.default_sample_size = 8  # FluxPipeline hard-codes 128 (1024 px images on FLUX.1)
-    pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, generate
 
 import diffusers_unlearn as du
 from diffusers_unlearn.objectives import OBJECTIVES, build_objective_config
@@ -107,3 +107,64 @@ def test_multi_concept_ca_trains_as_method_ca():
                           progress=False)
     assert record.method == "ca" and record.method_config["concepts"] == ["van gogh", "monet"]
     assert record.prompts == prompts
+
+
+def _objective(pipe, method, **options):
+    config = build_objective_config(method, {"sampling_steps": 6, "num_trajectories": 3, **options})
+    context = du.objectives.ObjectiveContext(
+        pipe=pipe, conditioner=du.conditioning.TextConditioner(pipe), unet=pipe.unet, concept="van gogh",
+        prompts=["a painting in van gogh style", "van gogh art"], frozen=torch.no_grad,
+        generator=torch.Generator().manual_seed(0))
+    objective = OBJECTIVES[method][1](config, context)
+    objective.prepare()
+    return objective
+
+
+@pytest.mark.parametrize("method, options", [("esd", {"negative_guidance": 2.0}), ("ca", {"anchor": "plain"})])
+def test_batched_frozen_targets_equal_the_one_step_at_a_time_targets(method, options):
+    # The targets as they were computed before batching: every trajectory at one step, in one frozen pass.
+    pipe = du.testing.tiny_pipeline(seed=0)
+    objective = _objective(pipe, method, **options)
+    rows = torch.arange(3)
+    with torch.no_grad():
+        reference = torch.stack([objective.frozen_target(objective.latents[s], objective.timesteps[s].expand(3), rows)
+                                 for s in range(len(objective.timesteps))]).float()
+    computed = objective.precompute_targets(calls=500, batch_size=4, points_per_batch=7)
+    assert computed == 6 * 3  # 2000 draws over 18 points visit every one
+    batched = torch.stack([objective.targets_at(s) for s in range(6)])
+    # float32 results of one computation in batches of 7 points vs 3: agreement to float32 rounding
+    torch.testing.assert_close(batched, reference, rtol=1e-5, atol=1e-5)
+    assert objective.precompute_targets(calls=10, batch_size=4) == 0  # nothing left to compute
+
+
+def test_precomputed_targets_are_exactly_the_points_training_draws():
+    pipe = du.testing.tiny_pipeline(seed=0)
+    objective = _objective(pipe, "esd", sampling_steps=20)
+    computed = objective.precompute_targets(calls=5, batch_size=2, shard=(1, 2))
+    have = objective._have_target.clone()
+    assert 1 <= computed <= 5 and int(have.sum()) == computed  # only process 1's half of each batch
+    calls = []
+    original = objective.frozen_target
+    objective.frozen_target = lambda *a: calls.append(a) or original(*a)
+    losses = [objective.training_loss(2, shard=(1, 2)) for _ in range(5)]
+    assert calls == [] and all(torch.isfinite(loss) for loss in losses)  # the training steps paid no frozen pass
+    assert torch.equal(objective._have_target, have)
+    objective.training_loss(2, shard=(1, 2))  # a sixth call was not planned for: computed on demand
+    assert len(calls) <= 1
+
+
+def test_training_draws_the_same_points_with_or_without_precomputed_targets(monkeypatch):
+    def trained() -> tuple[dict[str, torch.Tensor], int]:
+        pipe = du.attach(du.testing.tiny_pipeline(seed=0))
+        record = pipe.unlearn("van gogh", domain="style", seed=3, progress=False, **FAST)
+        return generate(pipe), record.timing["frozen_targets"]
+
+    base = generate(du.testing.tiny_pipeline(seed=0))
+    with_targets, computed = trained()
+    # the former behaviour: every target computed on demand inside the loop
+    monkeypatch.setattr(du.objectives.base.TrajectoryObjective, "precompute_targets", lambda self, *a, **k: 0)
+    without, none = trained()
+    assert computed > 0 and none == 0
+    assert (with_targets - base).abs().max() > 1e-3  # the request changed the images
+    # same draws, same targets up to float32 rounding of the batched passes: the same images
+    torch.testing.assert_close(with_targets, without, rtol=0, atol=1e-4)

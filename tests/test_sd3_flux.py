@@ -52,7 +52,9 @@ def test_the_text_stream_projections_of_the_joint_blocks_are_adapted(stream):
 ERASURE_OPEN = pytest.mark.xfail(strict=True, reason=(
     "measured after 6 ESD steps, relative velocity change target vs 'a photo of a cat': tiny SD3 0.18 vs 0.19, "
     "tiny Flux 0.09 vs 0.11. The tiny transformers' velocity depends on their text tokens by ~0.2-0.3% (the pooled "
-    "text does the rest), so a K/V edit moves every prompt alike. Open: needs tiny models whose tokens matter."))
+    "text does the rest), so a K/V edit moves every prompt alike. Padding T5 to 8 tokens instead "
+    "(unlearning_max_sequence_length) raises the token share ~10x but not the selectivity: sd3 0.081 vs 0.071, flux "
+    "0.067 vs 0.041. Open: needs tiny models whose concept tokens carry the image, i.e. trained ones."))
 
 
 @pytest.mark.parametrize("family", [pytest.param("sd3", marks=ERASURE_OPEN), pytest.param("flux", marks=ERASURE_OPEN)])
@@ -186,3 +188,17 @@ def test_command_line_plans_and_push_dry_run_on_tiny_sd3_and_flux(tmp_path, caps
     assert main(["push", str(tmp_path / "sd3"), "--repo-id", "user/sd3-unlearned", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "transformer/diffusion_pytorch_model.safetensors" in out and "van gogh" in out
+
+
+@pytest.mark.parametrize("family, default", [("sd3", 256), ("flux", 512)])
+def test_unlearning_sees_the_text_length_generation_uses(family, default):
+    pipe = FAMILIES[family][0](seed=0)
+    assert conditioner_for(pipe).max_sequence_length == default  # the pipeline's own max_sequence_length default
+    pipe.unlearning_max_sequence_length = 24  # a deployment that generates with max_sequence_length=24
+    conditioner = conditioner_for(pipe)
+    assert conditioner.max_sequence_length == 24
+    tokens = conditioner.encode(["a painting in van gogh style"]).hidden_states.shape[1]
+    assert tokens == 24 + (int(pipe.tokenizer_max_length) if family == "sd3" else 0)
+    pipe.unlearning_max_sequence_length = 0
+    with pytest.raises(ValueError, match="unlearning_max_sequence_length must be an integer >= 1, got 0"):
+        conditioner_for(pipe)

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .._validation import check_int, check_number
 from ..conditioning import Conditioner, Conditioning, sample_trajectory
@@ -92,6 +93,12 @@ class Objective(ABC):
     def trajectory_losses(self) -> Iterator[torch.Tensor]:
         """One loss per step of the cached trajectories, for importance scores accumulated over sampling."""
 
+    def precompute_targets(self, calls: int, batch_size: int, shard: tuple[int, int] = (0, 1), *,
+                           points_per_batch: int = 16, progress: bool = False) -> int:
+        """Optional: compute, before training, whatever the next ``calls`` training losses would compute frozen,
+        so that a training step costs one forward and one backward pass. Returns how many targets it computed."""
+        return 0
+
 
 class TrajectoryObjective(Objective):
     """Shared machinery: sample trajectories with the frozen model for ``sampling prompts``, train the prediction
@@ -128,37 +135,84 @@ class TrajectoryObjective(Objective):
                 progress=ctx.progress,
                 desc=f"sampling {n} trajector{'y' if n == 1 else 'ies'} of the frozen model",
             )
-        self._targets: dict[int, torch.Tensor] = {}
+        # Frozen targets of trajectory points [steps, trajectories, ...], filled in batches by precompute_targets()
+        # (or on first use); the table is allocated once the first target's shape is known.
+        self._targets = torch.zeros(0)
+        self._have_target = torch.zeros(len(self.timesteps), cfg.num_trajectories, dtype=torch.bool)
+
+    def _store_targets(self, steps: torch.Tensor, rows: torch.Tensor) -> None:
+        """Compute the frozen targets of the points ``(steps[i], rows[i])`` in one no-grad batch and store them."""
+        with torch.no_grad(), self.context.frozen():
+            values = self.frozen_target(self.latents[steps, rows], self.timesteps[steps], rows).float()
+        if self._targets.numel() == 0:
+            self._targets = values.new_zeros((len(self.timesteps), self.config.num_trajectories, *values.shape[1:]))
+        self._targets[steps, rows] = values
+        self._have_target[steps, rows] = True
+
+    def _store_missing(self, wanted: torch.Tensor, points_per_batch: int = 16, progress: bool = False) -> int:
+        points = (wanted & ~self._have_target).nonzero()
+        if not len(points):
+            return 0
+        chunks = torch.split(points, points_per_batch)
+        for chunk in tqdm(chunks, desc="frozen targets", disable=not progress, leave=False):
+            self._store_targets(chunk[:, 0], chunk[:, 1])
+        return len(points)
 
     def targets_at(self, step: int) -> torch.Tensor:
-        """Frozen targets of every trajectory at trajectory step ``step`` (memoised: computed once per request)."""
-        if step not in self._targets:
-            rows = torch.arange(self.config.num_trajectories)
-            timesteps = self.timesteps[step].expand(len(rows))
-            with torch.no_grad(), self.context.frozen():
-                self._targets[step] = self.frozen_target(self.latents[step], timesteps, rows).float()
+        """Frozen targets of every trajectory at trajectory step ``step`` (computed once per request)."""
+        wanted = torch.zeros_like(self._have_target)
+        wanted[step] = True
+        self._store_missing(wanted)
         return self._targets[step]
+
+    def precompute_targets(self, calls: int, batch_size: int, shard: tuple[int, int] = (0, 1), *,
+                           points_per_batch: int = 16, progress: bool = False) -> int:
+        """Compute, in batched no-grad passes, the frozen targets of every trajectory point that the next ``calls``
+        calls of ``training_loss(batch_size, shard)`` will draw, so that a training step pays no frozen pass.
+
+        The points are found by replaying the draws on a copy of the context's generator: training then draws the
+        same points as without this call. Returns the number of targets computed.
+        """
+        replay = torch.Generator().set_state(self.context.generator.get_state())
+        wanted = torch.zeros_like(self._have_target)
+        part = _shard_slice(batch_size, shard)
+        for _ in range(calls):
+            steps, rows = self._draw(batch_size, replay)
+            wanted[steps[part], rows[part]] = True
+        return self._store_missing(wanted, points_per_batch, progress)
+
+    def _draw(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = torch.randint(0, len(self.timesteps), (batch_size,), generator=generator)
+        rows = torch.randint(0, self.config.num_trajectories, (batch_size,), generator=generator)
+        return steps, rows
 
     def _loss(self, steps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         latents = self.latents[steps, rows]
         timesteps = self.timesteps[steps]
-        target = torch.stack([self.targets_at(int(s))[int(r)] for s, r in zip(steps, rows)])
+        if not bool(self._have_target[steps, rows].all()):
+            wanted = torch.zeros_like(self._have_target)
+            wanted[steps, rows] = True
+            self._store_missing(wanted)
+        target = self._targets[steps, rows]
         cond = self.training_cond.select(rows.to(self.training_cond.hidden_states.device))
         prediction = self.context.conditioner.predict(self.context.unet, latents, timesteps, cond)
         return F.mse_loss(prediction.float(), target)
 
     def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-        gen = self.context.generator
-        steps = torch.randint(0, len(self.timesteps), (batch_size,), generator=gen)
-        rows = torch.randint(0, self.config.num_trajectories, (batch_size,), generator=gen)
-        index, count = shard
-        part = slice(index * batch_size // count, (index + 1) * batch_size // count)
+        steps, rows = self._draw(batch_size, self.context.generator)
+        part = _shard_slice(batch_size, shard)
         return self._loss(steps[part], rows[part])
 
     def trajectory_losses(self) -> Iterator[torch.Tensor]:
         rows = torch.arange(self.config.num_trajectories)
+        self._store_missing(torch.ones_like(self._have_target))  # every point is visited: batch the frozen passes
         for step in range(len(self.timesteps)):
             yield self._loss(torch.full_like(rows, step), rows)
+
+
+def _shard_slice(batch_size: int, shard: tuple[int, int]) -> slice:
+    index, count = shard
+    return slice(index * batch_size // count, (index + 1) * batch_size // count)
 
 
 OBJECTIVES: dict[str, tuple[type[ObjectiveConfig], type[Objective]]] = {}

@@ -6,6 +6,7 @@ the request started from, or from the original base (``reference="base"``, addin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -23,15 +24,13 @@ class _DriftPenalty(Regularizer):
     reference: Literal["previous", "base"] = "previous"
 
     order: ClassVar[int] = 50
+    # The elementwise penalty of a weight change, summed over every K/V element (set by each kind).
+    penalty: ClassVar[Callable[[torch.Tensor], torch.Tensor]]
 
     def __post_init__(self) -> None:
         check_number(self.weight, f"{type(self).__name__} weight", minimum=0)
         if self.reference not in REFERENCES:
             raise ValueError(f"{type(self).__name__} reference must be one of {list(REFERENCES)}, got {self.reference!r}")
-
-    @staticmethod
-    def penalty(delta: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def setup(self, ctx: TrainingContext) -> None:
         self._offsets = ctx.start_offsets if self.reference == "base" else None
@@ -64,10 +63,7 @@ class L1Drift(_DriftPenalty):
 
     name: ClassVar[str] = "l1_drift"
     weight: float = 10.0
-
-    @staticmethod
-    def penalty(delta: torch.Tensor) -> torch.Tensor:
-        return delta.abs()
+    penalty = staticmethod(torch.abs)
 
 
 @register_regularizer
@@ -77,7 +73,4 @@ class L2Drift(_DriftPenalty):
 
     name: ClassVar[str] = "l2_drift"
     weight: float = 2.5e4
-
-    @staticmethod
-    def penalty(delta: torch.Tensor) -> torch.Tensor:
-        return delta.square()
+    penalty = staticmethod(torch.square)

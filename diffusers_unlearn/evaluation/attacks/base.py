@@ -102,6 +102,28 @@ class AttackConfig:
 
 
 @dataclass
+class TrainingAttackConfig(AttackConfig):
+    """Settings every attack that optimises something (an embedding, a LoRA) shares; each kind sets its defaults.
+
+    Args:
+        steps: optimisation steps.
+        learning_rate: the optimizer's learning rate.
+        train_batch_size: training examples per step.
+    """
+
+    steps: int = 100
+    learning_rate: float = 1e-4
+    train_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = f"attack {self.kind!r}"
+        check_int(owner, "steps", self.steps, 1)
+        check_int(owner, "train_batch_size", self.train_batch_size, 1)
+        check_number(owner, "learning_rate", self.learning_rate, 0.0, inclusive=False)
+
+
+@dataclass
 class AttackResult:
     """What an attack found.
 
@@ -439,26 +461,3 @@ def pipeline_view(pipe: Any, **replace: Any) -> Any:
     view = cls(**{k: v for k, v in components.items() if k in accepted})
     view.set_progress_bar_config(**(getattr(pipe, "_progress_bar_config", None) or {}))
     return view
-
-
-__all__ = [
-    "ATTACKS",
-    "Attack",
-    "AttackConfig",
-    "AttackContext",
-    "AttackOutcome",
-    "AttackResult",
-    "attack",
-    "base_pipeline",
-    "build_attack_config",
-    "check_int",
-    "check_number",
-    "check_templates",
-    "default_plain_templates",
-    "fill_templates",
-    "NoisedBatches",
-    "generate_latents",
-    "minicanvas_axis",
-    "pipeline_view",
-    "register_attack",
-]

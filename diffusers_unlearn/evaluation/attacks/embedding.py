@@ -20,12 +20,11 @@ from tqdm.auto import tqdm
 
 from .base import (
     Attack,
-    AttackConfig,
     AttackOutcome,
     NoisedBatches,
+    TrainingAttackConfig,
     base_pipeline,
     check_int,
-    check_number,
     generate_latents,
     pipeline_view,
 )
@@ -35,7 +34,7 @@ REFERENCE_SEED_OFFSET = 10_000
 
 
 @dataclass
-class EmbeddingAttackConfig(AttackConfig):
+class EmbeddingAttackConfig(TrainingAttackConfig):
     """Args:
     steps: optimisation steps of the embedding.
     learning_rate: Adam learning rate of the embedding.
@@ -51,7 +50,6 @@ class EmbeddingAttackConfig(AttackConfig):
     kind: ClassVar[str] = "embedding"
     steps: int = 200
     learning_rate: float = 5e-3
-    train_batch_size: int = 4
     tries: int = 2
     reference_seeds: int = 2
     init: str | None = None
@@ -60,11 +58,8 @@ class EmbeddingAttackConfig(AttackConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = "attack 'embedding'"
-        check_int(owner, "steps", self.steps, 1)
-        check_int(owner, "train_batch_size", self.train_batch_size, 1)
         check_int(owner, "tries", self.tries, 1)
         check_int(owner, "reference_seeds", self.reference_seeds, 1)
-        check_number(owner, "learning_rate", self.learning_rate, 0.0, inclusive=False)
         if self.tries > self.steps:
             raise ValueError(f"{owner} option tries ({self.tries}) cannot exceed steps ({self.steps})")
         if self.init is not None and (not isinstance(self.init, str) or not self.init.strip()):

@@ -27,11 +27,10 @@ from ...prompts import check_concept, same_concept
 from ...vocabulary import DEFAULT_VOCABULARY
 from .base import (
     Attack,
-    AttackConfig,
     AttackOutcome,
     NoisedBatches,
+    TrainingAttackConfig,
     check_int,
-    check_number,
     default_plain_templates,
     generate_latents,
 )
@@ -45,7 +44,7 @@ DEFAULT_KEPT = 8
 
 
 @dataclass
-class FinetuneAttackConfig(AttackConfig):
+class FinetuneAttackConfig(TrainingAttackConfig):
     """Args:
     steps: fine-tuning steps.
     learning_rate: AdamW learning rate of the LoRA.
@@ -60,18 +59,14 @@ class FinetuneAttackConfig(AttackConfig):
     steps: int = 300
     learning_rate: float = 1e-4
     rank: int = 4
-    train_batch_size: int = 4
     kept: Sequence[str] | None = None
     images_per_prompt: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = "attack 'finetune'"
-        check_int(owner, "steps", self.steps, 1)
         check_int(owner, "rank", self.rank, 1)
-        check_int(owner, "train_batch_size", self.train_batch_size, 1)
         check_int(owner, "images_per_prompt", self.images_per_prompt, 1)
-        check_number(owner, "learning_rate", self.learning_rate, 0.0, inclusive=False)
         if self.kept is not None:
             if isinstance(self.kept, str) or not isinstance(self.kept, Sequence) or not self.kept:
                 raise ValueError(f"{owner} option kept must be a non-empty list of concepts, got {self.kept!r}")

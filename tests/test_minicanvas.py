@@ -128,15 +128,6 @@ def test_styles_separable_by_colour_and_objects_by_shape():
 # --------------------------------------------------------------------------------------------------- shipped
 
 
-OBJECT_QUALITY_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="issue 9, open: the shipped 48-style weights (4000 steps) ignore the object word: object accuracy 12.3% "
-    "on their own generations (target 90%; style 96.5%, held-out style 95.8%, classifiers 100% / 99.8% met). "
-    "Strict: this test passes again, and must be un-marked, once retrained weights draw the objects.",
-)
-
-
-@OBJECT_QUALITY_GAP
 def test_shipped_weights_are_small_verified_and_good():
     from diffusers_unlearn.minicanvas import quality
 
@@ -199,7 +190,6 @@ def test_classifiers_well_above_chance_on_fresh_renders(classifiers):
     assert object_clf(tensor) == object_clf(images)
 
 
-@OBJECT_QUALITY_GAP
 def test_base_model_images_are_recognised(pipe, classifiers):
     # One image per style, objects in turn, at the recommended settings: the classifiers read both concepts.
     style_clf, object_clf = classifiers

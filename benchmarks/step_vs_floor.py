@@ -120,7 +120,6 @@ def main() -> None:
     setup_share = [r["setup_seconds"] / r["seconds"] for r in library]
     setup_parts = library
     parts = setup_parts[len(setup_parts) // 2]
-    print(f"\nstep / floor: {lib / flo:.2f}x (goal <= 1.15x)")
     print(f"setup share of a default request ({args.steps} steps): {statistics.median(setup_share):.1%} "
           f"(trajectories {parts['trajectory_seconds']:.2f} s, frozen targets {parts['target_seconds']:.2f} s, "
           f"regularizers {parts['regularizer_setup_seconds']:.2f} s)")

@@ -158,7 +158,7 @@ MINICANVAS_EVAL_OBJECTS = ("bear", "fish", "house", "flower")
 
 
 def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: int | None = None,
-                     eval_objects: Sequence[str] | None = None, eval_steps: int | None = None, batch_size: int = 128,
+                     eval_objects: Sequence[str] | None = None, eval_steps: int | None = None, batch_size: int = 32,
                      device: str | None = None, domain: str = "style", eval_families: int | None = None,
                      heldout: bool = True) -> BenchWorld:
     """The shipped MiniCanvas model and classifiers, with the evaluation set of the paper's kind.

@@ -34,16 +34,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def grid_styles(removed: list[str], families: dict[str, list[str]]) -> list[str]:
-    """Rows of the grid: each removed style's whole family (its nearest neighbours), then one untouched style."""
+def grid_styles(removed: list[str], families: dict[str, list[str]], evaluated: list[str]) -> list[str]:
+    """Rows of the grid, among the ``evaluated`` styles (their images exist already): each removed style's family
+    members (its nearest neighbours), then one style of an untouched family."""
     rows: list[str] = []
     touched = set()
     for style in removed:
         family = next((name for name, members in families.items() if style in members), None)
         members = families[family] if family is not None else [style]
         touched.add(family)
-        rows += [m for m in members if m not in rows]
-    untouched = next((members[0] for name, members in families.items() if name not in touched), None)
+        rows += [m for m in members if m not in rows and m in evaluated]
+    untouched = next((m for name, members in families.items() if name not in touched
+                      for m in members if m in evaluated), None)
     return rows + ([untouched] if untouched else [])
 
 
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     stream = world.stream("style", DEMO_REQUESTS)
     pipe = attach(world.load_pipeline())
     config = world.eval_config
-    styles = grid_styles(stream, mc.STYLE_FAMILIES)
+    styles = grid_styles(stream, mc.STYLE_FAMILIES, list(config.styles))
     objects = list(config.objects)
     cases = config.cases()
     # the grid shows the first evaluation seed's images of its styles: no extra generation

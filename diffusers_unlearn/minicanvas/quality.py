@@ -74,7 +74,7 @@ def _accuracies(triples: list[tuple[str, str, Any]], pred_style: list[str], pred
 def measure_quality(pipe, style_classifier, object_classifier, seeds: Sequence[int] = tuple(settings.EVAL_SEEDS),
                     pairs: Sequence[tuple[str, str]] | None = None,
                     num_inference_steps: int = settings.NUM_INFERENCE_STEPS,
-                    guidance_scale: float = settings.GUIDANCE_SCALE, batch_size: int = 128,
+                    guidance_scale: float = settings.GUIDANCE_SCALE, batch_size: int = 32,
                     heldout: bool = True, progress: bool = False) -> dict[str, Any]:
     """Accuracy of both classifiers on the pipeline's images of ``pairs`` (default :func:`quality_pairs`) at every
     seed, in the training wording (top level) and, with ``heldout``, in the held-out wordings (``"heldout"``)."""

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .._validation import check_int, check_number, check_optional_number
 from .._warn import warn
-from ..embeddings import concept_embedding, cosine_similarities
+from ..embeddings import concept_embedding, concept_embeddings, cosine_similarities
 from ..families import conditioner_for, family_of
 from ..prompts import DEFAULT_DOMAIN, TEMPLATES, check_concept, concept_prompts, same_concept
 from ..text_states import ProtectedPrompt, collect_block_states
@@ -172,9 +172,11 @@ class GradientProjection(Regularizer):
             pool = list(dict.fromkeys(pool))
             if pool:
                 target = concept_embedding(ctx.pipe, ctx.concept, ctx.domain)
-                candidates = tqdm(pool, desc="gradient projection: embedding neighbour candidates", unit="concept",
-                                  disable=not ctx.progress, leave=False)
-                embeds = torch.stack([concept_embedding(ctx.pipe, c, d) for c, d in candidates], dim=1)
+                # one batched text-encoder pass per few hundred prompts, not one per candidate
+                with tqdm(total=len(pool), desc="gradient projection: embedding neighbour candidates",
+                          unit="concept", disable=not ctx.progress, leave=False) as bar:
+                    embeds = concept_embeddings(ctx.pipe, pool)
+                    bar.update(len(pool))
                 sims = cosine_similarities(target, embeds)
                 order = torch.argsort(sims, descending=True, stable=True)
                 for i in order[: self.neighbors].tolist():

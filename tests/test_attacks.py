@@ -205,6 +205,10 @@ def _minicanvas_pipe(mc):
 MC_EMBEDDING = dict(seeds=1, steps=100, tries=2, learning_rate=5e-3, progress=False)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "measured on the 48-style MiniCanvas (issue 9): after ESD (eta 5, 100 steps, lr 2e-3) the embedding attack at "
+    "these settings recovers 'neon lines' in 0 of 6 images (plain prompt 0 of 6); on the previous 12-style world "
+    "it recovered 4 of 6. Strict: passes again, and must be un-marked, once the attack is strong enough here."))
 def test_embedding_attack_recovers_a_style_erased_by_esd(minicanvas):
     mc, style_clf = minicanvas
     pipe = _minicanvas_pipe(mc)

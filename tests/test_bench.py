@@ -163,6 +163,63 @@ def test_settings_and_world_refuse_bad_input():
     assert bench.family_round_robin({"a": ["a1", "a2"], "b": ["b1"]}) == ["a1", "b1", "a2"]
 
 
+def test_heldout_wordings_and_per_concept_ua(tmp_path):
+    templates = ["{style} painting of a {object}", "a {object}, {style}"]
+    world = tiny_world(heldout_templates=templates, heldout_others=1)
+    assert bench.heldout_cases(world, ["van gogh"], "style") == [
+        ("van gogh", "dog", templates[0], 3), ("van gogh", "dog", templates[1], 3)]
+    settings = bench.BenchSettings(requests=2, hparams=HP, protocols=["sequential"], seed=0)
+    result = bench.run_bench(world, settings, progress=False, log=None)
+    rows = result["protocols"]["sequential"]["rows"]
+    assert rows[0]["ua_heldout"] is None and rows[0]["heldout_images"] == 0
+    for k, row in enumerate(rows[1:], start=1):
+        assert row["heldout_images"] == k * len(templates)  # each removed style x each wording x 1 object
+        assert set(row["heldout_accuracy"]) == set(result["stream"][:k])
+        assert row["ua_heldout"] == pytest.approx(100 - sum(row["heldout_accuracy"].values()) / k)
+    matrix = bench.ua_matrix(result, "sequential")
+    assert matrix[1][0] is None  # before its own request a concept has no UA
+    assert [matrix[i][1] for i in range(2)] == [100 - rows[2]["accuracy"][c] for c in result["stream"]]
+    paths = bench.write_report(result, tmp_path)
+    text = paths["markdown"].read_text()
+    assert "UA held-out" in text and "### Per-concept UA" in text and "images per style" in text
+    with Image.open(paths["ua_matrix_plot"]) as image:
+        assert image.format == "PNG"
+    with pytest.raises(ValueError, match="held-out template"):
+        tiny_world(heldout_templates=["{style} only"])
+
+
+def test_gradient_projection_protects_the_world_auxiliary_set_by_default():
+    auxiliary = {"style": ["monet", "klimt"], "object": ["cat"]}
+    world = tiny_world(auxiliary=auxiliary)
+    assert world.vocabulary() == {"tinyworld-style": ["monet", "klimt"], "tinyworld-object": ["cat"]}
+    assert bench.Hyperparameters().gp_neighbors is None  # all of it, as the paper protects its whole set
+    world.register_domains()
+    config = bench.BenchSettings(requests=2, hparams=HP, protocols=["gp"])
+    stream = world.stream("style", 2)
+    pipe = du.attach(world.load_pipeline())
+    for k in range(2):
+        bench.serve_request(pipe, bench.PROTOCOLS["gp"], world, config, stream, k, progress=False)
+    second = pipe.unlearning_ledger.requests[1].regularizers[0]["report"]["protected"]
+    assert {(p["concept"], p["source"]) for p in second} == {("van gogh", "removed"), ("klimt", "neighbor"),
+                                                             ("cat", "neighbor")}  # the target (monet) left out
+    with pytest.raises(ValueError, match="auxiliary"):
+        tiny_world(auxiliary={"colour": ["red"]})
+
+
+def test_minicanvas_style_plan_removes_one_per_family_and_keeps_neighbours():
+    from diffusers_unlearn import minicanvas as mc
+
+    removal, kept = bench.minicanvas_style_plan()
+    assert len(removal) == len(kept) == len(mc.STYLE_FAMILIES) >= 12
+    for removed, neighbour in zip(removal, kept):
+        assert removed.split()[0] == neighbour.split()[0] and removed != neighbour  # same family word
+    assert len({s.split()[0] for s in removal}) == len(removal)  # consecutive requests hit different families
+    assert not set(removal) & set(kept)
+    assert bench.minicanvas_style_plan(2) == (removal[:2], kept[:2])
+    with pytest.raises(ValueError, match="families"):
+        bench.minicanvas_style_plan(0)
+
+
 # ------------------------------------------------------------------------------------- the command, on MiniCanvas
 def test_bench_quick_on_minicanvas(tmp_path):
     out = tmp_path / "bench"
@@ -174,15 +231,20 @@ def test_bench_quick_on_minicanvas(tmp_path):
     check_result_structure(result, requests, list(bench.PROTOCOLS))
     from diffusers_unlearn import minicanvas as mc
 
-    assert set(result["stream"]) <= set(mc.STYLES)
+    assert result["stream"] == bench.minicanvas_style_plan(2)[0]
     eval_config = result["world"]["eval"]
     assert eval_config["num_inference_steps"] == 10 and len(eval_config["objects"]) == 2
-    assert result["base"]["num_images"] == len(mc.STYLES) * 2
+    assert eval_config["styles"] == sum(bench.minicanvas_style_plan(2), [])  # removed styles + kept neighbours
+    assert result["base"]["num_images"] == 4 * 2
+    assert result["world"]["heldout_templates"] == list(mc.HELDOUT_TEMPLATES)
+    assert result["world"]["auxiliary_size"] >= 100
+    last = result["protocols"]["sequential"]["rows"][-1]
+    assert last["heldout_images"] == requests * len(mc.HELDOUT_TEMPLATES) * 2 and 0 <= last["ua_heldout"] <= 100
     assert 0 <= result["base"]["ira"] <= 100 and 0 <= result["base"]["cra"] <= 100
     text = (out / "results.md").read_text()
     assert "diffusers-unlearn bench --quick" in text
     assert f"### After request {requests}" in text
     assert "| protocol | UA | IRA | CRA |" in proc.stdout  # the headline table is printed too
-    for name in ("metrics.png", "cost.png"):
+    for name in ("metrics.png", "cost.png", "ua_matrix.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG"

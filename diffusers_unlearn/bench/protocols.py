@@ -30,12 +30,10 @@ class Hyperparameters:
         l1_weight, l2_weight: lambda of the drift penalties.
         selective_top_k: fraction of K/V elements selective fine-tuning may change, alone.
         gp_selective_top_k: the same, combined with gradient projection (the paper uses a larger k there).
-        gp_neighbors: how many of the world's other concepts (both domains, nearest to the target first) gradient
-            projection protects besides earlier removals; None: all of them, as the paper protects its whole
-            auxiliary vocabulary (about 200 styles and objects in SD's 768-wide text space). 8 by default because
-            MiniCanvas's text space is only 64 wide: with all 17 other concepts protected the first style was not
-            removed at all (UA 0 after 100 steps, against 50-67 with 8; compare ``bench --protocols gp
-            --gp-neighbors all``).
+        gp_neighbors: how many concepts of the world's auxiliary pool (nearest to the target first) gradient
+            projection protects besides earlier removals; None (default): all of them, as the paper protects its
+            whole auxiliary vocabulary. MiniCanvas's pool is ``minicanvas.auxiliary_concepts()``: 108 styles and
+            objects derived from its vocabulary in a 512-wide text space (SD 1.x: about 200 in 768).
         merge_density: fraction of each delta TIES keeps.
         merge_scale: TIES lambda (None: the strategy's default, growing with the number of merged requests).
     """
@@ -48,7 +46,7 @@ class Hyperparameters:
     l2_weight: float = 30.0
     selective_top_k: float = 0.05
     gp_selective_top_k: float = 0.3
-    gp_neighbors: int | None = 8
+    gp_neighbors: int | None = None
     merge_density: float = 0.6
     merge_scale: float | None = None
 
@@ -121,7 +119,7 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol("merge", "Merging (TIES)", merge=True,
                  description="each request trained from the base, deltas merged with TIES"),
         Protocol("gp", "GP", lambda ctx: [_gp(ctx)],
-                 description="sequential + gradient projection protecting earlier removals and nearest concepts"),
+                 description="sequential + gradient projection protecting earlier removals and the auxiliary concept set"),
         Protocol("gp+selective", "GP + Selective FT",
                  lambda ctx: [_gp(ctx), SelectiveFinetune(top_k=ctx.hparams.gp_selective_top_k)],
                  description="gradient projection inside the selective fine-tuning mask"),

@@ -23,6 +23,20 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def has_heldout(result: dict[str, Any]) -> bool:
+    """Whether the run scored removed concepts in held-out wordings (``ua_heldout``)."""
+    return any(r.get("ua_heldout") is not None for p in result["protocols"].values() for r in p["rows"])
+
+
+def ua_matrix(result: dict[str, Any], protocol: str) -> list[list[float | None]]:
+    """Per-concept UA: row i is the i-th removed concept, column k the state after request k+1 (None before the
+    concept's own request). A concept that comes back shows as a falling row."""
+    stream = result["stream"]
+    rows = result["protocols"][protocol]["rows"][1:]
+    return [[None if k < i else 100.0 - row["accuracy"][concept] for k, row in enumerate(rows)]
+            for i, concept in enumerate(stream)]
+
+
 def final_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each protocol's row after the last request."""
     return {name: p["rows"][-1] for name, p in result["protocols"].items()}
@@ -32,9 +46,12 @@ def headline(result: dict[str, Any]) -> list[str]:
     """The after-the-last-request table, with each protocol's change against plain sequential unlearning."""
     finals = final_rows(result)
     reference = finals.get(REFERENCE)
+    heldout = has_heldout(result)
     header = ["protocol", "UA", "IRA", "CRA"]
     if reference is not None:
         header += ["ΔUA", "ΔIRA", "ΔCRA"]
+    if heldout:
+        header += ["UA held-out"]
     header += ["K/V drift", "training steps", "training s"]
     attacks = list(dict.fromkeys(kind for row in finals.values() for kind in row.get("attacks", {})))
     header += [f"robust UA ({kind})" for kind in attacks]
@@ -45,6 +62,8 @@ def headline(result: dict[str, Any]) -> list[str]:
             for metric, _ in METRICS:
                 both = row[metric] is not None and reference[metric] is not None
                 cells.append(_pct(row[metric] - reference[metric], signed=True) if both else "n/a")
+        if heldout:
+            cells.append(_pct(row.get("ua_heldout")))
         cells += [f"{row['drift']:.4f}", str(row["cumulative_steps"]), f"{row['cumulative_seconds']:.1f}"]
         cells += [_pct(row.get("attacks", {}).get(kind, {}).get("robust_ua")) for kind in attacks]
         rows.append(cells)
@@ -60,6 +79,8 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
     if result.get("command"):
         lines += ["Command:", "", "```bash", result["command"], "```", ""]
     eval_cfg = result["world"]["eval"]
+    domain, other = (("style", "object") if settings["domain"] == "style" else ("object", "style"))
+    per_concept = len(eval_cfg["objects" if domain == "style" else "styles"]) * len(eval_cfg["seeds"])
     lines += [
         f"World `{result['world']['name']}`; {n} {settings['domain']} removal requests with `{settings['method']}`, "
         f"in this order: " + ", ".join(f"`{c}`" for c in result["stream"]) + ".",
@@ -72,6 +93,13 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
         f"Base model: IRA {_pct(base['ira'])}, CRA {_pct(base['cra'])} "
         f"(accuracy of the {settings['domain']} and the other domain's classifier on the base model's images).",
         "",
+        f"Evaluation set: every removed {domain} and a fixed set of kept {domain}s "
+        f"({len(eval_cfg[domain + 's'])} {domain}s in all), each drawn with {per_concept // len(eval_cfg['seeds'])} "
+        f"{other}s at {len(eval_cfg['seeds'])} seed(s): {per_concept} images per {domain}, so one image is worth "
+        f"{100 / per_concept:.1f} points of that {domain}'s accuracy (and {100 / per_concept / n:.2f} points of UA "
+        f"once all {n} are removed). IRA: mean over the kept {domain}s; CRA: the {other} classifier on the kept "
+        f"{domain}s' images.",
+        "",
         f"### After request {n}",
         "",
         *headline(result),
@@ -81,15 +109,32 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
         "(simultaneous retrains on every request so far, so its cost grows with the stream).",
         "",
     ]
+    world = result["world"]
+    if has_heldout(result):
+        templates = world.get("heldout_templates", [])
+        per = next((r["heldout_images"] // max(1, k) for p in result["protocols"].values()
+                    for k, r in enumerate(p["rows"]) if k and r.get("heldout_images")), 0)
+        lines += [f"UA held-out: UA of the removed {domain}s in {len(templates)} wordings never used in training ("
+                  + ", ".join(f"`{t}`" for t in templates) + f"), {per} images per removed {domain}.", ""]
     if any(row["ira"] is None for row in final_rows(result).values()):
         lines += [f"Request {n} removes the last kept {settings['domain']}: IRA and CRA are undefined (n/a) after "
                   f"it; the per-request tables below show them up to request {n - 1}.", ""]
     lines += attack_section(result)
-    for metric, name in METRICS:
+    metrics = list(METRICS) + ([("ua_heldout", "UA (held-out wordings)")] if has_heldout(result) else [])
+    for metric, name in metrics:
         lines += [f"### {name} after each request", ""]
         header = ["protocol"] + [str(k) for k in range(n + 1)]
-        rows = [[p["label"]] + [_pct(r[metric]) for r in p["rows"]] for p in result["protocols"].values()]
+        rows = [[p["label"]] + [_pct(r.get(metric)) for r in p["rows"]] for p in result["protocols"].values()]
         lines += _table(header, rows) + [""]
+    lines += [f"### Per-concept UA (removed {domain} x request)", "",
+              "UA of each removed concept after every request (`ua_matrix.png`): a concept whose UA falls again has "
+              "come back.", ""]
+    for name, protocol in result["protocols"].items():
+        matrix = ua_matrix(result, name)
+        lines += [f"{protocol['label']}:", ""]
+        header = [domain] + [str(k) for k in range(1, n + 1)]
+        lines += _table(header, [[f"{i + 1}. {c}"] + ["" if v is None else f"{v:.0f}" for v in matrix[i]]
+                                 for i, c in enumerate(result["stream"])]) + [""]
     return "\n".join(lines)
 
 
@@ -179,15 +224,49 @@ def plot_cost(result: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def plot_ua_matrix(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Heat-map per protocol: UA of each removed concept (rows) after each request (columns) (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(result["protocols"])
+    stream = result["stream"]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    size = 0.3 * len(stream) + 1.2
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * (size + 1.3) + 1.0, rows * (size + 0.6) + 0.5),
+                             squeeze=False, layout="constrained")
+    image = None
+    for ax, name in zip(axes.flat, names):
+        matrix = np.array([[np.nan if v is None else v for v in row] for row in ua_matrix(result, name)], float)
+        image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        ax.set_title(result["protocols"][name]["label"], fontsize=9)
+        ax.set_xticks(range(len(stream)), [str(k) for k in range(1, len(stream) + 1)], fontsize=6)
+        ax.set_yticks(range(len(stream)), stream, fontsize=6)
+        ax.set_xlabel("after request", fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="UA of the concept (%)")
+    fig.suptitle(f"{result['world']['name']}: per-concept UA", fontsize=11)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_report(result: dict[str, Any], out_dir: str | os.PathLike, title: str | None = None) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md``, ``metrics.png`` and ``cost.png`` into ``out_dir``; returns the paths."""
+    """Write ``results.json``, ``results.md``, ``metrics.png``, ``cost.png`` and ``ua_matrix.png`` into ``out_dir``;
+    returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "metrics_plot": out / "metrics.png",
-             "cost_plot": out / "cost.png"}
+             "cost_plot": out / "cost.png", "ua_matrix_plot": out / "ua_matrix.png"}
     # allow_nan=False: undefined scores are None (null), never NaN, so the file is strict JSON
     paths["json"].write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown(result, title) + "\n")
     plot_metrics(result, paths["metrics_plot"])
     plot_cost(result, paths["cost_plot"])
+    plot_ua_matrix(result, paths["ua_matrix_plot"])
     return paths

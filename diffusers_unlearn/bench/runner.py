@@ -18,6 +18,7 @@ from ..evaluation import evaluate_unlearning, kv_drift
 from ..evaluation.metrics import check_eval_domain
 from ..mixin import attach
 from ..objectives import OBJECTIVES, ObjectiveConfig, build_objective_config
+from .heldout import heldout_unlearning
 from .protocols import Hyperparameters, Protocol, ProtocolContext, resolve_protocols
 from .world import BenchWorld
 
@@ -182,7 +183,7 @@ def serve_request(pipe: Any, protocol: Protocol, world: BenchWorld, settings: Be
 
 
 def _row(k: int, concept: str | None, scores: Any, drift: float, steps: int, seconds: float,
-         cum_steps: int, cum_seconds: float) -> dict[str, Any]:
+         cum_steps: int, cum_seconds: float, heldout: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "request": k,
         "concept": concept,
@@ -197,6 +198,10 @@ def _row(k: int, concept: str | None, scores: Any, drift: float, steps: int, sec
         "eval_seconds": scores.seconds,
         "accuracy": scores.accuracy,
         "cross_accuracy": scores.cross_accuracy,
+        # the removed concepts in wordings the model was never trained on (None: no held-out wordings / nothing removed)
+        "ua_heldout": None if heldout is None else heldout["ua"],
+        "heldout_accuracy": None if heldout is None else heldout["accuracy"],
+        "heldout_images": 0 if heldout is None else heldout["num_images"],
     }
 
 
@@ -218,9 +223,11 @@ def run_protocol(world: BenchWorld, settings: BenchSettings, protocol: Protocol,
         steps, seconds = serve_request(pipe, protocol, world, settings, stream, k, progress)
         cum_steps, cum_seconds = cum_steps + steps, cum_seconds + seconds
         scores = _evaluate(world, settings, pipe, stream[: k + 1], progress)
+        heldout = heldout_unlearning(pipe, world, stream[: k + 1], settings.domain, progress)
         drift = kv_drift(pipe)
-        rows.append(_row(k + 1, stream[k], scores, drift, steps, seconds, cum_steps, cum_seconds))
-        say(f"[{protocol.name}] request {k + 1}/{len(stream)} {stream[k]!r}: {scores.summary()}  "
+        rows.append(_row(k + 1, stream[k], scores, drift, steps, seconds, cum_steps, cum_seconds, heldout))
+        held = "" if heldout is None else f"  UA held-out {heldout['ua']:.1f}"
+        say(f"[{protocol.name}] request {k + 1}/{len(stream)} {stream[k]!r}: {scores.summary()}{held}  "
             f"drift {drift:.4f}  train {seconds:.1f}s ({steps} steps)  eval {scores.seconds:.1f}s")
         if settings.attacks and k == len(stream) - 1:
             rows[-1]["attacks"] = attack_removed(world, settings, pipe, stream, progress)
@@ -264,6 +271,7 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
 
     base_pipe = attach(world.load_pipeline())
     base = _evaluate(world, settings, base_pipe, [], progress)
+    say(f"removal order ({settings.domain}): " + ", ".join(f"{k + 1}. {c}" for k, c in enumerate(stream)))
     say(f"base model: {base.summary()}  [{base.seconds:.1f}s]")
     base_row = _row(0, None, base, 0.0, 0, 0.0, 0, 0.0)
     del base_pipe

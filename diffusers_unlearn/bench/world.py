@@ -31,6 +31,12 @@ class BenchWorld:
         style_classifier, object_classifier: ``images -> labels`` for each domain.
         orders: removal order per domain (default: the evaluated concepts, in order).
         styles, objects: every concept of the world (default: the evaluated ones).
+        heldout_templates: prompt templates (``{style}`` and ``{object}`` slots) the model was not trained on; after
+            every request the removed concepts are also scored in these wordings (``ua_heldout``), to tell erasing a
+            concept from erasing one phrasing. Empty: no held-out score.
+        heldout_others: how many evaluated concepts of the other domain the held-out images use (the first ones).
+        auxiliary: gradient projection's pool of concepts to protect, ``{"style": [...], "object": [...]}``
+            (default: every concept of the world). The target and earlier removals are never taken from it.
     """
 
     name: str
@@ -41,6 +47,9 @@ class BenchWorld:
     orders: dict[str, list[str]] = field(default_factory=dict)
     styles: list[str] | None = None
     objects: list[str] | None = None
+    heldout_templates: list[str] = field(default_factory=list)
+    heldout_others: int = 2
+    auxiliary: dict[str, list[str]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or " " in self.name:
@@ -57,6 +66,17 @@ class BenchWorld:
                 raise ValueError(f"the {domain} removal order {order} must list distinct evaluated {domain}s "
                                  f"(of {evaluated}): a removed concept's UA needs its images")
             self.orders[domain] = order
+        for template in self.heldout_templates:
+            if not isinstance(template, str) or "{style}" not in template or "{object}" not in template:
+                raise ValueError(f"held-out template needs '{{style}}' and '{{object}}' slots, got {template!r}")
+        if isinstance(self.heldout_others, bool) or not isinstance(self.heldout_others, int) \
+                or self.heldout_others < 1:
+            raise ValueError(f"heldout_others must be an integer >= 1, got {self.heldout_others!r}")
+        if self.auxiliary is not None:
+            unknown = sorted(set(self.auxiliary) - {"style", "object"})
+            if unknown:
+                raise ValueError(f"auxiliary concept domains must be 'style' / 'object', got {unknown}")
+            self.auxiliary = {d: list(self.auxiliary.get(d, [])) for d in ("style", "object")}
 
     def concepts(self, domain: str) -> list[str]:
         """Every concept of the domain (not only the evaluated ones)."""
@@ -94,12 +114,15 @@ class BenchWorld:
                 register_templates(name, templates, replace=True)  # a world of the same name, other concepts
 
     def vocabulary(self) -> dict[str, list[str]]:
-        """Gradient projection's neighbour pool: every concept of both domains, in the world's prompt domains."""
-        return {self.prompt_domain(d): self.concepts(d) for d in ("style", "object")}
+        """Gradient projection's pool, in the world's prompt domains: ``auxiliary`` or every concept of the world."""
+        pool = self.auxiliary if self.auxiliary is not None else {d: self.concepts(d) for d in ("style", "object")}
+        return {self.prompt_domain(d): list(pool[d]) for d in ("style", "object")}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "styles": self.styles, "objects": self.objects, "eval": self.eval_config.to_dict(),
-                "orders": self.orders}
+                "orders": self.orders, "heldout_templates": list(self.heldout_templates),
+                "heldout_others": self.heldout_others,
+                "auxiliary_size": sum(len(c) for c in self.vocabulary().values())}
 
 
 def family_round_robin(families: dict[str, Sequence[str]]) -> list[str]:
@@ -114,14 +137,40 @@ def family_round_robin(families: dict[str, Sequence[str]]) -> list[str]:
     return order
 
 
+def minicanvas_style_plan(families: int | None = None) -> tuple[list[str], list[str]]:
+    """MiniCanvas's style stream and kept set: ``(removal order, kept styles)``.
+
+    The paper's protocol: one style of each family in turn (request k removes the first member of family k), so
+    consecutive requests hit different families; the kept set, on which IRA is scored, is the second member of
+    each family, a near neighbour (same family word and palette) of a removed style, and shares texture words with
+    removed styles of other families. ``families``: only the first n families (a cheaper evaluation).
+    """
+    groups = list(mc.STYLE_FAMILIES.values())
+    if families is not None:
+        if isinstance(families, bool) or not isinstance(families, int) or not 1 <= families <= len(groups):
+            raise ValueError(f"MiniCanvas has {len(groups)} style families; asked to evaluate {families!r}")
+        groups = groups[:families]
+    return [g[0] for g in groups], [g[1] for g in groups]
+
+
+# The bench's default evaluation objects for style requests: CRA over these; every removed style is drawn with each.
+MINICANVAS_EVAL_OBJECTS = ("bear", "fish", "house", "flower")
+
+
 def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: int | None = None,
                      eval_objects: Sequence[str] | None = None, eval_steps: int | None = None, batch_size: int = 32,
-                     device: str | None = None) -> BenchWorld:
-    """The shipped MiniCanvas model and classifiers; styles removed one per family in turn.
+                     device: str | None = None, domain: str = "style", eval_families: int | None = None,
+                     heldout: bool = True) -> BenchWorld:
+    """The shipped MiniCanvas model and classifiers, with the evaluation set of the paper's kind.
 
-    ``eval_seeds`` (the first n ``EVAL_SEEDS``), ``eval_objects`` and ``eval_steps`` (sampling steps, also those of
-    the requests' trajectories) make the evaluation a cheaper subset.
+    ``domain="style"``: styles are removed one family after another (:func:`minicanvas_style_plan`); the evaluated
+    styles are the removal order (12) plus a kept neighbour of each (12), drawn with ``MINICANVAS_EVAL_OBJECTS``.
+    ``domain="object"``: every object is evaluated and removed in order, drawn in one style of each family.
+    ``eval_seeds`` (the first n ``EVAL_SEEDS``, default 2), ``eval_objects``, ``eval_families`` (style plan of the
+    first n families) and ``eval_steps`` (sampling steps, also those of the requests' trajectories) make the
+    evaluation cheaper. Gradient projection's pool is ``minicanvas.auxiliary_concepts()`` (108 concepts).
     """
+    check_eval_domain(domain)
     style_clf, object_clf = mc.load_classifiers(device=device, weights_dir=weights_dir)
 
     def load() -> Any:
@@ -130,12 +179,19 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
         return pipe
 
     overrides: dict[str, Any] = {"batch_size": batch_size}
-    if eval_objects is not None:
-        overrides["objects"] = list(eval_objects)
     if eval_steps is not None:
         overrides["num_inference_steps"] = eval_steps
-    config = EvalConfig.minicanvas(seeds=eval_seeds, **overrides)
-    object_order = [o for o in mc.OBJECTS if o in config.objects]
-    return BenchWorld("minicanvas", config, load, style_clf, object_clf,
-                      orders={"style": family_round_robin(mc.STYLE_FAMILIES), "object": object_order},
-                      styles=list(mc.STYLES), objects=list(mc.OBJECTS))
+    removal, kept = minicanvas_style_plan(eval_families)
+    if domain == "style":
+        overrides["styles"] = removal + kept
+        overrides["objects"] = list(eval_objects) if eval_objects is not None else list(MINICANVAS_EVAL_OBJECTS)
+        orders = {"style": removal + kept, "object": list(overrides["objects"])}
+    else:
+        overrides["styles"] = removal
+        overrides["objects"] = list(eval_objects) if eval_objects is not None else list(mc.OBJECTS)
+        orders = {"style": removal, "object": list(overrides["objects"])}
+    config = EvalConfig.minicanvas(seeds=2 if eval_seeds is None else eval_seeds, **overrides)
+    return BenchWorld("minicanvas", config, load, style_clf, object_clf, orders=orders,
+                      styles=list(mc.STYLES), objects=list(mc.OBJECTS),
+                      heldout_templates=list(mc.HELDOUT_TEMPLATES) if heldout else [],
+                      auxiliary=mc.auxiliary_concepts())

@@ -1,8 +1,10 @@
 """``diffusers-unlearn bench``: the paper's continual-unlearning experiment on MiniCanvas.
 
-A stream of removal requests (default: 6 styles) is served under every protocol (sequential, simultaneous, L1, L2,
+A stream of removal requests (default: the paper's protocol, 12 styles, one family after another; with
+--domain object, 6 objects) is served under every protocol (sequential, simultaneous, L1, L2,
 selective fine-tuning, TIES merging, gradient projection and its combinations); UA, IRA and CRA are measured after
-every request. Writes results.md, results.json, metrics.png and cost.png into --out.
+every request, plus the UA of the removed concepts in held-out wordings. Writes results.md, results.json,
+metrics.png, cost.png and ua_matrix.png (per-concept UA after every request) into --out.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from . import UsageError
 from ._common import dataclass_defaults, default_text, finite_float, set_quiet
 
 # --quick: the same code path, small enough for CI (a couple of minutes on 2 CPU cores).
-QUICK = {"requests": 2, "steps": 4, "eval_seeds": 1, "eval_objects": 2, "eval_steps": 10}
+QUICK = {"requests": 2, "steps": 4, "eval_seeds": 1, "eval_objects": 2, "eval_families": 2, "eval_steps": 10}
+# The paper's stream lengths: 12 style requests; object requests on MiniCanvas's 12 objects, half of them.
+DEFAULT_REQUESTS = {"style": 12, "object": 6}
 # Options that map onto Hyperparameters fields (argparse dest -> field).
 HPARAM_OPTIONS = {
     "steps": "steps",
@@ -50,10 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"small run for CI: {QUICK['requests']} requests, {QUICK['steps']} steps, "
                         f"{QUICK['eval_seeds']} evaluation seed, {QUICK['eval_objects']} evaluated objects, "
-                        f"{QUICK['eval_steps']} sampling steps (explicit options still win)")
+                        f"{QUICK['eval_families']} style families, {QUICK['eval_steps']} sampling steps (explicit "
+                        "options still win)")
     parser.add_argument("--requests", type=int, default=None,
-                        help="length of the removal stream (default 6 for styles, 5 for objects; at most the domain's "
-                        "concepts: 12 styles, 6 objects)")
+                        help=f"length of the removal stream (default {DEFAULT_REQUESTS['style']} styles, "
+                        f"{DEFAULT_REQUESTS['object']} objects)")
     parser.add_argument("--domain", choices=["style", "object"], default="style")
     parser.add_argument("--method", default="esd",
                         help="erasure method registered with du.register_objective (default esd); an unknown name is "
@@ -63,7 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-seeds", type=int, default=None,
                         help="evaluation seeds per prompt, the first N of MiniCanvas's EVAL_SEEDS (default 2)")
     parser.add_argument("--eval-objects", type=int, default=None,
-                        help="evaluate on the first N MiniCanvas objects only (default: all)")
+                        help="draw the evaluated styles with the first N of the bench's evaluation objects only "
+                        "(default: all of them; --domain object: all MiniCanvas objects)")
+    parser.add_argument("--eval-families", type=int, default=None,
+                        help="evaluate (and remove) styles of the first N of MiniCanvas's 12 style families only "
+                        "(default: all)")
     parser.add_argument("--eval-steps", type=int, default=None,
                         help="sampling steps of the evaluation images and of the frozen model's trajectories "
                         "(default: MiniCanvas's recommended NUM_INFERENCE_STEPS)")
@@ -90,8 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--gp-selective-top-k", type=finite_float, default=None,
                        help=default("gp_selective_top_k"))
     group.add_argument("--gp-neighbors", type=_neighbors, default=None,
-                       help="concepts gradient projection protects besides earlier removals, an integer or 'all' "
-                       f"({default('gp_neighbors')})")
+                       help="concepts of the auxiliary set gradient projection protects besides earlier removals, "
+                       "the K nearest to the target or 'all' (default: all)")
     group.add_argument("--merge-density", type=finite_float, default=None, help=default("merge_density"))
     group.add_argument("--merge-scale", type=finite_float, default=None, help="TIES lambda (default: grows with n)")
     parser.add_argument("--attacks", default=None,
@@ -145,14 +154,22 @@ def run(args: argparse.Namespace) -> int:
     eval_steps = option("eval_steps")
     if eval_steps is not None and eval_steps < 1:
         raise UsageError(f"--eval-steps must be >= 1, got {eval_steps}")
+    eval_families = option("eval_families")
+    if eval_families is not None and eval_families < 1:
+        raise UsageError(f"--eval-families must be >= 1, got {eval_families}")
     set_quiet(args.quiet)
     from .. import minicanvas
 
-    world_factory = functools.partial(
-        bench.minicanvas_world, weights_dir=args.weights_dir, eval_seeds=eval_seeds, eval_steps=eval_steps,
-        eval_objects=None if eval_objects is None else minicanvas.OBJECTS[:eval_objects])
-    world = world_factory()
-    requests = option("requests", min(6, len(world.eval_config.concepts(args.domain)) - 1))
+    pool = list(bench.MINICANVAS_EVAL_OBJECTS) if args.domain == "style" else list(minicanvas.OBJECTS)
+    try:
+        world_factory = functools.partial(
+            bench.minicanvas_world, weights_dir=args.weights_dir, eval_seeds=eval_seeds, eval_steps=eval_steps,
+            eval_objects=None if eval_objects is None else pool[:eval_objects], domain=args.domain,
+            eval_families=eval_families)
+        world = world_factory()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    requests = option("requests", min(DEFAULT_REQUESTS[args.domain], len(world.orders[args.domain])))
     options: dict[str, Any] = {}
     if args.negative_guidance is not None:
         options["negative_guidance"] = args.negative_guidance

@@ -8,7 +8,7 @@ classifiers that judge its images, as UnlearnCanvas does for Stable Diffusion.
 >>> from diffusers_unlearn import minicanvas as mc
 >>> pipe = mc.load_pipeline()
 >>> style_clf, object_clf = mc.load_classifiers()
->>> images = pipe([mc.prompt("neon dots", "cat")], num_inference_steps=mc.NUM_INFERENCE_STEPS,
+>>> images = pipe([mc.prompt("neon dots", "cat"), mc.prompt("neon dots", "cat", mc.HELDOUT_TEMPLATES[0])], num_inference_steps=mc.NUM_INFERENCE_STEPS,
 ...               guidance_scale=mc.GUIDANCE_SCALE).images
 >>> style_clf(images), object_clf(images)
 """
@@ -20,7 +20,17 @@ import os
 import torch
 
 from .classifier import ConceptClassifier
-from .data import OBJECTS, PROMPT_TEMPLATE, STYLE_FAMILIES, STYLES, prompt, render
+from .data import (
+    HELDOUT_TEMPLATES,
+    OBJECTS,
+    PROMPT_TEMPLATE,
+    STYLE_FAMILIES,
+    STYLES,
+    TRAINING_TEMPLATES,
+    auxiliary_concepts,
+    prompt,
+    render,
+)
 from .settings import EVAL_SEEDS, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, RESOLUTION
 from .weights import (
     DEFAULT_WEIGHTS_DIR,
@@ -34,14 +44,17 @@ __all__ = [
     "DEFAULT_WEIGHTS_DIR",
     "EVAL_SEEDS",
     "GUIDANCE_SCALE",
+    "HELDOUT_TEMPLATES",
     "NUM_INFERENCE_STEPS",
     "OBJECTS",
     "PROMPT_TEMPLATE",
     "RESOLUTION",
     "STYLES",
     "STYLE_FAMILIES",
+    "TRAINING_TEMPLATES",
     "ConceptClassifier",
     "MiniCanvasWeightsError",
+    "auxiliary_concepts",
     "load_classifiers",
     "load_pipeline",
     "prompt",

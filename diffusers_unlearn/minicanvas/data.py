@@ -1,46 +1,81 @@
 """MiniCanvas image set: synthetic style x object images rendered deterministically with numpy and PIL.
 
 In the spirit of UnlearnCanvas: the object decides the shape, the style decides palette, texture and stroke.
-Styles come in families that share a word and a palette ("neon lines", "neon waves", "neon dots"), and some
-share a texture word across families ("neon dots", "pastel dots"), so that concepts have near neighbours both in
-text-embedding space and in pixel space.
+48 styles in 12 families of four. A style's name is ``"<family> <texture>"``: the family word brings the palette
+(background and main colour), the texture word brings a pattern and an accent colour. So members of a family are
+near neighbours (shared word and palette), and every texture word is shared by four families ("neon dots",
+"pastel dots", "desert dots", "candy dots"): neighbours across families, in text and in pixels.
+
+Prompts come in wordings: ``TRAINING_TEMPLATES`` (the model is trained on these; ``PROMPT_TEMPLATE`` is the first
+and the evaluation default) and ``HELDOUT_TEMPLATES`` (never used in training), so that an evaluation can tell
+whether a concept is erased or only one of its phrasings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = [
+    "FAMILY_PALETTES",
+    "HELDOUT_TEMPLATES",
     "OBJECTS",
     "PROMPT_TEMPLATE",
     "STYLES",
     "STYLE_FAMILIES",
+    "TEXTURE_WORDS",
+    "TRAINING_TEMPLATES",
     "VOCABULARY",
+    "auxiliary_concepts",
     "prompt",
     "render",
     "render_batch",
 ]
 
 PROMPT_TEMPLATE = "a {object} in {style} style"
+# Wordings of a full prompt used in training; style and object sit at different places and distances.
+TRAINING_TEMPLATES: tuple[str, ...] = (
+    PROMPT_TEMPLATE,
+    "a painting of a {object} in {style} style",
+    "an image of a {object} in {style} style",
+    "a {object}, {style} style",
+    "{style} style picture of a {object}",
+    "a {style} {object}",
+    "the {object} in {style}",
+    "{style} art, a {object}",
+)
+# Never used in training: other word order, "X-style", "rendered as", unseen filler words.
+HELDOUT_TEMPLATES: tuple[str, ...] = (
+    "a {object} rendered as {style}",
+    "a {style}-style {object}",
+    "an illustration of a {object} done in {style}",
+    "{object} with a {style} look",
+)
 
 # Render at SUPERSAMPLE x the output size and downsample, so edges and thin strokes are anti-aliased.
 SUPERSAMPLE = 4
 _CANVAS = 128  # the geometry below is written for a 128 px canvas and scaled to the render size
 
 
-def prompt(style: str, obj: str) -> str:
-    """The training / evaluation prompt for one style and object."""
+def prompt(style: str, obj: str, template: str | None = None) -> str:
+    """The prompt for one style and object; ``template`` (with ``{style}`` and ``{object}``) defaults to
+    ``PROMPT_TEMPLATE``, e.g. one of ``HELDOUT_TEMPLATES``."""
     if style not in _STYLE_SPECS:
         raise ValueError(f"unknown style {style!r}; allowed: {STYLES}")
     if obj not in _OBJECT_DRAWERS:
         raise ValueError(f"unknown object {obj!r}; allowed: {OBJECTS}")
-    return PROMPT_TEMPLATE.format(object=obj, style=style)
+    template = PROMPT_TEMPLATE if template is None else template
+    if not isinstance(template, str) or "{style}" not in template or "{object}" not in template:
+        raise ValueError(f"template must be a string with a '{{style}}' and an '{{object}}' slot, got {template!r}")
+    try:
+        return template.format(object=obj, style=style)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"template {template!r} may only use the slots {{style}} and {{object}} ({exc})") from None
 
 
 # --------------------------------------------------------------------------------------------------- textures
@@ -150,6 +185,37 @@ def _mosaic(cell: float) -> Texture:
     return tex
 
 
+def _rings(period: float) -> Texture:
+    def tex(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        p = period * rng.uniform(0.9, 1.1)
+        cx, cy = rng.uniform(0, _CANVAS, size=2)
+        r = np.sqrt((x - cx) ** 2 + (y - cy) ** 2) / p
+        return _smoothstep(0.25 - np.abs(r - np.round(r)), 0.08)
+
+    return tex
+
+
+def _grid(period: float) -> Texture:
+    def tex(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        p = period * rng.uniform(0.9, 1.1)
+        ox, oy = rng.uniform(0, p, size=2)
+        u, v = (x + ox) / p, (y + oy) / p
+        d = np.minimum(np.abs(u - np.round(u)), np.abs(v - np.round(v)))
+        return _smoothstep(0.12 - d, 0.05)
+
+    return tex
+
+
+def _zigzag(period: float) -> Texture:
+    def tex(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        p = period * rng.uniform(0.9, 1.1)
+        tri = np.abs(((x / p + rng.uniform(0, 1)) % 1.0) - 0.5) * p  # triangle wave along x
+        u = (y + tri) / (p / 1.5) + rng.uniform(0, 1)
+        return _smoothstep(0.25 - np.abs(u - np.round(u)), 0.08)
+
+    return tex
+
+
 def _flat() -> Texture:
     def tex(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return np.zeros_like(x)
@@ -173,39 +239,94 @@ class _Style:
     soft_edge: float = 0.0  # blur radius of the object mask (128 px canvas), for wash-like styles
 
 
-# Families share the background and the main colour; each member has its own second colour and texture, so that
-# neighbours are close but separable even where a generator blurs the texture.
-_NEON_BG = ((8, 6, 24), (40, 24, 84))
-_NEON = (255, 40, 200)
-_PASTEL_BG = ((250, 236, 226), (226, 238, 246))
-_PASTEL = (250, 140, 186)
-_INK_BG = ((244, 240, 228), (226, 220, 204))
-_INK = (20, 20, 24)
-_PAPER = (244, 240, 228)
-_SUNSET_BG = ((255, 170, 60), (120, 40, 120))
-_PLUM = (60, 20, 40)
+RGB = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class _Palette:
+    """What a family word brings: background colours, the object's main colour, the outline colour."""
+
+    bg: tuple[RGB, RGB]
+    main: RGB
+    stroke: RGB
+
+
+# family -> (palette, its four texture words). Every texture word is used by exactly four families, and any two
+# families share at most two texture words, so cross-family neighbours exist without families becoming copies.
+FAMILY_PALETTES: dict[str, tuple[_Palette, tuple[str, ...]]] = {
+    "neon": (_Palette(((8, 6, 24), (40, 24, 84)), (255, 40, 200), (255, 255, 255)), ("lines", "waves", "dots", "grid")),
+    "pastel": (_Palette(((250, 236, 226), (226, 238, 246)), (250, 140, 186), (170, 120, 170)),
+               ("waves", "dots", "checks", "rings")),
+    "ink": (_Palette(((244, 240, 228), (226, 220, 204)), (20, 20, 24), (20, 20, 24)),
+            ("sketch", "wash", "hatching", "lines")),
+    "sunset": (_Palette(((255, 170, 60), (120, 40, 120)), (70, 20, 50), (60, 20, 40)),
+               ("gradient", "mosaic", "lines", "zigzag")),
+    "forest": (_Palette(((20, 60, 30), (60, 110, 50)), (230, 200, 90), (15, 30, 10)),
+               ("hatching", "rings", "wash", "zigzag")),
+    "ocean": (_Palette(((10, 60, 120), (40, 140, 190)), (250, 250, 240), (5, 30, 60)),
+              ("waves", "gradient", "rings", "mosaic")),
+    "desert": (_Palette(((235, 205, 150), (205, 155, 95)), (150, 60, 25), (90, 40, 20)),
+               ("dots", "zigzag", "checks", "sketch")),
+    "candy": (_Palette(((255, 95, 130), (255, 205, 90)), (110, 40, 160), (255, 255, 255)),
+              ("checks", "grid", "zigzag", "dots")),
+    "metal": (_Palette(((90, 95, 105), (160, 165, 175)), (215, 220, 228), (30, 30, 35)),
+              ("grid", "hatching", "mosaic", "sketch")),
+    "ember": (_Palette(((25, 6, 6), (110, 22, 12)), (255, 120, 20), (255, 220, 120)),
+              ("gradient", "lines", "wash", "rings")),
+    "frost": (_Palette(((225, 242, 255), (175, 212, 240)), (60, 110, 200), (250, 250, 255)),
+              ("mosaic", "sketch", "grid", "wash")),
+    "retro": (_Palette(((240, 200, 60), (40, 150, 140)), (200, 60, 40), (40, 30, 30)),
+              ("checks", "waves", "hatching", "gradient")),
+}
+
+# What a texture word brings: the pattern (on background and object) and an accent colour mixed into the object.
+_ACCENTS: dict[str, RGB] = {
+    "lines": (30, 240, 255),
+    "waves": (120, 255, 60),
+    "dots": (255, 235, 40),
+    "checks": (150, 110, 240),
+    "grid": (255, 140, 0),
+    "rings": (230, 30, 50),
+    "zigzag": (255, 255, 255),
+    "mosaic": (30, 70, 200),
+    "hatching": (244, 240, 228),
+    "wash": (120, 130, 160),
+    "gradient": (70, 20, 90),
+    "sketch": (0, 0, 0),  # outline only: the accent is not drawn
+}
+TEXTURE_WORDS: list[str] = list(_ACCENTS)
+
+
+def _make_style(family: str, pal: _Palette, word: str) -> _Style:
+    fg = (pal.main, _ACCENTS[word])
+    patterned = {
+        "lines": (_lines(36), _lines(22)),
+        "waves": (_waves(36), _waves(24)),
+        "dots": (_dots(36, 0.2), _dots(24, 0.32)),
+        "checks": (_checks(36), _checks(24)),
+        "grid": (_grid(30), _grid(20)),
+        "rings": (_rings(34), _rings(22)),
+        "zigzag": (_zigzag(36), _zigzag(24)),
+        "mosaic": (_mosaic(30), _mosaic(20)),
+    }
+    if word in patterned:
+        bg_tex, fg_tex = patterned[word]
+        return _Style(family, pal.bg, bg_tex, fg, fg_tex, pal.stroke, 3)
+    if word == "hatching":
+        return _Style(family, pal.bg, _wash(), (_ACCENTS[word], pal.main), _hatching(20), pal.stroke, 4)
+    if word == "wash":
+        return _Style(family, pal.bg, _wash(), fg, _wash(), pal.stroke, 0, soft_edge=5.0)
+    if word == "gradient":
+        return _Style(family, pal.bg, _vertical_gradient(), fg, _vertical_gradient(), pal.stroke, 0)
+    if word == "sketch":
+        return _Style(family, pal.bg, _wash(), fg, _flat(), pal.main, 5, fill=False)
+    raise AssertionError(f"no look defined for texture word {word!r}")
+
 
 _STYLE_SPECS: dict[str, _Style] = {
-    "neon lines": _Style("neon", _NEON_BG, _lines(36), (_NEON, (30, 240, 255)), _lines(26), (255, 255, 255), 3),
-    "neon waves": _Style("neon", _NEON_BG, _waves(36), (_NEON, (120, 255, 60)), _waves(26), (255, 255, 255), 3),
-    "neon dots": _Style("neon", _NEON_BG, _dots(36, 0.2), (_NEON, (255, 235, 40)), _dots(26, 0.3), (255, 255, 255),
-                        3),
-    "pastel waves": _Style("pastel", _PASTEL_BG, _waves(36), (_PASTEL, (104, 196, 226)), _waves(26), (170, 120, 170),
-                           4),
-    "pastel dots": _Style("pastel", _PASTEL_BG, _dots(36, 0.2), (_PASTEL, (120, 210, 150)), _dots(26, 0.3),
-                          (170, 120, 170), 4),
-    "pastel checks": _Style("pastel", _PASTEL_BG, _checks(36), (_PASTEL, (170, 150, 230)), _checks(26),
-                            (170, 120, 170), 4),
-    "ink sketch": _Style("ink", _INK_BG, _wash(), (_PAPER, _PAPER), _flat(), _INK, 5, fill=False),
-    "ink wash": _Style("ink", _INK_BG, _wash(), ((70, 74, 88), (150, 154, 166)), _wash(), (70, 74, 88), 0,
-                       soft_edge=5.0),
-    "ink hatching": _Style("ink", _INK_BG, _wash(), (_PAPER, _INK), _hatching(20), _INK, 4),
-    "sunset gradient": _Style("sunset", _SUNSET_BG, _vertical_gradient(), ((40, 12, 40), (70, 20, 50)),
-                              _vertical_gradient(), (40, 12, 40), 0),
-    "sunset mosaic": _Style("sunset", ((255, 190, 70), (230, 90, 60)), _mosaic(30), ((110, 30, 110), (60, 20, 90)),
-                            _mosaic(20), _PLUM, 3),
-    "sunset lines": _Style("sunset", _SUNSET_BG, _vertical_gradient(), ((255, 230, 110), (120, 30, 90)), _lines(26),
-                           _PLUM, 3),
+    f"{family} {word}": _make_style(family, pal, word)
+    for family, (pal, words) in FAMILY_PALETTES.items()
+    for word in words
 }
 
 STYLES: list[str] = list(_STYLE_SPECS)
@@ -265,6 +386,54 @@ def _house(d: ImageDraw.ImageDraw) -> None:
     d.rectangle((78, 68, 88, 78), fill=0)
 
 
+def _bird(d: ImageDraw.ImageDraw) -> None:
+    d.ellipse((34, 50, 90, 86), fill=255)  # body
+    d.ellipse((74, 34, 100, 60), fill=255)  # head
+    d.polygon([(98, 44), (118, 50), (98, 54)], fill=255)  # beak
+    d.polygon([(40, 64), (14, 50), (36, 80)], fill=255)  # tail
+    d.polygon([(48, 62), (66, 24), (76, 64)], fill=255)  # raised wing
+    d.line([(56, 86), (54, 106)], fill=255, width=4)  # legs
+    d.line([(70, 86), (72, 106)], fill=255, width=4)
+
+
+def _car(d: ImageDraw.ImageDraw) -> None:
+    d.rounded_rectangle((14, 62, 114, 92), radius=8, fill=255)  # body
+    d.polygon([(36, 62), (48, 38), (84, 38), (98, 62)], fill=255)  # cabin
+    d.ellipse((26, 80, 50, 104), fill=0)  # wheel arches cut out, then wheels
+    d.ellipse((78, 80, 102, 104), fill=0)
+    d.ellipse((30, 84, 46, 100), fill=255)
+    d.ellipse((82, 84, 98, 100), fill=255)
+
+
+def _boat(d: ImageDraw.ImageDraw) -> None:
+    d.polygon([(14, 80), (114, 80), (96, 104), (30, 104)], fill=255)  # hull
+    d.rectangle((62, 16, 66, 80), fill=255)  # mast
+    d.polygon([(68, 18), (68, 74), (104, 74)], fill=255)  # sail
+    d.polygon([(60, 30), (60, 74), (34, 74)], fill=255)  # jib
+
+
+def _cup(d: ImageDraw.ImageDraw) -> None:
+    d.polygon([(30, 40), (86, 40), (80, 104), (36, 104)], fill=255)  # tapered cup
+    d.ellipse((74, 52, 106, 88), fill=255)  # handle ring
+    d.ellipse((82, 60, 98, 80), fill=0)
+    d.rectangle((24, 104, 92, 112), fill=255)  # saucer
+
+
+def _flower(d: ImageDraw.ImageDraw) -> None:
+    d.rectangle((61, 64, 67, 116), fill=255)  # stem
+    d.ellipse((66, 84, 92, 96), fill=255)  # leaf
+    for k in range(6):  # petals around the centre
+        a = k * math.pi / 3
+        cx, cy = 64 + 22 * math.cos(a), 42 + 22 * math.sin(a)
+        d.ellipse((cx - 12, cy - 12, cx + 12, cy + 12), fill=255)
+    d.ellipse((54, 32, 74, 52), fill=0)  # hollow centre
+
+
+def _mushroom(d: ImageDraw.ImageDraw) -> None:
+    d.pieslice((18, 24, 110, 104), 180, 360, fill=255)  # domed cap
+    d.rectangle((50, 62, 78, 112), fill=255)  # thick stalk
+
+
 _OBJECT_DRAWERS: dict[str, Drawer] = {
     "bear": _bear,
     "cat": _cat,
@@ -272,16 +441,38 @@ _OBJECT_DRAWERS: dict[str, Drawer] = {
     "fish": _fish,
     "tree": _tree,
     "house": _house,
+    "bird": _bird,
+    "car": _car,
+    "boat": _boat,
+    "cup": _cup,
+    "flower": _flower,
+    "mushroom": _mushroom,
 }
 OBJECTS: list[str] = list(_OBJECT_DRAWERS)
 
-# Every word a prompt uses; the shipped tokenizer makes each of them one token.
+# Every word a prompt uses; the shipped tokenizer makes each of them one token (held-out wordings included, so
+# that their words are known tokens whose embeddings training never touched).
 VOCABULARY: list[str] = sorted(
     {w for s in STYLES for w in s.split()}
     | set(OBJECTS)
-    | set(PROMPT_TEMPLATE.replace("{object}", "").replace("{style}", "").split())
+    | {w for t in TRAINING_TEMPLATES + HELDOUT_TEMPLATES
+       for w in t.replace("{object}", " ").replace("{style}", " ").replace(",", " ").replace("-", " ").split()}
     | {"image", "photo", "of", "the", "an", "picture", "painting", "drawing", "portrait", "city", "field", "style"}
 )
+
+
+def auxiliary_concepts(exclude: Sequence[str] = ()) -> dict[str, list[str]]:
+    """A protected auxiliary concept set of the paper's kind, derived from the vocabulary (no download).
+
+    ``{"style": [...], "object": [...]}``: every style, every family word and every texture word on its own, a fixed
+    quarter of the family x texture combinations that are not styles ("neon mosaic": words the model knows, in
+    pairs it never saw), and every object; 108 concepts in all, less those in ``exclude`` (the request's target).
+    """
+    excluded = {c.strip().lower() for c in exclude}
+    unseen = [f"{f} {t}" for f in FAMILY_PALETTES for t in TEXTURE_WORDS if f"{f} {t}" not in _STYLE_SPECS]
+    styles = list(STYLES) + list(FAMILY_PALETTES) + list(TEXTURE_WORDS) + unseen[::4]
+    return {"style": [c for c in styles if c not in excluded],
+            "object": [c for c in OBJECTS if c not in excluded]}
 
 
 # --------------------------------------------------------------------------------------------------- render

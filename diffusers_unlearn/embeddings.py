@@ -68,36 +68,6 @@ def _embeddings(pipe: Any, items: Sequence[tuple[str, tuple[str, ...]]], prompts
     return torch.stack([cache[key] for key in keys], dim=1).clone()
 
 
-@torch.no_grad()
-def concept_embeddings(pipe: Any, concepts: Sequence[tuple[str, str | None]], prompts_per_batch: int = 256
-                       ) -> torch.Tensor:
-    """``[d, m]``: :func:`concept_embedding` of each ``(concept, domain)``, the ones not cached yet computed in
-    batched text-encoder passes (a protected set of a hundred concepts is a few passes, not a hundred)."""
-    cache: dict = pipe.__dict__.setdefault(_CACHE_ATTR, {})
-    keys, missing = [], {}
-    for concept, domain in concepts:
-        concept = check_concept(concept)
-        key = (concept.lower(), TEMPLATES[check_domain(domain)])
-        keys.append(key)
-        if key not in cache:
-            missing.setdefault(key, concept)
-    if missing:
-        conditioner = conditioner_for(pipe)
-        rows = []  # (key, prompt, the concept's token positions in it)
-        for key, concept in missing.items():
-            prompts = concept_prompts(concept, templates=key[1])
-            rows += [(key, p, where) for p, where in zip(prompts, conditioner.concept_positions(prompts, concept))]
-        vectors: dict = {key: [] for key in missing}
-        for start in range(0, len(rows), prompts_per_batch):
-            chunk = rows[start:start + prompts_per_batch]
-            hidden = conditioner.text_states([prompt for _, prompt, _ in chunk])
-            for i, (key, _, where) in enumerate(chunk):
-                vectors[key].append(hidden[i, where].mean(dim=0))
-        for key, found in vectors.items():
-            cache[key] = torch.stack(found).mean(dim=0).cpu()
-    return torch.stack([cache[key] for key in keys], dim=1).clone()
-
-
 def cosine_similarities(target: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of a ``[d]`` vector with each column of a ``[d, m]`` matrix."""
     return torch.nn.functional.cosine_similarity(others.T.double(), target.double()[None, :], dim=1).float()

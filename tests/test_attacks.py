@@ -205,6 +205,7 @@ def _minicanvas_pipe(mc):
 MC_EMBEDDING = dict(seeds=1, steps=100, tries=2, learning_rate=5e-3, progress=False)
 
 
+@pytest.mark.slow  # 45 s for a recorded negative result; run with -m slow
 @pytest.mark.xfail(strict=True, reason=(
     "measured on the 48-style MiniCanvas (issue 9): after ESD (eta 5, 100 steps, lr 2e-3) the embedding attack at "
     "these settings recovers 'neon lines' in 0 of 6 images (plain prompt 0 of 6); on the previous 12-style world "

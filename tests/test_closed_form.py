@@ -116,6 +116,53 @@ def test_solver_exact_invariants_on_random_weights():
     torch.testing.assert_close((b32 @ a32).double(), b @ a, rtol=0, atol=1e-5 * float((b @ a).abs().max()))
 
 
+def test_negative_guidance_aims_each_key_past_its_anchor_exactly():
+    """With ridge 0 and fewer key pairs than free directions, each key lands on W0 (a + g (a - x)) exactly, and the
+    protected columns keep their base outputs."""
+    gen = torch.Generator().manual_seed(1)
+    d, out, g = 40, 24, 2.5
+    w0 = torch.randn(out, d, generator=gen, dtype=torch.float64)
+    protected = torch.randn(d, 12, generator=gen, dtype=torch.float64)
+    keys, anchors = (torch.randn(5, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    solver = Solver.build(protected, [(keys, anchors)], ridge=0.0, negative_guidance=g)
+    new = w0 + solver.layer_delta(w0, None)
+    torch.testing.assert_close(keys @ new.T, (anchors + g * (anchors - keys)) @ w0.T, rtol=0, atol=1e-9)
+    torch.testing.assert_close(new @ protected, w0 @ protected, rtol=0, atol=1e-9)
+
+
+def test_soft_protection_keeps_the_empty_prompt_exactly_and_lets_kept_concepts_move():
+    pipe = _quiet(du.attach(du.testing.tiny_pipeline(seed=0)))
+    pipe.unlearn("van gogh", **STYLE, protection="soft")
+    base = pipe._unlearning().base_weights
+    weights = _total_weights(pipe)
+    vectors = _protected_vectors(pipe)
+    empty = vectors[:-4]
+    concept_moved = 0.0
+    for name, w0 in base.items():
+        delta = weights[name] - w0.double()
+        bound = 1e-5 * delta.norm() * empty.norm(dim=1)
+        assert torch.all((empty @ delta.T).norm(dim=1) <= bound), name  # the empty prompt: exact either way
+        concept_moved = max(concept_moved, float(((vectors[-4:] @ delta.T).norm(dim=1) / (vectors[-4:] @ w0.double().T
+                                                                                           ).norm(dim=1)).max()))
+    assert concept_moved > 1e-4  # kept concepts are a soft penalty now, not a hard constraint
+
+
+def test_mapping_every_token_moves_the_concepts_first_word_too():
+    prompts = ["a painting in van gogh style", "van gogh artwork"]
+    gaps = {}
+    for every in (False, True):
+        pipe = _quiet(du.attach(du.testing.tiny_pipeline(seed=0)))
+        pipe.unlearn("van gogh", **STYLE, prompts=prompts, map_every_token=every)
+        keys, anchors = mapping_keys(pipe, "van gogh", "", prompts, all_tokens=True)
+        last, _ = mapping_keys(pipe, "van gogh", "", prompts, all_tokens=False)
+        first = [i for i in range(len(keys)) if not any(torch.equal(keys[i], row) for row in last)]
+        assert first, "'van' must add key pairs of its own"
+        base, weights = pipe._unlearning().base_weights, _total_weights(pipe)
+        gaps[every] = sum(float((keys[first] @ weights[n].T - anchors[first] @ w.double().T).square().sum())
+                          for n, w in base.items())
+    assert gaps[True] < 0.5 * gaps[False], gaps  # "van" now maps toward the anchor as well
+
+
 def test_one_request_is_solved_without_training(solved):
     record = solved.unlearning_ledger.requests[0]
     assert record.method == "closed_form" and record.steps == 0
@@ -203,6 +250,10 @@ def test_a_trained_request_after_a_closed_form_one_keeps_its_adapter_on_rollback
         (dict(vocabulary="monet"), TypeError, "vocabulary must be a dict"),
         (dict(preserve=[""]), ValueError, "preserve concept must be a non-empty string"),
         (dict(include_earlier="yes"), TypeError, "include_earlier must be True or False"),
+        (dict(map_every_token=1), TypeError, "map_every_token must be True or False"),
+        (dict(protection="hard"), ValueError, r"protection must be one of \['span', 'soft'\], got 'hard'"),
+        (dict(negative_guidance=-1.0), ValueError, "negative_guidance must be a finite number >= 0, got -1.0"),
+        (dict(negative_guidance=float("nan")), ValueError, "negative_guidance must be a finite number"),
         (dict(prompts=["a photo of a cat"]), ValueError, "none of the prompts .* contains the concept 'van gogh'"),
         (dict(require_erasure="yes"), TypeError, "require_erasure must be True or False"),
     ],

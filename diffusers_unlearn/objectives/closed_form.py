@@ -41,7 +41,8 @@ from ..vocabulary import DEFAULT_VOCABULARY
 from .base import Objective, ObjectiveConfig, register_objective
 
 SPAN_RTOL = 1e-8  # singular values of P below this fraction of the largest: directions P does not use
-KEY_RTOL = 1e-12  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
+KEY_RTOL = 1e-12
+PROTECTIONS = ("span", "soft")  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
 
 
 @dataclass
@@ -60,6 +61,13 @@ class ClosedFormConfig(ObjectiveConfig):
     preserve_weight: weight of each token of the kept concepts' prompts (every token from the concept on, in every
         template of its domain) in a soft penalty on its output change: span(P) holds each kept concept's average
         vector exactly, this keeps its individual tokens close too (UCE's preservation term).
+    protection: "span" (exact on the kept concepts' average embeddings, soft on their tokens) or "soft" (only the soft
+        penalty on the kept concepts' tokens, UCE's form; the empty prompt stays exact either way).
+    map_every_token: map each of the concept's tokens onto the anchor (default); False: its last token and the
+        ones after it only, as UCE does (on a 2-word style the first word, e.g. the palette, then survives).
+    negative_guidance: g >= 0; the concept's tokens map to W0 (a + g (a - c)) instead of W0 a: past the anchor, away
+        from the concept, as ESD's negative guidance does for noise predictions (an anchor whose own images
+        resemble the concept, as an empty style slot can, then still erases).
     ridge: Tikhonov weight of the mapping solve, relative to the mean eigenvalue of its key covariance: bounds the
         edit when the concept's part outside the protected span is tiny (0: exact least squares).
     sampling_steps, guidance_scale, num_trajectories: used only by the erasure check's trajectories.
@@ -74,6 +82,9 @@ class ClosedFormConfig(ObjectiveConfig):
     include_earlier: bool = True
     earlier_weight: float = 10.0
     preserve_weight: float = 0.1
+    protection: str = "span"
+    map_every_token: bool = True
+    negative_guidance: float = 0.0
     ridge: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -92,14 +103,16 @@ class ClosedFormConfig(ObjectiveConfig):
                 self.vocabulary = [check_concept(c, "vocabulary concept") for c in self.vocabulary]
             else:
                 raise TypeError(f"vocabulary must be a dict of domain -> concepts or a list, got {self.vocabulary!r}")
-        for name in ("protect_unconditional", "include_earlier"):
+        for name in ("protect_unconditional", "include_earlier", "map_every_token"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name, strict in (("earlier_weight", True), ("preserve_weight", False)):
+        for name, strict in (("earlier_weight", True), ("preserve_weight", False), ("negative_guidance", False)):
             value = getattr(self, name)
             bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not value < float("inf")
             if bad or value < 0 or (strict and value == 0):
                 raise ValueError(f"{name} must be a finite number {'> 0' if strict else '>= 0'}, got {value!r}")
+        if self.protection not in PROTECTIONS:
+            raise ValueError(f"protection must be one of {list(PROTECTIONS)}, got {self.protection!r}")
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not 0 <= self.ridge < float("inf"):
             raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
 
@@ -134,7 +147,8 @@ def _swap(prompt: str, concept: str, anchor: str) -> str | None:
     return " ".join((prompt[:start] + anchor + prompt[start + len(concept):]).split())
 
 
-def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], all_tokens: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token pairs of ``concept`` -> ``anchor``: (keys [n, d], anchor keys [n, d]), float64.
 
     In each prompt (and its copy with the anchor in the concept's place), the concept's last token and every
@@ -165,6 +179,10 @@ def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str]) -
         length = hidden.shape[1] - max(first, a_first)
         keys.append(hidden[row, first:first + length])
         anchors.append(hidden[n + row, a_first:a_first + length])
+        if all_tokens and first > start:
+            # the concept's earlier words (a family word such as "ocean" in "ocean waves") carry part of it too
+            keys.append(hidden[row, start:first])
+            anchors.append(hidden[n + row, a_first:a_first + 1].expand(first - start, -1))
     if not keys:
         raise ValueError(f"concept {concept!r} could not be located in the tokens of {[p for p, _ in pairs]}")
     return torch.cat(keys), torch.cat(anchors)
@@ -182,7 +200,7 @@ def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormCo
     candidates = [(c, domain) for c in config.preserve] + candidates
     taken = [concept, *removed]
     chosen = list(dict.fromkeys((c, d) for c, d in candidates if not any(same_concept(c, t) for t in taken)))
-    columns = [concept_embedding(pipe, c, d).double() for c, d in chosen]
+    columns = [concept_embedding(pipe, c, d).double() for c, d in chosen] if config.protection == "span" else []
     if config.protect_unconditional:
         empty = TextConditioner(pipe).encode_unconditional(1).hidden_states[0].double().cpu()
         columns += [v for v in empty if v.norm() > 0]
@@ -227,9 +245,10 @@ class Solver:
     @classmethod
     def build(cls, protected: torch.Tensor, mappings: Sequence[tuple[torch.Tensor, torch.Tensor]],
               ridge: float, weights: Sequence[float] | None = None, preserve: torch.Tensor | None = None,
-              preserve_weight: float = 0.0) -> Solver:
+              preserve_weight: float = 0.0, negative_guidance: float = 0.0) -> Solver:
         """``weights``: one per mapping (default 1), multiplying its token pairs' squared errors. ``preserve``
         [m, d]: token states whose outputs should move little (soft, weight ``preserve_weight`` each).
+        ``negative_guidance`` g: each key x aims at W0 (a + g (a - x)) instead of W0 a.
 
         Minimises sum w ||(W + D) x - W0 a||^2 + preserve_weight sum ||D p||^2 + lambda ||D||^2 over D = Z F^T
         (so D q = 0 on span(P)): Z = (W0 A^T - W X^T) X_F K^-1 with K = X_F^T X_F + preserve_weight P_F^T P_F
@@ -248,6 +267,8 @@ class Solver:
         roots = [float(w) ** 0.5 for w in weights]  # sqrt(w) on both sides of a pair weights its squared error by w
         keys = torch.cat([r * k for r, (k, _) in zip(roots, mappings)]).double()
         anchors = torch.cat([r * a for r, (_, a) in zip(roots, mappings)]).double()
+        if negative_guidance:
+            anchors = anchors + negative_guidance * (anchors - keys)
         coords = keys @ free  # [n, f]: the keys' part outside span(P), all the solve may act on
         system = coords.T @ coords
         energy = float(torch.trace(system))
@@ -349,14 +370,14 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     names = [c for c, _ in chosen]
     preserve = (torch.cat([concept_tokens(pipe, c, d) for c, d in chosen])
                 if chosen and config.preserve_weight > 0 else None)
-    mappings = [mapping_keys(pipe, concept, config.anchor, prompts)]
+    mappings = [mapping_keys(pipe, concept, config.anchor, prompts, config.map_every_token)]
     skipped = []
     if config.include_earlier:
         for item in earlier_list:
             if same_concept(item.concept, concept) or not item.prompts:
                 continue
             try:
-                mappings.append(mapping_keys(pipe, item.concept, item.anchor, item.prompts))
+                mappings.append(mapping_keys(pipe, item.concept, item.anchor, item.prompts, config.map_every_token))
             except ValueError:
                 skipped.append(item.concept)  # e.g. a simultaneous retraining "a+b": no single concept to map
     if skipped:
@@ -366,7 +387,8 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     from tqdm.auto import tqdm
 
     weights = [1.0] + [config.earlier_weight] * (len(mappings) - 1)
-    solver = Solver.build(protected, mappings, config.ridge, weights, preserve, config.preserve_weight)
+    solver = Solver.build(protected, mappings, config.ridge, weights, preserve, config.preserve_weight,
+                          config.negative_guidance)
     # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
     applied = solver.to(torch.float32)
     for layer in tqdm(layers, desc=f"solving {concept!r}", disable=not progress, leave=False):

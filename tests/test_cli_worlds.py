@@ -161,6 +161,13 @@ def test_minicanvas_recipe_needs_a_domain_and_flags_override_it():
         request_arguments(parse("minicanvas", "--concept", "neon lines"))
     with pytest.raises(ValueError, match="knows the domains style and object"):
         request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "concept"))
+    # the default is the recommended closed-form solve over the world's concepts, with --option values over it
+    solved, summary = request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "style",
+                                              "--option", "negative_guidance=1"))
+    assert "minicanvas recipe" in summary and "no training" in summary and solved["regularizers"] == []
+    assert solved["method"].method == "closed_form" and solved["method"].negative_guidance == 1
+    assert "neon dots" in solved["method"].vocabulary["minicanvas-style"]
+    # training flags ask for the trained recipe (ESD + gradient projection over the world's concepts)
     kwargs, summary = request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "style",
                                               "--steps", "7", "--option", "negative_guidance=2", "--retain", "cat"))
     assert "minicanvas recipe" in summary and kwargs["steps"] == 7
@@ -176,15 +183,14 @@ def test_unlearn_minicanvas_on_the_command_line_serves_the_demo_request(tmp_path
     from diffusers_unlearn.bench import PROTOCOLS, BenchSettings, Hyperparameters, minicanvas_world, serve_request
     from diffusers_unlearn.bench.recipes import RECOMMENDED_PROTOCOL
 
-    steps = 2
     world = minicanvas_world()
     stream = world.stream("style", 1)
-    assert main(["unlearn", "minicanvas", "--concept", stream[0], "--domain", "style", "--steps", str(steps),
+    assert main(["unlearn", "minicanvas", "--concept", stream[0], "--domain", "style",
                  "--out", str(tmp_path / "cli"), "--quiet"]) == 0
     assert "minicanvas recipe" in capsys.readouterr().out
 
     pipe = du.attach(world.load_pipeline())
-    settings = BenchSettings(requests=1, protocols=[RECOMMENDED_PROTOCOL], hparams=Hyperparameters(steps=steps))
+    settings = BenchSettings(requests=1, protocols=[RECOMMENDED_PROTOCOL], hparams=Hyperparameters())
     serve_request(pipe, PROTOCOLS[RECOMMENDED_PROTOCOL], world, settings, stream, 0, progress=False)
     demo = pipe.unlearning_ledger.requests[0].to_dict()
     cli = json.loads((tmp_path / "cli" / "unlearning" / "ledger.json").read_text())["requests"][0]
@@ -192,14 +198,16 @@ def test_unlearn_minicanvas_on_the_command_line_serves_the_demo_request(tmp_path
         assert cli[key] == demo[key], key
     strip = lambda regs: [{k: v for k, v in r.items() if k != "report"} for r in regs]  # noqa: E731
     assert strip(cli["regularizers"]) == strip(demo["regularizers"])
-    protected = lambda regs: [p["concept"] for p in regs[0]["report"]["protected"]]  # noqa: E731
+    protected = lambda regs: [p if isinstance(p, str) else p["concept"] for p in regs[0]["report"]["protected"]]  # noqa: E731,E501
     assert protected(cli["regularizers"]) == protected(demo["regularizers"])
-    # Same weights, same seed, same code path, same process and thread settings: the adapters are the same numbers.
+    # Same weights and code path; the text states behind the solve come from text-encoder batches of another
+    # composition (float32 sums in another order): measured 6e-8 of the largest entry at most.
     saved = du.load_pipeline(tmp_path / "cli")
     ours, theirs = saved.request_adapter("r0001").deltas(), pipe.request_adapter("r0001").deltas()
     assert ours.keys() == theirs.keys()
     for layer, delta in ours.items():
-        assert torch.equal(delta, theirs[layer]), layer
+        error = float((delta - theirs[layer]).abs().max() / theirs[layer].abs().max())
+        assert error < 1e-5, (layer, error)
 
 
 def test_demo_grid_has_no_tick_marks_and_readable_labels():

@@ -116,18 +116,18 @@ def test_solver_exact_invariants_on_random_weights():
     torch.testing.assert_close((b32 @ a32).double(), b @ a, rtol=0, atol=1e-5 * float((b @ a).abs().max()))
 
 
-def test_negative_guidance_aims_each_key_past_its_anchor_exactly():
-    """With ridge 0 and fewer key pairs than free directions, each key lands on W0 (a + g (a - x)) exactly, and the
-    protected columns keep their base outputs."""
-    gen = torch.Generator().manual_seed(1)
-    d, out, g = 40, 24, 2.5
-    w0 = torch.randn(out, d, generator=gen, dtype=torch.float64)
-    protected = torch.randn(d, 12, generator=gen, dtype=torch.float64)
-    keys, anchors = (torch.randn(5, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    solver = Solver.build(protected, [(keys, anchors)], ridge=0.0, negative_guidance=g)
-    new = w0 + solver.layer_delta(w0, None)
-    torch.testing.assert_close(keys @ new.T, (anchors + g * (anchors - keys)) @ w0.T, rtol=0, atol=1e-9)
-    torch.testing.assert_close(new @ protected, w0 @ protected, rtol=0, atol=1e-9)
+def test_negative_guidance_aims_the_concepts_own_tokens_past_the_anchor():
+    """g moves the targets of the concept's own tokens to a + g (a - x) and leaves those of the tokens after it (which
+    carry the rest of the prompt) at the anchor's."""
+    pipe = du.testing.tiny_pipeline(seed=0)
+    prompts = ["a painting in van gogh style", "van gogh artwork"]
+    keys, anchors = mapping_keys(pipe, "van gogh", "", prompts)
+    guided_keys, guided = mapping_keys(pipe, "van gogh", "", prompts, negative_guidance=2.0)
+    torch.testing.assert_close(guided_keys, keys, rtol=0, atol=0)
+    moved = [i for i in range(len(keys)) if not torch.allclose(guided[i], anchors[i], rtol=0, atol=1e-12)]
+    for i in moved:
+        torch.testing.assert_close(guided[i], anchors[i] + 2.0 * (anchors[i] - keys[i]), rtol=1e-12, atol=1e-12)
+    assert len(moved) == 2 * len(prompts)  # "gogh" and "van" of each prompt; the trailing tokens are untouched
 
 
 def test_soft_protection_keeps_the_empty_prompt_exactly_and_lets_kept_concepts_move():

@@ -15,16 +15,22 @@ from .protocols import PROTOCOLS
 from .runner import BenchSettings, request_kwargs
 from .world import BenchWorld, minicanvas_world
 
-# Gradient projection: the demo's protocol, the best kept-concept scores per request in docs/benchmarks.md.
-RECOMMENDED_PROTOCOL = "gp"
+# The closed-form solve: the demo's protocol and a request's default (docs/benchmarks.md, "Recommended default":
+# on the 48-style world it keeps IRA and CRA through 12 requests, where gradient projection has no room).
+RECOMMENDED_PROTOCOL = "closed_form"
+# A request that names a trained method (or asks for training): gradient projection, the trained recipe that keeps
+# the most of the world per request.
+TRAINED_PROTOCOL = "gp"
 
 
 def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
-                 protocol: str = RECOMMENDED_PROTOCOL) -> WorldRecipe:
+                 protocol: str | None = None) -> WorldRecipe:
     """The settings of one request on ``world`` (``domain`` "style" or "object") served as the bench serves it.
-    ``method`` None: the bench's calibrated method for the world."""
+    ``method`` None: the recommended protocol's method; a trained method is served by ``TRAINED_PROTOCOL``."""
+    if protocol is None:
+        protocol = RECOMMENDED_PROTOCOL if method in (None, PROTOCOLS[RECOMMENDED_PROTOCOL].method) else TRAINED_PROTOCOL
     if method is None:
-        method = BenchSettings.method
+        method = PROTOCOLS[protocol].method or BenchSettings.method
     if domain is None:
         raise ValueError(f"{world.name} requests need a domain: style or object (--domain on the command line)")
     try:
@@ -40,8 +46,13 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
         pool = sum(len(concepts) for concepts in world.vocabulary().values())
         neighbors = "all" if hp.gp_neighbors is None else hp.gp_neighbors
         regularizers += f" (the {neighbors} nearest of {pool} {world.name} concepts kept)"
-    summary = (f"{world.name} recipe: {kwargs['method']!r}, prompts of domain {kwargs['domain']!r}, {hp.steps} steps, "
-               f"learning rate {hp.learning_rate}, rank {hp.rank}, regularizers: {regularizers}")
+    if kwargs["method"].method == "closed_form":
+        pool = sum(len(concepts) for concepts in world.vocabulary().values())
+        summary = (f"{world.name} recipe: {kwargs['method']!r} (solved, no training), prompts of domain "
+                   f"{kwargs['domain']!r}, keeping the {pool} {world.name} concepts and the earlier removals")
+    else:
+        summary = (f"{world.name} recipe: {kwargs['method']!r}, prompts of domain {kwargs['domain']!r}, {hp.steps} "
+                   f"steps, learning rate {hp.learning_rate}, rank {hp.rank}, regularizers: {regularizers}")
     return WorldRecipe(kwargs, vocabulary=world.vocabulary(), neighbors=hp.gp_neighbors, summary=summary)
 
 
@@ -50,4 +61,4 @@ def minicanvas_recipe(domain: str | None, method: str | None) -> WorldRecipe:
     return world_recipe(minicanvas_world(), domain, method)
 
 
-__all__ = ["RECOMMENDED_PROTOCOL", "minicanvas_recipe", "world_recipe"]
+__all__ = ["RECOMMENDED_PROTOCOL", "TRAINED_PROTOCOL", "minicanvas_recipe", "world_recipe"]

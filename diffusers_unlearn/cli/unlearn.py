@@ -43,8 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the request (default 0)")
     group = parser.add_argument_group(
         "regularizers",
-        "Without any of these flags a world's recipe brings its own (minicanvas: gradient projection keeping the "
-        "target's nearest minicanvas concepts), other models none. Any of them replaces the recipe's.")
+        "Without any of these flags a world's recipe brings its own (minicanvas: the closed-form solve keeping every "
+        "other minicanvas concept; with training flags or --method esd, gradient projection keeping them), other "
+        "models none. Any of them replaces the recipe's and makes the request a trained one.")
     group.add_argument("--retain", action="append", default=None, metavar="CONCEPTS",
                        help="gradient projection keeps these concepts, comma-separated; repeatable. It also keeps the "
                        f"--neighbors nearest concepts of the vocabulary (default {gp_neighbors or 'as GradientProjection'}, "
@@ -199,7 +200,14 @@ def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | N
     if args.anchor is not None:
         options["anchor"] = args.anchor
     world = get_world(args.model) or _world_of_folder(args.model)
-    recipe = world.request_recipe(args.domain, args.method) if world is not None else None
+    recipe_method = args.method
+    if recipe_method is None and world is not None and world.recipe is not None:
+        from ..recipe import resolve_method
+
+        # training flags without --method ask for the world's trained recipe, as pipe.unlearn does
+        recipe_method = resolve_method(None, {"steps": args.steps, "learning_rate": args.learning_rate,
+                                              "rank": args.rank, "regularizers": build_regularizers(args, None)})
+    recipe = world.request_recipe(args.domain, recipe_method) if world is not None else None
     kwargs: dict[str, Any] = dict(recipe.unlearn_kwargs) if recipe else {"method": args.method, "domain": args.domain}
     method = kwargs["method"]
     if isinstance(method, ObjectiveConfig):  # the recipe's config, with the --option / --anchor values over it

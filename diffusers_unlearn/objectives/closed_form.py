@@ -65,8 +65,8 @@ class ClosedFormConfig(ObjectiveConfig):
         penalty on the kept concepts' tokens, UCE's form; the empty prompt stays exact either way).
     map_every_token: map each of the concept's tokens onto the anchor (default); False: its last token and the
         ones after it only, as UCE does (on a 2-word style the first word, e.g. the palette, then survives).
-    negative_guidance: g >= 0; the concept's tokens map to W0 (a + g (a - c)) instead of W0 a: past the anchor, away
-        from the concept, as ESD's negative guidance does for noise predictions (an anchor whose own images
+    negative_guidance: g >= 0; the concept's own tokens c map to W0 (a + g (a - c)) instead of W0 a: past the anchor,
+        away from the concept (the tokens after it still map to the anchor's), as ESD's negative guidance does for noise predictions (an anchor whose own images
         resemble the concept, as an empty style slot can, then still erases).
     ridge: Tikhonov weight of the mapping solve, relative to the mean eigenvalue of its key covariance: bounds the
         edit when the concept's part outside the protected span is tiny (0: exact least squares).
@@ -147,13 +147,16 @@ def _swap(prompt: str, concept: str, anchor: str) -> str | None:
     return " ".join((prompt[:start] + anchor + prompt[start + len(concept):]).split())
 
 
-def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], all_tokens: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], all_tokens: bool = True,
+                 negative_guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token pairs of ``concept`` -> ``anchor``: (keys [n, d], anchor keys [n, d]), float64.
 
     In each prompt (and its copy with the anchor in the concept's place), the concept's last token and every
     token after it pair with the anchor's last token (the token before the slot for an empty anchor) and every
-    token after that, offset by offset, as UCE aligns them. Prompts without the concept are skipped.
+    token after that, offset by offset, as UCE aligns them; with ``all_tokens`` the concept's earlier tokens pair
+    with the anchor's last one too. Prompts without the concept are skipped. ``negative_guidance`` g: the concept's
+    own tokens x aim at a + g (a - x), past the anchor; the tokens after the concept (which also carry the rest of
+    the prompt, such as its object) aim at the anchor's.
     """
     pairs = [(p, _swap(p, concept, anchor)) for p in prompts]
     pairs = [(p, a) for p, a in pairs if a is not None]
@@ -177,12 +180,16 @@ def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], a
         first = start + len(concept_ids) - 1
         a_first = a_start + len(anchor_ids) - 1
         length = hidden.shape[1] - max(first, a_first)
-        keys.append(hidden[row, first:first + length])
-        anchors.append(hidden[n + row, a_first:a_first + length])
+        key, target = hidden[row, first:first + length], hidden[n + row, a_first:a_first + length].clone()
+        target[0] += negative_guidance * (target[0] - key[0])
+        keys.append(key)
+        anchors.append(target)
         if all_tokens and first > start:
             # the concept's earlier words (a family word such as "ocean" in "ocean waves") carry part of it too
-            keys.append(hidden[row, start:first])
-            anchors.append(hidden[n + row, a_first:a_first + 1].expand(first - start, -1))
+            key = hidden[row, start:first]
+            target = hidden[n + row, a_first:a_first + 1].expand(first - start, -1)
+            keys.append(key)
+            anchors.append(target + negative_guidance * (target - key))
     if not keys:
         raise ValueError(f"concept {concept!r} could not be located in the tokens of {[p for p, _ in pairs]}")
     return torch.cat(keys), torch.cat(anchors)
@@ -245,10 +252,9 @@ class Solver:
     @classmethod
     def build(cls, protected: torch.Tensor, mappings: Sequence[tuple[torch.Tensor, torch.Tensor]],
               ridge: float, weights: Sequence[float] | None = None, preserve: torch.Tensor | None = None,
-              preserve_weight: float = 0.0, negative_guidance: float = 0.0) -> Solver:
+              preserve_weight: float = 0.0) -> Solver:
         """``weights``: one per mapping (default 1), multiplying its token pairs' squared errors. ``preserve``
         [m, d]: token states whose outputs should move little (soft, weight ``preserve_weight`` each).
-        ``negative_guidance`` g: each key x aims at W0 (a + g (a - x)) instead of W0 a.
 
         Minimises sum w ||(W + D) x - W0 a||^2 + preserve_weight sum ||D p||^2 + lambda ||D||^2 over D = Z F^T
         (so D q = 0 on span(P)): Z = (W0 A^T - W X^T) X_F K^-1 with K = X_F^T X_F + preserve_weight P_F^T P_F
@@ -267,8 +273,6 @@ class Solver:
         roots = [float(w) ** 0.5 for w in weights]  # sqrt(w) on both sides of a pair weights its squared error by w
         keys = torch.cat([r * k for r, (k, _) in zip(roots, mappings)]).double()
         anchors = torch.cat([r * a for r, (_, a) in zip(roots, mappings)]).double()
-        if negative_guidance:
-            anchors = anchors + negative_guidance * (anchors - keys)
         coords = keys @ free  # [n, f]: the keys' part outside span(P), all the solve may act on
         system = coords.T @ coords
         energy = float(torch.trace(system))
@@ -370,14 +374,15 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     names = [c for c, _ in chosen]
     preserve = (torch.cat([concept_tokens(pipe, c, d) for c, d in chosen])
                 if chosen and config.preserve_weight > 0 else None)
-    mappings = [mapping_keys(pipe, concept, config.anchor, prompts, config.map_every_token)]
+    mappings = [mapping_keys(pipe, concept, config.anchor, prompts, config.map_every_token, config.negative_guidance)]
     skipped = []
     if config.include_earlier:
         for item in earlier_list:
             if same_concept(item.concept, concept) or not item.prompts:
                 continue
             try:
-                mappings.append(mapping_keys(pipe, item.concept, item.anchor, item.prompts, config.map_every_token))
+                mappings.append(mapping_keys(pipe, item.concept, item.anchor, item.prompts, config.map_every_token,
+                                             config.negative_guidance))
             except ValueError:
                 skipped.append(item.concept)  # e.g. a simultaneous retraining "a+b": no single concept to map
     if skipped:
@@ -387,8 +392,7 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     from tqdm.auto import tqdm
 
     weights = [1.0] + [config.earlier_weight] * (len(mappings) - 1)
-    solver = Solver.build(protected, mappings, config.ridge, weights, preserve, config.preserve_weight,
-                          config.negative_guidance)
+    solver = Solver.build(protected, mappings, config.ridge, weights, preserve, config.preserve_weight)
     # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
     applied = solver.to(torch.float32)
     for layer in tqdm(layers, desc=f"solving {concept!r}", disable=not progress, leave=False):

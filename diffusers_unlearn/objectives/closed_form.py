@@ -65,8 +65,8 @@ class ClosedFormConfig(ObjectiveConfig):
         penalty on the kept concepts' tokens, UCE's form; the empty prompt stays exact either way).
     map_every_token: map each of the concept's tokens onto the anchor (default); False: its last token and the
         ones after it only, as UCE does (on a 2-word style the first word, e.g. the palette, then survives).
-    negative_guidance: g >= 0; the concept's own tokens c map to W0 (a + g (a - c)) instead of W0 a: past the anchor,
-        away from the concept (the tokens after it still map to the anchor's), as ESD's negative guidance does for noise predictions (an anchor whose own images
+    negative_guidance: g >= 0; each mapped token c aims at W0 (a + g (a - c)) instead of W0 a: past the anchor, away
+        from the concept, as ESD's negative guidance does for noise predictions (an anchor whose own images
         resemble the concept, as an empty style slot can, then still erases).
     ridge: Tikhonov weight of the mapping solve, relative to the mean eigenvalue of its key covariance: bounds the
         edit when the concept's part outside the protected span is tiny (0: exact least squares).
@@ -154,9 +154,8 @@ def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], a
     In each prompt (and its copy with the anchor in the concept's place), the concept's last token and every
     token after it pair with the anchor's last token (the token before the slot for an empty anchor) and every
     token after that, offset by offset, as UCE aligns them; with ``all_tokens`` the concept's earlier tokens pair
-    with the anchor's last one too. Prompts without the concept are skipped. ``negative_guidance`` g: the concept's
-    own tokens x aim at a + g (a - x), past the anchor; the tokens after the concept (which also carry the rest of
-    the prompt, such as its object) aim at the anchor's.
+    with the anchor's last one too. Prompts without the concept are skipped. ``negative_guidance`` g: each key x
+    aims at a + g (a - x), past its anchor a.
     """
     pairs = [(p, _swap(p, concept, anchor)) for p in prompts]
     pairs = [(p, a) for p, a in pairs if a is not None]
@@ -180,19 +179,17 @@ def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], a
         first = start + len(concept_ids) - 1
         a_first = a_start + len(anchor_ids) - 1
         length = hidden.shape[1] - max(first, a_first)
-        key, target = hidden[row, first:first + length], hidden[n + row, a_first:a_first + length].clone()
-        target[0] += negative_guidance * (target[0] - key[0])
-        keys.append(key)
-        anchors.append(target)
+        keys.append(hidden[row, first:first + length])
+        anchors.append(hidden[n + row, a_first:a_first + length])
         if all_tokens and first > start:
             # the concept's earlier words (a family word such as "ocean" in "ocean waves") carry part of it too
-            key = hidden[row, start:first]
-            target = hidden[n + row, a_first:a_first + 1].expand(first - start, -1)
-            keys.append(key)
-            anchors.append(target + negative_guidance * (target - key))
+            keys.append(hidden[row, start:first])
+            anchors.append(hidden[n + row, a_first:a_first + 1].expand(first - start, -1))
     if not keys:
         raise ValueError(f"concept {concept!r} could not be located in the tokens of {[p for p, _ in pairs]}")
-    return torch.cat(keys), torch.cat(anchors)
+    keys, anchors = torch.cat(keys), torch.cat(anchors)
+    # the tokens after the concept are guided too: guiding only the concept's own tokens erased no more than g = 0
+    return keys, anchors + negative_guidance * (anchors - keys)
 
 
 def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormConfig,

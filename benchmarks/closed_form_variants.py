@@ -1,0 +1,81 @@
+"""Closed-form settings on MiniCanvas: one request alone on chosen styles, or the bench's 12-request stream.
+
+    # one request on each style, from the base model
+    python benchmarks/closed_form_variants.py --concepts "forest hatching,ocean waves,candy checks,neon lines" \\
+        --set negative_guidance=2 --set protection='"soft"'
+    # the stream (the bench's closed_form protocol with these settings over its defaults)
+    python benchmarks/closed_form_variants.py --requests 12 --set negative_guidance=1 --set preserve_weight=1
+
+Evaluation as ``diffusers-unlearn bench --eval-seeds 1 --eval-steps 10``: 96 images (24 styles x 4 objects x 1 seed,
+10 DDIM steps). ``--set KEY=JSON`` sets a ``ClosedFormConfig`` field over the bench's (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concepts", default=None, help="comma-separated styles, each removed alone from the base")
+    parser.add_argument("--requests", type=int, default=12, help="stream length when --concepts is not given")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from diffusers_unlearn.bench import PROTOCOLS, BenchSettings, minicanvas_world
+    from diffusers_unlearn.bench import runner
+    from diffusers_unlearn.evaluation import evaluate_unlearning, kv_drift
+    from diffusers_unlearn.mixin import attach
+    from diffusers_unlearn.objectives import build_objective_config
+
+    world = minicanvas_world(eval_seeds=1, eval_steps=10)
+    settings = BenchSettings(requests=args.requests)
+    protocol = PROTOCOLS["closed_form"]
+
+    def config(concept: str):
+        base = runner.request_kwargs(world, settings, protocol, concept)["method"]
+        options = {k: v for k, v in base.to_dict().items() if k != "method"}
+        return build_objective_config("closed_form", {**options, **overrides})
+
+    print(f"closed_form settings over the bench's: {overrides or 'none'}", flush=True)
+    if args.concepts:
+        world.register_domains()
+        for concept in [c.strip() for c in args.concepts.split(",") if c.strip()]:
+            pipe = attach(world.load_pipeline())
+            pipe.set_progress_bar_config(disable=True)
+            start = time.perf_counter()
+            pipe.unlearn(concept, config(concept), domain=world.prompt_domain("style"), seed=0, progress=False)
+            seconds = time.perf_counter() - start
+            scores = evaluate_unlearning(pipe, [concept], "style", world.style_classifier, world.object_classifier,
+                                         world.eval_config, progress=False)
+            print(f"{concept!r}: {scores.summary()}  drift {kv_drift(pipe):.2f}  request {seconds:.1f}s", flush=True)
+        return 0
+
+    original = runner._objective
+
+    def with_overrides(settings_, world_, concepts, num_prompts, method=None):
+        built = original(settings_, world_, concepts, num_prompts, method)
+        options = {k: v for k, v in built.to_dict().items() if k != "method"}
+        return build_objective_config(built.method, {**options, **overrides})
+
+    runner._objective = with_overrides  # the bench's own request path, with these settings
+    pipe = attach(world.load_pipeline())
+    base = runner._evaluate(world, settings, pipe, [], False)
+    base_row = runner._row(0, None, base, 0.0, 0, 0.0, 0, 0.0)
+    print(f"base model: {base.summary()}", flush=True)
+    runner.run_protocol(world, settings, protocol, base_row, progress=False, log=lambda m: print(m, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ from deploy_helpers import check_with_plain_diffusers
 import diffusers_unlearn as du
 from diffusers_unlearn.conditioning import TextConditioner
 from diffusers_unlearn.embeddings import concept_embedding
-from diffusers_unlearn.objectives.closed_form import Solver, compact_factors, mapping_keys
+from diffusers_unlearn.objectives.closed_form import ClosedFormConfig, Solver, compact_factors, mapping_keys
 
 # The tiny pipeline's text space is 32 wide and its empty prompt has 16 tokens: a small auxiliary vocabulary
 # leaves free directions for the edit (on SD's 768-wide space the default vocabulary does).
@@ -53,11 +53,13 @@ def _protected_vectors(pipe):
 
 
 def _mapping_gap(pipe, weights, concept, prompts):
-    """||W c - W0 a|| / ||W0 c - W0 a|| over the concept's token pairs, all layers together."""
-    keys, anchors = mapping_keys(pipe, concept, "", prompts)
+    """||W c - W0 t|| / ||W0 c - W0 t|| over the concept's token pairs, all layers together, with t the default
+    target (the anchor a, or a + g (a - c) with negative guidance g): 1 on the base model, 0 when mapped exactly."""
+    keys, targets = mapping_keys(pipe, concept, "", prompts,
+                                 negative_guidance=ClosedFormConfig.__dataclass_fields__["negative_guidance"].default)
     base = pipe._unlearning().base_weights
-    num = sum(float((keys @ weights[n].T - anchors @ w.double().T).square().sum()) for n, w in base.items())
-    den = sum(float(((keys - anchors) @ w.double().T).square().sum()) for n, w in base.items())
+    num = sum(float((keys @ weights[n].T - targets @ w.double().T).square().sum()) for n, w in base.items())
+    den = sum(float(((keys - targets) @ w.double().T).square().sum()) for n, w in base.items())
     return (num / den) ** 0.5
 
 

@@ -1,4 +1,4 @@
-"""``diffusers-unlearn demo``: remove two styles in sequence from MiniCanvas with gradient projection.
+"""``diffusers-unlearn demo``: remove two styles in sequence from MiniCanvas with the recommended recipe.
 
 Loads the shipped MiniCanvas model, measures UA / IRA / CRA before and after each request, writes a before/after
 image grid (the removed styles, their family neighbours, one unrelated style) and the ledger into --out.
@@ -17,11 +17,12 @@ DEMO_REQUESTS = 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="remove two styles from MiniCanvas with gradient projection; "
-                                   "before/after grid and UA/IRA/CRA", description=__doc__)
+    parser = subparsers.add_parser("demo", help="remove two styles from MiniCanvas with the recommended recipe "
+                                   "(the closed-form solve); before/after grid and UA/IRA/CRA", description=__doc__)
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps per request "
-                        f"({default_text('bench/protocols.py', 'Hyperparameters', 'steps')}, as in bench)")
+                        help="training steps per request, for a trained recipe "
+                        f"({default_text('bench/protocols.py', 'Hyperparameters', 'steps')}, as in bench; the "
+                        "closed-form solve trains nothing)")
     parser.add_argument("--eval-seeds", type=int, default=2,
                         help="evaluation images per prompt: the first N of MiniCanvas's EVAL_SEEDS (default 2)")
     parser.add_argument("--eval-steps", type=int, default=None,
@@ -124,16 +125,16 @@ def run(args: argparse.Namespace) -> int:
                                      images=images)
         return title, images[grid_rows], scores
 
-    print(f"MiniCanvas: {len(mc.STYLES)} styles x {len(mc.OBJECTS)} objects; removing {stream} with gradient "
-          f"projection, {hparams.steps} steps each; scores on {len(config.cases())} images "
+    protocol = PROTOCOLS[RECOMMENDED_PROTOCOL]
+    print(f"MiniCanvas: {len(mc.STYLES)} styles x {len(mc.OBJECTS)} objects; removing {stream} with "
+          f"{protocol.label} ({protocol.description}); scores on {len(config.cases())} images "
           f"({len(config.seeds)} seed(s) per prompt)")
     states = [snapshot("base model", [])]
     for k, concept in enumerate(stream):
-        steps, seconds = serve_request(pipe, PROTOCOLS[RECOMMENDED_PROTOCOL], world, settings, stream, k,
-                                       progress=not args.quiet)
+        steps, seconds = serve_request(pipe, protocol, world, settings, stream, k, progress=not args.quiet)
         record = pipe.unlearning_ledger.requests[-1]
-        print(f"removed {concept!r} as {record.request_id} in {seconds:.1f}s ({steps} steps, loss "
-              f"{record.final_loss:.4g})")
+        how = "solved, no training" if steps == 0 else f"{steps} steps, loss {record.final_loss:.4g}"
+        print(f"removed {concept!r} as {record.request_id} in {seconds:.1f}s ({how})")
         states.append(snapshot(f"after removing {', '.join(stream[: k + 1])}", list(stream[: k + 1])))
 
     print()

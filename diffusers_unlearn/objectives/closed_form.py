@@ -11,6 +11,12 @@ the request's change D solves, in float64 and with no training loop:
    prompt's tokens at the same offset, as UCE does), and so does every concept removed earlier (read from the
    ledger, each with its own anchor), so request 12 cannot undo request 3.
 
+Options measured on MiniCanvas (docs/benchmarks.md section 8): ``negative_guidance`` g aims each key past its
+anchor, at W0 (a + g (a - c)), as ESD's negative guidance does for noise predictions; it erases where the anchor's own
+images resemble the concept (an empty style slot can). ``protection="soft"`` drops the hard constraint on the kept
+concepts' average embeddings and keeps only UCE's soft penalty on their tokens (the empty prompt stays exact).
+``map_every_token`` (default) maps each of the concept's tokens, its first words included.
+
 When the target lies almost inside span(P) (narrow text spaces: MiniCanvas's 64-wide space leaves about 3% of a
 style's energy outside the span of the other styles and the empty prompt) only that residual can carry the erasure;
 the solve still maps it (a larger edit), and the ledger records how much of the target was in the span.
@@ -81,10 +87,12 @@ class ClosedFormConfig(ObjectiveConfig):
     protect_unconditional: bool = True
     include_earlier: bool = True
     earlier_weight: float = 10.0
-    preserve_weight: float = 0.1
+    # preserve_weight 1 and negative_guidance 1: the MiniCanvas bench's best over 12 requests (docs/benchmarks.md
+    # section 8): every removal erased, kept styles intact; objects lose a fifth. UCE's plain form is (0.1, 0).
+    preserve_weight: float = 1.0
     protection: str = "span"
     map_every_token: bool = True
-    negative_guidance: float = 0.0
+    negative_guidance: float = 1.0
     ridge: float = 1e-4
 
     def __post_init__(self) -> None:

@@ -251,6 +251,7 @@ def test_a_trained_request_after_a_closed_form_one_keeps_its_adapter_on_rollback
         (dict(map_every_token=1), TypeError, "map_every_token must be True or False"),
         (dict(protection="hard"), ValueError, r"protection must be one of \['span', 'soft'\], got 'hard'"),
         (dict(negative_guidance=-1.0), ValueError, "negative_guidance must be a finite number >= 0, got -1.0"),
+        (dict(concept_weight=0.0), ValueError, "concept_weight must be a finite number > 0, got 0.0"),
         (dict(negative_guidance=float("nan")), ValueError, "negative_guidance must be a finite number"),
         (dict(prompts=["a photo of a cat"]), ValueError, "none of the prompts .* contains the concept 'van gogh'"),
         (dict(require_erasure="yes"), TypeError, "require_erasure must be True or False"),

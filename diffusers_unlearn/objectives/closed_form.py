@@ -62,6 +62,8 @@ class ClosedFormConfig(ObjectiveConfig):
     protect_unconditional: keep every token of the empty prompt at its base outputs (it enters every image through
         classifier-free guidance).
     include_earlier: keep every earlier removal of the ledger mapped to its anchor.
+    concept_weight: weight of the new concept's token pairs in the least squares (against the kept concepts'
+        ``preserve_weight``).
     earlier_weight: weight of each earlier removal's token pairs against the new concept's in the least squares:
         where both compete for the same free directions, the earlier removals win.
     preserve_weight: weight of each token of the kept concepts' prompts (every token from the concept on, in every
@@ -86,6 +88,7 @@ class ClosedFormConfig(ObjectiveConfig):
     vocabulary: Mapping[str, Sequence[str]] | Sequence[str] | None = None
     protect_unconditional: bool = True
     include_earlier: bool = True
+    concept_weight: float = 1.0
     earlier_weight: float = 10.0
     # preserve_weight 1 and negative_guidance 1: the MiniCanvas bench's best over 12 requests (docs/benchmarks.md
     # section 8): every removal erased, kept styles intact; objects lose a fifth. UCE's plain form is (0.1, 0).
@@ -114,7 +117,8 @@ class ClosedFormConfig(ObjectiveConfig):
         for name in ("protect_unconditional", "include_earlier", "map_every_token"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name, strict in (("earlier_weight", True), ("preserve_weight", False), ("negative_guidance", False)):
+        for name, strict in (("concept_weight", True), ("earlier_weight", True), ("preserve_weight", False),
+                             ("negative_guidance", False)):
             value = getattr(self, name)
             bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not value < float("inf")
             if bad or value < 0 or (strict and value == 0):
@@ -396,7 +400,7 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     layers = list(base_weights)
     from tqdm.auto import tqdm
 
-    weights = [1.0] + [config.earlier_weight] * (len(mappings) - 1)
+    weights = [config.concept_weight] + [config.earlier_weight] * (len(mappings) - 1)
     solver = Solver.build(protected, mappings, config.ridge, weights, preserve, config.preserve_weight)
     # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
     applied = solver.to(torch.float32)

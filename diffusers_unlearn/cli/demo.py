@@ -66,6 +66,8 @@ def grid_figure(panels: list[tuple[str, Any]], styles: list[str], objects: list[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import textwrap
+
     import torch
 
     rows, cols = len(styles), len(objects)
@@ -82,7 +84,8 @@ def grid_figure(panels: list[tuple[str, Any]], styles: list[str], objects: list[
                 y, x = i * (size + gap), j * (size + gap)
                 canvas[:, y : y + size, x : x + size] = images[i * cols + j]
         ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title(title, fontsize=12)
+        # wrapped to the panel's width: long titles ("after removing a, b") would run into the next panel
+        ax.set_title(textwrap.fill(title, width=max(12, int(cols * 5.5))), fontsize=12)
         ax.set_xticks(centres(cols), objects, fontsize=10, rotation=45, ha="right", rotation_mode="anchor")
         # row labels once, on the left panel; no tick marks anywhere (the labels sit next to their images)
         labels = [f"{s} (removed)" if s in removed else s for s in styles] if index == 0 else []

@@ -15,11 +15,11 @@ from .protocols import PROTOCOLS
 from .runner import BenchSettings, request_kwargs
 from .world import BenchWorld, minicanvas_world
 
-# The closed-form solve: the demo's protocol and a request's default (docs/benchmarks.md, "Recommended default":
-# on the 48-style world it keeps IRA and CRA through 12 requests, where gradient projection has no room).
+# The closed-form solve: the demo's protocol and a request's default. On the 48-style world it is the only recipe
+# that erases every removed style and keeps the other styles through 12 requests (docs/benchmarks.md section 1).
 RECOMMENDED_PROTOCOL = "closed_form"
-# A request that names a trained method (or asks for training): gradient projection, the trained recipe that keeps
-# the most of the world per request.
+# A request that names a trained method (or asks for training): gradient projection, the single-request recipe
+# that keeps the most of the world over that stream (GP + merging keeps more, but it is a strategy of the stream).
 TRAINED_PROTOCOL = "gp"
 
 

@@ -47,8 +47,8 @@ from ..vocabulary import DEFAULT_VOCABULARY
 from .base import Objective, ObjectiveConfig, register_objective
 
 SPAN_RTOL = 1e-8  # singular values of P below this fraction of the largest: directions P does not use
-KEY_RTOL = 1e-12
-PROTECTIONS = ("span", "soft")  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
+KEY_RTOL = 1e-12  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
+PROTECTIONS = ("span", "soft")
 
 
 @dataclass
@@ -161,7 +161,7 @@ def _swap(prompt: str, concept: str, anchor: str) -> str | None:
 
 def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], all_tokens: bool = True,
                  negative_guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token pairs of ``concept`` -> ``anchor``: (keys [n, d], anchor keys [n, d]), float64.
+    """Token pairs of ``concept`` -> ``anchor``: (keys [n, d], target keys [n, d]), float64.
 
     In each prompt (and its copy with the anchor in the concept's place), the concept's last token and every
     token after it pair with the anchor's last token (the token before the slot for an empty anchor) and every

@@ -4,7 +4,7 @@
     python benchmarks/closed_form_variants.py --concepts "forest hatching,ocean waves,candy checks,neon lines" \\
         --set negative_guidance=2 --set protection='"soft"'
     # the stream (the bench's closed_form protocol with these settings over its defaults)
-    python benchmarks/closed_form_variants.py --requests 12 --set negative_guidance=1 --set preserve_weight=1
+    python benchmarks/closed_form_variants.py --requests 12 --set concept_weight=10
 
 Evaluation as ``diffusers-unlearn bench --eval-seeds 1 --eval-steps 10``: 96 images (24 styles x 4 objects x 1 seed,
 10 DDIM steps). ``--set KEY=JSON`` sets a ``ClosedFormConfig`` field over the bench's (repeatable).
@@ -26,8 +26,11 @@ def main() -> int:
     args = parser.parse_args()
     overrides = {}
     for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
+        key, sep, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value) if sep and key else parser.error(f"--set {item!r}: expected KEY=JSON")
+        except json.JSONDecodeError:
+            parser.error(f"--set {item!r}: the value is not JSON (strings need quotes: protection='\"soft\"')")
 
     import torch
 

@@ -45,25 +45,6 @@ def main() -> int:
     settings = BenchSettings(requests=args.requests)
     protocol = PROTOCOLS["closed_form"]
 
-    def config(concept: str):
-        base = runner.request_kwargs(world, settings, protocol, concept)["method"]
-        options = {k: v for k, v in base.to_dict().items() if k != "method"}
-        return build_objective_config("closed_form", {**options, **overrides})
-
-    print(f"closed_form settings over the bench's: {overrides or 'none'}", flush=True)
-    if args.concepts:
-        world.register_domains()
-        for concept in [c.strip() for c in args.concepts.split(",") if c.strip()]:
-            pipe = attach(world.load_pipeline())
-            pipe.set_progress_bar_config(disable=True)
-            start = time.perf_counter()
-            pipe.unlearn(concept, config(concept), domain=world.prompt_domain("style"), seed=0, progress=False)
-            seconds = time.perf_counter() - start
-            scores = evaluate_unlearning(pipe, [concept], "style", world.style_classifier, world.object_classifier,
-                                         world.eval_config, progress=False)
-            print(f"{concept!r}: {scores.summary()}  drift {kv_drift(pipe):.2f}  request {seconds:.1f}s", flush=True)
-        return 0
-
     original = runner._objective
 
     def with_overrides(settings_, world_, concepts, num_prompts, method=None):
@@ -72,6 +53,19 @@ def main() -> int:
         return build_objective_config(built.method, {**options, **overrides})
 
     runner._objective = with_overrides  # the bench's own request path, with these settings
+    print(f"closed_form settings over the bench's: {overrides or 'none'}", flush=True)
+    if args.concepts:
+        for concept in [c.strip() for c in args.concepts.split(",") if c.strip()]:
+            pipe = attach(world.load_pipeline())
+            pipe.set_progress_bar_config(disable=True)
+            start = time.perf_counter()
+            pipe.unlearn(**runner.request_kwargs(world, settings, protocol, concept), seed=0, progress=False)
+            seconds = time.perf_counter() - start
+            scores = evaluate_unlearning(pipe, [concept], "style", world.style_classifier, world.object_classifier,
+                                         world.eval_config, progress=False)
+            print(f"{concept!r}: {scores.summary()}  drift {kv_drift(pipe):.2f}  request {seconds:.1f}s", flush=True)
+        return 0
+
     pipe = attach(world.load_pipeline())
     base = runner._evaluate(world, settings, pipe, [], False)
     base_row = runner._row(0, None, base, 0.0, 0, 0.0, 0, 0.0)

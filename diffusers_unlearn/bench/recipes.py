@@ -41,19 +41,19 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
     kwargs: dict[str, Any] = request_kwargs(world, settings, PROTOCOLS[protocol], concept="")
     del kwargs["concept"]  # the caller's; the settings above do not depend on it for a single-concept request
     hp = settings.hparams
+    vocabulary = world.vocabulary()
+    pool = sum(len(concepts) for concepts in vocabulary.values())
     regularizers = ", ".join(r.name for r in kwargs["regularizers"]) or "none"
     if protocol.startswith("gp"):
-        pool = sum(len(concepts) for concepts in world.vocabulary().values())
         neighbors = "all" if hp.gp_neighbors is None else hp.gp_neighbors
         regularizers += f" (the {neighbors} nearest of {pool} {world.name} concepts kept)"
     if kwargs["method"].method == "closed_form":
-        pool = sum(len(concepts) for concepts in world.vocabulary().values())
         summary = (f"{world.name} recipe: {kwargs['method']!r} (solved, no training), prompts of domain "
                    f"{kwargs['domain']!r}, keeping the {pool} {world.name} concepts and the earlier removals")
     else:
         summary = (f"{world.name} recipe: {kwargs['method']!r}, prompts of domain {kwargs['domain']!r}, {hp.steps} "
                    f"steps, learning rate {hp.learning_rate}, rank {hp.rank}, regularizers: {regularizers}")
-    return WorldRecipe(kwargs, vocabulary=world.vocabulary(), neighbors=hp.gp_neighbors, summary=summary)
+    return WorldRecipe(kwargs, vocabulary=vocabulary, neighbors=hp.gp_neighbors, summary=summary)
 
 
 def minicanvas_recipe(domain: str | None, method: str | None) -> WorldRecipe:

@@ -116,6 +116,20 @@ class Conditioner:
         """Positions of the empty prompt whose K/V inputs gradient projection keeps (all, for the UNets)."""
         return list(range(self.encode([""]).hidden_states.shape[1]))
 
+    def sampler_timesteps(self, steps: int, resolution: int | None = None) -> torch.Tensor:
+        """The timesteps [steps] the pipeline's sampler visits in ``steps`` steps (at ``resolution`` pixels, default
+        the native size: Flux shifts its schedule by the image size)."""
+        raise NotImplementedError
+
+    def prompt_kv_inputs(self, cond: Conditioning, layer: str, timesteps: torch.Tensor) -> torch.Tensor:
+        """What K/V layer ``layer`` reads for each row of ``cond`` at each of ``timesteps``: [T, B, L, d], float32.
+
+        Only for layers whose input does not depend on the image (``ModelFamily.prompt_only_layers``): then these
+        are the exact states the layer reads during any generation at those timesteps. T = 1 where the input does
+        not depend on the timestep either (the UNets: the text encoders' states themselves).
+        """
+        raise NotImplementedError
+
     def concept_positions(self, prompts: Sequence[str], concept: str) -> list[list[int]]:
         """Positions of ``concept``'s tokens in each prompt's text sequence, over every tokenizer segment.
 
@@ -234,17 +248,25 @@ class TextConditioner(Conditioner):
     @torch.no_grad()
     def token_hidden_states(self, prompts: list[str]) -> tuple[torch.Tensor, list[list[int]]]:
         """Cross-attention input per token [B, L, d] and the token ids of each prompt (first tokenizer)."""
-        ids = self.pipe.tokenizer(
-            prompts, padding="max_length", max_length=self.pipe.tokenizer.model_max_length, truncation=True
-        ).input_ids
-        return self.encode(prompts).hidden_states.float(), ids
+        return self.encode(prompts).hidden_states.float(), self._token_ids(prompts)
+
+    def _token_ids(self, prompts: list[str]) -> list[list[int]]:
+        tokenizer = self.pipe.tokenizer
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
 
     def token_segments(self, prompts: list[str]) -> list[TokenSegment]:
         # SDXL's two tokenizers give the same positions (their states are concatenated feature-wise): one segment
-        return [TokenSegment(0, self.pipe.tokenizer, self.token_hidden_states(prompts)[1])]
+        return [TokenSegment(0, self.pipe.tokenizer, self._token_ids(prompts))]
 
     def text_states(self, prompts: list[str]) -> torch.Tensor:
         return self.encode(prompts).hidden_states.float()
+
+    def sampler_timesteps(self, steps: int, resolution: int | None = None) -> torch.Tensor:
+        return sampling_scheduler(self.pipe, steps).timesteps.to(self.device)
+
+    def prompt_kv_inputs(self, cond: Conditioning, layer: str, timesteps: torch.Tensor) -> torch.Tensor:
+        # cross-attention K/V read the encoder states as they are, at every timestep and in every block
+        return cond.hidden_states.float()[None]
 
     @torch.no_grad()
     def sample_trajectory(

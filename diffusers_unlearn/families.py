@@ -16,11 +16,17 @@ Why these layers:
   of how one concept's text is read, and gradient projection could not keep it off the protected prompts (the
   protected set would have to cover the image tokens too). The text tokens those blocks see come out of the
   last joint block, whose adapted K/V already change them.
+
+Which layers read the prompt alone (``prompt_only_layers``): a UNet's cross-attention K/V read the text encoders'
+states at every block and timestep. A joint transformer's first block reads the context embedder's output,
+normalised and modulated by the timestep and the pooled text (no image); every later block reads a text stream that
+has attended to the image (and to the earlier blocks' K/V). Methods that need K/V inputs fixed by the prompt
+(``method="closed_form"``) edit only the former.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +50,8 @@ class ModelFamily:
         lora_loader: name of the diffusers LoRA loader mixin whose ``save_lora_weights`` writes its LoRAs.
         lora_component: the keyword prefix of that loader ("unet" -> ``unet_lora_layers``).
         description: for error messages and docs.
+        prompt_only_prefix: module-name prefix of the K/V layers whose input depends on the prompt (and the
+            timestep) but not on the image ("": every K/V layer).
     """
 
     name: str
@@ -55,6 +63,7 @@ class ModelFamily:
     lora_loader: str
     lora_component: str
     description: str
+    prompt_only_prefix: str = ""
 
     def matches(self, denoiser: object) -> bool:
         names = {cls.__name__ for cls in type(denoiser).__mro__}
@@ -64,6 +73,11 @@ class ModelFamily:
     def per_block_text_states(self) -> bool:
         """True when each block's K/V read a different text state (joint blocks update the text stream)."""
         return self.denoiser_attr == "transformer"
+
+    def prompt_only_layers(self, layers: Iterable[str]) -> list[str]:
+        """The layers of ``layers`` (K/V module names) whose input no image enters: all of a UNet's, the first joint
+        block's of SD3 and Flux."""
+        return [layer for layer in layers if layer.startswith(self.prompt_only_prefix)]
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -88,7 +102,7 @@ register_family(ModelFamily(
 # text stream has its own K/V projections, saved under the ``transformer`` prefix of their LoRA loaders.
 JOINT_TRANSFORMER = dict(
     denoiser_attr="transformer", kv_suffixes=("attn.add_k_proj", "attn.add_v_proj"), parametrisation="flow",
-    lora_component="transformer",
+    lora_component="transformer", prompt_only_prefix="transformer_blocks.0.",
 )
 register_family(ModelFamily(
     name="sd3", denoiser_classes=("SD3Transformer2DModel",), conditioner=SD3Conditioner,

@@ -151,6 +151,63 @@ class FlowConditioner(Conditioner):
         """Noise in the transformer's input layout, drawn as the pipeline draws it."""
         raise NotImplementedError
 
+    def smallest_resolution(self) -> int:
+        """The image size in pixels of a one-token image (a latent patch)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sampler_timesteps(self, steps: int, resolution: int | None = None) -> torch.Tensor:
+        """The pipeline's own schedule (its shift, and Flux's image-size-dependent shift): one sampler step is run
+        on the empty prompt and the call is then interrupted, so only the pipeline decides the timesteps."""
+        pipe = self.pipe
+        size = self.default_resolution() if resolution is None else int(resolution)
+        uncond = self.encode_unconditional(1)
+
+        def interrupt(_pipe: Any, _step: int, _t: torch.Tensor, _tensors: dict[str, torch.Tensor]) -> dict:
+            _pipe._interrupt = True  # diffusers' documented way to end a call early: the remaining steps are skipped
+            return {}
+
+        bar = dict(getattr(pipe, "_progress_bar_config", {}))
+        pipe.set_progress_bar_config(**{**bar, "disable": True})
+        try:
+            pipe(**self._call_arguments(uncond, uncond, self.guidance_scale), height=size, width=size,
+                 num_inference_steps=steps, latents=self.initial_latents(1, size, torch.Generator().manual_seed(0)),
+                 output_type="latent", callback_on_step_end=interrupt)
+        finally:
+            pipe._progress_bar_config = bar
+            pipe._interrupt = False
+        return pipe.scheduler.timesteps.to(self.device).float()
+
+    @torch.no_grad()
+    def prompt_kv_inputs(self, cond: Conditioning, layer: str, timesteps: torch.Tensor) -> torch.Tensor:
+        """The first joint block's text-stream input, ``norm1_context`` of the ``context_embedder`` output, modulated
+        by the timestep and the pooled text (and Flux's guidance embedding): no image enters it. It is read by a
+        hook on ``layer`` in a transformer call on a one-token image, which the hook ends there."""
+        denoiser = self.denoiser
+        module = denoiser.get_submodule(layer)
+        latents = self.initial_latents(len(cond), self.smallest_resolution(), torch.Generator().manual_seed(0))
+        seen: list[torch.Tensor] = []
+
+        def capture(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.append((args[0] if args else kwargs["input"]).detach().float())
+            raise _Captured
+
+        hook = module.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            for t in timesteps.reshape(-1):
+                try:
+                    self.predict(denoiser, latents, t.reshape(1), cond)
+                except _Captured:
+                    continue
+                raise ValueError(f"the transformer's forward pass never called {layer!r}")
+        finally:
+            hook.remove()
+        return torch.stack(seen)
+
+
+class _Captured(Exception):
+    """Raised by ``prompt_kv_inputs``' hook once it has what it reads: the rest of the pass is not needed."""
+
 
 class SD3Conditioner(FlowConditioner):
     """``StableDiffusion3Pipeline``: joint blocks whose text stream starts as CLIP-L/G + T5 token states."""
@@ -188,6 +245,9 @@ class SD3Conditioner(FlowConditioner):
     def initial_latents(self, batch: int, size: int, generator: torch.Generator) -> torch.Tensor:
         channels = int(self.denoiser.config.in_channels)
         return self.pipe.prepare_latents(batch, channels, size, size, torch.float32, self.device, generator)
+
+    def smallest_resolution(self) -> int:
+        return self.vae_scale_factor * int(self.denoiser.config.patch_size)
 
 
 class FluxConditioner(FlowConditioner):
@@ -239,3 +299,6 @@ class FluxConditioner(FlowConditioner):
         channels = int(self.denoiser.config.in_channels) // 4
         latents, _ = self.pipe.prepare_latents(batch, channels, size, size, torch.float32, self.device, generator)
         return latents
+
+    def smallest_resolution(self) -> int:
+        return self.vae_scale_factor * 2  # latents are packed in 2x2 patches

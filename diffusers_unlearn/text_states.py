@@ -6,17 +6,25 @@ the text stream is normalised and modulated by the timestep (and pooled text) be
 depends on the prompt, t and x_t. Gradient projection on these models therefore protects, per layer, the states
 collected here on the protected prompts over x_t drawn from the request's own trajectories; for the first block
 they depend on (prompt, t) only, so its invariant is exact at every timestep of the sampler.
+
+``PromptStates`` reads what the K/V layers whose input no image enters (``ModelFamily.prompt_only_layers``) see of
+whole prompts, token by token, without sampling anything: the text encoders' states for the UNets (one set for
+every timestep), the first joint block's modulated text stream at each timestep of the sampler for SD3 and Flux.
+The closed-form method solves on them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .conditioning import Conditioner
+from .adapters import kv_module_names
+from .conditioning import Conditioner, TokenSegment
+from .families import denoiser_of, family_of
 
 
 @dataclass
@@ -71,4 +79,55 @@ def relative_change(deltas: dict[str, torch.Tensor], weights: dict[str, torch.Te
     return result
 
 
-__all__ = ["ProtectedPrompt", "collect_block_states", "relative_change"]
+@dataclass
+class PromptStates:
+    """Token states of whole prompts as the prompt-only K/V layers read them, at each of ``timesteps``.
+
+    Every layer in ``family.prompt_only_layers`` reads the same states (``layer`` is the one read); ``timesteps``
+    are the sampler's, at the steps (and image size) a request names. ``states`` is [T, B, L, d]: T = 1 where the
+    states do not depend on the timestep (UNets), T = len(timesteps) otherwise (SD3, Flux).
+    """
+
+    conditioner: Conditioner
+    layer: str
+    timesteps: torch.Tensor
+
+    @classmethod
+    def for_pipeline(cls, pipe: Any, layers: Iterable[str] | None = None, *, steps: int,
+                     guidance_scale: float | None = None, resolution: int | None = None) -> PromptStates:
+        """``layers``: the K/V layers a request adapts (default: every K/V layer of the pipeline's denoiser)."""
+        family = family_of(pipe)
+        names = kv_module_names(denoiser_of(pipe)) if layers is None else list(layers)
+        chosen = family.prompt_only_layers(names)
+        if not chosen:
+            raise ValueError(f"none of the K/V layers {names} of this {family.name} pipeline reads the prompt alone "
+                             f"(expected names starting with {family.prompt_only_prefix!r})")
+        conditioner = family.conditioner(pipe, guidance_scale=guidance_scale)
+        return cls(conditioner, chosen[0], conditioner.sampler_timesteps(steps, resolution).float().cpu())
+
+    @property
+    def key(self) -> tuple:
+        """What the states depend on besides the prompt: for caching them."""
+        settings = tuple(sorted((k, v) for k, v in vars(self.conditioner).items()
+                                if isinstance(v, (bool, int, float, str))))
+        return type(self.conditioner).__name__, self.layer, tuple(self.timesteps.tolist()), settings
+
+    @torch.no_grad()
+    def states(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[TokenSegment]]:
+        """([T, B, L, d] float64 on the CPU, the token segments of the prompts)."""
+        prompts = list(prompts)
+        cond = self.conditioner.encode(prompts)
+        hidden = self.conditioner.prompt_kv_inputs(cond, self.layer, self.timesteps.to(self.conditioner.device))
+        return hidden.double().cpu(), self.conditioner.token_segments(prompts)
+
+    @torch.no_grad()
+    def unconditional(self) -> torch.Tensor:
+        """[n, d] float64: the unconditional prompt's tokens the family keeps (``unconditional_positions``) at
+        each timestep; all-zero tokens (SDXL's zeroed empty prompt) are left out."""
+        cond = self.conditioner.encode_unconditional(1)
+        hidden = self.conditioner.prompt_kv_inputs(cond, self.layer, self.timesteps.to(self.conditioner.device))
+        rows = hidden[:, 0, self.conditioner.unconditional_positions()].double().cpu().flatten(0, 1)
+        return rows[rows.norm(dim=1) > 0]
+
+
+__all__ = ["PromptStates", "ProtectedPrompt", "collect_block_states", "relative_change"]

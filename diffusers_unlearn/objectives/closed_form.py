@@ -39,10 +39,10 @@ from typing import Any, ClassVar
 import torch
 
 from ..adapters import RequestAdapter, identity_factors
-from ..conditioning import TextConditioner
 from ..conditioning import _find_sublist
-from ..embeddings import concept_embedding
+from ..families import family_of
 from ..prompts import TEMPLATES, check_concept, same_concept
+from ..text_states import PromptStates
 from ..vocabulary import DEFAULT_VOCABULARY
 from .base import Objective, ObjectiveConfig, register_objective
 
@@ -159,55 +159,65 @@ def _swap(prompt: str, concept: str, anchor: str) -> str | None:
     return " ".join((prompt[:start] + anchor + prompt[start + len(concept):]).split())
 
 
+def default_states(pipe: Any) -> PromptStates:
+    """The token states a request with the default settings solves on (the default sampling steps' timesteps)."""
+    defaults = ClosedFormConfig()
+    return PromptStates.for_pipeline(pipe, steps=defaults.sampling_steps, guidance_scale=defaults.guidance_scale)
+
+
 def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], all_tokens: bool = True,
-                 negative_guidance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 negative_guidance: float = 0.0, states: PromptStates | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token pairs of ``concept`` -> ``anchor``: (keys [n, d], target keys [n, d]), float64.
 
     In each prompt (and its copy with the anchor in the concept's place), the concept's last token and every
     token after it pair with the anchor's last token (the token before the slot for an empty anchor) and every
     token after that, offset by offset, as UCE aligns them; with ``all_tokens`` the concept's earlier tokens pair
     with the anchor's last one too. Prompts without the concept are skipped. ``negative_guidance`` g: each key x
-    aims at a + g (a - x), past its anchor a.
+    aims at a + g (a - x), past its anchor a. Where several tokenizers make up the text sequence (SD3: CLIP, then
+    T5) the pairs are aligned inside each one's segment; where the states depend on the timestep (SD3, Flux), every
+    pair is taken at each timestep of ``states`` (default: ``default_states``).
     """
     pairs = [(p, _swap(p, concept, anchor)) for p in prompts]
     pairs = [(p, a) for p, a in pairs if a is not None]
     if not pairs:
         raise ValueError(f"none of the prompts {list(prompts)} contains the concept {concept!r}")
-    conditioner = TextConditioner(pipe)
-    hidden, ids = conditioner.token_hidden_states([p for p, _ in pairs] + [a for _, a in pairs])
-    hidden = hidden.double().cpu()
-    tokenizer = pipe.tokenizer
-    concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
-    anchor_ids = tokenizer(anchor, add_special_tokens=False).input_ids if anchor else []
+    states = default_states(pipe) if states is None else states
+    hidden, segments = states.states([p for p, _ in pairs] + [a for _, a in pairs])  # [T, 2n, L, d]
     keys, anchors = [], []
     n = len(pairs)
-    for row in range(n):
-        start = _find_sublist(ids[row], concept_ids)
-        if start < 0:
-            continue  # truncated or tokenized differently inside this template
-        a_start = _find_sublist(ids[n + row], anchor_ids) if anchor_ids else start
-        if a_start < 0:
-            continue
-        first = start + len(concept_ids) - 1
-        a_first = a_start + len(anchor_ids) - 1
-        length = hidden.shape[1] - max(first, a_first)
-        keys.append(hidden[row, first:first + length])
-        anchors.append(hidden[n + row, a_first:a_first + length])
-        if all_tokens and first > start:
-            # the concept's earlier words (a family word such as "ocean" in "ocean waves") carry part of it too
-            keys.append(hidden[row, start:first])
-            anchors.append(hidden[n + row, a_first:a_first + 1].expand(first - start, -1))
+    for segment in segments:
+        tokenizer, ids, offset = segment.tokenizer, segment.ids, segment.offset
+        concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
+        anchor_ids = tokenizer(anchor, add_special_tokens=False).input_ids if anchor else []
+        for row in range(n):
+            start = _find_sublist(ids[row], concept_ids)
+            if start < 0:
+                continue  # truncated or tokenized differently inside this template
+            a_start = _find_sublist(ids[n + row], anchor_ids) if anchor_ids else start
+            if a_start < 0:
+                continue
+            first = start + len(concept_ids) - 1
+            a_first = a_start + len(anchor_ids) - 1
+            length = len(ids[row]) - max(first, a_first)
+            keys.append(hidden[:, row, offset + first:offset + first + length])
+            anchors.append(hidden[:, n + row, offset + a_first:offset + a_first + length])
+            if all_tokens and first > start:
+                # the concept's earlier words (a family word such as "ocean" in "ocean waves") carry part of it too
+                keys.append(hidden[:, row, offset + start:offset + first])
+                anchors.append(hidden[:, n + row, offset + a_first:offset + a_first + 1].expand(-1, first - start, -1))
     if not keys:
         raise ValueError(f"concept {concept!r} could not be located in the tokens of {[p for p, _ in pairs]}")
-    keys, anchors = torch.cat(keys), torch.cat(anchors)
+    keys, anchors = torch.cat([k.flatten(0, 1) for k in keys]), torch.cat([a.flatten(0, 1) for a in anchors])
     # the tokens after the concept are guided too: guiding only the concept's own tokens erased no more than g = 0
     return keys, anchors + negative_guidance * (anchors - keys)
 
 
-def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormConfig,
-                      removed: Sequence[str]) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-    """P [d, m] (float64): kept/auxiliary concept embeddings and the empty prompt's tokens; the (concept, domain)
-    pairs behind them."""
+def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormConfig, removed: Sequence[str],
+                      states: PromptStates | None = None) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """P [d, m] (float64): kept/auxiliary concept embeddings (one per timestep of ``states`` where they depend on
+    it) and the empty prompt's tokens; the (concept, domain) pairs behind them."""
+    states = default_states(pipe) if states is None else states
     vocabulary = DEFAULT_VOCABULARY if config.vocabulary is None else config.vocabulary
     if isinstance(vocabulary, Mapping):
         candidates = [(c, d) for d, cs in vocabulary.items() for c in cs if d in TEMPLATES]
@@ -216,35 +226,47 @@ def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormCo
     candidates = [(c, domain) for c in config.preserve] + candidates
     taken = [concept, *removed]
     chosen = list(dict.fromkeys((c, d) for c, d in candidates if not any(same_concept(c, t) for t in taken)))
-    columns = [concept_embedding(pipe, c, d).double() for c, d in chosen] if config.protection == "span" else []
+    columns = [concept_states(pipe, c, d, states)[1] for c, d in chosen] if config.protection == "span" else []
     if config.protect_unconditional:
-        empty = TextConditioner(pipe).encode_unconditional(1).hidden_states[0].double().cpu()
-        columns += [v for v in empty if v.norm() > 0]
-    if not columns:
-        d = TextConditioner(pipe).cross_attention_dim
-        return torch.zeros(d, 0, dtype=torch.float64), []
-    return torch.stack(columns, dim=1), chosen
+        columns.append(states.unconditional())
+    columns = torch.cat(columns) if columns else torch.zeros(0, states.conditioner.cross_attention_dim,
+                                                             dtype=torch.float64)
+    return columns.T.contiguous(), chosen
 
 
 _TOKEN_CACHE = "_unlearn_closed_form_tokens"
 
 
 @torch.no_grad()
-def concept_tokens(pipe: Any, concept: str, domain: str) -> torch.Tensor:
-    """Token states [n, d] (float64) of ``concept`` in every template of its domain: its first token and every one
-    after it (the tokens its presence changes). Cached on the pipeline (the text encoders are never trained)."""
+def concept_states(pipe: Any, concept: str, domain: str, states: PromptStates | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``concept`` in every template of its domain, float64: (its first token and every one after it in each
+    tokenizer segment [n, d] (the tokens its presence changes), its embedding [T, d]: the mean over templates of
+    the mean over its own tokens, at each timestep of ``states``). Cached on the pipeline (the text encoders and
+    the layers before the edited K/V are never trained)."""
+    states = default_states(pipe) if states is None else states
     cache: dict = pipe.__dict__.setdefault(_TOKEN_CACHE, {})
-    key = (concept.lower(), TEMPLATES[domain])
+    key = (concept.lower(), TEMPLATES[domain], states.key)
     if key not in cache:
         prompts = [t.format(concept) for t in TEMPLATES[domain]]
-        hidden, ids = TextConditioner(pipe).token_hidden_states(prompts)
-        concept_ids = pipe.tokenizer(concept, add_special_tokens=False).input_ids
+        hidden, segments = states.states(prompts)
         rows = []
-        for row, prompt_ids in enumerate(ids):
-            start = _find_sublist(prompt_ids, concept_ids)
-            rows.append(hidden[row, max(start, 0):].double().cpu())
-        cache[key] = torch.cat(rows)
+        for segment in segments:
+            concept_ids = segment.tokenizer(concept, add_special_tokens=False).input_ids
+            end = segment.offset + len(segment.ids[0])
+            for row, prompt_ids in enumerate(segment.ids):
+                start = segment.offset + max(_find_sublist(prompt_ids, concept_ids), 0)
+                rows.append(hidden[:, row, start:end].flatten(0, 1))
+        positions = states.conditioner.concept_positions(prompts, concept)
+        embedding = torch.stack([hidden[:, row, where].mean(dim=1) for row, where in enumerate(positions)])
+        cache[key] = (torch.cat(rows), embedding.mean(dim=0))
     return cache[key]
+
+
+def concept_tokens(pipe: Any, concept: str, domain: str, states: PromptStates | None = None) -> torch.Tensor:
+    """Token states [n, d] (float64) of ``concept`` in every template of its domain: its first token and every one
+    after it (see ``concept_states``)."""
+    return concept_states(pipe, concept, domain, states)[0]
 
 
 # ------------------------------------------------------------------------------------------------ solve
@@ -379,11 +401,16 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
         raise ValueError(f"anchor {config.anchor!r} is the concept being removed")
     earlier_list = earlier_requests(earlier)
     removed = [e.concept for e in earlier_list]
-    protected, chosen = protected_columns(pipe, concept, domain, config, removed)
+    layers = list(base_weights)
+    solved_layers = family_of(pipe).prompt_only_layers(layers)  # every UNet layer; the first joint block's
+    states = PromptStates.for_pipeline(pipe, layers, steps=config.sampling_steps, guidance_scale=config.guidance_scale,
+                                       resolution=config.resolution)
+    protected, chosen = protected_columns(pipe, concept, domain, config, removed, states)
     names = [c for c, _ in chosen]
-    preserve = (torch.cat([concept_tokens(pipe, c, d) for c, d in chosen])
+    preserve = (torch.cat([concept_tokens(pipe, c, d, states) for c, d in chosen])
                 if chosen and config.preserve_weight > 0 else None)
-    mappings = [mapping_keys(pipe, concept, config.anchor, prompts, config.map_every_token, config.negative_guidance)]
+    mappings = [mapping_keys(pipe, concept, config.anchor, prompts, config.map_every_token, config.negative_guidance,
+                             states)]
     skipped = []
     if config.include_earlier:
         for item in earlier_list:
@@ -391,13 +418,12 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
                 continue
             try:
                 mappings.append(mapping_keys(pipe, item.concept, item.anchor, item.prompts, config.map_every_token,
-                                             config.negative_guidance))
+                                             config.negative_guidance, states))
             except ValueError:
                 skipped.append(item.concept)  # e.g. a simultaneous retraining "a+b": no single concept to map
     if skipped:
         warnings.warn(f"earlier removals {skipped} name no concept inside their prompts: not kept mapped", stacklevel=3)
     tensors, scales = {}, {}
-    layers = list(base_weights)
     from tqdm.auto import tqdm
 
     weights = [config.concept_weight] + [config.earlier_weight] * (len(mappings) - 1)
@@ -406,16 +432,20 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     applied = solver.to(torch.float32)
     for layer in tqdm(layers, desc=f"solving {concept!r}", disable=not progress, leave=False):
         base = base_weights[layer].detach().cpu()
-        offset = start_offsets[layer].detach().cpu() if start_offsets else None
-        a, b = compact_factors(*applied.layer_factors(base, offset))
+        if layer in solved_layers:
+            offset = start_offsets[layer].detach().cpu() if start_offsets else None
+            a, b = compact_factors(*applied.layer_factors(base, offset))
+        else:  # reads image-dependent states (later joint blocks): left as it is, stored as a zero change
+            a, b = torch.zeros(1, base.shape[1]), torch.zeros(base.shape[0], 1)
         tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"] = a, b
         scales[layer] = 1.0
     q = solver.protected
-    target = concept_embedding(pipe, concept, domain).double()
+    target = concept_states(pipe, concept, domain, states)[1].T  # [d, T]
     in_span = float((q.T @ target).square().sum() / target.square().sum()) if q.shape[1] else 0.0
     report = {"protected": names, "protected_columns": int(protected.shape[1]), "protected_rank": int(q.shape[1]),
               "target_in_span": round(in_span, 6), "earlier_mapped": len(mappings) - 1,
-              "solve_rank": int(solver.directions.shape[1]), "ridge": config.ridge}
+              "solve_rank": int(solver.directions.shape[1]), "ridge": config.ridge,
+              "solved_layers": len(solved_layers), "timesteps": int(target.shape[1])}
     return RequestAdapter("lora", tensors, scales), report
 
 

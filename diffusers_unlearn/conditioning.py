@@ -252,7 +252,8 @@ class TextConditioner(Conditioner):
 
     def _token_ids(self, prompts: list[str]) -> list[list[int]]:
         tokenizer = self.pipe.tokenizer
-        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True).input_ids
 
     def token_segments(self, prompts: list[str]) -> list[TokenSegment]:
         # SDXL's two tokenizers give the same positions (their states are concatenated feature-wise): one segment

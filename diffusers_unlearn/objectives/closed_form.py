@@ -3,7 +3,8 @@
 For every cross-attention K/V weight, with W0 the base weight and W the current one (earlier requests folded in),
 the request's change D solves, in float64 and with no training loop:
 
-1. protected set P (kept/auxiliary concepts' embeddings and every token of the empty prompt):
+1. protected set P (kept/auxiliary concepts' embeddings and the empty prompt's tokens, all of them on UNets, the
+   start and end tokens on SD3 / Flux, whose hundreds of padding tokens would fill the space):
    (W + D) p = W0 p, exactly on span(P) (a hard constraint: D lives in the complement of span(P) apart from the
    correction that brings P back to its base outputs);
 2. inside that complement, least squares with a small ridge over token pairs (c, a): the new concept's tokens c map
@@ -26,6 +27,21 @@ float32. The result is stored exactly as LoRA factors D = B @ A (A: the solve's 
 directions; an identity factor once that rank reaches min(out, in)), so the ledger, audit, fold, merge and LoRA
 export treat it like any trained request. Rolling back a request re-solves the closed-form requests after it
 (``resolve_after_rollback``), since each was solved on top of, and keeping, the ones before it.
+
+SD3 and Flux: only the first joint block is solved. UCE assumes each K/V layer reads token states fixed by the
+prompt, so that keys, anchors and kept states are the states the layer will see. A UNet's cross-attention meets it
+at every block and timestep. In a joint transformer the first block's ``add_k_proj`` / ``add_v_proj`` read the
+context embedder's output normalised and modulated by the timestep and the pooled text: no image enters, but it
+depends on t. Every later block reads a text stream that has attended to the image and to the earlier blocks' K/V,
+which this very edit changes, so its keys are not fixed by the prompt (collecting them over sampled x_t, as
+gradient projection does, would make the invariants hold on those x_t only). The solve therefore reads the first
+block's states (``text_states.PromptStates``, without sampling an image) at each timestep the pipeline's sampler
+visits in ``sampling_steps`` steps (``resolution`` too: Flux shifts its schedule by the image size), and stores zero
+changes for the later blocks' layers (``ModelFamily.prompt_only_layers``). Its invariants are exact at those
+timesteps: solve with ``sampling_steps`` equal to the deployment's ``num_inference_steps`` and they hold at every
+step of every generation; at other timesteps they hold approximately (measured in docs/deploy.md). Kept concepts
+take one column per tokenizer segment (SD3: CLIP, then T5) and timestep, so keep the vocabulary well below
+width / (segments x steps) kept concepts; the solve warns when nothing is left to edit.
 """
 
 from __future__ import annotations
@@ -241,9 +257,10 @@ _TOKEN_CACHE = "_unlearn_closed_form_tokens"
 def concept_states(pipe: Any, concept: str, domain: str, states: PromptStates | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``concept`` in every template of its domain, float64: (its first token and every one after it in each
-    tokenizer segment [n, d] (the tokens its presence changes), its embedding [T, d]: the mean over templates of
-    the mean over its own tokens, at each timestep of ``states``). Cached on the pipeline (the text encoders and
-    the layers before the edited K/V are never trained)."""
+    tokenizer segment [n, d] (the tokens its presence changes), its embeddings [T * S, d]: per tokenizer segment
+    (S: 1, or SD3's CLIP and T5) the mean over templates of the mean over its own tokens, at each timestep of
+    ``states``). Cached on the pipeline (the text encoders and the layers before the edited K/V are never
+    trained)."""
     states = default_states(pipe) if states is None else states
     cache: dict = pipe.__dict__.setdefault(_TOKEN_CACHE, {})
     key = (concept.lower(), TEMPLATES[domain], states.key)
@@ -257,9 +274,17 @@ def concept_states(pipe: Any, concept: str, domain: str, states: PromptStates | 
             for row, prompt_ids in enumerate(segment.ids):
                 start = segment.offset + max(_find_sublist(prompt_ids, concept_ids), 0)
                 rows.append(hidden[:, row, start:end].flatten(0, 1))
+        # one embedding per tokenizer segment: SD3's CLIP and T5 tokens of a concept are unrelated states, and the
+        # average of the two would keep neither
         positions = states.conditioner.concept_positions(prompts, concept)
-        embedding = torch.stack([hidden[:, row, where].mean(dim=1) for row, where in enumerate(positions)])
-        cache[key] = (torch.cat(rows), embedding.mean(dim=0))
+        embedding = []
+        for segment in segments:
+            end = segment.offset + len(segment.ids[0])
+            means = [hidden[:, row, inside].mean(dim=1) for row, where in enumerate(positions)
+                     if (inside := [i for i in where if segment.offset <= i < end])]
+            if means:
+                embedding.append(torch.stack(means).mean(dim=0))
+        cache[key] = (torch.cat(rows), torch.cat(embedding))
     return cache[key]
 
 
@@ -402,9 +427,11 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     earlier_list = earlier_requests(earlier)
     removed = [e.concept for e in earlier_list]
     layers = list(base_weights)
-    solved_layers = family_of(pipe).prompt_only_layers(layers)  # every UNet layer; the first joint block's
+    family = family_of(pipe)
+    solved_layers = family.prompt_only_layers(layers)  # every UNet layer; the first joint block's
     states = PromptStates.for_pipeline(pipe, layers, steps=config.sampling_steps, guidance_scale=config.guidance_scale,
                                        resolution=config.resolution)
+    per_t = family.per_block_text_states  # joint blocks modulate the text by t: kept states per solve timestep
     protected, chosen = protected_columns(pipe, concept, domain, config, removed, states)
     names = [c for c, _ in chosen]
     preserve = (torch.cat([concept_tokens(pipe, c, d, states) for c, d in chosen])
@@ -428,6 +455,13 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
 
     weights = [config.concept_weight] + [config.earlier_weight] * (len(mappings) - 1)
     solver = Solver.build(protected, mappings, config.ridge, weights, preserve, config.preserve_weight)
+    width, kept_rank = solver.protected.shape
+    if not solver.directions.shape[1]:
+        why = (f"what it keeps fills the K/V layers' {width}-wide input space ({protected.shape[1]} kept states)"
+               if kept_rank >= width else f"the states of {concept!r} lie inside the span of what it keeps")
+        warnings.warn(f"closed_form changes nothing while removing {concept!r}: {why}. Keep fewer concepts "
+                      f"(vocabulary=, preserve=){' or solve on fewer timesteps (sampling_steps=)' if per_t else ''}",
+                      stacklevel=3)
     # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
     applied = solver.to(torch.float32)
     for layer in tqdm(layers, desc=f"solving {concept!r}", disable=not progress, leave=False):
@@ -440,12 +474,12 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
         tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"] = a, b
         scales[layer] = 1.0
     q = solver.protected
-    target = concept_states(pipe, concept, domain, states)[1].T  # [d, T]
+    target = concept_states(pipe, concept, domain, states)[1].T  # [d, S * T]
     in_span = float((q.T @ target).square().sum() / target.square().sum()) if q.shape[1] else 0.0
     report = {"protected": names, "protected_columns": int(protected.shape[1]), "protected_rank": int(q.shape[1]),
               "target_in_span": round(in_span, 6), "earlier_mapped": len(mappings) - 1,
               "solve_rank": int(solver.directions.shape[1]), "ridge": config.ridge,
-              "solved_layers": len(solved_layers), "timesteps": int(target.shape[1])}
+              "solved_layers": len(solved_layers)}
     return RequestAdapter("lora", tensors, scales), report
 
 

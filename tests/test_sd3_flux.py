@@ -1,5 +1,6 @@
 """SD3 and Flux (joint transformers, flow matching) on the tiny offline pipelines: erasure, gradient projection's
-per-block invariant, save/load, plain-diffusers loads of the folder and the LoRAs, rollback, bad input."""
+per-block invariant, the closed-form method on the first joint block, save/load, plain-diffusers loads of the folder
+and the LoRAs, rollback, bad input."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ import diffusers_unlearn as du
 from diffusers_unlearn import adapters as ad
 from diffusers_unlearn.analysis import text_stream_change
 from diffusers_unlearn.families import conditioner_for
+from diffusers_unlearn.objectives.closed_form import ClosedFormConfig, mapping_keys
+from diffusers_unlearn.prompts import TEMPLATES
+from diffusers_unlearn.text_states import PromptStates
+from diffusers_unlearn.vocabulary import DEFAULT_VOCABULARY
 
 FAST = dict(steps=6, sampling_steps=4, num_trajectories=2, learning_rate=1e-2)
 FAMILIES = {
@@ -50,11 +55,14 @@ def test_the_text_stream_projections_of_the_joint_blocks_are_adapted(stream):
 
 
 ERASURE_OPEN = pytest.mark.xfail(strict=True, reason=(
-    "measured after 6 ESD steps, relative velocity change target vs 'a photo of a cat': tiny SD3 0.18 vs 0.19, "
-    "tiny Flux 0.09 vs 0.11. The tiny transformers' velocity depends on their text tokens by ~0.2-0.3% (the pooled "
-    "text does the rest), so a K/V edit moves every prompt alike. Padding T5 to 8 tokens instead "
-    "(unlearning_max_sequence_length) raises the token share ~10x but not the selectivity: sd3 0.081 vs 0.071, flux "
-    "0.067 vs 0.041. Open: needs tiny models whose concept tokens carry the image, i.e. trained ones."))
+    "measured after 6 ESD steps, relative velocity change target vs 'a photo of a cat': SD3 0.18 vs 0.19, Flux "
+    "0.09 vs 0.11. Swapping two prompts' token states (pooled text kept) moves the velocity by 0.19% / 0.24%; the "
+    "tiny T5 (no attention mask) drowns words in padding (cosine 0.95 between different words at 256 / 512 tokens). "
+    "Measured variants, ratio target/unrelated SD3 / Flux: T5 embedding std 3 (cosine 0.3-0.4) 1.10 / 1.31; "
+    "pooled-text path off (and std 3): ESD moves nothing (0.3%, its target signal was the pooled text's); "
+    "8-token padding + T5 std 3, lr 1e-2 x 6 or 1e-3 x 20 steps: 1.07-1.09 / 2.07-2.09. Open: needs tiny models whose tokens carry "
+    "the image (trained ones).")
+)
 
 
 @pytest.mark.parametrize("family", [pytest.param("sd3", marks=ERASURE_OPEN), pytest.param("flux", marks=ERASURE_OPEN)])
@@ -62,17 +70,179 @@ def test_esd_moves_the_target_velocity_more_than_an_unrelated_prompt(family):
     pipe = du.attach(FAMILIES[family][0](seed=0))
     pipe.unlearn("van gogh", domain="style", seed=0, **FAST)
     conditioner = conditioner_for(pipe, guidance_scale=3.0)
-    cond = conditioner.encode(["a painting in van gogh style", "a photo of a cat"])
-    with pipe.audit("r0001", mode="without"):  # x_t from the base model's own flow-matching trajectories
-        latents, timesteps = conditioner.sample_trajectory(
-            pipe.transformer, cond, conditioner.encode_unconditional(2), steps=4, guidance_scale=3.0,
-            generator=torch.Generator().manual_seed(7))
+    prompts = ["a painting in van gogh style", "a photo of a cat"]
+    cond = conditioner.encode(prompts)
+    latents, timesteps = _base_trajectory(pipe, conditioner, prompts)  # the base model's own flow-matching x_t
+    with pipe.audit("r0001", mode="without"):
         before = torch.stack([conditioner.predict(pipe.transformer, latents[s], timesteps[s], cond) for s in range(4)])
     after = torch.stack([conditioner.predict(pipe.transformer, latents[s], timesteps[s], cond) for s in range(4)])
     moved = (after - before).float().flatten(2).norm(dim=2) / before.float().flatten(2).norm(dim=2)  # [steps, 2]
     target, unrelated = moved[:, 0].mean().item(), moved[:, 1].mean().item()
     print(family, "relative velocity change: target", f"{target:.3f}", "unrelated", f"{unrelated:.3f}")
     assert target > 2 * unrelated, (target, unrelated)
+
+
+def _base_trajectory(pipe, conditioner, prompts, request_id="r0001"):
+    """The x_t and timesteps the velocity tests measure on: 4 flow-matching steps of the model without
+    ``request_id``, seed 7, guidance 3."""
+    with pipe.audit(request_id, mode="without"):
+        return conditioner.sample_trajectory(
+            pipe.transformer, conditioner.encode(prompts), conditioner.encode_unconditional(len(prompts)), steps=4,
+            guidance_scale=3.0, generator=torch.Generator().manual_seed(7))
+
+
+# ------------------------------------------------------------------------------------------- closed form
+FIRST_BLOCK = ("transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj")
+# The tiny text stream is 64 wide and each kept concept takes one column per tokenizer segment (SD3: CLIP and T5)
+# and solve timestep: a small vocabulary leaves free directions for the edit. "cat" is left out: it is the
+# unrelated prompt below.
+CF_VOCABULARY = {"style": ["monet", "picasso", "cubism", "watercolor"], "object": ["horse", "tree"]}
+CLOSED_FORM = dict(method="closed_form", vocabulary=CF_VOCABULARY, sampling_steps=2)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def solved(request):
+    """Two closed-form requests ("van gogh", then "dog" keeping it mapped). Tests must not change the pipeline."""
+    pipe = du.attach(FAMILIES[request.param][0](seed=0))
+    pipe.unlearn("van gogh", domain="style", **CLOSED_FORM)
+    pipe.unlearn("dog", domain="object", **CLOSED_FORM)
+    return request.param, pipe
+
+
+def _first_block_delta(pipe, request_id, layer):
+    state = pipe._unlearning()
+    return state.base_weights[layer].double(), state.artifacts[request_id].delta(layer).double()
+
+
+def test_closed_form_edits_the_first_joint_block_on_states_no_image_enters(solved):
+    family, pipe = solved
+    record = pipe.unlearning_ledger.requests[0]
+    adapter = pipe.request_adapter(record.request_id)
+    assert record.method == "closed_form" and record.steps == 0
+    assert adapter.layers == ad.kv_module_names(pipe.transformer)  # every K/V layer stored, as for other methods
+    report = record.regularizers[0]["report"]
+    assert report["solved_layers"] == 2 and report["solve_rank"] > 0 and 0 < report["target_in_span"] < 1
+    for layer in adapter.layers:
+        moved = adapter.delta(layer).abs().max()
+        assert (moved > 0) if layer in FIRST_BLOCK else (moved == 0), layer
+    # what the solve reads (a one-token image, cut after the first block) is what the block reads while generating
+    conditioner = conditioner_for(pipe, guidance_scale=3.0)
+    prompts = ["a painting in van gogh style", "a photo of a cat"]
+    latents, timesteps = _base_trajectory(pipe, conditioner, prompts)
+    read = conditioner.prompt_kv_inputs(conditioner.encode(prompts), FIRST_BLOCK[0], timesteps)
+    for step in range(len(timesteps)):
+        seen = conditioner.kv_inputs(pipe.transformer, latents[step], timesteps[step].reshape(1),
+                                     conditioner.encode(prompts), list(FIRST_BLOCK))
+        for layer in FIRST_BLOCK:
+            torch.testing.assert_close(seen[layer], read[step], rtol=0, atol=1e-6)
+
+
+def _kept_states(conditioner, timesteps):
+    """[n, d] float64: what the solve keeps exactly, rebuilt here from the conditioner: per solve timestep, "monet"'s
+    embedding in each tokenizer segment (mean over the style templates of the mean over its tokens) and the
+    unconditional prompt's start and end tokens."""
+    prompts = [t.format("monet") for t in TEMPLATES["style"]]
+    states = conditioner.prompt_kv_inputs(conditioner.encode(prompts), FIRST_BLOCK[0], timesteps).double()
+    positions = conditioner.concept_positions(prompts, "monet")
+    kept = []
+    for segment in conditioner.token_segments(prompts):
+        inside = [[i for i in where if segment.offset <= i < segment.offset + len(segment.ids[0])]
+                  for where in positions]
+        kept.append(torch.stack([states[:, row, where].mean(dim=1) for row, where in enumerate(inside)]).mean(dim=0))
+    empty = conditioner.prompt_kv_inputs(conditioner.encode_unconditional(1), FIRST_BLOCK[0], timesteps).double()
+    kept.append(empty[:, 0, conditioner.unconditional_positions()].flatten(0, 1))
+    return torch.cat(kept)
+
+
+def test_closed_form_keeps_the_kept_states_and_maps_the_target_onto_its_anchor(solved):
+    family, pipe = solved
+    conditioner = conditioner_for(pipe, guidance_scale=3.0)
+    solve_t = conditioner.sampler_timesteps(CLOSED_FORM["sampling_steps"])
+    kept = _kept_states(conditioner, solve_t)
+    for request_id in pipe.unlearning_ledger.ids():
+        for layer in FIRST_BLOCK:
+            _, delta = _first_block_delta(pipe, request_id, layer)
+            moved = (kept @ delta.T).norm(dim=1)
+            # float32 factors: B @ A differs from the float64 solution by ~1e-7 of |D| |s|
+            bound = 1e-5 * delta.norm() * kept.norm(dim=1)
+            assert torch.all(moved <= bound), (request_id, layer, float((moved / bound).max()))
+    # The target's tokens land near their aim W0 (a + g (a - x)) at the solve's timesteps. At other timesteps (40
+    # spread over the schedule) the gap is measured and printed: the solve holds nothing there (docs/deploy.md).
+    record = pipe.unlearning_ledger.requests[0]
+    gaps = {}
+    for name, timesteps in (("solved", solve_t), ("other_t", torch.linspace(1000, 5, 40))):
+        states = PromptStates(conditioner, FIRST_BLOCK[0], timesteps.cpu())
+        keys, aims = mapping_keys(pipe, "van gogh", "", record.prompts, states=states,
+                                  negative_guidance=ClosedFormConfig().negative_guidance)
+        num = den = 0.0
+        for layer in FIRST_BLOCK:
+            w0, delta = _first_block_delta(pipe, "r0001", layer)
+            w = w0 + delta + _first_block_delta(pipe, "r0002", layer)[1]  # the ledger's model: both requests
+            num += float((keys @ w.T - aims @ w0.T).square().sum())
+            den += float((keys @ w0.T - aims @ w0.T).square().sum())
+        gaps[name] = (num / den) ** 0.5  # 1 on the base model, 0 when mapped exactly
+    print(family, "closed-form mapping gap", {k: round(v, 3) for k, v in gaps.items()})
+    assert gaps["solved"] < 0.5, gaps  # least squares in the free directions; the kept states cannot move
+
+
+# Unrelated prompts: every built-in object outside the kept vocabulary (and the two removed concepts).
+UNRELATED = [o for o in DEFAULT_VOCABULARY["object"] if o not in {*CF_VOCABULARY["object"], "dog"}]
+CLOSED_FORM_SELECTIVITY_OPEN = pytest.mark.xfail(strict=True, reason=(
+    "measured: first joint block's relative K/V change at the concept's tokens (K and V averaged) on the 4 "
+    "timesteps of the ESD test's trajectory, 'van gogh' vs the median (max) over 26 unrelated objects: SD3 1.13 vs "
+    "0.78 (1.33), Flux 0.58 vs 0.42 (0.71). The tiny text stream is 64 wide and the kept states take 24-30 of it; "
+    "a random token state has about half its energy in the rest, where the least-squares map acts. More kept "
+    "concepts leave nothing to edit (12 styles + 8 objects at 1 step: target 0.12 vs 0.12 SD3, 0.24 vs 0.12 Flux). "
+    "Open: needs a text space wide enough to keep many concepts next to the target, as UCE has on real models.")
+)
+
+
+@pytest.mark.parametrize("family", [pytest.param("sd3", marks=CLOSED_FORM_SELECTIVITY_OPEN),
+                                    pytest.param("flux", marks=CLOSED_FORM_SELECTIVITY_OPEN)])
+def test_closed_form_moves_the_target_more_than_unrelated_prompts(family):
+    pipe = du.attach(FAMILIES[family][0](seed=0))
+    pipe.unlearn("van gogh", domain="style", **CLOSED_FORM)
+    conditioner = conditioner_for(pipe, guidance_scale=3.0)
+    items = [("a painting in van gogh style", "van gogh")] + [(f"a photo of a {o}", o) for o in UNRELATED]
+    prompts = [p for p, _ in items]
+    _, timesteps = _base_trajectory(pipe, conditioner, prompts[:2])  # the x_t's timesteps of the ESD test
+    states = conditioner.prompt_kv_inputs(conditioner.encode(prompts), FIRST_BLOCK[0], timesteps).double()
+    moved = torch.zeros(len(items))
+    for layer in FIRST_BLOCK:
+        w0, delta = _first_block_delta(pipe, "r0001", layer)
+        for i, (prompt, concept) in enumerate(items):
+            x = states[:, i, conditioner.concept_positions([prompt], concept)[0]]
+            moved[i] += float((x @ delta.T).norm() / (x @ w0.T).norm()) / len(FIRST_BLOCK)
+    target, unrelated = float(moved[0]), float(moved[1:].median())
+    print(family, "closed-form relative K/V change at the concept's tokens: target", f"{target:.3f}",
+          "unrelated median", f"{unrelated:.3f}", "max", f"{float(moved[1:].max()):.3f}")
+    assert target > 2 * unrelated, (target, unrelated)
+
+
+def test_closed_form_requests_save_load_and_roll_back_with_a_re_solve(solved, tmp_path):
+    family, pipe = solved
+    build = FAMILIES[family][0]
+    pipe.save_unlearning(tmp_path / "ledger")
+    other = du.attach(build(seed=0))
+    assert other.load_unlearning(tmp_path / "ledger") == ["r0001", "r0002"]
+    for request_id in ("r0001", "r0002"):
+        mine, theirs = pipe.request_adapter(request_id), other.request_adapter(request_id)
+        assert mine.tensors.keys() == theirs.tensors.keys()
+        assert all(torch.equal(mine.tensors[k], theirs.tensors[k]) for k in mine.tensors)
+    assert torch.equal(generate(other, **SIZE), generate(pipe, **SIZE))
+    # rolling back the first request re-solves the second without it: the same as solving "dog" alone
+    stored = other.request_adapter("r0002").deltas()
+    other.rollback("r0001")
+    assert other.removed_concepts == ["dog"] and other.unlearning_ledger.history[-1]["resolved"] == ["r0002"]
+    fresh = du.attach(build(seed=0))
+    alone = fresh.request_adapter(fresh.unlearn("dog", domain="object", **CLOSED_FORM).request_id).deltas()
+    resolved = other.request_adapter("r0002").deltas()
+    for layer, delta in alone.items():  # float32 factor rounding apart
+        torch.testing.assert_close(resolved[layer], delta, rtol=0, atol=1e-5 * max(float(delta.abs().max()), 1e-30))
+    assert any(not torch.allclose(stored[k], resolved[k], atol=1e-6) for k in FIRST_BLOCK)  # it did change
+    other.rollback("r0002")
+    assert other.removed_concepts == []
+    assert (generate(other, **SIZE) - generate(build(seed=0), **SIZE)).abs().max() < 1e-5
 
 
 def test_gradient_projection_keeps_the_first_block_exactly_and_reports_the_others(stream):

@@ -60,8 +60,8 @@ ERASURE_OPEN = pytest.mark.xfail(strict=True, reason=(
     "tiny T5 (no attention mask) drowns words in padding (cosine 0.95 between different words at 256 / 512 tokens). "
     "Measured variants, ratio target/unrelated SD3 / Flux: T5 embedding std 3 (cosine 0.3-0.4) 1.10 / 1.31; "
     "pooled-text path off (and std 3): ESD moves nothing (0.3%, its target signal was the pooled text's); "
-    "8-token padding + T5 std 3, lr 1e-2 x 6 or 1e-3 x 20 steps: 1.07-1.09 / 2.07-2.09. Open: needs tiny models whose tokens carry "
-    "the image (trained ones).")
+    "8-token padding + T5 std 3, lr 1e-2 x 6 or 1e-3 x 20 steps: 1.07-1.09 / 2.07-2.09. Open: needs tiny models "
+    "whose tokens carry the image (trained ones).")
 )
 
 
@@ -192,7 +192,8 @@ CLOSED_FORM_SELECTIVITY_OPEN = pytest.mark.xfail(strict=True, reason=(
     "timesteps of the ESD test's trajectory, 'van gogh' vs the median (max) over 26 unrelated objects: SD3 1.13 vs "
     "0.78 (1.33), Flux 0.58 vs 0.42 (0.71). The tiny text stream is 64 wide and the kept states take 24-30 of it; "
     "a random token state has about half its energy in the rest, where the least-squares map acts. More kept "
-    "concepts leave nothing to edit (12 styles + 8 objects at 1 step: target 0.12 vs 0.12 SD3, 0.24 vs 0.12 Flux). "
+    "concepts leave nothing to edit (12 styles + 8 objects at 1 step, K: target 0.12 vs 0.12 SD3, 0.24 vs 0.12 "
+    "Flux). "
     "Open: needs a text space wide enough to keep many concepts next to the target, as UCE has on real models.")
 )
 
@@ -243,6 +244,17 @@ def test_closed_form_requests_save_load_and_roll_back_with_a_re_solve(solved, tm
     other.rollback("r0002")
     assert other.removed_concepts == []
     assert (generate(other, **SIZE) - generate(build(seed=0), **SIZE)).abs().max() < 1e-5
+
+
+def test_closed_form_warns_when_the_kept_states_fill_the_text_stream():
+    pipe = du.attach(du.testing.tiny_sd3_pipeline(seed=0))
+    styles = [s for s in DEFAULT_VOCABULARY["style"] if s != "van gogh"]  # 39 styles x 2 segments x 2 timesteps
+    with pytest.warns(UserWarning, match=r"closed_form changes nothing while removing 'van gogh': what it keeps fills "
+                                         r"the K/V layers' 64-wide input space .* or solve on fewer timesteps"):
+        record = pipe.unlearn("van gogh", domain="style", method="closed_form", vocabulary=styles, sampling_steps=2)
+    assert record.regularizers[0]["report"]["solve_rank"] == 0
+    assert all(t.abs().max() == 0 for k, t in pipe.request_adapter(record.request_id).tensors.items()
+               if k.endswith("lora_B"))
 
 
 def test_gradient_projection_keeps_the_first_block_exactly_and_reports_the_others(stream):

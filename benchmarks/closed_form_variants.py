@@ -70,7 +70,12 @@ def main() -> int:
     base = runner._evaluate(world, settings, pipe, [], False)
     base_row = runner._row(0, None, base, 0.0, 0, 0.0, 0, 0.0)
     print(f"base model: {base.summary()}", flush=True)
-    runner.run_protocol(world, settings, protocol, base_row, progress=False, log=lambda m: print(m, flush=True))
+    rows = runner.run_protocol(world, settings, protocol, base_row, progress=False, log=lambda m: print(m, flush=True))
+    last = rows[-1]
+    removed_ua = {row["concept"]: 100 - last["accuracy"][row["concept"]] for row in rows[1:]}
+    worst = min(removed_ua, key=removed_ua.get)
+    print(f"after request {last['request']}: each removed style's UA {removed_ua}; lowest {removed_ua[worst]:.1f} "
+          f"({worst!r})", flush=True)
     return 0
 
 

@@ -118,6 +118,25 @@ def test_solver_exact_invariants_on_random_weights():
     torch.testing.assert_close((b32 @ a32).double(), b @ a, rtol=0, atol=1e-5 * float((b @ a).abs().max()))
 
 
+def test_a_stream_of_solves_equals_the_joint_solve_from_the_base():
+    """The soft preservation and the ridge act on the whole edit: request 2 solved on top of request 1 lands where
+    solving request 2 (keeping request 1 mapped) from the base weights lands, so soft-penalty errors cannot add up."""
+    gen = torch.Generator().manual_seed(1)
+    d, out = 48, 40
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    w0, kept, second = rand(out, d), rand(d, 12), rand(d, 1)
+    keys1, anchors1, keys2, anchors2, preserve = rand(5, d), rand(5, d), rand(4, d), rand(4, d), rand(30, d)
+    options = dict(ridge=1e-3, preserve=preserve, preserve_weight=1.0)
+    # request 1 keeps the later target too (it is a kept concept then); request 2 keeps request 1 mapped
+    first = Solver.build(torch.cat([kept, second], dim=1), [(keys1, anchors1)], weights=[1.0], **options)
+    d1 = first.layer_delta(w0, None)
+    then = Solver.build(kept, [(keys2, anchors2), (keys1, anchors1)], weights=[1.0, 10.0], **options)
+    stream = d1 + then.layer_delta(w0, d1)
+    joint = then.layer_delta(w0, None)
+    torch.testing.assert_close(stream, joint, rtol=0, atol=1e-9 * float(joint.abs().max()))
+    assert (stream - d1).norm() > 0.1 * d1.norm()  # request 2 did change the weight
+
+
 def test_negative_guidance_aims_every_mapped_token_past_its_anchor():
     pipe = du.testing.tiny_pipeline(seed=0)
     prompts = ["a painting in van gogh style", "van gogh artwork"]

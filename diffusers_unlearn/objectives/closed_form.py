@@ -304,6 +304,8 @@ class Solver:
     anchor_factor: torch.Tensor  # [d, f]: A^T X_F K^-1 (anchor keys A, keys X in free coordinates X_F)
     key_factor: torch.Tensor  # [d, f]: X^T X_F K^-1
     directions: torch.Tensor  # [d, f]: F, orthonormal basis of the complement of span(P)
+    # [d, f]: (preserve_weight P^T P_F + lambda F) K^-1: pulls what earlier requests moved back towards the base
+    offset_factor: torch.Tensor | None = None
 
     @classmethod
     def build(cls, protected: torch.Tensor, mappings: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -312,9 +314,13 @@ class Solver:
         """``weights``: one per mapping (default 1), multiplying its token pairs' squared errors. ``preserve``
         [m, d]: token states whose outputs should move little (soft, weight ``preserve_weight`` each).
 
-        Minimises sum w ||(W + D) x - W0 a||^2 + preserve_weight sum ||D p||^2 + lambda ||D||^2 over D = Z F^T
-        (so D q = 0 on span(P)): Z = (W0 A^T - W X^T) X_F K^-1 with K = X_F^T X_F + preserve_weight P_F^T P_F
-        + lambda I, lambda = ridge * trace(X_F^T X_F) / f."""
+        Minimises sum w ||(W + D) x - W0 a||^2 + preserve_weight sum ||(W + D - W0) p||^2 + lambda ||W + D - W0||^2
+        over D = Z F^T (so D q = 0 on span(P)), with W = W0 + E the current weight (earlier requests E):
+        Z = (W0 A^T - W X^T) X_F K^-1 - E (preserve_weight P^T P_F + lambda F) K^-1 with
+        K = X_F^T X_F + preserve_weight P_F^T P_F + lambda I, lambda = ridge * trace(X_F^T X_F) / f.
+        The penalties are on the whole edit, not on this request's share: the kept tokens' outputs are held at the
+        base model's, so request 12's result is the joint solve of all 12 from the base, and the kept concepts'
+        small soft-penalty errors do not add up over a stream."""
         d = protected.shape[0]
         q = _basis(protected)
         if q.shape[1]:
@@ -334,16 +340,21 @@ class Solver:
         energy = float(torch.trace(system))
         if energy <= KEY_RTOL * float(keys.square().sum()):
             return cls(q, empty, empty, empty)  # the keys lie inside span(P): nothing may move
+        lam = ridge * energy / free.shape[1]
+        pull = lam * free  # [d, f]
         if preserve is not None and len(preserve) and preserve_weight > 0:
             kept = preserve.double() @ free
             system = system + preserve_weight * (kept.T @ kept)
-        lam = ridge * energy / free.shape[1]
+            pull = pull + preserve_weight * (preserve.double().T @ kept)
         system = system + lam * torch.eye(free.shape[1], dtype=torch.float64)
-        solved = torch.linalg.lstsq(system, coords.T).solution.T  # [n, f] = X_F K^-1 (K symmetric)
-        return cls(q, anchors.T @ solved, keys.T @ solved, free)
+        inverse = torch.linalg.pinv(system, hermitian=True)  # K symmetric; ridge 0 with few keys leaves it singular
+        solved = coords @ inverse  # [n, f] = X_F K^-1
+        return cls(q, anchors.T @ solved, keys.T @ solved, free, pull @ inverse)
 
     def to(self, dtype: torch.dtype) -> Solver:
-        return Solver(*(t.to(dtype) for t in (self.protected, self.anchor_factor, self.key_factor, self.directions)))
+        offset = None if self.offset_factor is None else self.offset_factor.to(dtype)
+        return Solver(*(t.to(dtype) for t in (self.protected, self.anchor_factor, self.key_factor, self.directions)),
+                      offset)
 
     def layer_factors(self, base: torch.Tensor, offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, d], B [out, r]) with D = B @ A the change of one weight whose current value is ``base + offset``
@@ -363,12 +374,13 @@ class Solver:
             else:
                 drift = None
         if self.directions.shape[1]:
-            # B = W0 Fa - (W0 + off + drift q^T) Fk, without forming the current weight
+            # B = W0 Fa - (W0 + E) Fk - E Fo with E = off + drift q^T, without forming the current weight
             b = w0 @ (self.anchor_factor - self.key_factor)
+            on_offset = self.key_factor if self.offset_factor is None else self.key_factor + self.offset_factor
             if off is not None:
-                b = b - off @ self.key_factor
+                b = b - off @ on_offset
             if drift is not None:
-                b = b - drift @ (q.T @ self.key_factor)
+                b = b - drift @ (q.T @ on_offset)
             a_parts.append(self.directions.T)
             b_parts.append(b)
         if not a_parts:

@@ -111,14 +111,19 @@ def check_erasure(pipe: Any, request_id: str, concept: str, prompts: list[str], 
     }
 
 
-def report_erasure(concept: str, figures: dict[str, Any], require: bool) -> None:
-    """Warn (or raise ``ErasureError`` when ``require``) about a request whose concept did not move enough."""
+def report_erasure(concept: str, figures: dict[str, Any], require: bool, method: str | None = None) -> None:
+    """Warn (or raise ``ErasureError`` when ``require``) about a request whose concept did not move enough;
+    ``method`` (the request's) picks the advice."""
     if figures.get("erased", True):
         return
+    if method == "closed_form":
+        advice = "Use a larger negative_guidance or concept_weight, or keep fewer concepts (vocabulary=, preserve=)"
+    else:
+        advice = ("Use more steps, a larger learning rate, another method (e.g. method='closed_form') or fewer "
+                  "protected concepts")
     message = (f"the request removing {concept!r} barely moved it: its prediction shifted by "
                f"{figures['target_shift']:.2f} of the concept's own signal (erased needs >= {figures['min_shift']}). "
-               "Use more steps, a larger learning rate, another method (e.g. method='closed_form') or fewer "
-               "protected concepts")
+               + advice)
     if require:
         raise ErasureError(message + "; nothing was committed (require_erasure=True)")
     warnings.warn(message + "; it is recorded in the ledger as not erased", ErasureWarning, stacklevel=4)

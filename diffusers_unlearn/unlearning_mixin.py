@@ -260,7 +260,7 @@ class UnlearningMixin:
             record.erasure = check_erasure(self, request_id, request.concept, request.prompts, seed=request.seed,
                                            guidance_scale=request.method.guidance_scale,
                                            resolution=request.method.resolution)
-            report_erasure(request.concept, record.erasure, require_erasure)
+            report_erasure(request.concept, record.erasure, require_erasure, request.method.method)
         except BaseException:
             state.ledger.requests.pop()
             del state.artifacts[request_id]

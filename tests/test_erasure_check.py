@@ -27,7 +27,8 @@ def pipe():
 
 
 def test_a_request_that_moves_nothing_warns_and_the_ledger_and_card_say_so(pipe):
-    with pytest.warns(ErasureWarning, match="barely moved it: its prediction shifted by 0.00"):
+    # the advice names closed_form's own knobs, not "use closed_form"
+    with pytest.warns(ErasureWarning, match="barely moved it: its prediction shifted by 0.00.*negative_guidance"):
         record = pipe.unlearn("van gogh", **NO_ROOM)
     assert record.erasure["erased"] is False and record.erasure["target_shift"] < 1e-3
     card = str(pipe.unlearned_model_card())

@@ -46,7 +46,6 @@ width / (segments x steps) kept concepts; the solve warns when nothing is left t
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ from test_evaluation import OBJECTS, STYLES, ChannelClassifier, tiny_config
 
 import diffusers_unlearn as du
 from diffusers_unlearn import bench
+from diffusers_unlearn.bench.recipes import RECOMMENDED_PROTOCOL, TRAINED_PROTOCOL
 from diffusers_unlearn.bench.report import headline
 
 HP = bench.Hyperparameters(steps=3, learning_rate=1e-2)
@@ -221,19 +222,27 @@ def test_minicanvas_style_plan_removes_one_per_family_and_keeps_neighbours():
 
 
 # ------------------------------------------------------------------------------------- the command, on MiniCanvas
+# Every protocol runs in the tiny bench above; on MiniCanvas, the ones with world-specific inputs (the auxiliary set
+# gradient projection protects, the vocabulary the closed-form solve keeps) and the plain baseline.
+QUICK_PROTOCOLS = ["sequential", TRAINED_PROTOCOL, RECOMMENDED_PROTOCOL]
+
+
 def test_bench_quick_on_minicanvas(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "diffusers_unlearn.cli", "bench", "--quick", "--quiet",
-                           "--jobs", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
+                           "--protocols", ",".join(QUICK_PROTOCOLS), "--eval-steps", "4", "--jobs", "2",
+                           "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     requests = result["settings"]["requests"]
-    check_result_structure(result, requests, list(bench.PROTOCOLS))
+    check_result_structure(result, requests, QUICK_PROTOCOLS)
     from diffusers_unlearn import minicanvas as mc
 
     assert result["stream"] == bench.minicanvas_style_plan(2)[0]
     eval_config = result["world"]["eval"]
-    assert eval_config["num_inference_steps"] == 10 and len(eval_config["objects"]) == 2
+    # --quick's preset (2 objects, 10 steps) with the explicit --eval-steps winning over it
+    assert eval_config["num_inference_steps"] == 4 and len(eval_config["objects"]) == 2
     assert eval_config["styles"] == sum(bench.minicanvas_style_plan(2), [])  # removed styles + kept neighbours
     assert result["base"]["num_images"] == 4 * 2
     assert result["world"]["heldout_templates"] == list(mc.HELDOUT_TEMPLATES)
@@ -242,7 +251,7 @@ def test_bench_quick_on_minicanvas(tmp_path):
     assert last["heldout_images"] == requests * len(mc.HELDOUT_TEMPLATES) * 2 and 0 <= last["ua_heldout"] <= 100
     assert 0 <= result["base"]["ira"] <= 100 and 0 <= result["base"]["cra"] <= 100
     text = (out / "results.md").read_text()
-    assert "diffusers-unlearn bench --quick" in text
+    assert "diffusers-unlearn bench --quick" in text and f"--protocols {','.join(QUICK_PROTOCOLS)}" in text
     assert f"### After request {requests}" in text
     assert "| protocol | UA | IRA | CRA |" in proc.stdout  # the headline table is printed too
     for name in ("metrics.png", "cost.png", "ua_matrix.png"):

@@ -30,7 +30,7 @@ def test_console_script_demo_removes_two_minicanvas_styles(tmp_path):
     from diffusers_unlearn.bench import family_round_robin
 
     result = subprocess.run(
-        [sys.executable, "-m", "diffusers_unlearn.cli", "demo", "--steps", "3", "--eval-seeds", "1", "--eval-steps", "8",
+        [sys.executable, "-m", "diffusers_unlearn.cli", "demo", "--steps", "3", "--eval-seeds", "1", "--eval-steps", "4",
          "--quiet", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )

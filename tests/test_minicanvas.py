@@ -263,11 +263,19 @@ def test_wrong_shapes_are_named(weights_copy: Path, rel: str):
 # --------------------------------------------------------------------------------------------------- training
 
 
-def test_quick_training_run_is_deterministic_and_loadable(tmp_path: Path):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted quick training run, shared by the determinism and the resume tests."""
     from diffusers_unlearn.minicanvas import train as mc_train
 
-    out = tmp_path / "quick"
-    report = mc_train.train(mc_train.QUICK, out)
+    out = tmp_path_factory.mktemp("quick") / "weights"
+    return out, mc_train.train(mc_train.QUICK, out)
+
+
+def test_quick_training_run_is_deterministic_and_loadable(tmp_path: Path, quick_run):
+    from diffusers_unlearn.minicanvas import train as mc_train
+
+    out, report = quick_run
     assert report["config"]["unet_steps"] == mc_train.QUICK.unet_steps
     manifest = mc.verify_weights(out)
     assert set(mc_weights.REQUIRED_FILES) <= set(manifest["files"])
@@ -282,10 +290,10 @@ def test_quick_training_run_is_deterministic_and_loadable(tmp_path: Path):
     assert style_clf(images)[0] in mc.STYLES and object_clf(images)[0] in mc.OBJECTS
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, monkeypatch):
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, monkeypatch, quick_run):
     from diffusers_unlearn.minicanvas import train as mc_train
 
-    mc_train.train(mc_train.QUICK, tmp_path / "straight")
+    straight_dir, _ = quick_run
     # Stop the run during its last diffusion step, after checkpoints of the steps before it.
     calls = {"n": 0}
     update = mc_train._EMA.update
@@ -306,7 +314,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, monkey
     monkeypatch.setattr(mc_train._EMA, "update", update)
     mc_train.train(mc_train.QUICK, tmp_path / "resumed", work_dir=work, checkpoint_minutes=0)
     # Same computation in the same order on the same machine: bit-identical weights.
-    straight = mc.verify_weights(tmp_path / "straight")["files"]
+    straight = mc.verify_weights(straight_dir)["files"]
     resumed = mc.verify_weights(tmp_path / "resumed")["files"]
     assert straight == resumed
     # A work folder of another configuration is refused rather than mixed in.

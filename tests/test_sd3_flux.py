@@ -220,17 +220,23 @@ def test_closed_form_moves_the_target_more_than_unrelated_prompts(family):
     assert target > 2 * unrelated, (target, unrelated)
 
 
-def test_closed_form_requests_save_load_and_roll_back_with_a_re_solve(solved, tmp_path):
-    family, pipe = solved
-    build = FAMILIES[family][0]
-    pipe.save_unlearning(tmp_path / "ledger")
+def _reloaded_bit_exact(pipe, build, path):
+    """Save ``pipe``'s two-request ledger to ``path``, load it onto a fresh base; adapters and images identical."""
+    pipe.save_unlearning(path)
     other = du.attach(build(seed=0))
-    assert other.load_unlearning(tmp_path / "ledger") == ["r0001", "r0002"]
+    assert other.load_unlearning(path) == ["r0001", "r0002"]
     for request_id in ("r0001", "r0002"):
         mine, theirs = pipe.request_adapter(request_id), other.request_adapter(request_id)
         assert mine.tensors.keys() == theirs.tensors.keys()
         assert all(torch.equal(mine.tensors[k], theirs.tensors[k]) for k in mine.tensors)
     assert torch.equal(generate(other, **SIZE), generate(pipe, **SIZE))
+    return other
+
+
+def test_closed_form_requests_save_load_and_roll_back_with_a_re_solve(solved, tmp_path):
+    family, pipe = solved
+    build = FAMILIES[family][0]
+    other = _reloaded_bit_exact(pipe, build, tmp_path / "ledger")
     # rolling back the first request re-solves the second without it: the same as solving "dog" alone
     stored = other.request_adapter("r0002").deltas()
     other.rollback("r0001")
@@ -278,14 +284,7 @@ def test_gradient_projection_keeps_the_first_block_exactly_and_reports_the_other
 def test_ledger_save_and_load_is_bit_exact(stream, tmp_path):
     family, pipe, _ = stream
     build, _, _ = FAMILIES[family]
-    pipe.save_unlearning(tmp_path / "ledger")
-    other = du.attach(build(seed=0))
-    assert other.load_unlearning(tmp_path / "ledger") == ["r0001", "r0002"]
-    for request_id in ("r0001", "r0002"):
-        mine, theirs = pipe.request_adapter(request_id), other.request_adapter(request_id)
-        assert mine.tensors.keys() == theirs.tensors.keys()
-        assert all(torch.equal(mine.tensors[k], theirs.tensors[k]) for k in mine.tensors)
-    assert torch.equal(generate(other, **SIZE), generate(pipe, **SIZE))
+    _reloaded_bit_exact(pipe, build, tmp_path / "ledger")
     with pytest.raises(du.LedgerError, match="fingerprint"):  # another base (seed) is refused, nothing changes
         du.attach(build(seed=1)).load_unlearning(tmp_path / "ledger")
 

@@ -91,6 +91,7 @@ class PromptStates:
     conditioner: Conditioner
     layer: str
     timesteps: torch.Tensor
+    per_timestep: bool = True  # False: the states are the same at every timestep (UNets)
 
     @classmethod
     def for_pipeline(cls, pipe: Any, layers: Iterable[str] | None = None, *, steps: int,
@@ -103,14 +104,17 @@ class PromptStates:
             raise ValueError(f"none of the K/V layers {names} of this {family.name} pipeline reads the prompt alone "
                              f"(expected names starting with {family.prompt_only_prefix!r})")
         conditioner = family.conditioner(pipe, guidance_scale=guidance_scale)
-        return cls(conditioner, chosen[0], conditioner.sampler_timesteps(steps, resolution).float().cpu())
+        return cls(conditioner, chosen[0], conditioner.sampler_timesteps(steps, resolution).float().cpu(),
+                   family.per_block_text_states)
 
     @property
     def key(self) -> tuple:
         """What the states depend on besides the prompt: for caching them."""
         settings = tuple(sorted((k, v) for k, v in vars(self.conditioner).items()
                                 if isinstance(v, (bool, int, float, str))))
-        return type(self.conditioner).__name__, self.layer, tuple(self.timesteps.tolist()), settings
+        # timesteps only where the states depend on them: a UNet request with other sampling steps reuses the cache
+        timesteps = tuple(self.timesteps.tolist()) if self.per_timestep else ()
+        return type(self.conditioner).__name__, self.layer, timesteps, settings
 
     @torch.no_grad()
     def states(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[TokenSegment]]:

@@ -110,6 +110,9 @@ def test_protocols_train_what_they_say():
     assert record.prompts == [t.format(c) for c in stream for t in world.templates("style")]
     assert record.method_config["num_trajectories"] == len(record.prompts)
 
+    # ESD's reference (the bench's default: each prompt without its concept) takes every retrained concept out
+    assert record.method_config["reference"] == "context" and record.method_config["concepts"] == stream
+
     pipe, world, stream = _replay("gp+merge")
     records = pipe.unlearning_ledger.requests
     assert [r.strategy["strategy"] for r in records] == ["merge", "merge"]
@@ -162,6 +165,28 @@ def test_settings_and_world_refuse_bad_input():
         bench.Hyperparameters(selective_top_k=0)
     assert bench.BenchSettings(method="ca", domain="object").anchor == bench.DEFAULT_ANCHORS["object"]
     assert bench.family_round_robin({"a": ["a1", "a2"], "b": ["b1"]}) == ["a1", "b1", "a2"]
+
+
+def test_each_method_trains_with_its_calibrated_settings_unless_told_otherwise():
+    assert bench.BenchSettings().hparams == bench.Hyperparameters()  # ESD: the shared defaults
+    ca = bench.BenchSettings(method="ca").hparams
+    assert ca == bench.Hyperparameters(**bench.METHOD_TRAINING["ca"]) and ca != bench.Hyperparameters()
+    explicit = bench.method_hyperparameters("ca", steps=7)
+    assert explicit.steps == 7 and explicit.learning_rate == bench.METHOD_TRAINING["ca"]["learning_rate"]
+    assert bench.BenchSettings(method="ca", hparams=HP).hparams is HP
+
+
+def test_a_minicanvas_stream_follows_a_chosen_order():
+    removal, kept = bench.minicanvas_style_plan()
+    order = [kept[3], removal[0], removal[5]]
+    world = bench.minicanvas_world(eval_seeds=1, order=order)
+    assert world.stream("style", 3) == order
+    with pytest.raises(ValueError, match="use at most 3"):
+        world.stream("style", 4)
+    with pytest.raises(ValueError, match="removal order"):
+        bench.minicanvas_world(eval_seeds=1, order=[removal[0], "no such style"])
+    with pytest.raises(ValueError, match="order must be a non-empty list"):
+        bench.minicanvas_world(eval_seeds=1, order=removal[0])
 
 
 def test_heldout_wordings_and_per_concept_ua(tmp_path):
@@ -229,9 +254,10 @@ QUICK_PROTOCOLS = ["sequential", TRAINED_PROTOCOL, RECOMMENDED_PROTOCOL]
 
 def test_bench_quick_on_minicanvas(tmp_path):
     out = tmp_path / "bench"
+    removal = bench.minicanvas_style_plan(2)[0]
     proc = subprocess.run([sys.executable, "-m", "diffusers_unlearn.cli", "bench", "--quick", "--quiet",
                            "--protocols", ",".join(QUICK_PROTOCOLS), "--eval-steps", "4", "--jobs", "2",
-                           "--out", str(out)],
+                           "--order", f"{removal[1]}, {removal[0]}", "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
@@ -239,7 +265,7 @@ def test_bench_quick_on_minicanvas(tmp_path):
     check_result_structure(result, requests, QUICK_PROTOCOLS)
     from diffusers_unlearn import minicanvas as mc
 
-    assert result["stream"] == bench.minicanvas_style_plan(2)[0]
+    assert result["stream"] == [removal[1], removal[0]]  # --order: the plan's two styles, the other way round
     eval_config = result["world"]["eval"]
     # --quick's preset (2 objects, 10 steps) with the explicit --eval-steps winning over it
     assert eval_config["num_inference_steps"] == 4 and len(eval_config["objects"]) == 2

@@ -12,6 +12,7 @@ from conftest import FAST, generate
 import diffusers_unlearn as du
 from diffusers_unlearn.objectives import OBJECTIVES, build_objective_config
 from diffusers_unlearn.objectives.ca import CAObjective
+from diffusers_unlearn.objectives.base import request_prompts_with
 from diffusers_unlearn.objectives.esd import ESDObjective
 from diffusers_unlearn.prompts import TEMPLATES, register_templates
 from diffusers_unlearn.regularizers import REGULARIZERS
@@ -107,6 +108,52 @@ def test_multi_concept_ca_trains_as_method_ca():
                           progress=False)
     assert record.method == "ca" and record.method_config["concepts"] == ["van gogh", "monet"]
     assert record.prompts == prompts
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(reference="prompt"), r"reference must be one of \['empty', 'context'\], got 'prompt'"),
+    (dict(reference="context", concepts="van gogh"), "concepts must be a non-empty list"),
+])
+def test_bad_esd_options_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        build_objective_config("esd", options)
+
+
+def test_esd_with_the_context_reference_steers_from_the_prompt_without_the_concept():
+    pipe = du.testing.tiny_pipeline(seed=0)
+    objective = _objective(pipe, "esd", negative_guidance=2.0, reference="context")
+    conditioner = objective.context.conditioner
+    rows = torch.arange(3)  # 3 trajectories over the 2 prompts: rows 0 and 2 are the first prompt's
+    latents, timesteps = objective.latents[2], objective.timesteps[2].expand(3)
+    with torch.no_grad():
+        target = objective.frozen_target(latents, timesteps, rows)
+        # the prompts without "van gogh" ("a painting in style", "art"), predicted one by one
+        without = conditioner.encode(["a painting in style", "art", "a painting in style"])
+        concept = conditioner.encode(["a painting in van gogh style", "van gogh art", "a painting in van gogh style"])
+        reference = conditioner.predict(pipe.unet, latents, timesteps, without).float()
+        prediction = conditioner.predict(pipe.unet, latents, timesteps, concept).float()
+        empty = conditioner.predict(pipe.unet, latents, timesteps, conditioner.encode_unconditional(3)).float()
+    torch.testing.assert_close(target, reference - 2.0 * (prediction - reference), rtol=1e-4, atol=1e-5)
+    # the default reference is ESD's own, the unconditional prediction
+    default = _objective(pipe, "esd", negative_guidance=2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(default.frozen_target(latents, timesteps, rows),
+                                   empty - 2.0 * (prediction - empty), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(reference, empty, atol=1e-3)  # the two references differ: the test can tell them apart
+
+
+def test_esd_context_reference_takes_each_prompts_own_concept_out():
+    pipe = du.testing.tiny_pipeline(seed=0)
+    config = du.ESDConfig(reference="context", concepts=("dots", "neon dots"), sampling_steps=2, num_trajectories=2)
+    context = du.objectives.ObjectiveContext(
+        pipe=pipe, conditioner=du.conditioning.TextConditioner(pipe), unet=pipe.unet, concept="neon dots+dots",
+        prompts=["a dog in neon dots style", "a cat in dots style"], frozen=torch.no_grad,
+        generator=torch.Generator().manual_seed(0))
+    assert request_prompts_with(context, "", config.concepts) == ["a dog in style", "a cat in style"]
+    assert config.to_dict()["concepts"] == ["dots", "neon dots"] and "concepts" not in du.ESDConfig().to_dict()
+    bad = du.objectives.ObjectiveContext(**{**context.__dict__, "prompts": ["a dog in monet style"]})
+    with pytest.raises(ValueError, match=r"prompt 'a dog in monet style' contains none of the concepts"):
+        ESDObjective(config, bad).prepare()
 
 
 def _objective(pipe, method, **options):

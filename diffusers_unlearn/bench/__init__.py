@@ -7,7 +7,8 @@ every request, results table and plots. ``diffusers-unlearn bench`` runs it on M
 >>> bench.write_report(result, "bench-results")
 """
 
-from .protocols import PROTOCOLS, Hyperparameters, Protocol, ProtocolContext, resolve_protocols
+from .protocols import (METHOD_TRAINING, PROTOCOLS, Hyperparameters, Protocol, ProtocolContext, method_hyperparameters,
+                        resolve_protocols)
 from .report import markdown, plot_cost, plot_metrics, write_report
 from .heldout import heldout_cases, heldout_unlearning
 from .report import plot_ua_matrix, ua_matrix
@@ -21,12 +22,14 @@ __all__ = [
     "BenchSettings",
     "BenchWorld",
     "Hyperparameters",
+    "METHOD_TRAINING",
     "Protocol",
     "ProtocolContext",
     "family_round_robin",
     "heldout_cases",
     "heldout_unlearning",
     "markdown",
+    "method_hyperparameters",
     "minicanvas_style_plan",
     "minicanvas_world",
     "plot_cost",

@@ -69,6 +69,18 @@ class Hyperparameters:
         return dataclasses.asdict(self)
 
 
+# Training settings that differ by erasure method, over Hyperparameters' defaults; explicit settings win. Concept
+# Ablation's target (the anchor's prediction, with no guidance to amplify it) moves slower than ESD's: at 100 steps
+# and 2e-3 it erased nothing on MiniCanvas, at 300 steps and 5e-3 every style checked alone (docs/benchmarks.md
+# section 1, calibration).
+METHOD_TRAINING: dict[str, dict[str, Any]] = {"ca": {"steps": 300, "learning_rate": 5e-3}}
+
+
+def method_hyperparameters(method: str, **explicit: Any) -> Hyperparameters:
+    """Hyperparameters for ``method``'s requests: ``explicit`` over ``METHOD_TRAINING[method]`` over the defaults."""
+    return Hyperparameters(**{**METHOD_TRAINING.get(method, {}), **explicit})
+
+
 @dataclass(frozen=True)
 class ProtocolContext:
     """What a protocol's regularizers may depend on: the settings and the concept vocabulary of the world."""

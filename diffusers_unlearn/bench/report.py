@@ -70,6 +70,15 @@ def headline(result: dict[str, Any]) -> list[str]:
     return _table(header, rows)
 
 
+def _method_settings(settings: dict[str, Any]) -> str:
+    """", ESD eta 1.0 (reference: context)" / ", CA anchor 'painting'": the method's own bench settings, if any."""
+    if settings["method"] == "esd" and "negative_guidance" in settings:
+        return f", ESD eta {settings['negative_guidance']} (reference: {settings.get('reference', 'empty')})"
+    if settings["method"] == "ca" and settings.get("anchor"):
+        return f", CA anchor {settings['anchor']!r}"
+    return ""
+
+
 def markdown(result: dict[str, Any], title: str | None = None) -> str:
     """The whole results table as Markdown."""
     settings, hp = result["settings"], result["settings"]["hparams"]
@@ -84,7 +93,7 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
     lines += [
         f"World `{result['world']['name']}`; {n} {settings['domain']} removal requests with `{settings['method']}`, "
         f"in this order: " + ", ".join(f"`{c}`" for c in result["stream"]) + ".",
-        f"Per request: {hp['steps']} steps, learning rate {hp['learning_rate']}, LoRA rank {hp['rank']}; "
+        f"Per request: {hp['steps']} steps, learning rate {hp['learning_rate']}, LoRA rank {hp['rank']}{_method_settings(settings)}; "
         f"evaluation on {base['num_images']} images ({len(eval_cfg['styles'])} styles x {len(eval_cfg['objects'])} "
         f"objects x {len(eval_cfg['seeds'])} seeds, {eval_cfg['num_inference_steps']} steps, guidance "
         f"{eval_cfg['guidance_scale']}). Whole run: {result['seconds'] / 60:.1f} min "

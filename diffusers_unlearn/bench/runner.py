@@ -6,7 +6,7 @@ import dataclasses
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,8 +18,9 @@ from ..evaluation import evaluate_unlearning, kv_drift
 from ..evaluation.metrics import check_eval_domain
 from ..mixin import attach
 from ..objectives import OBJECTIVES, ObjectiveConfig, build_objective_config
+from ..objectives.esd import REFERENCES as ESD_REFERENCES
 from .heldout import heldout_unlearning
-from .protocols import Hyperparameters, Protocol, ProtocolContext, resolve_protocols
+from .protocols import Hyperparameters, Protocol, ProtocolContext, method_hyperparameters, resolve_protocols
 from .world import BenchWorld
 
 # Concept Ablation maps a concept onto an anchor in the same prompt slot. MiniCanvas's text encoder never saw these
@@ -36,9 +37,13 @@ class BenchSettings:
         domain: "style" or "object".
         method: a registered erasure method ("esd", "ca", ...; see ``objectives.OBJECTIVES``).
         protocols: protocol names (see ``bench.PROTOCOLS``); None: all of them.
-        hparams: steps, learning rate, rank and regularizer strengths, shared by every protocol.
-        negative_guidance: ESD's eta. 5 rather than ESD's usual 1: on MiniCanvas, eta 1 to 3 did not reliably
-            remove a style within the per-request step budget.
+        hparams: steps, learning rate, rank and regularizer strengths, shared by every protocol (None: the method's,
+            ``method_hyperparameters``).
+        negative_guidance: ESD's eta (ESD's own 1).
+        reference: ESD's reference prediction: "context" (default: the prompt without the concept) or "empty"
+            (ESD's own). The bench's prompts name an object beside the style; steering away from the empty prompt
+            steers away from the object too (one request at eta 5: CRA 48% of base), from the prompt without the
+            style it does not (docs/benchmarks.md section 1, calibration).
         anchor: Concept Ablation's anchor (default: a generic word of the domain, ``DEFAULT_ANCHORS``).
         trajectories_per_prompt: frozen-model trajectories per request prompt (one prompt per template).
         seed: request k uses seed ``seed + k`` in every protocol.
@@ -51,8 +56,9 @@ class BenchSettings:
     domain: str = "style"
     method: str = "esd"
     protocols: Sequence[str] | None = None
-    hparams: Hyperparameters = field(default_factory=Hyperparameters)
-    negative_guidance: float = 5.0
+    hparams: Hyperparameters | None = None
+    negative_guidance: float = 1.0
+    reference: str = "context"
     anchor: str | None = None
     trajectories_per_prompt: int = 1
     seed: int = 0
@@ -67,10 +73,14 @@ class BenchSettings:
             raise ValueError(f"attack_steps must be an integer >= 1 or None, got {self.attack_steps!r}")
         if self.method not in OBJECTIVES:
             raise ValueError(f"bench method must be a registered method {sorted(OBJECTIVES)}, got {self.method!r}")
+        if self.hparams is None:
+            self.hparams = method_hyperparameters(self.method)
         self.protocols = [p.name for p in resolve_protocols(self.protocols)]
         check_int(self.requests, "requests", minimum=1)
         check_int(self.trajectories_per_prompt, "trajectories_per_prompt", minimum=1)
         check_number(self.negative_guidance, "negative_guidance", minimum=0)
+        if self.reference not in ESD_REFERENCES:
+            raise ValueError(f"reference must be one of {list(ESD_REFERENCES)}, got {self.reference!r}")
         check_seed(self.seed)
         if self.method == "ca" and self.anchor is None:
             self.anchor = DEFAULT_ANCHORS[self.domain]
@@ -134,10 +144,12 @@ def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[st
     method = method or settings.method  # a protocol may name its own method
     if method == "closed_form":  # keeps every other concept of the world, and the earlier removals
         return build_objective_config("closed_form", dict(common, vocabulary=world.vocabulary()))
+    several = {"concepts": tuple(concepts)} if len(concepts) > 1 else {}
     if settings.method == "esd":
-        return build_objective_config("esd", dict(common, negative_guidance=settings.negative_guidance))
+        return build_objective_config("esd", dict(common, negative_guidance=settings.negative_guidance,
+                                                  reference=settings.reference,
+                                                  **(several if settings.reference == "context" else {})))
     if settings.method == "ca":
-        several = {"concepts": tuple(concepts)} if len(concepts) > 1 else {}
         return build_objective_config("ca", dict(common, anchor=settings.anchor, **several))
     return build_objective_config(settings.method, common)  # another registered method: its own defaults
 

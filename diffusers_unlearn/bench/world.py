@@ -160,7 +160,7 @@ MINICANVAS_EVAL_OBJECTS = ("bear", "fish", "house", "flower")
 def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: int | None = None,
                      eval_objects: Sequence[str] | None = None, eval_steps: int | None = None, batch_size: int = 32,
                      device: str | None = None, domain: str = "style", eval_families: int | None = None,
-                     heldout: bool = True) -> BenchWorld:
+                     heldout: bool = True, order: Sequence[str] | None = None) -> BenchWorld:
     """The shipped MiniCanvas model and classifiers, with the evaluation set of the paper's kind.
 
     ``domain="style"``: styles are removed one family after another (:func:`minicanvas_style_plan`); the evaluated
@@ -168,7 +168,8 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
     ``domain="object"``: every object is evaluated and removed in order, drawn in one style of each family.
     ``eval_seeds`` (the first n ``EVAL_SEEDS``, default 2), ``eval_objects``, ``eval_families`` (style plan of the
     first n families) and ``eval_steps`` (sampling steps, also those of the requests' trajectories) make the
-    evaluation cheaper. Gradient projection's pool is ``minicanvas.auxiliary_concepts()`` (108 concepts).
+    evaluation cheaper. ``order``: the removal order of ``domain`` instead (evaluated concepts; the stream is its
+    first ``requests``), e.g. to check that a recipe does not depend on the default order. Gradient projection's pool is ``minicanvas.auxiliary_concepts()`` (108 concepts).
     """
     check_eval_domain(domain)
     style_clf, object_clf = mc.load_classifiers(device=device, weights_dir=weights_dir)
@@ -190,6 +191,10 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
         overrides["styles"] = removal
         overrides["objects"] = list(eval_objects) if eval_objects is not None else list(mc.OBJECTS)
         orders = {"style": removal, "object": list(overrides["objects"])}
+    if order is not None:
+        if isinstance(order, str) or not order:
+            raise ValueError(f"order must be a non-empty list of {domain}s, got {order!r}")
+        orders[domain] = list(order)  # BenchWorld refuses one that is not distinct evaluated concepts
     config = EvalConfig.minicanvas(seeds=2 if eval_seeds is None else eval_seeds, **overrides)
     return BenchWorld("minicanvas", config, load, style_clf, object_clf, orders=orders,
                       styles=list(mc.STYLES), objects=list(mc.OBJECTS),

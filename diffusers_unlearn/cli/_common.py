@@ -44,6 +44,18 @@ def dataclass_defaults(module_file: str, class_name: str) -> dict[str, Any]:
     raise LookupError(f"no class {class_name} in {module_file}")
 
 
+@functools.lru_cache(maxsize=None)
+def module_constant(module_file: str, name: str) -> Any:
+    """The literal value of a module-level assignment ``name = ...`` (annotated or not), read without importing."""
+    tree = ast.parse((_PACKAGE_DIR / module_file).read_text(encoding="utf-8"))
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id == name and node.value is not None:
+            return ast.literal_eval(node.value)
+    raise LookupError(f"no literal {name} in {module_file}")
+
+
 def default_text(module_file: str, class_name: str, field: str, prefix: str = "default ") -> str:
     """``"default <value>"`` for a help text, or ``""`` when the default is not a literal."""
     defaults = dataclass_defaults(module_file, class_name)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import UsageError
-from ._common import dataclass_defaults, default_text, finite_float, set_quiet
+from ._common import dataclass_defaults, default_text, finite_float, module_constant, set_quiet
 
 # --quick: the same code path, small enough for CI (a couple of minutes on 2 CPU cores).
 QUICK = {"requests": 2, "steps": 4, "eval_seeds": 1, "eval_objects": 2, "eval_families": 2, "eval_steps": 10}
@@ -70,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-objects", type=int, default=None,
                         help="draw the evaluated styles with the first N of the bench's evaluation objects only "
                         "(default: all of them; --domain object: all MiniCanvas objects)")
+    parser.add_argument("--order", default=None,
+                        help="removal order, comma-separated evaluated concepts of --domain (default: the paper's, "
+                             "one style family after another; objects in MiniCanvas's order)")
     parser.add_argument("--eval-families", type=int, default=None,
                         help="evaluate (and remove) styles of the first N of MiniCanvas's 12 style families only "
                         "(default: all)")
@@ -86,10 +89,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="request k uses seed SEED + k")
     parser.add_argument("--negative-guidance", type=finite_float, default=None,
                         help=f"ESD's eta ({default_text('bench/runner.py', 'BenchSettings', 'negative_guidance')})")
+    parser.add_argument("--reference", choices=("empty", "context"), default=None,
+                        help="ESD's reference prediction: the empty prompt (ESD's own) or the prompt without the "
+                             f"concept ({default_text('bench/runner.py', 'BenchSettings', 'reference')})")
     parser.add_argument("--anchor", default=None, help="Concept Ablation's anchor (default: a generic word)")
     group = parser.add_argument_group("per-request training (shared by every protocol)")
-    group.add_argument("--steps", type=int, default=None, help=f"steps per request ({default('steps')})")
-    group.add_argument("--lr", type=finite_float, default=None, help=f"learning rate ({default('learning_rate')})")
+    group.add_argument("--steps", type=int, default=None, help=f"steps per request ({default('steps')}{_by_method('steps')})")
+    group.add_argument("--lr", type=finite_float, default=None, help=f"learning rate ({default('learning_rate')}{_by_method('learning_rate')})")
     group.add_argument("--batch-size", type=int, default=None,
                        help=f"samples per step ({default('batch_size')})")
     group.add_argument("--rank", type=int, default=None, help=f"LoRA rank ({default('rank')})")
@@ -146,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         value = option(dest)
         if value is not None:
             fields[name] = None if value == "all" else value
-    hparams = bench.Hyperparameters(**fields)
+    hparams = bench.method_hyperparameters(args.method, **fields)
     eval_seeds = option("eval_seeds", 2)
     eval_objects = option("eval_objects")
     if eval_objects is not None and eval_objects < 1:
@@ -165,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         world_factory = functools.partial(
             bench.minicanvas_world, weights_dir=args.weights_dir, eval_seeds=eval_seeds, eval_steps=eval_steps,
             eval_objects=None if eval_objects is None else pool[:eval_objects], domain=args.domain,
-            eval_families=eval_families)
+            eval_families=eval_families,
+            order=None if args.order is None else [c.strip() for c in args.order.split(",") if c.strip()])
         world = world_factory()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -173,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if args.negative_guidance is not None:
         options["negative_guidance"] = args.negative_guidance
+    if args.reference is not None:
+        options["reference"] = args.reference
     settings = bench.BenchSettings(requests=requests, domain=args.domain, method=args.method,
                                    protocols=args.protocols, hparams=hparams, anchor=args.anchor, seed=args.seed,
                                    attacks=args.attacks, attack_steps=args.attack_steps, **options)
@@ -218,6 +227,12 @@ def _neighbors(text: str) -> int | str:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'all', got {text!r}")
     return value
+
+
+def _by_method(field: str) -> str:
+    """"; ca: 300" for a help text: the methods whose bench default differs (``bench.protocols.METHOD_TRAINING``)."""
+    by_method = module_constant("bench/protocols.py", "METHOD_TRAINING")
+    return "".join(f"; {method}: {values[field]}" for method, values in by_method.items() if field in values)
 
 
 def _defaults() -> dict[str, Any]:

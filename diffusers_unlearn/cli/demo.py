@@ -99,14 +99,14 @@ def grid_figure(panels: list[tuple[str, Any]], styles: list[str], objects: list[
 
 def run(args: argparse.Namespace) -> int:
     from .. import minicanvas as mc
-    from ..bench import PROTOCOLS, BenchSettings, Hyperparameters, minicanvas_world, serve_request
+    from ..bench import PROTOCOLS, BenchSettings, method_hyperparameters, minicanvas_world, serve_request
     from ..bench.recipes import RECOMMENDED_PROTOCOL
     from ..evaluation import evaluate_unlearning, generate_images, kv_drift
     from ..mixin import attach
     from ._common import set_quiet
 
     set_quiet(args.quiet)
-    hparams = Hyperparameters() if args.steps is None else Hyperparameters(steps=args.steps)
+    hparams = None if args.steps is None else method_hyperparameters("esd", steps=args.steps)
     settings = BenchSettings(requests=DEMO_REQUESTS, domain="style", method="esd", protocols=[RECOMMENDED_PROTOCOL],
                              hparams=hparams)
     world = minicanvas_world(weights_dir=args.weights_dir, eval_seeds=args.eval_seeds, eval_steps=args.eval_steps)

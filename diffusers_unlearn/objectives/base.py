@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .._validation import check_int, check_number
 from ..conditioning import Conditioner, Conditioning, sample_trajectory
+from ..prompts import check_concept, same_concept
 
 
 @dataclass
@@ -49,7 +50,13 @@ class ObjectiveConfig:
         check_number(self.guidance_scale, "guidance_scale", minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
+        data = {"method": self.method, **dataclasses.asdict(self)}
+        if "concepts" in data:  # a several-concept field: one-concept requests keep the record they always had
+            if data["concepts"] is None:
+                del data["concepts"]
+            else:
+                data["concepts"] = list(data["concepts"])
+        return data
 
     def check_regularizers(self, regularizers: list[Any]) -> None:
         """Refuse regularizers this method cannot apply (called before anything runs); trained methods take all."""
@@ -68,6 +75,48 @@ class ObjectiveContext:
     generator: torch.Generator  # CPU generator seeded from the request's seed
     templates: tuple[str, ...] | None = None  # the templates behind ``prompts`` (None: prompts given directly)
     progress: bool = False  # show a progress bar while sampling the frozen model's trajectories
+
+
+def swap_concept(prompt: str, concept: str, replacement: str) -> str:
+    """``prompt`` with its first occurrence of ``concept`` (case-insensitive) replaced, whitespace collapsed."""
+    start = prompt.lower().find(concept.lower())
+    if start < 0:
+        raise ValueError(f"prompt {prompt!r} does not contain the concept {concept!r}")
+    return " ".join((prompt[:start] + replacement + prompt[start + len(concept):]).split())
+
+
+def request_prompts_with(context: ObjectiveContext, replacement: str,
+                         concepts: Sequence[str] | None = None) -> list[str]:
+    """The request's prompts with their concept replaced by ``replacement`` ("" takes it out), one to one with
+    ``context.prompts``. One concept (``concepts`` None: the request's): its templates filled with the replacement,
+    or each prompt with the concept swapped. Several (a request that removes them at once): each prompt's own
+    concept is swapped, the longest match first (a concept that contains another, "neon dots" / "dots", wins)."""
+    if concepts is None:
+        if context.templates is not None:
+            return [" ".join(template.format(replacement).split()) for template in context.templates]
+        concepts = [context.concept]
+    ordered = sorted(concepts, key=len, reverse=True)
+    swapped = []
+    for prompt in context.prompts:
+        concept = next((c for c in ordered if c.lower() in prompt.lower()), None)
+        if concept is None:
+            raise ValueError(f"prompt {prompt!r} contains none of the concepts {list(concepts)}: the method swaps "
+                             f"the concept out of each prompt")
+        swapped.append(swap_concept(prompt, concept, replacement))
+    return swapped
+
+
+def check_concepts(concepts: Any, exclude: str | None = None) -> tuple[str, ...] | None:
+    """A config's ``concepts`` (the concepts a several-concept request's prompts contain): None or a non-empty
+    list of concepts, none of them ``exclude`` (an anchor)."""
+    if concepts is None:
+        return None
+    if isinstance(concepts, str) or not concepts:
+        raise ValueError(f"concepts must be a non-empty list of the concepts the prompts contain, got {concepts!r}")
+    checked = tuple(check_concept(c, "each of concepts") for c in concepts)
+    if exclude is not None and any(same_concept(c, exclude) for c in checked):
+        raise ValueError(f"anchor {exclude!r} is one of the concepts being removed {list(checked)}")
+    return checked
 
 
 class Objective(ABC):

@@ -18,32 +18,52 @@ import torch
 
 from .._validation import check_number
 from ..conditioning import Conditioning
-from .base import ObjectiveConfig, TrajectoryObjective, cond_rows, register_objective
+from .base import (ObjectiveConfig, TrajectoryObjective, check_concepts, cond_rows, register_objective,
+                   request_prompts_with)
+
+REFERENCES = ("empty", "context")
 
 
 @dataclass
 class ESDConfig(ObjectiveConfig):
     """Args:
-    negative_guidance: eta, how far past the unconditional prediction the target goes (ESD default 1.0).
+    negative_guidance: eta, how far past the reference prediction the target goes (ESD default 1.0).
+    reference: what the concept's prediction is steered from: "empty" (ESD's unconditional prediction, default) or
+        "context" (the request's prompt without the concept, so that the rest of the prompt is kept).
+    concepts: with ``reference="context"``, for a request over several concepts, the concepts its prompts contain
+        (each prompt's own is taken out). None (default): the request's one concept.
     """
 
     method: ClassVar[str] = "esd"
     negative_guidance: float = 1.0
+    reference: str = "empty"
+    concepts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number(self.negative_guidance, "negative_guidance", minimum=0)
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {list(REFERENCES)}, got {self.reference!r}")
+        self.concepts = check_concepts(self.concepts)
 
 
 class ESDObjective(TrajectoryObjective):
+    def prepare(self) -> None:
+        # the reference prompts first: a prompt without the concept fails before any trajectory is sampled
+        references = (request_prompts_with(self.context, "", self.config.concepts)
+                      if self.config.reference == "context" else None)
+        super().prepare()
+        self.reference_cond = (self.uncond if references is None
+                               else self.context.conditioner.encode(references).select(self.rows_prompt))
+
     def frozen_target(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         ctx = self.context
-        both = Conditioning.cat([cond_rows(self.uncond, rows), cond_rows(self.sampling_cond, rows)])
+        both = Conditioning.cat([cond_rows(self.reference_cond, rows), cond_rows(self.sampling_cond, rows)])
         noise = ctx.conditioner.predict(
             ctx.unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both
         ).float()
-        empty, concept = noise.chunk(2)
-        return empty - self.config.negative_guidance * (concept - empty)
+        reference, concept = noise.chunk(2)
+        return reference - self.config.negative_guidance * (concept - reference)
 
 
 register_objective(ESDConfig, ESDObjective)

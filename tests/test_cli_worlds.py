@@ -56,14 +56,20 @@ def test_import_of_the_package_is_lazy_and_exports_still_resolve():
 
 
 def test_help_defaults_are_read_from_the_dataclasses():
-    from diffusers_unlearn.bench import PROTOCOLS, BenchSettings, Hyperparameters
-    from diffusers_unlearn.cli._common import dataclass_defaults
-    from diffusers_unlearn.cli.bench import _protocol_names
+    from diffusers_unlearn.bench import METHOD_TRAINING, PROTOCOLS, BenchSettings, Hyperparameters
+    from diffusers_unlearn.cli._common import dataclass_defaults, module_constant
+    from diffusers_unlearn.cli.bench import _by_method, _protocol_names
 
     literal = dataclass_defaults("bench/protocols.py", "Hyperparameters")
     real = {f.name: f.default for f in dataclasses.fields(Hyperparameters)}
     assert literal and literal == {k: v for k, v in real.items() if k in literal}
     assert dataclass_defaults("bench/runner.py", "BenchSettings")["negative_guidance"] == BenchSettings().negative_guidance
+    assert dataclass_defaults("bench/runner.py", "BenchSettings")["reference"] == BenchSettings().reference
+    # the per-method training defaults shown in --help are the ones the bench uses
+    assert module_constant("bench/protocols.py", "METHOD_TRAINING") == METHOD_TRAINING
+    assert _by_method("steps") == f"; ca: {METHOD_TRAINING['ca']['steps']}" and _by_method("rank") == ""
+    with pytest.raises(LookupError, match="NO_SUCH_NAME"):
+        module_constant("bench/protocols.py", "NO_SUCH_NAME")
     assert (dataclass_defaults("regularizers/projection.py", "GradientProjection")["neighbors"]
             == du.GradientProjection(retain=["x"]).neighbors)
     assert _protocol_names() == list(PROTOCOLS)

@@ -52,11 +52,12 @@ def _protected_vectors(pipe):
     return torch.cat([empty, torch.stack(concepts)])  # [n, d]
 
 
-def _mapping_gap(pipe, weights, concept, prompts):
-    """||W c - W0 t|| / ||W0 c - W0 t|| over the concept's token pairs, all layers together, with t the default
-    target (the anchor a, or a + g (a - c) with negative guidance g): 1 on the base model, 0 when mapped exactly."""
-    keys, targets = mapping_keys(pipe, concept, "", prompts,
-                                 negative_guidance=ClosedFormConfig.__dataclass_fields__["negative_guidance"].default)
+def _mapping_gap(pipe, weights, concept, prompts, guidance=None):
+    """||W c - W0 t|| / ||W0 c - W0 t|| over the concept's token pairs, all layers together, with t the target
+    a + g (a - c) (anchor a, negative guidance g, default the config's): 1 on the base model, 0 when mapped exactly."""
+    if guidance is None:
+        guidance = ClosedFormConfig.__dataclass_fields__["negative_guidance"].default
+    keys, targets = mapping_keys(pipe, concept, "", prompts, negative_guidance=guidance)
     base = pipe._unlearning().base_weights
     num = sum(float((keys @ weights[n].T - targets @ w.double().T).square().sum()) for n, w in base.items())
     den = sum(float(((keys - targets) @ w.double().T).square().sum()) for n, w in base.items())
@@ -98,6 +99,17 @@ def test_a_later_request_keeps_earlier_removals_mapped():
     _, ignored = gaps(include_earlier=False)  # the same second request without the ledger's constraint
     assert kept <= alone + 0.05, (alone, kept)
     assert kept < shared < ignored - 0.1, (kept, shared, ignored)  # the constraint is what keeps it
+
+
+def test_an_earlier_removal_keeps_its_own_negative_guidance():
+    pipe = _quiet(du.attach(du.testing.tiny_pipeline(seed=0)))
+    first = pipe.unlearn("van gogh", **{**STYLE, "negative_guidance": 3.0})
+    own_alone = _mapping_gap(pipe, _total_weights(pipe), "van gogh", first.prompts, guidance=3.0)
+    pipe.unlearn("dog", **{**OBJECT, "negative_guidance": 0.0, "concept_weight": 1.0})  # other settings
+    weights = _total_weights(pipe)
+    own, other = (_mapping_gap(pipe, weights, "van gogh", first.prompts, guidance=g) for g in (3.0, 0.0))
+    # still aimed where its own request put it (guidance 3), not where the new request's settings would
+    assert own <= own_alone + 0.05 and own < other - 0.1, (own_alone, own, other)
 
 
 def test_solver_exact_invariants_on_random_weights():

@@ -412,22 +412,30 @@ def compact_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
 
 @dataclass
 class EarlierRequest:
-    """What the solve needs of an earlier request: its concept, domain, prompts and anchor."""
+    """What the solve needs of an earlier request: its concept, domain, prompts and anchor, and, for an earlier
+    closed-form request, the mapping it was solved with (None: the current request's)."""
 
     concept: str
     domain: str
     prompts: list[str]
     anchor: str
+    negative_guidance: float | None = None
+    map_every_token: bool | None = None
 
 
 def earlier_requests(records: Sequence[Any]) -> list[EarlierRequest]:
-    """Earlier removals from ledger records; a record's anchor is its method's anchor ("" for ESD-like methods)."""
+    """Earlier removals from ledger records; a record's anchor is its method's anchor ("" for ESD-like methods). An
+    earlier closed-form request keeps its own guidance and token mapping, so that a later request with other
+    settings keeps it where it was solved; other methods' records are mapped with the current request's."""
     out = []
     for record in records:
         config = getattr(record, "method_config", None) or {}
         anchor = config.get("anchor") or ""
         prompts = list(getattr(record, "prompts", None) or [])
-        out.append(EarlierRequest(record.concept, record.domain, prompts, " ".join(str(anchor).split())))
+        own = getattr(record, "method", None) == ClosedFormConfig.method
+        out.append(EarlierRequest(record.concept, record.domain, prompts, " ".join(str(anchor).split()),
+                                  config.get("negative_guidance") if own else None,
+                                  config.get("map_every_token") if own else None))
     return out
 
 
@@ -457,8 +465,10 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
             if same_concept(item.concept, concept) or not item.prompts:
                 continue
             try:
-                mappings.append(mapping_keys(pipe, item.concept, item.anchor, item.prompts, config.map_every_token,
-                                             config.negative_guidance, states))
+                mappings.append(mapping_keys(
+                    pipe, item.concept, item.anchor, item.prompts,
+                    config.map_every_token if item.map_every_token is None else item.map_every_token,
+                    config.negative_guidance if item.negative_guidance is None else item.negative_guidance, states))
             except ValueError:
                 skipped.append(item.concept)  # e.g. a simultaneous retraining "a+b": no single concept to map
     if skipped:

@@ -3,16 +3,20 @@
     # one request on each style, from the base model
     python benchmarks/closed_form_variants.py --concepts "forest hatching,ocean waves,candy checks,neon lines" \\
         --set negative_guidance=2 --set protection='"soft"'
+    # the same, evaluated on chosen styles with more seeds (here: a style and its neighbours, 5 seeds)
+    python benchmarks/closed_form_variants.py --concepts "forest hatching" --eval-seeds 5 \\
+        --eval-styles "forest hatching,forest rings,metal hatching,ember lines" --set negative_guidance=2
     # the stream (the bench's closed_form protocol with these settings over its defaults)
     python benchmarks/closed_form_variants.py --requests 12 --set concept_weight=10
 
 Evaluation as ``diffusers-unlearn bench --eval-seeds 1 --eval-steps 10``: 96 images (24 styles x 4 objects x 1 seed,
-10 DDIM steps). ``--set KEY=JSON`` sets a ``ClosedFormConfig`` field over the bench's (repeatable).
+10 DDIM steps); with --concepts, ``--eval-seeds`` and ``--eval-styles`` change it. ``--set KEY=JSON`` sets a ``ClosedFormConfig`` field over the bench's (repeatable).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -23,6 +27,9 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=12, help="stream length when --concepts is not given")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-seeds", type=int, default=1, help="with --concepts: evaluation seeds (first N)")
+    parser.add_argument("--eval-styles", default=None,
+                        help="with --concepts: comma-separated styles to evaluate (default: the bench's 24)")
     args = parser.parse_args()
     overrides = {}
     for item in args.set:
@@ -41,7 +48,10 @@ def main() -> int:
     from diffusers_unlearn.mixin import attach
     from diffusers_unlearn.objectives import build_objective_config
 
-    world = minicanvas_world(eval_seeds=1, eval_steps=10)
+    world = minicanvas_world(eval_seeds=args.eval_seeds if args.concepts else 1, eval_steps=10)
+    if args.concepts and args.eval_styles:
+        styles = [c.strip() for c in args.eval_styles.split(",") if c.strip()]
+        world.eval_config = dataclasses.replace(world.eval_config, styles=styles)
     settings = BenchSettings(requests=args.requests)
     protocol = PROTOCOLS["closed_form"]
 
@@ -59,11 +69,15 @@ def main() -> int:
             pipe = attach(world.load_pipeline())
             pipe.set_progress_bar_config(disable=True)
             start = time.perf_counter()
-            pipe.unlearn(**runner.request_kwargs(world, settings, protocol, concept), seed=0, progress=False)
+            record = pipe.unlearn(**runner.request_kwargs(world, settings, protocol, concept), seed=0, progress=False)
             seconds = time.perf_counter() - start
             scores = evaluate_unlearning(pipe, [concept], "style", world.style_classifier, world.object_classifier,
                                          world.eval_config, progress=False)
-            print(f"{concept!r}: {scores.summary()}  drift {kv_drift(pipe):.2f}  request {seconds:.1f}s", flush=True)
+            accuracy = ", ".join(f"{c} {a:.0f}" for c, a in scores.accuracy.items())
+            check = record.erasure or {}
+            print(f"{concept!r}: {scores.summary()}  drift {kv_drift(pipe):.2f}  request {seconds:.1f}s  "
+                  f"erasure check: shift {check.get('target_shift')}, erased {check.get('erased')}\n  accuracy: {accuracy}",
+                  flush=True)
         return 0
 
     pipe = attach(world.load_pipeline())

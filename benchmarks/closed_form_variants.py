@@ -10,7 +10,8 @@
     python benchmarks/closed_form_variants.py --requests 12 --set concept_weight=10
 
 Evaluation as ``diffusers-unlearn bench --eval-seeds 1 --eval-steps 10``: 96 images (24 styles x 4 objects x 1 seed,
-10 DDIM steps); with --concepts, ``--eval-seeds`` and ``--eval-styles`` change it. ``--set KEY=JSON`` sets a ``ClosedFormConfig`` field over the bench's (repeatable).
+10 DDIM steps); with --concepts, ``--eval-seeds`` and ``--eval-styles`` change it. ``--set KEY=JSON`` sets a
+``ClosedFormConfig`` field over the bench's (repeatable).
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def main() -> int:
             accuracy = ", ".join(f"{c} {a:.0f}" for c, a in scores.accuracy.items())
             check = record.erasure or {}
             print(f"{concept!r}: {scores.summary()}  drift {kv_drift(pipe):.2f}  request {seconds:.1f}s  "
-                  f"erasure check: shift {check.get('target_shift')}, erased {check.get('erased')}\n  accuracy: {accuracy}",
-                  flush=True)
+                  f"erasure check: shift {check.get('target_shift')}, erased {check.get('erased')}", flush=True)
+            print(f"  accuracy: {accuracy}", flush=True)
         return 0
 
     pipe = attach(world.load_pipeline())

@@ -93,7 +93,8 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
     lines += [
         f"World `{result['world']['name']}`; {n} {settings['domain']} removal requests with `{settings['method']}`, "
         f"in this order: " + ", ".join(f"`{c}`" for c in result["stream"]) + ".",
-        f"Per request: {hp['steps']} steps, learning rate {hp['learning_rate']}, LoRA rank {hp['rank']}{_method_settings(settings)}; "
+        f"Per request: {hp['steps']} steps, learning rate {hp['learning_rate']}, LoRA rank {hp['rank']}"
+        f"{_method_settings(settings)}; "
         f"evaluation on {base['num_images']} images ({len(eval_cfg['styles'])} styles x {len(eval_cfg['objects'])} "
         f"objects x {len(eval_cfg['seeds'])} seeds, {eval_cfg['num_inference_steps']} steps, guidance "
         f"{eval_cfg['guidance_scale']}). Whole run: {result['seconds'] / 60:.1f} min "

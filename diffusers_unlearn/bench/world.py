@@ -169,7 +169,8 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
     ``eval_seeds`` (the first n ``EVAL_SEEDS``, default 2), ``eval_objects``, ``eval_families`` (style plan of the
     first n families) and ``eval_steps`` (sampling steps, also those of the requests' trajectories) make the
     evaluation cheaper. ``order``: the removal order of ``domain`` instead (evaluated concepts; the stream is its
-    first ``requests``), e.g. to check that a recipe does not depend on the default order. Gradient projection's pool is ``minicanvas.auxiliary_concepts()`` (108 concepts).
+    first ``requests``), e.g. to check that a recipe does not depend on the default order. Gradient projection's
+    pool is ``minicanvas.auxiliary_concepts()`` (108 concepts).
     """
     check_eval_domain(domain)
     style_clf, object_clf = mc.load_classifiers(device=device, weights_dir=weights_dir)

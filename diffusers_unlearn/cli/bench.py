@@ -94,8 +94,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"concept ({default_text('bench/runner.py', 'BenchSettings', 'reference')})")
     parser.add_argument("--anchor", default=None, help="Concept Ablation's anchor (default: a generic word)")
     group = parser.add_argument_group("per-request training (shared by every protocol)")
-    group.add_argument("--steps", type=int, default=None, help=f"steps per request ({default('steps')}{_by_method('steps')})")
-    group.add_argument("--lr", type=finite_float, default=None, help=f"learning rate ({default('learning_rate')}{_by_method('learning_rate')})")
+    group.add_argument("--steps", type=int, default=None,
+                       help=f"steps per request ({default('steps')}{_by_method('steps')})")
+    group.add_argument("--lr", type=finite_float, default=None,
+                       help=f"learning rate ({default('learning_rate')}{_by_method('learning_rate')})")
     group.add_argument("--batch-size", type=int, default=None,
                        help=f"samples per step ({default('batch_size')})")
     group.add_argument("--rank", type=int, default=None, help=f"LoRA rank ({default('rank')})")

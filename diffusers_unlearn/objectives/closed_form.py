@@ -59,7 +59,7 @@ from ..families import family_of
 from ..prompts import TEMPLATES, check_concept, same_concept
 from ..text_states import PromptStates
 from ..vocabulary import DEFAULT_VOCABULARY
-from .base import Objective, ObjectiveConfig, register_objective
+from .base import Objective, ObjectiveConfig, register_objective, swap_concept
 
 SPAN_RTOL = 1e-8  # singular values of P below this fraction of the largest: directions P does not use
 KEY_RTOL = 1e-12  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
@@ -169,13 +169,6 @@ class ClosedFormObjective(Objective):
 
 
 # ------------------------------------------------------------------------------------------ token pairs
-def _swap(prompt: str, concept: str, anchor: str) -> str | None:
-    start = prompt.lower().find(concept.lower())
-    if start < 0:
-        return None
-    return " ".join((prompt[:start] + anchor + prompt[start + len(concept):]).split())
-
-
 def default_states(pipe: Any) -> PromptStates:
     """The token states a request with the default settings solves on (the default sampling steps' timesteps)."""
     defaults = ClosedFormConfig()
@@ -195,8 +188,7 @@ def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], a
     T5) the pairs are aligned inside each one's segment; where the states depend on the timestep (SD3, Flux), every
     pair is taken at each timestep of ``states`` (default: ``default_states``).
     """
-    pairs = [(p, _swap(p, concept, anchor)) for p in prompts]
-    pairs = [(p, a) for p, a in pairs if a is not None]
+    pairs = [(p, swap_concept(p, concept, anchor)) for p in prompts if concept.lower() in p.lower()]
     if not pairs:
         raise ValueError(f"none of the prompts {list(prompts)} contains the concept {concept!r}")
     states = default_states(pipe) if states is None else states

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -92,10 +93,11 @@ def test_report_files(result, tmp_path):
             assert image.format == "PNG" and image.width > 300
 
 
-def _replay(protocol_name, requests=2, method="esd", **settings):
-    world = tiny_world()
+def _replay(protocol_name, requests=2, method="esd", world=None, hparams=HP, **settings):
+    world = world or tiny_world()
     world.register_domains()
-    config = bench.BenchSettings(requests=requests, hparams=HP, protocols=[protocol_name], method=method, **settings)
+    config = bench.BenchSettings(requests=requests, hparams=hparams, protocols=[protocol_name], method=method,
+                                 **settings)
     stream = world.stream("style", requests)
     pipe = du.attach(world.load_pipeline())
     for k in range(requests):
@@ -170,10 +172,15 @@ def test_settings_and_world_refuse_bad_input():
 def test_each_method_trains_with_its_calibrated_settings_unless_told_otherwise():
     assert bench.BenchSettings().hparams == bench.Hyperparameters()  # ESD: the shared defaults
     ca = bench.BenchSettings(method="ca").hparams
-    assert ca == bench.Hyperparameters(**bench.METHOD_TRAINING["ca"]) and ca != bench.Hyperparameters()
+    assert ca == bench.Hyperparameters(**bench.METHOD_TRAINING["ca"]["style"]) and ca != bench.Hyperparameters()
     explicit = bench.method_hyperparameters("ca", steps=7)
-    assert explicit.steps == 7 and explicit.learning_rate == bench.METHOD_TRAINING["ca"]["learning_rate"]
+    assert explicit.steps == 7 and explicit.learning_rate == bench.METHOD_TRAINING["ca"]["style"]["learning_rate"]
     assert bench.BenchSettings(method="ca", hparams=HP).hparams is HP
+    # objects: each method's own settings for the domain, a retain loss among them
+    for method in ("esd", "ca"):
+        objects = bench.BenchSettings(method=method, domain="object").hparams
+        assert objects == bench.Hyperparameters(**bench.METHOD_TRAINING[method]["object"])
+        assert objects.preserve_weight > 0 and bench.BenchSettings(method=method).hparams.preserve_weight == 0
 
 
 def test_a_minicanvas_stream_follows_a_chosen_order():
@@ -230,6 +237,25 @@ def test_gradient_projection_protects_the_world_auxiliary_set_by_default():
                                                              ("cat", "neighbor")}  # the target (monet) left out
     with pytest.raises(ValueError, match="auxiliary"):
         tiny_world(auxiliary={"colour": ["red"]})
+
+
+def test_a_retain_loss_keeps_the_domain_pool_less_every_removal_so_far():
+    world = tiny_world(auxiliary={"style": ["monet", "klimt", "van gogh"], "object": ["cat"]})
+    hp = dataclasses.replace(HP, preserve_weight=2.0)
+    for protocol in ("sequential", "simultaneous"):
+        config = bench.BenchSettings(requests=2, hparams=hp, protocols=[protocol])
+        pipe, world, stream = _replay(protocol, world=world, hparams=hp)
+        records = pipe.unlearning_ledger.requests
+        last = records[-1].method_config
+        assert last["preserve_weight"] == 2.0
+        # the style pool less both removals (van gogh, monet), in the pool's order; objects are another domain
+        assert stream == ["van gogh", "monet"] and last["preserve"] == ["klimt"]
+        if protocol == "sequential":
+            assert records[0].method_config["preserve"] == ["monet", "klimt"]
+    # the closed form keeps the pool by construction: no retain loss
+    kwargs = bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form"], "klimt", ["van gogh"])
+    solved = kwargs["method"]
+    assert not solved.preserve and solved.preserve_weight == du.objectives.ClosedFormConfig().preserve_weight
 
 
 def test_minicanvas_style_plan_removes_one_per_family_and_keeps_neighbours():

@@ -215,3 +215,81 @@ def test_training_draws_the_same_points_with_or_without_precomputed_targets(monk
     assert (with_targets - base).abs().max() > 1e-3  # the request changed the images
     # same draws, same targets up to float32 rounding of the batched passes: the same images
     torch.testing.assert_close(with_targets, without, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(preserve="monet"), "preserve must be a list of concepts, got the string 'monet'"),
+    (dict(preserve=["monet", "Monet"]), "preserve lists a concept twice"),
+    (dict(preserve=["monet"], preserve_weight=float("inf")), "preserve_weight must be a number >= 0"),
+    (dict(preserve=[" "]), "each of preserve must be a non-empty string"),
+])
+def test_bad_retain_options_are_refused(options, match):
+    for method, extra in (("esd", {}), ("ca", {"anchor": "plain"})):
+        with pytest.raises(ValueError, match=match):
+            build_objective_config(method, {**options, **extra})
+
+
+def test_a_request_cannot_preserve_what_it_removes():
+    pipe = du.testing.tiny_pipeline(seed=0)
+    with pytest.raises(ValueError, match=r"preserve lists \['Van Gogh'\], which this request removes"):
+        _objective(pipe, "esd", preserve=["monet", "Van Gogh"])
+
+
+def test_the_retain_loss_is_recorded_only_when_used():
+    assert "preserve" not in du.ESDConfig().to_dict() and "preserve_weight" not in du.CAConfig(anchor="x").to_dict()
+    record = du.ESDConfig(preserve=["monet"], preserve_weight=2.0).to_dict()
+    assert record["preserve"] == ["monet"] and record["preserve_weight"] == 2.0
+    assert build_objective_config("esd", {k: v for k, v in record.items() if k != "method"}) == \
+        du.ESDConfig(preserve=("monet",), preserve_weight=2.0)
+
+
+def test_the_retain_loss_adds_the_kept_prompts_error_against_the_frozen_model():
+    pipe = du.testing.tiny_pipeline(seed=0)
+    objective = _objective(pipe, "esd", preserve=["monet", "picasso"], preserve_weight=3.0)
+    assert objective.preserved_cond.hidden_states.shape[0] == 2 * 2  # kept concept x request prompt
+    steps, rows, kept = torch.tensor([1, 4]), torch.tensor([2, 0]), torch.tensor([1, 0])
+    conditioner = objective.context.conditioner
+    frozen = objective._preserved_targets_for(steps, rows, kept).clone()  # the test's "frozen" is the same UNet:
+    objective._loss(steps, rows)  # store every target before the UNet below moves
+    with torch.no_grad():
+        # a model that differs from the frozen one: the kept term is not zero
+        for p in pipe.unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        loss = objective._loss(steps, rows, kept)
+        latents, timesteps = objective.latents[steps, rows], objective.timesteps[steps]
+        # rows 2 and 0 are both the first prompt's trajectories; kept 1 -> picasso, 0 -> monet
+        kept_cond = conditioner.encode(["a painting in picasso style", "a painting in monet style"])
+        kept_now = conditioner.predict(pipe.unet, latents, timesteps, kept_cond).float()
+        erased = objective._loss(steps, rows)
+    expected = erased + 3.0 * torch.nn.functional.mse_loss(kept_now, frozen)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-7)
+    assert float(loss - erased) > 1e-6  # the kept term is there
+
+
+def test_precomputed_targets_cover_the_kept_prompts_training_draws():
+    pipe = du.testing.tiny_pipeline(seed=0)
+    objective = _objective(pipe, "ca", anchor="plain", preserve=["monet", "picasso"])
+    computed = objective.precompute_targets(calls=4, batch_size=2)
+    assert computed == int(objective._have_target.sum()) + int(objective._have_preserved.sum())
+    predicted = []
+    original = objective.context.conditioner.predict
+    objective.context.conditioner.predict = lambda *a: predicted.append(torch.is_grad_enabled()) or original(*a)
+    for _ in range(4):
+        objective.training_loss(2)
+    assert predicted == [True] * 4  # one forward pass per step, with gradients: no frozen pass left
+
+
+def test_a_retain_loss_holds_the_kept_concept_while_the_target_still_moves():
+    prompts = {"target": "a painting in van gogh style", "kept": "a painting in monet style"}
+    base = {k: generate(du.testing.tiny_pipeline(seed=0), p) for k, p in prompts.items()}
+
+    def change(**options) -> dict[str, float]:
+        pipe = du.attach(du.testing.tiny_pipeline(seed=0))
+        pipe.unlearn("van gogh", domain="style", seed=3, progress=False, **{**FAST, "steps": 20}, **options)
+        return {k: float((generate(pipe, p) - base[k]).abs().mean()) for k, p in prompts.items()}
+
+    free = change()
+    held = change(preserve=["monet"], preserve_weight=10.0)
+    print(free, held)
+    assert held["kept"] < 0.5 * free["kept"]
+    assert held["target"] > 0.5 * free["target"]

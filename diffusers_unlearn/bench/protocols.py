@@ -36,6 +36,9 @@ class Hyperparameters:
             objects derived from its vocabulary in a 512-wide text space (SD 1.x: about 200 in 768).
         merge_density: fraction of each delta TIES keeps.
         merge_scale: TIES lambda (None: the strategy's default, growing with the number of merged requests).
+        preserve_weight: weight of a retain loss (``TrainedObjectiveConfig.preserve``) on the kept concepts of the
+            request's domain: the world's auxiliary pool less the concepts removed so far. 0: none. Trained methods
+            only; the closed form keeps the pool by construction.
     """
 
     steps: int = 100
@@ -49,6 +52,7 @@ class Hyperparameters:
     gp_neighbors: int | None = None
     merge_density: float = 0.6
     merge_scale: float | None = None
+    preserve_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "rank"):
@@ -57,6 +61,7 @@ class Hyperparameters:
             check_int(self.gp_neighbors, "gp_neighbors (None: all)", minimum=0)
         for name in ("learning_rate", "l1_weight", "l2_weight"):
             check_number(getattr(self, name), name, minimum=0, exclusive_minimum=True)
+        check_number(self.preserve_weight, "preserve_weight", minimum=0)
         for name in ("selective_top_k", "gp_selective_top_k", "merge_density"):
             check_number(getattr(self, name), name, minimum=0, maximum=1, exclusive_minimum=True)
         # MergeStrategy validates the scale the way every merge does
@@ -69,16 +74,23 @@ class Hyperparameters:
         return dataclasses.asdict(self)
 
 
-# Training settings that differ by erasure method, over Hyperparameters' defaults; explicit settings win. Concept
-# Ablation's target (the anchor's prediction, with no guidance to amplify it) moves slower than ESD's: at 100 steps
-# and 2e-3 it erased nothing on MiniCanvas, at 300 steps and 5e-3 every style checked alone (docs/benchmarks.md
-# section 1, calibration).
-METHOD_TRAINING: dict[str, dict[str, Any]] = {"ca": {"steps": 300, "learning_rate": 5e-3}}
+# Training settings that differ by erasure method and domain, over Hyperparameters' defaults; explicit settings win
+# (docs/benchmarks.md section 1, calibration). Concept Ablation's target (the anchor's prediction, with no guidance
+# to amplify it) moves slower than ESD's: at 100 steps and 2e-3 it erased nothing on MiniCanvas, at 300 steps and
+# 5e-3 every style checked alone. MiniCanvas's objects share most of their text embedding (cosine 0.86-0.97 at the
+# object token), so one object's removal took its neighbours with it (cat: tower 100 -> 0) for both methods and at
+# every strength tried; a retain loss on the other objects keeps them.
+METHOD_TRAINING: dict[str, dict[str, dict[str, Any]]] = {
+    "esd": {"object": {"preserve_weight": 1.0}},
+    "ca": {"style": {"steps": 300, "learning_rate": 5e-3}, "object": {"steps": 600, "learning_rate": 5e-3,
+                                                                     "preserve_weight": 1.0}},
+}
 
 
-def method_hyperparameters(method: str, **explicit: Any) -> Hyperparameters:
-    """Hyperparameters for ``method``'s requests: ``explicit`` over ``METHOD_TRAINING[method]`` over the defaults."""
-    return Hyperparameters(**{**METHOD_TRAINING.get(method, {}), **explicit})
+def method_hyperparameters(method: str, domain: str = "style", **explicit: Any) -> Hyperparameters:
+    """Hyperparameters for ``method``'s requests in ``domain``: ``explicit`` over ``METHOD_TRAINING[method][domain]``
+    over the defaults."""
+    return Hyperparameters(**{**METHOD_TRAINING.get(method, {}).get(domain, {}), **explicit})
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,12 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
     settings = BenchSettings(requests=1, domain=domain, method=method, protocols=[protocol])
     kwargs: dict[str, Any] = request_kwargs(world, settings, PROTOCOLS[protocol], concept="")
     del kwargs["concept"]  # the caller's; the settings above do not depend on it for a single-concept request
+    method = kwargs["method"]
+    if getattr(method, "preserve", ()):
+        # the bench's retain loss keeps the pool less the concept and the earlier removals, which a recipe (made
+        # before the concept and the ledger are known) cannot tell; pass preserve=[...] to a request for one
+        options = {k: v for k, v in method.to_dict().items() if k not in ("method", "preserve", "preserve_weight")}
+        kwargs["method"] = type(method)(**options)
     hp = settings.hparams
     vocabulary = world.vocabulary()
     pool = sum(len(concepts) for concepts in vocabulary.values())

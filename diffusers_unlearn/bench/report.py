@@ -71,12 +71,17 @@ def headline(result: dict[str, Any]) -> list[str]:
 
 
 def _method_settings(settings: dict[str, Any]) -> str:
-    """", ESD eta 1.0 (reference: context)" / ", CA anchor 'painting'": the method's own bench settings, if any."""
+    """", ESD eta 1.0 (reference: context)" / ", CA anchor 'painting'": the method's own bench settings, if any, and
+    the retain loss's weight where there is one."""
+    text = ""
     if settings["method"] == "esd" and "negative_guidance" in settings:
-        return f", ESD eta {settings['negative_guidance']} (reference: {settings.get('reference', 'empty')})"
-    if settings["method"] == "ca" and settings.get("anchor"):
-        return f", CA anchor {settings['anchor']!r}"
-    return ""
+        text = f", ESD eta {settings['negative_guidance']} (reference: {settings.get('reference', 'empty')})"
+    elif settings["method"] == "ca" and settings.get("anchor"):
+        text = f", CA anchor {settings['anchor']!r}"
+    weight = settings["hparams"].get("preserve_weight", 0.0)
+    if weight:
+        text += f", retain loss weight {weight} on the kept {settings['domain']}s (trained protocols)"
+    return text
 
 
 def markdown(result: dict[str, Any], title: str | None = None) -> str:

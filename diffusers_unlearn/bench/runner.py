@@ -17,7 +17,7 @@ from .._validation import check_int, check_number, check_seed
 from ..evaluation import evaluate_unlearning, kv_drift
 from ..evaluation.metrics import check_eval_domain
 from ..mixin import attach
-from ..objectives import OBJECTIVES, ObjectiveConfig, build_objective_config
+from ..objectives import OBJECTIVES, ObjectiveConfig, TrainedObjectiveConfig, build_objective_config
 from ..objectives.esd import REFERENCES as ESD_REFERENCES
 from .heldout import heldout_unlearning
 from .protocols import Hyperparameters, Protocol, ProtocolContext, method_hyperparameters, resolve_protocols
@@ -37,8 +37,8 @@ class BenchSettings:
         domain: "style" or "object".
         method: a registered erasure method ("esd", "ca", ...; see ``objectives.OBJECTIVES``).
         protocols: protocol names (see ``bench.PROTOCOLS``); None: all of them.
-        hparams: steps, learning rate, rank and regularizer strengths, shared by every protocol (None: the method's,
-            ``method_hyperparameters``).
+        hparams: steps, learning rate, rank and regularizer strengths, shared by every protocol (None: the method's
+            for the domain, ``method_hyperparameters``).
         negative_guidance: ESD's eta (ESD's own 1).
         reference: ESD's reference prediction: "context" (default: the prompt without the concept) or "empty"
             (ESD's own). The bench's prompts name an object beside the style; steering away from the empty prompt
@@ -74,7 +74,7 @@ class BenchSettings:
         if self.method not in OBJECTIVES:
             raise ValueError(f"bench method must be a registered method {sorted(OBJECTIVES)}, got {self.method!r}")
         if self.hparams is None:
-            self.hparams = method_hyperparameters(self.method)
+            self.hparams = method_hyperparameters(self.method, self.domain)
         self.protocols = [p.name for p in resolve_protocols(self.protocols)]
         check_int(self.requests, "requests", minimum=1)
         check_int(self.trajectories_per_prompt, "trajectories_per_prompt", minimum=1)
@@ -135,15 +135,21 @@ def attack_removed(world: BenchWorld, settings: BenchSettings, pipe: Any, remove
     return out
 
 
-def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[str],
-               num_prompts: int, method: str | None = None) -> ObjectiveConfig:
-    """The method config of one request over ``concepts`` (several: a simultaneous retraining)."""
+def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[str], num_prompts: int,
+               method: str | None = None, removed: Sequence[str] = ()) -> ObjectiveConfig:
+    """The method config of one request over ``concepts`` (several: a simultaneous retraining), ``removed`` the
+    concepts removed before it (kept out of its retain loss)."""
     config = world.eval_config
-    common = dict(sampling_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                  num_trajectories=num_prompts * settings.trajectories_per_prompt)
+    common: dict[str, Any] = dict(sampling_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                                  num_trajectories=num_prompts * settings.trajectories_per_prompt)
     method = method or settings.method  # a protocol may name its own method
     if method == "closed_form":  # keeps every other concept of the world, and the earlier removals
         return build_objective_config("closed_form", dict(common, vocabulary=world.vocabulary()))
+    if settings.hparams.preserve_weight > 0 and issubclass(OBJECTIVES[method][0], TrainedObjectiveConfig):
+        gone = {c.lower() for c in [*concepts, *removed]}
+        pool = world.vocabulary()[world.prompt_domain(settings.domain)]
+        common.update(preserve=[c for c in pool if c.lower() not in gone],
+                      preserve_weight=settings.hparams.preserve_weight)
     several = {"concepts": tuple(concepts)} if len(concepts) > 1 else {}
     if settings.method == "esd":
         return build_objective_config("esd", dict(common, negative_guidance=settings.negative_guidance,
@@ -154,9 +160,11 @@ def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[st
     return build_objective_config(settings.method, common)  # another registered method: its own defaults
 
 
-def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protocol, concept: str) -> dict[str, Any]:
+def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protocol, concept: str,
+                   removed: Sequence[str] = ()) -> dict[str, Any]:
     """``pipe.unlearn`` keyword arguments of one request for ``concept`` under a non-simultaneous ``protocol`` (all
-    but the seed): the world's prompt domain, the method config, training settings, regularizers and strategy.
+    but the seed), ``removed`` the concepts removed before it: the world's prompt domain, the method config,
+    training settings, regularizers and strategy.
     ``diffusers-unlearn unlearn <world>`` uses them too (see ``bench.recipes``)."""
     if protocol.simultaneous:
         raise ValueError(f"protocol {protocol.name!r} retrains every request at once; it has no single-request form")
@@ -165,7 +173,8 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
     hp = settings.hparams
     return dict(
         concept=concept,
-        method=_objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method),
+        method=_objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method,
+                          removed),
         domain=world.prompt_domain(settings.domain), steps=hp.steps, learning_rate=hp.learning_rate, rank=hp.rank,
         batch_size=hp.batch_size, regularizers=protocol.build_regularizers(ctx), strategy=protocol.strategy(ctx),
     )
@@ -175,8 +184,8 @@ def serve_request(pipe: Any, protocol: Protocol, world: BenchWorld, settings: Be
                   k: int, progress: bool = True) -> tuple[int, float]:
     """Serve request ``k`` (0-based) of ``stream`` on ``pipe`` under ``protocol``; returns (training steps, seconds)."""
     if not protocol.simultaneous:
-        record = pipe.unlearn(**request_kwargs(world, settings, protocol, stream[k]), seed=settings.seed + k,
-                              progress=progress)
+        record = pipe.unlearn(**request_kwargs(world, settings, protocol, stream[k], stream[:k]),
+                              seed=settings.seed + k, progress=progress)
         return int(record.steps), float(record.seconds)
     world.register_domains()  # here, where requests need them: in worker processes too
     hp = settings.hparams

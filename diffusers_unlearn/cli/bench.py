@@ -38,6 +38,7 @@ HPARAM_OPTIONS = {
     "gp_neighbors": "gp_neighbors",
     "merge_density": "merge_density",
     "merge_scale": "merge_scale",
+    "preserve_weight": "preserve_weight",
 }
 
 
@@ -111,6 +112,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "the K nearest to the target or 'all' (default: all)")
     group.add_argument("--merge-density", type=finite_float, default=None, help=default("merge_density"))
     group.add_argument("--merge-scale", type=finite_float, default=None, help="TIES lambda (default: grows with n)")
+    group.add_argument("--preserve-weight", type=finite_float, default=None,
+                       help="weight of a retain loss on the domain's kept concepts, trained methods only; 0: none "
+                       f"({default('preserve_weight')}{_by_method('preserve_weight')})")
     parser.add_argument("--attacks", default=None,
                         help="recovery attacks after the last request, comma-separated (paraphrase, embedding, "
                         "finetune, rollback): adds robust-UA columns")
@@ -154,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         value = option(dest)
         if value is not None:
             fields[name] = None if value == "all" else value
-    hparams = bench.method_hyperparameters(args.method, **fields)
+    hparams = bench.method_hyperparameters(args.method, args.domain, **fields)
     eval_seeds = option("eval_seeds", 2)
     eval_objects = option("eval_objects")
     if eval_objects is not None and eval_objects < 1:
@@ -232,9 +236,11 @@ def _neighbors(text: str) -> int | str:
 
 
 def _by_method(field: str) -> str:
-    """"; ca: 300" for a help text: the methods whose bench default differs (``bench.protocols.METHOD_TRAINING``)."""
+    """"; ca style: 300" for a help text: the methods and domains whose bench default differs
+    (``bench.protocols.METHOD_TRAINING``)."""
     by_method = module_constant("bench/protocols.py", "METHOD_TRAINING")
-    return "".join(f"; {method}: {values[field]}" for method, values in by_method.items() if field in values)
+    return "".join(f"; {method} {domain}: {values[field]}" for method, domains in by_method.items()
+                   for domain, values in domains.items() if field in values)
 
 
 def _defaults() -> dict[str, Any]:

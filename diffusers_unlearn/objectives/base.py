@@ -63,6 +63,39 @@ class ObjectiveConfig:
 
 
 @dataclass
+class TrainedObjectiveConfig(ObjectiveConfig):
+    """Settings of the methods trained on the frozen model's trajectories (``TrajectoryObjective``).
+
+    Args:
+        preserve: concepts to keep: at each training step one of them, in the slot of the removed concept of the
+            same prompt, is trained toward the frozen model's prediction on the same x_t (a retain loss). Where
+            concepts share most of their text embedding (neighbouring objects), an edit that erases one moves the
+            others; this holds them. Empty (default): no retain loss, one forward pass per step.
+        preserve_weight: weight of the retain loss against the erasure loss (both mean squared errors).
+    """
+
+    preserve: Sequence[str] = ()
+    preserve_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.preserve, str):
+            raise ValueError(f"preserve must be a list of concepts, got the string {self.preserve!r}")
+        self.preserve = tuple(check_concept(c, "each of preserve") for c in self.preserve)
+        if len({c.lower() for c in self.preserve}) != len(self.preserve):
+            raise ValueError(f"preserve lists a concept twice: {list(self.preserve)}")
+        check_number(self.preserve_weight, "preserve_weight", minimum=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if self.preserve:
+            data["preserve"] = list(self.preserve)
+        else:  # requests without a retain loss keep the record they always had
+            del data["preserve"], data["preserve_weight"]
+        return data
+
+
+@dataclass
 class ObjectiveContext:
     """What the trainer gives an objective for one request."""
 
@@ -188,6 +221,42 @@ class TrajectoryObjective(Objective):
         # (or on first use); the table is allocated once the first target's shape is known.
         self._targets = torch.zeros(0)
         self._have_target = torch.zeros(len(self.timesteps), cfg.num_trajectories, dtype=torch.bool)
+        self._prepare_preserved()
+
+    def _prepare_preserved(self) -> None:
+        """Encode the retain loss's prompts: kept concept k in the slot of trajectory prompt i is row k * n + i."""
+        keep = tuple(getattr(self.config, "preserve", ()))
+        self.num_preserved = len(keep)
+        if not keep:
+            return
+        ctx = self.context
+        removed = getattr(self.config, "concepts", None) or (ctx.concept,)
+        clash = [c for c in keep if any(same_concept(c, r) for r in removed)]
+        if clash:
+            raise ValueError(f"preserve lists {clash}, which this request removes ({list(removed)})")
+        prompts = [p for concept in keep for p in request_prompts_with(ctx, concept, getattr(self.config,
+                                                                                              "concepts", None))]
+        self.preserved_cond = ctx.conditioner.encode(prompts)
+        self._preserved_targets = torch.zeros(0)
+        self._have_preserved = torch.zeros(*self._have_target.shape, len(keep), dtype=torch.bool)
+
+    def _preserved_rows(self, rows: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        return kept * len(self.context.prompts) + self.rows_prompt[rows]
+
+    def _preserved_targets_for(self, steps: torch.Tensor, rows: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The frozen model's predictions for the kept concepts' prompts on these points (each computed once)."""
+        missing = ~self._have_preserved[steps, rows, kept]
+        if bool(missing.any()):
+            s, r, k = steps[missing], rows[missing], kept[missing]
+            ctx = self.context
+            with torch.no_grad(), ctx.frozen():
+                values = ctx.conditioner.predict(ctx.unet, self.latents[s, r], self.timesteps[s],
+                                                 cond_rows(self.preserved_cond, self._preserved_rows(r, k))).float()
+            if self._preserved_targets.numel() == 0:
+                self._preserved_targets = values.new_zeros((*self._have_preserved.shape, *values.shape[1:]))
+            self._preserved_targets[s, r, k] = values
+            self._have_preserved[s, r, k] = True
+        return self._preserved_targets[steps, rows, kept]
 
     def _store_targets(self, steps: torch.Tensor, rows: torch.Tensor) -> None:
         """Compute the frozen targets of the points ``(steps[i], rows[i])`` in one no-grad batch and store them."""
@@ -225,17 +294,31 @@ class TrajectoryObjective(Objective):
         replay = torch.Generator().set_state(self.context.generator.get_state())
         wanted = torch.zeros_like(self._have_target)
         part = _shard_slice(batch_size, shard)
+        preserved = []
         for _ in range(calls):
-            steps, rows = self._draw(batch_size, replay)
+            steps, rows, kept = self._draw(batch_size, replay)
             wanted[steps[part], rows[part]] = True
-        return self._store_missing(wanted, points_per_batch, progress)
+            if kept is not None:
+                preserved.append(torch.stack([steps[part], rows[part], kept[part]], dim=1))
+        done = self._store_missing(wanted, points_per_batch, progress)
+        if preserved:
+            points = torch.unique(torch.cat(preserved), dim=0)
+            points = points[~self._have_preserved[points[:, 0], points[:, 1], points[:, 2]]]
+            for chunk in tqdm(torch.split(points, points_per_batch), desc="frozen targets (kept concepts)",
+                              disable=not progress, leave=False):
+                self._preserved_targets_for(chunk[:, 0], chunk[:, 1], chunk[:, 2])
+            done += len(points)
+        return done
 
-    def _draw(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, batch_size: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Trajectory steps and rows of a minibatch, and, with a retain loss, the kept concept of each element."""
         steps = torch.randint(0, len(self.timesteps), (batch_size,), generator=generator)
         rows = torch.randint(0, self.config.num_trajectories, (batch_size,), generator=generator)
-        return steps, rows
+        kept = torch.randint(0, self.num_preserved, (batch_size,), generator=generator) if self.num_preserved else None
+        return steps, rows, kept
 
-    def _loss(self, steps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def _loss(self, steps: torch.Tensor, rows: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
         latents = self.latents[steps, rows]
         timesteps = self.timesteps[steps]
         if not bool(self._have_target[steps, rows].all()):
@@ -243,16 +326,25 @@ class TrajectoryObjective(Objective):
             wanted[steps, rows] = True
             self._store_missing(wanted)
         target = self._targets[steps, rows]
-        cond = self.training_cond.select(rows.to(self.training_cond.hidden_states.device))
-        prediction = self.context.conditioner.predict(self.context.unet, latents, timesteps, cond)
-        return F.mse_loss(prediction.float(), target)
+        cond = cond_rows(self.training_cond, rows)
+        if kept is None:
+            prediction = self.context.conditioner.predict(self.context.unet, latents, timesteps, cond)
+            return F.mse_loss(prediction.float(), target)
+        # the erased and the kept prompts on the same x_t, in one forward pass
+        kept_target = self._preserved_targets_for(steps, rows, kept)
+        both = Conditioning.cat([cond, cond_rows(self.preserved_cond, self._preserved_rows(rows, kept))])
+        prediction = self.context.conditioner.predict(
+            self.context.unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).float()
+        erased, kept_prediction = prediction.chunk(2)
+        return F.mse_loss(erased, target) + self.config.preserve_weight * F.mse_loss(kept_prediction, kept_target)
 
     def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-        steps, rows = self._draw(batch_size, self.context.generator)
+        steps, rows, kept = self._draw(batch_size, self.context.generator)
         part = _shard_slice(batch_size, shard)
-        return self._loss(steps[part], rows[part])
+        return self._loss(steps[part], rows[part], None if kept is None else kept[part])
 
     def trajectory_losses(self) -> Iterator[torch.Tensor]:
+        """The erasure loss alone (selective fine-tuning scores what the removal needs, not the retain loss)."""
         rows = torch.arange(self.config.num_trajectories)
         self._store_missing(torch.ones_like(self._have_target))  # every point is visited: batch the frozen passes
         for step in range(len(self.timesteps)):

@@ -15,12 +15,12 @@ from typing import ClassVar
 import torch
 
 from ..prompts import check_concept, same_concept
-from .base import (ObjectiveConfig, TrajectoryObjective, check_concepts, cond_rows, register_objective,
+from .base import (TrainedObjectiveConfig, TrajectoryObjective, check_concepts, cond_rows, register_objective,
                    request_prompts_with)
 
 
 @dataclass
-class CAConfig(ObjectiveConfig):
+class CAConfig(TrainedObjectiveConfig):
     """Args:
     anchor: the concept to map onto, e.g. "a painting" for a style or "a horse" for "a cat". Anchor prompts are
         the request's templates filled with it, paired one to one with the target prompts.

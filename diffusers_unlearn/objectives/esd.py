@@ -18,14 +18,14 @@ import torch
 
 from .._validation import check_number
 from ..conditioning import Conditioning
-from .base import (ObjectiveConfig, TrajectoryObjective, check_concepts, cond_rows, register_objective,
+from .base import (TrainedObjectiveConfig, TrajectoryObjective, check_concepts, cond_rows, register_objective,
                    request_prompts_with)
 
 REFERENCES = ("empty", "context")
 
 
 @dataclass
-class ESDConfig(ObjectiveConfig):
+class ESDConfig(TrainedObjectiveConfig):
     """Args:
     negative_guidance: eta, how far past the reference prediction the target goes (ESD default 1.0).
     reference: what the concept's prediction is steered from: "empty" (ESD's unconditional prediction, default) or

@@ -165,7 +165,15 @@ def test_settings_and_world_refuse_bad_input():
         tiny_world(orders={"style": ["monet", "klimt"]})
     with pytest.raises(ValueError, match="selective_top_k"):
         bench.Hyperparameters(selective_top_k=0)
-    assert bench.BenchSettings(method="ca", domain="object").anchor == bench.DEFAULT_ANCHORS["object"]
+    objects = bench.BenchSettings(method="ca", domain="object")
+    assert bench.ca_anchor(objects, tiny_world()) == bench.DEFAULT_ANCHORS["object"]
+    assert bench.ca_anchor(objects, tiny_world(anchors={"object": "cat"})) == "cat"  # the world's own
+    assert bench.ca_anchor(dataclasses.replace(objects, anchor="dog"), tiny_world(anchors={"object": "cat"})) == "dog"
+    with pytest.raises(ValueError, match=r"anchor domains must be 'style' / 'object', got \['colour'\]"):
+        tiny_world(anchors={"colour": "red"})
+    with pytest.raises(ValueError, match=r"anchor 'van gogh' is removed at request 1 of this stream"):
+        bench.run_bench(tiny_world(), bench.BenchSettings(method="ca", anchor="van gogh", requests=1, hparams=HP),
+                        progress=False, log=None)
     assert bench.family_round_robin({"a": ["a1", "a2"], "b": ["b1"]}) == ["a1", "b1", "a2"]
 
 

@@ -12,11 +12,12 @@ from .protocols import (METHOD_TRAINING, PROTOCOLS, Hyperparameters, Protocol, P
 from .report import markdown, plot_cost, plot_metrics, write_report
 from .heldout import heldout_cases, heldout_unlearning
 from .report import plot_ua_matrix, ua_matrix
-from .runner import DEFAULT_ANCHORS, BenchSettings, request_kwargs, run_bench, run_protocol, serve_request
+from .runner import DEFAULT_ANCHORS, BenchSettings, ca_anchor, request_kwargs, run_bench, run_protocol, serve_request
 from .world import MINICANVAS_EVAL_OBJECTS, BenchWorld, family_round_robin, minicanvas_style_plan, minicanvas_world
 
 __all__ = [
     "DEFAULT_ANCHORS",
+    "ca_anchor",
     "MINICANVAS_EVAL_OBJECTS",
     "PROTOCOLS",
     "BenchSettings",

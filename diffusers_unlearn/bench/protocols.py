@@ -82,8 +82,8 @@ class Hyperparameters:
 # every strength tried; a retain loss on the other objects keeps them.
 METHOD_TRAINING: dict[str, dict[str, dict[str, Any]]] = {
     "esd": {"object": {"preserve_weight": 1.0}},
-    "ca": {"style": {"steps": 300, "learning_rate": 5e-3}, "object": {"steps": 600, "learning_rate": 5e-3,
-                                                                     "preserve_weight": 1.0}},
+    "ca": {"style": {"steps": 300, "learning_rate": 5e-3},
+           "object": {"steps": 300, "learning_rate": 5e-3, "preserve_weight": 1.0}},
 }
 
 

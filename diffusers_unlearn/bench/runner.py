@@ -24,7 +24,8 @@ from .protocols import Hyperparameters, Protocol, ProtocolContext, method_hyperp
 from .world import BenchWorld
 
 # Concept Ablation maps a concept onto an anchor in the same prompt slot. MiniCanvas's text encoder never saw these
-# words in that slot, so they act as a generic "no particular style / object" anchor.
+# words in that slot, so they act as a generic "no particular style / object" anchor (a world may name a better one,
+# ``BenchWorld.anchors``).
 DEFAULT_ANCHORS = {"style": "painting", "object": "picture"}
 
 
@@ -44,7 +45,8 @@ class BenchSettings:
             (ESD's own). The bench's prompts name an object beside the style; steering away from the empty prompt
             steers away from the object too (one request at eta 5: CRA 48% of base), from the prompt without the
             style it does not (docs/benchmarks.md section 1, calibration).
-        anchor: Concept Ablation's anchor (default: a generic word of the domain, ``DEFAULT_ANCHORS``).
+        anchor: Concept Ablation's anchor (default: the world's for the domain, ``BenchWorld.anchors``, else a generic
+            word of the domain, ``DEFAULT_ANCHORS``; ``ca_anchor`` resolves it).
         trajectories_per_prompt: frozen-model trajectories per request prompt (one prompt per template).
         seed: request k uses seed ``seed + k`` in every protocol.
         attacks: recovery attack kinds (``evaluation.ATTACKS``) run on every removed concept after the last request;
@@ -82,11 +84,14 @@ class BenchSettings:
         if self.reference not in ESD_REFERENCES:
             raise ValueError(f"reference must be one of {list(ESD_REFERENCES)}, got {self.reference!r}")
         check_seed(self.seed)
-        if self.method == "ca" and self.anchor is None:
-            self.anchor = DEFAULT_ANCHORS[self.domain]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def ca_anchor(settings: BenchSettings, world: BenchWorld) -> str:
+    """Concept Ablation's anchor for ``settings`` on ``world``: the explicit one, the world's, or the generic word."""
+    return settings.anchor or world.anchors.get(settings.domain) or DEFAULT_ANCHORS[settings.domain]
 
 
 def check_attacks(attacks: Sequence[str] | str | None) -> list[str]:
@@ -156,7 +161,7 @@ def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[st
                                                   reference=settings.reference,
                                                   **(several if settings.reference == "context" else {})))
     if settings.method == "ca":
-        return build_objective_config("ca", dict(common, anchor=settings.anchor, **several))
+        return build_objective_config("ca", dict(common, anchor=ca_anchor(settings, world), **several))
     return build_objective_config(settings.method, common)  # another registered method: its own defaults
 
 
@@ -289,6 +294,11 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
     check_int(jobs, "jobs", minimum=1)
     if jobs > 1 and world_factory is None:
         raise ValueError("jobs > 1 needs a picklable world_factory: worker processes rebuild the world")
+    if settings.method == "ca":  # the results record the anchor every request used
+        settings = dataclasses.replace(settings, anchor=ca_anchor(settings, world))
+        if settings.anchor in stream:
+            raise ValueError(f"Concept Ablation's anchor {settings.anchor!r} is removed at request "
+                             f"{stream.index(settings.anchor) + 1} of this stream; choose another (anchor=, --anchor)")
 
     base_pipe = attach(world.load_pipeline())
     base = _evaluate(world, settings, base_pipe, [], progress)

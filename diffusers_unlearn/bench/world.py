@@ -37,6 +37,8 @@ class BenchWorld:
         heldout_others: how many evaluated concepts of the other domain the held-out images use (the first ones).
         auxiliary: gradient projection's pool of concepts to protect, ``{"style": [...], "object": [...]}``
             (default: every concept of the world). The target and earlier removals are never taken from it.
+        anchors: Concept Ablation's anchor per domain where the world has a better one than a generic word
+            (``bench.DEFAULT_ANCHORS``), e.g. a concrete object when the model draws no object-less image.
     """
 
     name: str
@@ -50,6 +52,7 @@ class BenchWorld:
     heldout_templates: list[str] = field(default_factory=list)
     heldout_others: int = 2
     auxiliary: dict[str, list[str]] | None = None
+    anchors: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or " " in self.name:
@@ -77,6 +80,9 @@ class BenchWorld:
             if unknown:
                 raise ValueError(f"auxiliary concept domains must be 'style' / 'object', got {unknown}")
             self.auxiliary = {d: list(self.auxiliary.get(d, [])) for d in ("style", "object")}
+        unknown = sorted(set(self.anchors) - {"style", "object"})
+        if unknown:
+            raise ValueError(f"anchor domains must be 'style' / 'object', got {unknown}")
 
     def concepts(self, domain: str) -> list[str]:
         """Every concept of the domain (not only the evaluated ones)."""
@@ -170,7 +176,10 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
     first n families) and ``eval_steps`` (sampling steps, also those of the requests' trajectories) make the
     evaluation cheaper. ``order``: the removal order of ``domain`` instead (evaluated concepts; the stream is its
     first ``requests``), e.g. to check that a recipe does not depend on the default order. Gradient projection's
-    pool is ``minicanvas.auxiliary_concepts()`` (108 concepts).
+    pool is ``minicanvas.auxiliary_concepts()`` (108 concepts). Concept Ablation maps an object onto ``mushroom``
+    (the last object, which a stream of up to 11 default-order requests keeps): the model draws no object-less
+    image, and a generic word ("picture") draws random objects, ``cat`` in 5 of 24 images, so removing ``cat`` onto
+    it left a sixth of its images (docs/benchmarks.md section 1, calibration).
     """
     check_eval_domain(domain)
     style_clf, object_clf = mc.load_classifiers(device=device, weights_dir=weights_dir)
@@ -200,4 +209,4 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
     return BenchWorld("minicanvas", config, load, style_clf, object_clf, orders=orders,
                       styles=list(mc.STYLES), objects=list(mc.OBJECTS),
                       heldout_templates=list(mc.HELDOUT_TEMPLATES) if heldout else [],
-                      auxiliary=mc.auxiliary_concepts())
+                      auxiliary=mc.auxiliary_concepts(), anchors={"object": mc.OBJECTS[-1]})

@@ -8,6 +8,8 @@
         --eval-styles "forest hatching,forest rings,metal hatching,ember lines" --set negative_guidance=2
     # the stream (the bench's closed_form protocol with these settings over its defaults)
     python benchmarks/closed_form_variants.py --requests 12 --set concept_weight=10
+    # the six-object stream of ``bench --domain object``
+    python benchmarks/closed_form_variants.py --domain object --requests 6 --set preserve_weight=5
 
 Evaluation as ``diffusers-unlearn bench --eval-seeds 1 --eval-steps 10``: 96 images (24 styles x 4 objects x 1 seed,
 10 DDIM steps); with --concepts, ``--eval-seeds`` and ``--eval-styles`` change it. ``--set KEY=JSON`` sets a
@@ -24,7 +26,10 @@ import time
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concepts", default=None, help="comma-separated styles, each removed alone from the base")
+    parser.add_argument("--concepts", default=None,
+                        help="comma-separated styles (objects with --domain object), each removed alone from the base")
+    parser.add_argument("--domain", choices=("style", "object"), default="style",
+                        help="what the requests remove (object: the bench's --domain object world and stream)")
     parser.add_argument("--requests", type=int, default=12, help="stream length when --concepts is not given")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
     parser.add_argument("--threads", type=int, default=1)
@@ -49,17 +54,17 @@ def main() -> int:
     from diffusers_unlearn.mixin import attach
     from diffusers_unlearn.objectives import build_objective_config
 
-    world = minicanvas_world(eval_seeds=args.eval_seeds if args.concepts else 1, eval_steps=10)
+    world = minicanvas_world(eval_seeds=args.eval_seeds if args.concepts else 1, eval_steps=10, domain=args.domain)
     if args.concepts and args.eval_styles:
         styles = [c.strip() for c in args.eval_styles.split(",") if c.strip()]
         world.eval_config = dataclasses.replace(world.eval_config, styles=styles)
-    settings = BenchSettings(requests=args.requests)
+    settings = BenchSettings(requests=args.requests, domain=args.domain)
     protocol = PROTOCOLS["closed_form"]
 
     original = runner._objective
 
-    def with_overrides(settings_, world_, concepts, num_prompts, method=None):
-        built = original(settings_, world_, concepts, num_prompts, method)
+    def with_overrides(*args, **kwargs):
+        built = original(*args, **kwargs)
         options = {k: v for k, v in built.to_dict().items() if k != "method"}
         return build_objective_config(built.method, {**options, **overrides})
 
@@ -72,7 +77,7 @@ def main() -> int:
             start = time.perf_counter()
             record = pipe.unlearn(**runner.request_kwargs(world, settings, protocol, concept), seed=0, progress=False)
             seconds = time.perf_counter() - start
-            scores = evaluate_unlearning(pipe, [concept], "style", world.style_classifier, world.object_classifier,
+            scores = evaluate_unlearning(pipe, [concept], args.domain, world.style_classifier, world.object_classifier,
                                          world.eval_config, progress=False)
             accuracy = ", ".join(f"{c} {a:.0f}" for c, a in scores.accuracy.items())
             check = record.erasure or {}
@@ -89,7 +94,7 @@ def main() -> int:
     last = rows[-1]
     removed_ua = {row["concept"]: 100 - last["accuracy"][row["concept"]] for row in rows[1:]}
     worst = min(removed_ua, key=removed_ua.get)
-    print(f"after request {last['request']}: each removed style's UA {removed_ua}; lowest {removed_ua[worst]:.1f} "
+    print(f"after request {last['request']}: each removed {args.domain}'s UA {removed_ua}; lowest {removed_ua[worst]:.1f} "
           f"({worst!r})", flush=True)
     return 0
 

@@ -270,7 +270,7 @@ def test_precomputed_targets_cover_the_kept_prompts_training_draws():
     pipe = du.testing.tiny_pipeline(seed=0)
     objective = _objective(pipe, "ca", anchor="plain", preserve=["monet", "picasso"])
     computed = objective.precompute_targets(calls=4, batch_size=2)
-    assert computed == int(objective._have_target.sum()) + int(objective._have_preserved.sum())
+    assert computed == int(objective._have_target.sum()) + len(objective._preserved_targets)
     predicted = []
     original = objective.context.conditioner.predict
     objective.context.conditioner.predict = lambda *a: predicted.append(torch.is_grad_enabled()) or original(*a)

@@ -237,26 +237,25 @@ class TrajectoryObjective(Objective):
         prompts = [p for concept in keep for p in request_prompts_with(ctx, concept, getattr(self.config,
                                                                                               "concepts", None))]
         self.preserved_cond = ctx.conditioner.encode(prompts)
-        self._preserved_targets = torch.zeros(0)
-        self._have_preserved = torch.zeros(*self._have_target.shape, len(keep), dtype=torch.bool)
+        self._preserved_targets: dict[tuple[int, int, int], torch.Tensor] = {}  # (step, trajectory, kept) -> target
 
     def _preserved_rows(self, rows: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         return kept * len(self.context.prompts) + self.rows_prompt[rows]
 
     def _preserved_targets_for(self, steps: torch.Tensor, rows: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """The frozen model's predictions for the kept concepts' prompts on these points (each computed once)."""
-        missing = ~self._have_preserved[steps, rows, kept]
-        if bool(missing.any()):
-            s, r, k = steps[missing], rows[missing], kept[missing]
+        """The frozen model's predictions for the kept concepts' prompts on these points, each computed once and
+        kept by point (only the points training draws: a dense table over every kept concept would not fit at SD
+        sizes)."""
+        points = [(int(s), int(r), int(k)) for s, r, k in zip(steps, rows, kept)]
+        missing = sorted({p for p in points if p not in self._preserved_targets})
+        if missing:
+            s, r, k = torch.tensor(missing).T
             ctx = self.context
             with torch.no_grad(), ctx.frozen():
                 values = ctx.conditioner.predict(ctx.unet, self.latents[s, r], self.timesteps[s],
                                                  cond_rows(self.preserved_cond, self._preserved_rows(r, k))).float()
-            if self._preserved_targets.numel() == 0:
-                self._preserved_targets = values.new_zeros((*self._have_preserved.shape, *values.shape[1:]))
-            self._preserved_targets[s, r, k] = values
-            self._have_preserved[s, r, k] = True
-        return self._preserved_targets[steps, rows, kept]
+            self._preserved_targets.update(zip(missing, values))
+        return torch.stack([self._preserved_targets[p] for p in points])
 
     def _store_targets(self, steps: torch.Tensor, rows: torch.Tensor) -> None:
         """Compute the frozen targets of the points ``(steps[i], rows[i])`` in one no-grad batch and store them."""
@@ -302,10 +301,11 @@ class TrajectoryObjective(Objective):
                 preserved.append(torch.stack([steps[part], rows[part], kept[part]], dim=1))
         done = self._store_missing(wanted, points_per_batch, progress)
         if preserved:
-            points = torch.unique(torch.cat(preserved), dim=0)
-            points = points[~self._have_preserved[points[:, 0], points[:, 1], points[:, 2]]]
-            for chunk in tqdm(torch.split(points, points_per_batch), desc="frozen targets (kept concepts)",
+            points = [p for p in torch.unique(torch.cat(preserved), dim=0)
+                      if tuple(int(v) for v in p) not in self._preserved_targets]
+            for start in tqdm(range(0, len(points), points_per_batch), desc="frozen targets (kept concepts)",
                               disable=not progress, leave=False):
+                chunk = torch.stack(points[start:start + points_per_batch])
                 self._preserved_targets_for(chunk[:, 0], chunk[:, 1], chunk[:, 2])
             done += len(points)
         return done

@@ -37,12 +37,23 @@ class WorldRecipe:
         vocabulary: gradient projection's neighbour pool, ``{prompt domain: concepts}`` (the world's auxiliary set).
         neighbors: how many of them gradient projection protects by default (None: all).
         summary: one line naming the settings, for the command line to print.
+        preserve: the retain loss's pool for the trained method config in ``unlearn_kwargs``: a request keeps it
+            less its own concept and the earlier removals, which only the caller knows (``preserve_for``). None: no
+            retain loss.
+        preserve_weight: the retain loss's weight.
     """
 
     unlearn_kwargs: dict[str, Any]
     vocabulary: dict[str, list[str]] | None = None
     neighbors: int | None = None
     summary: str = ""
+    preserve: list[str] | None = None
+    preserve_weight: float = 0.0
+
+    def preserve_for(self, concept: str, removed: list[str]) -> list[str]:
+        """The retain loss's concepts for a request removing ``concept`` after ``removed``."""
+        gone = {c.lower() for c in [concept, *removed]}
+        return [c for c in self.preserve or [] if c.lower() not in gone]
 
 
 @dataclass(frozen=True)

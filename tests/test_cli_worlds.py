@@ -183,8 +183,32 @@ def test_minicanvas_recipe_needs_a_domain_and_flags_override_it():
     (projection,) = kwargs["regularizers"]
     # --retain keeps the recipe's neighbour pool (the world's concepts), not the generic vocabulary
     assert projection.retain == ["cat"] and "neon dots" in projection.vocabulary["minicanvas-style"]
-    ca, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca"))
+    ca, summary = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca"))
     assert ca["method"].method == "ca" and ca["domain"] == "minicanvas-object"
+    assert ca["method"].anchor == "mushroom" and "a retain loss (weight 1.0) on the 12 minicanvas objects" in summary
+
+
+def test_a_recipe_retain_loss_keeps_the_pool_less_the_concept_and_the_earlier_removals():
+    from types import SimpleNamespace
+
+    from diffusers_unlearn.cli.unlearn import _arguments_and_recipe, _with_recipe_retain
+    from diffusers_unlearn.request import UnlearnRequest
+
+    kwargs, recipe = _arguments_and_recipe(parse("minicanvas", "--concept", "cat", "--domain", "object",
+                                                 "--method", "ca"))
+    assert kwargs["method"].preserve == ()  # the concept and the ledger are not known yet
+    request = UnlearnRequest.build("cat", seed=0, **kwargs)
+    served = _with_recipe_retain(request, recipe, SimpleNamespace(removed_concepts=["bear", "Tower"]))
+    assert served.method.preserve == tuple(o for o in du.minicanvas.OBJECTS if o not in ("cat", "bear", "tower"))
+    assert served.method.preserve_weight == recipe.preserve_weight > 0 and served.method.anchor == "mushroom"
+    # a preserve option given on the command line wins; the closed form has no retain loss to add
+    kwargs, recipe = _arguments_and_recipe(parse("minicanvas", "--concept", "cat", "--domain", "object",
+                                                 "--method", "ca", "--option", "preserve=[dog]"))
+    own = UnlearnRequest.build("cat", seed=0, **kwargs)
+    assert _with_recipe_retain(own, recipe, SimpleNamespace(removed_concepts=[])).method.preserve == ("dog",)
+    kwargs, recipe = _arguments_and_recipe(parse("minicanvas", "--concept", "cat", "--domain", "object"))
+    solved = UnlearnRequest.build("cat", seed=0, **kwargs)
+    assert recipe.preserve is None and _with_recipe_retain(solved, recipe, None) is solved
 
 
 def test_unlearn_minicanvas_on_the_command_line_serves_the_demo_request(tmp_path, capsys):

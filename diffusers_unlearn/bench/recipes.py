@@ -41,9 +41,11 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
     kwargs: dict[str, Any] = request_kwargs(world, settings, PROTOCOLS[protocol], concept="")
     del kwargs["concept"]  # the caller's; the settings above do not depend on it for a single-concept request
     method = kwargs["method"]
+    preserve = None
     if getattr(method, "preserve", ()):
-        # the bench's retain loss keeps the pool less the concept and the earlier removals, which a recipe (made
-        # before the concept and the ledger are known) cannot tell; pass preserve=[...] to a request for one
+        # the bench's retain loss keeps the pool less the concept and the earlier removals, which are known only
+        # when the request is served: the recipe carries the pool (WorldRecipe.preserve_for), not the config
+        preserve = world.vocabulary()[kwargs["domain"]]
         options = {k: v for k, v in method.to_dict().items() if k not in ("method", "preserve", "preserve_weight")}
         kwargs["method"] = type(method)(**options)
     hp = settings.hparams
@@ -57,9 +59,12 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
         summary = (f"{world.name} recipe: {kwargs['method']!r} (solved, no training), prompts of domain "
                    f"{kwargs['domain']!r}, keeping the {pool} {world.name} concepts and the earlier removals")
     else:
+        retain = (f", a retain loss (weight {hp.preserve_weight}) on the {len(preserve)} {world.name} {domain}s "
+                  "less the earlier removals" if preserve else "")
         summary = (f"{world.name} recipe: {kwargs['method']!r}, prompts of domain {kwargs['domain']!r}, {hp.steps} "
-                   f"steps, learning rate {hp.learning_rate}, rank {hp.rank}, regularizers: {regularizers}")
-    return WorldRecipe(kwargs, vocabulary=vocabulary, neighbors=hp.gp_neighbors, summary=summary)
+                   f"steps, learning rate {hp.learning_rate}, rank {hp.rank}, regularizers: {regularizers}{retain}")
+    return WorldRecipe(kwargs, vocabulary=vocabulary, neighbors=hp.gp_neighbors, summary=summary, preserve=preserve,
+                       preserve_weight=hp.preserve_weight)
 
 
 def minicanvas_recipe(domain: str | None, method: str | None) -> WorldRecipe:

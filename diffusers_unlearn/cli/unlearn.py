@@ -190,6 +190,11 @@ def _world_of_folder(model: str) -> Any:
 def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     """``pipe.unlearn`` keyword arguments from the flags over the world's recipe, and the recipe's summary line.
     Everything is checked here, before the model loads."""
+    kwargs, recipe = _arguments_and_recipe(args)
+    return kwargs, recipe.summary if recipe else None
+
+
+def _arguments_and_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     from ..cli import UsageError
     from ..objectives import OBJECTIVES, ObjectiveConfig, build_objective_config
     from ..worlds import get_world
@@ -228,7 +233,24 @@ def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | N
     regularizers = build_regularizers(args, recipe)
     if regularizers is not None:
         kwargs["regularizers"] = regularizers
-    return kwargs, recipe.summary if recipe else None
+    return kwargs, recipe
+
+
+def _with_recipe_retain(request: Any, recipe: Any, pipe: Any) -> Any:
+    """``request`` with the recipe's retain loss, now that the earlier removals are known: its pool less the concept
+    and the pipeline's removed concepts. A method without one, or a ``preserve`` option given, is left as it is."""
+    import dataclasses
+
+    from ..objectives import TrainedObjectiveConfig
+
+    method = request.method
+    if recipe is None or not recipe.preserve or not isinstance(method, TrainedObjectiveConfig) or method.preserve:
+        return request
+    keep = recipe.preserve_for(request.concept, list(pipe.removed_concepts))
+    if not keep:
+        return request
+    return dataclasses.replace(request, method=dataclasses.replace(method, preserve=keep,
+                                                                   preserve_weight=recipe.preserve_weight))
 
 
 def _describe(regularizer: Any) -> str:
@@ -254,15 +276,16 @@ def run(args: argparse.Namespace) -> int:
     from ..request import UnlearnRequest
 
     check_base_model(args.base_model)
-    kwargs, recipe = request_arguments(args)
+    kwargs, recipe = _arguments_and_recipe(args)
     request = UnlearnRequest.build(args.concept, seed=args.seed, **kwargs)  # checked whole, before the model loads
     out = Path(args.out)
     check_output_folder(out)
     if recipe:
-        print(f"{recipe}; flags given override it")
+        print(f"{recipe.summary}; flags given override it")
     if "regularizers" in kwargs:
         print("regularizers: " + (", ".join(_describe(r) for r in request.regularizers) or "none"))
     pipe = load(args.model, args)
+    request = _with_recipe_retain(request, recipe, pipe)
     before = len(pipe.unlearning_ledger.requests)
     record = pipe.unlearn(request, progress=not args.quiet)
     print(f"removed {short(record.concept)} as {record.request_id} in {record.seconds:.1f}s "

@@ -206,9 +206,25 @@ def test_a_recipe_retain_loss_keeps_the_pool_less_the_concept_and_the_earlier_re
                                                  "--method", "ca", "--option", "preserve=[dog]"))
     own = UnlearnRequest.build("cat", seed=0, **kwargs)
     assert _with_recipe_retain(own, recipe, SimpleNamespace(removed_concepts=[])).method.preserve == ("dog",)
-    kwargs, recipe = _arguments_and_recipe(parse("minicanvas", "--concept", "cat", "--domain", "object"))
-    solved = UnlearnRequest.build("cat", seed=0, **kwargs)
+    kwargs, recipe = _arguments_and_recipe(parse("minicanvas", "--concept", "neon lines", "--domain", "style"))
+    solved = UnlearnRequest.build("neon lines", seed=0, **kwargs)
     assert recipe.preserve is None and _with_recipe_retain(solved, recipe, None) is solved
+
+
+def test_the_minicanvas_recipe_is_recommended_per_domain():
+    from diffusers_unlearn.bench.recipes import RECOMMENDED_RECIPES
+
+    styles, _ = request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "style"))
+    objects, summary = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object"))
+    assert RECOMMENDED_RECIPES["style"][0] == "closed_form" and styles["method"].method == "closed_form"
+    assert RECOMMENDED_RECIPES["object"] == ("gp", "ca")
+    assert objects["method"].method == "ca" and objects["method"].anchor == "mushroom"
+    assert [r.name for r in objects["regularizers"]] == ["gradient_projection"] and "retain loss" in summary
+    # naming the closed form, or training flags (the trained method, esd), still pick those
+    named, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method",
+                                       "closed_form"))
+    trained, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--steps", "5"))
+    assert named["method"].method == "closed_form" and trained["method"].method == "esd"
 
 
 def test_unlearn_minicanvas_on_the_command_line_serves_the_demo_request(tmp_path, capsys):

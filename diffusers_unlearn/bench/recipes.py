@@ -15,28 +15,39 @@ from .protocols import PROTOCOLS
 from .runner import BenchSettings, request_kwargs
 from .world import BenchWorld, minicanvas_world
 
-# The closed-form solve: the demo's protocol and a request's default. On the 48-style world it is the only recipe
-# that erases every removed style and keeps the other styles through 12 requests (docs/benchmarks.md section 1).
+# The closed-form solve: the demo's protocol and a style request's default. On the 48-style world it is the only
+# recipe that erases every removed style and keeps the other styles through 12 requests (docs/benchmarks.md
+# section 1).
 RECOMMENDED_PROTOCOL = "closed_form"
 # A request that names a trained method (or asks for training): gradient projection, the single-request recipe
 # that keeps the most of the world over that stream (GP + merging keeps more, but it is a strategy of the stream).
 TRAINED_PROTOCOL = "gp"
+# The recommended (protocol, method) of a request that names neither, per domain. Objects: Concept Ablation onto a
+# concrete object with the retain loss, under gradient projection. After six object requests it erased every one
+# and kept the other objects and the styles at base (UA 100, IRA 94.4, CRA 100), where the closed form kept the
+# other objects at IRA 47.2 (docs/benchmarks.md section 1, six object requests).
+RECOMMENDED_RECIPES: dict[str, tuple[str, str | None]] = {"style": (RECOMMENDED_PROTOCOL, None),
+                                                          "object": (TRAINED_PROTOCOL, "ca")}
 
 
 def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
                  protocol: str | None = None) -> WorldRecipe:
     """The settings of one request on ``world`` (``domain`` "style" or "object") served as the bench serves it.
-    ``method`` None: the recommended protocol's method; a trained method is served by ``TRAINED_PROTOCOL``."""
-    if protocol is None:
-        protocol = RECOMMENDED_PROTOCOL if method in (None, PROTOCOLS[RECOMMENDED_PROTOCOL].method) else TRAINED_PROTOCOL
-    if method is None:
-        method = PROTOCOLS[protocol].method or BenchSettings.method
+    ``method`` None: the domain's recommended recipe (``RECOMMENDED_RECIPES``); the closed form is served by its
+    own protocol, a trained method by ``TRAINED_PROTOCOL``."""
     if domain is None:
         raise ValueError(f"{world.name} requests need a domain: style or object (--domain on the command line)")
     try:
         check_eval_domain(domain)
     except ValueError:
         raise ValueError(f"{world.name} knows the domains style and object, got {domain!r}") from None
+    if protocol is None:
+        if method is None:
+            protocol, method = RECOMMENDED_RECIPES[domain]
+        else:
+            protocol = RECOMMENDED_PROTOCOL if method == PROTOCOLS[RECOMMENDED_PROTOCOL].method else TRAINED_PROTOCOL
+    if method is None:
+        method = PROTOCOLS[protocol].method or BenchSettings.method
     settings = BenchSettings(requests=1, domain=domain, method=method, protocols=[protocol])
     kwargs: dict[str, Any] = request_kwargs(world, settings, PROTOCOLS[protocol], concept="")
     del kwargs["concept"]  # the caller's; the settings above do not depend on it for a single-concept request
@@ -72,4 +83,4 @@ def minicanvas_recipe(domain: str | None, method: str | None) -> WorldRecipe:
     return world_recipe(minicanvas_world(), domain, method)
 
 
-__all__ = ["RECOMMENDED_PROTOCOL", "TRAINED_PROTOCOL", "minicanvas_recipe", "world_recipe"]
+__all__ = ["RECOMMENDED_PROTOCOL", "RECOMMENDED_RECIPES", "TRAINED_PROTOCOL", "minicanvas_recipe", "world_recipe"]

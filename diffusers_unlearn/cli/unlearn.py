@@ -207,11 +207,13 @@ def _arguments_and_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], Any
     world = get_world(args.model) or _world_of_folder(args.model)
     recipe_method = args.method
     if recipe_method is None and world is not None and world.recipe is not None:
-        from ..recipe import resolve_method
+        from ..recipe import RECOMMENDED_METHOD, resolve_method
 
-        # training flags without --method ask for the world's trained recipe, as pipe.unlearn does
-        recipe_method = resolve_method(None, {"steps": args.steps, "learning_rate": args.learning_rate,
-                                              "rank": args.rank, "regularizers": build_regularizers(args, None)})
+        # training flags without --method ask for the world's trained recipe, as pipe.unlearn does; without them
+        # the world's recommended recipe for the domain
+        resolved = resolve_method(None, {"steps": args.steps, "learning_rate": args.learning_rate,
+                                         "rank": args.rank, "regularizers": build_regularizers(args, None)})
+        recipe_method = None if resolved == RECOMMENDED_METHOD else resolved
     recipe = world.request_recipe(args.domain, recipe_method) if world is not None else None
     kwargs: dict[str, Any] = dict(recipe.unlearn_kwargs) if recipe else {"method": args.method, "domain": args.domain}
     method = kwargs["method"]

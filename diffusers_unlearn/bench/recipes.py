@@ -71,7 +71,7 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
                    f"{kwargs['domain']!r}, keeping the {pool} {world.name} concepts and the earlier removals")
     else:
         retain = (f", a retain loss (weight {hp.preserve_weight}) on the {len(preserve)} {world.name} {domain}s "
-                  "less the earlier removals" if preserve else "")
+                  "less the concept and the earlier removals" if preserve else "")
         summary = (f"{world.name} recipe: {kwargs['method']!r}, prompts of domain {kwargs['domain']!r}, {hp.steps} "
                    f"steps, learning rate {hp.learning_rate}, rank {hp.rank}, regularizers: {regularizers}{retain}")
     return WorldRecipe(kwargs, vocabulary=vocabulary, neighbors=hp.gp_neighbors, summary=summary, preserve=preserve,

@@ -84,6 +84,11 @@ def same_concept(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
+def concepts_except(pool: Sequence[str], removed: Sequence[str]) -> list[str]:
+    """``pool`` in its order, less every concept that is the same concept as one of ``removed``."""
+    return [c for c in pool if not any(same_concept(c, r) for r in removed)]
+
+
 def concept_prompts(concept: str, domain: str | None = None, templates: Sequence[str] | None = None) -> list[str]:
     """The prompts that stand for ``concept``: each template of its domain filled with it."""
     concept = check_concept(concept)

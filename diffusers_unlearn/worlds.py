@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .prompts import concepts_except
+
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -52,8 +54,7 @@ class WorldRecipe:
 
     def preserve_for(self, concept: str, removed: list[str]) -> list[str]:
         """The retain loss's concepts for a request removing ``concept`` after ``removed``."""
-        gone = {c.lower() for c in [concept, *removed]}
-        return [c for c in self.preserve or [] if c.lower() not in gone]
+        return concepts_except(self.preserve or [], [concept, *removed])
 
 
 @dataclass(frozen=True)

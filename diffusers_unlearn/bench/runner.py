@@ -19,6 +19,7 @@ from ..evaluation.metrics import check_eval_domain
 from ..mixin import attach
 from ..objectives import OBJECTIVES, ObjectiveConfig, TrainedObjectiveConfig, build_objective_config
 from ..objectives.esd import REFERENCES as ESD_REFERENCES
+from ..prompts import concepts_except
 from .heldout import heldout_unlearning
 from .protocols import Hyperparameters, Protocol, ProtocolContext, method_hyperparameters, resolve_protocols
 from .world import BenchWorld
@@ -151,9 +152,8 @@ def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[st
     if method == "closed_form":  # keeps every other concept of the world, and the earlier removals
         return build_objective_config("closed_form", dict(common, vocabulary=world.vocabulary()))
     if settings.hparams.preserve_weight > 0 and issubclass(OBJECTIVES[method][0], TrainedObjectiveConfig):
-        gone = {c.lower() for c in [*concepts, *removed]}
         pool = world.vocabulary()[world.prompt_domain(settings.domain)]
-        common.update(preserve=[c for c in pool if c.lower() not in gone],
+        common.update(preserve=concepts_except(pool, [*concepts, *removed]),
                       preserve_weight=settings.hparams.preserve_weight)
     several = {"concepts": tuple(concepts)} if len(concepts) > 1 else {}
     if settings.method == "esd":

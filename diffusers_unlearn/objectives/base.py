@@ -300,14 +300,12 @@ class TrajectoryObjective(Objective):
             if kept is not None:
                 preserved.append(torch.stack([steps[part], rows[part], kept[part]], dim=1))
         done = self._store_missing(wanted, points_per_batch, progress)
-        if preserved:
-            points = [p for p in torch.unique(torch.cat(preserved), dim=0)
-                      if tuple(int(v) for v in p) not in self._preserved_targets]
-            for start in tqdm(range(0, len(points), points_per_batch), desc="frozen targets (kept concepts)",
-                              disable=not progress, leave=False):
-                chunk = torch.stack(points[start:start + points_per_batch])
+        if preserved:  # _preserved_targets_for computes only the points it does not have yet
+            before = len(self._preserved_targets)
+            for chunk in tqdm(torch.split(torch.unique(torch.cat(preserved), dim=0), points_per_batch),
+                              desc="frozen targets (kept concepts)", disable=not progress, leave=False):
                 self._preserved_targets_for(chunk[:, 0], chunk[:, 1], chunk[:, 2])
-            done += len(points)
+            done += len(self._preserved_targets) - before
         return done
 
     def _draw(self, batch_size: int,

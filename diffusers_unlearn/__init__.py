@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING
 # and ``diffusers-unlearn --help`` do not pay for torch, diffusers and transformers.
 _EXPORTS = {
     "RequestAdapter": "adapters",
+    "ClassifierCheck": "classifier_check",
+    "ErasureCheck": "erasure_check",
+    "ErasureError": "erasure_check",
+    "ErasureWarning": "erasure_check",
     "concept_embedding": "embeddings",
     "cosine_similarities": "embeddings",
     "LoraExport": "export",
@@ -54,6 +58,8 @@ _EXPORTS = {
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names above load on first use
     from .adapters import RequestAdapter
+    from .classifier_check import ClassifierCheck
+    from .erasure_check import ErasureCheck, ErasureError, ErasureWarning
     from .embeddings import concept_embedding, cosine_similarities
     from .export import LoraExport
     from .ledger import Ledger, LedgerError, RequestRecord
@@ -123,6 +129,10 @@ __all__ = [
     "RequestRecord",
     "RequestAdapter",
     "UnknownRequestError",
+    "ErasureCheck",
+    "ClassifierCheck",
+    "ErasureError",
+    "ErasureWarning",
     "UnlearnStableDiffusionPipeline",
     "UnlearnStableDiffusionXLPipeline",
     "UnlearnStableDiffusion3Pipeline",

@@ -29,7 +29,12 @@ MIN_SHIFT = 0.5
 
 
 class ErasureError(RuntimeError):
-    """A request that did not move its concept enough, with ``require_erasure=True``; nothing was committed."""
+    """A request that did not move its concept enough, with ``require_erasure=True``; nothing was committed.
+    ``figures``: the check's."""
+
+    def __init__(self, message: str, figures: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.figures = dict(figures or {})
 
 
 class ErasureWarning(UserWarning):
@@ -58,6 +63,18 @@ class ErasureCheck:
         if isinstance(self.min_shift, bool) or not isinstance(self.min_shift, (int, float)) \
                 or not 0 < self.min_shift < float("inf"):
             raise ValueError(f"erasure check min_shift must be a finite number > 0, got {self.min_shift!r}")
+
+    def measure(self, pipe: Any, request_id: str, concept: str, prompts: list[str], *, seed: int,
+                guidance_scale: float, resolution: int | None) -> dict[str, Any]:
+        """The ``record.erasure`` figures of request ``request_id`` (committed) of ``pipe``."""
+        return check_erasure(pipe, request_id, concept, prompts, seed=seed, guidance_scale=guidance_scale,
+                             resolution=resolution, check=self)
+
+    @staticmethod
+    def verdict(figures: dict[str, Any]) -> str:
+        """One line for warnings and the model card."""
+        return (f"its prediction shifted by {float(figures['target_shift']):.2f} of the concept's own signal, "
+                f"erased needs >= {float(figures['min_shift']):g}")
 
 
 def _without(prompt: str, concept: str) -> str:
@@ -111,6 +128,16 @@ def check_erasure(pipe: Any, request_id: str, concept: str, prompts: list[str], 
     }
 
 
+def verdict(figures: dict[str, Any]) -> str:
+    """The check's one-line reading of ``figures`` (a record's ``erasure``: the shift check's, or a
+    ``ClassifierCheck``'s, told apart by their ``check`` entry)."""
+    if figures.get("check") == "classifier":
+        from .classifier_check import ClassifierCheck
+
+        return ClassifierCheck.verdict(figures)
+    return ErasureCheck.verdict(figures)
+
+
 def report_erasure(concept: str, figures: dict[str, Any], require: bool, method: str | None = None) -> None:
     """Warn (or raise ``ErasureError`` when ``require``) about a request whose concept did not move enough;
     ``method`` (the request's) picks the advice."""
@@ -121,9 +148,9 @@ def report_erasure(concept: str, figures: dict[str, Any], require: bool, method:
     else:
         advice = ("Use more steps, a larger learning rate, another method (e.g. method='closed_form') or fewer "
                   "protected concepts")
-    message = (f"the request removing {concept!r} barely moved it: its prediction shifted by "
-               f"{figures['target_shift']:.2f} of the concept's own signal (erased needs >= {figures['min_shift']}). "
-               + advice)
+    tried = len(figures.get("attempts") or [])
+    escalated = f" (after {tried} weaker attempt(s), undone)" if tried else ""
+    message = f"the request removing {concept!r} did not erase it{escalated}: {verdict(figures)}. " + advice
     if require:
-        raise ErasureError(message + "; nothing was committed (require_erasure=True)")
+        raise ErasureError(message + "; nothing was committed (require_erasure=True)", figures)
     warnings.warn(message + "; it is recorded in the ledger as not erased", ErasureWarning, stacklevel=4)

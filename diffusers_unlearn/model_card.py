@@ -191,12 +191,21 @@ def _method(record: RequestRecord) -> str:
 
 
 def _erasure_text(record: RequestRecord) -> str:
-    """The erasure check's verdict (``erasure_check.py``): how far the concept's prediction moved."""
+    """The erasure check's verdict: how far the concept's prediction moved (``erasure_check.py``), or how often a
+    classifier still recognised it (``classifier_check.py``)."""
     figures = record.erasure or {}
     if "erased" not in figures:
         return "not checked"
     verdict = "erased" if figures["erased"] else "**NOT erased**"
-    return f"{verdict} (shift {float(figures['target_shift']):.2f}, needs {float(figures['min_shift']):g})"
+    if figures.get("check") == "classifier":
+        reading = (f"classifier: recognised in {100 * float(figures['recognized']):.0f}% of {figures['images']} "
+                   f"images, allowed {100 * float(figures['max_recognized']):g}%")
+    else:
+        reading = f"shift {float(figures['target_shift']):.2f}, needs {float(figures['min_shift']):g}"
+    attempts = figures.get("attempts") or []
+    if attempts:  # escalation (escalation.py): the settings that did not erase came first
+        reading += f"; {len(attempts)} weaker attempt(s) undone"
+    return f"{verdict} ({reading})"
 
 
 def check_base_model(base_model: object) -> str | None:

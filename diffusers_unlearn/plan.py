@@ -46,7 +46,7 @@ from .ledger import LEDGER_FILE, RequestRecord, read_ledger_dir
 from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
 from .model_card import check_base_model
 from .objectives import build_objective_config
-from .recipe import resolve_method
+from .recipe import recommended_options, resolve_method
 from .regularizers import regularizer_from_dict
 from .request import UnlearnRequest, record_signature
 from .trainer import TrainingConfig
@@ -210,7 +210,8 @@ def _planned_request(
         raise PlanError(f"{where}: concept must be a string, got {type(concept).__name__} {concept!r} "
                         "(quote it in YAML: yes/no/on/off and numbers are not strings there)")
     method = resolve_method(fields.get("method"), {k: fields.get(k) for k in ("regularizers", *TRAINING_KEYS)})
-    options = {k: v for k, v in fields.items() if k not in REQUEST_KEYS}
+    options = recommended_options(fields.get("method"), method, fields.get("domain"),
+                                  {k: v for k, v in fields.items() if k not in REQUEST_KEYS})
     strategy = _strategy(fields.get("strategy", plan_strategy), where)
     regularizers = _regularizer_dicts(fields.get("regularizers"), where)
     prompts = _strings(fields.get("prompts"), "prompts", where)

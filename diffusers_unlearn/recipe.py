@@ -15,6 +15,11 @@ from typing import Any
 
 RECOMMENDED_METHOD = "closed_form"
 TRAINED_METHOD = "esd"
+# The recommended method's settings for one kind of concept, over its config's defaults (which are the styles').
+# Objects: six MiniCanvas object removals with the style settings kept the other objects at IRA 47.2 (base 93.8);
+# a stronger soft penalty on the kept concepts' tokens keeps them (94.4) at some erasure, which guidance 2 restores
+# (UA 94.4, held-out 91.7, IRA 90.3, CRA 98.6; docs/benchmarks.md section 8).
+RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"object": {"preserve_weight": 5.0, "negative_guidance": 2.0}}
 
 
 def resolve_method(method: Any, training_arguments: Mapping[str, Any]) -> Any:
@@ -25,3 +30,22 @@ def resolve_method(method: Any, training_arguments: Mapping[str, Any]) -> Any:
     trained = any(value is not None and not (isinstance(value, (list, tuple)) and not value)
                   for value in training_arguments.values())
     return TRAINED_METHOD if trained else RECOMMENDED_METHOD
+
+
+def domain_kind(domain: str | None) -> str | None:
+    """"style" or "object" for those built-in domains and a world's ("minicanvas-object"); None for any other."""
+    if domain is None:
+        return None
+    for kind in ("style", "object"):
+        if domain == kind or domain.endswith(f"-{kind}"):
+            return kind
+    return None
+
+
+def recommended_options(requested: Any, resolved: Any, domain: str | None,
+                        options: Mapping[str, Any]) -> dict[str, Any]:
+    """The method ``options`` of a request, over the recommended settings for ``domain``'s kind when the recipe
+    chose the method (``requested`` None and ``resolved`` the recommended method); the options given win."""
+    if requested is not None or resolved != RECOMMENDED_METHOD:
+        return dict(options)
+    return {**RECOMMENDED_DOMAIN_OPTIONS.get(domain_kind(domain) or "", {}), **options}

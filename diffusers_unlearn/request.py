@@ -17,7 +17,7 @@ from .ledger import RequestRecord
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
 from .objectives import ObjectiveConfig, build_objective_config
 from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
-from .recipe import resolve_method
+from .recipe import recommended_options, resolve_method
 from .regularizers import Regularizer, check_regularizers
 from .trainer import TrainingConfig
 
@@ -95,11 +95,11 @@ class UnlearnRequest:
         ``batch_size`` are shortcuts for the same ``TrainingConfig`` fields; other keywords are options of the
         method's config (``anchor="a dog"``, ``negative_guidance=2.0``)."""
         # no method: the recommended recipe, or the trained default when training or regularizers are asked for
-        method = resolve_method(method, dict(steps=steps, rank=rank, learning_rate=learning_rate,
-                                             batch_size=batch_size, training=training, regularizers=regularizers))
+        resolved = resolve_method(method, dict(steps=steps, rank=rank, learning_rate=learning_rate,
+                                               batch_size=batch_size, training=training, regularizers=regularizers))
         return cls(
             concept,
-            build_objective_config(method, method_options),
+            build_objective_config(resolved, recommended_options(method, resolved, domain, method_options)),
             domain=domain,
             training=training_config(training, steps=steps, rank=rank, learning_rate=learning_rate,
                                      batch_size=batch_size),

@@ -21,7 +21,8 @@ from . import __version__
 from . import adapters as ad
 from .audit import audit_grid
 from .composition import Mode, combined_deltas, materialize
-from .erasure_check import check_erasure, report_erasure
+from .erasure_check import ErasureError, report_erasure
+from .escalation import check_erasure_check, effective_escalation, escalated_requests, escalation_options
 from .families import denoiser_of, family_of
 from .ledger import Ledger, RequestRecord, now
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
@@ -86,6 +87,8 @@ class UnlearningMixin:
         progress: bool | None = None,
         accelerator: Accelerator | None = None,
         require_erasure: bool = False,
+        erasure_check: Any = None,
+        escalate: Sequence[Mapping[str, Any]] | None = None,
         **options: Any,
     ) -> RequestRecord:
         """Remove ``concept`` with one new adapter trained on the current model; return its ledger record.
@@ -98,6 +101,12 @@ class UnlearningMixin:
                 regularizers are given.
             require_erasure: raise ``ErasureError`` (and commit nothing) when the closing erasure check finds that
                 the concept barely moved; by default such a request is committed with an ``ErasureWarning``.
+            erasure_check: how the closing check decides (default ``du.ErasureCheck()``: the shift of the concept's
+                noise prediction); ``du.ClassifierCheck(classifier, templates, seeds)`` asks a classifier whether
+                images of the concept are still recognised.
+            escalate: method settings to try, in order, while the check finds the concept not erased, e.g.
+                ``[{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]`` (``escalation.py``); each failed attempt
+                is undone, and the committed record lists them.
             progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
             accelerator: an ``accelerate.Accelerator`` (default: one made from ``training``). Under
                 ``accelerate launch`` every process runs this call; the global batch is split between them.
@@ -125,15 +134,30 @@ class UnlearningMixin:
             request = concept
         else:
             request = UnlearnRequest.build(concept, method, **options)
-        self._check_fits_ledger(request)
+        check = check_erasure_check(erasure_check)
+        escalate = effective_escalation(request, escalate)
+        attempts = escalated_requests(request, escalate)
+        for attempt in attempts:
+            self._check_fits_ledger(attempt)
         accelerator = self._place_on(accelerator or make_accelerator(request.training))
         state = unlearning_state(self)
-        try:
-            result = self._train_request(request, list(state.ledger.requests), accelerator, self._progress(progress))
-        except BaseException:
-            rebuild(self)
-            raise
-        return self._commit_request(request, result, require_erasure)
+        failed: list[dict[str, Any]] = []
+        for i, attempt in enumerate(attempts):
+            last = i == len(attempts) - 1
+            try:
+                result = self._train_request(attempt, list(state.ledger.requests), accelerator,
+                                             self._progress(progress))
+            except BaseException:
+                rebuild(self)
+                raise
+            try:
+                return self._commit_request(attempt, result, require_erasure or not last, check, failed)
+            except ErasureError as error:
+                if last:
+                    raise
+                failed.append({"options": escalation_options(escalate, i),
+                               **{k: v for k, v in error.figures.items() if k != "probe"}})  # the same probe
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def unlearn_parallel(
         self,
@@ -229,10 +253,10 @@ class UnlearningMixin:
                              start_offsets=combined_deltas([a for _, a in start], "sequential"), earlier=earlier,
                              progress=progress, accelerator=accelerator, data_parallel=data_parallel)
 
-    def _commit_request(self, request: UnlearnRequest, result: TrainingResult,
-                        require_erasure: bool = False) -> RequestRecord:
-        """Append the trained request to the ledger, rebuild the UNet with it and check that it erased (or undo
-        all of it)."""
+    def _commit_request(self, request: UnlearnRequest, result: TrainingResult, require_erasure: bool = False,
+                        check: Any = None, failed: Sequence[dict[str, Any]] = ()) -> RequestRecord:
+        """Append the trained request to the ledger, rebuild the UNet with it and check that it erased with
+        ``check`` (or undo all of it); ``failed``: the figures of escalation attempts before this one."""
         state = unlearning_state(self)
         request_id = state.ledger.new_request_id()
         ranks = sorted({a.shape[0] for key, a in result.adapter.tensors.items() if key.endswith(".lora_A")})
@@ -257,9 +281,11 @@ class UnlearningMixin:
         state.ledger.next_index += 1
         try:
             rebuild(self)
-            record.erasure = check_erasure(self, request_id, request.concept, request.prompts, seed=request.seed,
-                                           guidance_scale=request.method.guidance_scale,
-                                           resolution=request.method.resolution)
+            record.erasure = check_erasure_check(check).measure(
+                self, request_id, request.concept, request.prompts, seed=request.seed,
+                guidance_scale=request.method.guidance_scale, resolution=request.method.resolution)
+            if failed:
+                record.erasure["attempts"] = [dict(f) for f in failed]
             report_erasure(request.concept, record.erasure, require_erasure, request.method.method)
         except BaseException:
             state.ledger.requests.pop()

@@ -43,6 +43,8 @@ class WorldRecipe:
             less its own concept and the earlier removals, which only the caller knows (``preserve_for``). None: no
             retain loss.
         preserve_weight: the retain loss's weight.
+        erasure_check, escalate: ``pipe.unlearn``'s arguments of the same names for the request (None: the
+            library's shift check, no escalation).
     """
 
     unlearn_kwargs: dict[str, Any]
@@ -51,6 +53,8 @@ class WorldRecipe:
     summary: str = ""
     preserve: list[str] | None = None
     preserve_weight: float = 0.0
+    erasure_check: Any = None
+    escalate: list[dict[str, Any]] | None = None
 
     def preserve_for(self, concept: str, removed: list[str]) -> list[str]:
         """The retain loss's concepts for a request removing ``concept`` after ``removed``."""

@@ -85,6 +85,19 @@ def test_report_files(result, tmp_path):
     assert text.startswith("## Tiny") and "pytest" in text
     for protocol in result["protocols"].values():
         assert text.count(f"| {protocol['label']} |") == 4  # headline + UA, IRA and CRA per-request tables
+    # the verified protocol's requests and what its classifier check sent back, from the rows' erasure figures
+    checked = result["protocols"]["closed_form+verify"]["rows"][1:]
+    escalated = sum(bool(r["erasure"].get("attempts")) for r in checked)
+    assert all(r["erasure"]["check"] == "classifier" and r["erasure"]["settings"]["negative_guidance"] >= 1
+               for r in checked)
+    assert f"Closed form, verified: the classifier check (2 images per request, seeds apart from the evaluation's) " \
+           f"sent back {escalated} of 2 requests" in text
+    assert all("check" not in r["erasure"] for r in result["protocols"]["sequential"]["rows"][1:])
+    assert "2 style removal requests with `esd`" in text and "Per request: 3 steps" in text
+    solved = dict(result, protocols={k: v for k, v in result["protocols"].items() if k.startswith("closed_form")})
+    solved_text = bench.markdown(solved)
+    assert "2 style removal requests solved in closed form (no training)" in solved_text
+    assert "Per request: one closed-form solve" in solved_text and "learning rate" not in solved_text
     table = headline(result)
     assert table[0].startswith("| protocol | UA | IRA | CRA | ΔUA | ΔIRA | ΔCRA |") and len(table) == 2 + len(result["protocols"])
     assert "| Sequential (no regularizer) | " in table[2] and "| +0.0 | +0.0 | +0.0 |" in table[2]
@@ -264,6 +277,26 @@ def test_a_retain_loss_keeps_the_domain_pool_less_every_removal_so_far():
     kwargs = bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form"], "klimt", ["van gogh"])
     solved = kwargs["method"]
     assert not solved.preserve and solved.preserve_weight == du.objectives.ClosedFormConfig().preserve_weight
+
+
+def test_a_verified_protocol_checks_with_the_world_classifier_on_seeds_apart_from_the_evaluation():
+    world = tiny_world()
+    config = bench.BenchSettings(requests=1, hparams=HP, protocols=["closed_form+verify"])
+    kwargs = bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form+verify"], "van gogh")
+    check = kwargs["erasure_check"]
+    assert check.classifier is world.style_classifier and check.seeds == [1]
+    assert check.templates == world.templates("style") and check.num_inference_steps == 3
+    assert kwargs["escalate"] == [{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]
+    assert "erasure_check" not in bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form"], "van gogh")
+    # object requests are checked by the object classifier, on templates spread over the styles
+    two = tiny_world(check_templates=2)
+    spread = two.erasure_check("object")
+    assert spread.classifier is two.object_classifier
+    assert spread.templates == [world.templates("object")[0], world.templates("object")[1]]
+    assert tiny_world(check_templates=1).erasure_check("object").templates == [world.templates("object")[0]]
+    with pytest.raises(ValueError, match=r"check_seeds must be .* the evaluation does not use \(its seeds: \[3\]\), "
+                                         r"got \[3\]"):
+        tiny_world(check_seeds=(3,))
 
 
 def test_minicanvas_style_plan_removes_one_per_family_and_keeps_neighbours():

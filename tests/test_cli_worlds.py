@@ -216,7 +216,7 @@ def test_the_minicanvas_recipe_is_recommended_per_domain():
 
     styles, _ = request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "style"))
     objects, summary = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object"))
-    assert RECOMMENDED_RECIPES["style"][0] == "closed_form" and styles["method"].method == "closed_form"
+    assert RECOMMENDED_RECIPES["style"][0] == "closed_form+verify" and styles["method"].method == "closed_form"
     assert RECOMMENDED_RECIPES["object"] == ("gp", "ca")
     assert objects["method"].method == "ca" and objects["method"].anchor == "mushroom"
     assert [r.name for r in objects["regularizers"]] == ["gradient_projection"] and "retain loss" in summary
@@ -225,6 +225,23 @@ def test_the_minicanvas_recipe_is_recommended_per_domain():
                                        "closed_form"))
     trained, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--steps", "5"))
     assert named["method"].method == "closed_form" and trained["method"].method == "esd"
+
+
+def test_the_minicanvas_style_recipe_is_verified_by_the_classifier_unless_the_user_sets_the_guidance():
+    from diffusers_unlearn.cli.unlearn import _arguments_and_recipe, _recipe_escalation
+
+    args = parse("minicanvas", "--concept", "neon lines", "--domain", "style")
+    kwargs, recipe = _arguments_and_recipe(args)
+    assert "erasure_check" not in kwargs and isinstance(recipe.erasure_check, du.ClassifierCheck)
+    assert recipe.erasure_check.seeds == [1] and not set(recipe.erasure_check.seeds) & set(du.minicanvas.EVAL_SEEDS)
+    assert recipe.erasure_check.images_per_concept == 12
+    assert _recipe_escalation(recipe, args) == [{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]
+    assert "verified by the style classifier on 12 check images, solved again with negative_guidance=2.0, then " \
+           "negative_guidance=3.0" in recipe.summary
+    own = parse("minicanvas", "--concept", "neon lines", "--domain", "style", "--option", "negative_guidance=1.5")
+    assert _recipe_escalation(_arguments_and_recipe(own)[1], own) is None  # the user's guidance stands
+    trained = parse("minicanvas", "--concept", "neon lines", "--domain", "style", "--steps", "5")
+    assert _arguments_and_recipe(trained)[1].escalate is None  # the trained recipe has no ladder
 
 
 def test_unlearn_minicanvas_on_the_command_line_serves_the_demo_request(tmp_path, capsys):

@@ -28,7 +28,7 @@ def pipe():
 
 def test_a_request_that_moves_nothing_warns_and_the_ledger_and_card_say_so(pipe):
     # the advice names closed_form's own knobs, not "use closed_form"
-    with pytest.warns(ErasureWarning, match="barely moved it: its prediction shifted by 0.00.*negative_guidance"):
+    with pytest.warns(ErasureWarning, match="did not erase it: its prediction shifted by 0.00.*negative_guidance"):
         record = pipe.unlearn("van gogh", **NO_ROOM)
     assert record.erasure["erased"] is False and record.erasure["target_shift"] < 1e-3
     card = str(pipe.unlearned_model_card())
@@ -38,7 +38,7 @@ def test_a_request_that_moves_nothing_warns_and_the_ledger_and_card_say_so(pipe)
 
 def test_require_erasure_refuses_the_request_and_changes_nothing(pipe):
     before_images, before_state = generate(pipe), kv_state(pipe)
-    with pytest.raises(ErasureError, match="'van gogh' barely moved.*nothing was committed"):
+    with pytest.raises(ErasureError, match="'van gogh' did not erase it.*nothing was committed"):
         pipe.unlearn("van gogh", require_erasure=True, **NO_ROOM)
     assert pipe.unlearning_ledger.ids() == [] and pipe.unlearning_ledger.next_index == 1
     after = kv_state(pipe)
@@ -85,3 +85,33 @@ def test_the_default_recipe_is_closed_form_unless_training_is_asked_for(pipe):
     assert pipe.unlearn("dog", domain="object", seed=1, **FAST).method == "esd"  # steps / learning rate given
     projected = pipe.unlearn("cat", domain="object", regularizers=[du.L2Drift(weight=1.0)], **FAST)
     assert projected.method == "esd"
+
+
+def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_s_options_win(tmp_path):
+    from diffusers_unlearn.cli import main
+    from diffusers_unlearn.objectives.closed_form import ClosedFormConfig
+    from diffusers_unlearn.plan import parse_plan
+    from diffusers_unlearn.recipe import RECOMMENDED_DOMAIN_OPTIONS, domain_kind
+    from diffusers_unlearn.request import UnlearnRequest
+
+    objects = RECOMMENDED_DOMAIN_OPTIONS["object"]
+    assert objects == {"preserve_weight": 5.0, "negative_guidance": 2.0}
+    assert [domain_kind(d) for d in ("object", "minicanvas-object", "style", "concept", None)] == \
+        ["object", "object", "style", None, None]
+    # pipe.unlearn / UnlearnRequest.build: the object settings for objects only, and only when no method is named
+    request = UnlearnRequest.build("cat", domain="object")
+    assert (request.method.preserve_weight, request.method.negative_guidance) == (5.0, 2.0)
+    assert UnlearnRequest.build("van gogh", domain="style").method == ClosedFormConfig()
+    named = UnlearnRequest.build("cat", "closed_form", domain="object").method
+    assert (named.preserve_weight, named.negative_guidance) == (0.5, 1.0)
+    assert UnlearnRequest.build("cat", domain="object", negative_guidance=1.5).method.negative_guidance == 1.5
+    # plan files and the command line follow the same rule
+    plan = parse_plan({"model": "tiny", "output": str(tmp_path / "planned"), "requests": [{"concept": "cat", "domain": "object"},
+                                                    {"concept": "dog", "domain": "object", "preserve_weight": 1.0}]})
+    first, second = (r.to_request().method for r in plan.requests)
+    assert (first.preserve_weight, first.negative_guidance) == (5.0, 2.0)
+    assert (second.preserve_weight, second.negative_guidance) == (1.0, 2.0)
+    assert main(["unlearn", "tiny", "--concept", "cat", "--domain", "object", "--out", str(tmp_path / "out"),
+                 "--quiet"]) == 0
+    record = du.load_pipeline(tmp_path / "out").unlearning_ledger.requests[0]
+    assert record.method_config["preserve_weight"] == 5.0 and record.method_config["negative_guidance"] == 2.0

@@ -81,7 +81,9 @@ class Hyperparameters:
 # object token), so one object's removal took its neighbours with it (cat: tower 100 -> 0) for both methods and at
 # every strength tried; a retain loss on the other objects keeps them.
 METHOD_TRAINING: dict[str, dict[str, dict[str, Any]]] = {
-    "esd": {"object": {"preserve_weight": 1.0}},
+    # ESD on objects: a heavier retain loss holds the nearest neighbours (bird took tree from 67 to 8 at weight 1);
+    # 4 points per step, 200 steps at 4e-3 erase the last images that weight 3 alone left (docs/benchmarks.md)
+    "esd": {"object": {"preserve_weight": 3.0, "steps": 200, "learning_rate": 4e-3, "batch_size": 4}},
     "ca": {"style": {"steps": 300, "learning_rate": 5e-3},
            "object": {"steps": 300, "learning_rate": 5e-3, "preserve_weight": 1.0}},
 }
@@ -112,6 +114,10 @@ class Protocol:
     simultaneous: bool = False  # retrain from the base on all requests so far, at every step
     description: str = ""
     method: str | None = None  # the erasure method of this protocol (None: the bench's --method)
+    # verified: each request ends with the world's classifier check (``BenchWorld.erasure_check``), and one it finds
+    # not erased is served again with each of ``escalate``'s method settings in turn (``escalation.py``)
+    verify: bool = False
+    escalate: tuple[Mapping[str, Any], ...] = ()
 
     def build_regularizers(self, ctx: ProtocolContext) -> list[Regularizer]:
         return list(self.regularizers(ctx))
@@ -126,6 +132,12 @@ def _gp(ctx: ProtocolContext) -> GradientProjection:
         neighbors = sum(len(concepts) for concepts in ctx.vocabulary.values())
     return GradientProjection(neighbors=neighbors, vocabulary=dict(ctx.vocabulary))
 
+
+# The verified closed form's ladder: negative guidance aims a mapped token past its anchor, away from the concept.
+# One closed-form request at the default guidance 1 left `forest hatching` in half its images; guidance 2 erased it
+# and kept its neighbours (docs/benchmarks.md section 8). A stream at guidance 2 for every request kept the objects
+# worse, so only the requests that need it get it.
+VERIFIED_ESCALATION: tuple[Mapping[str, Any], ...] = ({"negative_guidance": 2.0}, {"negative_guidance": 3.0})
 
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
@@ -151,6 +163,10 @@ PROTOCOLS: dict[str, Protocol] = {
                  description="gradient projection on each independently trained request, TIES-merged"),
         Protocol("closed_form", "Closed form", method="closed_form",
                  description="no training: minimum-norm K/V edit keeping the world's other concepts, earlier removals"),
+        Protocol("closed_form+verify", "Closed form, verified", method="closed_form", verify=True,
+                 escalate=VERIFIED_ESCALATION,
+                 description="closed form; a request the world's classifier still recognises on check seeds (apart "
+                             "from the evaluation's) is solved again with negative guidance 2, then 3"),
     )
 }
 

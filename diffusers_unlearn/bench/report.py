@@ -95,11 +95,16 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
     eval_cfg = result["world"]["eval"]
     domain, other = (("style", "object") if settings["domain"] == "style" else ("object", "style"))
     per_concept = len(eval_cfg["objects" if domain == "style" else "styles"]) * len(eval_cfg["seeds"])
+    # a run of closed-form protocols only trained nothing: the training settings would say what did not happen
+    solved = all(p.get("method") == "closed_form" for p in result["protocols"].values())
+    method = "solved in closed form (no training)" if solved else f"with `{settings['method']}`"
+    training = ("Per request: one closed-form solve keeping the world's other concepts and the earlier removals"
+                if solved else f"Per request: {hp['steps']} steps, learning rate {hp['learning_rate']}, LoRA rank "
+                f"{hp['rank']}{_method_settings(settings)}")
     lines += [
-        f"World `{result['world']['name']}`; {n} {settings['domain']} removal requests with `{settings['method']}`, "
+        f"World `{result['world']['name']}`; {n} {settings['domain']} removal requests {method}, "
         f"in this order: " + ", ".join(f"`{c}`" for c in result["stream"]) + ".",
-        f"Per request: {hp['steps']} steps, learning rate {hp['learning_rate']}, LoRA rank {hp['rank']}"
-        f"{_method_settings(settings)}; "
+        f"{training}; "
         f"evaluation on {base['num_images']} images ({len(eval_cfg['styles'])} styles x {len(eval_cfg['objects'])} "
         f"objects x {len(eval_cfg['seeds'])} seeds, {eval_cfg['num_inference_steps']} steps, guidance "
         f"{eval_cfg['guidance_scale']}). Whole run: {result['seconds'] / 60:.1f} min "
@@ -135,6 +140,7 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
         lines += [f"Request {n} removes the last kept {settings['domain']}: IRA and CRA are undefined (n/a) after "
                   f"it; the per-request tables below show them up to request {n - 1}.", ""]
     lines += attack_section(result)
+    lines += escalation_section(result)
     metrics = list(METRICS) + ([("ua_heldout", "UA (held-out wordings)")] if has_heldout(result) else [])
     for metric, name in metrics:
         lines += [f"### {name} after each request", ""]
@@ -151,6 +157,27 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
         lines += _table(header, [[f"{i + 1}. {c}"] + ["" if v is None else f"{v:.0f}" for v in matrix[i]]
                                  for i, c in enumerate(result["stream"])]) + [""]
     return "\n".join(lines)
+
+
+def escalation_section(result: dict[str, Any]) -> list[str]:
+    """The requests a verified protocol's classifier check sent back, with the settings that then erased (empty
+    when no protocol checked with a classifier)."""
+    lines: list[str] = []
+    for protocol in result["protocols"].values():
+        checked = [r for r in protocol["rows"][1:] if (r.get("erasure") or {}).get("check") == "classifier"]
+        if not checked:
+            continue
+        escalated = [r for r in checked if r["erasure"].get("attempts")]
+        lines += [f"{protocol['label']}: the classifier check ({checked[0]['erasure']['images']} images per request, "
+                  f"seeds apart from the evaluation's) sent back {len(escalated)} of {len(checked)} requests"
+                  + (": " if escalated else ".")
+                  + "; ".join(f"{r['concept']} (recognised in "
+                              + ", then ".join(f"{100 * a['recognized']:.0f}%" for a in r["erasure"]["attempts"])
+                              + " of the check images; committed with "
+                              + ", ".join(f"{k}={v}" for k, v in (r["erasure"].get("settings") or {}).items())
+                              + f", recognised in {100 * r['erasure']['recognized']:.0f}%)" for r in escalated)
+                  + ("." if escalated else ""), ""]
+    return (["### Classifier-verified requests", ""] + lines) if lines else []
 
 
 def attack_section(result: dict[str, Any]) -> list[str]:

@@ -20,6 +20,7 @@ from ..mixin import attach
 from ..objectives import OBJECTIVES, ObjectiveConfig, TrainedObjectiveConfig, build_objective_config
 from ..objectives.esd import REFERENCES as ESD_REFERENCES
 from ..prompts import concepts_except
+from ..recipe import RECOMMENDED_DOMAIN_OPTIONS
 from .heldout import heldout_unlearning
 from .protocols import Hyperparameters, Protocol, ProtocolContext, method_hyperparameters, resolve_protocols
 from .world import BenchWorld
@@ -150,7 +151,9 @@ def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[st
                                   num_trajectories=num_prompts * settings.trajectories_per_prompt)
     method = method or settings.method  # a protocol may name its own method
     if method == "closed_form":  # keeps every other concept of the world, and the earlier removals
-        return build_objective_config("closed_form", dict(common, vocabulary=world.vocabulary()))
+        # the library's recommended settings for the domain (recipe.py), as pipe.unlearn(concept, domain=...) uses
+        return build_objective_config("closed_form", dict(common, vocabulary=world.vocabulary(),
+                                                          **RECOMMENDED_DOMAIN_OPTIONS.get(settings.domain, {})))
     if settings.hparams.preserve_weight > 0 and issubclass(OBJECTIVES[method][0], TrainedObjectiveConfig):
         pool = world.vocabulary()[world.prompt_domain(settings.domain)]
         common.update(preserve=concepts_except(pool, [*concepts, *removed]),
@@ -169,14 +172,18 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
                    removed: Sequence[str] = ()) -> dict[str, Any]:
     """``pipe.unlearn`` keyword arguments of one request for ``concept`` under a non-simultaneous ``protocol`` (all
     but the seed), ``removed`` the concepts removed before it: the world's prompt domain, the method config,
-    training settings, regularizers and strategy.
+    training settings, regularizers and strategy; a verified protocol adds the world's erasure check and its
+    escalation.
     ``diffusers-unlearn unlearn <world>`` uses them too (see ``bench.recipes``)."""
     if protocol.simultaneous:
         raise ValueError(f"protocol {protocol.name!r} retrains every request at once; it has no single-request form")
     world.register_domains()  # here, where requests need them: in worker processes too
     ctx = ProtocolContext(settings.hparams, world.vocabulary())
     hp = settings.hparams
+    verified = dict(erasure_check=world.erasure_check(settings.domain), escalate=list(protocol.escalate)) \
+        if protocol.verify else {}
     return dict(
+        **verified,
         concept=concept,
         method=_objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method,
                           removed),
@@ -231,6 +238,16 @@ def _row(k: int, concept: str | None, scores: Any, drift: float, steps: int, sec
     }
 
 
+def _erasure_figures(record: Any, protocol: Protocol) -> dict[str, Any]:
+    """A request's erasure check as a results row keeps it (the probe's prompts are the request's own), with the
+    settings a verified protocol escalates, as the request finally used them."""
+    figures = {k: v for k, v in record.erasure.items() if k != "probe"}
+    escalated = sorted({key for step in protocol.escalate for key in step})
+    if escalated:
+        figures["settings"] = {key: record.method_config.get(key) for key in escalated}
+    return figures
+
+
 def _evaluate(world: BenchWorld, settings: BenchSettings, pipe: Any, removed: Sequence[str], progress: bool) -> Any:
     return evaluate_unlearning(pipe, removed, settings.domain, world.style_classifier, world.object_classifier,
                                world.eval_config, progress=progress)
@@ -252,6 +269,7 @@ def run_protocol(world: BenchWorld, settings: BenchSettings, protocol: Protocol,
         heldout = heldout_unlearning(pipe, world, stream[: k + 1], settings.domain, progress)
         drift = kv_drift(pipe)
         rows.append(_row(k + 1, stream[k], scores, drift, steps, seconds, cum_steps, cum_seconds, heldout))
+        rows[-1]["erasure"] = _erasure_figures(pipe.unlearning_ledger.requests[-1], protocol)
         held = "" if heldout is None else f"  UA held-out {heldout['ua']:.1f}"
         say(f"[{protocol.name}] request {k + 1}/{len(stream)} {stream[k]!r}: {scores.summary()}{held}  "
             f"drift {drift:.4f}  train {seconds:.1f}s ({steps} steps)  eval {scores.seconds:.1f}s")
@@ -331,7 +349,8 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
                         say(line)
                     results[name] = rows
                     outer.update(1)
-    results = {p.name: {"label": p.label, "description": p.description, "rows": results[p.name]} for p in protocols}
+    results = {p.name: {"label": p.label, "description": p.description, "method": p.method or settings.method,
+                        "rows": results[p.name]} for p in protocols}
     return {
         "format": 1,
         "world": world.describe(),

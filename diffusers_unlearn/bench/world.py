@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import minicanvas as mc
-from .._validation import check_int
+from .._validation import check_int, check_seed
+from ..classifier_check import ClassifierCheck
 from ..evaluation import Classifier, EvalConfig
 from ..evaluation.metrics import check_eval_domain
 from ..prompts import TEMPLATES, register_templates
@@ -39,6 +40,9 @@ class BenchWorld:
             (default: every concept of the world). The target and earlier removals are never taken from it.
         anchors: Concept Ablation's anchor per domain where the world has a better one than a generic word
             (``bench.DEFAULT_ANCHORS``), e.g. a concrete object when the model draws no object-less image.
+        check_seeds: the seeds of a verified protocol's erasure check (``erasure_check``); never the evaluation's,
+            so that a request is not tuned to the images it is scored on.
+        check_templates: how many prompts of the request's templates the check draws (spread over them).
     """
 
     name: str
@@ -53,6 +57,8 @@ class BenchWorld:
     heldout_others: int = 2
     auxiliary: dict[str, list[str]] | None = None
     anchors: dict[str, str] = field(default_factory=dict)
+    check_seeds: tuple[int, ...] = (1,)
+    check_templates: int = 12
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or " " in self.name:
@@ -83,6 +89,12 @@ class BenchWorld:
         unknown = sorted(set(self.anchors) - {"style", "object"})
         if unknown:
             raise ValueError(f"anchor domains must be 'style' / 'object', got {unknown}")
+        self.check_seeds = tuple(check_seed(s, "check_seeds") for s in self.check_seeds)
+        shared = sorted(set(self.check_seeds) & set(self.eval_config.seeds))
+        if not self.check_seeds or shared:
+            raise ValueError(f"check_seeds must be a non-empty list of seeds the evaluation does not use (its seeds: "
+                             f"{list(self.eval_config.seeds)}), got {list(self.check_seeds)}")
+        check_int(self.check_templates, "check_templates", minimum=1)
 
     def concepts(self, domain: str) -> list[str]:
         """Every concept of the domain (not only the evaluated ones)."""
@@ -119,6 +131,18 @@ class BenchWorld:
             if TEMPLATES.get(name) != templates:
                 register_templates(name, templates, replace=True)  # a world of the same name, other concepts
 
+    def erasure_check(self, domain: str) -> ClassifierCheck:
+        """The check of a verified protocol's ``domain`` request: the domain's classifier on ``check_templates`` of
+        the request's templates (spread over them) at ``check_seeds``, sampled as the evaluation samples."""
+        templates = self.templates(domain)
+        step = max(1, len(templates) // self.check_templates)
+        config = self.eval_config
+        return ClassifierCheck(
+            self.style_classifier if check_eval_domain(domain) == "style" else self.object_classifier,
+            templates[::step][: self.check_templates], seeds=self.check_seeds,
+            num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+            batch_size=config.batch_size, height=config.height, width=config.width)
+
     def vocabulary(self) -> dict[str, list[str]]:
         """Gradient projection's pool, in the world's prompt domains: ``auxiliary`` or every concept of the world."""
         pool = self.auxiliary if self.auxiliary is not None else {d: self.concepts(d) for d in ("style", "object")}
@@ -127,7 +151,8 @@ class BenchWorld:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "styles": self.styles, "objects": self.objects, "eval": self.eval_config.to_dict(),
                 "orders": self.orders, "heldout_templates": list(self.heldout_templates),
-                "heldout_others": self.heldout_others,
+                "heldout_others": self.heldout_others, "check_seeds": list(self.check_seeds),
+                "check_templates": self.check_templates,
                 "auxiliary_size": sum(len(c) for c in self.vocabulary().values())}
 
 

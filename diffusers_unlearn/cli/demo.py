@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import minicanvas as mc
     from ..bench import PROTOCOLS, BenchSettings, method_hyperparameters, minicanvas_world, serve_request
     from ..bench.recipes import RECOMMENDED_PROTOCOL
+    from ..erasure_check import verdict
     from ..evaluation import evaluate_unlearning, generate_images, kv_drift
     from ..mixin import attach
     from ._common import set_quiet
@@ -137,7 +138,10 @@ def run(args: argparse.Namespace) -> int:
         steps, seconds = serve_request(pipe, protocol, world, settings, stream, k, progress=not args.quiet)
         record = pipe.unlearning_ledger.requests[-1]
         how = "solved, no training" if steps == 0 else f"{steps} steps, loss {record.final_loss:.4g}"
-        print(f"removed {concept!r} as {record.request_id} in {seconds:.1f}s ({how})")
+        tried = len(record.erasure.get("attempts") or [])
+        again = f", after {tried} weaker attempt(s) the check sent back" if tried else ""
+        print(f"removed {concept!r} as {record.request_id} in {seconds:.1f}s ({how}; erasure check: "
+              f"{verdict(record.erasure)}{again})")
         states.append(snapshot(f"after removing {', '.join(stream[: k + 1])}", list(stream[: k + 1])))
 
     print()

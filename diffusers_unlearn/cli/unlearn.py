@@ -222,11 +222,12 @@ def _arguments_and_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], Any
         kwargs["method"] = build_objective_config(method.method, {**settings, **options})
     else:
         if method is None:  # no --method: the recommended recipe, or the trained method when training is asked for
-            from ..recipe import resolve_method
+            from ..recipe import recommended_options, resolve_method
 
             trained = {"steps": args.steps, "learning_rate": args.learning_rate, "rank": args.rank,
                        "options": options or None, "regularizers": build_regularizers(args, recipe)}
             method = resolve_method(None, trained)
+            options = recommended_options(None, method, args.domain, options)
         kwargs["method"] = build_objective_config(method, options)
     for key, value in (("steps", args.steps), ("learning_rate", args.learning_rate), ("rank", _rank(args.rank)),
                        ("strategy", args.strategy)):
@@ -253,6 +254,14 @@ def _with_recipe_retain(request: Any, recipe: Any, pipe: Any) -> Any:
         return request
     return dataclasses.replace(request, method=dataclasses.replace(method, preserve=keep,
                                                                    preserve_weight=recipe.preserve_weight))
+
+
+def _recipe_escalation(recipe: Any, args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """The recipe's escalation, unless an --option sets what it escalates: then the user's value stands."""
+    given = parse_options(args.option)
+    if not recipe.escalate or any(key in given for step in recipe.escalate for key in step):
+        return None
+    return recipe.escalate
 
 
 def _describe(regularizer: Any) -> str:
@@ -289,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = load(args.model, args)
     request = _with_recipe_retain(request, recipe, pipe)
     before = len(pipe.unlearning_ledger.requests)
-    record = pipe.unlearn(request, progress=not args.quiet)
+    checked = dict(erasure_check=recipe.erasure_check, escalate=_recipe_escalation(recipe, args)) if recipe else {}
+    record = pipe.unlearn(request, progress=not args.quiet, **checked)
     print(f"removed {short(record.concept)} as {record.request_id} in {record.seconds:.1f}s "
           f"(final loss {record.final_loss:.4g}; {before} earlier request(s))")
     with working(f"saving the unlearned pipeline to {out}", args.quiet):

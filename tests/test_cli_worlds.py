@@ -67,7 +67,8 @@ def test_help_defaults_are_read_from_the_dataclasses():
     assert dataclass_defaults("bench/runner.py", "BenchSettings")["reference"] == BenchSettings().reference
     # the per-method training defaults shown in --help are the ones the bench uses
     assert module_constant("bench/protocols.py", "METHOD_TRAINING") == METHOD_TRAINING
-    assert _by_method("steps") == (f"; ca style: {METHOD_TRAINING['ca']['style']['steps']}; "
+    assert _by_method("steps") == (f"; esd object: {METHOD_TRAINING['esd']['object']['steps']}; "
+                                   f"ca style: {METHOD_TRAINING['ca']['style']['steps']}; "
                                    f"ca object: {METHOD_TRAINING['ca']['object']['steps']}")
     assert _by_method("rank") == ""
     with pytest.raises(LookupError, match="NO_SUCH_NAME"):

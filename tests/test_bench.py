@@ -287,7 +287,14 @@ def test_a_verified_protocol_checks_with_the_world_classifier_on_seeds_apart_fro
     assert check.classifier is world.style_classifier and check.seeds == [1]
     assert check.templates == world.templates("style") and check.num_inference_steps == 3
     assert kwargs["escalate"] == [{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]
-    assert "erasure_check" not in bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form"], "van gogh")
+    plain = bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form"], "van gogh")
+    assert "erasure_check" not in plain
+    # checked, a style request keeps more of the rest than the unchecked default; an object request keeps the
+    # library's object settings
+    assert kwargs["method"].preserve_weight == 1.0 and plain["method"].preserve_weight == 0.5
+    objects = bench.BenchSettings(requests=1, domain="object", hparams=HP, protocols=["closed_form+verify"])
+    solved = bench.request_kwargs(world, objects, bench.PROTOCOLS["closed_form+verify"], "dog")["method"]
+    assert (solved.preserve_weight, solved.negative_guidance) == (5.0, 2.0)
     # object requests are checked by the object classifier, on templates spread over the styles
     two = tiny_world(check_templates=2)
     spread = two.erasure_check("object")

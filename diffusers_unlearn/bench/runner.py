@@ -182,11 +182,13 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
     hp = settings.hparams
     verified = dict(erasure_check=world.erasure_check(settings.domain), escalate=list(protocol.escalate)) \
         if protocol.verify else {}
+    method = _objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method, removed)
+    if protocol.options.get(settings.domain):
+        method = dataclasses.replace(method, **protocol.options[settings.domain])
     return dict(
         **verified,
         concept=concept,
-        method=_objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method,
-                          removed),
+        method=method,
         domain=world.prompt_domain(settings.domain), steps=hp.steps, learning_rate=hp.learning_rate, rank=hp.rank,
         batch_size=hp.batch_size, regularizers=protocol.build_regularizers(ctx), strategy=protocol.strategy(ctx),
     )

@@ -243,6 +243,13 @@ def test_the_minicanvas_style_recipe_is_verified_by_the_classifier_unless_the_us
     assert _recipe_escalation(_arguments_and_recipe(own)[1], own) is None  # the user's guidance stands
     trained = parse("minicanvas", "--concept", "neon lines", "--domain", "style", "--steps", "5")
     assert _arguments_and_recipe(trained)[1].escalate is None  # the trained recipe has no ladder
+    from diffusers_unlearn.bench import minicanvas_world
+    from diffusers_unlearn.bench.recipes import world_recipe
+
+    plain = world_recipe(minicanvas_world(), "style", "closed_form", protocol="closed_form")
+    assert plain.erasure_check is None and plain.escalate is None
+    assert "(solved, no training)" in plain.summary and "verified" not in plain.summary
+    assert "learning rate" not in plain.summary  # not the trained summary
 
 
 def test_unlearn_minicanvas_on_the_command_line_serves_the_demo_request(tmp_path, capsys):

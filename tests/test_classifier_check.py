@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 from conftest import generate, kv_state
+from test_erasure_check import ROOM, pipe  # noqa: F401  (the same quiet tiny pipeline and closed-form request)
 
 import diffusers_unlearn as du
 from diffusers_unlearn.images import generate_images
 
-ROOM = dict(method="closed_form", domain="style", sampling_steps=4, vocabulary={"style": ["monet", "picasso"]})
 TEMPLATES = ["a dog in {} style", "a cat in {} style"]
 LADDER = [{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]
 
@@ -44,13 +44,6 @@ def check(classifier, **overrides):
     values = dict(templates=TEMPLATES, seeds=[11, 12], num_inference_steps=3, guidance_scale=3.0)
     values.update(overrides)
     return du.ClassifierCheck(classifier, **values)
-
-
-@pytest.fixture
-def pipe():
-    p = du.attach(du.testing.tiny_pipeline(seed=0))
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def test_the_check_classifies_images_of_the_concept_from_the_model_after_the_request(pipe):

@@ -191,11 +191,23 @@ _JOINT_TRANSFORMER = dict(in_channels=4, num_layers=2, attention_head_dim=16, nu
                           joint_attention_dim=32, pooled_projection_dim=32)
 
 
+# Attention bias of a T5 token on itself (relative-position bucket 0; every other bucket 0). SD3 and Flux pad T5
+# prompts to 256 / 512 tokens with no attention mask: a random T5 averages each word into that padding (different
+# words' states at cosine 0.95), so no prompt differs from another in its tokens. exp(10) against 511 padding tokens
+# keeps ~98% of a token's attention on itself, so each word's state stays its own (cosine ~0 between words), as a
+# trained T5 keeps content words distinct.
+TINY_T5_SELF_ATTENTION_BIAS = 10.0
+
+
 def _tiny_t5(tokenizer, d_model: int = 32) -> T5EncoderModel:
     config = T5Config(**_token_ids(tokenizer), decoder_start_token_id=tokenizer.pad_token_id, d_model=d_model, d_kv=8,
                       d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
     encoder = T5EncoderModel(config)
     _spread_token_embeddings(encoder)
+    with torch.no_grad():  # only the first layer has a relative-position bias; later layers reuse it
+        bias = encoder.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # [buckets, heads]
+        bias.zero_()
+        bias[0] = TINY_T5_SELF_ATTENTION_BIAS  # bucket 0 is distance 0 in both directions
     return encoder
 
 

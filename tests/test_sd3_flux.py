@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from conftest import PROMPT, generate
 from deploy_helpers import check_with_plain_diffusers
+from dit_world import teach_concept_colours
 
 import diffusers_unlearn as du
 from diffusers_unlearn import adapters as ad
@@ -54,20 +55,20 @@ def test_the_text_stream_projections_of_the_joint_blocks_are_adapted(stream):
     assert du.concept_embedding(pipe, "monet").shape == (pipe.transformer.context_embedder.out_features,)
 
 
-ERASURE_OPEN = pytest.mark.xfail(strict=True, reason=(
-    "measured after 6 ESD steps, relative velocity change target vs 'a photo of a cat': SD3 0.18 vs 0.19, Flux "
-    "0.09 vs 0.11. Swapping two prompts' token states (pooled text kept) moves the velocity by 0.19% / 0.24%; the "
-    "tiny T5 (no attention mask) drowns words in padding (cosine 0.95 between different words at 256 / 512 tokens). "
-    "Measured variants, ratio target/unrelated SD3 / Flux: T5 embedding std 3 (cosine 0.3-0.4) 1.10 / 1.31; "
-    "pooled-text path off (and std 3): ESD moves nothing (0.3%, its target signal was the pooled text's); "
-    "8-token padding + T5 std 3, lr 1e-2 x 6 or 1e-3 x 20 steps: 1.07-1.09 / 2.07-2.09. Open: needs tiny models "
-    "whose tokens carry the image (trained ones).")
+ESD_SD3_OPEN = pytest.mark.xfail(strict=True, reason=(
+    "measured on the taught tiny SD3 (dit_world), relative velocity change target / unrelated, tiny and teaching "
+    "seeds 0-3: 0.094/0.066, 0.029/0.123, 0.034/0.018, 0.034/0.034; Flux, the same way: 0.056/0.018, 0.163/0.012, "
+    "0.218/0.019, 0.222/0.033 (all pass). SD3's text stream starts with 16 causal CLIP tokens (two encoders) whose "
+    "states are alike across prompts (cosine 0.57-0.67 between concepts), and its pooled text from both CLIPs "
+    "carries the concept too, so ESD's K/V edit is not confined to the concept's tokens. Open.")
 )
 
 
-@pytest.mark.parametrize("family", [pytest.param("sd3", marks=ERASURE_OPEN), pytest.param("flux", marks=ERASURE_OPEN)])
+@pytest.mark.parametrize("family", [pytest.param("sd3", marks=ESD_SD3_OPEN), "flux"])
 def test_esd_moves_the_target_velocity_more_than_an_unrelated_prompt(family):
-    pipe = du.attach(FAMILIES[family][0](seed=0))
+    # on a tiny transformer taught to draw what its concept tokens say (dit_world): a random one draws every prompt
+    # alike, so no edit of its text stream could be selective
+    pipe = du.attach(teach_concept_colours(FAMILIES[family][0](seed=0)))
     pipe.unlearn("van gogh", domain="style", seed=0, **FAST)
     conditioner = conditioner_for(pipe, guidance_scale=3.0)
     prompts = ["a painting in van gogh style", "a photo of a cat"]
@@ -188,20 +189,27 @@ def test_closed_form_keeps_the_kept_states_and_maps_the_target_onto_its_anchor(s
 # Unrelated prompts: every built-in object outside the kept vocabulary (and the two removed concepts).
 UNRELATED = [o for o in DEFAULT_VOCABULARY["object"] if o not in {*CF_VOCABULARY["object"], "dog"}]
 CLOSED_FORM_SELECTIVITY_OPEN = pytest.mark.xfail(strict=True, reason=(
-    "measured: first joint block's relative K/V change at the concept's tokens (K and V averaged) on the 4 "
-    "timesteps of the ESD test's trajectory, 'van gogh' vs the median (max) over 26 unrelated objects: SD3 1.13 vs "
-    "0.78 (1.33), Flux 0.58 vs 0.42 (0.71). The tiny text stream is 64 wide and the kept states take 24-30 of it; "
-    "a random token state has about half its energy in the rest, where the least-squares map acts. More kept "
-    "concepts leave nothing to edit (12 styles + 8 objects at 1 step, K: target 0.12 vs 0.12 SD3, 0.24 vs 0.12 "
-    "Flux). "
-    "Open: needs a text space wide enough to keep many concepts next to the target, as UCE has on real models.")
+    "measured with the tiny T5 keeping words apart (TINY_T5_SELF_ATTENTION_BIAS): first joint block's relative K/V "
+    "change at the concept's tokens (K and V averaged) on the ESD test's 4 timesteps, 'van gogh' vs the median over "
+    "26 unrelated objects, tiny seeds 0-3: Flux 2.30/0.68, 2.45/1.28, 2.42/1.45, 2.22/1.05 (2 of 4 seeds pass); SD3 "
+    "2.27/2.44, 2.48/1.41, 1.99/1.86, 2.22/1.51 (none). With words kept apart the target's states still share most of "
+    "the 64-wide text stream with the kept ones (SD3: 66% of the target inside the kept span, Flux 35%), and the "
+    "solve's map covers the rest. Widening SD3's stream to 256 (T5 256) left it at 2.36/1.80. Open: needs a text "
+    "stream wide enough to keep many concepts next to the target, as real models have.")
 )
 
 
 @pytest.mark.parametrize("family", [pytest.param("sd3", marks=CLOSED_FORM_SELECTIVITY_OPEN),
                                     pytest.param("flux", marks=CLOSED_FORM_SELECTIVITY_OPEN)])
 def test_closed_form_moves_the_target_more_than_unrelated_prompts(family):
-    pipe = du.attach(FAMILIES[family][0](seed=0))
+    ratios = {seed: _closed_form_selectivity(family, seed) for seed in (0, 1)}  # one seed could pass by chance
+    assert all(target > 2 * unrelated for target, unrelated in ratios.values()), ratios
+
+
+def _closed_form_selectivity(family: str, seed: int) -> tuple[float, float]:
+    """(target, median unrelated): relative first-block K/V change at the concept's tokens after removing "van
+    gogh" in closed form from the tiny pipeline of ``seed``."""
+    pipe = du.attach(FAMILIES[family][0](seed=seed))
     pipe.unlearn("van gogh", domain="style", **CLOSED_FORM)
     conditioner = conditioner_for(pipe, guidance_scale=3.0)
     items = [("a painting in van gogh style", "van gogh")] + [(f"a photo of a {o}", o) for o in UNRELATED]
@@ -215,9 +223,9 @@ def test_closed_form_moves_the_target_more_than_unrelated_prompts(family):
             x = states[:, i, conditioner.concept_positions([prompt], concept)[0]]
             moved[i] += float((x @ delta.T).norm() / (x @ w0.T).norm()) / len(FIRST_BLOCK)
     target, unrelated = float(moved[0]), float(moved[1:].median())
-    print(family, "closed-form relative K/V change at the concept's tokens: target", f"{target:.3f}",
+    print(family, seed, "closed-form relative K/V change at the concept's tokens: target", f"{target:.3f}",
           "unrelated median", f"{unrelated:.3f}", "max", f"{float(moved[1:].max()):.3f}")
-    assert target > 2 * unrelated, (target, unrelated)
+    return target, unrelated
 
 
 def _reloaded_bit_exact(pipe, build, path):

@@ -1,0 +1,67 @@
+"""A tiny SD3 / Flux transformer that reads its text tokens: ``teach_concept_colours`` trains one briefly (flow
+matching) on a world where every built-in concept has its own colour.
+
+A random joint transformer attends almost uniformly over a few hundred text tokens, so its velocity hardly depends
+on which words a prompt has: any edit of its text-stream K/V moves every prompt alike, and no erasure method can be
+selective on it. A real SD3 or Flux draws what its concept tokens say. This world gives the tiny transformer that
+property in seconds, so a test can measure whether an erasure acts on the concept it removes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffusers_unlearn.conditioning import Conditioning
+from diffusers_unlearn.families import conditioner_for
+from diffusers_unlearn.prompts import TEMPLATES
+from diffusers_unlearn.vocabulary import DEFAULT_VOCABULARY
+
+# T5 prompts padded to 16 tokens, as the tiny CLIP prompts are (TINY_MAX_LENGTH): training then costs ~5% of the
+# 256 / 512 tokens the pipelines pad to by default; unlearning reads the same length from the pipeline.
+TAUGHT_MAX_SEQUENCE_LENGTH = 16
+
+
+def teach_concept_colours(pipe: Any, *, steps: int = 300, batch_size: int = 16, learning_rate: float = 3e-3,
+                          seed: int = 0) -> Any:
+    """Train ``pipe.transformer`` (in place; text encoders and VAE untouched) to draw each built-in style and object
+    (every template of its domain) as its own colour, the same latent vector at every latent position, and the empty
+    prompt as zero latents. Sets ``pipe.unlearning_max_sequence_length`` to the T5 length it was taught at. Returns ``pipe``."""
+    pipe.unlearning_max_sequence_length = TAUGHT_MAX_SEQUENCE_LENGTH
+    conditioner = conditioner_for(pipe)
+    generator = torch.Generator().manual_seed(seed)
+    concepts = [(domain, c) for domain in ("style", "object") for c in DEFAULT_VOCABULARY[domain]]
+    shape = conditioner.initial_latents(1, conditioner.default_resolution(), torch.Generator().manual_seed(0)).shape[1:]
+    channels_last = len(shape) == 2  # Flux's packed latents are [tokens, channels]; SD3's are [channels, h, w]
+    colours = torch.randn(len(concepts), shape[-1] if channels_last else shape[0], generator=generator)
+    pictures = (colours[:, None, :] if channels_last else colours[:, :, None, None]).expand(-1, *shape)
+    prompts, targets = [""], [torch.zeros(shape)]
+    for (domain, concept), picture in zip(concepts, pictures):
+        for template in TEMPLATES[domain]:
+            prompts.append(template.format(concept))
+            targets.append(picture)
+    targets = torch.stack(targets)
+    encoded = conditioner.encode(prompts)
+    transformer = pipe.transformer
+    trainable = [p.requires_grad for p in transformer.parameters()]
+    transformer.requires_grad_(True)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=learning_rate, weight_decay=0.0)
+    transformer.train()
+    with torch.enable_grad():
+        for _ in range(steps):
+            rows = torch.randint(0, len(prompts), (batch_size,), generator=generator)
+            x0, noise = targets[rows], torch.randn(targets[rows].shape, generator=generator)
+            sigma = torch.rand(batch_size, generator=generator)
+            s = sigma.view(-1, *[1] * len(shape))
+            cond = Conditioning(encoded.hidden_states[rows],
+                                {"pooled_projections": encoded.added["pooled_projections"][rows]})
+            velocity = conditioner.predict(transformer, (1 - s) * x0 + s * noise, sigma * 1000, cond)
+            loss = (velocity.float() - (noise - x0)).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    transformer.eval()
+    for parameter, flag in zip(transformer.parameters(), trainable):
+        parameter.requires_grad_(flag)
+    return pipe

@@ -193,9 +193,9 @@ _JOINT_TRANSFORMER = dict(in_channels=4, num_layers=2, attention_head_dim=16, nu
 
 # Attention bias of a T5 token on itself (relative-position bucket 0; every other bucket 0). SD3 and Flux pad T5
 # prompts to 256 / 512 tokens with no attention mask: a random T5 averages each word into that padding (different
-# words' states at cosine 0.95), so no prompt differs from another in its tokens. exp(10) against 511 padding tokens
-# keeps ~98% of a token's attention on itself, so each word's state stays its own (cosine ~0 between words), as a
-# trained T5 keeps content words distinct.
+# concepts' states at cosine 0.94-0.97), so no prompt differs from another in its tokens. exp(10) against 511 padding
+# tokens keeps ~98% of a token's attention on itself, so each word's state stays its own (cosine -0.1 to 0.6 between
+# concepts), as a trained T5 keeps content words distinct.
 TINY_T5_SELF_ATTENTION_BIAS = 10.0
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from diffusers_unlearn.conditioning import Conditioning
 from diffusers_unlearn.families import conditioner_for
 from diffusers_unlearn.prompts import TEMPLATES
 from diffusers_unlearn.vocabulary import DEFAULT_VOCABULARY
@@ -27,7 +26,8 @@ def teach_concept_colours(pipe: Any, *, steps: int = 300, batch_size: int = 16, 
                           seed: int = 0) -> Any:
     """Train ``pipe.transformer`` (in place; text encoders and VAE untouched) to draw each built-in style and object
     (every template of its domain) as its own colour, the same latent vector at every latent position, and the empty
-    prompt as zero latents. Sets ``pipe.unlearning_max_sequence_length`` to the T5 length it was taught at. Returns ``pipe``."""
+    prompt as zero latents. Sets ``pipe.unlearning_max_sequence_length`` to the T5 length it was taught at.
+    Returns ``pipe``."""
     pipe.unlearning_max_sequence_length = TAUGHT_MAX_SEQUENCE_LENGTH
     conditioner = conditioner_for(pipe)
     generator = torch.Generator().manual_seed(seed)
@@ -51,12 +51,11 @@ def teach_concept_colours(pipe: Any, *, steps: int = 300, batch_size: int = 16, 
     with torch.enable_grad():
         for _ in range(steps):
             rows = torch.randint(0, len(prompts), (batch_size,), generator=generator)
-            x0, noise = targets[rows], torch.randn(targets[rows].shape, generator=generator)
+            x0 = targets[rows]
+            noise = torch.randn(x0.shape, generator=generator)
             sigma = torch.rand(batch_size, generator=generator)
             s = sigma.view(-1, *[1] * len(shape))
-            cond = Conditioning(encoded.hidden_states[rows],
-                                {"pooled_projections": encoded.added["pooled_projections"][rows]})
-            velocity = conditioner.predict(transformer, (1 - s) * x0 + s * noise, sigma * 1000, cond)
+            velocity = conditioner.predict(transformer, (1 - s) * x0 + s * noise, sigma * 1000, encoded.select(rows))
             loss = (velocity.float() - (noise - x0)).square().mean()
             optimizer.zero_grad()
             loss.backward()

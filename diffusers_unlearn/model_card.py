@@ -198,8 +198,9 @@ def _erasure_text(record: RequestRecord) -> str:
         return "not checked"
     verdict = "erased" if figures["erased"] else "**NOT erased**"
     if figures.get("check") == "classifier":
-        reading = (f"classifier: recognised in {100 * float(figures['recognized']):.0f}% of {figures['images']} "
-                   f"images, allowed {100 * float(figures['max_recognized']):g}%")
+        from .classifier_check import ClassifierCheck  # at call time: the card's import stays light
+
+        reading = f"classifier: {ClassifierCheck.verdict(figures)}"
     else:
         reading = f"shift {float(figures['target_shift']):.2f}, needs {float(figures['min_shift']):g}"
     attempts = figures.get("attempts") or []

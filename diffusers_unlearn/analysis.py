@@ -8,6 +8,11 @@ harder to preserve" figure. Works on any attached pipeline.
 ``text_stream_change`` measures what gradient projection keeps on joint transformers (SD3, Flux), where each
 block's K/V read a different text state: the relative change of each K/V layer's output on the states it reads at
 a concept's tokens, on held-out x_t (trajectories sampled with another seed than the request's).
+
+``conditioning_routes`` asks, before a request, whether a K/V edit can reach a concept at all. SDXL, SD3 and Flux
+also read a pooled text vector (SDXL's ``add_embedding``, SD3's and Flux's ``time_text_embed``) that no K/V layer
+sees: what a model reads there, a K/V adapter cannot remove. For a prompt and another prompt it swaps only the
+pooled vector, or only the tokens, and reports how much of the full output change each swap makes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ._validation import check_int, check_number, check_seed
+from .conditioning import Conditioning
 from .embeddings import concept_embedding, cosine_similarities
 from .families import conditioner_for, denoiser_of
 from .prompts import TEMPLATES, check_domain, concept_prompts
@@ -112,6 +119,68 @@ def text_stream_change(
         rebuild(pipe)
     base = {name: w.float().cpu() for name, w in state.base_weights.items()}
     return relative_change(artifact.deltas(), base, states)
+
+
+@dataclass
+class ConditioningRoutes:
+    """How ``other``'s conditioning changes the model's output on ``prompt``'s x_t, by route: each value is
+    ||f(swapped) - f(prompt)|| / ||f(other) - f(prompt)||, summed over the trajectory's steps."""
+
+    prompt: str
+    other: str
+    pooled: float  # only the pooled text vector swapped to ``other``'s: the part K/V adapters cannot reach
+    tokens: float  # only the token states swapped: the part that reaches the model through the K/V layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def conditioning_routes(pipe: Any, prompt: str, others: Sequence[str], *, steps: int = 4,
+                        guidance_scale: float = 3.0, seed: int = 0) -> list[ConditioningRoutes]:
+    """For each of ``others``: how much of the change from ``prompt``'s conditioning to its own the pooled text
+    vector alone makes, and the token states alone, on the x_t of ``prompt``'s trajectory (``steps`` steps of the
+    pipeline's scheduler, ``guidance_scale`` (the requests' default; Flux's embedded guidance too), noise from
+    ``seed``) on the pipeline as it is now.
+
+    ``pooled`` near 1 and ``tokens`` near 0: the model tells the two prompts apart through the pooled vector, and an
+    erasure that edits K/V layers only (every method here) cannot remove the difference. The two need not add up
+    to 1 (the routes interact). Raises for pipelines without pooled text (SD 1.x / 2.x)."""
+    if not isinstance(prompt, str) or isinstance(others, str) or not all(isinstance(o, str) for o in others):
+        raise TypeError(f"prompt must be a string and others a list of strings, got {prompt!r} and {others!r}")
+    if not others:
+        raise ValueError("others is empty: give at least one prompt to compare with")
+    steps, seed = check_int(steps, "steps", minimum=1), check_seed(seed)
+    scale = check_number(guidance_scale, "guidance_scale", minimum=0)
+    conditioner = conditioner_for(pipe, guidance_scale=scale)
+    key = conditioner.pooled_text_key
+    if key is None:
+        raise ValueError(
+            f"{type(pipe).__name__} has no pooled text vector: its denoiser reads the prompt only through the K/V "
+            "layers. conditioning_routes applies to SDXL, SD3 and Flux pipelines")
+    denoiser = denoiser_of(pipe)
+    start = conditioner.encode([prompt])
+    latents, timesteps = conditioner.sample_trajectory(
+        denoiser, start, conditioner.encode_unconditional(1), steps=steps, guidance_scale=scale,
+        generator=torch.Generator().manual_seed(seed))
+    x, t = latents[:, 0], timesteps
+
+    def output(cond: Conditioning) -> torch.Tensor:
+        # every variant is one batch of the same shape: identical inputs give bit-identical outputs
+        return conditioner.predict(denoiser, x, t, cond.select([0] * len(t))).float()
+
+    base = output(start)
+    rows = []
+    for other in others:
+        target = conditioner.encode([other])
+        pooled_only = Conditioning(start.hidden_states, {**start.added, key: target.added[key]})
+        tokens_only = Conditioning(target.hidden_states, {**target.added, key: start.added[key]})
+        full = (output(target) - base).flatten(1).norm(dim=1).sum()
+        if full == 0:
+            raise ValueError(f"{prompt!r} and {other!r} give the same output: there is no change to split")
+        share = [float((output(c) - base).flatten(1).norm(dim=1).sum() / full) for c in (pooled_only, tokens_only)]
+        rows.append(ConditioningRoutes(prompt, other, *share))
+    return rows
 
 
 def plot_similarity_vs_change(rows: Sequence[ConceptChange], path: str | os.PathLike, title: str = "") -> None:

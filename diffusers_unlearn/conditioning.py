@@ -62,6 +62,9 @@ class Conditioner:
     """The interface every model family implements (see the module docstring)."""
 
     denoiser_attr = "unet"
+    # The ``Conditioning.added`` entry holding the pooled text vector, a route around the K/V layers (SDXL's
+    # ``add_embedding``, SD3's and Flux's ``time_text_embed``); None where the prompt reaches the model only as tokens.
+    pooled_text_key: str | None = None
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -195,6 +198,7 @@ class TextConditioner(Conditioner):
     def __init__(self, pipe: Any, guidance_scale: float | None = None):
         super().__init__(pipe)
         self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None and hasattr(pipe, "tokenizer_2")
+        self.pooled_text_key = "text_embeds" if self.is_sdxl else None
 
     @property
     def cross_attention_dim(self) -> int:

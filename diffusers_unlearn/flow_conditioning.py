@@ -35,6 +35,7 @@ class FlowConditioner(Conditioner):
     through the pipeline."""
 
     denoiser_attr = "transformer"
+    pooled_text_key = "pooled_projections"
 
     def __init__(self, pipe: Any, guidance_scale: float | None = None):
         super().__init__(pipe)

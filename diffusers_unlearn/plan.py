@@ -46,7 +46,7 @@ from .ledger import LEDGER_FILE, RequestRecord, read_ledger_dir
 from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
 from .model_card import check_base_model
 from .objectives import build_objective_config
-from .recipe import recommended_options, resolve_method
+from .recipe import recommended_method, recommended_options, resolve_method
 from .regularizers import regularizer_from_dict
 from .request import UnlearnRequest, record_signature
 from .trainer import TrainingConfig
@@ -109,6 +109,25 @@ class PlannedRequest:
     strategy: dict[str, Any]
     prompts: tuple[str, ...] | None = None
     templates: tuple[str, ...] | None = None
+    # the request's own method options when the recipe chose its method (no 'method:', no training): the recipe's
+    # method depends on the model family, which only run_plan knows (``for_family``); None when the plan chose it
+    recipe_options: dict[str, Any] | None = None
+
+    def for_family(self, family: Any) -> PlannedRequest:
+        """This request as it runs on a model of ``family``: a recipe-chosen method resolved for it."""
+        if self.recipe_options is None:
+            return self
+        method = recommended_method(family)
+        if method == self.method:
+            return self
+        options = recommended_options(None, method, self.domain, self.recipe_options)
+        resolved = dataclasses.replace(self, method=method, method_options=options)
+        try:
+            resolved.to_request()
+        except (TypeError, ValueError) as err:
+            raise PlanError(f"request {self.position} ({self.concept!r}) on this model gets the recommended method "
+                            f"{method!r}: {err}; name a method in the plan") from None
+        return resolved
 
     def to_request(self) -> UnlearnRequest:
         """The request to run, with fresh regularizer objects (they hold per-request state)."""
@@ -210,8 +229,9 @@ def _planned_request(
         raise PlanError(f"{where}: concept must be a string, got {type(concept).__name__} {concept!r} "
                         "(quote it in YAML: yes/no/on/off and numbers are not strings there)")
     method = resolve_method(fields.get("method"), {k: fields.get(k) for k in ("regularizers", *TRAINING_KEYS)})
-    options = recommended_options(fields.get("method"), method, fields.get("domain"),
-                                  {k: v for k, v in fields.items() if k not in REQUEST_KEYS})
+    own_options = {k: v for k, v in fields.items() if k not in REQUEST_KEYS}
+    options = recommended_options(fields.get("method"), method, fields.get("domain"), own_options)
+    recipe_options = own_options if fields.get("method") is None and method == recommended_method() else None
     strategy = _strategy(fields.get("strategy", plan_strategy), where)
     regularizers = _regularizer_dicts(fields.get("regularizers"), where)
     prompts = _strings(fields.get("prompts"), "prompts", where)
@@ -223,7 +243,7 @@ def _planned_request(
             position=position, concept=concept, domain=fields.get("domain"), method=method, method_options=options,
             training=TrainingConfig(**{k: fields[k] for k in TRAINING_KEYS if k in fields}),
             seed=fields.get("seed", 0), regularizers=regularizers, strategy=strategy, prompts=prompts,
-            templates=templates,
+            templates=templates, recipe_options=recipe_options,
         )
         request = planned.to_request()  # validates every field once, as pipe.unlearn does
     except (TypeError, ValueError) as err:
@@ -333,6 +353,7 @@ def run_plan(
         log: where one line per request goes (None: silent).
         after_request: called after each request is trained and saved (for callers that report or stop).
     """
+    from .families import family_of
     from .pipelines import load_pipeline
 
     say = log or (lambda _: None)
@@ -352,19 +373,20 @@ def run_plan(
     else:
         check_output_folder(plan.output)  # refuse a foreign non-empty folder before any training
     done = pipe.unlearning_ledger.requests[len(own):]
-    total = len(plan.requests)
+    requests = [planned.for_family(family_of(pipe)) for planned in plan.requests]
+    total = len(requests)
     if len(done) > total:
         raise PlanError(f"{checkpoint} holds {len(done)} requests of this plan, but the plan has only {total}; "
                         "use another output folder")
     skipped = []
-    for planned, record in zip(plan.requests, done):
+    for planned, record in zip(requests, done):
         problem = _mismatch(planned, record, plan.source)
         if problem:
             raise PlanError(problem)
         skipped.append(record.request_id)
         say(f"[{planned.position}/{total}] {planned.concept!r}: already in the ledger as {record.request_id}, skipped")
     trained = []
-    for planned in plan.requests[len(done):]:
+    for planned in requests[len(done):]:
         record = pipe.unlearn(planned.to_request(), progress=progress)
         pipe.save_unlearning(checkpoint)  # atomic: an interruption from here on loses nothing
         trained.append(record.request_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._validation import check_seed
 from .ledger import RequestRecord
@@ -20,6 +20,9 @@ from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
 from .recipe import recommended_options, resolve_method
 from .regularizers import Regularizer, check_regularizers
 from .trainer import TrainingConfig
+
+if TYPE_CHECKING:
+    from .families import ModelFamily
 
 
 @dataclass
@@ -89,14 +92,17 @@ class UnlearnRequest:
         training: TrainingConfig | None = None,
         prompts: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
+        family: ModelFamily | None = None,
         **method_options: Any,
     ) -> UnlearnRequest:
         """The request ``pipe.unlearn`` takes as keywords: ``steps``, ``rank``, ``learning_rate`` and
         ``batch_size`` are shortcuts for the same ``TrainingConfig`` fields; other keywords are options of the
-        method's config (``anchor="a dog"``, ``negative_guidance=2.0``)."""
+        method's config (``anchor="a dog"``, ``negative_guidance=2.0``). ``family``: the model family the request
+        will run on (``families.family_of(pipe)``), which the recommended recipe depends on."""
         # no method: the recommended recipe, or the trained default when training or regularizers are asked for
         resolved = resolve_method(method, dict(steps=steps, rank=rank, learning_rate=learning_rate,
-                                               batch_size=batch_size, training=training, regularizers=regularizers))
+                                               batch_size=batch_size, training=training, regularizers=regularizers),
+                                  family)
         return cls(
             concept,
             build_objective_config(resolved, recommended_options(method, resolved, domain, method_options)),

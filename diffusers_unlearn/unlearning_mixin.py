@@ -97,8 +97,8 @@ class UnlearningMixin:
             concept: what to remove, e.g. "van gogh", or a ready ``du.UnlearnRequest`` (then no other argument
                 but ``progress`` and ``accelerator``).
             method: "closed_form", "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method
-                config. None (default): the recommended recipe (``recipe.py``), or "esd" when training settings or
-                regularizers are given.
+                config. None (default): the recommended recipe (``recipe.py``: "closed_form" on UNets, "esd" on SD3
+                and Flux), or "esd" when training settings or regularizers are given.
             require_erasure: raise ``ErasureError`` (and commit nothing) when the closing erasure check finds that
                 the concept barely moved; by default such a request is committed with an ``ErasureWarning``.
             erasure_check: how the closing check decides (default ``du.ErasureCheck()``: the shift of the concept's
@@ -133,7 +133,7 @@ class UnlearningMixin:
                 raise TypeError(f"unlearn() got a ready UnlearnRequest and also {extra}; set them on the request")
             request = concept
         else:
-            request = UnlearnRequest.build(concept, method, **options)
+            request = UnlearnRequest.build(concept, method, family=family_of(self), **options)
         check = check_erasure_check(erasure_check)
         escalate = effective_escalation(request, escalate)
         attempts = escalated_requests(request, escalate)
@@ -191,7 +191,7 @@ class UnlearningMixin:
                 if options.pop("strategy", chosen) not in (chosen, strategy):
                     raise ValueError(f"request {i} asks for another strategy than {strategy!r}")
                 request = UnlearnRequest.build(options.pop("concept"), options.pop("method", None), strategy=chosen,
-                                               **options)
+                                               family=family_of(self), **options)
             if strategy_to_dict(request.strategy) != strategy_to_dict(chosen):
                 raise ValueError(f"request {i} asks for another strategy than {strategy!r}")
             self._check_fits_ledger(request)

@@ -319,6 +319,51 @@ def test_closed_form_warns_when_the_kept_states_fill_the_text_stream():
                if k.endswith("lora_B"))
 
 
+def test_the_recommended_method_on_joint_transformers_is_the_trained_one(tmp_path):
+    # With its defaults (every built-in concept, 50 solve timesteps) the closed form keeps thousands of states in a
+    # joint block's text stream and changes nothing (the test above fills it with far fewer): the recipe trains.
+    from diffusers_unlearn.cli.unlearn import _arguments_and_recipe
+    from diffusers_unlearn.families import family_of
+    from diffusers_unlearn.objectives import build_objective_config
+    from diffusers_unlearn.plan import PlanError, parse_plan, run_plan
+
+    families = {name: family_of(build(seed=0)) for name, build in ROUTE_BUILDERS.items()}
+    families["sd"] = family_of(du.testing.tiny_pipeline(seed=0))
+    for name, family in families.items():
+        built = du.UnlearnRequest.build("dog", domain="object", family=family)
+        assert built.method.method == ("esd" if name in FAMILIES else "closed_form"), name
+    assert du.UnlearnRequest.build("dog", domain="object").method.method == "closed_form"  # family not known
+    # the closed form's object settings (guidance 2, preserve weight 5) stay with the closed form
+    on_sd3 = du.UnlearnRequest.build("dog", domain="object", family=families["sd3"])
+    assert on_sd3.method == build_objective_config("esd")
+    args = parse_cli("tiny-sd3", "--concept", "dog", "--domain", "object")
+    assert _arguments_and_recipe(args)[0]["method"].method == "closed_form"  # before the model loads
+    assert _arguments_and_recipe(args, families["sd3"])[0]["method"].method == "esd"  # once it has
+    # pipe.unlearn resolves it with its own family
+    pipe = du.attach(du.testing.tiny_flux_pipeline(seed=0))
+    pipe.unlearning_max_sequence_length = 16  # ESD's default 200 steps x 50 sampling steps: keep them cheap
+    assert pipe.unlearn("van gogh", domain="style", progress=False).method == "esd"
+    # a plan without method or training resolves it when it runs on the model, and a resumed run agrees
+    plan = {"model": "tiny-sd3", "output": str(tmp_path / "out"),
+            "requests": [{"concept": "dog", "domain": "object", "sampling_steps": 2, "num_trajectories": 1}]}
+    assert parse_plan(plan).requests[0].method == "closed_form"
+    result = run_plan(parse_plan(plan), log=None)
+    assert [r.method for r in result.pipe.unlearning_ledger.requests] == ["esd"]
+    assert run_plan(parse_plan(plan), log=None).skipped == ["r0001"]
+    plan["requests"] = [{"concept": "dog", "domain": "object", "ridge": 0.1}]  # a closed-form option
+    plan["output"] = str(tmp_path / "other")
+    with pytest.raises(PlanError, match="request 1 \\('dog'\\) on this model gets the recommended method 'esd': "
+                                        ".*ridge.*name a method in the plan"):
+        run_plan(parse_plan(plan), log=None)
+    assert not (tmp_path / "other").exists()
+
+
+def parse_cli(*argv: str):
+    from diffusers_unlearn.cli import build_parser
+
+    return build_parser().parse_args(["unlearn", *argv, "--out", "unused"])
+
+
 def test_gradient_projection_keeps_the_first_block_exactly_and_reports_the_others(stream):
     family, pipe, _ = stream
     report = pipe.unlearning_ledger.requests[0].regularizers[0]["report"]

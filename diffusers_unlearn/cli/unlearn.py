@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "MODEL_OR_FOLDER itself updates it)")
     parser.add_argument("--method", default=None,
                         help="erasure method registered with du.register_objective (default: the recommended recipe, "
-                        "closed_form; esd when training or regularizer options are given); an unknown name is "
+                        "closed_form on SD/SDXL and esd on SD3/Flux; esd when training or regularizer options are "
+                        "given); an unknown name is "
                         "refused with the registered list")
     parser.add_argument("--anchor", default=None, help="anchor concept (method ca)")
     parser.add_argument("--domain", default=None,
@@ -194,7 +195,10 @@ def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | N
     return kwargs, recipe.summary if recipe else None
 
 
-def _arguments_and_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+def _arguments_and_recipe(args: argparse.Namespace, family: Any = None) -> tuple[dict[str, Any], Any]:
+    """``pipe.unlearn`` keywords from the flags, and the world's recipe behind them (None without one). Without
+    --method the recipe's method depends on the model ``family`` (``recipe.recommended_method``); None: not loaded
+    yet (``run`` resolves again once it is)."""
     from ..cli import UsageError
     from ..objectives import OBJECTIVES, ObjectiveConfig, build_objective_config
     from ..worlds import get_world
@@ -226,7 +230,7 @@ def _arguments_and_recipe(args: argparse.Namespace) -> tuple[dict[str, Any], Any
 
             trained = {"steps": args.steps, "learning_rate": args.learning_rate, "rank": args.rank,
                        "options": options or None, "regularizers": build_regularizers(args, recipe)}
-            method = resolve_method(None, trained)
+            method = resolve_method(None, trained, family)
             options = recommended_options(None, method, args.domain, options)
         kwargs["method"] = build_objective_config(method, options)
     for key, value in (("steps", args.steps), ("learning_rate", args.learning_rate), ("rank", _rank(args.rank)),
@@ -296,6 +300,11 @@ def run(args: argparse.Namespace) -> int:
     if "regularizers" in kwargs:
         print("regularizers: " + (", ".join(_describe(r) for r in request.regularizers) or "none"))
     pipe = load(args.model, args)
+    if args.method is None and recipe is None:  # the recommended method depends on the model family, known now
+        from ..families import family_of
+
+        request = UnlearnRequest.build(args.concept, seed=args.seed,
+                                       **_arguments_and_recipe(args, family_of(pipe))[0])
     request = _with_recipe_retain(request, recipe, pipe)
     before = len(pipe.unlearning_ledger.requests)
     checked = dict(erasure_check=recipe.erasure_check, escalate=_recipe_escalation(recipe, args)) if recipe else {}

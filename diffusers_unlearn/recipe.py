@@ -11,8 +11,8 @@ Joint transformers (SD3, Flux) get ``TRAINED_METHOD`` as their recommended metho
 the closed form can solve only the first joint block, and it keeps each concept once per tokenizer segment and solve
 timestep. With the default vocabulary and steps that fills the text stream, so the request changes nothing: 7050
 kept states on the tiny SD3, 3500 on the tiny Flux, against a 64-wide stream. A real SD3-medium (1536 wide) or Flux
-(3072) is filled the same way. ESD trains every joint block, and on the taught tiny Flux it moves the target 3-18
-times as much as an unrelated prompt (docs/deploy.md). The method is resolved once the pipeline is known:
+(3072) is filled the same way. ESD trains every joint block, and on the taught tiny SD3 and Flux it moves the
+target 2.5-36 times as much as unrelated prompts (seeds 0-7, docs/deploy.md). The method is resolved once the pipeline is known:
 ``pipe.unlearn`` passes its family, and the CLI and plans re-resolve a recipe-chosen method after loading the model.
 """
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from conftest import PROMPT, generate
 from deploy_helpers import check_with_plain_diffusers
-from dit_world import teach_concept_colours
+from dit_world import teach_concept_pictures
 
 import diffusers_unlearn as du
 from diffusers_unlearn import adapters as ad
@@ -56,30 +56,29 @@ def test_the_text_stream_projections_of_the_joint_blocks_are_adapted(stream):
     assert du.concept_embedding(pipe, "monet").shape == (pipe.transformer.context_embedder.out_features,)
 
 
-ESD_SD3_OPEN = pytest.mark.xfail(strict=True, reason=(
-    "measured on the taught tiny SD3 (dit_world), relative velocity change target / unrelated, tiny and teaching "
-    "seeds 0-3: 0.094/0.066, 0.029/0.123, 0.034/0.018, 0.034/0.034; Flux, the same way: 0.056/0.018, 0.163/0.012, "
-    "0.218/0.019, 0.222/0.033 (all pass). Silencing SD3's CLIP token states, its pooled text or both still fails "
-    "seeds; 1200 teaching steps pass 3 of 4. The edit acts along the text tokens' shared mean (docs/deploy.md). Open.")
-)
+# Unrelated prompts of the taught world (dit_world): objects and styles other than the target.
+ESD_UNRELATED = [*(f"a photo of a {o}" for o in ("cat", "horse", "tree", "car", "bird", "house")),
+                 *(f"a painting in {s} style" for s in ("monet", "cubism", "anime", "gothic"))]
 
 
-@pytest.mark.parametrize("family", [pytest.param("sd3", marks=ESD_SD3_OPEN), "flux"])
-def test_esd_moves_the_target_velocity_more_than_an_unrelated_prompt(family):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_esd_moves_the_target_velocity_more_than_unrelated_prompts(family):
     # on a tiny transformer taught to draw what its concept tokens say (dit_world): a random one draws every prompt
     # alike, so no edit of its text stream could be selective
-    pipe = du.attach(teach_concept_colours(FAMILIES[family][0](seed=0)))
+    pipe = du.attach(teach_concept_pictures(FAMILIES[family][0](seed=0)))
     pipe.unlearn("van gogh", domain="style", seed=0, **FAST)
     conditioner = conditioner_for(pipe, guidance_scale=3.0)
-    prompts = ["a painting in van gogh style", "a photo of a cat"]
+    prompts = ["a painting in van gogh style", *ESD_UNRELATED]
     cond = conditioner.encode(prompts)
     latents, timesteps = _base_trajectory(pipe, conditioner, prompts)  # the base model's own flow-matching x_t
     with pipe.audit("r0001", mode="without"):
         before = torch.stack([conditioner.predict(pipe.transformer, latents[s], timesteps[s], cond) for s in range(4)])
     after = torch.stack([conditioner.predict(pipe.transformer, latents[s], timesteps[s], cond) for s in range(4)])
-    moved = (after - before).float().flatten(2).norm(dim=2) / before.float().flatten(2).norm(dim=2)  # [steps, 2]
-    target, unrelated = moved[:, 0].mean().item(), moved[:, 1].mean().item()
-    print(family, "relative velocity change: target", f"{target:.3f}", "unrelated", f"{unrelated:.3f}")
+    moved = ((after - before).float().flatten(2).norm(dim=2) / before.float().flatten(2).norm(dim=2)).mean(dim=0)
+    # the median: in a world of random pictures one unrelated concept can lie close to the target's
+    target, unrelated = moved[0].item(), moved[1:].median().item()
+    print(family, "relative velocity change: target", f"{target:.3f}", "unrelated median", f"{unrelated:.3f}",
+          "max", f"{moved[1:].max().item():.3f}")
     assert target > 2 * unrelated, (target, unrelated)
 
 

@@ -146,7 +146,8 @@ def conditioning_routes(pipe: Any, prompt: str, others: Sequence[str], *, steps:
     ``pooled`` near 1 and ``tokens`` near 0: the model tells the two prompts apart through the pooled vector, and an
     erasure that edits K/V layers only (every method here) cannot remove the difference. The two need not add up
     to 1 (the routes interact). Raises for pipelines without pooled text (SD 1.x / 2.x)."""
-    if not isinstance(prompt, str) or isinstance(others, str) or not all(isinstance(o, str) for o in others):
+    if (not isinstance(prompt, str) or isinstance(others, str) or not isinstance(others, Sequence)
+            or not all(isinstance(o, str) for o in others)):
         raise TypeError(f"prompt must be a string and others a list of strings, got {prompt!r} and {others!r}")
     if not others:
         raise ValueError("others is empty: give at least one prompt to compare with")

@@ -10,10 +10,11 @@ same rule.
 Joint transformers (SD3, Flux) get ``TRAINED_METHOD`` as their recommended method (``recommended_method``). There
 the closed form can solve only the first joint block, and it keeps each concept once per tokenizer segment and solve
 timestep. With the default vocabulary and steps that fills the text stream, so the request changes nothing: 7050
-kept states on the tiny SD3, 3500 on the tiny Flux, against a 64-wide stream. A real SD3-medium (1536 wide) or Flux
-(3072) is filled the same way. ESD trains every joint block, and on the taught tiny SD3 and Flux it moves the
-target 2.5-36 times as much as unrelated prompts (seeds 0-7, docs/deploy.md). The method is resolved once the pipeline is known:
-``pipe.unlearn`` passes its family, and the CLI and plans re-resolve a recipe-chosen method after loading the model.
+kept states on the tiny SD3, 3500 on the tiny Flux, against a 64-wide stream (measured). The same counts exceed a
+real SD3-medium's width (1536) and Flux's (3072); not measured on a real checkpoint. ESD trains every joint block,
+and on the taught tiny SD3 and Flux it moves the target 2.5-36 times as much as unrelated prompts (seeds 0-7,
+docs/deploy.md). The method is resolved once the pipeline is known: ``pipe.unlearn`` passes its family, and the CLI
+and plans re-resolve a recipe-chosen method after loading the model.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from conftest import PROMPT, generate
 from deploy_helpers import check_with_plain_diffusers
-from dit_world import teach_concept_pictures
+from dit_world import UNRELATED_PROMPTS, base_trajectory, teach_concept_pictures, velocity_moves
 
 import diffusers_unlearn as du
 from diffusers_unlearn import adapters as ad
@@ -56,39 +56,18 @@ def test_the_text_stream_projections_of_the_joint_blocks_are_adapted(stream):
     assert du.concept_embedding(pipe, "monet").shape == (pipe.transformer.context_embedder.out_features,)
 
 
-# Unrelated prompts of the taught world (dit_world): objects and styles other than the target.
-ESD_UNRELATED = [*(f"a photo of a {o}" for o in ("cat", "horse", "tree", "car", "bird", "house")),
-                 *(f"a painting in {s} style" for s in ("monet", "cubism", "anime", "gothic"))]
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_esd_moves_the_target_velocity_more_than_unrelated_prompts(family):
     # on a tiny transformer taught to draw what its concept tokens say (dit_world): a random one draws every prompt
     # alike, so no edit of its text stream could be selective
     pipe = du.attach(teach_concept_pictures(FAMILIES[family][0](seed=0)))
     pipe.unlearn("van gogh", domain="style", seed=0, **FAST)
-    conditioner = conditioner_for(pipe, guidance_scale=3.0)
-    prompts = ["a painting in van gogh style", *ESD_UNRELATED]
-    cond = conditioner.encode(prompts)
-    latents, timesteps = _base_trajectory(pipe, conditioner, prompts)  # the base model's own flow-matching x_t
-    with pipe.audit("r0001", mode="without"):
-        before = torch.stack([conditioner.predict(pipe.transformer, latents[s], timesteps[s], cond) for s in range(4)])
-    after = torch.stack([conditioner.predict(pipe.transformer, latents[s], timesteps[s], cond) for s in range(4)])
-    moved = ((after - before).float().flatten(2).norm(dim=2) / before.float().flatten(2).norm(dim=2)).mean(dim=0)
+    moved = velocity_moves(pipe, ["a painting in van gogh style", *UNRELATED_PROMPTS])
     # the median: in a world of random pictures one unrelated concept can lie close to the target's
     target, unrelated = moved[0].item(), moved[1:].median().item()
     print(family, "relative velocity change: target", f"{target:.3f}", "unrelated median", f"{unrelated:.3f}",
           "max", f"{moved[1:].max().item():.3f}")
     assert target > 2 * unrelated, (target, unrelated)
-
-
-def _base_trajectory(pipe, conditioner, prompts, request_id="r0001"):
-    """The x_t and timesteps the velocity tests measure on: 4 flow-matching steps of the model without
-    ``request_id``, seed 7, guidance 3."""
-    with pipe.audit(request_id, mode="without"):
-        return conditioner.sample_trajectory(
-            pipe.transformer, conditioner.encode(prompts), conditioner.encode_unconditional(len(prompts)), steps=4,
-            guidance_scale=3.0, generator=torch.Generator().manual_seed(7))
 
 
 # ------------------------------------------------------------------------------------------- closed form
@@ -128,7 +107,7 @@ def test_closed_form_edits_the_first_joint_block_on_states_no_image_enters(solve
     # what the solve reads (a one-token image, cut after the first block) is what the block reads while generating
     conditioner = conditioner_for(pipe, guidance_scale=3.0)
     prompts = ["a painting in van gogh style", "a photo of a cat"]
-    latents, timesteps = _base_trajectory(pipe, conditioner, prompts)
+    latents, timesteps = base_trajectory(pipe, conditioner, prompts)
     read = conditioner.prompt_kv_inputs(conditioner.encode(prompts), FIRST_BLOCK[0], timesteps)
     for step in range(len(timesteps)):
         seen = conditioner.kv_inputs(pipe.transformer, latents[step], timesteps[step].reshape(1),
@@ -216,7 +195,7 @@ def _closed_form_selectivity(family: str, seed: int) -> tuple[float, float]:
     conditioner = conditioner_for(pipe, guidance_scale=3.0)
     items = [("a painting in van gogh style", "van gogh")] + [(f"a photo of a {o}", o) for o in UNRELATED]
     prompts = [p for p, _ in items]
-    _, timesteps = _base_trajectory(pipe, conditioner, prompts[:2])  # the x_t's timesteps of the ESD test
+    _, timesteps = base_trajectory(pipe, conditioner, prompts[:2])  # the x_t's timesteps of the ESD test
     states = conditioner.prompt_kv_inputs(conditioner.encode(prompts), FIRST_BLOCK[0], timesteps).double()
     moved = torch.zeros(len(items))
     for layer in FIRST_BLOCK:

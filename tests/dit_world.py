@@ -26,9 +26,10 @@ def teach_concept_pictures(pipe: Any, *, steps: int = 600, batch_size: int = 16,
                           seed: int = 0) -> Any:
     """Train ``pipe.transformer`` (in place; text encoders and VAE untouched) to draw each built-in style and object
     (every template of its domain) as its own picture, and the empty prompt as zero latents. A picture is one random
-    vector on every image token: a patch of latent pixels x channels, 16 values on both tiny models. (One 4-channel
-    colour per concept, as first written, put some concepts' pictures next to each other or to zero.) Sets
-    ``pipe.unlearning_max_sequence_length`` to the T5 length it was taught at. Returns ``pipe``.
+    vector on every image token: the patch one token covers, tiled (SD3: 2x2 latent pixels x 4 channels, 16 values;
+    Flux: one packed token, 4 values). One 4-value colour per latent pixel, as first written, put some of SD3's
+    concepts next to each other or to zero. Sets ``pipe.unlearning_max_sequence_length`` to the T5 length it was
+    taught at. Returns ``pipe``.
 
     600 steps: at 300 ESD's selectivity test on SD3 failed at seed 5 of seeds 3-5 (the target moved no more than
     the unrelated prompts, 0.012 each: the world half learnt); at 600 it passes at every seed 0-7."""
@@ -38,12 +39,12 @@ def teach_concept_pictures(pipe: Any, *, steps: int = 600, batch_size: int = 16,
     concepts = [(domain, c) for domain in ("style", "object") for c in DEFAULT_VOCABULARY[domain]]
     shape = conditioner.initial_latents(1, conditioner.default_resolution(), torch.Generator().manual_seed(0)).shape[1:]
     if len(shape) == 2:  # Flux's packed latents [tokens, channels x 2 x 2]: one random vector on every token
-        colours = torch.randn(len(concepts), shape[-1], generator=generator)
-        pictures = colours[:, None, :].expand(-1, *shape)
+        vectors = torch.randn(len(concepts), shape[-1], generator=generator)
+        pictures = vectors[:, None, :].expand(-1, *shape)
     else:  # SD3's [channels, h, w]: the same, one random patch (what one image token covers) tiled
         patch = pipe.transformer.config.patch_size
-        colours = torch.randn(len(concepts), shape[0], patch, patch, generator=generator)
-        pictures = colours.repeat(1, 1, shape[1] // patch, shape[2] // patch)
+        patches = torch.randn(len(concepts), shape[0], patch, patch, generator=generator)
+        pictures = patches.repeat(1, 1, shape[1] // patch, shape[2] // patch)
     prompts, targets = [""], [torch.zeros(shape)]
     for (domain, concept), picture in zip(concepts, pictures):
         for template in TEMPLATES[domain]:

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from conftest import PROMPT, generate
 from deploy_helpers import check_with_plain_diffusers
 from dit_world import UNRELATED_PROMPTS, base_trajectory, teach_concept_pictures, velocity_moves
+from test_cli_worlds import parse as parse_unlearn_flags
 
 import diffusers_unlearn as du
 from diffusers_unlearn import adapters as ad
@@ -317,7 +318,7 @@ def test_the_recommended_method_on_joint_transformers_is_the_trained_one(tmp_pat
     # the closed form's object settings (guidance 2, preserve weight 5) stay with the closed form
     on_sd3 = du.UnlearnRequest.build("dog", domain="object", family=families["sd3"])
     assert on_sd3.method == build_objective_config("esd")
-    args = parse_cli("tiny-sd3", "--concept", "dog", "--domain", "object")
+    args = parse_unlearn_flags("tiny-sd3", "--concept", "dog", "--domain", "object")
     assert _arguments_and_recipe(args)[0]["method"].method == "closed_form"  # before the model loads
     assert _arguments_and_recipe(args, families["sd3"])[0]["method"].method == "esd"  # once it has
     # pipe.unlearn resolves it with its own family
@@ -337,12 +338,6 @@ def test_the_recommended_method_on_joint_transformers_is_the_trained_one(tmp_pat
                                         ".*ridge.*name a method in the plan"):
         run_plan(parse_plan(plan), log=None)
     assert not (tmp_path / "other").exists()
-
-
-def parse_cli(*argv: str):
-    from diffusers_unlearn.cli import build_parser
-
-    return build_parser().parse_args(["unlearn", *argv, "--out", "unused"])
 
 
 def test_gradient_projection_keeps_the_first_block_exactly_and_reports_the_others(stream):

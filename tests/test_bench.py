@@ -242,10 +242,18 @@ def test_heldout_wordings_and_per_concept_ua(tmp_path):
         tiny_world(heldout_templates=["{style} only"])
 
 
+def wider_world(**overrides) -> bench.BenchWorld:
+    """The tiny world with concepts outside its evaluation: what a protocol may be told to keep."""
+    values = dict(styles=[*STYLES, "klimt", "dali"], objects=[*OBJECTS, "bird"])
+    values.update(overrides)
+    return tiny_world(**values)
+
+
 def test_gradient_projection_protects_the_world_auxiliary_set_by_default():
-    auxiliary = {"style": ["monet", "klimt"], "object": ["cat"]}
-    world = tiny_world(auxiliary=auxiliary)
-    assert world.vocabulary() == {"tinyworld-style": ["monet", "klimt"], "tinyworld-object": ["cat"]}
+    world = wider_world(auxiliary={"style": ["klimt"], "object": ["bird"]})
+    assert world.vocabulary() == {"tinyworld-style": ["klimt"], "tinyworld-object": ["bird"]}
+    # by default the pool is every concept outside the evaluation
+    assert wider_world().vocabulary() == {"tinyworld-style": ["klimt", "dali"], "tinyworld-object": ["bird"]}
     assert bench.Hyperparameters().gp_neighbors is None  # all of it, as the paper protects its whole set
     world.register_domains()
     config = bench.BenchSettings(requests=2, hparams=HP, protocols=["gp"])
@@ -255,13 +263,37 @@ def test_gradient_projection_protects_the_world_auxiliary_set_by_default():
         bench.serve_request(pipe, bench.PROTOCOLS["gp"], world, config, stream, k, progress=False)
     second = pipe.unlearning_ledger.requests[1].regularizers[0]["report"]["protected"]
     assert {(p["concept"], p["source"]) for p in second} == {("van gogh", "removed"), ("klimt", "neighbor"),
-                                                             ("cat", "neighbor")}  # the target (monet) left out
+                                                             ("bird", "neighbor")}
+    # request prompts are written with the objects outside the evaluation only
+    assert pipe.unlearning_ledger.requests[0].prompts == ["a bird in van gogh style"]
     with pytest.raises(ValueError, match="auxiliary"):
         tiny_world(auxiliary={"colour": ["red"]})
 
 
-def test_a_retain_loss_keeps_the_domain_pool_less_every_removal_so_far():
-    world = tiny_world(auxiliary={"style": ["monet", "klimt", "van gogh"], "object": ["cat"]})
+def test_a_protocol_told_to_keep_an_evaluated_concept_is_refused():
+    # the pool may not name a scored concept (monet is a kept style, cat a CRA object)
+    for auxiliary in ({"style": ["klimt", "monet"], "object": []}, {"style": [], "object": ["Cat"]}):
+        with pytest.raises(ValueError, match="evaluated concepts"):
+            wider_world(auxiliary=auxiliary)
+    # nor may a request's method or regularizers, whoever built them
+    world = wider_world()
+    config = bench.BenchSettings(requests=1, hparams=HP, protocols=["gp"])
+    kwargs = bench.request_kwargs(world, config, bench.PROTOCOLS["gp"], "van gogh")
+    world.check_request(kwargs)  # the bench's own request keeps only unevaluated concepts
+    for bad in (dict(regularizers=[du.GradientProjection(retain=["monet"])]),
+                dict(method=du.objectives.ClosedFormConfig(preserve=["picasso"])),
+                dict(method=du.objectives.ClosedFormConfig(vocabulary={"tinyworld-object": ["dog"]}))):
+        with pytest.raises(ValueError, match="evaluated concepts"):
+            world.check_request({**kwargs, **bad})
+    # the split is in every result
+    described = world.describe()
+    assert described["protected"] == {"tinyworld-style": ["klimt", "dali"], "tinyworld-object": ["bird"]}
+    assert described["scored"] == {"style": STYLES, "object": OBJECTS}
+    assert not described["request_prompts_use_evaluated"]
+
+
+def test_a_retain_loss_keeps_the_world_pool_outside_the_evaluation():
+    world = wider_world(auxiliary={"style": ["klimt", "dali"], "object": ["bird"]})
     hp = dataclasses.replace(HP, preserve_weight=2.0)
     for protocol in ("sequential", "simultaneous"):
         config = bench.BenchSettings(requests=2, hparams=hp, protocols=[protocol])
@@ -269,12 +301,12 @@ def test_a_retain_loss_keeps_the_domain_pool_less_every_removal_so_far():
         records = pipe.unlearning_ledger.requests
         last = records[-1].method_config
         assert last["preserve_weight"] == 2.0
-        # the style pool less both removals (van gogh, monet), in the pool's order; objects are another domain
-        assert stream == ["van gogh", "monet"] and last["preserve"] == ["klimt"]
+        # the style pool (never an evaluated concept, so never a removal of the stream), in the pool's order
+        assert stream == ["van gogh", "monet"] and last["preserve"] == ["klimt", "dali"]
         if protocol == "sequential":
-            assert records[0].method_config["preserve"] == ["monet", "klimt"]
+            assert records[0].method_config["preserve"] == ["klimt", "dali"]
     # the closed form keeps the pool by construction: no retain loss
-    kwargs = bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form"], "klimt", ["van gogh"])
+    kwargs = bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form"], "monet", ["van gogh"])
     solved = kwargs["method"]
     assert not solved.preserve and solved.preserve_weight == du.objectives.ClosedFormConfig().preserve_weight
 

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 METRICS = (("ua", "UA"), ("ira", "IRA"), ("cra", "CRA"))
+# what nobody named keeps beyond being recognised (evaluation/retention.py); None where a run did not measure it
+RETENTION = (("cross_removed", "kept in removed prompts"), ("image_change", "kept-image change (seed gaps)"),
+             ("frechet", "kept-image Fréchet distance"))
 REFERENCE = "sequential"
 
 
@@ -52,6 +55,8 @@ def headline(result: dict[str, Any]) -> list[str]:
         header += ["ΔUA", "ΔIRA", "ΔCRA"]
     if heldout:
         header += ["UA held-out"]
+    retention = [(key, label) for key, label in RETENTION if any(r.get(key) is not None for r in finals.values())]
+    header += [label for _, label in retention]
     header += ["K/V drift", "training steps", "training s"]
     attacks = list(dict.fromkeys(kind for row in finals.values() for kind in row.get("attacks", {})))
     header += [f"robust UA ({kind})" for kind in attacks]
@@ -64,6 +69,9 @@ def headline(result: dict[str, Any]) -> list[str]:
                 cells.append(_pct(row[metric] - reference[metric], signed=True) if both else "n/a")
         if heldout:
             cells.append(_pct(row.get("ua_heldout")))
+        for key, _ in retention:
+            value = row.get(key)
+            cells.append("n/a" if value is None else _pct(value) if key == "cross_removed" else f"{value:.2f}")
         cells += [f"{row['drift']:.4f}", str(row["cumulative_steps"]), f"{row['cumulative_seconds']:.1f}"]
         cells += [_pct(row.get("attacks", {}).get(kind, {}).get("robust_ua")) for kind in attacks]
         rows.append(cells)
@@ -130,6 +138,7 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
         "",
     ]
     world = result["world"]
+    lines += protection_section(result)
     if has_heldout(result):
         templates = world.get("heldout_templates", [])
         per = next((r["heldout_images"] // max(1, k) for p in result["protocols"].values()
@@ -157,6 +166,35 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
         lines += _table(header, [[f"{i + 1}. {c}"] + ["" if v is None else f"{v:.0f}" for v in matrix[i]]
                                  for i, c in enumerate(result["stream"])]) + [""]
     return "\n".join(lines)
+
+
+def protection_section(result: dict[str, Any]) -> list[str]:
+    """What the protocols were allowed to keep and what retention was scored on (disjoint, ``BenchWorld``), and
+    what the retention columns mean."""
+    world = result["world"]
+    if "protected" not in world:  # results written before the honest protocol
+        return ["Protected and scored concepts: not recorded (a run from before the honest protocol; its protocols "
+                "may have protected the concepts they were scored on).", ""]
+    protected = world["protected"]
+    size = sum(len(c) for c in protected.values())
+    listing = "; ".join(f"{domain}: " + ", ".join(f"`{c}`" for c in concepts) for domain, concepts in
+                        protected.items() if concepts)
+    scored = world["scored"]
+    lines = [f"Protected and scored concepts (disjoint): the protocols that keep concepts (gradient projection, the "
+             f"closed form, retain losses) were given at most these {size}: {listing or 'none'}. Retention is scored "
+             f"on {len(scored['style'])} styles and {len(scored['object'])} objects that none of them was given ("
+             + ", ".join(f"`{c}`" for c in [*scored["style"], *scored["object"]]) + ")"
+             + (", and request prompts use only unscored concepts of the other domain." if not
+                world.get("request_prompts_use_evaluated") else "; this world has no unscored concept of one domain, "
+                "so its request prompts use scored ones."), ""]
+    finals = final_rows(result)
+    if any(r.get("image_change") is not None or r.get("cross_removed") is not None for r in finals.values()):
+        lines += ["Kept in removed prompts: the other domain's classifier on the removed concepts' own images (the "
+                  "object in a removed style's prompt should still be drawn). Kept-image change: distance of the kept "
+                  "concepts' images to the base model's at the same seed, in units of the base model's distance "
+                  "between two seeds of the same prompt (0: untouched, 1: as different as another sample). Fréchet "
+                  "distance: of the kept concepts' image features (the world's feature extractor) to the base's.", ""]
+    return lines
 
 
 def escalation_section(result: dict[str, Any]) -> list[str]:

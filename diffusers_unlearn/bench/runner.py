@@ -16,6 +16,7 @@ from .. import __version__
 from .._validation import check_int, check_number, check_seed
 from ..evaluation import evaluate_unlearning, kv_drift
 from ..evaluation.metrics import check_eval_domain
+from ..evaluation.retention import EvalReference
 from ..mixin import attach
 from ..objectives import OBJECTIVES, ObjectiveConfig, TrainedObjectiveConfig, build_objective_config
 from ..objectives.esd import REFERENCES as ESD_REFERENCES
@@ -185,13 +186,15 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
     method = _objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method, removed)
     if protocol.options.get(settings.domain):
         method = dataclasses.replace(method, **protocol.options[settings.domain])
-    return dict(
+    kwargs = dict(
         **verified,
         concept=concept,
         method=method,
         domain=world.prompt_domain(settings.domain), steps=hp.steps, learning_rate=hp.learning_rate, rank=hp.rank,
         batch_size=hp.batch_size, regularizers=protocol.build_regularizers(ctx), strategy=protocol.strategy(ctx),
     )
+    world.check_request(kwargs)  # nothing it keeps may be a concept retention is scored on
+    return kwargs
 
 
 def serve_request(pipe: Any, protocol: Protocol, world: BenchWorld, settings: BenchSettings, stream: Sequence[str],
@@ -209,8 +212,10 @@ def serve_request(pipe: Any, protocol: Protocol, world: BenchWorld, settings: Be
         pipe.rollback(request_id)
     concepts = list(stream[: k + 1])
     prompts = [t.format(c) for c in concepts for t in templates]
+    objective = _objective(settings, world, concepts, len(prompts))
+    world.check_request({"method": objective})
     record = pipe.unlearn(
-        "+".join(concepts), _objective(settings, world, concepts, len(prompts)), domain=domain,
+        "+".join(concepts), objective, domain=domain,
         steps=hp.steps * len(concepts), seed=settings.seed + k, learning_rate=hp.learning_rate, rank=hp.rank,
         batch_size=hp.batch_size, prompts=prompts, progress=progress,
     )
@@ -233,6 +238,11 @@ def _row(k: int, concept: str | None, scores: Any, drift: float, steps: int, sec
         "eval_seconds": scores.seconds,
         "accuracy": scores.accuracy,
         "cross_accuracy": scores.cross_accuracy,
+        # the other domain kept in the removed concepts' own prompts (objects drawn in a removed style's prompt)
+        "cross_removed": scores.cross_removed,
+        # kept concepts' images against the base's at the same seed, in seed gaps; their features' Fréchet distance
+        "image_change": scores.image_change,
+        "frechet": scores.frechet,
         # the removed concepts in wordings the model was never trained on (None: no held-out wordings / nothing removed)
         "ua_heldout": None if heldout is None else heldout["ua"],
         "heldout_accuracy": None if heldout is None else heldout["accuracy"],
@@ -250,15 +260,24 @@ def _erasure_figures(record: Any, protocol: Protocol) -> dict[str, Any]:
     return figures
 
 
-def _evaluate(world: BenchWorld, settings: BenchSettings, pipe: Any, removed: Sequence[str], progress: bool) -> Any:
+def _evaluate(world: BenchWorld, settings: BenchSettings, pipe: Any, removed: Sequence[str], progress: bool,
+              reference: EvalReference | None = None) -> Any:
     return evaluate_unlearning(pipe, removed, settings.domain, world.style_classifier, world.object_classifier,
-                               world.eval_config, progress=progress)
+                               world.eval_config, progress=progress, reference=reference,
+                               feature_extractor=world.feature_extractor)
+
+
+def base_reference(world: BenchWorld, base_scores: Any) -> EvalReference:
+    """The base model's evaluation images (and features) that every later state is compared with."""
+    return EvalReference.from_images(base_scores.images, world.feature_extractor)
 
 
 def run_protocol(world: BenchWorld, settings: BenchSettings, protocol: Protocol, base_row: dict[str, Any], *,
                  progress: bool = True, log: Callable[[str], None] | None = None,
-                 on_request: Callable[[], None] | None = None) -> list[dict[str, Any]]:
-    """Serve the whole stream under one protocol on a fresh pipeline; one row per request after ``base_row``."""
+                 on_request: Callable[[], None] | None = None,
+                 reference: EvalReference | None = None) -> list[dict[str, Any]]:
+    """Serve the whole stream under one protocol on a fresh pipeline; one row per request after ``base_row``.
+    ``reference``: the base model's evaluation images (``base_reference``), for the image-change measures."""
     say = log or (lambda message: None)
     stream = world.stream(settings.domain, settings.requests)
     pipe = attach(world.load_pipeline())
@@ -267,7 +286,7 @@ def run_protocol(world: BenchWorld, settings: BenchSettings, protocol: Protocol,
     for k in range(len(stream)):
         steps, seconds = serve_request(pipe, protocol, world, settings, stream, k, progress)
         cum_steps, cum_seconds = cum_steps + steps, cum_seconds + seconds
-        scores = _evaluate(world, settings, pipe, stream[: k + 1], progress)
+        scores = _evaluate(world, settings, pipe, stream[: k + 1], progress, reference)
         heldout = heldout_unlearning(pipe, world, stream[: k + 1], settings.domain, progress)
         drift = kv_drift(pipe)
         rows.append(_row(k + 1, stream[k], scores, drift, steps, seconds, cum_steps, cum_seconds, heldout))
@@ -285,7 +304,8 @@ def run_protocol(world: BenchWorld, settings: BenchSettings, protocol: Protocol,
 
 
 def _protocol_job(world_factory: Callable[[], BenchWorld], settings: BenchSettings, name: str,
-                  base_row: dict[str, Any], threads: int) -> tuple[str, list[dict[str, Any]], list[str]]:
+                  base_row: dict[str, Any], threads: int, base_images: torch.Tensor | None = None
+                  ) -> tuple[str, list[dict[str, Any]], list[str]]:
     """One protocol in a worker process (``jobs > 1``): its rows and its log lines."""
     torch.set_num_threads(threads)
     from transformers.utils import logging as transformers_logging
@@ -293,8 +313,10 @@ def _protocol_job(world_factory: Callable[[], BenchWorld], settings: BenchSettin
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     lines: list[str] = []
-    rows = run_protocol(world_factory(), settings, resolve_protocols([name])[0], base_row, progress=False,
-                        log=lines.append)
+    world = world_factory()
+    reference = None if base_images is None else EvalReference.from_images(base_images, world.feature_extractor)
+    rows = run_protocol(world, settings, resolve_protocols([name])[0], base_row, progress=False,
+                        log=lines.append, reference=reference)
     return name, rows, lines
 
 
@@ -322,6 +344,7 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
 
     base_pipe = attach(world.load_pipeline())
     base = _evaluate(world, settings, base_pipe, [], progress)
+    reference = base_reference(world, base)
     say(f"removal order ({settings.domain}): " + ", ".join(f"{k + 1}. {c}" for k, c in enumerate(stream)))
     say(f"base model: {base.summary()}  [{base.seconds:.1f}s]")
     base_row = _row(0, None, base, 0.0, 0, 0.0, 0, 0.0)
@@ -332,7 +355,7 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
         outer = tqdm(total=len(protocols) * len(stream), desc="bench", unit="request", disable=not progress)
         for protocol in protocols:
             rows = run_protocol(world, settings, protocol, base_row, progress=progress, log=say,
-                                on_request=lambda: outer.update(1))
+                                on_request=lambda: outer.update(1), reference=reference)
             results[protocol.name] = rows
         outer.close()
     else:
@@ -343,7 +366,8 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
         order = sorted(protocols, key=lambda p: not p.simultaneous)
         # spawn: forked workers would inherit torch's thread pools and any locks held at fork time
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_protocol_job, world_factory, settings, p.name, base_row, 1) for p in order]
+            futures = [pool.submit(_protocol_job, world_factory, settings, p.name, base_row, 1, reference.images)
+                       for p in order]
             with tqdm(total=len(futures), desc="bench", unit="protocol", disable=not progress) as outer:
                 for future in as_completed(futures):
                     name, rows, lines = future.result()

@@ -2,6 +2,11 @@
 
 The default world is MiniCanvas (shipped, offline). Any pipeline with a style/object prompt template and two
 classifiers makes one (e.g. Stable Diffusion with CLIP zero-shot classifiers on a GPU).
+
+A world splits its concepts in two: the evaluated ones (``eval_config``: the stream's removals and the kept concepts
+IRA and CRA are scored on) and the rest, which is all a protocol may be told to keep (``auxiliary``) and all its
+request prompts draw on. A method told to keep a concept keeps it, so retention is scored only on concepts no
+protocol was given; a protocol handed an evaluated concept is refused (``check_protected``).
 """
 
 from __future__ import annotations
@@ -11,12 +16,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .. import minicanvas as mc
 from .._validation import check_int, check_seed
 from ..classifier_check import ClassifierCheck
 from ..evaluation import Classifier, EvalConfig
 from ..evaluation.metrics import check_eval_domain
-from ..prompts import TEMPLATES, register_templates
+from ..evaluation.retention import FeatureExtractor
+from ..prompts import TEMPLATES, register_templates, same_concept
+
+# fields of a method config or regularizer that name concepts to keep: what check_protected inspects
+PROTECTION_FIELDS = ("preserve", "vocabulary", "retain", "keep")
 
 
 @dataclass
@@ -36,13 +47,17 @@ class BenchWorld:
             every request the removed concepts are also scored in these wordings (``ua_heldout``), to tell erasing a
             concept from erasing one phrasing. Empty: no held-out score.
         heldout_others: how many evaluated concepts of the other domain the held-out images use (the first ones).
-        auxiliary: gradient projection's pool of concepts to protect, ``{"style": [...], "object": [...]}``
-            (default: every concept of the world). The target and earlier removals are never taken from it.
+        auxiliary: the concepts a protocol may be told to keep (gradient projection's pool, the closed form's
+            vocabulary, a retain loss), ``{"style": [...], "object": [...]}``; disjoint from every evaluated concept
+            (default: every concept of the world that is not evaluated). The target and earlier removals are never
+            taken from it.
         anchors: Concept Ablation's anchor per domain where the world has a better one than a generic word
             (``bench.DEFAULT_ANCHORS``), e.g. a concrete object when the model draws no object-less image.
         check_seeds: the seeds of a verified protocol's erasure check (``erasure_check``); never the evaluation's,
             so that a request is not tuned to the images it is scored on.
         check_templates: how many prompts of the request's templates the check draws (spread over them).
+        feature_extractor: ``images -> [B, F]`` features for the Fréchet distance of kept images to the base's
+            (None: no Fréchet distance).
     """
 
     name: str
@@ -59,6 +74,7 @@ class BenchWorld:
     anchors: dict[str, str] = field(default_factory=dict)
     check_seeds: tuple[int, ...] = (1,)
     check_templates: int = 12
+    feature_extractor: FeatureExtractor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or " " in self.name:
@@ -86,6 +102,7 @@ class BenchWorld:
             if unknown:
                 raise ValueError(f"auxiliary concept domains must be 'style' / 'object', got {unknown}")
             self.auxiliary = {d: list(self.auxiliary.get(d, [])) for d in ("style", "object")}
+            self.check_protected([c for d in ("style", "object") for c in self.auxiliary[d]], "auxiliary")
         unknown = sorted(set(self.anchors) - {"style", "object"})
         if unknown:
             raise ValueError(f"anchor domains must be 'style' / 'object', got {unknown}")
@@ -99,6 +116,37 @@ class BenchWorld:
     def concepts(self, domain: str) -> list[str]:
         """Every concept of the domain (not only the evaluated ones)."""
         return list(self.styles if check_eval_domain(domain) == "style" else self.objects)  # type: ignore[arg-type]
+
+    def evaluated(self) -> list[str]:
+        """Every evaluated concept of both domains: the removals and the kept concepts retention is scored on."""
+        return [*self.eval_config.styles, *self.eval_config.objects]
+
+    def unevaluated(self, domain: str) -> list[str]:
+        """The domain's concepts outside the evaluation: what protection and request prompts may use."""
+        evaluated = self.evaluated()
+        return [c for c in self.concepts(domain) if not any(same_concept(c, e) for e in evaluated)]
+
+    def check_protected(self, concepts: Any, what: str) -> None:
+        """Refuse ``concepts`` (names to keep, a list or ``{domain: [...]}``) that include an evaluated concept:
+        a protocol told to keep a concept keeps it, and its retention would measure only that."""
+        names = [c for cs in concepts.values() for c in cs] if isinstance(concepts, dict) else list(concepts or [])
+        evaluated = self.evaluated()
+        overlap = sorted({str(c) for c in names if any(same_concept(str(c), e) for e in evaluated)})
+        if overlap:
+            raise ValueError(f"{what} of world {self.name!r} names evaluated concepts {overlap[:8]}"
+                             f"{' ...' if len(overlap) > 8 else ''}: retention is scored on them, so no protocol may "
+                             f"be told to keep them; keep only concepts outside the evaluation "
+                             f"(e.g. {self.unevaluated('style')[:3] + self.unevaluated('object')[:2]})")
+
+    def check_request(self, kwargs: dict[str, Any]) -> None:
+        """Refuse a request (``pipe.unlearn`` keyword arguments) whose method or regularizers keep an evaluated
+        concept (any of ``PROTECTION_FIELDS``)."""
+        for part in [kwargs.get("method"), *kwargs.get("regularizers", [])]:
+            for name in PROTECTION_FIELDS:
+                value = getattr(part, name, None)
+                if value:
+                    self.check_protected(value, f"the {getattr(part, 'method', None) or getattr(part, 'name', '')} "
+                                                f"{name!r} of a request")
 
     def stream(self, domain: str, requests: int) -> list[str]:
         """The first ``requests`` concepts of the domain's removal order.
@@ -116,12 +164,20 @@ class BenchWorld:
     def prompt_domain(self, domain: str) -> str:
         return f"{self.name}-{check_eval_domain(domain)}"
 
+    def prompt_others(self, domain: str) -> list[str]:
+        """The other domain's concepts a ``domain`` request's prompts are written with: those outside the
+        evaluation, so that no request trains on a scored concept's prompt; every one of them when the world has
+        none outside it (a world as small as its evaluation; ``describe`` says so)."""
+        other = "object" if check_eval_domain(domain) == "style" else "style"
+        return self.unevaluated(other) or self.concepts(other)
+
     def templates(self, domain: str) -> list[str]:
-        """Request templates: the world's own prompt with the concept's slot open, across the other domain."""
+        """Request templates: the world's own prompt with the concept's slot open, across the other domain's
+        concepts outside the evaluation (``prompt_others``)."""
         template = self.eval_config.template
         if check_eval_domain(domain) == "style":
-            return [template.format(object=o, style="{}") for o in self.concepts("object")]
-        return [template.format(object="{}", style=s) for s in self.concepts("style")]
+            return [template.format(object=o, style="{}") for o in self.prompt_others("style")]
+        return [template.format(object="{}", style=s) for s in self.prompt_others("object")]
 
     def register_domains(self) -> None:
         """Register the world's prompt domains, so requests and gradient projection embed concepts in its prompts."""
@@ -144,8 +200,9 @@ class BenchWorld:
             batch_size=config.batch_size, height=config.height, width=config.width)
 
     def vocabulary(self) -> dict[str, list[str]]:
-        """Gradient projection's pool, in the world's prompt domains: ``auxiliary`` or every concept of the world."""
-        pool = self.auxiliary if self.auxiliary is not None else {d: self.concepts(d) for d in ("style", "object")}
+        """What a protocol may keep, in the world's prompt domains: ``auxiliary``, or every concept of the world
+        outside the evaluation."""
+        pool = self.auxiliary if self.auxiliary is not None else {d: self.unevaluated(d) for d in ("style", "object")}
         return {self.prompt_domain(d): list(pool[d]) for d in ("style", "object")}
 
     def describe(self) -> dict[str, Any]:
@@ -153,7 +210,12 @@ class BenchWorld:
                 "orders": self.orders, "heldout_templates": list(self.heldout_templates),
                 "heldout_others": self.heldout_others, "check_seeds": list(self.check_seeds),
                 "check_templates": self.check_templates,
-                "auxiliary_size": sum(len(c) for c in self.vocabulary().values())}
+                "auxiliary_size": sum(len(c) for c in self.vocabulary().values()),
+                # the honest protocol's split: what protocols may keep, and what retention is scored on (disjoint)
+                "protected": {d: list(c) for d, c in self.vocabulary().items()},
+                "scored": {"style": list(self.eval_config.styles), "object": list(self.eval_config.objects)},
+                "request_prompt_others": {d: self.prompt_others(d) for d in ("style", "object")},
+                "request_prompts_use_evaluated": any(not self.unevaluated(d) for d in ("style", "object"))}
 
 
 def family_round_robin(families: dict[str, Sequence[str]]) -> list[str]:
@@ -197,6 +259,8 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
     ``domain="style"``: styles are removed one family after another (:func:`minicanvas_style_plan`); the evaluated
     styles are the removal order (12) plus a kept neighbour of each (12), drawn with ``MINICANVAS_EVAL_OBJECTS``.
     ``domain="object"``: every object is evaluated and removed in order, drawn in one style of each family.
+    What protocols may keep (``auxiliary``) is ``minicanvas.auxiliary_concepts()`` less every evaluated concept, and
+    request prompts use only unevaluated concepts of the other domain (the honest protocol, module docstring).
     ``eval_seeds`` (the first n ``EVAL_SEEDS``, default 2), ``eval_objects``, ``eval_families`` (style plan of the
     first n families) and ``eval_steps`` (sampling steps, also those of the requests' trajectories) make the
     evaluation cheaper. ``order``: the removal order of ``domain`` instead (evaluated concepts; the stream is its
@@ -231,7 +295,21 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
             raise ValueError(f"order must be a non-empty list of {domain}s, got {order!r}")
         orders[domain] = list(order)  # BenchWorld refuses one that is not distinct evaluated concepts
     config = EvalConfig.minicanvas(seeds=2 if eval_seeds is None else eval_seeds, **overrides)
+    evaluated = [*config.styles, *config.objects]
+    auxiliary = {d: [c for c in concepts if c not in evaluated] for d, concepts in mc.auxiliary_concepts().items()}
+    # Concept Ablation's object anchor: an object the evaluation does not score, the last one when it can
+    anchor = next((o for o in reversed(mc.OBJECTS) if o not in config.objects), mc.OBJECTS[-1])
     return BenchWorld("minicanvas", config, load, style_clf, object_clf, orders=orders,
                       styles=list(mc.STYLES), objects=list(mc.OBJECTS),
                       heldout_templates=list(mc.HELDOUT_TEMPLATES) if heldout else [],
-                      auxiliary=mc.auxiliary_concepts(), anchors={"object": mc.OBJECTS[-1]})
+                      auxiliary=auxiliary, anchors={"object": anchor},
+                      feature_extractor=minicanvas_features(style_clf, object_clf))
+
+
+def minicanvas_features(style_classifier: Any, object_classifier: Any) -> FeatureExtractor:
+    """MiniCanvas's image features for the Fréchet distance: both classifiers' pooled features side by side."""
+
+    def features(images: Any) -> torch.Tensor:
+        return torch.cat([style_classifier.embed(images), object_classifier.embed(images)], dim=1)
+
+    return features

@@ -28,6 +28,7 @@ from .metrics import (
     request_costs,
     score_predictions,
 )
+from .retention import EvalReference, FeatureExtractor, frechet_distance, relative_image_change, seed_gap
 
 __all__ = [
     "ATTACKS",
@@ -41,9 +42,14 @@ __all__ = [
     "CLIPZeroShotClassifier",
     "Classifier",
     "EvalConfig",
+    "EvalReference",
+    "FeatureExtractor",
     "UnlearnCanvasScores",
     "classify",
     "evaluate_unlearning",
+    "frechet_distance",
+    "relative_image_change",
+    "seed_gap",
     "generate_images",
     "kv_drift",
     "kv_drift_per_layer",

@@ -7,8 +7,13 @@ For removed concepts of one domain (styles or objects), on images of every style
 * CRA (cross-domain retain accuracy) = accuracy of the other domain's classifier on the kept concepts' images.
 
 Accuracies are percentages, averaged per concept (every concept has the same number of images, so this is also
-the plain image average). CRA leaves out the removed concepts' images: it measures what the model keeps, and an
-erased style may legitimately take its object with it.
+the plain image average). CRA leaves out the removed concepts' images: it measures what the model keeps. What the
+removed concepts' own prompts keep of the other domain (the bear in "a bear in <removed style> style") is scored
+apart, as ``cross_removed``: an erasure should redirect the prompt, not destroy it.
+
+Given the base model's images (``retention.EvalReference``), the kept concepts' images are also compared with the
+base's at the same seed (``image_change``, relative to the seed-to-seed gap) and, with a feature extractor, by a
+Fréchet distance of their features (``frechet``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..images import generate_images
 from ..mixin import UnlearnMixin
 from ..state import unlearning_state
 from .classifiers import Classifier, classify
+from .retention import EvalReference, FeatureExtractor, extract_features, frechet_distance, relative_image_change
 
 Domain = Literal["style", "object"]
 DOMAINS: tuple[str, ...] = ("style", "object")
@@ -124,15 +130,27 @@ class UnlearnCanvasScores:
     num_images: int
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    # the other domain's classifier on the removed concepts' images (objects kept in removed-style prompts)
+    cross_removed: float | None = None
+    # kept concepts' images against the base's at the same seed, relative to the base's seed gap (needs a reference)
+    image_change: float | None = None
+    # Fréchet distance of the kept concepts' image features to the base's (needs a reference with features)
+    frechet: float | None = None
+    images: torch.Tensor | None = field(default=None, repr=False, compare=False)  # the scored images, not saved
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "images"}
 
     def summary(self) -> str:
         def pct(x: float | None) -> str:
             return "n/a" if x is None else f"{x:.1f}"
 
-        return f"UA {pct(self.ua)}  IRA {pct(self.ira)}  CRA {pct(self.cra)}  ({self.num_images} images)"
+        text = f"UA {pct(self.ua)}  IRA {pct(self.ira)}  CRA {pct(self.cra)}"
+        if self.cross_removed is not None:
+            text += f"  kept-in-removed {pct(self.cross_removed)}"
+        if self.image_change is not None:
+            text += f"  image change {self.image_change:.2f}x seed gap"
+        return text + f"  ({self.num_images} images)"
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -171,6 +189,7 @@ def score_predictions(
     for concept in dict.fromkeys(cases[i][other] for i in kept_rows):
         cross_by[concept] = accuracy([(other_pred[i], concept) for i in kept_rows if cases[i][other] == concept])
     removed_acc = _mean([accuracy_by[c] for c in removed])
+    removed_rows = [i for i, c in enumerate(cases) if c[axis] in removed]
     return UnlearnCanvasScores(
         domain=domain,
         removed=removed,
@@ -180,6 +199,7 @@ def score_predictions(
         accuracy=accuracy_by,
         cross_accuracy=cross_by,
         num_images=len(cases),
+        cross_removed=accuracy([(other_pred[i], cases[i][other]) for i in removed_rows]) if removed_rows else None,
     )
 
 
@@ -193,8 +213,15 @@ def evaluate_unlearning(
     *,
     progress: bool = True,
     images: torch.Tensor | None = None,
+    reference: EvalReference | None = None,
+    feature_extractor: FeatureExtractor | None = None,
 ) -> UnlearnCanvasScores:
-    """Generate ``config``'s images with ``pipe`` (or take ``images``, in ``config.cases()`` order) and score them."""
+    """Generate ``config``'s images with ``pipe`` (or take ``images``, in ``config.cases()`` order) and score them.
+
+    ``reference``: the base model's images of the same cases (``EvalReference.from_images(base_scores.images)``);
+    with it the kept concepts' images are compared with the base's (``image_change``, and ``frechet`` when the
+    reference has features and ``feature_extractor`` is given). The scored images are on ``scores.images``.
+    """
     domain = check_eval_domain(domain)
     cases = config.cases()
     started = time.perf_counter()
@@ -209,6 +236,18 @@ def evaluate_unlearning(
         raise ValueError(f"got {len(images)} images for {len(cases)} evaluation cases")
     scores = score_predictions(cases, classify(style_classifier, images), classify(object_classifier, images),
                                removed, domain)
+    if reference is not None:
+        if reference.images.shape != images.shape:
+            raise ValueError(f"reference images {tuple(reference.images.shape)} do not match this evaluation's "
+                             f"{tuple(images.shape)}: build the reference from the same EvalConfig")
+        axis = 0 if domain == "style" else 1
+        kept = [i for i, case in enumerate(cases) if case[axis] not in scores.removed]
+        images_cpu = images.detach().float().cpu()
+        scores.image_change = relative_image_change(images_cpu, reference.images, cases, kept)
+        if reference.features is not None and feature_extractor is not None and len(kept) >= 2:
+            features = extract_features(feature_extractor, images_cpu[kept])
+            scores.frechet = frechet_distance(features, reference.features[kept])
+    scores.images = images
     scores.seconds = round(time.perf_counter() - started, 3)
     scores.config = config.to_dict()
     return scores

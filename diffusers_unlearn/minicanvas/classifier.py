@@ -58,12 +58,15 @@ class ConceptClassifierNet(nn.Module):
         self.features = nn.Sequential(stage(3, width), stage(width, 2 * width), stage(2 * width, 4 * width))
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * width * 2, num_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for images ``x`` in [0, 1], shape ``[B, 3, H, W]``."""
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features the head reads, ``[B, F]``, for images ``x`` in [0, 1]."""
         h = self.features(x * 2.0 - 1.0)
         # Mean pooling sees texture statistics (style); max pooling keeps where parts are (object).
-        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
-        return self.head(pooled)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for images ``x`` in [0, 1], shape ``[B, 3, H, W]``."""
+        return self.head(self.pooled(x))
 
 
 class ConceptClassifier:
@@ -94,6 +97,13 @@ class ConceptClassifier:
         x = images_to_tensor(images, self.resolution)
         out = [self.net(x[i : i + batch_size].to(self.device)).float().cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Pooled image features ``[B, F]`` (on the CPU): what a Fréchet distance compares."""
+        x = images_to_tensor(images, self.resolution)
+        out = [self.net.pooled(x[i : i + batch_size].to(self.device)).float().cpu() for i in range(0, len(x), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.net.head[-1].in_features)
 
     def predict_indices(self, images: Sequence[Image.Image] | torch.Tensor) -> list[int]:
         """Predicted label indices."""

@@ -7,8 +7,9 @@ trains on, the fields its ledger record gets and its signature (what a resumed p
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,10 +17,11 @@ from ._validation import check_seed
 from .ledger import RequestRecord
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
 from .objectives import ObjectiveConfig, build_objective_config
-from .prompts import TEMPLATES, check_concept, check_domain, validate_templates
+from .prompts import TEMPLATES, check_concept, check_domain, same_concept, validate_templates
 from .recipe import recommended_options, resolve_method
-from .regularizers import Regularizer, check_regularizers
+from .regularizers import GradientProjection, Regularizer, check_regularizers
 from .trainer import TrainingConfig
+from .vocabulary import DEFAULT_VOCABULARY
 
 if TYPE_CHECKING:
     from .families import ModelFamily
@@ -93,19 +95,28 @@ class UnlearnRequest:
         prompts: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
         family: ModelFamily | None = None,
+        keep: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         **method_options: Any,
     ) -> UnlearnRequest:
         """The request ``pipe.unlearn`` takes as keywords: ``steps``, ``rank``, ``learning_rate`` and
         ``batch_size`` are shortcuts for the same ``TrainingConfig`` fields; other keywords are options of the
         method's config (``anchor="a dog"``, ``negative_guidance=2.0``). ``family``: the model family the request
-        will run on (``families.family_of(pipe)``), which the recommended recipe depends on."""
+        will run on (``families.family_of(pipe)``), which the recommended recipe depends on. ``keep``: concepts
+        whose outputs must survive (``keep_concepts``), honoured by every method."""
         # no method: the recommended recipe, or the trained default when training or regularizers are asked for
         resolved = resolve_method(method, dict(steps=steps, rank=rank, learning_rate=learning_rate,
                                                batch_size=batch_size, training=training, regularizers=regularizers),
                                   family)
+        config = build_objective_config(resolved, recommended_options(method, resolved, domain, method_options))
+        if keep is not None:
+            kept_target = [c for c, _ in _keep_pairs(keep, check_domain(domain)) if same_concept(c, concept)]
+            if kept_target:
+                raise ValueError(f"keep names {kept_target[0]!r}, the concept this request removes; keep lists "
+                                 f"what must survive it")
+            config, regularizers = keep_concepts(keep, check_domain(domain), config, regularizers)
         return cls(
             concept,
-            build_objective_config(resolved, recommended_options(method, resolved, domain, method_options)),
+            config,
             domain=domain,
             training=training_config(training, steps=steps, rank=rank, learning_rate=learning_rate,
                                      batch_size=batch_size),
@@ -140,6 +151,71 @@ class UnlearnRequest:
         """The settings a ledger record of this request must have (a resumed plan compares them)."""
         fields = self.record_fields()
         return _signature(fields, [r.to_dict() for r in self.regularizers])
+
+
+def _keep_pairs(keep: Sequence[str] | Mapping[str, Sequence[str]], domain: str) -> list[tuple[str, str]]:
+    """``keep`` as (concept, domain) pairs: a list is in the request's ``domain``, a mapping names each domain."""
+    if isinstance(keep, str):
+        raise TypeError(f"keep must be a list of concepts or a dict of domain -> concepts, got the string {keep!r}")
+    if isinstance(keep, Mapping):
+        pairs = []
+        for name, concepts in keep.items():
+            if isinstance(concepts, str) or not isinstance(concepts, Sequence):
+                raise TypeError(f"keep[{name!r}] must be a list of concepts, got {concepts!r}")
+            pairs += [(check_concept(c, "keep concept"), check_domain(name)) for c in concepts]
+        return pairs
+    if not isinstance(keep, Sequence):
+        raise TypeError(f"keep must be a list of concepts or a dict of domain -> concepts, got {keep!r}")
+    return [(check_concept(c, "keep concept"), domain) for c in keep]
+
+
+def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], domain: str, method: ObjectiveConfig,
+                  regularizers: Sequence[Regularizer] | Regularizer | None
+                  ) -> tuple[ObjectiveConfig, Sequence[Regularizer] | Regularizer | None]:
+    """The one way to name what a request keeps, for every method: ``(method config, regularizers)`` with ``keep``
+    added where each honours it.
+
+    - A method that keeps concepts by construction (a ``preserve`` list and a ``vocabulary``, the closed form): the
+      request's domain joins ``preserve``; other domains join its vocabulary (over the built-in one when it has
+      none), each embedded in its own domain's templates.
+    - Gradient projection: every kept concept joins ``retain`` (exact K/V invariants on its embedding).
+    - A trained method without gradient projection: the kept concepts join its retain loss (``preserve``).
+    """
+    pairs = _keep_pairs(keep, domain)
+    if not pairs:
+        return method, regularizers
+    own = [c for c, d in pairs if d == domain]
+    listed = list(check_regularizers(regularizers))
+    projections = [r for r in listed if isinstance(r, GradientProjection)]
+    fields = {f.name for f in dataclasses.fields(method)}
+    if {"preserve", "vocabulary"} <= fields:
+        others: dict[str, list[str]] = {}
+        for c, d in pairs:
+            if d != domain:
+                others.setdefault(d, []).append(c)
+        changes: dict[str, Any] = {"preserve": list(dict.fromkeys([*method.preserve, *own]))}
+        if others:
+            current = method.vocabulary
+            if current is None:
+                current = {d: list(cs) for d, cs in DEFAULT_VOCABULARY.items()}
+            elif not isinstance(current, Mapping):
+                current = {domain: list(current)}
+            merged = {d: list(cs) for d, cs in current.items()}
+            for d, cs in others.items():
+                merged[d] = list(dict.fromkeys([*merged.get(d, []), *cs]))
+            changes["vocabulary"] = merged
+        return dataclasses.replace(method, **changes), listed
+    if projections:
+        everything = list(dict.fromkeys(c for c, _ in pairs))
+        listed = [dataclasses.replace(r, retain=list(dict.fromkeys([*r.retain, *everything])))
+                  if isinstance(r, GradientProjection) else r for r in listed]
+        return method, listed
+    if "preserve" in fields:
+        everything = list(dict.fromkeys(c for c, _ in pairs))
+        kept = [c for c in everything if c.lower() not in {p.lower() for p in method.preserve}]
+        return dataclasses.replace(method, preserve=(*method.preserve, *kept)), listed
+    raise ValueError(f"method {method.method!r} has no way to keep concepts (no preserve list, no gradient "
+                     f"projection): add regularizers=[du.GradientProjection()] to keep {[c for c, _ in pairs]}")
 
 
 def record_signature(record: RequestRecord) -> dict[str, Any]:
@@ -179,4 +255,4 @@ def training_config(
     return TrainingConfig(**values)
 
 
-__all__ = ["UnlearnRequest", "record_signature", "training_config"]
+__all__ = ["UnlearnRequest", "keep_concepts", "record_signature", "training_config"]

@@ -120,6 +120,8 @@ class UnlearningMixin:
                 - strategy: "sequential" (default: train on top of earlier requests) or "merge"/"ties"/
                   "task_arithmetic"/"uniform"/``du.MergeStrategy`` (train from the base, combine deltas).
                 - prompts: explicit prompts instead of the domain templates; ``templates`` replaces the templates.
+                - keep: concepts that must survive, a list (the request's domain) or ``{domain: [concepts]}``;
+                  every method honours it (``request.keep_concepts``).
                 - any other name: a field of the method's config, e.g. ``negative_guidance=2.0``, ``anchor="a dog"``.
 
         Every request ends with an erasure check (``erasure_check.py``); its figures are in ``record.erasure``.

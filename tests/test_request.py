@@ -82,3 +82,44 @@ def test_a_plan_request_is_checked_as_unlearn_checks_it():
     assert isinstance(request.method, du.CAConfig) and request.method.anchor == "dog"
     assert request.training.steps == 2 and request.prompts == [t.format("cat") for t in du.TEMPLATES["object"]]
     assert planned.signature() == request.signature()
+
+
+# ------------------------------------------------------------------------------------------------ keep=
+def test_keep_is_one_way_to_name_what_survives_for_every_method():
+    solved = UnlearnRequest.build("van gogh", "closed_form", domain="style", keep=["monet", "klimt"])
+    assert solved.method.preserve == ["monet", "klimt"] and solved.method.vocabulary is None
+    # another domain's concepts join the closed form's vocabulary, over the built-in one
+    mixed = UnlearnRequest.build("van gogh", "closed_form", domain="style", keep={"style": ["monet"],
+                                                                                 "object": ["cat", "kettle"]})
+    assert mixed.method.preserve == ["monet"]
+    assert mixed.method.vocabulary["object"][-1] == "kettle"
+    assert set(du.vocabulary.DEFAULT_VOCABULARY["style"]) <= set(mixed.method.vocabulary["style"])
+    # gradient projection retains them; a trained method without it keeps them in its retain loss
+    projected = UnlearnRequest.build("van gogh", "esd", domain="style", keep=["monet"],
+                                     regularizers=[du.GradientProjection(retain=["klimt"]), du.L2Drift(weight=1.0)])
+    assert projected.regularizers[0].retain == ["klimt", "monet"] and not projected.method.preserve
+    trained = UnlearnRequest.build("van gogh", "esd", domain="style", keep=["monet"])
+    assert trained.method.preserve == ("monet",)
+    for keep, error, match in ((["van gogh"], ValueError, "the concept this request removes"),
+                               ("monet", TypeError, "got the string"),
+                               ({"nope": ["x"]}, ValueError, "unknown domain 'nope'"),
+                               ([""], ValueError, "keep concept must be a non-empty string")):
+        with pytest.raises(error, match=match):
+            UnlearnRequest.build("van gogh", "closed_form", domain="style", keep=keep)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("closed_form", dict(vocabulary=[])),  # only what keep names (the built-in 70 fill the tiny 32-wide space)
+    ("esd", dict(regularizers=[du.GradientProjection(neighbors=0)], **OPTIONS)),
+])
+def test_a_kept_concept_keeps_its_kv_outputs_exactly(pipe, method, options):
+    record = pipe.unlearn("van gogh", method, domain="style", seed=0, keep=["monet"], **options)
+    artifact = pipe.request_adapter(record.request_id)
+    base = pipe._unlearning().base_weights
+
+    def change(vector):  # max over K/V layers of ||dW c|| / ||W c||
+        return max(float((artifact.delta(n) @ vector).norm() / (base[n] @ vector).norm()) for n in artifact.layers)
+
+    kept = change(du.concept_embedding(pipe, "monet", "style"))
+    moved = change(du.concept_embedding(pipe, "van gogh", "style"))
+    assert kept < 1e-4 and moved > 1e-2, (kept, moved)

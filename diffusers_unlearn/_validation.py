@@ -12,6 +12,9 @@ import os
 from typing import Any
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+# Upper bound of step counts (training steps, sampler steps, batch sizes): generous, but a typo such as 10**12 is
+# refused at once rather than running for ever or overflowing later.
+MAX_STEPS = 1_000_000
 
 
 def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
@@ -117,5 +120,5 @@ def refuse_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed (non-finite numbers are refused)")
 
 
-__all__ = ["check_int", "check_number", "check_optional_number", "check_repo_id", "check_seed", "finite_json_float",
-           "is_repo_id", "refuse_json_constant"]
+__all__ = ["MAX_STEPS", "SEED_MAX", "check_int", "check_number", "check_optional_number", "check_repo_id",
+           "check_seed", "finite_json_float", "is_repo_id", "refuse_json_constant"]

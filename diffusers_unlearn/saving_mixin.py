@@ -30,13 +30,13 @@ class SavingMixin:
         ``replace=True``.
         """
         state = unlearning_state(self)
-        ledger, artifacts = read_ledger_dir(directory)
+        shapes = {name: tuple(w.shape) for name, w in state.base_weights.items()}
+        ledger, artifacts = read_ledger_dir(directory, shapes)
         if ledger.base_fingerprint != state.base_fingerprint:
             raise LedgerError(
                 f"{directory} was made on base weights with fingerprint {ledger.base_fingerprint}, but this pipeline's "
                 f"base has fingerprint {state.base_fingerprint}: load it onto the pipeline it was trained on"
             )
-        shapes = {name: tuple(w.shape) for name, w in state.base_weights.items()}
         strategies = {str(strategy_from_dict(r.strategy)) for r in ledger.requests}
         if len(strategies) > 1:
             raise LedgerError(f"{directory} mixes composition strategies {sorted(strategies)}")

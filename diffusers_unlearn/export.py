@@ -167,8 +167,11 @@ def export_lora(
     weight_name = weight_name or f"{request_id}.safetensors"
     if not isinstance(weight_name, str) or "/" in weight_name or "\\" in weight_name or not weight_name.endswith(
         ".safetensors"
+    ) or weight_name.startswith(".") or len(weight_name.encode("utf-8", "surrogatepass")) > 255 or any(
+        ord(c) < 32 or ord(c) == 127 for c in weight_name
     ):
-        raise ValueError(f"weight_name must be a plain file name ending in .safetensors, got {weight_name!r}")
+        raise ValueError(f"weight_name must be a plain file name ending in .safetensors (at most 255 bytes, not "
+                         f"hidden, no control characters such as NUL), got {weight_name!r}"[:400])
     tensors, metadata, ranks = lora_state_dict(artifact)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -195,7 +198,12 @@ def diffusers_class_name(pipe: Any) -> str:
 def fix_model_index(directory: Path, class_name: str) -> None:
     """Make model_index.json name the diffusers parent class (the ready classes' own name is unknown to diffusers)."""
     path = Path(directory) / "model_index.json"
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is not valid JSON (a diffusers model_index.json is a JSON map): {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON map, got {type(data).__name__}")
     if data.get("_class_name") != class_name:
         data["_class_name"] = class_name
         atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from ._atomic import atomic_write_bytes, folder_lock, remove_stale_files
-from ._validation import MAX_STEPS, SEED_MAX, check_int, check_number, finite_json_float, refuse_json_constant
+from ._validation import MAX_RANK, MAX_STEPS, SEED_MAX, check_int, check_number, finite_json_float, refuse_json_constant
 from .adapters import RequestAdapter
 from .merging import strategy_from_dict
 
@@ -50,7 +50,7 @@ ADAPTER_FILE = re.compile(r"adapters/(r[0-9]{4,9})(-[0-9a-f]{16})?\.safetensors"
 # Bounds of the one ledger schema, checked when a ledger is read AND before one is written (a save never writes
 # what a load refuses).
 INDEX_MAX = 999_999_999  # request ids are r + 4 to 9 digits: r0001 ... r999999999
-RANK_MAX = 65_536  # LoRA rank of one layer
+RANK_MAX = MAX_RANK  # LoRA rank of one layer
 SCALE_MAX = 1e6  # absolute LoRA scale (alpha / r) of one layer
 SECONDS_MAX = 1e9  # recorded training time (about 30 years)
 LEDGER_MAX_BYTES = 16 * 2**20  # ledger.json: thousands of requests fit; a larger file is refused before it is read
@@ -613,12 +613,14 @@ def parse_json(text: str, where: str) -> Any:
 
 
 def read_ledger_dir(
-    directory: str | os.PathLike, shapes: dict[str, tuple[int, ...]] | None = None
+    directory: str | os.PathLike, shapes: dict[str, tuple[int, ...]] | None = None,
+    check: Callable[[Ledger], None] | None = None,
 ) -> tuple[Ledger, dict[str, RequestAdapter]]:
     """Read and validate a ledger directory; raise ``LedgerError`` naming the file and what is wrong.
 
     ``shapes`` (layer -> (out, in) of the model it is for) bounds every adapter file by the model's layer shapes and
-    the record's declared ranks, checked from the file's header before any tensor is read.
+    the record's declared ranks, checked from the file's header before any tensor is read. ``check`` sees the
+    validated ledger before any adapter file is opened (e.g. to refuse another base model's ledger first).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -638,6 +640,8 @@ def read_ledger_dir(
         except OSError as err:
             raise LedgerError(f"{path} cannot be read: {err}") from None
         ledger = Ledger.from_dict(parse_json(text, str(path)), str(path))
+        if check is not None:
+            check(ledger)
         adapters = {}
         for i, record in enumerate(ledger.requests):
             # the name matched ADAPTER_FILE: it lies in adapters/ of this folder, whatever the ledger says

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -84,22 +85,101 @@ def fsync_folder(folder: Path) -> None:
 def folder_lock(folder: Path, shared: bool = False) -> Iterator[None]:
     """Hold a lock on ``folder`` itself (flock on its descriptor: no lock file is left behind): exclusive for a
     saver, shared for a reader. A no-op where ``fcntl`` does not exist (Windows) or the folder cannot be opened.
+
+    The lock cannot outlive the block: the descriptor is opened inside the ``try`` whose ``finally`` releases it, the
+    release unlocks before it closes (an interrupt during the close still leaves the folder unlocked), and the close
+    runs in a ``finally`` of its own (an interrupt during the unlock still closes it).
     """
     try:
         import fcntl
     except ImportError:
         yield
         return
+    fd = -1
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)  # closing the descriptor releases the lock in any case
+
+
+@contextmanager
+def sibling_lock(target: Path, shared: bool = False) -> Iterator[None]:
+    """Hold the lock that readers and the writer of the folder ``target`` share: a flock on the folder that holds
+    ``target`` (``save_unlearned`` replaces ``target`` as a whole, so a lock on ``target`` itself would be swapped
+    away with it; no lock file is left behind). Exclusive for the writer while it switches ``target``, shared for
+    readers while they read it. A no-op where the parent cannot be opened or ``fcntl`` does not exist."""
+    with folder_lock(Path(target).absolute().parent, shared=shared):
+        yield
+
+
+# what atomic_write_bytes, staging_folder and switch_folder name their temporaries: "." + name + "." + 8 characters
+# of tempfile's alphabet + ".tmp" (or ".old")
+_TEMPORARY = re.compile(r"\.(?P<of>.+)\.[a-z0-9_]{8}\.(tmp|old)", re.DOTALL)
+
+
+def is_own_temporary(name: str, of: str | None = None) -> bool:
+    """True for a name this module gives temporaries (of the file or folder ``of``, when given)."""
+    match = _TEMPORARY.fullmatch(name)
+    return match is not None and (of is None or match.group("of") == of)
+
+
+def remove_stale_files(folder: Path) -> list[str]:
+    """Remove the temporary files a killed ``atomic_write_bytes`` left in ``folder`` (call it holding the folder's
+    exclusive lock, under which every write of the folder runs, so no live writer owns them). Returns their names."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for path in entries:
+        if is_own_temporary(path.name) and path.name.endswith(".tmp") and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def remove_stale_staging(target: Path) -> list[str]:
+    """Remove staging and old folders of ``target`` that a killed save left beside it. A live save holds an
+    exclusive lock on its staging folder (``hold_folder``), so only folders nobody holds are removed."""
+    target = Path(target)
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    try:
+        import fcntl
+    except ImportError:
+        return removed
+    for path in entries:
+        if not is_own_temporary(path.name, target.name) or path.is_symlink() or not path.is_dir():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live save owns it
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def staging_folder(target: Path) -> Path:

@@ -12,6 +12,10 @@ import os
 from typing import Any
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed
+# Upper bound of step counts (training steps, sampler steps, batch sizes): generous, but a typo such as 10**12 is
+# refused at once rather than running for ever or overflowing later.
+MAX_STEPS = 1_000_000
+MAX_RANK = 65_536  # LoRA rank of one layer (configs and ledgers alike)
 
 
 def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
@@ -68,6 +72,14 @@ def check_number(
     return value
 
 
+def check_count(value: Any, name: str, *, minimum: int = 1, maximum: int = MAX_STEPS) -> int:
+    """A count (steps, batch size, rank): an integer >= ``minimum``, at most ``maximum`` (default ``MAX_STEPS``)."""
+    check_int(value, name, minimum=minimum)
+    if value > maximum:
+        raise ValueError(f"{name} must be an integer >= {minimum} (at most {maximum}), got {value!r}")
+    return value
+
+
 def check_seed(value: Any, name: str = "seed") -> int:
     """A random seed: an integer >= 0 (at most 2**63 - 1, what torch's generators take)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= SEED_MAX:
@@ -117,5 +129,5 @@ def refuse_json_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed (non-finite numbers are refused)")
 
 
-__all__ = ["check_int", "check_number", "check_optional_number", "check_repo_id", "check_seed", "finite_json_float",
-           "is_repo_id", "refuse_json_constant"]
+__all__ = ["MAX_RANK", "MAX_STEPS", "SEED_MAX", "check_count", "check_int", "check_number", "check_optional_number", "check_repo_id",
+           "check_seed", "finite_json_float", "is_repo_id", "refuse_json_constant"]

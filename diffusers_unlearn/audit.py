@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ._validation import check_seed
+from ._validation import check_count, check_number, check_seed
 from .state import check_request_id, rebuild
 
 PANELS = ("base", "all", "only", "without")
@@ -36,6 +36,9 @@ def audit_images(
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
     check_seed(seed)
+    check_count(num_inference_steps, "num_inference_steps")
+    if guidance_scale is not None:
+        check_number(guidance_scale, "guidance_scale", minimum=0)
 
     def generate() -> Image.Image:
         kwargs = dict(pipe_kwargs)

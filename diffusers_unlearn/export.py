@@ -23,11 +23,20 @@ from typing import Any
 import torch
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from peft import LoraConfig
+from safetensors import SafetensorError
 from safetensors.torch import save as st_save
 
 from . import __version__, model_card
 from . import adapters as ad
-from ._atomic import atomic_write_bytes, fix_modes, staging_folder, switch_folder
+from ._atomic import (
+    atomic_write_bytes,
+    fix_modes,
+    folder_lock,
+    remove_stale_staging,
+    sibling_lock,
+    staging_folder,
+    switch_folder,
+)
 from ._validation import is_repo_id
 from .families import denoiser_of, family_of
 from .ledger import LEDGER_FILE, fingerprint, write_ledger_dir
@@ -158,8 +167,11 @@ def export_lora(
     weight_name = weight_name or f"{request_id}.safetensors"
     if not isinstance(weight_name, str) or "/" in weight_name or "\\" in weight_name or not weight_name.endswith(
         ".safetensors"
+    ) or weight_name.startswith(".") or len(weight_name.encode("utf-8", "surrogatepass")) > 255 or any(
+        ord(c) < 32 or ord(c) == 127 for c in weight_name
     ):
-        raise ValueError(f"weight_name must be a plain file name ending in .safetensors, got {weight_name!r}")
+        raise ValueError(f"weight_name must be a plain file name ending in .safetensors (at most 255 bytes, not "
+                         f"hidden, no control characters such as NUL), got {weight_name!r}"[:400])
     tensors, metadata, ranks = lora_state_dict(artifact)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -186,7 +198,12 @@ def diffusers_class_name(pipe: Any) -> str:
 def fix_model_index(directory: Path, class_name: str) -> None:
     """Make model_index.json name the diffusers parent class (the ready classes' own name is unknown to diffusers)."""
     path = Path(directory) / "model_index.json"
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is not valid JSON (a diffusers model_index.json is a JSON map): {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON map, got {type(data).__name__}")
     if data.get("_class_name") != class_name:
         data["_class_name"] = class_name
         atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
@@ -268,55 +285,69 @@ def save_unlearned(
     class_name = diffusers_class_name(pipe)
     tmp = staging_folder(directory)
     try:
-        previous = state.mode
-        set_mode(pipe, "folded")  # plain nn.Linear layers holding base + all requests: what plain diffusers loads
-        try:
-            folded_fingerprint = fingerprint(ad.kv_weights(denoiser_of(pipe)))
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            if previous != "folded":
-                set_mode(pipe, previous)
-        fix_model_index(tmp, class_name)
-
-        unlearning = tmp / UNLEARNING_DIR
-        write_ledger_dir(unlearning, state.ledger, state.artifacts)
-        base = {name: w.detach().to("cpu").contiguous() for name, w in state.base_weights.items()}
-        atomic_write_bytes(
-            unlearning / BASE_KV_FILE,
-            st_save(base, metadata={"format": "diffusers-unlearn-base-kv", "base_fingerprint": state.base_fingerprint}),
-        )
-        exports = {}
-        for request_id in state.ledger.ids():
-            export = export_lora(pipe, request_id, unlearning / LORA_DIR)
-            exports[request_id] = {**export.to_dict(), "file": f"{UNLEARNING_DIR}/{LORA_DIR}/{export.weight_name}"}
-        card = model_card.build_model_card(
-            state.ledger,
-            base_model=base_model,
-            pipeline_class=class_name,
-            lora_exports=exports,
-            evaluation=evaluation,
-        )
-        card.save(tmp / CARD_FILE)
-        saved_state = {
-            "format": SAVED_FORMAT,
-            "library_version": __version__,
-            "mode": "folded",
-            "pipeline_class": class_name,
-            "base_model": base_model,
-            "base_fingerprint": state.base_fingerprint,
-            "folded_fingerprint": folded_fingerprint,
-            "requests": state.ledger.ids(),
-            "lora": exports,
-        }
-        atomic_write_bytes(unlearning / STATE_FILE, (json.dumps(saved_state, indent=2) + "\n").encode())
-        fix_modes(tmp)  # diffusers/transformers writers and tempfile leave some files 0600
-        switch_folder(tmp, directory)
+        with folder_lock(tmp):  # held while it is written: a later save removes only staging folders nobody holds
+            _write_unlearned(pipe, state, tmp, directory, base_model, class_name, evaluation)
+    except SafetensorError as err:  # e.g. the disk is full: an OSError naming the folder, the old folder untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not save the unlearned pipeline to {directory}: {err}; the folder was left as it "
+                      "was") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("saved the unlearned pipeline (%d requests folded) to %s", len(state.ledger.requests), directory)
     return directory
 
+
+def _write_unlearned(pipe: Any, state: Any, tmp: Path, directory: Path, base_model: str | None, class_name: str,
+                     evaluation: dict[str, Any] | None) -> None:
+    """Write the folder into the staging folder ``tmp`` and switch it in at ``directory`` (``save_unlearned``)."""
+    previous = state.mode
+    set_mode(pipe, "folded")  # plain nn.Linear layers holding base + all requests: what plain diffusers loads
+    try:
+        folded_fingerprint = fingerprint(ad.kv_weights(denoiser_of(pipe)))
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        if previous != "folded":
+            set_mode(pipe, previous)
+    fix_model_index(tmp, class_name)
+
+    unlearning = tmp / UNLEARNING_DIR
+    write_ledger_dir(unlearning, state.ledger, state.artifacts)
+    base = {name: w.detach().to("cpu").contiguous() for name, w in state.base_weights.items()}
+    atomic_write_bytes(
+        unlearning / BASE_KV_FILE,
+        st_save(base, metadata={"format": "diffusers-unlearn-base-kv", "base_fingerprint": state.base_fingerprint}),
+    )
+    exports = {}
+    for request_id in state.ledger.ids():
+        export = export_lora(pipe, request_id, unlearning / LORA_DIR)
+        exports[request_id] = {**export.to_dict(), "file": f"{UNLEARNING_DIR}/{LORA_DIR}/{export.weight_name}"}
+    card = model_card.build_model_card(
+        state.ledger,
+        base_model=base_model,
+        pipeline_class=class_name,
+        lora_exports=exports,
+        evaluation=evaluation,
+    )
+    card.save(tmp / CARD_FILE)
+    saved_state = {
+        "format": SAVED_FORMAT,
+        "library_version": __version__,
+        "mode": "folded",
+        "pipeline_class": class_name,
+        "base_model": base_model,
+        "base_fingerprint": state.base_fingerprint,
+        "folded_fingerprint": folded_fingerprint,
+        "requests": state.ledger.ids(),
+        "lora": exports,
+    }
+    atomic_write_bytes(unlearning / STATE_FILE, (json.dumps(saved_state, indent=2) + "\n").encode())
+    fix_modes(tmp)  # diffusers/transformers writers and tempfile leave some files 0600
+    # Readers of the folder (``read_saved_unlearning``) take the same lock, shared: they see the old folder
+    # or the new one, never a switch in the middle of their reads.
+    with sibling_lock(directory):
+        remove_stale_staging(directory)  # what killed saves left beside it
+        switch_folder(tmp, directory)
 
 
 

@@ -33,8 +33,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from ._atomic import atomic_write_bytes, folder_lock
-from ._validation import finite_json_float, refuse_json_constant
+from ._atomic import atomic_write_bytes, folder_lock, remove_stale_files
+from ._validation import MAX_RANK, MAX_STEPS, SEED_MAX, check_int, check_number, finite_json_float, refuse_json_constant
 from .adapters import RequestAdapter
 from .merging import strategy_from_dict
 
@@ -47,6 +47,16 @@ REQUEST_ID = re.compile(r"r[0-9]{4,9}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 # adapters/<id>-<sha256 prefix>.safetensors, and adapters/<id>.safetensors as ledgers before content addressing
 ADAPTER_FILE = re.compile(r"adapters/(r[0-9]{4,9})(-[0-9a-f]{16})?\.safetensors")
+# Bounds of the one ledger schema, checked when a ledger is read AND before one is written (a save never writes
+# what a load refuses).
+INDEX_MAX = 999_999_999  # request ids are r + 4 to 9 digits: r0001 ... r999999999
+RANK_MAX = MAX_RANK  # LoRA rank of one layer
+SCALE_MAX = 1e6  # absolute LoRA scale (alpha / r) of one layer
+SECONDS_MAX = 1e9  # recorded training time (about 30 years)
+LEDGER_MAX_BYTES = 16 * 2**20  # ledger.json: thousands of requests fit; a larger file is refused before it is read
+ADAPTER_HEADER_MAX_BYTES = 16 * 2**20  # the JSON header of one adapter file
+ADAPTER_MAX_BYTES = 8 * 2**30  # one adapter file when the model's layer shapes are not known (else: exact shapes)
+ADAPTER_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtypes an adapter may hold
 
 
 class LedgerError(ValueError):
@@ -55,6 +65,28 @@ class LedgerError(ValueError):
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_in(low: int, high: int) -> Callable[[Any], bool]:
+    """A field check: an integer in [low, high], as ``_validation.check_int`` decides."""
+    def check(value: Any) -> bool:
+        try:
+            check_int(value, "value", minimum=low, maximum=high)
+        except ValueError:
+            return False
+        return True
+    return check
+
+
+def _number_in(low: float | None, high: float | None) -> Callable[[Any], bool]:
+    """A field check: a finite number in [low, high], as ``_validation.check_number`` decides."""
+    def check(value: Any) -> bool:
+        try:
+            check_number(value, "value", minimum=low, maximum=high)
+        except ValueError:
+            return False
+        return True
+    return check
 
 
 def _is_number(value: Any) -> bool:
@@ -72,7 +104,7 @@ def _is_dict(value: Any) -> bool:
 # field -> (check, what it must be); the checks a record's JSON passes before a RequestRecord is built
 _RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "request_id": (lambda v: isinstance(v, str) and bool(REQUEST_ID.fullmatch(v)), "a request id like 'r0001'"),
-    "index": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "index": (_int_in(1, INDEX_MAX), f"an integer >= 1 (at most {INDEX_MAX})"),
     "concept": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
     "domain": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
     "method": (lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty string"),
@@ -83,9 +115,9 @@ _RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adapter": (_is_dict, "a map"),
     "training": (_is_dict, "a map"),
     "prompts": (lambda v: _is_str_list(v) and bool(v), "a non-empty list of strings"),
-    "steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "seed": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "seconds": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "steps": (_int_in(0, MAX_STEPS), f"an integer >= 0 (at most {MAX_STEPS})"),
+    "seed": (_int_in(0, SEED_MAX), "an integer >= 0 (at most 2**63 - 1)"),
+    "seconds": (_number_in(0, SECONDS_MAX), f"a number >= 0 (at most {SECONDS_MAX:g})"),
     "final_loss": (_is_number, "a finite number"),
     "base_fingerprint": (lambda v: isinstance(v, str), "a string"),
     "library_version": (lambda v: isinstance(v, str), "a string"),
@@ -101,10 +133,48 @@ _ADAPTER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "file": (lambda v: isinstance(v, str) and bool(ADAPTER_FILE.fullmatch(v)),
              "'adapters/<request id>-<checksum prefix>.safetensors'"),
     "sha256": (lambda v: isinstance(v, str) and bool(SHA256.fullmatch(v)), "a sha256 checksum (64 hex digits)"),
-    "ranks": (lambda v: isinstance(v, list) and all(_is_int(r) and r >= 1 for r in v), "a list of integers >= 1"),
-    "targets": (_is_str_list, "a list of strings"),
+    "ranks": (lambda v: isinstance(v, list) and all(_int_in(1, RANK_MAX)(r) for r in v),
+              f"a list of integers in [1, {RANK_MAX}]"),
+    "targets": (lambda v: _is_str_list(v) and all(t.strip() for t in v), "a list of non-empty strings"),
 }
 _ADAPTER_REQUIRED = ("kind", "file", "sha256")
+
+
+def check_method_config(method: str, config: dict[str, Any], where: str) -> None:
+    """``config`` is what the registered method ``method`` writes: its config class builds from it (unknown
+    methods, unknown keys and wrong types are refused here, not at a later rollback)."""
+    from .objectives import OBJECTIVES, build_objective_config
+
+    if method not in OBJECTIVES:
+        raise LedgerError(f"{where[: -len('.method_config')]}.method {method!r} is not a registered method; "
+                          f"registered: {sorted(OBJECTIVES)}")
+    if config.get("method") != method:
+        raise LedgerError(f"{where}.method must be the record's method {method!r}, got {config.get('method')!r}")
+    try:
+        build_objective_config(method, {k: v for k, v in config.items() if k != "method"})
+    except (TypeError, ValueError) as err:
+        raise LedgerError(f"{where} is not a valid {method!r} configuration: {err}"[:600]) from None
+
+
+def check_regularizer_entries(method: str, entries: list[dict[str, Any]], where: str) -> None:
+    """Each entry is a registered regularizer's settings (its class builds from them) plus its ``report`` map; an
+    entry named after the record's method holds only that method's ``report`` (closed-form solves write one)."""
+    from .regularizers import REGULARIZERS, regularizer_from_dict
+
+    for i, entry in enumerate(entries):
+        report = entry.get("report", {})
+        if not _is_dict(report):
+            raise LedgerError(f"{where}[{i}].report must be a map, got {report!r}"[:400])
+        settings = {k: v for k, v in entry.items() if k != "report"}
+        if entry["name"] == method and entry["name"] not in REGULARIZERS:
+            if set(settings) != {"name"}:
+                raise LedgerError(f"{where}[{i}] (the {method!r} report) has unknown field(s) "
+                                  f"{sorted(set(settings) - {'name'})}; allowed: ['name', 'report']")
+            continue
+        try:
+            regularizer_from_dict(settings)
+        except (TypeError, ValueError) as err:
+            raise LedgerError(f"{where}[{i}] is not a valid regularizer: {err}"[:600]) from None
 
 
 def check_fields(
@@ -172,6 +242,8 @@ class RequestRecord:
             strategy_from_dict(data["strategy"])
         except (TypeError, ValueError) as err:
             raise LedgerError(f"{where}.strategy is invalid: {err}") from None
+        check_method_config(data["method"], data["method_config"], f"{where}.method_config")
+        check_regularizer_entries(data["method"], data["regularizers"], f"{where}.regularizers")
         return cls(**data)
 
 
@@ -183,6 +255,9 @@ class Ledger:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def new_request_id(self) -> str:
+        if not _int_in(1, INDEX_MAX)(self.next_index):
+            raise LedgerError(f"the ledger is full: next_index {self.next_index!r} is beyond the last request index "
+                              f"{INDEX_MAX} (request ids run from r0001 to r{INDEX_MAX}); start a new ledger")
         return f"r{self.next_index:04d}"
 
     def get(self, request_id: str) -> RequestRecord:
@@ -212,7 +287,7 @@ class Ledger:
         spec = {
             "format": (lambda v: True, ""),
             "base_fingerprint": (lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-            "next_index": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+            "next_index": (_int_in(1, INDEX_MAX + 1), f"an integer >= 1 (at most {INDEX_MAX + 1})"),
             "requests": (lambda v: isinstance(v, list), "a list"),
             "history": (lambda v: isinstance(v, list) and all(_is_dict(e) for e in v), "a list of maps"),
         }
@@ -282,21 +357,121 @@ def check_adapter_values(adapter: RequestAdapter, where: str) -> None:
             if a is None or b is None or a.shape[0] != b.shape[1]:
                 raise LedgerError(f"{where}: layer {layer} has LoRA factors that do not fit together "
                                   f"(A {None if a is None else tuple(a.shape)}, B {None if b is None else tuple(b.shape)})")
-            if not math.isfinite(adapter.scales[layer]):
-                raise LedgerError(f"{where}: layer {layer} has a non-finite scale {adapter.scales[layer]}")
+            if a.shape[0] < 1:
+                raise LedgerError(f"{where}: layer {layer} has LoRA factors of rank 0 (A {tuple(a.shape)}); a LoRA "
+                                  f"rank must be in [1, {RANK_MAX}]")
+            scale = adapter.scales[layer]
+            if not (math.isfinite(scale) and abs(scale) <= SCALE_MAX):
+                raise LedgerError(f"{where}: layer {layer} has scale {scale!r}; a scale must be a finite number in "
+                                  f"[-{SCALE_MAX:g}, {SCALE_MAX:g}]")
+            if not bool(torch.isfinite(adapter.delta(layer)).all()):
+                raise LedgerError(f"{where}: layer {layer}'s change (B @ A * scale) overflows to non-finite values")
         if len(adapter.tensors) != 2 * len(adapter.layers):
             raise LedgerError(f"{where}: a LoRA factor without its partner")
 
 
-def read_adapter(path: Path, expected_sha256: str, request_id: str | None = None) -> RequestAdapter:
-    """Read and check one adapter file: its checksum (required), safetensors with our metadata (never
-    unpickled), finite values and consistent shapes."""
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads(object_pairs_hook=...)``: a key given twice in one object is refused (else the last one wins)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def read_safetensors_header(path: Path, shapes: dict[str, tuple[int, ...]] | None = None,
+                            max_bytes: int = ADAPTER_MAX_BYTES, max_rank: int = RANK_MAX) -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked before any tensor is read: the file's size (stat) against
+    ``max_bytes``, the header's length, duplicate keys, every tensor's dtype, shape and byte range, and that the
+    ranges cover the file exactly. With ``shapes`` (layer -> (out, in)), every tensor must be a ``.delta``,
+    ``.lora_A`` or ``.lora_B`` of one of those layers with a shape that fits it (LoRA rank at least 1 and at most
+    ``max_rank``, the record's declared rank, or the layer's full rank min(out, in) if larger), which bounds the
+    file by the model's own size. Raises ``LedgerError``."""
+    size = path.stat().st_size
+    if size < 8 or size > max_bytes:
+        raise LedgerError(f"adapter file {path}: size {size} bytes is outside [8, {max_bytes}] bytes")
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length < 2 or length > min(ADAPTER_HEADER_MAX_BYTES, size - 8):
+            raise LedgerError(f"adapter file {path} is not a valid safetensors file: header length {length} is outside [2, "
+                              f"{min(ADAPTER_HEADER_MAX_BYTES, size - 8)}] bytes (not a safetensors file?)")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates,
+                            parse_constant=refuse_json_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise LedgerError(f"adapter file {path} is not a valid safetensors file: its header is not valid JSON: {err}"[:400]) from None
+    if not isinstance(header, dict):
+        raise LedgerError(f"adapter file {path} is not a valid safetensors file: its header must be a map")
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}):
+            raise LedgerError(f"adapter file {path} is not a valid safetensors file: header entry {key!r} must have dtype, shape and data_offsets"[:400])
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in ADAPTER_DTYPES:
+            raise LedgerError(f"adapter file {path}: tensor {key!r} has dtype {dtype!r}; allowed: "
+                              f"{sorted(ADAPTER_DTYPES)}"[:400])
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_int_in(0, 2**31)(d) for d in shape)):
+            raise LedgerError(f"adapter file {path}: tensor {key!r} has shape {shape!r}; a 2-D shape is required"[:400])
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_int_in(0, size)(o) for o in offsets)
+                and offsets[1] - offsets[0] == shape[0] * shape[1] * ADAPTER_DTYPES[dtype]):
+            raise LedgerError(f"adapter file {path} is not a valid safetensors file: tensor {key!r} has data_offsets {offsets!r} that do not fit its "
+                              f"shape {shape} and dtype {dtype} within the file"[:400])
+        if shapes is not None:
+            layer, _, part = key.rpartition(".")
+            if layer not in shapes or part not in ("delta", "lora_A", "lora_B"):
+                raise LedgerError(f"adapter file {path}: tensor {key!r} is not an adapter tensor of one of this "
+                                  f"model's {len(shapes)} K/V layers"[:400])
+            out_features, in_features = shapes[layer]
+            rank_cap = min(RANK_MAX, max(max_rank, min(out_features, in_features)))
+            fits = {"delta": tuple(shape) == (out_features, in_features),
+                    "lora_A": shape[1] == in_features and 1 <= shape[0] <= rank_cap,
+                    "lora_B": shape[0] == out_features and 1 <= shape[1] <= rank_cap}
+            if not fits[part]:
+                wanted = {"delta": f"({out_features}, {in_features})", "lora_A": f"(rank, {in_features})",
+                          "lora_B": f"({out_features}, rank)"}[part]
+                raise LedgerError(f"adapter file {path}: tensor {key!r} has shape {tuple(shape)}, the UNet has "
+                                  f"({out_features}, {in_features}) at that layer (so {wanted}, rank in [1, "
+                                  f"{rank_cap}])"[:400])
+        spans.append(tuple(offsets))
+    spans.sort()
+    end = 0
+    for start, stop in spans:
+        if start != end:
+            raise LedgerError(f"adapter file {path} is not a valid safetensors file: tensor data ranges overlap or leave gaps")
+        end = stop
+    if 8 + length + end != size:
+        raise LedgerError(f"adapter file {path} is not a valid safetensors file: size {size} bytes, but its header describes {8 + length + end}")
+    return header
+
+
+def file_sha256(path: Path, chunk: int = 2**20) -> str:
+    """The checksum of a file, read in chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_adapter(path: Path, expected_sha256: str, request_id: str | None = None,
+                 shapes: dict[str, tuple[int, ...]] | None = None, max_rank: int = RANK_MAX) -> RequestAdapter:
+    """Read and check one adapter file: its size and safetensors header (before any tensor is read, against the
+    model's layer ``shapes`` when given), its checksum (required), our metadata (never unpickled), finite values and
+    consistent shapes."""
     if not isinstance(expected_sha256, str) or not SHA256.fullmatch(expected_sha256):
         raise LedgerError(f"adapter file {path}: a sha256 checksum is required, got {expected_sha256!r}")
     if not path.is_file():
         raise LedgerError(f"adapter file {path} is missing")
-    data = path.read_bytes()
-    if sha256_bytes(data) != expected_sha256:
+    try:
+        read_safetensors_header(path, shapes, max_rank=max_rank)
+        checksum = file_sha256(path)
+    except OSError as err:
+        raise LedgerError(f"adapter file {path} cannot be read: {err}") from None
+    if checksum != expected_sha256:
         raise LedgerError(f"adapter file {path} does not match the checksum in the ledger (changed or corrupted)")
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -306,11 +481,11 @@ def read_adapter(path: Path, expected_sha256: str, request_id: str | None = None
         raise LedgerError(f"adapter file {path} is not a valid safetensors file: {err}") from err
     try:
         info = json.loads(metadata[ADAPTER_METADATA_KEY], parse_constant=refuse_json_constant,
-                          parse_float=finite_json_float)
+                          parse_float=finite_json_float, object_pairs_hook=_reject_duplicates)
         kind = info["kind"]
         scales = {str(k): float(v) for k, v in info["scales"].items()}
         fmt = info["format"]
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as err:
         raise LedgerError(f"adapter file {path} is safetensors but not a diffusers-unlearn adapter ({err!r})") from err
     if fmt != ADAPTER_FORMAT or kind not in ("lora", "dense"):
         raise LedgerError(f"adapter file {path} is safetensors but not a diffusers-unlearn adapter")
@@ -319,6 +494,30 @@ def read_adapter(path: Path, expected_sha256: str, request_id: str | None = None
     adapter = RequestAdapter(kind, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, scales)
     check_adapter_values(adapter, f"adapter file {path}")
     return adapter
+
+
+def check_record_matches(record: RequestRecord, adapter: RequestAdapter, where: str) -> None:
+    """The record's ``adapter`` fields say what its file holds: kind, ranks (LoRA ranks; none for a dense delta) and
+    targets (the layer-name endings the file adapts)."""
+    declared = record.adapter
+    if declared.get("kind") != adapter.kind:
+        raise LedgerError(f"{where}.adapter.kind is {declared.get('kind')!r} but the file holds a {adapter.kind!r} "
+                          "adapter")
+    if "ranks" in declared:
+        ranks = sorted({int(t.shape[0]) for k, t in adapter.tensors.items() if k.endswith(".lora_A")})
+        if sorted(declared["ranks"]) != ranks:
+            raise LedgerError(f"{where}.adapter.ranks is {declared['ranks']!r} but the file's LoRA ranks are {ranks}")
+    if "targets" in declared:
+        targets = declared["targets"]
+
+        def target_of(layer: str) -> str | None:
+            return next((t for t in targets if layer == t or layer.endswith("." + t)), None)
+
+        stray = sorted(layer for layer in adapter.layers if target_of(layer) is None)
+        unused = sorted(set(targets) - {target_of(layer) for layer in adapter.layers})
+        if stray or unused:
+            raise LedgerError(f"{where}.adapter.targets {targets!r} do not match the file's layers (layers outside "
+                              f"them: {stray[:3]}; targets without a layer: {unused})"[:600])
 
 
 def check_adapter_fits(adapter: RequestAdapter, shapes: dict[str, tuple[int, ...]], where: str) -> None:
@@ -344,14 +543,24 @@ def write_ledger_dir(directory: str | os.PathLike, ledger: Ledger, adapters: dic
 
     Adapters go to content-addressed names (never over a file the old ledger names with other bytes), then
     ``ledger.json`` is replaced in one rename, then adapter files no record names are removed. Concurrent savers
-    into one folder are serialised by a lock on the folder, so one of them wins whole.
+    into one folder are serialised by a lock on the folder, so one of them wins whole; under it, temporaries that a
+    killed save left behind are removed.
+
+    Before anything is written, the ledger as it will be saved passes the same checks as a load (``Ledger.from_dict``,
+    the size cap, each record against its adapter): a save never writes what a load refuses, and a request id
+    that is not the library's form (``../x``) is refused before it names any path.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    adapter_dir = directory / ADAPTER_DIR
-    for path in (adapter_dir, directory / LEDGER_FILE):
-        if path.is_symlink():  # a planted link would make the save write outside the folder
-            raise LedgerError(f"{path} is a symbolic link; refusing to save through it")
+    if directory.exists() and not directory.is_dir():
+        raise LedgerError(f"{directory} exists and is not a folder; save_unlearning needs a new or existing folder")
+    where = f"{directory / LEDGER_FILE} (to be written)"
+    for i, record in enumerate(ledger.requests):  # ids name files: check them before anything else
+        request_id = getattr(record, "request_id", None)
+        if not (isinstance(request_id, str) and REQUEST_ID.fullmatch(request_id)):
+            raise LedgerError(f"{where}: requests[{i}].request_id must be a request id like 'r0001', got "
+                              f"{request_id!r}"[:400])
+        if request_id not in adapters:
+            raise LedgerError(f"{where}: requests[{i}] ({request_id}) has no adapter")
     records = []
     files = {}
     for record in ledger.requests:
@@ -359,14 +568,33 @@ def write_ledger_dir(directory: str | os.PathLike, ledger: Ledger, adapters: dic
         checksum = sha256_bytes(data)
         records.append((record, adapter_file_name(record.request_id, checksum), checksum))
         files[adapter_file_name(record.request_id, checksum)] = data
+    saved = ledger.to_dict()
+    for entry, (_, name, checksum) in zip(saved["requests"], records):
+        entry["adapter"] = {**entry["adapter"], "file": name, "sha256": checksum}
+    try:
+        text = json.dumps(saved, indent=2, allow_nan=False).encode()
+    except (TypeError, ValueError) as err:  # a non-finite number or an object that is not JSON
+        raise LedgerError(f"{where}: the ledger holds a value JSON cannot store as a number or text: {err}") from None
+    checked = Ledger.from_dict(parse_json(text.decode(), where), where)
+    for record, (_, name, _) in zip(checked.requests, records):
+        check_record_matches(record, adapters[record.request_id], f"{where}: request {record.request_id}")
+    if len(text) > LEDGER_MAX_BYTES:
+        raise LedgerError(f"{where}: {len(text)} bytes, more than the {LEDGER_MAX_BYTES} bytes a ledger may have")
+    directory.mkdir(parents=True, exist_ok=True)
+    adapter_dir = directory / ADAPTER_DIR
+    for path in (adapter_dir, directory / LEDGER_FILE):
+        if path.is_symlink():  # a planted link would make the save write outside the folder
+            raise LedgerError(f"{path} is a symbolic link; refusing to save through it")
     with folder_lock(directory):
+        remove_stale_files(directory)
+        remove_stale_files(adapter_dir)
         for name, data in files.items():
             path = directory / name
-            if not (path.is_file() and sha256_bytes(path.read_bytes()) == sha256_bytes(data)):
+            if not (path.is_file() and path.stat().st_size == len(data) and file_sha256(path) == sha256_bytes(data)):
                 atomic_write_bytes(path, data)
         for record, name, checksum in records:
             record.adapter["file"], record.adapter["sha256"] = name, checksum
-        atomic_write_bytes(directory / LEDGER_FILE, json.dumps(ledger.to_dict(), indent=2).encode())
+        atomic_write_bytes(directory / LEDGER_FILE, text)
         if adapter_dir.is_dir():
             for stale in adapter_dir.iterdir():
                 if stale.is_file() and ADAPTER_FILE.fullmatch(f"{ADAPTER_DIR}/{stale.name}") and \
@@ -375,15 +603,25 @@ def write_ledger_dir(directory: str | os.PathLike, ledger: Ledger, adapters: dic
 
 
 def parse_json(text: str, where: str) -> Any:
-    """JSON as the library writes it: NaN, Infinity and numbers that overflow a float are refused."""
+    """JSON as the library writes it: NaN, Infinity, numbers that overflow a float and keys given twice in one
+    object are refused."""
     try:
-        return json.loads(text, parse_constant=refuse_json_constant, parse_float=finite_json_float)
+        return json.loads(text, parse_constant=refuse_json_constant, parse_float=finite_json_float,
+                          object_pairs_hook=_reject_duplicates)
     except (json.JSONDecodeError, ValueError, RecursionError) as err:
         raise LedgerError(f"{where} is corrupted (not valid JSON as this library writes it): {err}") from None
 
 
-def read_ledger_dir(directory: str | os.PathLike) -> tuple[Ledger, dict[str, RequestAdapter]]:
-    """Read and validate a ledger directory; raise ``LedgerError`` naming what is wrong."""
+def read_ledger_dir(
+    directory: str | os.PathLike, shapes: dict[str, tuple[int, ...]] | None = None,
+    check: Callable[[Ledger], None] | None = None,
+) -> tuple[Ledger, dict[str, RequestAdapter]]:
+    """Read and validate a ledger directory; raise ``LedgerError`` naming the file and what is wrong.
+
+    ``shapes`` (layer -> (out, in) of the model it is for) bounds every adapter file by the model's layer shapes and
+    the record's declared ranks, checked from the file's header before any tensor is read. ``check`` sees the
+    validated ledger before any adapter file is opened (e.g. to refuse another base model's ledger first).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise LedgerError(f"ledger directory {directory} does not exist")
@@ -392,16 +630,27 @@ def read_ledger_dir(directory: str | os.PathLike) -> tuple[Ledger, dict[str, Req
         raise LedgerError(f"{directory} has no {LEDGER_FILE}: not a saved unlearning directory")
     with folder_lock(directory, shared=True):  # a concurrent save cannot remove the files this ledger names
         try:
+            size = path.stat().st_size
+            if size > LEDGER_MAX_BYTES:
+                raise LedgerError(f"{path}: size {size} bytes is more than the {LEDGER_MAX_BYTES} bytes a ledger "
+                                  "may have")
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:
             raise LedgerError(f"{path} is corrupted (not UTF-8 text): {err}") from None
+        except OSError as err:
+            raise LedgerError(f"{path} cannot be read: {err}") from None
         ledger = Ledger.from_dict(parse_json(text, str(path)), str(path))
+        if check is not None:
+            check(ledger)
         adapters = {}
-        for record in ledger.requests:
+        for i, record in enumerate(ledger.requests):
             # the name matched ADAPTER_FILE: it lies in adapters/ of this folder, whatever the ledger says
+            ranks = record.adapter.get("ranks") or [RANK_MAX]
             adapters[record.request_id] = read_adapter(
-                directory / record.adapter["file"], record.adapter["sha256"], record.request_id
+                directory / record.adapter["file"], record.adapter["sha256"], record.request_id, shapes,
+                max_rank=max(ranks),
             )
+            check_record_matches(record, adapters[record.request_id], f"{path}: requests[{i}]")
     return ledger, adapters
 
 

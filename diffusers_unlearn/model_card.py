@@ -19,7 +19,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
-from ._validation import check_repo_id
+from ._validation import check_number, check_repo_id
 from .ledger import Ledger, RequestRecord
 from .merging import strategy_from_dict
 from .regularizers import REGULARIZERS
@@ -136,6 +136,29 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
         out.append((prefix, value))
 
 
+def _is_figure(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_figure(v) for v in value)
+    if isinstance(value, (bool, str)) or value is None:
+        return True
+    try:
+        check_number(value, "figure")
+    except ValueError:
+        return False
+    return True
+
+
+def check_figures(evaluation: Mapping[str, Any]) -> None:
+    """Every evaluation figure is a finite number, a string, a yes/no (or a list of them); nested maps name groups.
+    A NaN, an infinity or an arbitrary object would be written into the card as "nan" or an object's repr."""
+    figures: list[tuple[str, Any]] = []
+    _flatten("", evaluation, figures)
+    for name, value in figures:
+        if not _is_figure(value):
+            raise ValueError(f"evaluation[{name!r}] must be a finite number, a string, True/False or a list of them, "
+                             f"got {value!r:.200}")
+
+
 def evaluation_rows(ledger: Ledger, evaluation: Mapping[str, Any] | None) -> list[tuple[str, str, str]]:
     """(scope, metric, value) for every figure computed: each record's ``evaluation`` and the overall figures."""
     rows: list[tuple[str, Any, Any]] = []
@@ -232,8 +255,11 @@ def build_model_card(
         evaluation: overall evaluation figures (nested dicts allowed); per-request figures come from the records.
             Its ``"robustness"`` entry, a list of recovery-attack results, becomes a section of its own.
     """
+    if evaluation is not None and not isinstance(evaluation, Mapping):
+        raise TypeError(f"evaluation must be a map of figure names to values, got {evaluation!r:.200}")
     evaluation = dict(evaluation or {})
     robustness = robustness_lines(evaluation.pop("robustness", None))
+    check_figures(evaluation)
     concepts = [r.concept for r in ledger.requests]
     data = ModelCardData(
         base_model=base_model,

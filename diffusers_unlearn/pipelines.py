@@ -148,7 +148,14 @@ def load_pipeline(
                 holds_ledger = (path / "ledger.json").is_file()
                 hint = " (it holds a ledger: pass the base model it was made on)" if holds_ledger else ""
                 raise FileNotFoundError(f"{path} has no model_index.json: not a diffusers pipeline folder{hint}")
-            class_name = json.loads(index.read_text()).get("_class_name")
+            try:
+                config = json.loads(index.read_bytes().decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as err:
+                raise ValueError(f"{index} is not valid JSON (a diffusers model_index.json is a JSON map): {err}") \
+                    from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{index} must hold a JSON map, got {type(config).__name__}")
+            class_name = config.get("_class_name")
         elif is_hub_repo_id(name):
             class_name = DiffusionPipeline.load_config(name, **{k: v for k, v in kwargs.items() if k in (
                 "revision", "token", "cache_dir", "local_files_only")}).get("_class_name")

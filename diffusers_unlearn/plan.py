@@ -174,11 +174,36 @@ def _resolve_path(value: str, base_dir: Path | None) -> str:
     return str(candidate) if candidate.exists() or value.startswith((".", "..")) else value
 
 
+def check_device(device: str, where: str, available: bool = False) -> None:
+    """``device`` names a torch device ("cpu", "cuda", "cuda:1", "mps", ...); with ``available``, one this machine
+    has. ``PlanError`` naming ``where`` and the value otherwise."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise PlanError(f"{where} {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1', 'mps'): {err}") \
+            from None
+    if not available or parsed.type == "cpu":
+        return
+    module = getattr(torch, parsed.type, None)
+    ok = module is not None and hasattr(module, "is_available") and module.is_available()
+    if ok and parsed.index is not None and hasattr(module, "device_count"):
+        ok = parsed.index < module.device_count()
+    if parsed.type == "mps":
+        ok = torch.backends.mps.is_available()
+    if not ok:
+        raise PlanError(f"{where} {device!r} is not available on this machine; use 'cpu' or an available device")
+
+
 def _strategy(value: Any, where: str) -> dict[str, Any]:
     try:
         if isinstance(value, dict):
             data = dict(value)
             if data.get("strategy", "merge") == "sequential":
+                if set(data) != {"strategy"}:
+                    raise ValueError(f"strategy 'sequential' takes no settings, got unknown key(s) "
+                                     f"{sorted(set(data) - {'strategy'})}; allowed: ['strategy']")
                 return strategy_to_dict("sequential")
             data.pop("strategy", None)
             return strategy_to_dict(MergeStrategy(**data))
@@ -298,6 +323,8 @@ def parse_plan(
     for key in ("torch_dtype", "device"):
         if data.get(key) is not None and not isinstance(data.get(key), str):
             raise PlanError(f"{source}: {key} must be a string, got {data.get(key)!r}")
+    if data.get("device") is not None:
+        check_device(data["device"], f"{source}: device")
     return Plan(model_name, out_path, requests, base_model, data.get("torch_dtype"), data.get("device"), source)
 
 
@@ -358,6 +385,8 @@ def run_plan(
 
     say = log or (lambda _: None)
     if pipe is None:
+        if plan.device is not None:
+            check_device(plan.device, f"{plan.source}: device", available=True)  # before the model loads
         pipe = load_pipeline(plan.model, torch_dtype=plan.torch_dtype, device=plan.device)
     checkpoint = plan.output / UNLEARNING_DIR
     own = [(r.request_id, r.adapter.get("sha256")) for r in pipe.unlearning_ledger.requests]

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import adapters as ad
+from ._atomic import sibling_lock
 from ._validation import check_repo_id
 from .families import denoiser_of
 from .ledger import (
@@ -167,15 +168,21 @@ def read_saved_unlearning(pipe: Any, current: dict[str, torch.Tensor]) -> SavedU
     folder = find_unlearned_folder(pipe)
     if folder is None:
         return None
+    # the lock save_unlearned takes to switch the folder: every file below is read from the same folder
+    with sibling_lock(folder, shared=True):
+        return _read_saved_unlearning(folder, current)
+
+
+def _read_saved_unlearning(folder: Path, current: dict[str, torch.Tensor]) -> SavedUnlearning | None:
     saved = read_saved_state(folder)
     if fingerprint(current) != saved["folded_fingerprint"]:
         warnings.warn(
             f"this pipeline was loaded from the unlearned folder {folder}, but its UNet K/V weights are not the folded "
             "weights saved there (changed after loading?); starting a new ledger with the current weights as the base",
-            stacklevel=4,
+            stacklevel=5,
         )
         return None
-    ledger, artifacts = read_ledger_dir(folder / UNLEARNING_DIR)
+    ledger, artifacts = read_ledger_dir(folder / UNLEARNING_DIR, {name: tuple(t.shape) for name, t in current.items()})
     base = read_base_kv(folder / UNLEARNING_DIR / BASE_KV_FILE)
     where = str(folder / UNLEARNING_DIR)
     if sorted(base) != sorted(current):

@@ -12,17 +12,19 @@ from .hub import check_repo_id, push_folder
 from .ledger import LedgerError, check_adapter_fits, read_ledger_dir, write_ledger_dir
 from .merging import strategy_from_dict
 from .model_card import build_model_card
-from .state import rebuild, unlearning_state
+from .state import one_thread, rebuild, unlearning_state
 
 
 class SavingMixin:
     """Saving and publishing for a pipeline with unlearning state (see ``UnlearningMixin``)."""
 
+    @one_thread
     def save_unlearning(self, directory: str | os.PathLike) -> None:
         """Write the ledger (JSON) and one safetensors adapter per request into ``directory``, atomically."""
         state = unlearning_state(self)
         write_ledger_dir(directory, state.ledger, state.artifacts)
 
+    @one_thread
     def load_unlearning(self, directory: str | os.PathLike, replace: bool = False) -> list[str]:
         """Load a saved ledger and its adapters onto this pipeline (same base weights); return the request ids.
 
@@ -30,13 +32,17 @@ class SavingMixin:
         ``replace=True``.
         """
         state = unlearning_state(self)
-        ledger, artifacts = read_ledger_dir(directory)
-        if ledger.base_fingerprint != state.base_fingerprint:
-            raise LedgerError(
-                f"{directory} was made on base weights with fingerprint {ledger.base_fingerprint}, but this pipeline's "
-                f"base has fingerprint {state.base_fingerprint}: load it onto the pipeline it was trained on"
-            )
         shapes = {name: tuple(w.shape) for name, w in state.base_weights.items()}
+
+        def same_base(ledger: Any) -> None:
+            if ledger.base_fingerprint != state.base_fingerprint:
+                raise LedgerError(
+                    f"{directory} was made on base weights with fingerprint {ledger.base_fingerprint}, but this "
+                    f"pipeline's base has fingerprint {state.base_fingerprint}: load it onto the pipeline it was "
+                    "trained on"
+                )
+
+        ledger, artifacts = read_ledger_dir(directory, shapes, check=same_base)
         strategies = {str(strategy_from_dict(r.strategy)) for r in ledger.requests}
         if len(strategies) > 1:
             raise LedgerError(f"{directory} mixes composition strategies {sorted(strategies)}")
@@ -57,12 +63,14 @@ class SavingMixin:
             raise
         return ledger.ids()
 
+    @one_thread
     def export_lora(self, request_id: str, directory: str | os.PathLike, weight_name: str | None = None) -> Any:
         """Write one request's adapter in diffusers' LoRA format (``directory/weight_name``, default
         ``<request_id>.safetensors``); plain diffusers' ``load_lora_weights`` on the base pipeline reproduces that
         request alone. Returns an ``export.LoraExport`` (path, ranks, size)."""
         return export_lora(self, request_id, directory, weight_name)
 
+    @one_thread
     def save_unlearned(
         self, directory: str | os.PathLike, *, base_model: str | None = None, evaluation: dict[str, Any] | None = None
     ) -> Any:
@@ -81,6 +89,7 @@ class SavingMixin:
         return build_model_card(unlearning_state(self).ledger, base_model=base_model or guess_base_model(self),
                                 pipeline_class=diffusers_class_name(self), evaluation=evaluation)
 
+    @one_thread
     def push_to_hub(
         self,
         repo_id: str,
@@ -100,6 +109,7 @@ class SavingMixin:
             return push_folder(folder, repo_id, private=private, token=token, create_pr=create_pr,
                                commit_message=commit_message)
 
+    @one_thread
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """diffusers' ``save_pretrained``, made safe for plain diffusers: stacked requests are folded for the save
         (a UNet saved with peft wrappers loads with random K/V weights) and model_index.json names the diffusers

@@ -11,9 +11,12 @@ Layers above (the mixins, export, audit, analysis, evaluation, the command line)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,6 +28,78 @@ from .merging import MergeStrategy, strategy_from_dict
 from .saved_folder import read_saved_unlearning
 
 STATE_ATTR = "_unlearning_state"
+GUARD_ATTR = "_unlearning_guard"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class PipelineBusyError(RuntimeError):
+    """A pipeline's unlearning state is in use by another thread (one pipeline is used by one thread at a time)."""
+
+
+class _Guard:
+    """Which thread uses a pipeline's unlearning state now; re-entrant for that thread, refused for any other."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+        self.depth = 0
+        self.what = ""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Guard:  # a copied pipeline is free: a guard of its own
+        return _Guard()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_Guard, ())
+
+
+def _guard_of(pipe: Any) -> _Guard:
+    return pipe.__dict__.setdefault(GUARD_ATTR, _Guard())  # setdefault is atomic: one guard per pipeline
+
+
+def enter_pipeline(pipe: Any, what: str) -> None:
+    """Mark ``pipe`` as used by this thread for ``what``; ``PipelineBusyError`` if another thread uses it."""
+    guard, me = _guard_of(pipe), threading.get_ident()
+    with guard.lock:
+        if guard.owner not in (None, me):
+            raise PipelineBusyError(
+                f"{type(pipe).__name__} at 0x{id(pipe):x} is busy: another thread is running {guard.what}() on it, "
+                f"and this thread called {what}(). One pipeline is used by one thread at a time: give each thread "
+                "its own pipeline (processes coordinate through the lock of a saved folder)"
+            )
+        if guard.owner is None:
+            guard.owner, guard.what = me, what
+        guard.depth += 1
+
+
+def leave_pipeline(pipe: Any) -> None:
+    guard = _guard_of(pipe)
+    with guard.lock:
+        guard.depth -= 1
+        if guard.depth <= 0:
+            guard.owner, guard.depth, guard.what = None, 0, ""
+
+
+def one_thread(method: _F) -> _F:
+    """Decorate a pipeline method that reads or changes the unlearning state: while it runs (for a generator, until
+    it finishes), another thread calling any such method on the same pipeline gets ``PipelineBusyError``."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def generator(self: Any, *args: Any, **kwargs: Any) -> Any:
+            enter_pipeline(self, method.__name__)
+            try:
+                return (yield from method(self, *args, **kwargs))
+            finally:
+                leave_pipeline(self)
+        return generator  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        enter_pipeline(self, method.__name__)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            leave_pipeline(self)
+    return wrapper  # type: ignore[return-value]
 
 
 class UnknownRequestError(KeyError):

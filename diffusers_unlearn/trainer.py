@@ -19,7 +19,7 @@ from accelerate.utils import reduce
 from tqdm.auto import tqdm
 
 from . import adapters as ad
-from ._validation import check_int, check_number, check_optional_number
+from ._validation import MAX_RANK, check_count, check_number, check_optional_number
 from .families import conditioner_for, denoiser_of
 from .ledger import now
 from .objectives import ObjectiveContext, objective_for
@@ -37,7 +37,7 @@ class TrainingConfig:
     """How one request is optimised.
 
     Args:
-        steps: optimizer steps.
+        steps: optimizer steps, at most ``MAX_STEPS`` (1,000,000; batch_size and gradient_accumulation_steps too).
         learning_rate: AdamW learning rate of the adapter parameters.
         batch_size: (x_t, t) samples per step.
         rank: LoRA rank, or "full" (min(in, out) per layer). Ignored when a regularizer needs a dense delta.
@@ -62,11 +62,11 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "gradient_accumulation_steps"):
-            check_int(getattr(self, name), name, minimum=1)
+            check_count(getattr(self, name), name)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.rank != "full":
-            check_int(self.rank, "rank", minimum=1)
+            check_count(self.rank, "rank", maximum=MAX_RANK)
         check_number(self.learning_rate, "learning_rate", minimum=0, exclusive_minimum=True)
         for name in ("lora_alpha", "max_grad_norm"):
             check_optional_number(getattr(self, name), name, minimum=0, exclusive_minimum=True)

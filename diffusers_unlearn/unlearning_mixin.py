@@ -28,7 +28,7 @@ from .ledger import Ledger, RequestRecord, now
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
 from .objectives import ObjectiveConfig
 from .request import UnlearnRequest
-from .state import UnlearningState, check_request_id, rebuild, set_mode, unlearning_state
+from .state import UnlearningState, check_request_id, one_thread, rebuild, set_mode, unlearning_state
 from .trainer import TrainingResult, make_accelerator, train_request
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class UnlearningMixin:
         return unlearning_state(self).artifact(request_id)
 
     # -------------------------------------------------------------------------------------------- unlearn
+    @one_thread
     def unlearn(
         self,
         concept: str | UnlearnRequest,
@@ -161,6 +162,7 @@ class UnlearningMixin:
                                **{k: v for k, v in error.figures.items() if k != "probe"}})  # the same probe
         raise AssertionError("unreachable: the last attempt returns or raises")
 
+    @one_thread
     def unlearn_parallel(
         self,
         requests: Sequence[Mapping[str, Any] | UnlearnRequest],
@@ -222,6 +224,9 @@ class UnlearningMixin:
 
     def _place_on(self, accelerator: Accelerator) -> Accelerator:
         """Training runs on the accelerator's device (each process its own under ``accelerate launch``)."""
+        if not isinstance(accelerator, Accelerator):
+            raise TypeError(f"accelerator must be an accelerate.Accelerator (or None: one is made from the training "
+                            f"settings), got {accelerator!r}; for a device, move the pipeline with pipe.to(...)")
         here, there = denoiser_of(self).device, torch.device(accelerator.device)
         if here.type != there.type or (here.index or 0) != (there.index or 0):  # "cuda" is "cuda:0"
             logger.info("moving the pipeline from %s to %s for training", here, accelerator.device)
@@ -299,6 +304,7 @@ class UnlearningMixin:
 
     # ------------------------------------------------------------------------------ audit, rollback, fold
     @contextmanager
+    @one_thread
     def audit(self, request_id: str, mode: Literal["only", "without"] = "only") -> Iterator[Any]:
         """Within the block, only that request is active (``mode="only"``) or all but it (``"without"``).
 
@@ -317,6 +323,7 @@ class UnlearningMixin:
             state.auditing = False
             rebuild(self)
 
+    @one_thread
     def rollback(self, request_id: str) -> RequestRecord:
         """Drop one request (its adapter and record), keep the rest; returns the dropped record.
 
@@ -353,14 +360,17 @@ class UnlearningMixin:
                            "remaining requests %s", request_id, state.base_fingerprint, state.ledger.ids())
         return record
 
+    @one_thread
     def fold(self) -> None:
         """Bake the active requests into the UNet's K/V weights (plain layers, no adapters, base speed)."""
         set_mode(self, "folded")
 
+    @one_thread
     def unfold(self) -> None:
         """Back to the requests stacked as a peft adapter (``unlearn_stack``) on the base K/V weights."""
         set_mode(self, "stacked")
 
+    @one_thread
     def audit_grid(self, request_id: str, prompt: str, **kwargs: Any) -> Any:
         """A 2x2 PIL image: the same prompt and seed on the base, all requests, only ``request_id`` and all but it,
         with captions. ``kwargs``: ``num_inference_steps``, ``seed``, ``guidance_scale`` and other pipeline args."""

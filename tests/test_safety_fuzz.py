@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import warnings
@@ -273,3 +274,122 @@ def test_fuzzed_plan_files_give_a_plan_error_or_a_valid_plan(tmp_path):
             planned.signature()
             du.TrainingConfig(**planned.training.to_dict())
     assert outcomes.count("refused") > 50 and "loaded" in outcomes
+
+
+# ---------------------------------------------------------------------------------------------- issue 28 cases
+BOUNDS = [  # (path into the ledger, values around and far beyond the bound)
+    (("next_index",), [3, 999_999_999, 1_000_000_000, 1_000_000_001, 10**18]),
+    (("requests", 0, "seed"), [0, 2**63 - 1, 2**63, 2**70, -1]),
+    (("requests", 0, "steps"), [0, 1_000_000, 1_000_001, 10**15]),
+    (("requests", 0, "seconds"), [0, 1e9, 1e9 + 1, 1e300]),
+    (("requests", 1, "index"), [2, 999_999_999, 10**9, 10**12]),
+    (("requests", 0, "adapter", "ranks"), [[0], [65537], [-1], [1], [10**6]]),
+]
+INCONSISTENT = [
+    (("requests", 0, "adapter", "kind"), ["dense", "lora"]),
+    (("requests", 0, "adapter", "targets"), [["attn2.to_k"], ["attn1.to_q", "attn2.to_v"], []]),
+    (("requests", 0, "method"), ["ca", "closed_form", "nope"]),
+    (("requests", 0, "method_config", "junk"), [1, None]),
+    (("requests", 0, "method_config", "sampling_steps"), ["4", 4.5, 0, 10**7]),
+    (("requests", 0, "regularizers"), [[{"name": "nope"}], [{"name": "l2_drift", "weight": -1}],
+                                       [{"name": "l1_drift", "bogus": 2}], [{"name": "l2_drift", "weight": "1"}]]),
+]
+
+
+def _set(data, path, value):
+    for key in path[:-1]:
+        data = data[key]
+    data[path[-1]] = value
+
+
+def _huge_header(path: Path, rng: random.Random) -> None:
+    """A sparse adapter file whose header declares gigabytes (or is malformed), never written out in full."""
+    size = rng.choice([2**31, 3 * 10**9, 2**33 + 8])
+    entry = {"dtype": rng.choice(["F32", "I64", "F8"]), "shape": [size // 4, 1], "data_offsets": [0, size]}
+    header = json.dumps({rng.choice(["x.lora_A", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.delta"]):
+                         entry}).encode()
+    length = rng.choice([len(header), 2**40, 1])
+    with open(path, "wb") as handle:
+        handle.write(length.to_bytes(8, "little") + header)
+        handle.truncate(8 + len(header) + size)
+
+
+def test_fuzzed_bounds_inconsistencies_headers_temporaries_and_lock_interrupts(original, tmp_path, monkeypatch):
+    """Issue 28's cases generated from a seed: every fuzzed ledger is refused, or loads exactly and then saves into
+    a folder that loads again (a save never writes what a load refuses); huge headers are refused before the file
+    is hashed; stale temporaries go at the next save; an interrupt at any point of the lock leaves it free."""
+    import fcntl
+
+    from diffusers_unlearn import _atomic
+    from diffusers_unlearn import ledger as ledger_module
+
+    source, root = original
+    data = json.loads((root / "ledger" / "ledger.json").read_text())
+    pipe = _target_pipe()
+    before = kv_state(pipe)
+    _empty_ledger(tmp_path / "empty", pipe.base_fingerprint)
+    rng = random.Random(28)
+    outcomes: list[str] = []
+    for case in range(60):
+        folder = tmp_path / f"case{case}"
+        shutil.copytree(root / "ledger", folder)
+        kind = rng.choice(["bound", "bound", "inconsistent", "inconsistent", "duplicate", "header", "temporaries",
+                           "lock"])
+        if kind in ("bound", "inconsistent", "duplicate"):
+            mutated = json.loads(json.dumps(data))
+            path, values = rng.choice(BOUNDS if kind == "bound" else INCONSISTENT)
+            _set(mutated, path, rng.choice(values))
+            text = json.dumps(mutated, indent=2)
+            if kind == "duplicate":
+                text = text.replace('"next_index": ', '"next_index": 1, "next_index": ', 1)
+            (folder / "ledger.json").write_text(text)
+            _check_load(pipe, folder, before, outcomes)
+            if outcomes[-1] == "loaded":
+                pipe.load_unlearning(folder, replace=True)
+                pipe.save_unlearning(tmp_path / f"again{case}")
+                assert _target_pipe().load_unlearning(tmp_path / f"again{case}") == pipe.unlearning_ledger.ids()
+                pipe.load_unlearning(tmp_path / "empty", replace=True)
+        elif kind == "header":
+            target = folder / data["requests"][rng.randrange(2)]["adapter"]["file"]
+            _huge_header(target, rng)
+            real_hash = ledger_module.file_sha256
+            with monkeypatch.context() as patch:
+                patch.setattr(ledger_module, "file_sha256", lambda p, *a, target=target: pytest.fail(
+                    f"{p} hashed before its header") if Path(p) == target else real_hash(p, *a))
+                _check_load(pipe, folder, before, outcomes)
+            assert outcomes[-1] == "refused"
+        elif kind == "temporaries":
+            alphabet = "abcdefghijklmnopqrstuvwxyz0123456789_"
+            stale = []
+            for _ in range(rng.randint(1, 4)):
+                name = rng.choice(["ledger.json", Path(data["requests"][0]["adapter"]["file"]).name])
+                where = folder if name == "ledger.json" else folder / "adapters"
+                stale.append(where / f".{name}.{''.join(rng.choice(alphabet) for _ in range(8))}.tmp")
+                stale[-1].write_bytes(rng.randbytes(rng.randint(0, 64)))
+            source.save_unlearning(folder)
+            assert not any(p.exists() for p in stale)
+            outcomes.append("cleaned")
+        else:
+            point = rng.choice(["flock", "unlock", "close", "body"])
+            real_flock, real_close, armed = fcntl.flock, os.close, [True]
+
+            def hit(name, point=point, armed=armed):
+                if armed[0] and name == point:
+                    armed[0] = False
+                    raise KeyboardInterrupt(name)
+
+            with monkeypatch.context() as patch:
+                patch.setattr(fcntl, "flock", lambda fd, op: (hit("unlock" if op == fcntl.LOCK_UN else "flock"),
+                                                              real_flock(fd, op))[1])
+                patch.setattr(os, "close", lambda fd: (hit("close"), real_close(fd))[1])
+                with pytest.raises(KeyboardInterrupt):
+                    with _atomic.folder_lock(folder, shared=rng.random() < 0.5):
+                        hit("body")
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: raises BlockingIOError if the lock leaked
+            finally:
+                os.close(fd)
+            outcomes.append("unlocked")
+        shutil.rmtree(folder)
+    assert {"refused", "loaded", "cleaned", "unlocked"} <= set(outcomes), outcomes

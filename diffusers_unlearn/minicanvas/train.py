@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -411,10 +412,20 @@ def _stage_config(cfg: TrainConfig, stage: str) -> dict:
     return {k: config[k] for k in fields}
 
 
+def _safe_load(path: Path) -> Any:
+    """A checkpoint of tensors, numbers, strings and containers; ``weights_only=True`` never runs code from the file
+    (a crafted file is refused, not executed)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError for anything but plain data, RuntimeError/EOFError when corrupted
+        raise SystemExit(f"{path} is not a checkpoint of plain tensors and numbers that can be loaded safely "
+                         f"(weights_only=True): {err}") from None
+
+
 def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict | None:
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = _safe_load(path)
     expected = _stage_config(cfg, path.stem)
     stored = state.get("config") or {}
     if path.stem == "diffusion" and state.get("step", 0) <= cfg.unet_steps:
@@ -648,7 +659,7 @@ def train(cfg: TrainConfig, out_dir: str | os.PathLike, device: str | torch.devi
     init_state, init_report = None, None
     if init_from is not None:
         init_path = Path(init_from)
-        init_state = torch.load(init_path, map_location="cpu", weights_only=False)
+        init_state = _safe_load(init_path)
         if not isinstance(init_state, dict) or not {"ema", "step", "config"} <= init_state.keys():
             raise SystemExit(f"--init-from {init_path} is not a MiniCanvas diffusion checkpoint")
         init_report = {"file": init_path.name, "sha256": hashlib.sha256(init_path.read_bytes()).hexdigest(),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._validation import check_int, check_number
+from .._validation import check_count, check_int, check_number
 from ..conditioning import Conditioner, Conditioning, sample_trajectory
 from ..prompts import check_concept, same_concept
 
@@ -43,8 +43,8 @@ class ObjectiveConfig:
     resolution: int | None = None
 
     def __post_init__(self) -> None:
-        check_int(self.sampling_steps, "sampling_steps", minimum=1)
-        check_int(self.num_trajectories, "num_trajectories", minimum=1)
+        check_count(self.sampling_steps, "sampling_steps")
+        check_count(self.num_trajectories, "num_trajectories")
         if self.resolution is not None:
             check_int(self.resolution, "resolution", minimum=8)
         check_number(self.guidance_scale, "guidance_scale", minimum=0)

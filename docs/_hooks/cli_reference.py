@@ -28,9 +28,9 @@ def render_cli_reference() -> str:
     os.environ["COLUMNS"] = WIDTH
     try:
         parser = build_parser()
-        parts = ["## `diffusers-unlearn`", "", "```text", parser.format_help().rstrip(), "```", ""]
+        parts = ["### `diffusers-unlearn`", "", "```text", parser.format_help().rstrip(), "```", ""]
         for name, sub in _subcommands(parser).items():
-            parts += [f"## `diffusers-unlearn {name}`", "", "```text", sub.format_help().rstrip(), "```", ""]
+            parts += [f"### `diffusers-unlearn {name}`", "", "```text", sub.format_help().rstrip(), "```", ""]
     finally:
         if previous is None:
             del os.environ["COLUMNS"]

@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# --8<-- [start:main]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from accelerate import Accelerator
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {folder} (load it with diffusers' DiffusionPipeline.from_pretrained)")
     accelerator.wait_for_everyone()
     return 0
+# --8<-- [end:main]
 
 
 if __name__ == "__main__":

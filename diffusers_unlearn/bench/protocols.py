@@ -27,7 +27,8 @@ class Hyperparameters:
         learning_rate: AdamW learning rate.
         batch_size: (x_t, t) samples per step.
         rank: LoRA rank of a request's adapter (ignored where selective fine-tuning needs a dense delta).
-        l1_weight, l2_weight: lambda of the drift penalties.
+        l1_weight: lambda of the L1 drift penalty.
+        l2_weight: lambda of the L2 drift penalty.
         selective_top_k: fraction of K/V elements selective fine-tuning may change, alone.
         gp_selective_top_k: the same, combined with gradient projection (the paper uses a larger k there).
         gp_neighbors: how many concepts of the world's auxiliary pool (nearest to the target first) gradient

@@ -40,9 +40,11 @@ class BenchWorld:
             objects may be a subset of the world's (a cheaper evaluation); requests and gradient projection always
             use every concept.
         load_pipeline: returns a fresh pipeline of the base model (called once per protocol).
-        style_classifier, object_classifier: ``images -> labels`` for each domain.
+        style_classifier: ``images -> labels`` for the styles.
+        object_classifier: ``images -> labels`` for the objects.
         orders: removal order per domain (default: the evaluated concepts, in order).
-        styles, objects: every concept of the world (default: the evaluated ones).
+        styles: every style of the world (default: the evaluated ones).
+        objects: every object of the world (default: the evaluated ones).
         heldout_templates: prompt templates (``{style}`` and ``{object}`` slots) the model was not trained on; after
             every request the removed concepts are also scored in these wordings (``ua_heldout``), to tell erasing a
             concept from erasing one phrasing. Empty: no held-out score.

@@ -53,12 +53,15 @@ class EvalConfig:
     """What to generate: every style x object prompt at every seed, and how to sample it.
 
     Args:
-        styles, objects: the concepts of each domain (names the classifiers answer with).
+        styles: the style concepts (names the style classifier answers with).
+        objects: the object concepts (names the object classifier answers with).
         template: prompt with ``{object}`` and ``{style}`` slots (UnlearnCanvas: "A {object} image in {style} style.").
         seeds: one image per prompt and seed (UnlearnCanvas: 188, 288, 588, 688, 888). Fewer seeds = a cheaper subset.
-        num_inference_steps, guidance_scale: the pipeline's sampling settings (UnlearnCanvas: 100 DDIM steps, 9.0).
+        num_inference_steps: the pipeline's sampling steps (UnlearnCanvas: 100 DDIM steps).
+        guidance_scale: the pipeline's guidance scale (UnlearnCanvas: 9.0).
         batch_size: images per pipeline call.
-        height, width: image size (default: the pipeline's).
+        height: image height (default: the pipeline's).
+        width: image width (default: the pipeline's).
     """
 
     styles: Sequence[str]

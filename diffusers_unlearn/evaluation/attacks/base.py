@@ -60,7 +60,8 @@ class AttackConfig:
     Args:
         seeds: generation seeds; every scored prompt gets one image per seed. An integer n: the first n of
             UnlearnCanvas's seeds (188, 288, 588, 688, 888), MiniCanvas's ``EVAL_SEEDS``.
-        num_inference_steps, guidance_scale: sampling settings of every scored image (default: MiniCanvas's).
+        num_inference_steps: sampling steps of every scored image (default: MiniCanvas's).
+        guidance_scale: guidance scale of every scored image (default: MiniCanvas's).
         batch_size: images per pipeline call.
         plain_templates: the concept's plain prompts (default: MiniCanvas's prompt across the other domain for a
             MiniCanvas concept, else the domain's templates, ``du.prompts.TEMPLATES``).

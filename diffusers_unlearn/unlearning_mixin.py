@@ -347,7 +347,7 @@ class UnlearningMixin:
             rebuild(self)
             raise
         if state.mode == "folded":
-            logger.warning("rolled back %s on a folded pipeline: re-folded the base weights (fingerprint %s) with the "
+            logger.info("rolled back %s on a folded pipeline: re-folded the base weights (fingerprint %s) with the "
                            "remaining requests %s", request_id, state.base_fingerprint, state.ledger.ids())
         return record
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .prompts import concepts_except
+from .prompts import concepts_except, register_domain_provider
 
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -72,6 +72,9 @@ class World:
         recipe: ``"module:function"`` called as ``f(domain, method)``, returning a :class:`WorldRecipe`; None: the
             library's defaults.
         folder: the world's pipeline folder inside the package, if it ships one (relative to the package).
+        domains: ``"module:function"`` that registers the world's prompt domains (``"<name>-style"``, ...) with
+            ``register_templates``; called the first time one of them is asked for, so that a ledger's requests
+            (a rollback's re-solve, a loaded folder) find their templates in any process. None: the world has none.
     """
 
     name: str
@@ -80,12 +83,13 @@ class World:
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
     recipe: str | None = None
     folder: str | None = None
+    domains: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.name):
             raise ValueError(f"world name must be one lower-case word (letters, digits, '.', '_', '-'), got "
                              f"{self.name!r}")
-        for what in ("pipeline", "recipe"):
+        for what in ("pipeline", "recipe", "domains"):
             value = getattr(self, what)
             if (value is not None or what == "pipeline") and not (isinstance(value, str) and _REFERENCE.match(value)):
                 raise ValueError(f"world {self.name!r}: {what} must be a 'package.module:function' reference, got "
@@ -123,6 +127,16 @@ def get_world(name: object) -> World | None:
     return WORLDS.get(name) if isinstance(name, str) else None
 
 
+def _world_domains(domain: str) -> None:
+    """The domain provider of the named worlds: ``"<world>-<kind>"`` asks that world to register its domains."""
+    world = get_world(domain.rpartition("-")[0])
+    if world is not None and world.domains is not None:
+        _resolve(world.domains)()
+
+
+register_domain_provider(_world_domains)
+
+
 def world_names() -> list[str]:
     return list(WORLDS)
 
@@ -141,6 +155,7 @@ register_world(World(
     pipeline="diffusers_unlearn.minicanvas:load_pipeline",
     recipe="diffusers_unlearn.bench.recipes:minicanvas_recipe",
     folder="minicanvas/weights/pipeline",
+    domains="diffusers_unlearn.bench.world:register_minicanvas_domains",
 ))
 register_world(World("tiny", "tiny random Stable Diffusion test pipeline built offline (seed 0)",
                      pipeline="diffusers_unlearn.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))

@@ -118,10 +118,7 @@ class BenchWorld:
 
     def templates(self, domain: str) -> list[str]:
         """Request templates: the world's own prompt with the concept's slot open, across the other domain."""
-        template = self.eval_config.template
-        if check_eval_domain(domain) == "style":
-            return [template.format(object=o, style="{}") for o in self.concepts("object")]
-        return [template.format(object="{}", style=s) for s in self.concepts("style")]
+        return world_templates(self.eval_config.template, self.concepts("style"), self.concepts("object"), domain)
 
     def register_domains(self) -> None:
         """Register the world's prompt domains, so requests and gradient projection embed concepts in its prompts."""
@@ -154,6 +151,24 @@ class BenchWorld:
                 "heldout_others": self.heldout_others, "check_seeds": list(self.check_seeds),
                 "check_templates": self.check_templates,
                 "auxiliary_size": sum(len(c) for c in self.vocabulary().values())}
+
+
+def world_templates(template: str, styles: Sequence[str], objects: Sequence[str], domain: str) -> list[str]:
+    """A style x object world's request templates for ``domain``: ``template`` (``{style}`` and ``{object}``
+    slots) with the domain's slot open, across every concept of the other domain."""
+    if check_eval_domain(domain) == "style":
+        return [template.format(object=o, style="{}") for o in objects]
+    return [template.format(object="{}", style=s) for s in styles]
+
+
+def register_minicanvas_domains() -> None:
+    """Register MiniCanvas's prompt domains (``"minicanvas-style"``, ``"minicanvas-object"``) as
+    ``minicanvas_world().register_domains()`` does, without loading its classifiers. The ``minicanvas`` world's
+    domain provider (``diffusers_unlearn.worlds``): a fresh process that rolls back a MiniCanvas request needs them."""
+    for domain in ("style", "object"):
+        templates = tuple(world_templates(mc.PROMPT_TEMPLATE, mc.STYLES, mc.OBJECTS, domain))
+        if TEMPLATES.get(f"minicanvas-{domain}") != templates:
+            register_templates(f"minicanvas-{domain}", templates, replace=True)
 
 
 def family_round_robin(families: dict[str, Sequence[str]]) -> list[str]:

@@ -56,7 +56,7 @@ import torch
 from ..adapters import RequestAdapter, identity_factors
 from ..conditioning import _find_sublist
 from ..families import family_of
-from ..prompts import TEMPLATES, check_concept, same_concept
+from ..prompts import TEMPLATES, check_concept, provide_domain, same_concept
 from ..text_states import PromptStates
 from ..vocabulary import DEFAULT_VOCABULARY
 from .base import Objective, ObjectiveConfig, register_objective, swap_concept
@@ -229,7 +229,7 @@ def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormCo
     states = default_states(pipe) if states is None else states
     vocabulary = DEFAULT_VOCABULARY if config.vocabulary is None else config.vocabulary
     if isinstance(vocabulary, Mapping):
-        candidates = [(c, d) for d, cs in vocabulary.items() for c in cs if d in TEMPLATES]
+        candidates = [(c, d) for d, cs in vocabulary.items() for c in cs if provide_domain(d)]
     else:
         candidates = [(c, domain) for c in vocabulary]
     candidates = [(c, domain) for c in config.preserve] + candidates

@@ -30,6 +30,7 @@ from .objectives import ObjectiveConfig
 from .request import UnlearnRequest
 from .state import UnlearningState, check_request_id, rebuild, set_mode, unlearning_state
 from .trainer import TrainingResult, make_accelerator, train_request
+from .worlds import check_world_concept
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class UnlearningMixin:
             request = concept
         else:
             request = UnlearnRequest.build(concept, method, family=family_of(self), **options)
+        check_world_concept(self, request.concept, request.domain, prompts_given=request.templates is None)
         check = check_erasure_check(erasure_check)
         escalate = effective_escalation(request, escalate)
         attempts = escalated_requests(request, escalate)

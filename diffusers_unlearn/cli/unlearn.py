@@ -289,8 +289,12 @@ def run(args: argparse.Namespace) -> int:
     from ..export import check_output_folder
     from ..model_card import check_base_model
     from ..request import UnlearnRequest
+    from ..worlds import get_world
 
     check_base_model(args.base_model)
+    world = get_world(args.model) or _world_of_folder(args.model)
+    if world is not None:  # a concept outside the world's vocabulary (a misspelling) is refused before any work
+        world.check_concept(args.concept.strip(), args.domain)
     kwargs, recipe = _arguments_and_recipe(args)
     request = UnlearnRequest.build(args.concept, seed=args.seed, **kwargs)  # checked whole, before the model loads
     out = Path(args.out)

@@ -46,6 +46,7 @@ width / (segments x steps) kept concepts; the solve warns when nothing is left t
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._validation import check_number
 from ..adapters import RequestAdapter, identity_factors
 from ..conditioning import _find_sublist
 from ..families import family_of
@@ -60,6 +62,8 @@ from ..prompts import TEMPLATES, check_concept, provide_domain, same_concept
 from ..text_states import PromptStates
 from ..vocabulary import DEFAULT_VOCABULARY
 from .base import Objective, ObjectiveConfig, register_objective, swap_concept
+
+logger = logging.getLogger(__name__)
 
 SPAN_RTOL = 1e-8  # singular values of P below this fraction of the largest: directions P does not use
 KEY_RTOL = 1e-12  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
@@ -93,6 +97,10 @@ class ClosedFormConfig(ObjectiveConfig):
         resemble the concept, as an empty style slot can, then still erases).
     ridge: Tikhonov weight of the mapping solve, relative to the mean eigenvalue of its key covariance: bounds the
         edit when the concept's part outside the protected span is tiny (0: exact least squares).
+    max_kept_fraction: None (default): every kept state is held exactly, even when together they span the whole K/V
+        input (then the request changes nothing, and says so). A fraction f in (0, 1): the exactly kept span is
+        capped at f x the input width, its strongest directions (the rest are kept by the soft penalty only), so a
+        model with a narrow text space keeps room to erase. The recommended recipe uses ``RECOMMENDED_KEPT_FRACTION``.
     sampling_steps, guidance_scale, num_trajectories: used only by the erasure check's trajectories.
     """
 
@@ -114,9 +122,13 @@ class ClosedFormConfig(ObjectiveConfig):
     map_every_token: bool = True
     negative_guidance: float = 1.0
     ridge: float = 1e-4
+    max_kept_fraction: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.max_kept_fraction is not None:
+            check_number(self.max_kept_fraction, "max_kept_fraction", minimum=0, maximum=1, exclusive_minimum=True,
+                         exclusive_maximum=True)
         if not isinstance(self.anchor, str):
             raise TypeError(f"anchor must be a string ('' for the empty slot), got {self.anchor!r}")
         self.anchor = " ".join(self.anchor.split())
@@ -386,6 +398,21 @@ class Solver:
         return b @ a
 
 
+def cap_kept_span(protected: torch.Tensor, fraction: float | None) -> tuple[torch.Tensor, int | None]:
+    """``protected`` [d, m], or its strongest ``fraction * d`` directions (scaled by their singular values) when it
+    spans more; with the rank it had when capped (None when left as it is)."""
+    if fraction is None or not protected.shape[1]:
+        return protected, None
+    limit = max(1, int(fraction * protected.shape[0]))
+    u, s, _ = torch.linalg.svd(protected, full_matrices=False)
+    rank = int((s > SPAN_RTOL * s[0]).sum())
+    if rank <= limit:
+        return protected, None
+    logger.info("closed_form: the kept states span %d of %d input directions; holding the strongest %d exactly "
+                "(max_kept_fraction=%s)", rank, protected.shape[0], limit, fraction)
+    return u[:, :limit] * s[:limit], rank
+
+
 def _basis(columns: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis [d, r] of span(columns), dropping directions below SPAN_RTOL of the largest."""
     if columns.shape[1] == 0:
@@ -446,6 +473,7 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
                                        resolution=config.resolution)
     per_t = family.per_block_text_states  # joint blocks modulate the text by t: kept states per solve timestep
     protected, chosen = protected_columns(pipe, concept, domain, config, removed, states)
+    protected, uncapped_rank = cap_kept_span(protected, config.max_kept_fraction)
     names = [c for c, _ in chosen]
     preserve = (torch.cat([concept_tokens(pipe, c, d, states) for c, d in chosen])
                 if chosen and config.preserve_weight > 0 else None)
@@ -475,7 +503,8 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
         why = (f"what it keeps fills the K/V layers' {width}-wide input space ({protected.shape[1]} kept states)"
                if kept_rank >= width else f"the states of {concept!r} lie inside the span of what it keeps")
         warnings.warn(f"closed_form changes nothing while removing {concept!r}: {why}. Keep fewer concepts "
-                      f"(vocabulary=, preserve=){' or solve on fewer timesteps (sampling_steps=)' if per_t else ''}",
+                      f"(vocabulary=, preserve=){' or solve on fewer timesteps (sampling_steps=)' if per_t else ''}, "
+                      f"or hold only part of them exactly (max_kept_fraction=0.75, the recommended recipe's)",
                       stacklevel=3)
     # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
     applied = solver.to(torch.float32)
@@ -495,6 +524,8 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
               "target_in_span": round(in_span, 6), "earlier_mapped": len(mappings) - 1,
               "solve_rank": int(solver.directions.shape[1]), "ridge": config.ridge,
               "solved_layers": len(solved_layers)}
+    if uncapped_rank is not None:
+        report["protected_rank_uncapped"] = uncapped_rank
     return RequestAdapter("lora", tensors, scales), report
 
 

@@ -221,7 +221,7 @@ register_world(World(
     recipe="diffusers_unlearn.bench.recipes:minicanvas_recipe",
     folder="minicanvas/weights/pipeline",
     domains="diffusers_unlearn.bench.world:register_minicanvas_domains",
-    concepts="diffusers_unlearn.bench.world:minicanvas_concepts",
+    concepts="diffusers_unlearn.minicanvas:concepts",
 ))
 register_world(World("tiny", "tiny random Stable Diffusion test pipeline built offline (seed 0)",
                      pipeline="diffusers_unlearn.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))

@@ -171,11 +171,6 @@ def register_minicanvas_domains() -> None:
             register_templates(f"minicanvas-{domain}", templates, replace=True)
 
 
-def minicanvas_concepts() -> dict[str, list[str]]:
-    """MiniCanvas's vocabulary: what a request on the ``minicanvas`` world may remove."""
-    return {"style": list(mc.STYLES), "object": list(mc.OBJECTS)}
-
-
 def family_round_robin(families: dict[str, Sequence[str]]) -> list[str]:
     """One member of each family in turn: consecutive requests hit different families, and every removed style
     keeps a near neighbour (same family) among the kept ones for as long as possible."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, is_ledger_folder, load_folder, short, working
+from ._common import (MODEL_HELP, add_loading_options, add_quiet, check_writable, is_ledger_folder, load_folder, short,
+                      working)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,15 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import UsageError
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    if args.out is None and is_ledger_folder(folder):
+        raise UsageError(f"{folder} is a ledger folder: pass --out for the pipeline folder to write")
+    out = check_writable(args.out) if args.out is not None else folder
     from ..export import check_output_folder
     from ..model_card import check_base_model
     from ..state import check_request_id
 
     check_base_model(args.base_model)
-    folder = Path(args.folder)
-    if args.out is None and is_ledger_folder(folder):
-        raise UsageError(f"{folder} is a ledger folder: pass --out for the pipeline folder to write")
-    out = Path(args.out) if args.out is not None else folder
     check_output_folder(out)
     pipe = load_folder(args.folder, args.model, args)
     for request_id in args.rollback:

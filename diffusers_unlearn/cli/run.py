@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import MODEL_HELP, add_quiet, set_quiet
+from ._common import MODEL_HELP, add_quiet, check_writable, set_quiet
 
 EXAMPLE = """example PLAN.yaml:
   model: tiny                # a world name (minicanvas, tiny, ...), a folder (relative to the plan) or a Hub id
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from ..plan import load_plan, run_plan
 
     plan = load_plan(args.plan, model=args.model, output=args.out)
+    check_writable(plan.output, "output" if args.out is None else "--out")
     set_quiet(args.quiet)
     print(f"plan {args.plan}: {len(plan.requests)} request(s) on {plan.model} -> {plan.output}")
     result = run_plan(plan, progress=not args.quiet)

@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, default_text, finite_float, load, short, working
+from ._common import (MODEL_HELP, add_loading_options, add_quiet, check_writable, default_text, finite_float, load, short,
+                      working)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     gp_neighbors = default_text("regularizers/projection.py", "GradientProjection", "neighbors", prefix="")
@@ -286,18 +287,20 @@ def _describe(regularizer: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import check_output_folder
-    from ..model_card import check_base_model
-    from ..request import UnlearnRequest
     from ..worlds import get_world
 
-    check_base_model(args.base_model)
+    # the checks that need no heavy import first, so that their errors come at once
+    out = check_writable(args.out)
     world = get_world(args.model) or _world_of_folder(args.model)
     if world is not None:  # a concept outside the world's vocabulary (a misspelling) is refused before any work
         world.check_concept(args.concept.strip(), args.domain)
+    from ..export import check_output_folder
+    from ..model_card import check_base_model
+    from ..request import UnlearnRequest
+
+    check_base_model(args.base_model)
     kwargs, recipe = _arguments_and_recipe(args)
     request = UnlearnRequest.build(args.concept, seed=args.seed, **kwargs)  # checked whole, before the model loads
-    out = Path(args.out)
     check_output_folder(out)
     if recipe:
         print(f"{recipe.summary}; flags given override it")

@@ -42,6 +42,7 @@ from .weights import (
 
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
+    "concepts",
     "EVAL_SEEDS",
     "GUIDANCE_SCALE",
     "HELDOUT_TEMPLATES",
@@ -74,6 +75,11 @@ def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.d
     pipe = load_pipeline_from(weights_dir, device=device, torch_dtype=torch_dtype)
     pipe.unlearn_world = "minicanvas"
     return pipe
+
+
+def concepts() -> dict[str, list[str]]:
+    """MiniCanvas's vocabulary, ``{"style": STYLES, "object": OBJECTS}``: what a request on it may remove."""
+    return {"style": list(STYLES), "object": list(OBJECTS)}
 
 
 def load_classifiers(device: str | torch.device | None = None,

@@ -19,6 +19,7 @@ from accelerate.utils import gather_object
 
 from . import __version__
 from . import adapters as ad
+from ._progress import phase
 from .audit import audit_grid
 from .composition import Mode, combined_deltas, materialize
 from .erasure_check import ErasureError, report_erasure
@@ -283,9 +284,10 @@ class UnlearningMixin:
         state.ledger.next_index += 1
         try:
             rebuild(self)
-            record.erasure = check_erasure_check(check).measure(
-                self, request_id, request.concept, request.prompts, seed=request.seed,
-                guidance_scale=request.method.guidance_scale, resolution=request.method.resolution)
+            with phase(f"checking that {request.concept!r} is erased", self._progress(None)):
+                record.erasure = check_erasure_check(check).measure(
+                    self, request_id, request.concept, request.prompts, seed=request.seed,
+                    guidance_scale=request.method.guidance_scale, resolution=request.method.resolution)
             if failed:
                 record.erasure["attempts"] = [dict(f) for f in failed]
             report_erasure(request.concept, record.erasure, require_erasure, request.method.method)

@@ -97,10 +97,14 @@ def set_quiet(quiet: bool) -> None:
 
 def load(model: str, args: argparse.Namespace) -> Any:
     """The pipeline named on the command line (a world, a folder, a Hub id), its progress bars set by ``--quiet``."""
-    from ..pipelines import load_pipeline
+    from .._progress import phase
 
-    set_quiet(getattr(args, "quiet", False))
-    pipe = load_pipeline(model, torch_dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
+    quiet = getattr(args, "quiet", False)
+    with phase(f"loading {model}", not quiet):
+        from ..pipelines import load_pipeline
+
+        set_quiet(quiet)
+        pipe = load_pipeline(model, torch_dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
     pipe.set_progress_bar_config(disable=getattr(args, "quiet", False))
     return pipe
 

@@ -7,6 +7,7 @@ training settings and regularizers (what the demo does); every flag given overri
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +304,9 @@ def run(args: argparse.Namespace) -> int:
     request = UnlearnRequest.build(args.concept, seed=args.seed, **kwargs)  # checked whole, before the model loads
     check_output_folder(out)
     if recipe:
-        print(f"{recipe.summary}; flags given override it")
+        import textwrap
+
+        print(textwrap.fill(f"{recipe.summary}; flags given override it", width=110, subsequent_indent="  "))
     if "regularizers" in kwargs:
         print("regularizers: " + (", ".join(_describe(r) for r in request.regularizers) or "none"))
     pipe = load(args.model, args)
@@ -315,9 +318,17 @@ def run(args: argparse.Namespace) -> int:
     request = _with_recipe_retain(request, recipe, pipe)
     before = len(pipe.unlearning_ledger.requests)
     checked = dict(erasure_check=recipe.erasure_check, escalate=_recipe_escalation(recipe, args)) if recipe else {}
+    started = time.perf_counter()
     record = pipe.unlearn(request, progress=not args.quiet, **checked)
-    print(f"removed {short(record.concept)} as {record.request_id} in {record.seconds:.1f}s "
-          f"(final loss {record.final_loss:.4g}; {before} earlier request(s))")
+    waited = time.perf_counter() - started
+    from ..erasure_check import verdict
+
+    work = "solving" if record.steps == 0 else f"{record.steps} training steps"
+    print(f"removed {short(record.concept)} as {record.request_id} in {waited:.1f} s ({work} {record.seconds:.1f} s, "
+          f"the erasure check {max(waited - record.seconds, 0):.1f} s; final loss {record.final_loss:.4g}; "
+          f"{before} earlier request(s))")
+    if record.erasure:
+        print(f"check: {'erased' if record.erasure.get('erased') else 'NOT erased'}, {verdict(record.erasure)}")
     with working(f"saving the unlearned pipeline to {out}", args.quiet):
         pipe.save_unlearned(out, base_model=args.base_model)
     print(f"saved the unlearned pipeline ({len(pipe.unlearning_ledger.requests)} request(s) folded) to {out}")

@@ -235,7 +235,8 @@ def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], a
 
 
 def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormConfig, removed: Sequence[str],
-                      states: PromptStates | None = None) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+                      states: PromptStates | None = None, progress: bool = False
+                      ) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """P [d, m] (float64): kept/auxiliary concept embeddings (one per timestep of ``states`` where they depend on
     it) and the empty prompt's tokens; the (concept, domain) pairs behind them."""
     states = default_states(pipe) if states is None else states
@@ -247,7 +248,10 @@ def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormCo
     candidates = [(c, domain) for c in config.preserve] + candidates
     taken = [concept, *removed]
     chosen = list(dict.fromkeys((c, d) for c, d in candidates if not any(same_concept(c, t) for t in taken)))
-    columns = [concept_states(pipe, c, d, states)[1] for c, d in chosen] if config.protection == "span" else []
+    from tqdm.auto import tqdm
+
+    encoding = tqdm(chosen, desc=f"encoding {len(chosen)} kept concepts", disable=not progress, leave=False)
+    columns = [concept_states(pipe, c, d, states)[1] for c, d in encoding] if config.protection == "span" else []
     if config.protect_unconditional:
         columns.append(states.unconditional())
     columns = torch.cat(columns) if columns else torch.zeros(0, states.conditioner.cross_attention_dim,
@@ -472,7 +476,7 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     states = PromptStates.for_pipeline(pipe, layers, steps=config.sampling_steps, guidance_scale=config.guidance_scale,
                                        resolution=config.resolution)
     per_t = family.per_block_text_states  # joint blocks modulate the text by t: kept states per solve timestep
-    protected, chosen = protected_columns(pipe, concept, domain, config, removed, states)
+    protected, chosen = protected_columns(pipe, concept, domain, config, removed, states, progress=progress)
     protected, uncapped_rank = cap_kept_span(protected, config.max_kept_fraction)
     names = [c for c, _ in chosen]
     preserve = (torch.cat([concept_tokens(pipe, c, d, states) for c, d in chosen])

@@ -12,7 +12,10 @@ REQUEST = ["unlearn", "tiny", "--concept", "van gogh", "--domain", "style", "--m
            "--option", "sampling_steps=3", "--option", "vocabulary=[monet, picasso]"]
 
 
-def test_unlearn_labels_every_phase_and_reports_the_time_waited_and_the_check(tmp_path, capsys):
+def test_unlearn_labels_every_phase_and_reports_the_time_waited_and_the_check(tmp_path, capsys, monkeypatch):
+    import diffusers_unlearn._progress as progress
+
+    monkeypatch.setattr(progress, "ANNOUNCE_AFTER", 0)  # the tiny model's phases are shorter than the delay
     assert main([*REQUEST, "--out", str(tmp_path / "loud")]) == 0
     captured = capsys.readouterr()
     for label in ("loading tiny...", "loading tiny: done in", "encoding 2 kept concepts", "solving 'van gogh'",

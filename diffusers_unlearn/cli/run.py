@@ -2,7 +2,11 @@
 
 After every request the ledger is saved in OUT/unlearning/; at the end OUT is the folded pipeline folder. A rerun
 skips the requests the ledger already holds (and refuses a plan whose first requests differ from the ledger).
-See ``diffusers_unlearn.plan`` for the plan format.
+The plan is a YAML map: 'model' (a world name, a folder or a Hub id), 'output' (the folder to write), optional
+'defaults' (fields every request gets), 'strategy', 'base_model', 'torch_dtype', 'device', and 'requests', a list of
+maps with 'concept' and optionally 'domain', 'method', 'seed', 'regularizers' (names or {name: ..., settings}),
+'strategy', 'prompts', 'templates', training settings ('steps', 'learning_rate', 'rank', 'batch_size', ...) and any
+option of the method ('anchor', 'negative_guidance', ...). A misspelled field is refused with the allowed ones.
 """
 
 from __future__ import annotations

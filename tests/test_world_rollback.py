@@ -90,6 +90,7 @@ def test_fold_rollback_of_the_first_request_on_the_command_line(never_had_the_fi
                  "--quiet"]) == 0
     out = capsys.readouterr()
     assert out.out.count("rolled back r0001") == 1 and "rolled back" not in out.err
+    assert "re-solving the closed-form one(s) after it (r0002, r0003)" in out.out
     ledger = json.loads((tmp_path / "x" / "unlearning" / "ledger.json").read_text())
     assert [r["concept"] for r in ledger["requests"]] == STREAM[1:]
     assert_same_solves(du.load_pipeline(tmp_path / "x"), never_had_the_first)

@@ -47,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
         check_request_id(pipe, request_id)  # every id is checked before anything is dropped
     for request_id in args.rollback:
         record = pipe.rollback(request_id)
+        resolved = pipe.unlearning_ledger.history[-1].get("resolved") or []
+        again = f", re-solving the closed-form one(s) after it ({', '.join(resolved)})" if resolved else ""
         print(f"rolled back {request_id} ({short(record.concept)}): re-folded the base weights with the "
-              f"{len(pipe.unlearning_ledger.requests)} remaining request(s)")
+              f"{len(pipe.unlearning_ledger.requests)} remaining request(s){again}")
     with working(f"saving the folded pipeline to {out}", args.quiet):
         pipe.save_unlearned(out, base_model=args.base_model)
     print(f"saved the folded pipeline ({len(pipe.unlearning_ledger.requests)} request(s): "

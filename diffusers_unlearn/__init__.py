@@ -10,7 +10,21 @@ __version__ = "0.1.0"
 
 import importlib
 import importlib.util
+import logging
 from typing import TYPE_CHECKING
+
+
+class _TorchvisionNotice(logging.Filter):
+    """Drops transformers' notice that an image processor "requires torchvision" and falls back to PIL: diffusers'
+    pipeline imports trigger it on every use, and nothing here uses transformers' image processors (DEVELOPERS.md:
+    torchvision must not be installed beside this torch). Every other transformers message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+# The logger exists before transformers is imported (logging.getLogger makes it), so this imports nothing.
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionNotice())
 
 # Public name -> the submodule that defines it. Imported on first use (PEP 562), so that ``import diffusers_unlearn``
 # and ``diffusers-unlearn --help`` do not pay for torch, diffusers and transformers.

@@ -40,25 +40,35 @@ def audit_images(
     if guidance_scale is not None:
         check_number(guidance_scale, "guidance_scale", minimum=0)
 
-    def generate() -> Image.Image:
+    labels = panel_labels(pipe, request_id)
+
+    def generate(panel: str) -> Image.Image:
         kwargs = dict(pipe_kwargs)
         if guidance_scale is not None:
             kwargs["guidance_scale"] = guidance_scale
         generator = torch.Generator().manual_seed(seed)  # CPU generator: the same noise on every device
-        return pipe(prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="pil",
-                    **kwargs).images[0]
+        config = getattr(pipe, "_progress_bar_config", None)
+        pipe._progress_bar_config = {**(config or {}), "desc": f"audit panel {panel}: {labels[panel]}"}
+        try:  # the pipeline's own bar, labelled with the panel it draws
+            return pipe(prompt, num_inference_steps=num_inference_steps, generator=generator, output_type="pil",
+                        **kwargs).images[0]
+        finally:
+            if config is None:
+                del pipe._progress_bar_config
+            else:
+                pipe._progress_bar_config = config
 
     images: dict[str, Image.Image] = {}
     try:
         rebuild(pipe, [])  # no request active: the base model
-        images["base"] = generate()
+        images["base"] = generate("base")
     finally:
         rebuild(pipe)
-    images["all"] = generate()
+    images["all"] = generate("all")
     with pipe.audit(request_id):
-        images["only"] = generate()
+        images["only"] = generate("only")
     with pipe.audit(request_id, mode="without"):
-        images["without"] = generate()
+        images["without"] = generate("without")
     return images
 
 

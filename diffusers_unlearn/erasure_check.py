@@ -144,10 +144,10 @@ def report_erasure(concept: str, figures: dict[str, Any], require: bool, method:
     if figures.get("erased", True):
         return
     if method == "closed_form":
-        advice = "Use a larger negative_guidance or concept_weight, or keep fewer concepts (vocabulary=, preserve=)"
+        advice = ("Use a larger negative_guidance or concept_weight, or keep fewer concepts (vocabulary=, preserve=, "
+                  "max_kept_fraction=)")
     else:
-        advice = ("Use more steps, a larger learning rate, another method (e.g. method='closed_form' on SD / "
-                  "SDXL) or fewer protected concepts")
+        advice = "Use more steps, a larger learning rate or fewer protected concepts"
     tried = len(figures.get("attempts") or [])
     escalated = f" (after {tried} weaker attempt(s), undone)" if tried else ""
     message = f"the request removing {concept!r} did not erase it{escalated}: {verdict(figures)}. " + advice

@@ -114,6 +114,12 @@ def regularizer_summary(regularizers: list[dict[str, Any]]) -> str:
     parts = []
     for reg in regularizers:
         name = str(reg.get("name", "?"))
+        if name == "closed_form" and name not in REGULARIZERS:  # the solve's report, not a regularizer
+            report = reg.get("report") if isinstance(reg.get("report"), Mapping) else {}
+            kept = report.get("protected")
+            parts.append("none (solved in closed form" + (f", keeping {len(kept)} concepts)"
+                                                           if isinstance(kept, list) else ")"))
+            continue
         defaults = _defaults(name)
         settings = {k: v for k, v in reg.items() if k not in ("name", "report") and v not in (None, [], {})
                     and not (k in defaults and _same(defaults[k], v))}
@@ -197,10 +203,12 @@ def _strategy_text(ledger: Ledger) -> str:
     if not ledger.requests:
         return "none (no requests)"
     strategy = strategy_from_dict(ledger.requests[0].strategy)
+    steps = {record.steps == 0 for record in ledger.requests}  # a closed-form request is solved, in 0 steps
+    served = "solved" if steps == {True} else "trained" if steps == {False} else "trained or solved"
     if strategy == "sequential":
-        return "sequential: each request was trained on top of the earlier ones; their changes add up"
+        return f"sequential: each request was {served} on top of the earlier ones; their changes add up"
     scale = "grows with the number of requests" if strategy.scale is None else f"{strategy.scale:g}"
-    return (f"merge ({strategy.method}, density {strategy.density:g}, scale {scale}): each request was trained "
+    return (f"merge ({strategy.method}, density {strategy.density:g}, scale {scale}): each request was {served} "
             "from the base and their changes were merged")
 
 

@@ -31,6 +31,7 @@ interrupted run loses at most the request in flight and finishes with the same l
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -240,6 +241,28 @@ def _strings(value: Any, field: str, where: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _check_field_names(own_options: dict[str, Any], method: Any, where: str) -> None:
+    """A request field that is neither a request key nor an option of its method (a typo, most often) is refused
+    with every field allowed there and the nearest ones."""
+    from .objectives import OBJECTIVES
+
+    if not isinstance(method, str) or method not in OBJECTIVES:
+        return  # the method's own error says what is wrong
+    method_fields = [f.name for f in dataclasses.fields(OBJECTIVES[method][0]) if f.name != "method"]
+    allowed = [*REQUEST_KEYS, *method_fields]
+    unknown = [k for k in own_options if k not in allowed]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        near = difflib.get_close_matches(str(key), allowed, n=2, cutoff=0.6)
+        if near:
+            hints.append(f"{key!r}: did you mean {' or '.join(repr(n) for n in near)}?")
+    raise PlanError(f"{where}: unknown field(s) {sorted(map(str, unknown))}" + (f" ({'; '.join(hints)})" if hints else "")
+                    + f"; a request takes {', '.join(REQUEST_KEYS)}, and the options of its method {method!r}: "
+                    f"{', '.join(method_fields)}")
+
+
 def _planned_request(
     raw: Any, defaults: dict[str, Any], position: int, plan_strategy: Any, source: str
 ) -> PlannedRequest:
@@ -257,6 +280,7 @@ def _planned_request(
     own_options = {k: v for k, v in fields.items() if k not in REQUEST_KEYS}
     options = recommended_options(fields.get("method"), method, fields.get("domain"), own_options)
     recipe_options = own_options if fields.get("method") is None and method == recommended_method() else None
+    _check_field_names(own_options, method, where)
     strategy = _strategy(fields.get("strategy", plan_strategy), where)
     regularizers = _regularizer_dicts(fields.get("regularizers"), where)
     prompts = _strings(fields.get("prompts"), "prompts", where)

@@ -2,12 +2,54 @@
 
 from __future__ import annotations
 
+import importlib
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+# Functions that register a domain they know when it is first asked for (``register_domain_provider``): a named
+# world's prompt domains ("minicanvas-style") come back in any process, e.g. to re-solve a loaded ledger's requests.
+_DOMAIN_PROVIDERS: list[Callable[[str], None]] = []
+# Modules that register providers when imported, imported by name on the first miss (the named worlds' registry
+# imports this module, so it cannot be imported here).
+_PROVIDER_MODULES: tuple[str, ...] = ("diffusers_unlearn.worlds",)
+
+
+def register_domain_provider(provider: Callable[[str], None]) -> None:
+    """``provider(domain)`` is called when ``domain`` is asked for and not registered; it may register it with
+    ``register_templates`` (or do nothing when the domain is not its own)."""
+    if not callable(provider):
+        raise TypeError(f"a domain provider must be callable, got {provider!r}")
+    if provider not in _DOMAIN_PROVIDERS:
+        _DOMAIN_PROVIDERS.append(provider)
+
+
+class _Templates(dict):
+    """The template registry: a dict whose missing domains are asked of the domain providers first."""
+
+    def __missing__(self, domain: str) -> tuple[str, ...]:
+        if provide_domain(domain):
+            return dict.__getitem__(self, domain)
+        raise KeyError(domain)
+
+
+def provide_domain(domain: object) -> bool:
+    """Whether ``domain`` is registered, after asking the domain providers for it if it was not."""
+    if not isinstance(domain, str):
+        return False
+    if dict.__contains__(TEMPLATES, domain):
+        return True
+    for module in _PROVIDER_MODULES:
+        importlib.import_module(module)
+    for provider in list(_DOMAIN_PROVIDERS):
+        if dict.__contains__(TEMPLATES, domain):
+            break
+        provider(domain)
+    return dict.__contains__(TEMPLATES, domain)
+
 
 # Domain -> templates with one "{}" slot for the concept. Module-level so users can add a domain or replace one
 # with register_templates; requests record the prompts they used, so later edits do not change old records.
-TEMPLATES: dict[str, tuple[str, ...]] = {
+TEMPLATES: dict[str, tuple[str, ...]] = _Templates({
     "style": (
         "an image in {} style",
         "a painting in {} style",
@@ -26,7 +68,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "a picture of {}",
         "a photo of {}",
     ),
-}
+})
 
 DEFAULT_DOMAIN = "concept"
 
@@ -66,7 +108,7 @@ def _slots(template: str) -> list[str] | None:
 
 def check_domain(domain: str | None) -> str:
     domain = DEFAULT_DOMAIN if domain is None else domain
-    if domain not in TEMPLATES:
+    if not provide_domain(domain):
         raise ValueError(f"unknown domain {domain!r}; known domains: {sorted(TEMPLATES)} (add one with register_templates)")
     return domain
 

@@ -32,6 +32,11 @@ TRAINED_METHOD = "esd"
 # a stronger soft penalty on the kept concepts' tokens keeps them (94.4) at some erasure, which guidance 2 restores
 # (UA 94.4, held-out 91.7, IRA 90.3, CRA 98.6; docs/benchmarks.md section 8).
 RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"object": {"preserve_weight": 5.0, "negative_guidance": 2.0}}
+# Every recommended request: the exactly kept span may fill at most this fraction of the K/V input width. With the
+# built-in vocabulary the kept states fill the whole 32-wide input of the tiny pipelines, and the request would
+# change nothing; capped, the strongest kept directions stay exact and the rest are kept softly. On SD's 768-wide
+# input and MiniCanvas's 512-wide one the kept span stays below the cap, so nothing changes there.
+RECOMMENDED_KEPT_FRACTION = 0.75
 
 
 def recommended_method(family: ModelFamily | None = None) -> str:
@@ -67,4 +72,5 @@ def recommended_options(requested: Any, resolved: Any, domain: str | None,
     chose the method (``requested`` None and ``resolved`` the recommended method); the options given win."""
     if requested is not None or resolved != RECOMMENDED_METHOD:
         return dict(options)
-    return {**RECOMMENDED_DOMAIN_OPTIONS.get(domain_kind(domain) or "", {}), **options}
+    return {"max_kept_fraction": RECOMMENDED_KEPT_FRACTION,
+            **RECOMMENDED_DOMAIN_OPTIONS.get(domain_kind(domain) or "", {}), **options}

@@ -19,6 +19,7 @@ from accelerate.utils import gather_object
 
 from . import __version__
 from . import adapters as ad
+from ._progress import phase
 from .audit import audit_grid
 from .composition import Mode, combined_deltas, materialize
 from .erasure_check import ErasureError, report_erasure
@@ -30,6 +31,7 @@ from .objectives import ObjectiveConfig
 from .request import UnlearnRequest
 from .state import UnlearningState, check_request_id, one_thread, rebuild, set_mode, unlearning_state
 from .trainer import TrainingResult, make_accelerator, train_request
+from .worlds import check_world_concept
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,7 @@ class UnlearningMixin:
             request = concept
         else:
             request = UnlearnRequest.build(concept, method, family=family_of(self), **options)
+        check_world_concept(self, request.concept, request.domain, prompts_given=request.templates is None)
         check = check_erasure_check(erasure_check)
         escalate = effective_escalation(request, escalate)
         attempts = escalated_requests(request, escalate)
@@ -288,9 +291,10 @@ class UnlearningMixin:
         state.ledger.next_index += 1
         try:
             rebuild(self)
-            record.erasure = check_erasure_check(check).measure(
-                self, request_id, request.concept, request.prompts, seed=request.seed,
-                guidance_scale=request.method.guidance_scale, resolution=request.method.resolution)
+            with phase(f"checking that {request.concept!r} is erased", self._progress(None)):
+                record.erasure = check_erasure_check(check).measure(
+                    self, request_id, request.concept, request.prompts, seed=request.seed,
+                    guidance_scale=request.method.guidance_scale, resolution=request.method.resolution)
             if failed:
                 record.erasure["attempts"] = [dict(f) for f in failed]
             report_erasure(request.concept, record.erasure, require_erasure, request.method.method)
@@ -356,7 +360,7 @@ class UnlearningMixin:
             rebuild(self)
             raise
         if state.mode == "folded":
-            logger.warning("rolled back %s on a folded pipeline: re-folded the base weights (fingerprint %s) with the "
+            logger.info("rolled back %s on a folded pipeline: re-folded the base weights (fingerprint %s) with the "
                            "remaining requests %s", request_id, state.base_fingerprint, state.ledger.ids())
         return record
 

@@ -11,6 +11,7 @@ adds a world; a name is registered once.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import re
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .prompts import concepts_except
+from .prompts import concepts_except, register_domain_provider
 
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -72,6 +73,12 @@ class World:
         recipe: ``"module:function"`` called as ``f(domain, method)``, returning a :class:`WorldRecipe`; None: the
             library's defaults.
         folder: the world's pipeline folder inside the package, if it ships one (relative to the package).
+        domains: ``"module:function"`` that registers the world's prompt domains (``"<name>-style"``, ...) with
+            ``register_templates``; called the first time one of them is asked for, so that a ledger's requests
+            (a rollback's re-solve, a loaded folder) find their templates in any process. None: the world has none.
+        concepts: ``"module:function"`` returning the world's vocabulary, ``{kind: [concepts]}`` (``"style"``,
+            ``"object"``): a request on the world that removes a concept outside it is refused before any work,
+            with the nearest names (``check_concept``). None: any concept is accepted.
     """
 
     name: str
@@ -80,20 +87,48 @@ class World:
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
     recipe: str | None = None
     folder: str | None = None
+    domains: str | None = None
+    concepts: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.name):
             raise ValueError(f"world name must be one lower-case word (letters, digits, '.', '_', '-'), got "
                              f"{self.name!r}")
-        for what in ("pipeline", "recipe"):
+        for what in ("pipeline", "recipe", "domains", "concepts"):
             value = getattr(self, what)
             if (value is not None or what == "pipeline") and not (isinstance(value, str) and _REFERENCE.match(value)):
                 raise ValueError(f"world {self.name!r}: {what} must be a 'package.module:function' reference, got "
                                  f"{value!r}")
 
     def load_pipeline(self) -> Any:
-        """A fresh pipeline of this world (without ``UnlearnMixin``; ``load_pipeline`` attaches it)."""
-        return _resolve(self.pipeline)(**dict(self.pipeline_kwargs))
+        """A fresh pipeline of this world (without ``UnlearnMixin``; ``load_pipeline`` attaches it), marked as the
+        world's (``world_of``)."""
+        pipe = _resolve(self.pipeline)(**dict(self.pipeline_kwargs))
+        pipe.unlearn_world = self.name
+        return pipe
+
+    def vocabulary(self) -> dict[str, list[str]] | None:
+        """The world's concepts per kind (``"style"``, ``"object"``), or None when it does not list them."""
+        return None if self.concepts is None else {k: list(v) for k, v in _resolve(self.concepts)().items()}
+
+    def check_concept(self, concept: str, kind: str | None = None) -> None:
+        """Refuse ``concept`` when the world lists its concepts and it is not one of them (of ``kind`` when given:
+        ``"style"`` / ``"object"``), naming the nearest ones; case and spacing do not matter."""
+        vocabulary = self.vocabulary()
+        if vocabulary is None:
+            return
+        kinds = [kind] if kind in vocabulary else list(vocabulary)
+        known = [c for k in kinds for c in vocabulary[k]]
+        norm = " ".join(concept.lower().split())
+        if norm in {" ".join(c.lower().split()) for c in known}:
+            return
+        other = [k for k in vocabulary if k not in kinds and norm in {" ".join(c.lower().split())
+                                                                       for c in vocabulary[k]}]
+        near = difflib.get_close_matches(norm, known, n=3, cutoff=0.6)
+        hint = (f"it is a {self.name} {other[0]} (domain {other[0]!r}). " if other else
+                f"did you mean {' or '.join(repr(c) for c in near)}? " if near else "")
+        raise UnknownConceptError(f"{concept!r} is not a {self.name} {' or '.join(kinds)}: {hint}The {self.name} "
+                                  f"{' and '.join(k + 's' for k in kinds)} are: {', '.join(known)}")
 
     def request_recipe(self, domain: str | None, method: str | None) -> WorldRecipe | None:
         """The world's calibrated settings for a request of ``domain`` with ``method`` (None: the world's own
@@ -123,6 +158,50 @@ def get_world(name: object) -> World | None:
     return WORLDS.get(name) if isinstance(name, str) else None
 
 
+def _world_domains(domain: str) -> None:
+    """The domain provider of the named worlds: ``"<world>-<kind>"`` asks that world to register its domains."""
+    world = get_world(domain.rpartition("-")[0])
+    if world is not None and world.domains is not None:
+        _resolve(world.domains)()
+
+
+register_domain_provider(_world_domains)
+
+
+class UnknownConceptError(ValueError):
+    """A request names a concept that its world does not know (a misspelling, most often)."""
+
+
+def world_of(pipe: Any, domain: str | None = None) -> tuple[World | None, str | None]:
+    """The world a request on ``pipe`` in prompt ``domain`` belongs to, and the kind of concept it removes
+    (``"style"``, ``"object"`` or None): the world named by a ``"<world>-<kind>"`` domain, else the one the pipeline
+    was loaded as (``World.load_pipeline``), else the one its ledger's requests name. (None, None) for none."""
+    if isinstance(domain, str):
+        name, _, kind = domain.rpartition("-")
+        world = get_world(name)
+        if world is not None:
+            return world, kind
+    kind = domain if domain in ("style", "object") else None
+    world = get_world(getattr(pipe, "unlearn_world", None))
+    if world is not None:
+        return world, kind
+    state = getattr(pipe, "_unlearning_state", None)
+    ledger = getattr(state, "ledger", None)
+    names = {r.domain.rpartition("-")[0] for r in getattr(ledger, "requests", [])
+             if isinstance(r.domain, str) and get_world(r.domain.rpartition("-")[0]) is not None}
+    return (get_world(names.pop()), kind) if len(names) == 1 else (None, None)
+
+
+def check_world_concept(pipe: Any, concept: str, domain: str | None, prompts_given: bool = False) -> None:
+    """Refuse a request whose concept is not in the vocabulary of the world it runs on (``World.check_concept``);
+    a request with its own prompts (e.g. a simultaneous retraining of several concepts) describes itself."""
+    if prompts_given:
+        return
+    world, kind = world_of(pipe, domain)
+    if world is not None:
+        world.check_concept(concept, kind)
+
+
 def world_names() -> list[str]:
     return list(WORLDS)
 
@@ -141,6 +220,8 @@ register_world(World(
     pipeline="diffusers_unlearn.minicanvas:load_pipeline",
     recipe="diffusers_unlearn.bench.recipes:minicanvas_recipe",
     folder="minicanvas/weights/pipeline",
+    domains="diffusers_unlearn.bench.world:register_minicanvas_domains",
+    concepts="diffusers_unlearn.minicanvas:concepts",
 ))
 register_world(World("tiny", "tiny random Stable Diffusion test pipeline built offline (seed 0)",
                      pipeline="diffusers_unlearn.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))
@@ -151,4 +232,5 @@ register_world(World("tiny-sd3", "tiny random SD3 test pipeline built offline (s
 register_world(World("tiny-flux", "tiny random Flux (guidance-distilled) test pipeline built offline (seed 0)",
                      pipeline="diffusers_unlearn.tiny:tiny_flux_pipeline", pipeline_kwargs={"seed": 0}))
 
-__all__ = ["WORLDS", "World", "WorldRecipe", "describe_worlds", "get_world", "register_world", "world_names"]
+__all__ = ["WORLDS", "UnknownConceptError", "World", "WorldRecipe", "check_world_concept", "describe_worlds",
+           "get_world", "register_world", "world_names", "world_of"]

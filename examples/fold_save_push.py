@@ -5,7 +5,7 @@ each request as a diffusers LoRA, the ledger and a model card, pushed to the Hub
     python examples/fold_save_push.py artist-stream-out --repo-id you/sd15-without-artists --private
 
 ``--dry-run`` lists every file the push would send and prints the model card; nothing leaves the machine. The token
-comes from ``HF_TOKEN`` or your ``huggingface-cli login`` and goes only to huggingface_hub. Tried on the CPU with
+comes from ``HF_TOKEN`` or your ``hf auth login`` and goes only to huggingface_hub. Tried on the CPU with
 the shipped MiniCanvas model, on a folder from run_plan_stream.py::
 
     python examples/fold_save_push.py /tmp/stream --out /tmp/stream-published --repo-id you/minicanvas-unlearned \

@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                      "(gradient projection; semantic neighbours are added)")
     parser.add_argument("--neighbors", type=int, default=None,
                         help="how many similar concepts of the built-in vocabulary gradient projection also protects "
-                             "(default 8; 0 on MiniCanvas, whose 64-wide text space they would fill)")
+                             "(default 8; 0 on MiniCanvas, whose 512-wide text encoder knows only its own styles and "
+                             "objects: the vocabulary's real names are spelled letter by letter there)")
     parser.add_argument("--method", default="esd", help="erasure method: esd (default) or another registered one")
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
     parser.add_argument("--learning-rate", type=float, default=1e-4)

@@ -101,7 +101,7 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     # pipe.unlearn / UnlearnRequest.build: the object settings for objects only, and only when no method is named
     request = UnlearnRequest.build("cat", domain="object")
     assert (request.method.preserve_weight, request.method.negative_guidance) == (5.0, 2.0)
-    assert UnlearnRequest.build("van gogh", domain="style").method == ClosedFormConfig()
+    assert UnlearnRequest.build("van gogh", domain="style").method == ClosedFormConfig(max_kept_fraction=0.75)
     named = UnlearnRequest.build("cat", "closed_form", domain="object").method
     assert (named.preserve_weight, named.negative_guidance) == (0.5, 1.0)
     assert UnlearnRequest.build("cat", domain="object", negative_guidance=1.5).method.negative_guidance == 1.5

@@ -175,3 +175,16 @@ def test_base_model_must_be_a_hub_id(tmp_path, bad, error):
     assert not (tmp_path / "x").exists()
     with pytest.raises(error, match="base_model must be a Hub model id"):
         build_model_card(ledger_of(["cat"]), base_model=bad)
+
+
+def test_a_solved_request_reads_as_solved_not_trained():
+    import dataclasses
+
+    solved = dataclasses.replace(record(1, "van gogh", regularizers=[
+        {"name": "closed_form", "report": {"protected": ["monet", "picasso", "cat"], "solve_rank": 5}}]),
+        method="closed_form", method_config={"method": "closed_form"}, steps=0)
+    card = str(build_model_card(Ledger("kv-test", [solved], 2)))
+    assert "| none (solved in closed form, keeping 3 concepts) |" in card
+    assert "each request was solved on top of the earlier ones" in card and "was trained" not in card
+    trained = build_model_card(Ledger("kv-test", [solved, record(2, "monet")], 3))
+    assert "each request was trained or solved on top" in str(trained)

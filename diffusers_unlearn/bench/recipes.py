@@ -68,9 +68,10 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
     regularizers = ", ".join(r.name for r in kwargs["regularizers"]) or "none"
     if protocol.startswith("gp"):
         neighbors = "all" if hp.gp_neighbors is None else hp.gp_neighbors
-        regularizers += f" (the {neighbors} nearest of {pool} {world.name} concepts kept)"
+        regularizers += (f" (all {pool} {world.name} concepts kept)" if neighbors == "all"
+                         else f" (the {neighbors} nearest of {pool} {world.name} concepts kept)")
     if kwargs["method"].method == "closed_form":
-        summary = (f"{world.name} recipe: {kwargs['method']!r} (solved, no training), prompts of domain "
+        summary = (f"{world.name} recipe: {describe_config(kwargs['method'])} (solved, no training), prompts of domain "
                    f"{kwargs['domain']!r}, keeping the {pool} {world.name} concepts and the earlier removals")
         if escalate:
             ladder = ", then ".join(", ".join(f"{k}={v}" for k, v in step.items()) for step in escalate)
@@ -79,10 +80,33 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
     else:
         retain = (f", a retain loss (weight {hp.preserve_weight}) on the {len(preserve)} {world.name} {domain}s "
                   "less the concept and the earlier removals" if preserve else "")
-        summary = (f"{world.name} recipe: {kwargs['method']!r}, prompts of domain {kwargs['domain']!r}, {hp.steps} "
+        summary = (f"{world.name} recipe: {describe_config(kwargs['method'])}, prompts of domain {kwargs['domain']!r}, {hp.steps} "
                    f"steps, learning rate {hp.learning_rate}, rank {hp.rank}, regularizers: {regularizers}{retain}")
     return WorldRecipe(kwargs, vocabulary=vocabulary, neighbors=hp.gp_neighbors, summary=summary, preserve=preserve,
                        preserve_weight=hp.preserve_weight, erasure_check=erasure_check, escalate=escalate)
+
+
+def describe_config(config: Any) -> str:
+    """A method config in a short readable form: its name and the settings that differ from its defaults, with
+    a collection shown by its size (``closed_form(negative_guidance=2.0, vocabulary=<108 concepts>)``)."""
+    import dataclasses
+
+    shown = []
+    for spec in dataclasses.fields(config):
+        if spec.name == "method":
+            continue
+        value = getattr(config, spec.name)
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if value == default:
+            continue
+        if isinstance(value, dict):
+            value = f"<{sum(len(v) for v in value.values())} concepts>"
+        elif isinstance(value, (list, tuple)):
+            value = f"<{len(value)} concepts>" if value else "[]"
+        else:
+            value = repr(value)
+        shown.append(f"{spec.name}={value}")
+    return f"{config.method}({', '.join(shown)})"
 
 
 def minicanvas_recipe(domain: str | None, method: str | None) -> WorldRecipe:

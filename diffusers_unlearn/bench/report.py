@@ -11,6 +11,12 @@ METRICS = (("ua", "UA"), ("ira", "IRA"), ("cra", "CRA"))
 # what nobody named keeps beyond being recognised (evaluation/retention.py); None where a run did not measure it
 RETENTION = (("cross_removed", "kept in removed prompts"), ("image_change", "kept-image change (seed gaps)"),
              ("frechet", "kept-image Fréchet distance"))
+# What the three scores mean, for the plots' panel titles and the first lines of a report.
+METRIC_NAMES = {"ua": "unlearning accuracy", "ira": "in-domain retain accuracy", "cra": "cross-domain retain accuracy"}
+DEFINITIONS = ("UA = unlearning accuracy (100 - the percent of a removed concept's images its classifier still "
+               "recognises: 100 is fully erased); IRA = in-domain retain accuracy (the kept concepts of the same "
+               "domain, still recognised); CRA = cross-domain retain accuracy (the other domain's classifier on the "
+               "same images). All in percent.")
 REFERENCE = "sequential"
 
 
@@ -118,6 +124,7 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
         f"{eval_cfg['guidance_scale']}). Whole run: {result['seconds'] / 60:.1f} min "
         f"({result['environment'].get('jobs', 1)} worker process(es), {result['environment']['threads']} torch "
         f"thread(s) each).",
+        DEFINITIONS,
         f"Base model: IRA {_pct(base['ira'])}, CRA {_pct(base['cra'])} "
         f"(accuracy of the {settings['domain']} and the other domain's classifier on the base model's images).",
         "",
@@ -244,6 +251,20 @@ def _colors(names: list[str]) -> dict[str, Any]:
     return {name: cmap(i % 10) for i, name in enumerate(names)}
 
 
+def protocol_method(result: dict[str, Any], name: str) -> str:
+    """The erasure method a protocol of ``result`` used: its own (closed-form protocols), else the bench's."""
+    protocol = result["protocols"][name]
+    return protocol.get("method") or ("closed_form" if name.startswith("closed_form") else
+                                      result["settings"]["method"])
+
+
+def metrics_title(result: dict[str, Any]) -> str:
+    """``minicanvas: 12 style requests, methods esd, closed_form``: the methods the plotted protocols used."""
+    methods = list(dict.fromkeys(protocol_method(result, name) for name in result["protocols"]))
+    return (f"{result['world']['name']}: {len(result['stream'])} {result['settings']['domain']} requests, "
+            f"method{'s' if len(methods) > 1 else ''} {', '.join(methods)}")
+
+
 def plot_metrics(result: dict[str, Any], path: str | os.PathLike) -> None:
     """UA, IRA and CRA against the number of requests, one line per protocol (PNG)."""
     import matplotlib
@@ -262,7 +283,7 @@ def plot_metrics(result: dict[str, Any], path: str | os.PathLike) -> None:
             style = dict(linestyle="--", linewidth=2.2) if name == REFERENCE else dict(linewidth=1.5)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3.5,
                     color=colors[name], label=protocol["label"], **style)
-        ax.set_title(label)
+        ax.set_title(f"{label}: {METRIC_NAMES[metric]}", fontsize=10)
         ax.set_xlabel("number of removal requests")
         ax.set_xticks(range(n + 1))
         ax.set_ylim(-3, 103)
@@ -270,8 +291,7 @@ def plot_metrics(result: dict[str, Any], path: str | os.PathLike) -> None:
     axes[0].set_ylabel("accuracy-based score (%)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(names)), fontsize=8, frameon=False)
-    fig.suptitle(f"{result['world']['name']}: {n} {result['settings']['domain']} requests, "
-                 f"{result['settings']['method']}", fontsize=11)
+    fig.suptitle(metrics_title(result), fontsize=11)
     fig.tight_layout(rect=(0, 0.1 if len(names) > 5 else 0.06, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -304,6 +324,10 @@ def plot_cost(result: dict[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+# 9 points at 110 dpi: row labels about 14 px tall (6 points at 90 dpi drew them 7 px tall)
+UA_MATRIX_FONT, UA_MATRIX_DPI = 9, 110
+
+
 def plot_ua_matrix(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Heat-map per protocol: UA of each removed concept (rows) after each request (columns) (PNG)."""
     import matplotlib
@@ -316,23 +340,24 @@ def plot_ua_matrix(result: dict[str, Any], path: str | os.PathLike) -> None:
     stream = result["stream"]
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
-    size = 0.3 * len(stream) + 1.2
+    size = 0.34 * len(stream) + 1.4  # a row per removed concept, tall enough for its 9-point label
     fig, axes = plt.subplots(rows, cols, figsize=(cols * (size + 1.3) + 1.0, rows * (size + 0.6) + 0.5),
                              squeeze=False, layout="constrained")
     image = None
     for ax, name in zip(axes.flat, names):
         matrix = np.array([[np.nan if v is None else v for v in row] for row in ua_matrix(result, name)], float)
         image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis", aspect="auto")
-        ax.set_title(result["protocols"][name]["label"], fontsize=9)
-        ax.set_xticks(range(len(stream)), [str(k) for k in range(1, len(stream) + 1)], fontsize=6)
-        ax.set_yticks(range(len(stream)), stream, fontsize=6)
-        ax.set_xlabel("after request", fontsize=7)
+        ax.set_title(result["protocols"][name]["label"], fontsize=10)
+        ax.set_xticks(range(len(stream)), [str(k) for k in range(1, len(stream) + 1)], fontsize=UA_MATRIX_FONT - 1)
+        ax.set_yticks(range(len(stream)), stream, fontsize=UA_MATRIX_FONT)
+        ax.set_xlabel("after request", fontsize=UA_MATRIX_FONT)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="UA of the concept (%)")
-    fig.suptitle(f"{result['world']['name']}: per-concept UA", fontsize=11)
-    fig.savefig(path, dpi=90)
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6,
+                     label="UA (unlearning accuracy) of the concept (%)")
+    fig.suptitle(f"{result['world']['name']}: per-concept UA (unlearning accuracy)", fontsize=11)
+    fig.savefig(path, dpi=UA_MATRIX_DPI)
     plt.close(fig)
 
 

@@ -60,6 +60,8 @@ class BenchWorld:
         check_templates: how many prompts of the request's templates the check draws (spread over them).
         feature_extractor: ``images -> [B, F]`` features for the Fréchet distance of kept images to the base's
             (None: no Fréchet distance).
+        prompt_concepts: the concepts request prompts are written with, ``{"style": [...], "object": [...]}``
+            (default: every concept outside the evaluation); evaluated ones among them are left out.
     """
 
     name: str
@@ -77,6 +79,7 @@ class BenchWorld:
     check_seeds: tuple[int, ...] = (1,)
     check_templates: int = 12
     feature_extractor: FeatureExtractor | None = None
+    prompt_concepts: dict[str, list[str]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or " " in self.name:
@@ -171,15 +174,17 @@ class BenchWorld:
         evaluation, so that no request trains on a scored concept's prompt; every one of them when the world has
         none outside it (a world as small as its evaluation; ``describe`` says so)."""
         other = "object" if check_eval_domain(domain) == "style" else "style"
+        if self.prompt_concepts is not None:
+            return [c for c in self.prompt_concepts[other] if c in self.unevaluated(other)] or self.unevaluated(other)
         return self.unevaluated(other) or self.concepts(other)
 
     def templates(self, domain: str) -> list[str]:
         """Request templates: the world's own prompt with the concept's slot open, across the other domain's
         concepts outside the evaluation (``prompt_others``)."""
-        template = self.eval_config.template
+        others = self.prompt_others(domain)
         if check_eval_domain(domain) == "style":
-            return [template.format(object=o, style="{}") for o in self.prompt_others("style")]
-        return [template.format(object="{}", style=s) for s in self.prompt_others("object")]
+            return world_templates(self.eval_config.template, [], others, domain)
+        return world_templates(self.eval_config.template, others, [], domain)
 
     def register_domains(self) -> None:
         """Register the world's prompt domains, so requests and gradient projection embed concepts in its prompts."""
@@ -220,6 +225,33 @@ class BenchWorld:
                 "request_prompts_use_evaluated": any(not self.unevaluated(d) for d in ("style", "object"))}
 
 
+def world_templates(template: str, styles: Sequence[str], objects: Sequence[str], domain: str) -> list[str]:
+    """A style x object world's request templates for ``domain``: ``template`` (``{style}`` and ``{object}``
+    slots) with the domain's slot open, across every concept of the other domain."""
+    if check_eval_domain(domain) == "style":
+        return [template.format(object=o, style="{}") for o in objects]
+    return [template.format(object="{}", style=s) for s in styles]
+
+
+# The concepts MiniCanvas's request prompts are written with, in every world and every process: the styles that no
+# default evaluation draws (each family's third and fourth members) and the objects outside the style evaluation's.
+# Fixed, so that a request solved in the bench and re-solved after a rollback in a fresh process sees one template set.
+MINICANVAS_PROMPT_STYLES = tuple(s for members in mc.STYLE_FAMILIES.values() for s in list(members)[2:])
+MINICANVAS_EVAL_OBJECTS = ("bear", "fish", "house", "flower")
+MINICANVAS_PROMPT_OBJECTS = tuple(o for o in mc.OBJECTS if o not in MINICANVAS_EVAL_OBJECTS)
+
+
+def register_minicanvas_domains() -> None:
+    """Register MiniCanvas's prompt domains (``"minicanvas-style"``, ``"minicanvas-object"``) as
+    ``minicanvas_world().register_domains()`` does, without loading its classifiers. The ``minicanvas`` world's
+    domain provider (``diffusers_unlearn.worlds``): a fresh process that rolls back a MiniCanvas request needs them."""
+    for domain in ("style", "object"):
+        templates = tuple(world_templates(mc.PROMPT_TEMPLATE, MINICANVAS_PROMPT_STYLES, MINICANVAS_PROMPT_OBJECTS,
+                                          domain))
+        if TEMPLATES.get(f"minicanvas-{domain}") != templates:
+            register_templates(f"minicanvas-{domain}", templates, replace=True)
+
+
 def family_round_robin(families: dict[str, Sequence[str]]) -> list[str]:
     """One member of each family in turn: consecutive requests hit different families, and every removed style
     keeps a near neighbour (same family) among the kept ones for as long as possible."""
@@ -248,8 +280,8 @@ def minicanvas_style_plan(families: int | None = None) -> tuple[list[str], list[
     return [g[0] for g in groups], [g[1] for g in groups]
 
 
-# The bench's default evaluation objects for style requests: CRA over these; every removed style is drawn with each.
-MINICANVAS_EVAL_OBJECTS = ("bear", "fish", "house", "flower")
+# MINICANVAS_EVAL_OBJECTS (above): the bench's default evaluation objects for style requests: CRA over these; every
+# removed style is drawn with each.
 
 
 def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: int | None = None,
@@ -305,7 +337,9 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
                       styles=list(mc.STYLES), objects=list(mc.OBJECTS),
                       heldout_templates=list(mc.HELDOUT_TEMPLATES) if heldout else [],
                       auxiliary=auxiliary, anchors={"object": anchor},
-                      feature_extractor=minicanvas_features(style_clf, object_clf))
+                      feature_extractor=minicanvas_features(style_clf, object_clf),
+                      prompt_concepts={"style": list(MINICANVAS_PROMPT_STYLES),
+                                       "object": list(MINICANVAS_PROMPT_OBJECTS)})
 
 
 def minicanvas_features(style_classifier: Any, object_classifier: Any) -> FeatureExtractor:

@@ -21,11 +21,25 @@ class UsageError(ValueError):
 
 
 def _quiet_libraries() -> None:
-    # transformers warns that torchvision is absent when diffusers' pipelines import; nothing here needs it
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
+    """transformers' warnings off (it warns that torchvision is absent when diffusers' pipelines import; nothing
+    here needs it). Set through the environment, which transformers reads when it is first imported, so that an
+    error in the arguments is reported without importing it."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "transformers" in sys.modules:  # already imported (main called from Python): set it there too
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+
+
+def _bad_input(err: BaseException) -> bool:
+    """Errors that report bad usage or input (exit status 2). The package's own kinds are looked up only where
+    their modules are loaded already (they raised it), so reporting an argument error imports nothing heavy."""
+    if isinstance(err, (UsageError, FileNotFoundError, ValueError, TypeError)):
+        return True
+    kinds = [getattr(sys.modules.get(f"{__package__.rpartition('.')[0]}.{module}"), name, None)
+             for module, name in (("ledger", "LedgerError"), ("state", "UnknownRequestError"))]
+    return any(isinstance(kind, type) and isinstance(err, kind) for kind in kinds)
 
 
 # Library settings named by a warning (``UnlearnWarning.settings``) -> the flag of each subcommand that sets them.
@@ -71,26 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()  # after parsing: --help imports neither transformers nor torch
-    from ..ledger import LedgerError
-    from ..mixin import UnknownRequestError
-
+    _quiet_libraries()  # --help imports neither transformers nor torch, and neither does an argument error
     with warnings.catch_warnings():
         warnings.showwarning = _warning_printer(args.command)
         try:
             result = args.func(args)
             return int(result or 0)
-        except (UsageError, LedgerError, UnknownRequestError, FileNotFoundError, ValueError, TypeError) as err:
-            if args.debug:
-                traceback.print_exc()
-            print(f"diffusers-unlearn {args.command}: error: {err}", file=sys.stderr)
-            return 2
         except KeyboardInterrupt:
             print(f"diffusers-unlearn {args.command}: interrupted", file=sys.stderr)
             return 1
         except Exception as err:  # noqa: BLE001 - the command line reports any failure in one line
             if args.debug:
                 traceback.print_exc()
+            if _bad_input(err):
+                print(f"diffusers-unlearn {args.command}: error: {err}", file=sys.stderr)
+                return 2
             print(f"diffusers-unlearn {args.command}: failed: {type(err).__name__}: {err}", file=sys.stderr)
             return 1
 

@@ -10,6 +10,7 @@ import ast
 import contextlib
 import functools
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,14 @@ def set_quiet(quiet: bool) -> None:
 
 def load(model: str, args: argparse.Namespace) -> Any:
     """The pipeline named on the command line (a world, a folder, a Hub id), its progress bars set by ``--quiet``."""
-    from ..pipelines import load_pipeline
+    from .._progress import phase
 
-    set_quiet(getattr(args, "quiet", False))
-    pipe = load_pipeline(model, torch_dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
+    quiet = getattr(args, "quiet", False)
+    with phase(f"loading {model}", not quiet):
+        from ..pipelines import load_pipeline
+
+        set_quiet(quiet)
+        pipe = load_pipeline(model, torch_dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
     pipe.set_progress_bar_config(disable=getattr(args, "quiet", False))
     return pipe
 
@@ -137,6 +142,29 @@ def load_folder(folder: str, model: str | None, args: argparse.Namespace) -> Any
     if model is not None:
         raise UsageError(f"--model is only for ledger folders; {folder} is a pipeline folder")
     return load(folder, args)
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out", folder: bool = True) -> Path:
+    """``path`` if it can be written (a folder, or a file when ``folder`` is False): it is one, or can be made in
+    its nearest existing parent, which must be a writable folder. Checked before any work, so that a request is
+    not computed only to fail on its output (``UsageError``, exit status 2)."""
+    from ..cli import UsageError
+
+    target = Path(path)
+    what = "folder" if folder else "file"
+    if target.exists():
+        if folder and not target.is_dir():
+            raise UsageError(f"{flag} {target}: exists and is not a folder; choose a folder path")
+        if not folder and target.is_dir():
+            raise UsageError(f"{flag} {target}: is a folder; choose a file path")
+    parent = target.parent if target.exists() else target
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {target}: the {what} cannot be created, {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {target}: the {what} cannot be written, {parent} is not writable")
+    return target
 
 
 def short(text: str, limit: int = 60) -> str:

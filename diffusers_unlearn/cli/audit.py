@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, finite_float, load_folder
+from ._common import MODEL_HELP, add_loading_options, add_quiet, check_writable, finite_float, load_folder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"audit-{args.request}.png")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must be a .png file, got {str(out)!r}")
+    check_writable(out, folder=False)
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     pipe = load_folder(args.folder, args.model, args)

@@ -137,6 +137,9 @@ def command_line(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> s
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._common import check_writable
+
+    check_writable(args.out)
     import torch
 
     from .. import bench

@@ -98,6 +98,9 @@ def grid_figure(panels: list[tuple[str, Any]], styles: list[str], objects: list[
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._common import check_writable
+
+    check_writable(args.out)
     from .. import minicanvas as mc
     from ..bench import PROTOCOLS, BenchSettings, method_hyperparameters, minicanvas_world, serve_request
     from ..bench.recipes import RECOMMENDED_PROTOCOL

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, is_ledger_folder, load_folder, short, working
+from ._common import (MODEL_HELP, add_loading_options, add_quiet, check_writable, is_ledger_folder, load_folder, short,
+                      working)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,23 +29,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..cli import UsageError
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    if args.out is None and is_ledger_folder(folder):
+        raise UsageError(f"{folder} is a ledger folder: pass --out for the pipeline folder to write")
+    out = check_writable(args.out) if args.out is not None else folder
     from ..export import check_output_folder
     from ..model_card import check_base_model
     from ..state import check_request_id
 
     check_base_model(args.base_model)
-    folder = Path(args.folder)
-    if args.out is None and is_ledger_folder(folder):
-        raise UsageError(f"{folder} is a ledger folder: pass --out for the pipeline folder to write")
-    out = Path(args.out) if args.out is not None else folder
     check_output_folder(out)
     pipe = load_folder(args.folder, args.model, args)
     for request_id in args.rollback:
         check_request_id(pipe, request_id)  # every id is checked before anything is dropped
     for request_id in args.rollback:
         record = pipe.rollback(request_id)
+        resolved = pipe.unlearning_ledger.history[-1].get("resolved") or []
+        again = f", re-solving the closed-form one(s) after it ({', '.join(resolved)})" if resolved else ""
         print(f"rolled back {request_id} ({short(record.concept)}): re-folded the base weights with the "
-              f"{len(pipe.unlearning_ledger.requests)} remaining request(s)")
+              f"{len(pipe.unlearning_ledger.requests)} remaining request(s){again}")
     with working(f"saving the folded pipeline to {out}", args.quiet):
         pipe.save_unlearned(out, base_model=args.base_model)
     print(f"saved the folded pipeline ({len(pipe.unlearning_ledger.requests)} request(s): "

@@ -2,14 +2,18 @@
 
 After every request the ledger is saved in OUT/unlearning/; at the end OUT is the folded pipeline folder. A rerun
 skips the requests the ledger already holds (and refuses a plan whose first requests differ from the ledger).
-See ``diffusers_unlearn.plan`` for the plan format.
+The plan is a YAML map: 'model' (a world name, a folder or a Hub id), 'output' (the folder to write), optional
+'defaults' (fields every request gets), 'strategy', 'base_model', 'torch_dtype', 'device', and 'requests', a list of
+maps with 'concept' and optionally 'domain', 'method', 'seed', 'regularizers' (names or {name: ..., settings}),
+'strategy', 'prompts', 'templates', training settings ('steps', 'learning_rate', 'rank', 'batch_size', ...) and any
+option of the method ('anchor', 'negative_guidance', ...). A misspelled field is refused with the allowed ones.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ._common import MODEL_HELP, add_quiet, set_quiet
+from ._common import MODEL_HELP, add_quiet, check_writable, set_quiet
 
 EXAMPLE = """example PLAN.yaml:
   model: tiny                # a world name (minicanvas, tiny, ...), a folder (relative to the plan) or a Hub id
@@ -40,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ..plan import load_plan, run_plan
 
     plan = load_plan(args.plan, model=args.model, output=args.out)
+    check_writable(plan.output, "output" if args.out is None else "--out")
     set_quiet(args.quiet)
     print(f"plan {args.plan}: {len(plan.requests)} request(s) on {plan.model} -> {plan.output}")
     result = run_plan(plan, progress=not args.quiet)

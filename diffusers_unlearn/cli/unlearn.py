@@ -7,10 +7,12 @@ training settings and regularizers (what the demo does); every flag given overri
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
-from ._common import MODEL_HELP, add_loading_options, add_quiet, default_text, finite_float, load, short, working
+from ._common import (MODEL_HELP, add_loading_options, add_quiet, check_writable, default_text, finite_float, load, short,
+                      working)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     gp_neighbors = default_text("regularizers/projection.py", "GradientProjection", "neighbors", prefix="")
@@ -286,6 +288,13 @@ def _describe(regularizer: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..worlds import get_world
+
+    # the checks that need no heavy import first, so that their errors come at once
+    out = check_writable(args.out)
+    world = get_world(args.model) or _world_of_folder(args.model)
+    if world is not None:  # a concept outside the world's vocabulary (a misspelling) is refused before any work
+        world.check_concept(args.concept.strip(), args.domain)
     from ..export import check_output_folder
     from ..model_card import check_base_model
     from ..request import UnlearnRequest
@@ -293,10 +302,11 @@ def run(args: argparse.Namespace) -> int:
     check_base_model(args.base_model)
     kwargs, recipe = _arguments_and_recipe(args)
     request = UnlearnRequest.build(args.concept, seed=args.seed, **kwargs)  # checked whole, before the model loads
-    out = Path(args.out)
     check_output_folder(out)
     if recipe:
-        print(f"{recipe.summary}; flags given override it")
+        import textwrap
+
+        print(textwrap.fill(f"{recipe.summary}; flags given override it", width=110, subsequent_indent="  "))
     if "regularizers" in kwargs:
         print("regularizers: " + (", ".join(_describe(r) for r in request.regularizers) or "none"))
     pipe = load(args.model, args)
@@ -308,9 +318,17 @@ def run(args: argparse.Namespace) -> int:
     request = _with_recipe_retain(request, recipe, pipe)
     before = len(pipe.unlearning_ledger.requests)
     checked = dict(erasure_check=recipe.erasure_check, escalate=_recipe_escalation(recipe, args)) if recipe else {}
+    started = time.perf_counter()
     record = pipe.unlearn(request, progress=not args.quiet, **checked)
-    print(f"removed {short(record.concept)} as {record.request_id} in {record.seconds:.1f}s "
-          f"(final loss {record.final_loss:.4g}; {before} earlier request(s))")
+    waited = time.perf_counter() - started
+    from ..erasure_check import verdict
+
+    work = "solving" if record.steps == 0 else f"{record.steps} training steps"
+    print(f"removed {short(record.concept)} as {record.request_id} in {waited:.1f} s ({work} {record.seconds:.1f} s, "
+          f"the erasure check {max(waited - record.seconds, 0):.1f} s; final loss {record.final_loss:.4g}; "
+          f"{before} earlier request(s))")
+    if record.erasure:
+        print(f"check: {'erased' if record.erasure.get('erased') else 'NOT erased'}, {verdict(record.erasure)}")
     with working(f"saving the unlearned pipeline to {out}", args.quiet):
         pipe.save_unlearned(out, base_model=args.base_model)
     print(f"saved the unlearned pipeline ({len(pipe.unlearning_ledger.requests)} request(s) folded) to {out}")

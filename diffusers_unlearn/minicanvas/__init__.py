@@ -42,6 +42,7 @@ from .weights import (
 
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
+    "concepts",
     "EVAL_SEEDS",
     "GUIDANCE_SCALE",
     "HELDOUT_TEMPLATES",
@@ -68,9 +69,17 @@ def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.d
     """The MiniCanvas ``StableDiffusionPipeline``, loaded offline after checking every file's sha256.
 
     Raises :class:`MiniCanvasWeightsError` (a ``ValueError``) naming the file when a weight file is missing,
-    corrupted or does not fit the model. ``device=None`` leaves it on the CPU.
+    corrupted or does not fit the model. ``device=None`` leaves it on the CPU. The pipeline is marked as the
+    ``minicanvas`` world's (``unlearn_world``): its requests may remove only ``STYLES`` and ``OBJECTS``.
     """
-    return load_pipeline_from(weights_dir, device=device, torch_dtype=torch_dtype)
+    pipe = load_pipeline_from(weights_dir, device=device, torch_dtype=torch_dtype)
+    pipe.unlearn_world = "minicanvas"
+    return pipe
+
+
+def concepts() -> dict[str, list[str]]:
+    """MiniCanvas's vocabulary, ``{"style": STYLES, "object": OBJECTS}``: what a request on it may remove."""
+    return {"style": list(STYLES), "object": list(OBJECTS)}
 
 
 def load_classifiers(device: str | torch.device | None = None,

@@ -47,16 +47,17 @@ from .ledger import LEDGER_FILE, RequestRecord, read_ledger_dir
 from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
 from .model_card import check_base_model
 from .objectives import build_objective_config
+from .prompts import check_domain, same_concept
 from .recipe import recommended_method, recommended_options, resolve_method
 from .regularizers import regularizer_from_dict
-from .request import UnlearnRequest, record_signature
+from .request import UnlearnRequest, keep_concepts, record_signature
 from .trainer import TrainingConfig
 from .worlds import get_world
 
 PLAN_KEYS = ("model", "output", "base_model", "strategy", "defaults", "requests", "torch_dtype", "device")
 TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
 REQUEST_KEYS = (
-    "concept", "domain", "method", "seed", "regularizers", "strategy", "prompts", "templates", *TRAINING_KEYS
+    "concept", "domain", "method", "seed", "regularizers", "strategy", "prompts", "templates", "keep", *TRAINING_KEYS
 )
 
 
@@ -113,6 +114,9 @@ class PlannedRequest:
     # the request's own method options when the recipe chose its method (no 'method:', no training): the recipe's
     # method depends on the model family, which only run_plan knows (``for_family``); None when the plan chose it
     recipe_options: dict[str, Any] | None = None
+    # what must survive the request ('keep:', a list in its domain or a map of domain -> concepts), applied to
+    # whichever method runs it (``request.keep_concepts``)
+    keep: Any = None
 
     def for_family(self, family: Any) -> PlannedRequest:
         """This request as it runs on a model of ``family``: a recipe-chosen method resolved for it."""
@@ -132,13 +136,19 @@ class PlannedRequest:
 
     def to_request(self) -> UnlearnRequest:
         """The request to run, with fresh regularizer objects (they hold per-request state)."""
+        method = build_objective_config(self.method, dict(self.method_options))
+        regularizers: Any = [regularizer_from_dict(dict(data)) for data in self.regularizers]
+        if self.keep is not None:
+            if any(same_concept(c, self.concept) for c in _keep_names(self.keep)):
+                raise ValueError(f"keep names {self.concept!r}, the concept this request removes")
+            method, regularizers = keep_concepts(self.keep, check_domain(self.domain), method, regularizers)
         return UnlearnRequest(
             self.concept,
-            build_objective_config(self.method, dict(self.method_options)),
+            method,
             domain=self.domain,
             training=self.training,
             seed=self.seed,
-            regularizers=[regularizer_from_dict(dict(data)) for data in self.regularizers],
+            regularizers=regularizers,
             strategy=strategy_from_dict(self.strategy),
             prompts=self.prompts,
             templates=self.templates,
@@ -263,6 +273,13 @@ def _check_field_names(own_options: dict[str, Any], method: Any, where: str) -> 
                     f"{', '.join(method_fields)}")
 
 
+def _keep_names(keep: Any) -> list[str]:
+    """The concept names of a plan's ``keep:`` (a list or a map of domain -> list); shapes are checked later."""
+    if isinstance(keep, dict):
+        return [str(c) for cs in keep.values() if isinstance(cs, (list, tuple)) for c in cs]
+    return [str(c) for c in keep] if isinstance(keep, (list, tuple)) else []
+
+
 def _planned_request(
     raw: Any, defaults: dict[str, Any], position: int, plan_strategy: Any, source: str
 ) -> PlannedRequest:
@@ -292,7 +309,7 @@ def _planned_request(
             position=position, concept=concept, domain=fields.get("domain"), method=method, method_options=options,
             training=TrainingConfig(**{k: fields[k] for k in TRAINING_KEYS if k in fields}),
             seed=fields.get("seed", 0), regularizers=regularizers, strategy=strategy, prompts=prompts,
-            templates=templates, recipe_options=recipe_options,
+            templates=templates, recipe_options=recipe_options, keep=fields.get("keep"),
         )
         request = planned.to_request()  # validates every field once, as pipe.unlearn does
     except (TypeError, ValueError) as err:

@@ -123,3 +123,28 @@ def test_a_kept_concept_keeps_its_kv_outputs_exactly(pipe, method, options):
     kept = change(du.concept_embedding(pipe, "monet", "style"))
     moved = change(du.concept_embedding(pipe, "van gogh", "style"))
     assert kept < 1e-4 and moved > 1e-2, (kept, moved)
+
+
+def test_keep_in_a_plan_and_on_the_command_line_builds_the_same_request():
+    plan = parse_plan({"model": "tiny", "output": "out", "requests": [
+        {"concept": "van gogh", "domain": "style", "method": "closed_form", "keep": ["monet"]},
+        {"concept": "cat", "domain": "object", "method": "esd", "keep": {"object": ["dog"], "style": ["monet"]},
+         "regularizers": [{"name": "gradient_projection"}]},
+    ]})
+    first, second = (r.to_request() for r in plan.requests)
+    assert first.signature() == UnlearnRequest.build("van gogh", "closed_form", domain="style",
+                                                     keep=["monet"]).signature()
+    assert first.method.preserve == ["monet"]
+    assert second.regularizers[0].retain == ["dog", "monet"]
+    for keep, match in ((["van gogh"], "the concept this request removes"), ("monet", "got the string")):
+        with pytest.raises(PlanError, match=match):
+            parse_plan({"model": "tiny", "output": "out", "requests": [
+                {"concept": "van gogh", "domain": "style", "method": "closed_form", "keep": keep}]})
+    from diffusers_unlearn.cli import build_parser
+    from diffusers_unlearn.cli.unlearn import _arguments_and_recipe
+
+    args = build_parser().parse_args(["unlearn", "tiny", "--concept", "van gogh", "--domain", "style", "--method",
+                                      "closed_form", "--keep", "monet, klimt", "--keep", "dali", "--out", "x"])
+    kwargs, _ = _arguments_and_recipe(args)
+    assert kwargs["keep"] == ["monet", "klimt", "dali"]
+    assert UnlearnRequest.build("van gogh", **kwargs).method.preserve == ["monet", "klimt", "dali"]

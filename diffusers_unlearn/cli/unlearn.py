@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--learning-rate", type=finite_float, default=None, help="learning rate (default: as --steps)")
     parser.add_argument("--rank", default=None, help="LoRA rank, or 'full' (default: as --steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request (default 0)")
+    parser.add_argument("--keep", action="append", default=None, metavar="CONCEPTS",
+                        help="concepts that must survive the request, comma-separated, in its --domain; repeatable. "
+                        "Every method honours them (the closed form keeps them exactly, gradient projection retains "
+                        "them, other trained methods add them to their retain loss)")
     group = parser.add_argument_group(
         "regularizers",
         "Without any of these flags a world's recipe brings its own (minicanvas: the closed-form solve keeping every "
@@ -242,6 +246,9 @@ def _arguments_and_recipe(args: argparse.Namespace, family: Any = None) -> tuple
     regularizers = build_regularizers(args, recipe)
     if regularizers is not None:
         kwargs["regularizers"] = regularizers
+    keep = [c.strip() for value in (args.keep or []) for c in value.split(",") if c.strip()]
+    if keep:
+        kwargs["keep"] = keep
     return kwargs, recipe
 
 

@@ -46,7 +46,7 @@ def test_the_minicanvas_recipe_is_printed_as_a_short_summary():
 
     recipe = get_world("minicanvas").request_recipe("style", None)
     assert len(recipe.summary) < 600 and "ClosedFormConfig(" not in recipe.summary
-    assert "closed_form(" in recipe.summary and "vocabulary=<108 concepts>" in recipe.summary
+    assert "closed_form(" in recipe.summary and "vocabulary=<80 concepts>" in recipe.summary
     assert describe_config(recipe.unlearn_kwargs["method"]).startswith("closed_form(sampling_steps=20")
     trained = get_world("minicanvas").request_recipe("style", "esd")
-    assert "all 108 minicanvas concepts kept" in trained.summary and "the all" not in trained.summary
+    assert "all 80 minicanvas concepts kept" in trained.summary and "the all" not in trained.summary

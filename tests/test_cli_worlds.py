@@ -186,7 +186,7 @@ def test_minicanvas_recipe_needs_a_domain_and_flags_override_it():
     assert projection.retain == ["cat"] and "neon dots" in projection.vocabulary["minicanvas-style"]
     ca, summary = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca"))
     assert ca["method"].method == "ca" and ca["domain"] == "minicanvas-object"
-    assert ca["method"].anchor == "mushroom" and "a retain loss (weight 1.0) on the 12 minicanvas objects" in summary
+    assert ca["method"].anchor == "mushroom" and "a retain loss (weight 1.0) on the 8 minicanvas objects" in summary
 
 
 def test_a_recipe_retain_loss_keeps_the_pool_less_the_concept_and_the_earlier_removals():
@@ -200,7 +200,11 @@ def test_a_recipe_retain_loss_keeps_the_pool_less_the_concept_and_the_earlier_re
     assert kwargs["method"].preserve == ()  # the concept and the ledger are not known yet
     request = UnlearnRequest.build("cat", seed=0, **kwargs)
     served = _with_recipe_retain(request, recipe, SimpleNamespace(removed_concepts=["bear", "Tower"]))
-    assert served.method.preserve == tuple(o for o in du.minicanvas.OBJECTS if o not in ("cat", "bear", "tower"))
+    # the pool is the objects the bench does not score (the honest protocol: no recipe keeps a scored concept)
+    from diffusers_unlearn.bench.world import MINICANVAS_EVAL_OBJECTS
+
+    pool = [o for o in du.minicanvas.OBJECTS if o not in MINICANVAS_EVAL_OBJECTS]
+    assert served.method.preserve == tuple(o for o in pool if o not in ("cat", "bear", "tower"))
     assert served.method.preserve_weight == recipe.preserve_weight > 0 and served.method.anchor == "mushroom"
     # a preserve option given on the command line wins; the closed form has no retain loss to add
     kwargs, recipe = _arguments_and_recipe(parse("minicanvas", "--concept", "cat", "--domain", "object",
@@ -235,9 +239,9 @@ def test_the_minicanvas_style_recipe_is_verified_by_the_classifier_unless_the_us
     kwargs, recipe = _arguments_and_recipe(args)
     assert "erasure_check" not in kwargs and isinstance(recipe.erasure_check, du.ClassifierCheck)
     assert recipe.erasure_check.seeds == [1] and not set(recipe.erasure_check.seeds) & set(du.minicanvas.EVAL_SEEDS)
-    assert recipe.erasure_check.images_per_concept == 12
+    assert recipe.erasure_check.images_per_concept == 8
     assert _recipe_escalation(recipe, args) == [{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]
-    assert "verified by the style classifier on 12 check images, solved again with negative_guidance=2.0, then " \
+    assert "verified by the style classifier on 8 check images, solved again with negative_guidance=2.0, then " \
            "negative_guidance=3.0" in recipe.summary
     own = parse("minicanvas", "--concept", "neon lines", "--domain", "style", "--option", "negative_guidance=1.5")
     assert _recipe_escalation(_arguments_and_recipe(own)[1], own) is None  # the user's guidance stands

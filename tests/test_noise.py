@@ -3,6 +3,7 @@ package is imported, and nothing else of transformers is."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ def test_the_torchvision_notice_is_silenced_and_other_transformers_messages_pass
             "du.testing.tiny_pipeline(seed=0)\n"
             "import transformers.models.auto.image_processing_auto\n"
             "logging.getLogger('transformers.utils.import_utils').warning('some other notice requires attention')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # the CLI sets TRANSFORMERS_VERBOSITY in its own process; a test that ran it in this worker must not leak it here
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "requires torchvision" not in result.stderr
     assert "some other notice requires attention" in result.stderr

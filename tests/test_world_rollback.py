@@ -57,11 +57,21 @@ def assert_same_solves(pipe, reference) -> None:
 def test_a_world_domain_comes_back_in_a_process_that_never_registered_it(monkeypatch):
     forget_world_domains(monkeypatch)
     assert check_domain("minicanvas-style") == "minicanvas-style"
-    from diffusers_unlearn.bench.world import world_templates
+    from diffusers_unlearn.bench.world import (
+        MINICANVAS_PROMPT_OBJECTS,
+        MINICANVAS_PROMPT_STYLES,
+        minicanvas_world,
+        world_templates,
+    )
 
     mc = du.minicanvas
-    assert list(TEMPLATES["minicanvas-object"]) == world_templates(mc.PROMPT_TEMPLATE, mc.STYLES, mc.OBJECTS, "object")
-    assert len(TEMPLATES["minicanvas-style"]) == len(mc.OBJECTS)
+    assert list(TEMPLATES["minicanvas-object"]) == world_templates(mc.PROMPT_TEMPLATE, MINICANVAS_PROMPT_STYLES,
+                                                                   MINICANVAS_PROMPT_OBJECTS, "object")
+    assert len(TEMPLATES["minicanvas-style"]) == len(MINICANVAS_PROMPT_OBJECTS)
+    # the same prompts as the bench's world writes (a rollback re-solves what the bench solved)
+    world = minicanvas_world(eval_seeds=1)
+    assert [list(TEMPLATES[world.prompt_domain(d)]) for d in ("style", "object")] == \
+        [world.templates(d) for d in ("style", "object")]
     with pytest.raises(ValueError, match="unknown domain 'minicanvas-colour'"):
         check_domain("minicanvas-colour")
     with pytest.raises(KeyError):

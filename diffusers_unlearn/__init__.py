@@ -33,6 +33,7 @@ _EXPORTS = {
     "ClassifierCheck": "classifier_check",
     "ErasureCheck": "erasure_check",
     "ErasureError": "erasure_check",
+    "PipelineBusyError": "state",
     "ErasureWarning": "erasure_check",
     "concept_embedding": "embeddings",
     "cosine_similarities": "embeddings",
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names abov
     from .adapters import RequestAdapter
     from .classifier_check import ClassifierCheck
     from .erasure_check import ErasureCheck, ErasureError, ErasureWarning
+    from .state import PipelineBusyError
     from .embeddings import concept_embedding, cosine_similarities
     from .export import LoraExport
     from .ledger import Ledger, LedgerError, RequestRecord
@@ -147,6 +149,7 @@ __all__ = [
     "ClassifierCheck",
     "ErasureError",
     "ErasureWarning",
+    "PipelineBusyError",
     "UnlearnStableDiffusionPipeline",
     "UnlearnStableDiffusionXLPipeline",
     "UnlearnStableDiffusion3Pipeline",

@@ -26,7 +26,8 @@ def _per_image_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).flatten(1).square().mean(dim=1).sqrt()
 
 
-def seed_gap(base_images: torch.Tensor, cases: Sequence[tuple[Any, ...]], rows: Sequence[int] | None = None) -> float | None:
+def seed_gap(base_images: torch.Tensor, cases: Sequence[tuple[Any, ...]],
+             rows: Sequence[int] | None = None) -> float | None:
     """Mean distance between the base model's images of the same prompt at different seeds (the first two seeds
     each prompt has among ``rows``); None when no prompt has two seeds. ``cases``: ``(style, object, seed)`` per
     image."""
@@ -34,7 +35,7 @@ def seed_gap(base_images: torch.Tensor, cases: Sequence[tuple[Any, ...]], rows: 
     by_prompt: dict[tuple[Any, Any], list[int]] = {}
     for i in chosen:
         by_prompt.setdefault((cases[i][0], cases[i][1]), []).append(i)
-    pairs = [(rows_[0], rows_[1]) for rows_ in by_prompt.values() if len(rows_) >= 2]
+    pairs = [(seeds[0], seeds[1]) for seeds in by_prompt.values() if len(seeds) >= 2]
     if not pairs:
         return None
     first = torch.stack([base_images[i] for i, _ in pairs])
@@ -71,7 +72,8 @@ def frechet_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
         raise ValueError(f"feature sets must be [N, F] with the same F, got {tuple(features.shape)} and "
                          f"{tuple(reference.shape)}")
     if len(features) < 2 or len(reference) < 2:
-        raise ValueError(f"a Fréchet distance needs at least 2 images per set, got {len(features)} and {len(reference)}")
+        raise ValueError(f"a Fréchet distance needs at least 2 images per set, got {len(features)} and "
+                         f"{len(reference)}")
     x, y = features.double(), reference.double()
     if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
         raise ValueError("features must be finite")

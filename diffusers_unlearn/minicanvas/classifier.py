@@ -102,7 +102,8 @@ class ConceptClassifier:
     def embed(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Pooled image features ``[B, F]`` (on the CPU): what a Fréchet distance compares."""
         x = images_to_tensor(images, self.resolution)
-        out = [self.net.pooled(x[i : i + batch_size].to(self.device)).float().cpu() for i in range(0, len(x), batch_size)]
+        out = [self.net.pooled(x[i : i + batch_size].to(self.device)).float().cpu()
+               for i in range(0, len(x), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.net.head[-1].in_features)
 
     def predict_indices(self, images: Sequence[Image.Image] | torch.Tensor) -> list[int]:

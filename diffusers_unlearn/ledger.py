@@ -67,26 +67,25 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _int_in(low: int, high: int) -> Callable[[Any], bool]:
-    """A field check: an integer in [low, high], as ``_validation.check_int`` decides."""
+def _accepted_by(validator: Callable[..., Any], **limits: Any) -> Callable[[Any], bool]:
+    """A field check: whether ``validator`` (a ``_validation`` check) accepts the value within ``limits``."""
     def check(value: Any) -> bool:
         try:
-            check_int(value, "value", minimum=low, maximum=high)
+            validator(value, "value", **limits)
         except ValueError:
             return False
         return True
     return check
+
+
+def _int_in(low: int, high: int) -> Callable[[Any], bool]:
+    """A field check: an integer in [low, high], as ``_validation.check_int`` decides."""
+    return _accepted_by(check_int, minimum=low, maximum=high)
 
 
 def _number_in(low: float | None, high: float | None) -> Callable[[Any], bool]:
     """A field check: a finite number in [low, high], as ``_validation.check_number`` decides."""
-    def check(value: Any) -> bool:
-        try:
-            check_number(value, "value", minimum=low, maximum=high)
-        except ValueError:
-            return False
-        return True
-    return check
+    return _accepted_by(check_number, minimum=low, maximum=high)
 
 
 def _is_number(value: Any) -> bool:

@@ -47,7 +47,7 @@ from .ledger import LEDGER_FILE, RequestRecord, read_ledger_dir
 from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
 from .model_card import check_base_model
 from .objectives import build_objective_config
-from .prompts import check_domain, same_concept
+from .prompts import check_domain
 from .recipe import recommended_method, recommended_options, resolve_method
 from .regularizers import regularizer_from_dict
 from .request import UnlearnRequest, keep_concepts, record_signature
@@ -139,9 +139,8 @@ class PlannedRequest:
         method = build_objective_config(self.method, dict(self.method_options))
         regularizers: Any = [regularizer_from_dict(dict(data)) for data in self.regularizers]
         if self.keep is not None:
-            if any(same_concept(c, self.concept) for c in _keep_names(self.keep)):
-                raise ValueError(f"keep names {self.concept!r}, the concept this request removes")
-            method, regularizers = keep_concepts(self.keep, check_domain(self.domain), method, regularizers)
+            method, regularizers = keep_concepts(self.keep, self.concept, check_domain(self.domain), method,
+                                                 regularizers)
         return UnlearnRequest(
             self.concept,
             method,
@@ -271,13 +270,6 @@ def _check_field_names(own_options: dict[str, Any], method: Any, where: str) -> 
     raise PlanError(f"{where}: unknown field(s) {sorted(map(str, unknown))}" + (f" ({'; '.join(hints)})" if hints else "")
                     + f"; a request takes {', '.join(REQUEST_KEYS)}, and the options of its method {method!r}: "
                     f"{', '.join(method_fields)}")
-
-
-def _keep_names(keep: Any) -> list[str]:
-    """The concept names of a plan's ``keep:`` (a list or a map of domain -> list); shapes are checked later."""
-    if isinstance(keep, dict):
-        return [str(c) for cs in keep.values() if isinstance(cs, (list, tuple)) for c in cs]
-    return [str(c) for c in keep] if isinstance(keep, (list, tuple)) else []
 
 
 def _planned_request(

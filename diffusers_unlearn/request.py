@@ -109,11 +109,7 @@ class UnlearnRequest:
                                   family)
         config = build_objective_config(resolved, recommended_options(method, resolved, domain, method_options))
         if keep is not None:
-            kept_target = [c for c, _ in _keep_pairs(keep, check_domain(domain)) if same_concept(c, concept)]
-            if kept_target:
-                raise ValueError(f"keep names {kept_target[0]!r}, the concept this request removes; keep lists "
-                                 f"what must survive it")
-            config, regularizers = keep_concepts(keep, check_domain(domain), config, regularizers)
+            config, regularizers = keep_concepts(keep, concept, check_domain(domain), config, regularizers)
         return cls(
             concept,
             config,
@@ -169,11 +165,11 @@ def _keep_pairs(keep: Sequence[str] | Mapping[str, Sequence[str]], domain: str) 
     return [(check_concept(c, "keep concept"), domain) for c in keep]
 
 
-def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], domain: str, method: ObjectiveConfig,
-                  regularizers: Sequence[Regularizer] | Regularizer | None
+def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: str, domain: str,
+                  method: ObjectiveConfig, regularizers: Sequence[Regularizer] | Regularizer | None
                   ) -> tuple[ObjectiveConfig, Sequence[Regularizer] | Regularizer | None]:
-    """The one way to name what a request keeps, for every method: ``(method config, regularizers)`` with ``keep``
-    added where each honours it.
+    """The one way to name what a request removing ``concept`` keeps, for every method: ``(method config,
+    regularizers)`` with ``keep`` added where each honours it; keeping ``concept`` itself is refused.
 
     - A method that keeps concepts by construction (a ``preserve`` list and a ``vocabulary``, the closed form): the
       request's domain joins ``preserve``; other domains join its vocabulary (over the built-in one when it has
@@ -182,6 +178,10 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], domain: str
     - A trained method without gradient projection: the kept concepts join its retain loss (``preserve``).
     """
     pairs = _keep_pairs(keep, domain)
+    kept_target = [c for c, _ in pairs if same_concept(c, concept)]
+    if kept_target:
+        raise ValueError(f"keep names {kept_target[0]!r}, the concept this request removes; keep lists what must "
+                         f"survive it")
     if not pairs:
         return method, regularizers
     own = [c for c, d in pairs if d == domain]

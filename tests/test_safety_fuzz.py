@@ -16,6 +16,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -124,12 +125,18 @@ def _empty_ledger(folder: Path, fingerprint: str) -> None:
                                                     "requests": [], "history": []}))
 
 
-def test_fuzzed_ledgers_are_refused_or_loaded_exactly(original, tmp_path):
-    source, root = original
+def _fuzz_setup(original, tmp_path: Path) -> tuple[Path, dict, Any, dict]:
+    """(saved root, its ledger's JSON, a fresh target pipeline, its K/V state) with an empty ledger under
+    ``tmp_path / "empty"``: what every fuzz test starts from."""
+    _, root = original
     data = json.loads((root / "ledger" / "ledger.json").read_text())
     pipe = _target_pipe()
-    before = kv_state(pipe)
     _empty_ledger(tmp_path / "empty", pipe.base_fingerprint)
+    return root, data, pipe, kv_state(pipe)
+
+
+def test_fuzzed_ledgers_are_refused_or_loaded_exactly(original, tmp_path):
+    root, data, pipe, before = _fuzz_setup(original, tmp_path)
     rng = random.Random(20260101)
     outcomes: list[str] = []
     folder = tmp_path / "case"
@@ -323,11 +330,8 @@ def test_fuzzed_bounds_inconsistencies_headers_temporaries_and_lock_interrupts(o
     from diffusers_unlearn import _atomic
     from diffusers_unlearn import ledger as ledger_module
 
-    source, root = original
-    data = json.loads((root / "ledger" / "ledger.json").read_text())
-    pipe = _target_pipe()
-    before = kv_state(pipe)
-    _empty_ledger(tmp_path / "empty", pipe.base_fingerprint)
+    source = original[0]
+    root, data, pipe, before = _fuzz_setup(original, tmp_path)
     rng = random.Random(28)
     outcomes: list[str] = []
     for case in range(60):

@@ -19,6 +19,7 @@ from conftest import FAST, kv_state
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from test_safety import _copy, saved  # noqa: F401 (saved: the module fixture of one saved request)
 
 import diffusers_unlearn as du
 from diffusers_unlearn import _atomic, export
@@ -26,21 +27,6 @@ from diffusers_unlearn import ledger as ledger_module
 from diffusers_unlearn.ledger import INDEX_MAX, LEDGER_MAX_BYTES, Ledger, LedgerError, read_ledger_dir, write_ledger_dir
 from diffusers_unlearn.plan import PlanError, load_plan, run_plan
 from diffusers_unlearn.state import PipelineBusyError
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    pipe = du.attach(du.testing.tiny_pipeline(seed=0))
-    pipe.unlearn("van gogh", domain="style", seed=0, **FAST)
-    folder = tmp_path_factory.mktemp("saved") / "ledger"
-    pipe.save_unlearning(folder)
-    return pipe, folder
-
-
-def _copy(folder: Path, tmp_path: Path) -> tuple[Path, dict]:
-    target = tmp_path / "copy"
-    shutil.copytree(folder, target)
-    return target, json.loads((target / "ledger.json").read_text())
 
 
 def _refused(folder: Path, match: str) -> None:

@@ -174,9 +174,10 @@ class BenchWorld:
         evaluation, so that no request trains on a scored concept's prompt; every one of them when the world has
         none outside it (a world as small as its evaluation; ``describe`` says so)."""
         other = "object" if check_eval_domain(domain) == "style" else "style"
+        unevaluated = self.unevaluated(other)
         if self.prompt_concepts is not None:
-            return [c for c in self.prompt_concepts[other] if c in self.unevaluated(other)] or self.unevaluated(other)
-        return self.unevaluated(other) or self.concepts(other)
+            return [c for c in self.prompt_concepts[other] if c in unevaluated] or unevaluated
+        return unevaluated or self.concepts(other)
 
     def templates(self, domain: str) -> list[str]:
         """Request templates: the world's own prompt with the concept's slot open, across the other domain's
@@ -237,6 +238,7 @@ def world_templates(template: str, styles: Sequence[str], objects: Sequence[str]
 # default evaluation draws (each family's third and fourth members) and the objects outside the style evaluation's.
 # Fixed, so that a request solved in the bench and re-solved after a rollback in a fresh process sees one template set.
 MINICANVAS_PROMPT_STYLES = tuple(s for members in mc.STYLE_FAMILIES.values() for s in list(members)[2:])
+# The bench's default evaluation objects for style requests: CRA over these; every removed style is drawn with each.
 MINICANVAS_EVAL_OBJECTS = ("bear", "fish", "house", "flower")
 MINICANVAS_PROMPT_OBJECTS = tuple(o for o in mc.OBJECTS if o not in MINICANVAS_EVAL_OBJECTS)
 
@@ -280,8 +282,6 @@ def minicanvas_style_plan(families: int | None = None) -> tuple[list[str], list[
     return [g[0] for g in groups], [g[1] for g in groups]
 
 
-# MINICANVAS_EVAL_OBJECTS (above): the bench's default evaluation objects for style requests: CRA over these; every
-# removed style is drawn with each.
 
 
 def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: int | None = None,

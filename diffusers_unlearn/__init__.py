@@ -6,12 +6,12 @@ recorded in a ledger; regularizers (drift penalties, selective fine-tuning, grad
 stream of requests from collapsing the model.
 """
 
-__version__ = "0.1.0"
-
 import importlib
 import importlib.util
 import logging
 from typing import TYPE_CHECKING
+
+from ._version import __version__
 
 
 class _TorchvisionNotice(logging.Filter):
@@ -61,7 +61,7 @@ _EXPORTS = {
     "SelectiveFinetune": "regularizers",
     "register_regularizer": "regularizers",
     "UnlearnRequest": "request",
-    "TrainingConfig": "trainer",
+    "TrainingConfig": "training_config",
     "UnlearnStableDiffusionPipeline": "pipelines",
     "UnlearnStableDiffusionXLPipeline": "pipelines",
     "UnlearnStableDiffusion3Pipeline": "pipelines",
@@ -100,7 +100,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names abov
         register_regularizer,
     )
     from .request import UnlearnRequest
-    from .trainer import TrainingConfig
+    from .training_config import TrainingConfig
     from .worlds import World, register_world
 
 

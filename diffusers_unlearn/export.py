@@ -26,7 +26,7 @@ from peft import LoraConfig
 from safetensors import SafetensorError
 from safetensors.torch import save as st_save
 
-from . import __version__, model_card
+from . import model_card
 from . import adapters as ad
 from ._atomic import (
     atomic_write_bytes,
@@ -38,6 +38,7 @@ from ._atomic import (
     switch_folder,
 )
 from ._validation import is_repo_id
+from ._version import __version__
 from .families import denoiser_of, family_of
 from .ledger import LEDGER_FILE, fingerprint, write_ledger_dir
 from .saved_folder import (  # noqa: F401 - the folder layout, also importable from here as before

@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from . import __version__
 from ._validation import check_number, check_repo_id
+from ._version import __version__
 from .ledger import Ledger, RequestRecord
 from .merging import strategy_from_dict
 from .regularizers import REGULARIZERS

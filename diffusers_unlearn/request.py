@@ -1,8 +1,10 @@
-"""``UnlearnRequest``: one removal request, described and validated in one place.
+"""``UnlearnRequest``: one removal request, described and validated in one place, and ``resolve_request``, the one
+function that turns a caller's options into one.
 
-``pipe.unlearn(...)``, plan files and the command line all build one, so a request is checked the same way
-wherever it comes from, before anything touches the model; the trainer takes it whole. It knows the prompts it
-trains on, the fields its ledger record gets and its signature (what a resumed plan compares with the ledger).
+``pipe.unlearn(...)``, plan files and the command line all call ``resolve_request``, so a request gets the same
+defaults (``defaults.py``) and is checked the same way wherever it comes from, before anything touches the model;
+the trainer takes it whole. A request knows the prompts it trains on, the fields its ledger record gets and its
+signature (what a resumed plan compares with the ledger).
 """
 
 from __future__ import annotations
@@ -14,17 +16,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._validation import check_seed
+from .defaults import RECOMMENDED_METHOD, TRAINED_METHOD, asks_for_training, default_method, recommended_options
 from .ledger import RequestRecord
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
-from .objectives import ObjectiveConfig, build_objective_config
+from .objectives import ObjectiveConfig, TrainedObjectiveConfig, build_objective_config
 from .prompts import TEMPLATES, check_concept, check_domain, same_concept, validate_templates
-from .recipe import recommended_options, resolve_method
 from .regularizers import GradientProjection, Regularizer, check_regularizers
-from .trainer import TrainingConfig
+from .training_config import TrainingConfig
 from .vocabulary import DEFAULT_VOCABULARY
 
 if TYPE_CHECKING:
     from .families import ModelFamily
+    from .worlds import WorldRecipe
+
+# What a world's recipe may set (``WorldRecipe.unlearn_kwargs``): each is overridden by the caller's own value.
+RECIPE_KEYS = ("method", "domain", "steps", "learning_rate", "rank", "batch_size", "regularizers", "strategy")
 
 
 @dataclass
@@ -34,7 +40,8 @@ class UnlearnRequest:
     Args:
         concept: what to remove, e.g. "van gogh".
         method: a registered method name ("esd", "ca", ...) or a ready method config (``du.CAConfig(...)``); a
-            name becomes its config with default options (``UnlearnRequest.build`` passes options).
+            name becomes its config with default options (``resolve_request`` passes options and picks the
+            recommended method when none is named).
         domain: "style", "object", "concept" (default) or a registered domain: picks the prompt templates.
         training: steps, learning rate, rank, batch size, mixed precision...
         seed: makes the request reproducible (adapter init, trajectories, minibatches).
@@ -49,7 +56,7 @@ class UnlearnRequest:
     """
 
     concept: str
-    method: ObjectiveConfig | str = "esd"
+    method: ObjectiveConfig | str = TRAINED_METHOD
     domain: str | None = None
     training: TrainingConfig = field(default_factory=TrainingConfig)
     seed: int = 0
@@ -78,50 +85,9 @@ class UnlearnRequest:
             self.prompts, self.templates = [t.format(self.concept) for t in chosen], chosen
 
     @classmethod
-    def build(
-        cls,
-        concept: str,
-        method: str | ObjectiveConfig | None = None,
-        *,
-        domain: str | None = None,
-        steps: int | None = None,
-        seed: int = 0,
-        regularizers: Sequence[Regularizer] | Regularizer | None = None,
-        strategy: str | MergeStrategy | None = None,
-        rank: int | Literal["full"] | None = None,
-        learning_rate: float | None = None,
-        batch_size: int | None = None,
-        training: TrainingConfig | None = None,
-        prompts: Sequence[str] | None = None,
-        templates: Sequence[str] | None = None,
-        family: ModelFamily | None = None,
-        keep: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
-        **method_options: Any,
-    ) -> UnlearnRequest:
-        """The request ``pipe.unlearn`` takes as keywords: ``steps``, ``rank``, ``learning_rate`` and
-        ``batch_size`` are shortcuts for the same ``TrainingConfig`` fields; other keywords are options of the
-        method's config (``anchor="a dog"``, ``negative_guidance=2.0``). ``family``: the model family the request
-        will run on (``families.family_of(pipe)``), which the recommended recipe depends on. ``keep``: concepts
-        whose outputs must survive (``keep_concepts``), honoured by every method."""
-        # no method: the recommended recipe, or the trained default when training or regularizers are asked for
-        resolved = resolve_method(method, dict(steps=steps, rank=rank, learning_rate=learning_rate,
-                                               batch_size=batch_size, training=training, regularizers=regularizers),
-                                  family)
-        config = build_objective_config(resolved, recommended_options(method, resolved, domain, method_options))
-        if keep is not None:
-            config, regularizers = keep_concepts(keep, concept, check_domain(domain), config, regularizers)
-        return cls(
-            concept,
-            config,
-            domain=domain,
-            training=training_config(training, steps=steps, rank=rank, learning_rate=learning_rate,
-                                     batch_size=batch_size),
-            seed=seed,
-            regularizers=regularizers,
-            strategy=strategy,
-            prompts=prompts,
-            templates=templates,
-        )
+    def build(cls, concept: str, method: str | ObjectiveConfig | None = None, **kwargs: Any) -> UnlearnRequest:
+        """``resolve_request(concept, method, **kwargs)``, under the name earlier versions documented."""
+        return resolve_request(concept, method, **kwargs)
 
     def check_regularizers_fit(self) -> None:
         """Each regularizer's own check of this request (e.g. gradient projection cannot retain the concept it
@@ -255,4 +221,112 @@ def training_config(
     return TrainingConfig(**values)
 
 
-__all__ = ["UnlearnRequest", "keep_concepts", "record_signature", "training_config"]
+def resolve_request(
+    concept: str,
+    method: str | ObjectiveConfig | None = None,
+    *,
+    domain: str | None = None,
+    family: ModelFamily | None = None,
+    world_recipe: WorldRecipe | None = None,
+    removed: Sequence[str] = (),
+    regularizers: Sequence[Regularizer] | Regularizer | None = None,
+    keep: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    training: TrainingConfig | None = None,
+    steps: int | None = None,
+    rank: int | Literal["full"] | None = None,
+    learning_rate: float | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    strategy: str | MergeStrategy | None = None,
+    prompts: Sequence[str] | None = None,
+    templates: Sequence[str] | None = None,
+    **options: Any,
+) -> UnlearnRequest:
+    """The validated request for a caller's options on a model ``family``, over a world's recipe: the one place
+    where ``pipe.unlearn``, plan files and the command line turn options into a request.
+
+    Each part comes from the first of: the caller's value, the world's recipe (``world_recipe.unlearn_kwargs``),
+    the library's default (``defaults.py``).
+
+    Args:
+        concept: what to remove, e.g. "van gogh".
+        method: a registered method name or a ready config. None: the recipe's method config (with ``options`` set
+            over its settings), else ``defaults.default_method`` for ``family``: the recommended method with
+            ``defaults.recommended_options(domain)`` under ``options``, or the trained method when training
+            settings or regularizers are given.
+        domain: "style", "object", "concept" (default) or a registered domain: picks the prompt templates. A
+            recipe's own prompt domain (``"minicanvas-style"``) is used when none is given.
+        family: the model family the request runs on (``families.family_of(pipe)``); None: not known yet (the
+            recommended method of SD and SDXL).
+        world_recipe: the calibrated settings of the world the request runs on (``World.request_recipe``), or None.
+            Its retain pool (``preserve``) becomes the retain loss of a trained method that has none, less
+            ``concept`` and ``removed``.
+        removed: the concepts removed before this request (``pipe.removed_concepts``), for the recipe's retain pool.
+        regularizers: e.g. ``[du.GradientProjection(retain=["monet"])]``; ``[]`` for none (over a recipe's).
+        keep: concepts whose outputs must survive, a list (the request's domain) or ``{domain: [concepts]}``;
+            every method honours it (``keep_concepts``).
+        training: the full ``TrainingConfig``; ``steps``, ``rank``, ``learning_rate`` and ``batch_size`` replace its
+            fields (over a recipe's when ``training`` is not given).
+        seed: makes the request reproducible.
+        strategy: "sequential" (default) or a merge strategy.
+        prompts: explicit prompts instead of the domain's templates; ``templates`` replaces the templates.
+        **options: fields of the method's config, e.g. ``negative_guidance=2.0``, ``anchor="a dog"``.
+
+    Returns:
+        The ``UnlearnRequest``, every field checked.
+
+    Raises:
+        ValueError, TypeError: a value that is not allowed, named with what is (from ``UnlearnRequest`` and the
+            method's config); options given with a ready config; a recipe key that is not in ``RECIPE_KEYS``.
+    """
+    concept = check_concept(concept)
+    recipe = dict(world_recipe.unlearn_kwargs) if world_recipe is not None else {}
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if unknown:
+        raise TypeError(f"a world recipe sets only {', '.join(RECIPE_KEYS)}; got {unknown}")
+    shortcuts = {"steps": steps, "rank": rank, "learning_rate": learning_rate, "batch_size": batch_size}
+    trained = asks_for_training(training, regularizers, *shortcuts.values())
+    if training is None:
+        shortcuts = {key: recipe.get(key) if value is None else value for key, value in shortcuts.items()}
+    if domain is None:
+        domain = recipe.get("domain")
+    if regularizers is None:
+        regularizers = recipe.get("regularizers")
+    if strategy is None:
+        strategy = recipe.get("strategy")
+    if method is None and recipe.get("method") is not None:
+        config = _with_options(recipe["method"], options)
+    else:
+        chosen = method if method is not None else default_method(family, trained)
+        if method is None and chosen == RECOMMENDED_METHOD:
+            options = {**recommended_options(domain), **options}
+        config = build_objective_config(chosen, options)
+    if world_recipe is not None and world_recipe.preserve and isinstance(config, TrainedObjectiveConfig) \
+            and not config.preserve:
+        pool = world_recipe.preserve_for(concept, list(removed))
+        if pool:
+            config = dataclasses.replace(config, preserve=pool, preserve_weight=world_recipe.preserve_weight)
+    if keep is not None:
+        config, regularizers = keep_concepts(keep, concept, check_domain(domain), config, regularizers)
+    return UnlearnRequest(
+        concept,
+        config,
+        domain=domain,
+        training=training_config(training, **shortcuts),
+        seed=seed,
+        regularizers=regularizers,
+        strategy=strategy,
+        prompts=prompts,
+        templates=templates,
+    )
+
+
+def _with_options(config: ObjectiveConfig | str, options: Mapping[str, Any]) -> ObjectiveConfig:
+    """A recipe's method (a name or a ready config) with the caller's ``options`` set over its settings."""
+    if not isinstance(config, ObjectiveConfig):
+        return build_objective_config(config, dict(options))
+    settings = {k: v for k, v in config.to_dict().items() if k != "method"}
+    return build_objective_config(config.method, {**settings, **options}) if options else config
+
+
+__all__ = ["RECIPE_KEYS", "UnlearnRequest", "keep_concepts", "record_signature", "resolve_request", "training_config"]

@@ -17,9 +17,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from . import __version__
 from . import adapters as ad
 from ._progress import phase
+from ._version import __version__
 from .audit import audit_grid
 from .composition import Mode, combined_deltas, materialize
 from .erasure_check import ErasureError, report_erasure
@@ -28,7 +28,7 @@ from .families import denoiser_of, family_of
 from .ledger import Ledger, RequestRecord, now
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
 from .objectives import ObjectiveConfig
-from .request import UnlearnRequest
+from .request import UnlearnRequest, resolve_request
 from .state import UnlearningState, check_request_id, one_thread, rebuild, set_mode, unlearning_state
 from .trainer import TrainingResult, make_accelerator, train_request
 from .worlds import check_world_concept
@@ -100,7 +100,7 @@ class UnlearningMixin:
             concept: what to remove, e.g. "van gogh", or a ready ``du.UnlearnRequest`` (then no other argument
                 but ``progress`` and ``accelerator``).
             method: "closed_form", "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method
-                config. None (default): the recommended recipe (``recipe.py``: "closed_form" on UNets, "esd" on SD3
+                config. None (default): the recommended method (``defaults.py``: "closed_form" on UNets, "esd" on SD3
                 and Flux), or "esd" when training settings or regularizers are given.
             require_erasure: raise ``ErasureError`` (and commit nothing) when the closing erasure check finds that
                 the concept barely moved; by default such a request is committed with an ``ErasureWarning``.
@@ -113,7 +113,7 @@ class UnlearningMixin:
             progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
             accelerator: an ``accelerate.Accelerator`` (default: one made from ``training``). Under
                 ``accelerate launch`` every process runs this call; the global batch is split between them.
-            **options: the request, as ``du.UnlearnRequest.build`` takes it:
+            **options: the request, as ``request.resolve_request`` takes it:
 
                 - domain: "style", "object", "concept" (default) or a registered domain: picks the templates.
                 - steps, rank, learning_rate, batch_size: shortcuts for the same ``TrainingConfig`` fields
@@ -138,7 +138,7 @@ class UnlearningMixin:
                 raise TypeError(f"unlearn() got a ready UnlearnRequest and also {extra}; set them on the request")
             request = concept
         else:
-            request = UnlearnRequest.build(concept, method, family=family_of(self), **options)
+            request = resolve_request(concept, method, family=family_of(self), **options)
         check_world_concept(self, request.concept, request.domain, prompts_given=request.templates is None)
         check = check_erasure_check(erasure_check)
         escalate = effective_escalation(request, escalate)

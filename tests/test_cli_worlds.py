@@ -13,7 +13,7 @@ import torch
 
 import diffusers_unlearn as du
 from diffusers_unlearn.cli import build_parser, main
-from diffusers_unlearn.cli.unlearn import request_arguments
+from diffusers_unlearn.cli.unlearn import build_request, request_inputs
 from diffusers_unlearn.worlds import WORLDS, World, get_world, register_world, world_names
 
 
@@ -126,6 +126,13 @@ def parse(*argv: str):
     return build_parser().parse_args(["unlearn", *argv, "--out", "unused"])
 
 
+def request_arguments(args, removed=()):
+    """The request ``unlearn`` builds from the flags after ``removed`` (``build_request``), and its recipe's summary
+    (None without a recipe)."""
+    inputs, recipe = request_inputs(args)
+    return build_request(args, inputs, removed=removed), (recipe.summary if recipe else None)
+
+
 def test_registries_drive_method_and_regularizer_choices():
     from diffusers_unlearn.objectives import OBJECTIVES
     from diffusers_unlearn.regularizers import REGULARIZERS
@@ -142,7 +149,7 @@ def test_regularizer_flag_takes_the_plan_form_and_combines_with_the_old_flags():
     kwargs, _ = request_arguments(parse(
         "tiny", "--concept", "cat", "--regularizer", "gradient_projection:retain=[monet, picasso],neighbors=2",
         "--regularizer", "l2_drift:weight=1e3", "--top-k", "0.2"))
-    by_name = {r.name: r for r in kwargs["regularizers"]}
+    by_name = {r.name: r for r in kwargs.regularizers}
     assert sorted(by_name) == ["gradient_projection", "l2_drift", "selective_finetune"]
     assert by_name["gradient_projection"].retain == ["monet", "picasso"]
     assert by_name["gradient_projection"].neighbors == 2
@@ -150,9 +157,9 @@ def test_regularizer_flag_takes_the_plan_form_and_combines_with_the_old_flags():
     # the same request written with the old flags gives the same regularizers
     old, _ = request_arguments(parse("tiny", "--concept", "cat", "--retain", "monet,picasso", "--neighbors", "2",
                                      "--l2", "1000", "--top-k", "0.2"))
-    assert [r.to_dict() for r in old["regularizers"]] == [r.to_dict() for r in kwargs["regularizers"]]
+    assert [r.to_dict() for r in old.regularizers] == [r.to_dict() for r in kwargs.regularizers]
     none, _ = request_arguments(parse("tiny", "--concept", "cat", "--regularizer", "none"))
-    assert none["regularizers"] == []
+    assert none.regularizers == []
     with pytest.raises(ValueError, match="cannot be combined"):
         request_arguments(parse("tiny", "--concept", "cat", "--regularizer", "none", "--l1", "1"))
     with pytest.raises(ValueError, match="once per request"):
@@ -162,7 +169,7 @@ def test_regularizer_flag_takes_the_plan_form_and_combines_with_the_old_flags():
     with pytest.raises(ValueError, match="KEY=VALUE"):
         request_arguments(parse("tiny", "--concept", "cat", "--regularizer", "l2_drift:1000"))
     plain, summary = request_arguments(parse("tiny", "--concept", "cat"))
-    assert "regularizers" not in plain and summary is None  # tiny has no recipe: the library's defaults
+    assert plain.regularizers == [] and summary is None  # tiny has no recipe: the library's defaults
 
 
 def test_minicanvas_recipe_needs_a_domain_and_flags_override_it():
@@ -173,33 +180,26 @@ def test_minicanvas_recipe_needs_a_domain_and_flags_override_it():
     # the default is the recommended closed-form solve over the world's concepts, with --option values over it
     solved, summary = request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "style",
                                               "--option", "negative_guidance=1"))
-    assert "minicanvas recipe" in summary and "no training" in summary and solved["regularizers"] == []
-    assert solved["method"].method == "closed_form" and solved["method"].negative_guidance == 1
-    assert "neon dots" in solved["method"].vocabulary["minicanvas-style"]
+    assert "minicanvas recipe" in summary and "no training" in summary and solved.regularizers == []
+    assert solved.method.method == "closed_form" and solved.method.negative_guidance == 1
+    assert "neon dots" in solved.method.vocabulary["minicanvas-style"]
     # training flags ask for the trained recipe (ESD + gradient projection over the world's concepts)
     kwargs, summary = request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "style",
                                               "--steps", "7", "--option", "negative_guidance=2", "--retain", "cat"))
-    assert "minicanvas recipe" in summary and kwargs["steps"] == 7
-    assert kwargs["method"].negative_guidance == 2 and kwargs["domain"] == "minicanvas-style"
-    (projection,) = kwargs["regularizers"]
+    assert "minicanvas recipe" in summary and kwargs.training.steps == 7
+    assert kwargs.method.negative_guidance == 2 and kwargs.domain == "minicanvas-style"
+    (projection,) = kwargs.regularizers
     # --retain keeps the recipe's neighbour pool (the world's concepts), not the generic vocabulary
     assert projection.retain == ["cat"] and "neon dots" in projection.vocabulary["minicanvas-style"]
     ca, summary = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca"))
-    assert ca["method"].method == "ca" and ca["domain"] == "minicanvas-object"
-    assert ca["method"].anchor == "mushroom" and "a retain loss (weight 1.0) on the 8 minicanvas objects" in summary
+    assert ca.method.method == "ca" and ca.domain == "minicanvas-object"
+    assert ca.method.anchor == "mushroom" and "a retain loss (weight 1.0) on the 8 minicanvas objects" in summary
 
 
 def test_a_recipe_retain_loss_keeps_the_pool_less_the_concept_and_the_earlier_removals():
-    from types import SimpleNamespace
-
-    from diffusers_unlearn.cli.unlearn import _arguments_and_recipe, _with_recipe_retain
-    from diffusers_unlearn.request import UnlearnRequest
-
-    kwargs, recipe = _arguments_and_recipe(parse("minicanvas", "--concept", "cat", "--domain", "object",
-                                                 "--method", "ca"))
-    assert kwargs["method"].preserve == ()  # the concept and the ledger are not known yet
-    request = UnlearnRequest.build("cat", seed=0, **kwargs)
-    served = _with_recipe_retain(request, recipe, SimpleNamespace(removed_concepts=["bear", "Tower"]))
+    args = parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca")
+    served, _ = request_arguments(args, removed=["bear", "Tower"])
+    recipe = request_inputs(args)[1]
     # the pool is the objects the bench does not score (the honest protocol: no recipe keeps a scored concept)
     from diffusers_unlearn.bench.world import MINICANVAS_EVAL_OBJECTS
 
@@ -207,13 +207,12 @@ def test_a_recipe_retain_loss_keeps_the_pool_less_the_concept_and_the_earlier_re
     assert served.method.preserve == tuple(o for o in pool if o not in ("cat", "bear", "tower"))
     assert served.method.preserve_weight == recipe.preserve_weight > 0 and served.method.anchor == "mushroom"
     # a preserve option given on the command line wins; the closed form has no retain loss to add
-    kwargs, recipe = _arguments_and_recipe(parse("minicanvas", "--concept", "cat", "--domain", "object",
-                                                 "--method", "ca", "--option", "preserve=[dog]"))
-    own = UnlearnRequest.build("cat", seed=0, **kwargs)
-    assert _with_recipe_retain(own, recipe, SimpleNamespace(removed_concepts=[])).method.preserve == ("dog",)
-    kwargs, recipe = _arguments_and_recipe(parse("minicanvas", "--concept", "neon lines", "--domain", "style"))
-    solved = UnlearnRequest.build("neon lines", seed=0, **kwargs)
-    assert recipe.preserve is None and _with_recipe_retain(solved, recipe, None) is solved
+    own, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca",
+                                     "--option", "preserve=[dog]"))
+    assert own.method.preserve == ("dog",)
+    args = parse("minicanvas", "--concept", "neon lines", "--domain", "style")
+    recipe = request_inputs(args)[1]
+    assert recipe.preserve is None and request_arguments(args)[0].method == recipe.unlearn_kwargs["method"]
 
 
 def test_the_minicanvas_recipe_is_recommended_per_domain():
@@ -221,22 +220,22 @@ def test_the_minicanvas_recipe_is_recommended_per_domain():
 
     styles, _ = request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "style"))
     objects, summary = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object"))
-    assert RECOMMENDED_RECIPES["style"][0] == "closed_form+verify" and styles["method"].method == "closed_form"
+    assert RECOMMENDED_RECIPES["style"][0] == "closed_form+verify" and styles.method.method == "closed_form"
     assert RECOMMENDED_RECIPES["object"] == ("gp", "ca")
-    assert objects["method"].method == "ca" and objects["method"].anchor == "mushroom"
-    assert [r.name for r in objects["regularizers"]] == ["gradient_projection"] and "retain loss" in summary
+    assert objects.method.method == "ca" and objects.method.anchor == "mushroom"
+    assert [r.name for r in objects.regularizers] == ["gradient_projection"] and "retain loss" in summary
     # naming the closed form, or training flags (the trained method, esd), still pick those
     named, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method",
                                        "closed_form"))
     trained, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--steps", "5"))
-    assert named["method"].method == "closed_form" and trained["method"].method == "esd"
+    assert named.method.method == "closed_form" and trained.method.method == "esd"
 
 
 def test_the_minicanvas_style_recipe_is_verified_by_the_classifier_unless_the_user_sets_the_guidance():
-    from diffusers_unlearn.cli.unlearn import _arguments_and_recipe, _recipe_escalation
+    from diffusers_unlearn.cli.unlearn import _recipe_escalation
 
     args = parse("minicanvas", "--concept", "neon lines", "--domain", "style")
-    kwargs, recipe = _arguments_and_recipe(args)
+    kwargs, recipe = request_inputs(args)
     assert "erasure_check" not in kwargs and isinstance(recipe.erasure_check, du.ClassifierCheck)
     assert recipe.erasure_check.seeds == [1] and not set(recipe.erasure_check.seeds) & set(du.minicanvas.EVAL_SEEDS)
     assert recipe.erasure_check.images_per_concept == 8
@@ -244,9 +243,9 @@ def test_the_minicanvas_style_recipe_is_verified_by_the_classifier_unless_the_us
     assert "verified by the style classifier on 8 check images, solved again with negative_guidance=2.0, then " \
            "negative_guidance=3.0" in recipe.summary
     own = parse("minicanvas", "--concept", "neon lines", "--domain", "style", "--option", "negative_guidance=1.5")
-    assert _recipe_escalation(_arguments_and_recipe(own)[1], own) is None  # the user's guidance stands
+    assert _recipe_escalation(request_inputs(own)[1], own) is None  # the user's guidance stands
     trained = parse("minicanvas", "--concept", "neon lines", "--domain", "style", "--steps", "5")
-    assert _arguments_and_recipe(trained)[1].escalate is None  # the trained recipe has no ladder
+    assert request_inputs(trained)[1].escalate is None  # the trained recipe has no ladder
     from diffusers_unlearn.bench import minicanvas_world
     from diffusers_unlearn.bench.recipes import world_recipe
 

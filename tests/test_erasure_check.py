@@ -91,7 +91,7 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     from diffusers_unlearn.cli import main
     from diffusers_unlearn.objectives.closed_form import ClosedFormConfig
     from diffusers_unlearn.plan import parse_plan
-    from diffusers_unlearn.recipe import RECOMMENDED_DOMAIN_OPTIONS, domain_kind
+    from diffusers_unlearn.defaults import RECOMMENDED_DOMAIN_OPTIONS, domain_kind
     from diffusers_unlearn.request import UnlearnRequest
 
     objects = RECOMMENDED_DOMAIN_OPTIONS["object"]

@@ -141,10 +141,10 @@ def test_keep_in_a_plan_and_on_the_command_line_builds_the_same_request():
             parse_plan({"model": "tiny", "output": "out", "requests": [
                 {"concept": "van gogh", "domain": "style", "method": "closed_form", "keep": keep}]})
     from diffusers_unlearn.cli import build_parser
-    from diffusers_unlearn.cli.unlearn import _arguments_and_recipe
+    from diffusers_unlearn.cli.unlearn import build_request, request_inputs
 
     args = build_parser().parse_args(["unlearn", "tiny", "--concept", "van gogh", "--domain", "style", "--method",
                                       "closed_form", "--keep", "monet, klimt", "--keep", "dali", "--out", "x"])
-    kwargs, _ = _arguments_and_recipe(args)
-    assert kwargs["keep"] == ["monet", "klimt", "dali"]
-    assert UnlearnRequest.build("van gogh", **kwargs).method.preserve == ["monet", "klimt", "dali"]
+    inputs, _ = request_inputs(args)
+    assert inputs["keep"] == ["monet", "klimt", "dali"]
+    assert build_request(args, inputs).method.preserve == ["monet", "klimt", "dali"]

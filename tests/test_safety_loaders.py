@@ -14,7 +14,7 @@ import torch
 import diffusers_unlearn
 
 PACKAGE = Path(diffusers_unlearn.__file__).parent
-SAFE_YAML_LOADERS = ("SafeLoader", "_PlanLoader")  # _PlanLoader: a SafeLoader subclass (checked below)
+SAFE_YAML_LOADERS = ("SafeLoader", "PlanLoader")  # PlanLoader: a SafeLoader subclass (checked below)
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve", "joblib", "copyreg"}
 
 
@@ -64,9 +64,9 @@ def test_the_scanner_finds_every_kind_of_unsafe_loader():
 def test_no_module_of_the_package_can_unpickle_or_eval_file_data():
     import yaml
 
-    from diffusers_unlearn.plan import _PlanLoader
+    from diffusers_unlearn.plan_format import PlanLoader
 
-    assert issubclass(_PlanLoader, yaml.SafeLoader)
+    assert issubclass(PlanLoader, yaml.SafeLoader)
     found = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         calls = unsafe_calls(path.read_text(encoding="utf-8"))

@@ -304,7 +304,7 @@ def test_closed_form_warns_when_the_kept_states_fill_the_text_stream():
 def test_the_recommended_method_on_joint_transformers_is_the_trained_one(tmp_path):
     # With its defaults (every built-in concept, 50 solve timesteps) the closed form keeps thousands of states in a
     # joint block's text stream and changes nothing (the test above fills it with far fewer): the recipe trains.
-    from diffusers_unlearn.cli.unlearn import _arguments_and_recipe
+    from diffusers_unlearn.cli.unlearn import build_request, request_inputs
     from diffusers_unlearn.families import family_of
     from diffusers_unlearn.objectives import build_objective_config
     from diffusers_unlearn.plan import PlanError, parse_plan, run_plan
@@ -319,8 +319,9 @@ def test_the_recommended_method_on_joint_transformers_is_the_trained_one(tmp_pat
     on_sd3 = du.UnlearnRequest.build("dog", domain="object", family=families["sd3"])
     assert on_sd3.method == build_objective_config("esd")
     args = parse_unlearn_flags("tiny-sd3", "--concept", "dog", "--domain", "object")
-    assert _arguments_and_recipe(args)[0]["method"].method == "closed_form"  # before the model loads
-    assert _arguments_and_recipe(args, families["sd3"])[0]["method"].method == "esd"  # once it has
+    inputs, _ = request_inputs(args)
+    assert build_request(args, inputs).method.method == "closed_form"  # before the model loads
+    assert build_request(args, inputs, families["sd3"]).method.method == "esd"  # once it has
     # pipe.unlearn resolves it with its own family
     pipe = du.attach(du.testing.tiny_flux_pipeline(seed=0))
     pipe.unlearning_max_sequence_length = 16  # ESD's default 200 steps x 50 sampling steps: keep them cheap
@@ -328,7 +329,7 @@ def test_the_recommended_method_on_joint_transformers_is_the_trained_one(tmp_pat
     # a plan without method or training resolves it when it runs on the model, and a resumed run agrees
     plan = {"model": "tiny-sd3", "output": str(tmp_path / "out"),
             "requests": [{"concept": "dog", "domain": "object", "sampling_steps": 2, "num_trajectories": 1}]}
-    assert parse_plan(plan).requests[0].method == "closed_form"
+    assert parse_plan(plan).requests[0].to_request().method.method == "closed_form"
     result = run_plan(parse_plan(plan), log=None)
     assert [r.method for r in result.pipe.unlearning_ledger.requests] == ["esd"]
     assert run_plan(parse_plan(plan), log=None).skipped == ["r0001"]

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
 from .._validation import check_int, check_number, check_seed
+from .._version import __version__
+from ..defaults import RECOMMENDED_DOMAIN_OPTIONS
 from ..evaluation import evaluate_unlearning, kv_drift
 from ..evaluation.metrics import check_eval_domain
 from ..evaluation.retention import EvalReference
@@ -21,7 +22,6 @@ from ..mixin import attach
 from ..objectives import OBJECTIVES, ObjectiveConfig, TrainedObjectiveConfig, build_objective_config
 from ..objectives.esd import REFERENCES as ESD_REFERENCES
 from ..prompts import concepts_except
-from ..recipe import RECOMMENDED_DOMAIN_OPTIONS
 from .heldout import heldout_unlearning
 from .protocols import Hyperparameters, Protocol, ProtocolContext, method_hyperparameters, resolve_protocols
 from .world import BenchWorld

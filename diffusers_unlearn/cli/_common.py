@@ -57,6 +57,38 @@ def module_constant(module_file: str, name: str) -> Any:
     raise LookupError(f"no literal {name} in {module_file}")
 
 
+@functools.lru_cache(maxsize=None)
+def method_option_names() -> dict[str, list[str]]:
+    """Every built-in method's option names (its config's dataclass fields, inherited ones first), by method name,
+    read from the source of ``objectives/`` without importing it.
+
+    ``run`` checks a plan's field names with them before the engine (and torch) loads, so that a typo is refused at
+    once; ``tests/test_cli_inputs.py`` checks that they equal the registry's. A config class names its method with
+    ``method: ClassVar[str] = "name"``.
+    """
+    classes: dict[str, tuple[list[str], list[str], str | None]] = {}
+    for path in sorted((_PACKAGE_DIR / "objectives").rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            fields, method = [], None
+            for item in node.body:
+                if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+                    continue
+                if "ClassVar" not in ast.unparse(item.annotation):
+                    fields.append(item.target.id)
+                elif item.target.id == "method" and item.value is not None:
+                    method = ast.literal_eval(item.value)
+            classes[node.name] = ([ast.unparse(b).rpartition(".")[2] for b in node.bases], fields, method)
+
+    def fields_of(name: str) -> list[str]:
+        bases, own, _ = classes.get(name, ([], [], None))
+        inherited = [f for base in bases for f in fields_of(base)]
+        return list(dict.fromkeys([*inherited, *own]))
+
+    return {method: fields_of(name) for name, (_, _, method) in classes.items() if method}
+
+
 def default_text(module_file: str, class_name: str, field: str, prefix: str = "default ") -> str:
     """``"default <value>"`` for a help text, or ``""`` when the default is not a literal."""
     defaults = dataclass_defaults(module_file, class_name)

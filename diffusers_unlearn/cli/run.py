@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import MODEL_HELP, add_quiet, check_writable, set_quiet
+from ._common import MODEL_HELP, add_quiet, check_writable, method_option_names, set_quiet
 
 EXAMPLE = """example PLAN.yaml:
   model: tiny                # a world name (minicanvas, tiny, ...), a folder (relative to the plan) or a Hub id
@@ -41,9 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plan import load_plan, run_plan
+    from pathlib import Path
 
-    plan = load_plan(args.plan, model=args.model, output=args.out)
+    from ..plan_format import check_plan_fields, read_plan_file
+
+    # the plan's shape and field names first, without the engine: a typo is refused at once
+    data = read_plan_file(args.plan)
+    check_plan_fields(data, source=args.plan, method_fields=method_option_names().get)
+    from ..plan import parse_plan, run_plan
+
+    plan = parse_plan(data, source=args.plan, base_dir=Path(args.plan).parent, model=args.model, output=args.out)
     check_writable(plan.output, "output" if args.out is None else "--out")
     set_quiet(args.quiet)
     print(f"plan {args.plan}: {len(plan.requests)} request(s) on {plan.model} -> {plan.output}")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._common import (MODEL_HELP, add_loading_options, add_quiet, check_writable, default_text, finite_float, load, short,
-                      working)
+from ._common import (MODEL_HELP, add_loading_options, add_quiet, check_writable, default_text, finite_float, load,
+                      short, working)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     gp_neighbors = default_text("regularizers/projection.py", "GradientProjection", "neighbors", prefix="")
@@ -31,10 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="folder to write the unlearned pipeline to (new, empty, or an unlearned folder; "
                              "MODEL_OR_FOLDER itself updates it)")
     parser.add_argument("--method", default=None,
-                        help="erasure method registered with du.register_objective (default: the recommended recipe, "
-                        "closed_form on SD/SDXL and esd on SD3/Flux; esd when training or regularizer options are "
-                        "given); an unknown name is "
-                        "refused with the registered list")
+                        help="erasure method registered with du.register_objective (default: the recommended one, "
+                        "closed_form on SD/SDXL and esd on SD3/Flux; esd when training or regularizer flags are "
+                        "given; a world's recipe where it has one); an unknown name is refused with the registered "
+                        "list")
     parser.add_argument("--anchor", default=None, help="anchor concept (method ca)")
     parser.add_argument("--domain", default=None,
                         help="picks the prompt templates: style, object or concept (default); a world with a recipe "
@@ -55,14 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "models none. Any of them replaces the recipe's and makes the request a trained one.")
     group.add_argument("--retain", action="append", default=None, metavar="CONCEPTS",
                        help="gradient projection keeps these concepts, comma-separated; repeatable. It also keeps the "
-                       f"--neighbors nearest concepts of the vocabulary (default {gp_neighbors or 'as GradientProjection'}, "
-                       "or the recipe's number over the world's concepts): pass --neighbors 0 to keep only these")
+                       "--neighbors nearest concepts of the vocabulary (default "
+                       f"{gp_neighbors or 'as GradientProjection'}, or the recipe's number over the world's concepts): "
+                       "pass --neighbors 0 to keep only these")
     group.add_argument("--neighbors", type=int, default=None,
                        help="gradient projection keeps this many concepts most similar to the target (default: see "
                        "--retain)")
     group.add_argument("--project", action="store_true",
                        help="gradient projection with its defaults (implied by --retain / --neighbors)")
-    group.add_argument("--top-k", type=finite_float, default=None, help="selective fine-tuning: fraction of K/V elements")
+    group.add_argument("--top-k", type=finite_float, default=None,
+                       help="selective fine-tuning: fraction of K/V elements")
     group.add_argument("--l1", type=finite_float, default=None, help="L1 drift penalty weight")
     group.add_argument("--l2", type=finite_float, default=None, help="L2 drift penalty weight")
     group.add_argument("--regularizer", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
@@ -83,12 +87,12 @@ def _yaml_value(text: str) -> Any:
     """A command-line value read as a plan file reads it: numbers, booleans, [lists], else text."""
     import yaml
 
-    from ..plan import _PlanLoader
+    from ..plan_format import PlanLoader
 
     if not text:
         return ""
     try:
-        return yaml.load(text, Loader=_PlanLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=PlanLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError:
         return text
 
@@ -194,19 +198,21 @@ def _world_of_folder(model: str) -> Any:
     return world if world is not None and world.recipe else None
 
 
-def request_arguments(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
-    """``pipe.unlearn`` keyword arguments from the flags over the world's recipe, and the recipe's summary line.
-    Everything is checked here, before the model loads."""
-    kwargs, recipe = _arguments_and_recipe(args)
-    return kwargs, recipe.summary if recipe else None
+def request_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """``request.resolve_request`` keywords from the flags, and the world's recipe behind them (None without one).
 
+    Everything but the model family and the earlier removals, which only the loaded model tells (``build_request``
+    adds them). A world with a recipe (minicanvas) serves the recipe for the request's domain: its recommended one,
+    or its trained one when training or regularizer flags are given without --method; every flag given overrides
+    its part of it.
 
-def _arguments_and_recipe(args: argparse.Namespace, family: Any = None) -> tuple[dict[str, Any], Any]:
-    """``pipe.unlearn`` keywords from the flags, and the world's recipe behind them (None without one). Without
-    --method the recipe's method depends on the model ``family`` (``recipe.recommended_method``); None: not loaded
-    yet (``run`` resolves again once it is)."""
+    Raises:
+        UsageError: an unknown --method or regularizer, a malformed --option / --regularizer / --rank.
+        ValueError: the world's recipe refuses the domain.
+    """
     from ..cli import UsageError
-    from ..objectives import OBJECTIVES, ObjectiveConfig, build_objective_config
+    from ..defaults import TRAINED_METHOD, asks_for_training
+    from ..objectives import OBJECTIVES
     from ..worlds import get_world
 
     if args.method is not None and args.method not in OBJECTIVES:
@@ -215,58 +221,34 @@ def _arguments_and_recipe(args: argparse.Namespace, family: Any = None) -> tuple
     if args.anchor is not None:
         options["anchor"] = args.anchor
     world = get_world(args.model) or _world_of_folder(args.model)
-    recipe_method = args.method
-    if recipe_method is None and world is not None and world.recipe is not None:
-        from ..recipe import RECOMMENDED_METHOD, resolve_method
-
-        # training flags without --method ask for the world's trained recipe, as pipe.unlearn does; without them
-        # the world's recommended recipe for the domain
-        resolved = resolve_method(None, {"steps": args.steps, "learning_rate": args.learning_rate,
-                                         "rank": args.rank, "regularizers": build_regularizers(args, None)})
-        recipe_method = None if resolved == RECOMMENDED_METHOD else resolved
-    recipe = world.request_recipe(args.domain, recipe_method) if world is not None else None
-    kwargs: dict[str, Any] = dict(recipe.unlearn_kwargs) if recipe else {"method": args.method, "domain": args.domain}
-    method = kwargs["method"]
-    if isinstance(method, ObjectiveConfig):  # the recipe's config, with the --option / --anchor values over it
-        settings = {k: v for k, v in method.to_dict().items() if k != "method"}
-        kwargs["method"] = build_objective_config(method.method, {**settings, **options})
-    else:
-        if method is None:  # no --method: the recommended recipe, or the trained method when training is asked for
-            from ..recipe import recommended_options, resolve_method
-
-            trained = {"steps": args.steps, "learning_rate": args.learning_rate, "rank": args.rank,
-                       "options": options or None, "regularizers": build_regularizers(args, recipe)}
-            method = resolve_method(None, trained, family)
-            options = recommended_options(None, method, args.domain, options)
-        kwargs["method"] = build_objective_config(method, options)
+    recipe = None
+    if world is not None and world.recipe is not None:
+        trained = asks_for_training(args.steps, args.learning_rate, args.rank, build_regularizers(args, None))
+        recipe = world.request_recipe(args.domain, args.method or (TRAINED_METHOD if trained else None))
+    # a recipe brings the method config for --method (or its own) and its prompt domain
+    inputs: dict[str, Any] = {"method": None if recipe else args.method, "domain": None if recipe else args.domain,
+                              "world_recipe": recipe, "seed": args.seed, **options}
     for key, value in (("steps", args.steps), ("learning_rate", args.learning_rate), ("rank", _rank(args.rank)),
                        ("strategy", args.strategy)):
         if value is not None:
-            kwargs[key] = value
+            inputs[key] = value
     regularizers = build_regularizers(args, recipe)
     if regularizers is not None:
-        kwargs["regularizers"] = regularizers
+        inputs["regularizers"] = regularizers
     keep = [c.strip() for value in (args.keep or []) for c in value.split(",") if c.strip()]
     if keep:
-        kwargs["keep"] = keep
-    return kwargs, recipe
+        inputs["keep"] = keep
+    return inputs, recipe
 
 
-def _with_recipe_retain(request: Any, recipe: Any, pipe: Any) -> Any:
-    """``request`` with the recipe's retain loss, now that the earlier removals are known: its pool less the concept
-    and the pipeline's removed concepts. A method without one, or a ``preserve`` option given, is left as it is."""
-    import dataclasses
+def build_request(args: argparse.Namespace, inputs: dict[str, Any], family: Any = None,
+                  removed: Sequence[str] = ()) -> Any:
+    """The request of the flags (``request_inputs``) on a model of ``family`` after the ``removed`` concepts: the
+    command line's one call of ``request.resolve_request``. ``family`` None: the model is not loaded yet; ``run``
+    checks the request so before loading the model, then builds it for the loaded model."""
+    from ..request import resolve_request
 
-    from ..objectives import TrainedObjectiveConfig
-
-    method = request.method
-    if recipe is None or not recipe.preserve or not isinstance(method, TrainedObjectiveConfig) or method.preserve:
-        return request
-    keep = recipe.preserve_for(request.concept, list(pipe.removed_concepts))
-    if not keep:
-        return request
-    return dataclasses.replace(request, method=dataclasses.replace(method, preserve=keep,
-                                                                   preserve_weight=recipe.preserve_weight))
+    return resolve_request(args.concept, family=family, removed=list(removed), **inputs)
 
 
 def _recipe_escalation(recipe: Any, args: argparse.Namespace) -> list[dict[str, Any]] | None:
@@ -304,25 +286,22 @@ def run(args: argparse.Namespace) -> int:
         world.check_concept(args.concept.strip(), args.domain)
     from ..export import check_output_folder
     from ..model_card import check_base_model
-    from ..request import UnlearnRequest
 
     check_base_model(args.base_model)
-    kwargs, recipe = _arguments_and_recipe(args)
-    request = UnlearnRequest.build(args.concept, seed=args.seed, **kwargs)  # checked whole, before the model loads
+    inputs, recipe = request_inputs(args)
+    request = build_request(args, inputs)  # checked whole before the model loads
     check_output_folder(out)
     if recipe:
         import textwrap
 
         print(textwrap.fill(f"{recipe.summary}; flags given override it", width=110, subsequent_indent="  "))
-    if "regularizers" in kwargs:
+    if "regularizers" in inputs:
         print("regularizers: " + (", ".join(_describe(r) for r in request.regularizers) or "none"))
     pipe = load(args.model, args)
-    if args.method is None and recipe is None:  # the recommended method depends on the model family, known now
-        from ..families import family_of
+    from ..families import family_of
 
-        request = UnlearnRequest.build(args.concept, seed=args.seed,
-                                       **_arguments_and_recipe(args, family_of(pipe))[0])
-    request = _with_recipe_retain(request, recipe, pipe)
+    # for the loaded model: its family's default method, the recipe's retain pool less the earlier removals
+    request = build_request(args, inputs, family_of(pipe), pipe.removed_concepts)
     before = len(pipe.unlearning_ledger.requests)
     checked = dict(erasure_check=recipe.erasure_check, escalate=_recipe_escalation(recipe, args)) if recipe else {}
     started = time.perf_counter()

@@ -15,11 +15,10 @@ classifiers that judge its images, as UnlearnCanvas does for Stable Diffusion.
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .classifier import ConceptClassifier
 from .data import (
     HELDOUT_TEMPLATES,
     OBJECTS,
@@ -32,13 +31,17 @@ from .data import (
     render,
 )
 from .settings import EVAL_SEEDS, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, RESOLUTION
-from .weights import (
-    DEFAULT_WEIGHTS_DIR,
-    MiniCanvasWeightsError,
-    load_classifiers_from,
-    load_pipeline_from,
-    verify_weights,
-)
+
+if TYPE_CHECKING:  # what type checkers see; at run time these load on first use (``__getattr__``)
+    import torch
+
+    from .classifier import ConceptClassifier
+    from .weights import DEFAULT_WEIGHTS_DIR, MiniCanvasWeightsError, verify_weights
+
+# Names from the modules that import torch, loaded on first use (PEP 562), so that the world's vocabulary
+# (``concepts``: a misspelled concept is refused on the command line before any work) imports no torch.
+_LAZY = {"ConceptClassifier": "classifier", "DEFAULT_WEIGHTS_DIR": "weights", "MiniCanvasWeightsError": "weights",
+         "verify_weights": "weights"}
 
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
@@ -64,15 +67,25 @@ __all__ = [
 ]
 
 
-def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.dtype = torch.float32,
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
                   weights_dir: str | os.PathLike | None = None):
     """The MiniCanvas ``StableDiffusionPipeline``, loaded offline after checking every file's sha256.
 
     Raises :class:`MiniCanvasWeightsError` (a ``ValueError``) naming the file when a weight file is missing,
-    corrupted or does not fit the model. ``device=None`` leaves it on the CPU. The pipeline is marked as the
-    ``minicanvas`` world's (``unlearn_world``): its requests may remove only ``STYLES`` and ``OBJECTS``.
+    corrupted or does not fit the model. ``device=None`` leaves it on the CPU; ``torch_dtype=None`` loads float32.
+    The pipeline is marked as the ``minicanvas`` world's (``unlearn_world``): its requests may remove only
+    ``STYLES`` and ``OBJECTS``.
     """
-    pipe = load_pipeline_from(weights_dir, device=device, torch_dtype=torch_dtype)
+    dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    pipe = importlib.import_module(".weights", __name__).load_pipeline_from(weights_dir, device=device, **dtype)
     pipe.unlearn_world = "minicanvas"
     return pipe
 
@@ -86,4 +99,4 @@ def load_classifiers(device: str | torch.device | None = None,
                      weights_dir: str | os.PathLike | None = None) -> tuple[ConceptClassifier, ConceptClassifier]:
     """``(style_classifier, object_classifier)``; each maps PIL images or a ``[B, 3, H, W]`` tensor in [0, 1] to
     label names (``STYLES`` / ``OBJECTS``). Checks the weights like :func:`load_pipeline`."""
-    return load_classifiers_from(weights_dir, device=device)
+    return importlib.import_module(".weights", __name__).load_classifiers_from(weights_dir, device=device)

@@ -185,7 +185,8 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: st
 
 
 def record_signature(record: RequestRecord) -> dict[str, Any]:
-    """``UnlearnRequest.signature`` read back from a ledger record."""
+    """``UnlearnRequest.signature`` read back from a ledger record. A solved method's report is recorded among the
+    regularizers under the method's own name; the request never lists it, so it is left out."""
     fields = {
         "concept": record.concept,
         "domain": record.domain,
@@ -195,7 +196,9 @@ def record_signature(record: RequestRecord) -> dict[str, Any]:
         "strategy": record.strategy,
         "prompts": record.prompts,
     }
-    return _signature(fields, [{k: v for k, v in r.items() if k != "report"} for r in record.regularizers])
+    regularizers = [{k: v for k, v in r.items() if k != "report"} for r in record.regularizers
+                    if r.get("name") != record.method]
+    return _signature(fields, regularizers)
 
 
 _SIGNATURE_KEYS = ("concept", "domain", "method_config", "training", "seed", "regularizers", "strategy", "prompts")

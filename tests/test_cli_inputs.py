@@ -67,3 +67,50 @@ def test_an_argument_error_imports_no_heavy_library(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "HEAVY []" in result.stdout
     assert "the folder cannot be created" in result.stderr and "does not exist or is not a folder" in result.stderr
+
+
+HEAVY = ("torch", "diffusers", "transformers", "peft")
+
+
+def _cli_in_a_fresh_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """``diffusers-unlearn ARGV`` in a fresh process, which then prints the heavy libraries it imported (this test
+    process has them loaded already). The imports are what makes an error slow; no timing."""
+    code = ("import sys\n"
+            "from diffusers_unlearn.cli import main\n"
+            f"status = main({argv!r})\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules), 'STATUS', status)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_a_plan_typo_is_refused_without_importing_the_engine(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("model: tiny\noutput: out\nrequests:\n  - {concept: cat, stpes: 5}\n"
+                    "  - {concept: dog, method: esd, negativ_guidance: 2}\n")
+    result = _cli_in_a_fresh_process(["run", str(plan)])
+    assert "HEAVY [] STATUS 2" in result.stdout, result.stderr[-2000:]
+    assert "request 1 ('cat'): unknown field(s) ['stpes'] ('stpes': did you mean 'steps'?)" in result.stderr
+    assert "options of its method 'closed_form': sampling_steps," in result.stderr  # the default method's
+    plan.write_text("model: tiny\noutput: out\nrequests:\n  - {concept: dog, method: esd, negativ_guidance: 2}\n")
+    result = _cli_in_a_fresh_process(["run", str(plan)])
+    assert "HEAVY [] STATUS 2" in result.stdout, result.stderr[-2000:]
+    assert "'negativ_guidance': did you mean 'negative_guidance'?" in result.stderr
+    assert "options of its method 'esd'" in result.stderr
+
+
+def test_a_misspelled_minicanvas_concept_is_refused_without_importing_the_engine(tmp_path):
+    result = _cli_in_a_fresh_process(["unlearn", "minicanvas", "--concept", "neon line", "--domain", "style",
+                                      "--out", str(tmp_path / "out")])
+    assert "HEAVY [] STATUS 2" in result.stdout, result.stderr[-2000:]
+    assert "'neon line' is not a minicanvas style: did you mean 'neon lines'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_reads_the_registry_s_method_options_from_the_source():
+    # run checks plan fields with option names read from objectives/ (no torch); they must be the registry's
+    from diffusers_unlearn.cli._common import method_option_names
+    from diffusers_unlearn.objectives import OBJECTIVES
+    from diffusers_unlearn.plan import _method_fields
+
+    read = method_option_names()
+    assert sorted(read) == sorted(OBJECTIVES)
+    assert {method: read[method] for method in OBJECTIVES} == {method: _method_fields(method) for method in OBJECTIVES}

@@ -108,6 +108,16 @@ def test_plan_killed_during_a_request_loses_only_that_request(uninterrupted, tmp
     assert final_ledger(tmp_path / "out") == final_ledger(uninterrupted)
 
 
+def test_a_plan_of_recommended_requests_resumes(tmp_path):
+    # no method and no training: the closed form on the tiny SD pipeline, whose record lists its solve's report
+    # among the regularizers; a rerun still finds the ledger's request equal to the plan's
+    plan_path = write_plan(tmp_path, "model: tiny\noutput: out\nrequests:\n  - {concept: cat, domain: object}\n")
+    first = run_plan(load_plan(plan_path), log=None)
+    assert first.trained == ["r0001"] and first.pipe.unlearning_ledger.requests[0].method == "closed_form"
+    again = run_plan(load_plan(plan_path), log=None)
+    assert again.skipped == ["r0001"] and again.trained == [] and not again.saved
+
+
 def test_a_plan_that_disagrees_with_the_ledger_is_refused(uninterrupted, tmp_path):
     shutil.copytree(uninterrupted, tmp_path / "out")
     changed = PLAN.replace("seed: 1,", "seed: 5,")

@@ -8,7 +8,8 @@ from conftest import FAST
 
 import diffusers_unlearn as du
 from diffusers_unlearn.plan import PlanError, parse_plan
-from diffusers_unlearn.request import UnlearnRequest, record_signature
+from diffusers_unlearn.request import UnlearnRequest, record_signature, resolve_request
+from diffusers_unlearn.worlds import WorldRecipe
 
 OPTIONS = dict(steps=FAST["steps"], learning_rate=FAST["learning_rate"], sampling_steps=FAST["sampling_steps"],
                num_trajectories=FAST["num_trajectories"])
@@ -148,3 +149,54 @@ def test_keep_in_a_plan_and_on_the_command_line_builds_the_same_request():
     inputs, _ = request_inputs(args)
     assert inputs["keep"] == ["monet", "klimt", "dali"]
     assert build_request(args, inputs).method.preserve == ["monet", "klimt", "dali"]
+
+
+# ------------------------------------------------------------------------------------------------ resolve_request
+def recipe(**kwargs):
+    """A world's recipe: ESD with guidance 3 on style prompts, 7 steps, an L2 drift, a retain pool of three."""
+    unlearn_kwargs = dict(method=du.ESDConfig(negative_guidance=3.0), domain="style", steps=7,
+                          regularizers=[du.L2Drift(weight=2.0)], strategy="sequential")
+    return WorldRecipe({**unlearn_kwargs, **kwargs}, preserve=["monet", "klimt", "van gogh"], preserve_weight=0.5)
+
+
+def test_each_part_of_a_request_comes_from_the_caller_then_the_world_recipe_then_the_defaults():
+    served = resolve_request("van gogh", world_recipe=recipe())
+    assert served.method.negative_guidance == 3.0 and served.domain == "style" and served.training.steps == 7
+    assert [r.to_dict() for r in served.regularizers] == [du.L2Drift(weight=2.0).to_dict()]
+    # the recipe's retain pool, less the concept and the earlier removals
+    assert served.method.preserve == ("monet", "klimt") and served.method.preserve_weight == 0.5
+    assert resolve_request("van gogh", world_recipe=recipe(), removed=["Klimt"]).method.preserve == ("monet",)
+    # the caller's values win, part by part
+    own = resolve_request("van gogh", world_recipe=recipe(), negative_guidance=1.0, steps=3, regularizers=[],
+                          preserve=["dali"])
+    assert own.method.negative_guidance == 1.0 and own.training.steps == 3 and own.regularizers == []
+    assert own.method.preserve == ("dali",)  # a retain list given is not the recipe's
+    assert resolve_request("van gogh", world_recipe=recipe(), training=du.TrainingConfig(steps=5)).training.steps == 5
+    named = resolve_request("van gogh", "ca", world_recipe=recipe(), anchor="a painting")
+    assert named.method.method == "ca" and named.method.preserve == ("monet", "klimt")
+    solved = resolve_request("van gogh", world_recipe=recipe(method=du.objectives.ClosedFormConfig(), regularizers=[]))
+    assert solved.method.method == "closed_form"  # no retain loss to add to a solved method
+    # no recipe: the defaults (the recommended method with its object settings, or the trained one)
+    recommended = dict(max_kept_fraction=0.75, preserve_weight=5.0, negative_guidance=2.0)
+    assert resolve_request("cat", domain="object").method == resolve_request("cat", "closed_form", **recommended).method
+    assert resolve_request("cat", steps=3).method.method == "esd"
+    with pytest.raises(TypeError, match="a world recipe sets only"):
+        resolve_request("cat", world_recipe=recipe(prompts=["a cat"]))
+    with pytest.raises(TypeError, match=r"options \['anchor'\] given together with a ready ESDConfig"):
+        resolve_request("cat", du.ESDConfig(), anchor="dog")
+
+
+def test_unlearn_a_plan_and_the_command_line_resolve_the_same_request(pipe):
+    from diffusers_unlearn.cli import build_parser
+    from diffusers_unlearn.cli.unlearn import build_request, request_inputs
+    from diffusers_unlearn.families import family_of
+
+    record = pipe.unlearn("cat", domain="object", keep=["dog"], seed=2, progress=False)
+    expected = record_signature(record)
+    assert record.method == "closed_form" and record.method_config["negative_guidance"] == 2.0
+    [planned] = parse_plan({"model": "tiny", "output": "out", "requests": [
+        {"concept": "cat", "domain": "object", "keep": ["dog"], "seed": 2}]}).requests
+    assert planned.to_request(family_of(pipe)).signature() == expected
+    args = build_parser().parse_args(["unlearn", "tiny", "--concept", "cat", "--domain", "object", "--keep", "dog",
+                                      "--seed", "2", "--out", "x"])
+    assert build_request(args, request_inputs(args)[0], family_of(pipe)).signature() == expected

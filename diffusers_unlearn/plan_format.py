@@ -28,7 +28,7 @@ REQUEST_KEYS = (
 
 # A method name -> the names of its options (its config's fields), or None for a method it does not know (the
 # engine then reports the unknown method).
-MethodFields = Callable[[str], "Sequence[str] | None"]
+MethodFields = Callable[[str], Sequence[str] | None]
 
 
 class PlanError(ValueError):

@@ -8,7 +8,7 @@ refused, with ``require_erasure=True``), as a request without escalation is.
 
 Each entry names fields of the request's method config (``ClosedFormConfig``, ``ESDConfig``, ...). Escalation pays
 only with a check that sees what an evaluator sees (``ClassifierCheck``): the built-in shift check calls erased
-requests that leave the concept in half its images on MiniCanvas.
+requests whose concept stays recognisable in its images (docs/benchmarks/closed-form.md).
 """
 
 from __future__ import annotations

@@ -74,6 +74,27 @@ def test_snippet_runs(snippet, tmp_path, monkeypatch):
     runpy.run_path(str(snippet), run_name="__main__")
 
 
+NOT_RUN = "<!-- not run: "  # the line right above a ```python block that the tests do not run, with the reason
+
+
+def test_every_python_block_of_the_docs_runs_or_says_why_not():
+    """A page's python block is included from a file the tests run (``--8<-- "docs/snippets/x.py:section"`` or an
+    example script), or the line above it says why it is not run (``<!-- not run: needs a GPU checkpoint -->``)."""
+    unmarked = []
+    for page in sorted(DOCS.rglob("*.md")):
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() != "```python":
+                continue
+            body = next((b.strip() for b in lines[i + 1:] if b.strip()), "")
+            included = body.startswith('--8<-- "')
+            marked = i > 0 and lines[i - 1].strip().startswith(NOT_RUN) and lines[i - 1].strip().endswith("-->")
+            if not (included or marked):
+                unmarked.append(f"{page.relative_to(ROOT)}:{i + 1}")
+    assert not unmarked, (f"python blocks neither included from a tested file nor marked '{NOT_RUN}REASON -->': "
+                          f"{unmarked}")
+
+
 def test_every_snippet_a_page_includes_exists():
     """pymdownx.snippets fails the build on a missing file (check_paths); this says which page, without mkdocs."""
     for page in DOCS.rglob("*.md"):

@@ -50,7 +50,9 @@ def escalated_requests(request: UnlearnRequest, escalate: Sequence[Mapping[str, 
         if unknown:
             raise ValueError(f"escalate entry {i} names {unknown}, which are not {config.method} settings; "
                              f"allowed: {fields}")
-        attempts.append(dataclasses.replace(request, method=dataclasses.replace(config, **overrides)))
+        # a request made from templates is rebuilt from them (same prompts), so each attempt keeps its templates
+        prompts = None if request.templates is not None else request.prompts
+        attempts.append(dataclasses.replace(request, method=dataclasses.replace(config, **overrides), prompts=prompts))
     return attempts
 
 

@@ -24,7 +24,8 @@ def test_each_tiny_pipeline_has_its_family_and_exactly_the_text_kv_layers(kind):
     denoiser = denoiser_of(pipe)
     assert denoiser is getattr(pipe, family.denoiser_attr)
     names = ad.kv_module_names(denoiser)
-    expected = [n for n, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(family.kv_suffixes)]
+    expected = [n for n, m in denoiser.named_modules()
+                if isinstance(m, torch.nn.Linear) and n.endswith(family.kv_suffixes)]
     assert names == expected and names  # every Linear with a K/V suffix, in module order
     assert not any(n.startswith("single_transformer_blocks") for n in names)  # Flux's single stream: left alone
     prompt_only = family.prompt_only_layers(names)

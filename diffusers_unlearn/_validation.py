@@ -49,7 +49,7 @@ def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int
     Raises:
         ValueError: a bool, a non-integer or a value out of range; the message names ``name`` and the range.
 
-    Example:
+    Examples:
         >>> check_int(3, "steps", minimum=1)
         3
         >>> check_int(True, "steps", minimum=1)
@@ -92,7 +92,7 @@ def check_number(
         ValueError: a bool, a non-number, NaN, an infinity (or an int too large for a float) or a value out of
             range.
 
-    Example:
+    Examples:
         >>> check_number(float("nan"), "top_k", minimum=0, maximum=1, exclusive_minimum=True)
         Traceback (most recent call last):
         ValueError: top_k must be in (0, 1], got nan (not a finite number)

@@ -81,7 +81,7 @@ class RequestAdapter:
             ``"{layer}.delta"`` [out, in] (kind ``"dense"``).
         scales: the LoRA scale (alpha / r) per layer; dense deltas need none.
 
-    Example:
+    Examples:
         >>> import torch
         >>> adapter = RequestAdapter.from_dense({"down.attn2.to_k": torch.ones(2, 3)})
         >>> adapter.layers

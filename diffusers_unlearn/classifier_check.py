@@ -50,7 +50,7 @@ class ClassifierCheck:
         TypeError: ``classifier`` is not callable.
         ValueError: no templates, a template without exactly one ``{}`` slot, no seeds, or a number out of range.
 
-    Example:
+    Examples:
         >>> check = ClassifierCheck(lambda images: ["monet"] * len(images), ["a cat in {} style"], seeds=[1, 2])
         >>> check.images_per_concept
         2
@@ -141,7 +141,7 @@ class ClassifierCheck:
         Returns:
             How often the concept was recognised and how often it was allowed to be.
 
-        Example:
+        Examples:
             >>> ClassifierCheck.verdict({"recognized": 0.25, "images": 8, "max_recognized": 0.1})
             'recognised in 25% of 8 images, allowed 10%'
         """

@@ -43,7 +43,7 @@ def concept_embedding(
         TypeError: a concept that is not a string.
         ValueError: an empty concept, an unknown domain, or a template without exactly one ``{}`` slot.
 
-    Example:
+    Examples:
         >>> import diffusers_unlearn as du
         >>> pipe = du.testing.tiny_pipeline(seed=0)
         >>> concept_embedding(pipe, "van gogh", "style").shape
@@ -97,7 +97,7 @@ def cosine_similarities(target: torch.Tensor, others: torch.Tensor) -> torch.Ten
     Returns:
         ``[m]`` cosine similarities, computed in float64 and returned as float32.
 
-    Example:
+    Examples:
         >>> import torch
         >>> cosine_similarities(torch.tensor([1.0, 0.0]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
         tensor([1., 0.])

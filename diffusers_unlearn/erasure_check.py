@@ -105,7 +105,7 @@ class ErasureCheck:
         Returns:
             How far the prediction moved and how far it had to move.
 
-        Example:
+        Examples:
             >>> ErasureCheck.verdict({"target_shift": 0.31, "min_shift": 0.5})
             "its prediction shifted by 0.31 of the concept's own signal, erased needs >= 0.5"
         """

@@ -104,7 +104,7 @@ def to_pil(images: Images) -> list[Image.Image]:
         ValueError: a tensor of another shape.
         TypeError: a sequence item that is not a PIL image.
 
-    Example:
+    Examples:
         >>> import torch
         >>> [image.size for image in to_pil(torch.zeros(2, 3, 4, 5))]
         [(5, 4), (5, 4)]

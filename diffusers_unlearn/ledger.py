@@ -302,7 +302,7 @@ class Ledger:
         next_index: the index of the next request id (ids are never reused, even after a rollback).
         history: rollbacks, one map each (the request dropped, when, and what was re-solved).
 
-    Example:
+    Examples:
         >>> ledger = Ledger("base-fingerprint")
         >>> ledger.new_request_id(), ledger.ids()
         ('r0001', [])

@@ -36,7 +36,7 @@ class MergeStrategy:
     Raises:
         ValueError: an unknown method, a scale for ``"uniform"``, or a number out of range.
 
-    Example:
+    Examples:
         >>> import torch
         >>> MergeStrategy("task_arithmetic", scale=0.5).combine([torch.ones(2), 3 * torch.ones(2)])
         tensor([2., 2.])

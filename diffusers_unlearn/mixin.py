@@ -43,7 +43,7 @@ def attach(pipe: Any) -> Any:
         TypeError: a pipeline of no supported family, naming the supported ones.
         ValueError: a denoiser that already carries peft/LoRA layers (fuse and unload them first).
 
-    Example:
+    Examples:
         >>> import diffusers_unlearn as du
         >>> pipe = attach(du.testing.tiny_pipeline(seed=0))
         >>> isinstance(pipe, du.UnlearnMixin), type(pipe).__name__, pipe.unlearning_mode

@@ -159,7 +159,7 @@ def load_pipeline(
         FileNotFoundError: neither a world, a pipeline folder nor a Hub id.
         TypeError: a pipeline of no supported family (other DiTs, unconditional UNets), naming the supported ones.
 
-    Example:
+    Examples:
         >>> pipe = load_pipeline("tiny")
         >>> type(pipe).__name__, pipe.removed_concepts
         ('StableDiffusionPipeline', [])

@@ -139,7 +139,7 @@ def tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32) -> StableDiffusi
     Returns:
         The pipeline, its models in eval mode and its progress bar off.
 
-    Example:
+    Examples:
         >>> pipe = tiny_pipeline(seed=0)
         >>> pipe("a cat in van gogh style", num_inference_steps=2, output_type="pt").images.shape
         torch.Size([1, 3, 16, 16])

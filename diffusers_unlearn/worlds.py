@@ -88,7 +88,7 @@ class World:
     Raises:
         ValueError: a name that is not one lower-case word, or a reference not shaped ``"package.module:function"``.
 
-    Example:
+    Examples:
         >>> world = World("my-model", "my checkpoint", pipeline="my_package.models:load")
         >>> world.name, world.vocabulary()
         ('my-model', None)

@@ -79,7 +79,7 @@ def prompt(style: str, obj: str, template: str | None = None) -> str:
     Raises:
         ValueError: an unknown style or object, or a template without both slots (or with other slots).
 
-    Example:
+    Examples:
         >>> prompt("neon dots", "cat")
         'a cat in neon dots style'
         >>> prompt("neon dots", "cat", HELDOUT_TEMPLATES[0])
@@ -494,7 +494,7 @@ def auxiliary_concepts(exclude: Sequence[str] = ()) -> dict[str, list[str]]:
     Returns:
         ``{"style": [...], "object": [...]}``.
 
-    Example:
+    Examples:
         >>> concepts = auxiliary_concepts(exclude=["neon dots"])
         >>> "neon dots" in concepts["style"], concepts["object"] == list(OBJECTS)
         (False, True)
@@ -557,7 +557,7 @@ def render(style: str, obj: str, seed: int, size: int = 32) -> Image.Image:
     Raises:
         ValueError: an unknown style or object, or a size below 8.
 
-    Example:
+    Examples:
         >>> image = render("neon dots", "cat", seed=0)
         >>> image.size, image.tobytes() == render("neon dots", "cat", seed=0).tobytes()
         ((32, 32), True)

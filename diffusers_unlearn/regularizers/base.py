@@ -163,7 +163,7 @@ def regularizer_from_dict(data: dict[str, Any]) -> Regularizer:
     Raises:
         ValueError: an unknown name or setting (naming the allowed ones), or a setting out of range.
 
-    Example:
+    Examples:
         >>> regularizer_from_dict({"name": "l2_drift", "weight": 1000.0})
         L2Drift(weight=1000.0, reference='previous')
     """

@@ -116,7 +116,7 @@ class L2Drift(_DriftPenalty):
     Raises:
         ValueError: a negative or non-finite weight, or another reference.
 
-    Example:
+    Examples:
         >>> L2Drift(weight=1e3).to_dict()
         {'name': 'l2_drift', 'weight': 1000.0, 'reference': 'previous'}
     """

@@ -35,7 +35,27 @@ def _in_range(value: float, low: float | None, high: float | None, low_open: boo
 
 
 def check_int(value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int:
-    """``value`` if it is an integer (not a bool) in [minimum, maximum]; else ValueError naming ``name``."""
+    """``value`` if it is an integer (not a bool) in [minimum, maximum]; else ValueError naming ``name``.
+
+    Args:
+        value: the value to check.
+        name: how the message names it (a field, a flag, a plan key).
+        minimum: the smallest value allowed (None: no bound).
+        maximum: the largest value allowed (None: no bound).
+
+    Returns:
+        ``value`` itself.
+
+    Raises:
+        ValueError: a bool, a non-integer or a value out of range; the message names ``name`` and the range.
+
+    Examples:
+        >>> check_int(3, "steps", minimum=1)
+        3
+        >>> check_int(True, "steps", minimum=1)
+        Traceback (most recent call last):
+        ValueError: steps must be an integer >= 1, got True
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not _in_range(
         value, minimum, maximum, False, False
     ):
@@ -56,6 +76,26 @@ def check_number(
     """``value`` if it is a finite real number (not a bool) within the bounds; else ValueError naming ``name``.
 
     The message reads "``name`` must be a number >= 0" (one bound) or "``name`` must be in (0, 1]" (two bounds).
+
+    Args:
+        value: the value to check.
+        name: how the message names it.
+        minimum: the lower bound (None: none).
+        maximum: the upper bound (None: none).
+        exclusive_minimum: the lower bound itself is refused.
+        exclusive_maximum: the upper bound itself is refused.
+
+    Returns:
+        ``value`` itself.
+
+    Raises:
+        ValueError: a bool, a non-number, NaN, an infinity (or an int too large for a float) or a value out of
+            range.
+
+    Examples:
+        >>> check_number(float("nan"), "top_k", minimum=0, maximum=1, exclusive_minimum=True)
+        Traceback (most recent call last):
+        ValueError: top_k must be in (0, 1], got nan (not a finite number)
     """
     bounds = _bounds(minimum, maximum, exclusive_minimum, exclusive_maximum)
     wanted = bounds if minimum is not None and maximum is not None else f"a number{' ' + bounds if bounds else ''}"

@@ -71,8 +71,24 @@ def lora_modules(unet: torch.nn.Module, names: Iterable[str]) -> dict[str, LoraL
 class RequestAdapter:
     """One request's change to the K/V weights, on the CPU in float32: what the ledger stores per request.
 
-    ``tensors`` keys: ``"{layer}.lora_A"``, ``"{layer}.lora_B"`` (kind "lora") or ``"{layer}.delta"`` (kind
-    "dense"). ``scales`` holds the LoRA scale (alpha / r) per layer; dense deltas need none.
+    Both kinds are applied through peft LoRA layers (a dense delta with an identity factor), so stacking, audit,
+    export and folding treat them alike.
+
+    Args:
+        kind: ``"lora"`` (low-rank factors, what trained methods and the closed form produce) or ``"dense"`` (a
+            full, possibly masked delta, what selective fine-tuning produces).
+        tensors: ``"{layer}.lora_A"`` [r, in] and ``"{layer}.lora_B"`` [out, r] per layer (kind ``"lora"``), or
+            ``"{layer}.delta"`` [out, in] (kind ``"dense"``).
+        scales: the LoRA scale (alpha / r) per layer; dense deltas need none.
+
+    Examples:
+        >>> import torch
+        >>> adapter = RequestAdapter.from_dense({"down.attn2.to_k": torch.ones(2, 3)})
+        >>> adapter.layers
+        ['down.attn2.to_k']
+        >>> a, b, scale = adapter.lora_factors("down.attn2.to_k")
+        >>> bool(torch.equal(b @ a * scale, adapter.delta("down.attn2.to_k")))
+        True
     """
 
     kind: AdapterKind
@@ -81,27 +97,58 @@ class RequestAdapter:
 
     @property
     def layers(self) -> list[str]:
+        """The module names of the layers the request changes, in stored order."""
         suffix = ".delta" if self.kind == "dense" else ".lora_A"
         return [key[: -len(suffix)] for key in self.tensors if key.endswith(suffix)]
 
     def delta(self, layer: str) -> torch.Tensor:
-        """The effective weight change of ``layer`` [out, in], float32."""
+        """The effective weight change of one layer.
+
+        Args:
+            layer: the K/V module's name, one of :attr:`layers`.
+
+        Returns:
+            ``B @ A * scale`` (kind ``"lora"``) or the stored delta (kind ``"dense"``), [out, in] float32.
+
+        Raises:
+            KeyError: the request does not change that layer.
+        """
         if self.kind == "dense":
             return self.tensors[f"{layer}.delta"]
         a, b = self.tensors[f"{layer}.lora_A"], self.tensors[f"{layer}.lora_B"]
         return (b @ a) * self.scales[layer]
 
     def deltas(self) -> dict[str, torch.Tensor]:
+        """Every layer's effective weight change (:meth:`delta`), by module name."""
         return {layer: self.delta(layer) for layer in self.layers}
 
     def lora_factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A, B, scale) with B @ A * scale == delta exactly: dense deltas get an identity factor."""
+        """LoRA factors that reproduce one layer's change exactly, for peft layers and LoRA export.
+
+        Args:
+            layer: the K/V module's name, one of :attr:`layers`.
+
+        Returns:
+            ``(A, B, scale)`` with ``B @ A * scale == delta`` exactly: a dense delta gets an identity factor (rank
+            min(out, in), scale 1).
+
+        Raises:
+            KeyError: the request does not change that layer.
+        """
         if self.kind == "lora":
             return self.tensors[f"{layer}.lora_A"], self.tensors[f"{layer}.lora_B"], self.scales[layer]
         return (*identity_factors(self.tensors[f"{layer}.delta"]), 1.0)
 
     @classmethod
     def from_dense(cls, deltas: dict[str, torch.Tensor]) -> RequestAdapter:
+        """A ``"dense"`` adapter holding the given deltas, detached, float32, on the CPU.
+
+        Args:
+            deltas: the full change [out, in] of each layer, by module name.
+
+        Returns:
+            The adapter.
+        """
         return cls("dense", {f"{k}.delta": v.detach().float().cpu().contiguous() for k, v in deltas.items()})
 
 

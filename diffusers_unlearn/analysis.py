@@ -42,6 +42,7 @@ class ConceptChange:
     kv_change_max: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The four fields as a JSON-able map."""
         return asdict(self)
 
 
@@ -132,20 +133,37 @@ class ConditioningRoutes:
     tokens: float  # only the token states swapped: the part that reaches the model through the K/V layers
 
     def to_dict(self) -> dict[str, Any]:
+        """The four fields as a JSON-able map."""
         return asdict(self)
 
 
 @torch.no_grad()
 def conditioning_routes(pipe: Any, prompt: str, others: Sequence[str], *, steps: int = 4,
                         guidance_scale: float = 3.0, seed: int = 0) -> list[ConditioningRoutes]:
-    """For each of ``others``: how much of the change from ``prompt``'s conditioning to its own the pooled text
-    vector alone makes, and the token states alone, on the x_t of ``prompt``'s trajectory (``steps`` steps of the
-    pipeline's scheduler, ``guidance_scale`` (the requests' default; Flux's embedded guidance too), noise from
-    ``seed``) on the pipeline as it is now.
+    """How much of what sets two prompts apart reaches the model through the pooled text vector, which no K/V edit
+    can change.
 
+    For each of ``others``: how much of the change from ``prompt``'s conditioning to its own the pooled text vector
+    alone makes, and the token states alone, on the x_t of ``prompt``'s trajectory, on the pipeline as it is now.
     ``pooled`` near 1 and ``tokens`` near 0: the model tells the two prompts apart through the pooled vector, and an
     erasure that edits K/V layers only (every method here) cannot remove the difference. The two need not add up
-    to 1 (the routes interact). Raises for pipelines without pooled text (SD 1.x / 2.x)."""
+    to 1 (the routes interact).
+
+    Args:
+        pipe: an SDXL, SD3 or Flux pipeline (SD 1.x / 2.x have no pooled text vector).
+        prompt: the prompt whose trajectory gives the x_t, e.g. one with the concept to remove.
+        others: prompts to compare with, e.g. the same prompt with another concept.
+        steps: steps of the pipeline's scheduler for the trajectory.
+        guidance_scale: the trajectory's guidance (the requests' default; Flux's embedded guidance too).
+        seed: the trajectory's noise.
+
+    Returns:
+        One ``ConditioningRoutes`` per prompt of ``others``, in order.
+
+    Raises:
+        TypeError: ``prompt`` is not a string or ``others`` not a list of strings.
+        ValueError: ``others`` is empty, a setting is out of range, or the pipeline has no pooled text vector.
+    """
     if (not isinstance(prompt, str) or isinstance(others, str) or not isinstance(others, Sequence)
             or not all(isinstance(o, str) for o in others)):
         raise TypeError(f"prompt must be a string and others a list of strings, got {prompt!r} and {others!r}")

@@ -2,11 +2,11 @@
 
 The built-in check (``erasure_check.ErasureCheck``) measures how far the concept's noise prediction moved. It is
 cheap and needs nothing but the model, but a prediction that moved is not an image that changed: on MiniCanvas it
-called erased a request that left ``forest hatching`` recognisable in half of its images (docs/benchmarks.md
-section 8). Where a classifier for the domain exists (a bench world's, or ``du.CLIPZeroShotClassifier`` on a real
-model), this check renders the concept with the model as it is after the request and asks the classifier. Used
-with ``pipe.unlearn(..., erasure_check=ClassifierCheck(...), escalate=[...])``, a request it finds not erased is
-solved again with stronger settings.
+called erased requests whose style stayed recognisable (docs/benchmarks/closed-form.md, "Verified by a
+classifier"). Where a classifier for the domain exists (a bench world's, or ``du.CLIPZeroShotClassifier`` on a
+real model), this check renders the concept with the model as it is after the request and asks the classifier.
+Used with ``pipe.unlearn(..., erasure_check=ClassifierCheck(...), escalate=[...])``, a request it finds not erased
+is solved again with stronger settings.
 
 Render it on seeds that the evaluation does not use, so that the check cannot tune a request to the images it is
 later scored on.
@@ -28,15 +28,32 @@ Classifier = Callable[[Any], Sequence[str]]
 
 @dataclass
 class ClassifierCheck:
-    """Args:
-    classifier: ``images -> labels``; it must answer with the concept's own name when it recognises it.
-    templates: prompts with a ``{}`` slot for the concept, e.g. ``"A bear image in {} style."``.
-    seeds: one image per template and seed. Keep them apart from the evaluation's seeds.
-    max_recognized: the request erased when the classifier names the concept in at most this fraction of the
-        images (0: in none).
-    num_inference_steps, guidance_scale: the pipeline's sampling settings for the check images.
-    batch_size: images per pipeline call.
-    height, width: image size (default: the pipeline's).
+    """An erasure check by a classifier on rendered images: is the concept still recognised after the request?
+
+    Pass it as ``pipe.unlearn(..., erasure_check=ClassifierCheck(...))``; with ``escalate=[...]`` a request it finds
+    not erased is served again with stronger settings.
+
+    Args:
+        classifier: ``images -> labels``; it must answer with the concept's own name when it recognises it.
+        templates: prompts with a ``{}`` slot for the concept, e.g. ``"A bear image in {} style."``.
+        seeds: one image per template and seed. Keep them apart from the evaluation's seeds, so the check cannot
+            tune a request to the images it is scored on.
+        max_recognized: the request counts as erased when the classifier names the concept in at most this fraction
+            of the images (0: in none).
+        num_inference_steps: the pipeline's sampling steps for the check images.
+        guidance_scale: the pipeline's guidance scale for the check images.
+        batch_size: images per pipeline call.
+        height: image height (None: the pipeline's default).
+        width: image width (None: the pipeline's default).
+
+    Raises:
+        TypeError: ``classifier`` is not callable.
+        ValueError: no templates, a template without exactly one ``{}`` slot, no seeds, or a number out of range.
+
+    Examples:
+        >>> check = ClassifierCheck(lambda images: ["monet"] * len(images), ["a cat in {} style"], seeds=[1, 2])
+        >>> check.images_per_concept
+        2
     """
 
     classifier: Classifier
@@ -70,12 +87,32 @@ class ClassifierCheck:
 
     @property
     def images_per_concept(self) -> int:
+        """How many images one check renders: one per template and seed."""
         return len(self.templates) * len(self.seeds)
 
     def measure(self, pipe: Any, request_id: str, concept: str, prompts: Sequence[str], *, seed: int,
                 guidance_scale: float, resolution: int | None) -> dict[str, Any]:
-        """The ``record.erasure`` figures of request ``request_id`` (committed) of ``pipe``; the request's own
-        prompts, seed and sampling settings are not used: the check renders its own images."""
+        """Render the concept with the model as it is after the request and count how often it is recognised.
+
+        The request's own prompts, seed and sampling settings are not used: the check renders its own images (its
+        templates and seeds), so that every request of a stream is judged on the same images.
+
+        Args:
+            pipe: the unlearning pipeline, with the request committed.
+            request_id: the request being checked (part of the erasure-check interface; unused here).
+            concept: the removed concept, put into each template.
+            prompts: the request's prompts (part of the interface; unused here).
+            seed: the request's seed (part of the interface; unused here).
+            guidance_scale: the request's guidance (part of the interface; unused here).
+            resolution: the request's resolution (part of the interface; unused here).
+
+        Returns:
+            The ``record.erasure`` figures: ``check``, ``recognized`` (fraction of images), ``max_recognized``,
+            ``images``, ``erased`` and the ``probe`` used.
+
+        Raises:
+            ValueError: the classifier returned a label count that differs from the image count.
+        """
         cases = [(t.format(concept), s) for s in self.seeds for t in self.templates]
         images = generate_images(pipe, [p for p, _ in cases], [s for _, s in cases],
                                  num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
@@ -96,6 +133,17 @@ class ClassifierCheck:
 
     @staticmethod
     def verdict(figures: dict[str, Any]) -> str:
-        """One line for warnings and the model card."""
+        """One line for warnings and the model card.
+
+        Args:
+            figures: what :meth:`measure` returned (a record's ``erasure``).
+
+        Returns:
+            How often the concept was recognised and how often it was allowed to be.
+
+        Examples:
+            >>> ClassifierCheck.verdict({"recognized": 0.25, "images": 8, "max_recognized": 0.1})
+            'recognised in 25% of 8 images, allowed 10%'
+        """
         return (f"recognised in {100 * float(figures['recognized']):.0f}% of {figures['images']} images, "
                 f"allowed {100 * float(figures['max_recognized']):g}%")

@@ -25,10 +25,29 @@ _CACHE_ATTR = "_unlearn_embedding_cache"
 def concept_embedding(
     pipe: Any, concept: str, domain: str | None = None, templates: Sequence[str] | None = None
 ) -> torch.Tensor:
-    """The 1-D vector (shape ``[d]``, d = the K/V layers' input size) that stands for ``concept``.
+    """The vector the K/V projections read for ``concept``: what gradient projection keeps fixed.
 
-    Averaged over the concept's tokens inside each template of ``domain`` (default domain: "concept").
+    The text state at the concept's own tokens, averaged over those tokens and over each template of ``domain``.
     Results are cached on the pipeline; the text encoders are never trained here, so the cache stays valid.
+
+    Args:
+        pipe: a pipeline of a supported family.
+        concept: the concept, e.g. ``"van gogh"``.
+        domain: whose templates to use (None: the generic ``"concept"`` domain).
+        templates: templates with a ``{}`` slot, instead of the domain's.
+
+    Returns:
+        A ``[d]`` float tensor on the CPU, d the K/V layers' input size.
+
+    Raises:
+        TypeError: a concept that is not a string.
+        ValueError: an empty concept, an unknown domain, or a template without exactly one ``{}`` slot.
+
+    Examples:
+        >>> import diffusers_unlearn as du
+        >>> pipe = du.testing.tiny_pipeline(seed=0)
+        >>> concept_embedding(pipe, "van gogh", "style").shape
+        torch.Size([32])
     """
     concept = check_concept(concept)
     chosen = validate_templates(templates) if templates is not None else TEMPLATES[check_domain(domain)]
@@ -69,5 +88,18 @@ def _embeddings(pipe: Any, items: Sequence[tuple[str, tuple[str, ...]]], prompts
 
 
 def cosine_similarities(target: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of a ``[d]`` vector with each column of a ``[d, m]`` matrix."""
+    """How close a concept is to each of several others (semantic neighbours are the hardest to keep).
+
+    Args:
+        target: a ``[d]`` vector, e.g. a :func:`concept_embedding`.
+        others: a ``[d, m]`` matrix, one concept per column.
+
+    Returns:
+        ``[m]`` cosine similarities, computed in float64 and returned as float32.
+
+    Examples:
+        >>> import torch
+        >>> cosine_similarities(torch.tensor([1.0, 0.0]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        tensor([1., 0.])
+    """
     return torch.nn.functional.cosine_similarity(others.T.double(), target.double()[None, :], dim=1).float()

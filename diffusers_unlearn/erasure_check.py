@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from ._validation import check_count, check_number
+from .classifier_check import ClassifierCheck
 from .conditioning import Conditioning, sample_trajectory
 from .families import conditioner_for, denoiser_of
 
@@ -30,7 +32,12 @@ MIN_SHIFT = 0.5
 
 class ErasureError(RuntimeError):
     """A request that did not move its concept enough, with ``require_erasure=True``; nothing was committed.
-    ``figures``: the check's."""
+
+    Args:
+        message: what was not erased and what to try instead.
+        figures: the check's figures (what ``record.erasure`` would have held), kept as ``self.figures`` so that a
+            caller can read how far the concept moved.
+    """
 
     def __init__(self, message: str, figures: dict[str, Any] | None = None) -> None:
         super().__init__(message)
@@ -38,16 +45,24 @@ class ErasureError(RuntimeError):
 
 
 class ErasureWarning(UserWarning):
-    """A request committed although its concept barely moved."""
+    """A request committed although its concept barely moved (recorded in the ledger as not erased)."""
 
 
 @dataclass
 class ErasureCheck:
-    """Args:
-    prompts: how many of the request's prompts to probe (the first ones).
-    steps: DDIM steps of each probe trajectory.
-    probe_points: trajectory steps where the predictions are compared (spread over the trajectory).
-    min_shift: the concept counts as erased when its prediction moved at least this fraction of its own signal.
+    """The built-in erasure check: how far the concept's noise prediction moved, as a fraction of its own signal.
+
+    Cheap (a few short trajectories, no images decoded) and needs nothing but the model; a prediction that moved is
+    not always an image that changed, so where a classifier exists prefer ``ClassifierCheck``.
+
+    Args:
+        prompts: how many of the request's prompts to probe (the first ones).
+        steps: DDIM steps of each probe trajectory.
+        probe_points: trajectory steps where the predictions are compared (spread over the trajectory).
+        min_shift: the concept counts as erased when its prediction moved at least this fraction of its own signal.
+
+    Raises:
+        ValueError: a count that is not an integer >= 1, or a ``min_shift`` that is not a finite number > 0.
     """
 
     prompts: int = 2
@@ -57,22 +72,43 @@ class ErasureCheck:
 
     def __post_init__(self) -> None:
         for name in ("prompts", "steps", "probe_points"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"erasure check {name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.min_shift, bool) or not isinstance(self.min_shift, (int, float)) \
-                or not 0 < self.min_shift < float("inf"):
-            raise ValueError(f"erasure check min_shift must be a finite number > 0, got {self.min_shift!r}")
+            check_count(getattr(self, name), f"erasure check {name}")
+        check_number(self.min_shift, "erasure check min_shift", minimum=0, exclusive_minimum=True)
 
     def measure(self, pipe: Any, request_id: str, concept: str, prompts: list[str], *, seed: int,
                 guidance_scale: float, resolution: int | None) -> dict[str, Any]:
-        """The ``record.erasure`` figures of request ``request_id`` (committed) of ``pipe``."""
+        """Measure how far a committed request moved its concept's prediction.
+
+        Args:
+            pipe: the unlearning pipeline that holds the request.
+            request_id: the committed request to measure (compared with the model without it).
+            concept: the removed concept, cut out of each prompt to get its reference prompt.
+            prompts: the request's own prompts; the first ``self.prompts`` are probed.
+            seed: seed of the probe trajectories (the request's, so the check is reproducible).
+            guidance_scale: classifier-free guidance of the probe trajectories.
+            resolution: image side of the probes (None: the pipeline's default).
+
+        Returns:
+            The ``record.erasure`` figures: ``target_shift``, ``reference_shift``, ``min_shift``, ``erased`` and
+            the ``probe`` that was used.
+        """
         return check_erasure(pipe, request_id, concept, prompts, seed=seed, guidance_scale=guidance_scale,
                              resolution=resolution, check=self)
 
     @staticmethod
     def verdict(figures: dict[str, Any]) -> str:
-        """One line for warnings and the model card."""
+        """One line for warnings and the model card.
+
+        Args:
+            figures: what :meth:`measure` returned (a record's ``erasure``).
+
+        Returns:
+            How far the prediction moved and how far it had to move.
+
+        Examples:
+            >>> ErasureCheck.verdict({"target_shift": 0.31, "min_shift": 0.5})
+            "its prediction shifted by 0.31 of the concept's own signal, erased needs >= 0.5"
+        """
         return (f"its prediction shifted by {float(figures['target_shift']):.2f} of the concept's own signal, "
                 f"erased needs >= {float(figures['min_shift']):g}")
 
@@ -132,8 +168,6 @@ def verdict(figures: dict[str, Any]) -> str:
     """The check's one-line reading of ``figures`` (a record's ``erasure``: the shift check's, or a
     ``ClassifierCheck``'s, told apart by their ``check`` entry)."""
     if figures.get("check") == "classifier":
-        from .classifier_check import ClassifierCheck
-
         return ClassifierCheck.verdict(figures)
     return ErasureCheck.verdict(figures)
 

@@ -8,7 +8,7 @@ refused, with ``require_erasure=True``), as a request without escalation is.
 
 Each entry names fields of the request's method config (``ClosedFormConfig``, ``ESDConfig``, ...). Escalation pays
 only with a check that sees what an evaluator sees (``ClassifierCheck``): the built-in shift check calls erased
-requests that leave the concept in half its images on MiniCanvas.
+requests whose concept stays recognisable in its images (docs/benchmarks/closed-form.md).
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def escalated_requests(request: UnlearnRequest, escalate: Sequence[Mapping[str, 
         if unknown:
             raise ValueError(f"escalate entry {i} names {unknown}, which are not {config.method} settings; "
                              f"allowed: {fields}")
-        attempts.append(dataclasses.replace(request, method=dataclasses.replace(config, **overrides)))
+        # a request made from templates is rebuilt from them (same prompts), so each attempt keeps its templates
+        prompts = None if request.templates is not None else request.prompts
+        attempts.append(dataclasses.replace(request, method=dataclasses.replace(config, **overrides), prompts=prompts))
     return attempts
 
 

@@ -89,7 +89,17 @@ def exact_factors(artifact: ad.RequestAdapter, layer: str) -> tuple[torch.Tensor
 
 @dataclass
 class LoraExport:
-    """What ``export_lora`` wrote for one request."""
+    """What ``pipe.export_lora`` wrote for one request: a diffusers LoRA file, relative to the base model.
+
+    Args:
+        request_id: the exported request.
+        path: the file written.
+        weight_name: its file name, for ``load_lora_weights(directory, weight_name=...)``.
+        kind: the artifact's kind, ``"lora"`` or ``"dense"`` (a dense delta is exported exactly, with a 0/1
+            selection factor).
+        ranks: the LoRA rank of each layer.
+        bytes: the file's size.
+    """
 
     request_id: str
     path: Path
@@ -100,9 +110,11 @@ class LoraExport:
 
     @property
     def max_rank(self) -> int:
+        """The largest rank over the layers."""
         return max(self.ranks.values())
 
     def to_dict(self) -> dict[str, Any]:
+        """``kind``, ``weight_name``, ``max_rank``, ``min_rank`` and ``bytes``: the summary the model card lists."""
         return {"kind": self.kind, "weight_name": self.weight_name, "max_rank": self.max_rank,
                 "min_rank": min(self.ranks.values()), "bytes": self.bytes}
 

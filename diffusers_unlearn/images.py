@@ -41,6 +41,25 @@ def generate_images(
 
     Images are generated ``batch_size`` at a time with the pipeline's own ``__call__`` (its scheduler, its
     classifier-free guidance); one progress bar covers the whole set and the pipeline's per-step bar is silenced.
+    Each image has its own seeded generator, so an image does not depend on the batch it falls in.
+
+    Args:
+        pipe: any diffusers text-to-image pipeline.
+        prompts: one prompt per image.
+        seeds: one seed per image.
+        num_inference_steps: the pipeline's sampling steps.
+        guidance_scale: the pipeline's classifier-free guidance scale.
+        batch_size: images per pipeline call.
+        height: image height (None: the pipeline's default).
+        width: image width (None: the pipeline's default).
+        progress: show one progress bar for the whole set.
+        desc: the progress bar's label.
+
+    Returns:
+        ``[N, 3, H, W]`` float32 on the CPU, in [0, 1].
+
+    Raises:
+        ValueError: prompts and seeds differ in number, no prompts, or a batch size below 1.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds")
@@ -73,7 +92,23 @@ def generate_images(
 
 
 def to_pil(images: Images) -> list[Image.Image]:
-    """A ``[B, 3, H, W]`` tensor in [0, 1] (or PIL images) as a list of RGB PIL images."""
+    """Images as a list of RGB PIL images, whatever form a pipeline or a classifier handed them in.
+
+    Args:
+        images: a ``[B, 3, H, W]`` (or ``[3, H, W]``) tensor in [0, 1], one PIL image, or a sequence of PIL images.
+
+    Returns:
+        One RGB PIL image per input image (tensor values clamped to [0, 1] and rounded to 8 bits).
+
+    Raises:
+        ValueError: a tensor of another shape.
+        TypeError: a sequence item that is not a PIL image.
+
+    Examples:
+        >>> import torch
+        >>> [image.size for image in to_pil(torch.zeros(2, 3, 4, 5))]
+        [(5, 4), (5, 4)]
+    """
     if isinstance(images, torch.Tensor):
         x = images.detach().float().cpu()
         if x.ndim == 3:

@@ -60,7 +60,11 @@ ADAPTER_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}  # safetensors dtypes
 
 
 class LedgerError(ValueError):
-    """A ledger directory or adapter file that cannot be used, with the reason and the path."""
+    """A ledger directory or adapter file that cannot be used, with the reason and the path.
+
+    Raised on load before anything is applied (a field of the wrong type, a missing or tampered file, a ledger made
+    on another base), and on save before anything is written when a value would not load back.
+    """
 
 
 def _is_int(value: Any) -> bool:
@@ -195,7 +199,35 @@ def check_fields(
 
 @dataclass
 class RequestRecord:
-    """One removal request, as the ledger keeps it."""
+    """One removal request, as the ledger keeps it: what was asked, how it was served, and where its adapter is.
+
+    Records are written by ``pipe.unlearn`` (``pipe.unlearning_ledger.requests``); built from JSON they are checked
+    field by field (:meth:`from_dict`).
+
+    Attributes:
+        request_id: ``"r0001"``, ``"r0002"``, ...: the request's index, zero-padded; never reused after a rollback.
+        index: the number in ``request_id``.
+        concept: the removed concept, as asked.
+        domain: its prompt domain (``"style"``, ``"object"``, or a world's own).
+        method: the registered erasure method that served it (``"closed_form"``, ``"esd"``, ``"ca"``, ...).
+        method_config: that method's settings, as its config class writes them.
+        strategy: how requests are composed (``{"strategy": "sequential"}``, or ``"merge"`` with a ``MergeStrategy``'s
+            settings).
+        regularizers: each regularizer's settings plus its ``report`` (what it measured while training).
+        adapter: the artifact's kind, ranks and target layers, and its file name and sha256 once saved.
+        training: the training settings (learning rate, batch size, ...).
+        prompts: the prompts the request was trained or solved on.
+        steps: the request's training steps.
+        seed: the request's seed, for reproducibility.
+        seconds: wall-clock time of the request.
+        final_loss: the objective's last loss (0.0 for a solved method).
+        base_fingerprint: fingerprint of the base K/V weights the request applies to.
+        library_version: the diffusers-unlearn version that made it.
+        created_at: UTC time of the request, ISO 8601.
+        timing: seconds per phase (setup, the step loop, or the solve).
+        evaluation: figures an evaluation attached to the request, if any.
+        erasure: the erasure check's figures (``{}`` in ledgers made before the check existed).
+    """
 
     request_id: str
     index: int
@@ -220,11 +252,23 @@ class RequestRecord:
     erasure: dict[str, Any] = field(default_factory=dict)  # the erasure check's figures ({}: ledgers made before it)
 
     def to_dict(self) -> dict[str, Any]:
+        """The record's JSON form (plain dicts and lists), as ``ledger.json`` stores it."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "request record") -> RequestRecord:
-        """Build a record from its JSON form, checking every field; ``where`` names it in errors."""
+        """Build a record from its JSON form, checking every field (all are required: nothing is filled in).
+
+        Args:
+            data: the record's JSON form (what :meth:`to_dict` wrote).
+            where: how errors name the record, e.g. ``"ledger.json: requests[3]"``.
+
+        Returns:
+            The checked record.
+
+        Raises:
+            LedgerError: a missing, unknown or invalid field, naming its path.
+        """
         if not _is_dict(data):
             raise LedgerError(f"{where} must be a map, got {type(data).__name__}")
         # every field is required: the library writes them all, and a loader that filled in defaults would
@@ -248,18 +292,53 @@ class RequestRecord:
 
 @dataclass
 class Ledger:
+    """Every removal request of a pipeline, in order, for one base model.
+
+    The pipeline's ledger is ``pipe.unlearning_ledger``; ``save_unlearning`` writes it with the adapters.
+
+    Args:
+        base_fingerprint: fingerprint of the base K/V weights; a ledger refuses to load onto another base.
+        requests: the active requests, in the order they were served.
+        next_index: the index of the next request id (ids are never reused, even after a rollback).
+        history: rollbacks, one map each (the request dropped, when, and what was re-solved).
+
+    Examples:
+        >>> ledger = Ledger("base-fingerprint")
+        >>> ledger.new_request_id(), ledger.ids()
+        ('r0001', [])
+    """
+
     base_fingerprint: str
     requests: list[RequestRecord] = field(default_factory=list)
     next_index: int = 1
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def new_request_id(self) -> str:
+        """The id the next request will get (``r`` and ``next_index``, zero-padded to 4 digits).
+
+        Returns:
+            The id, e.g. ``"r0003"``.
+
+        Raises:
+            LedgerError: the ledger is full (``next_index`` beyond ``INDEX_MAX``).
+        """
         if not _int_in(1, INDEX_MAX)(self.next_index):
             raise LedgerError(f"the ledger is full: next_index {self.next_index!r} is beyond the last request index "
                               f"{INDEX_MAX} (request ids run from r0001 to r{INDEX_MAX}); start a new ledger")
         return f"r{self.next_index:04d}"
 
     def get(self, request_id: str) -> RequestRecord:
+        """One request's record.
+
+        Args:
+            request_id: the request's id, e.g. ``"r0002"``.
+
+        Returns:
+            Its record.
+
+        Raises:
+            KeyError: no active request has that id (the message names the known ones).
+        """
         for record in self.requests:
             if record.request_id == request_id:
                 return record
@@ -267,9 +346,11 @@ class Ledger:
         raise KeyError(f"no request {request_id!r} in the ledger; known request ids: {known}")
 
     def ids(self) -> list[str]:
+        """The active requests' ids, in order."""
         return [r.request_id for r in self.requests]
 
     def to_dict(self) -> dict[str, Any]:
+        """The ledger's JSON form, as ``ledger.json`` stores it (with its format number)."""
         return {
             "format": LEDGER_FORMAT,
             "base_fingerprint": self.base_fingerprint,
@@ -280,7 +361,19 @@ class Ledger:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Ledger:
-        """Build a ledger from its JSON form, checking every field; errors name ``where`` and the field's path."""
+        """Build a ledger from its JSON form, checking every field and the records' consistency.
+
+        Args:
+            data: the JSON form (what :meth:`to_dict` wrote).
+            where: how errors name the ledger, e.g. its file's path.
+
+        Returns:
+            The checked ledger.
+
+        Raises:
+            LedgerError: another format, an invalid field (named by its path), duplicate ids, indices out of
+                order, a record of another base, or mixed composition strategies.
+        """
         if not isinstance(data, dict) or data.get("format") != LEDGER_FORMAT:
             raise LedgerError(f"{where} is not a diffusers-unlearn ledger (format {LEDGER_FORMAT})")
         spec = {

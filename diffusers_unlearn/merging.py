@@ -21,7 +21,10 @@ MERGE_METHODS: tuple[str, ...] = ("uniform", "task_arithmetic", "ties")
 
 @dataclass(frozen=True)
 class MergeStrategy:
-    """How the deltas of independently unlearned requests combine.
+    """How the deltas of independently unlearned requests combine: ``pipe.unlearn(..., strategy=MergeStrategy())``.
+
+    Each request is trained from the base, not on top of the ones before it, so requests do not compound; the
+    merged delta is what the model holds.
 
     Args:
         method: "uniform" (mean), "task_arithmetic" (scale * sum) or "ties" (trim each delta to its top
@@ -29,6 +32,16 @@ class MergeStrategy:
         scale: lambda. Default: 1.0 for task arithmetic; for TIES it grows with the number n of merged requests,
             1.25 + 0.15 * (n - 2) (1.25 at 2, 2.75 at 12), as in the paper's tuned values.
         density: fraction of each delta TIES keeps (paper's grid: 0.2, 0.4, 0.6, 0.8).
+
+    Raises:
+        ValueError: an unknown method, a scale for ``"uniform"``, or a number out of range.
+
+    Examples:
+        >>> import torch
+        >>> MergeStrategy("task_arithmetic", scale=0.5).combine([torch.ones(2), 3 * torch.ones(2)])
+        tensor([2., 2.])
+        >>> MergeStrategy("ties").scale_for(12)
+        2.75
     """
 
     method: MergeMethod = "ties"
@@ -45,6 +58,14 @@ class MergeStrategy:
         check_number(self.density, "merge density", minimum=0, maximum=1, exclusive_minimum=True)
 
     def scale_for(self, n: int) -> float:
+        """The factor the combined delta is multiplied by (for ``"uniform"``: 1/n, the mean).
+
+        Args:
+            n: how many requests are merged.
+
+        Returns:
+            ``scale`` when given; else 1/n (uniform), 1.0 (task arithmetic) or ``1.25 + 0.15 * (n - 2)`` (TIES).
+        """
         if self.method == "uniform":
             return 1.0 / n
         if self.scale is not None:
@@ -52,7 +73,17 @@ class MergeStrategy:
         return 1.0 if self.method == "task_arithmetic" else 1.25 + 0.15 * (n - 2)
 
     def combine(self, deltas: list[torch.Tensor]) -> torch.Tensor:
-        """Merge one layer's deltas (all the same shape)."""
+        """Merge one layer's deltas.
+
+        Args:
+            deltas: one delta per request, all the same shape.
+
+        Returns:
+            The merged delta (a single delta is returned as it is: nothing to merge).
+
+        Raises:
+            ValueError: ``deltas`` is empty.
+        """
         if not deltas:
             raise ValueError("nothing to merge")
         if len(deltas) == 1:
@@ -64,6 +95,7 @@ class MergeStrategy:
         return merge_utils.task_arithmetic(deltas, ones * self.scale_for(n))
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"strategy": "merge", "method": ..., "scale": ..., "density": ...}``, as ledger records store it."""
         return {"strategy": "merge", **dataclasses.asdict(self)}
 
 

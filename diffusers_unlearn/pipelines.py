@@ -42,7 +42,7 @@ def _fetch_unlearning_folder(name_or_path: str | os.PathLike, kwargs: dict[str, 
         return path
     if not is_hub_repo_id(str(name_or_path)):
         return None
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # looked up at call time (tests stand in for the Hub)
 
     try:
         return Path(
@@ -74,7 +74,22 @@ class _ReadyClassMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        """Load like the diffusers parent class; restore the ledger of a ``save_unlearned`` folder or repo."""
+        """Load like the diffusers parent class, then restore the unlearning state of a ``save_unlearned`` folder.
+
+        From a folder or Hub repo that ``save_unlearned`` wrote, the pipeline comes back with the base K/V weights,
+        the ledger and the adapters, in mode ``"folded"``; from any other, its weights become the base.
+
+        Args:
+            pretrained_model_name_or_path: a local pipeline folder or a Hub model id.
+            **kwargs: what the diffusers parent's ``from_pretrained`` takes (``torch_dtype``, ``revision``,
+                ``token``, ...).
+
+        Returns:
+            The pipeline, with ``UnlearnMixin``.
+
+        Raises:
+            TypeError: the denoiser is of no supported family.
+        """
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         return _finish_loading(pipe, pretrained_model_name_or_path, kwargs)
 
@@ -123,12 +138,31 @@ def load_pipeline(
     device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> Any:
-    """A pipeline with ``UnlearnMixin`` for a model name: a world name ("minicanvas", "tiny", "tiny-sdxl" or
-    another registered in ``diffusers_unlearn.worlds``), a local pipeline folder (a ``save_unlearned`` folder comes
-    back with its ledger) or a Hub model id.
+    """A pipeline with ``UnlearnMixin`` for any model name the command line and plan files accept.
 
-    Pipelines of no supported family (other DiTs, unconditional UNets) are refused with a ``TypeError`` that names
-    the supported architectures.
+    A ready class (``UnlearnStableDiffusionPipeline``, ...) is used when the folder's ``model_index.json`` names a
+    supported pipeline class; any other pipeline is loaded by ``DiffusionPipeline`` and attached.
+
+    Args:
+        model: a world name (``"minicanvas"``, ``"tiny"``, ``"tiny-sdxl"`` or another registered in
+            ``diffusers_unlearn.worlds``), a local pipeline folder (a ``save_unlearned`` folder comes back with its
+            ledger) or a Hub model id.
+        torch_dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` or a ``torch.dtype`` (None: as stored).
+        device: where to move the pipeline (None: leave it on the CPU).
+        **kwargs: passed to ``from_pretrained`` for folders and Hub ids (``revision``, ``token``, ...).
+
+    Returns:
+        The pipeline, with ``UnlearnMixin``.
+
+    Raises:
+        ValueError: an empty model name, an unknown dtype, or a ``model_index.json`` that is not a JSON map.
+        FileNotFoundError: neither a world, a pipeline folder nor a Hub id.
+        TypeError: a pipeline of no supported family (other DiTs, unconditional UNets), naming the supported ones.
+
+    Examples:
+        >>> pipe = load_pipeline("tiny")
+        >>> type(pipe).__name__, pipe.removed_concepts
+        ('StableDiffusionPipeline', [])
     """
     dtype = _dtype(torch_dtype)
     name = os.fspath(model) if isinstance(model, os.PathLike) else model

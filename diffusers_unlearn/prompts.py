@@ -74,8 +74,19 @@ DEFAULT_DOMAIN = "concept"
 
 
 def register_templates(domain: str, templates: Sequence[str], *, replace: bool = False) -> None:
-    """Add the templates of a new ``domain`` (``replace=True``: swap those of a known one); each template needs
-    exactly one ``{}`` slot. Registering a known domain again without ``replace=True`` is refused."""
+    """Add a prompt domain: the templates a request of that domain trains or solves on, and its checks use.
+
+    Requests record the prompts they used, so replacing a domain's templates later does not change old records.
+
+    Args:
+        domain: the domain's name, e.g. ``"food"``; requests then take ``domain="food"``.
+        templates: prompts with exactly one ``{}`` slot for the concept, e.g. ``"a plate of {}"``.
+        replace: swap the templates of a domain that is already registered (without it, that is refused).
+
+    Raises:
+        ValueError: an empty domain name, a template without exactly one ``{}`` slot, or a known domain without
+            ``replace=True``.
+    """
     if not isinstance(domain, str) or not domain.strip():
         raise ValueError(f"domain must be a non-empty string, got {domain!r}")
     checked = validate_templates(templates)

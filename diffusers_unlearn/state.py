@@ -33,7 +33,12 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class PipelineBusyError(RuntimeError):
-    """A pipeline's unlearning state is in use by another thread (one pipeline is used by one thread at a time)."""
+    """A pipeline's unlearning state is in use by another thread.
+
+    One pipeline is used by one thread at a time: every method that reads or changes the unlearning state refuses
+    a second thread at once instead of interleaving with the first. Give each thread its own pipeline (processes
+    coordinate through the lock of a saved folder).
+    """
 
 
 class _Guard:
@@ -103,7 +108,10 @@ def one_thread(method: _F) -> _F:
 
 
 class UnknownRequestError(KeyError):
-    """A request id that the ledger does not hold."""
+    """A request id that the ledger does not hold; the message names the known ids.
+
+    A ``KeyError``, so ``except KeyError`` around ``pipe.audit(...)`` or ``pipe.rollback(...)`` keeps working.
+    """
 
     def __str__(self) -> str:  # KeyError would quote the whole message
         return str(self.args[0])

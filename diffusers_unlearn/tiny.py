@@ -130,7 +130,19 @@ def tiny_pipeline(seed: int = 0, cross_attention_dim: int = 32) -> StableDiffusi
     """A real ``StableDiffusionPipeline`` of tiny random components, identical for the same ``seed``.
 
     8x8x4 latents and 16x16 images; the UNet has 7 cross-attention blocks, so 14 ``attn2.to_k``/``attn2.to_v``
-    layers. The global torch RNG is left as it was.
+    layers. The global torch RNG is left as it was. Built in code, offline: what tests and examples run on.
+
+    Args:
+        seed: seeds the random weights; the same seed gives the same pipeline.
+        cross_attention_dim: the text encoder's hidden size, which the K/V layers read.
+
+    Returns:
+        The pipeline, its models in eval mode and its progress bar off.
+
+    Examples:
+        >>> pipe = tiny_pipeline(seed=0)
+        >>> pipe("a cat in van gogh style", num_inference_steps=2, output_type="pt").images.shape
+        torch.Size([1, 3, 16, 16])
     """
     tokenizer = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_MAX_LENGTH)
     with torch.random.fork_rng(devices=[]):
@@ -155,6 +167,13 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """A real ``StableDiffusionXLPipeline`` of tiny random components (two text encoders, text-time conditioning).
 
     The UNet's cross-attention input is the concatenation of both encoders' penultimate hidden states (16 + 16).
+    The global torch RNG is left as it was.
+
+    Args:
+        seed: seeds the random weights; the same seed gives the same pipeline.
+
+    Returns:
+        The pipeline, its models in eval mode and its progress bar off.
     """
     tokenizer = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_MAX_LENGTH)
     tokenizer_2 = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_MAX_LENGTH)
@@ -219,6 +238,12 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     latents and 16x16 images by default. Every joint block's text-stream ``add_k_proj``/``add_v_proj`` is a K/V
     layer to unlearn on (4 layers). Like every SD3 pipeline it pads T5 prompts to ``max_sequence_length`` (256 by
     default). The global torch RNG is left as it was.
+
+    Args:
+        seed: seeds the random weights; the same seed gives the same pipeline.
+
+    Returns:
+        The pipeline, its models in eval mode and its progress bar off.
     """
     tokenizer = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_MAX_LENGTH)
     tokenizer_2 = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_MAX_LENGTH)
@@ -249,6 +274,13 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
     blocks, 1 single-stream block (inner size 64) and a guidance embedding, as FLUX.1-dev has. Latents are 8x8x1,
     packed 2x2 into 16 tokens of 4 channels. FluxPipeline's default image size is fixed at 128 latent pixels
     (256 px here): pass ``height=16, width=16`` for 16x16 images. It pads T5 prompts to 512 tokens by default.
+    The global torch RNG is left as it was.
+
+    Args:
+        seed: seeds the random weights; the same seed gives the same pipeline.
+
+    Returns:
+        The pipeline, its models in eval mode and its progress bar off.
     """
     tokenizer = build_clip_tokenizer(TINY_WORDS, model_max_length=TINY_MAX_LENGTH)
     tokenizer_2 = build_t5_tokenizer(TINY_WORDS)

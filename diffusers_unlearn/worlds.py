@@ -44,8 +44,9 @@ class WorldRecipe:
             less its own concept and the earlier removals, which only the caller knows (``preserve_for``). None: no
             retain loss.
         preserve_weight: the retain loss's weight.
-        erasure_check, escalate: ``pipe.unlearn``'s arguments of the same names for the request (None: the
-            library's shift check, no escalation).
+        erasure_check: ``pipe.unlearn``'s argument of that name for the request (None: the library's shift
+            check).
+        escalate: ``pipe.unlearn``'s argument of that name (None: no escalation).
     """
 
     unlearn_kwargs: dict[str, Any]
@@ -64,12 +65,16 @@ class WorldRecipe:
 
 @dataclass(frozen=True)
 class World:
-    """A model known by name.
+    """A model known by name to ``load_pipeline``, plan files and the command line; registered with ``register_world``.
+
+    References are ``"package.module:function"`` strings, imported when used, so that listing the worlds imports
+    neither torch nor diffusers.
 
     Args:
         name: what users type (``"minicanvas"``); one word, no ``/`` (so it is never a Hub id).
         description: one line for help texts and errors.
         pipeline: ``"module:function"`` returning the pipeline, called with ``pipeline_kwargs``.
+        pipeline_kwargs: keyword arguments of the ``pipeline`` function (e.g. ``{"seed": 0}``).
         recipe: ``"module:function"`` called as ``f(domain, method)``, returning a :class:`WorldRecipe`; None: the
             library's defaults.
         folder: the world's pipeline folder inside the package, if it ships one (relative to the package).
@@ -79,6 +84,14 @@ class World:
         concepts: ``"module:function"`` returning the world's vocabulary, ``{kind: [concepts]}`` (``"style"``,
             ``"object"``): a request on the world that removes a concept outside it is refused before any work,
             with the nearest names (``check_concept``). None: any concept is accepted.
+
+    Raises:
+        ValueError: a name that is not one lower-case word, or a reference not shaped ``"package.module:function"``.
+
+    Examples:
+        >>> world = World("my-model", "my checkpoint", pipeline="my_package.models:load")
+        >>> world.name, world.vocabulary()
+        ('my-model', None)
     """
 
     name: str
@@ -112,8 +125,19 @@ class World:
         return None if self.concepts is None else {k: list(v) for k, v in _resolve(self.concepts)().items()}
 
     def check_concept(self, concept: str, kind: str | None = None) -> None:
-        """Refuse ``concept`` when the world lists its concepts and it is not one of them (of ``kind`` when given:
-        ``"style"`` / ``"object"``), naming the nearest ones; case and spacing do not matter."""
+        """Refuse a concept the world does not know, before any work: most often a misspelling.
+
+        Case and spacing do not matter. A world that lists no concepts accepts every concept.
+
+        Args:
+            concept: the concept a request removes.
+            kind: ``"style"`` or ``"object"`` to look only among those (None, or a kind the world does not list:
+                among all).
+
+        Raises:
+            UnknownConceptError: the concept is not in the world's vocabulary; the message names the nearest ones,
+                or the other kind it belongs to.
+        """
         vocabulary = self.vocabulary()
         if vocabulary is None:
             return
@@ -131,11 +155,19 @@ class World:
                                   f"{' and '.join(k + 's' for k in kinds)} are: {', '.join(known)}")
 
     def request_recipe(self, domain: str | None, method: str | None) -> WorldRecipe | None:
-        """The world's calibrated settings for a request of ``domain`` with ``method`` (None: the world's own
-        calibrated method); None when the world has no recipe."""
+        """The world's calibrated settings for one request.
+
+        Args:
+            domain: the request's prompt domain (None: the recipe's default).
+            method: the request's method (None: the world's own calibrated method).
+
+        Returns:
+            The recipe, or None when the world has none (the library's defaults apply).
+        """
         return None if self.recipe is None else _resolve(self.recipe)(domain, method)
 
     def folder_path(self) -> Path | None:
+        """The absolute path of the pipeline folder the world ships inside the package, or None."""
         return None if self.folder is None else _PACKAGE_DIR / self.folder
 
 
@@ -143,7 +175,18 @@ WORLDS: dict[str, World] = {}
 
 
 def register_world(world: World) -> World:
-    """Make ``world.name`` a model name everywhere; a name already taken is refused."""
+    """Make ``world.name`` a model name everywhere: ``load_pipeline``, plan files' ``model:``, the command line.
+
+    Args:
+        world: the world to register.
+
+    Returns:
+        ``world`` itself.
+
+    Raises:
+        TypeError: not a ``World``.
+        ValueError: the name is already registered (registries refuse duplicates).
+    """
     if not isinstance(world, World):
         raise TypeError(f"register_world takes a World, got {world!r}")
     if world.name in WORLDS:

@@ -112,20 +112,6 @@ def test_require_erasure_with_escalation_refuses_and_changes_nothing(pipe):
     assert torch.equal(generate(pipe), before_images)
 
 
-@pytest.mark.parametrize("options, error, match", [
-    (dict(escalate=[{"guidance": 2.0}]), ValueError, r"escalate entry 0 names \['guidance'\], which are not "
-                                                     r"closed_form settings; allowed: \[.*'negative_guidance'"),
-    (dict(escalate={"negative_guidance": 2.0}), TypeError, "escalate must be a list"),
-    (dict(escalate=[{}]), TypeError, "escalate entry 0 must be a non-empty mapping"),
-    (dict(escalate=[{"negative_guidance": -1.0}]), ValueError, "negative_guidance"),
-    (dict(erasure_check="classifier"), TypeError, "erasure_check must be an ErasureCheck, a ClassifierCheck"),
-])
-def test_bad_escalation_or_check_is_refused_before_anything_is_solved(pipe, options, error, match):
-    with pytest.raises(error, match=match):
-        pipe.unlearn("van gogh", **options, **ROOM)
-    assert pipe.unlearning_ledger.ids() == []
-
-
 def test_a_classifier_that_miscounts_is_refused_and_nothing_is_committed(pipe):
     before = kv_state(pipe)
     with pytest.raises(ValueError, match=r"returned 1 labels for 4 images"):

@@ -6,6 +6,7 @@ so running those files here runs the code the pages show.
 
 from __future__ import annotations
 
+import doctest
 import importlib
 import re
 import runpy
@@ -25,10 +26,73 @@ PUBLIC_PACKAGES = ["diffusers_unlearn", "diffusers_unlearn.evaluation", "diffuse
                    "diffusers_unlearn.bench", "diffusers_unlearn.testing"]
 
 
+# Modules whose docstrings hold ``>>>`` examples; each runs here (pure Python or the tiny pipelines, fast). A module
+# added to this list must have at least one example, and one that gains examples belongs here.
+DOCTEST_MODULES = [
+    "diffusers_unlearn._validation",
+    "diffusers_unlearn.adapters",
+    "diffusers_unlearn.classifier_check",
+    "diffusers_unlearn.embeddings",
+    "diffusers_unlearn.erasure_check",
+    "diffusers_unlearn.images",
+    "diffusers_unlearn.ledger",
+    "diffusers_unlearn.merging",
+    "diffusers_unlearn.minicanvas.data",
+    "diffusers_unlearn.mixin",
+    "diffusers_unlearn.pipelines",
+    "diffusers_unlearn.regularizers.base",
+    "diffusers_unlearn.regularizers.drift",
+    "diffusers_unlearn.tiny",
+    "diffusers_unlearn.worlds",
+]
+
+
+@pytest.mark.parametrize("module_name", DOCTEST_MODULES)
+def test_docstring_examples_run(module_name):
+    module = importlib.import_module(module_name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.attempted > 0, f"{module_name} has no >>> example: remove it from DOCTEST_MODULES"
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {module_name} failed (see above)"
+
+
+def test_every_module_with_examples_is_run():
+    """A ``>>>`` example in a module left out of DOCTEST_MODULES would never run; the package roots are excluded
+    (``minicanvas/__init__.py`` shows a whole session on the shipped model, run by docs/snippets/minicanvas.py)."""
+    package = ROOT / "diffusers_unlearn"
+    with_examples = set()
+    for path in package.rglob("*.py"):
+        if path.name == "__init__.py" or "cli" in path.parts:
+            continue
+        if re.search(r"^\s*>>> ", path.read_text(encoding="utf-8"), flags=re.M):
+            with_examples.add(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    assert with_examples <= set(DOCTEST_MODULES), sorted(with_examples - set(DOCTEST_MODULES))
+
+
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[p.stem for p in SNIPPETS])
 def test_snippet_runs(snippet, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # snippets write relative paths ("out/", "removals/")
     runpy.run_path(str(snippet), run_name="__main__")
+
+
+NOT_RUN = "<!-- not run: "  # the line right above a ```python block that the tests do not run, with the reason
+
+
+def test_every_python_block_of_the_docs_runs_or_says_why_not():
+    """A page's python block is included from a file the tests run (``--8<-- "docs/snippets/x.py:section"`` or an
+    example script), or the line above it says why it is not run (``<!-- not run: needs a GPU checkpoint -->``)."""
+    unmarked = []
+    for page in sorted(DOCS.rglob("*.md")):
+        lines = page.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if line.strip() != "```python":
+                continue
+            body = next((b.strip() for b in lines[i + 1:] if b.strip()), "")
+            included = body.startswith('--8<-- "')
+            marked = i > 0 and lines[i - 1].strip().startswith(NOT_RUN) and lines[i - 1].strip().endswith("-->")
+            if not (included or marked):
+                unmarked.append(f"{page.relative_to(ROOT)}:{i + 1}")
+    assert not unmarked, (f"python blocks neither included from a tested file nor marked '{NOT_RUN}REASON -->': "
+                          f"{unmarked}")
 
 
 def test_every_snippet_a_page_includes_exists():

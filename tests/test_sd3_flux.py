@@ -147,7 +147,8 @@ def test_closed_form_keeps_the_kept_states_and_maps_the_target_onto_its_anchor(s
             bound = 1e-5 * delta.norm() * kept.norm(dim=1)
             assert torch.all(moved <= bound), (request_id, layer, float((moved / bound).max()))
     # The target's tokens land near their aim W0 (a + g (a - x)) at the solve's timesteps. At other timesteps (40
-    # spread over the schedule) the gap is measured and printed: the solve holds nothing there (docs/deploy.md).
+    # spread over the schedule) the gap is measured and printed: the solve holds nothing there
+    # (docs/concepts/sd3-flux.md).
     record = pipe.unlearning_ledger.requests[0]
     gaps = {}
     for name, timesteps in (("solved", solve_t), ("other_t", torch.linspace(1000, 5, 40))):

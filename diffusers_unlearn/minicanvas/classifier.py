@@ -70,10 +70,17 @@ class ConceptClassifierNet(nn.Module):
 
 
 class ConceptClassifier:
-    """Callable wrapper: ``classifier(images) -> list[str]`` of label names.
+    """A trained MiniCanvas classifier as a callable: ``classifier(images) -> list[str]`` of label names.
 
     ``images`` is a list of PIL images or a float tensor ``[B, 3, H, W]`` in [0, 1]; images of another size are
-    resized to :attr:`resolution`.
+    resized to ``resolution``. This is the ``images -> labels`` interface the evaluation and ``ClassifierCheck``
+    take; ``minicanvas.load_classifiers()`` returns the shipped ones.
+
+    Args:
+        net: the network (put in eval mode).
+        labels: the label name of each output class, in order.
+        resolution: the image side the network was trained at.
+        domain: what it names (``"style"`` or ``"object"``), for messages.
     """
 
     def __init__(self, net: ConceptClassifierNet, labels: Sequence[str], resolution: int = 32,
@@ -85,32 +92,76 @@ class ConceptClassifier:
 
     @property
     def device(self) -> torch.device:
+        """Where the network's weights are."""
         return next(self.net.parameters()).device
 
     def to(self, device: torch.device | str) -> ConceptClassifier:
+        """Move the network to ``device``; images are moved there when classified.
+
+        Args:
+            device: a torch device or its name.
+
+        Returns:
+            The classifier itself.
+        """
         self.net.to(device)
         return self
 
     @torch.no_grad()
     def logits(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Raw class logits ``[B, len(labels)]`` (on the CPU)."""
+        """Raw class logits.
+
+        Args:
+            images: PIL images or a ``[B, 3, H, W]`` tensor in [0, 1].
+            batch_size: images per forward pass.
+
+        Returns:
+            ``[B, len(labels)]`` float32 on the CPU.
+
+        Raises:
+            ValueError: a tensor of another shape.
+            TypeError: a sequence item that is not a PIL image.
+        """
         x = images_to_tensor(images, self.resolution)
         out = [self.net(x[i : i + batch_size].to(self.device)).float().cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
     @torch.no_grad()
     def embed(self, images: Sequence[Image.Image] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Pooled image features ``[B, F]`` (on the CPU): what a Fréchet distance compares."""
+        """Pooled image features: what a Fréchet distance between image sets compares.
+
+        Args:
+            images: PIL images or a ``[B, 3, H, W]`` tensor in [0, 1].
+            batch_size: images per forward pass.
+
+        Returns:
+            ``[B, F]`` float32 on the CPU.
+        """
         x = images_to_tensor(images, self.resolution)
         out = [self.net.pooled(x[i : i + batch_size].to(self.device)).float().cpu()
                for i in range(0, len(x), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.net.head[-1].in_features)
 
     def predict_indices(self, images: Sequence[Image.Image] | torch.Tensor) -> list[int]:
-        """Predicted label indices."""
+        """The index of the most likely label of each image.
+
+        Args:
+            images: PIL images or a ``[B, 3, H, W]`` tensor in [0, 1].
+
+        Returns:
+            One index into ``labels`` per image.
+        """
         return self.logits(images).argmax(dim=1).tolist()
 
     def __call__(self, images: Sequence[Image.Image] | torch.Tensor) -> list[str]:
+        """The most likely label name of each image.
+
+        Args:
+            images: PIL images or a ``[B, 3, H, W]`` tensor in [0, 1].
+
+        Returns:
+            One label name per image.
+        """
         return [self.labels[i] for i in self.predict_indices(images)]
 
     def __repr__(self) -> str:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .._validation import check_int
+
 __all__ = [
     "FAMILY_PALETTES",
     "HELDOUT_TEMPLATES",
@@ -63,8 +65,26 @@ _CANVAS = 128  # the geometry below is written for a 128 px canvas and scaled to
 
 
 def prompt(style: str, obj: str, template: str | None = None) -> str:
-    """The prompt for one style and object; ``template`` (with ``{style}`` and ``{object}``) defaults to
-    ``PROMPT_TEMPLATE``, e.g. one of ``HELDOUT_TEMPLATES``."""
+    """The MiniCanvas prompt for one style and object: what the model was trained on (or a held-out phrasing).
+
+    Args:
+        style: one of ``STYLES``.
+        obj: one of ``OBJECTS``.
+        template: a string with ``{style}`` and ``{object}`` slots (None: ``PROMPT_TEMPLATE``), e.g. one of
+            ``HELDOUT_TEMPLATES``.
+
+    Returns:
+        The prompt.
+
+    Raises:
+        ValueError: an unknown style or object, or a template without both slots (or with other slots).
+
+    Examples:
+        >>> prompt("neon dots", "cat")
+        'a cat in neon dots style'
+        >>> prompt("neon dots", "cat", HELDOUT_TEMPLATES[0])
+        'a cat rendered as neon dots'
+    """
     if style not in _STYLE_SPECS:
         raise ValueError(f"unknown style {style!r}; allowed: {STYLES}")
     if obj not in _OBJECT_DRAWERS:
@@ -464,9 +484,20 @@ VOCABULARY: list[str] = sorted(
 def auxiliary_concepts(exclude: Sequence[str] = ()) -> dict[str, list[str]]:
     """A protected auxiliary concept set of the paper's kind, derived from the vocabulary (no download).
 
-    ``{"style": [...], "object": [...]}``: every style, every family word and every texture word on its own, a fixed
-    quarter of the family x texture combinations that are not styles ("neon mosaic": words the model knows, in
-    pairs it never saw), and every object; 108 concepts in all, less those in ``exclude`` (the request's target).
+    Every style, every family word and every texture word on its own, a fixed quarter of the family x texture
+    combinations that are not styles ("neon mosaic": words the model knows, in pairs it never saw), and every
+    object.
+
+    Args:
+        exclude: concepts to leave out (the request's target); case and surrounding spaces do not matter.
+
+    Returns:
+        ``{"style": [...], "object": [...]}``.
+
+    Examples:
+        >>> concepts = auxiliary_concepts(exclude=["neon dots"])
+        >>> "neon dots" in concepts["style"], concepts["object"] == list(OBJECTS)
+        (False, True)
     """
     excluded = {c.strip().lower() for c in exclude}
     unseen = [f"{f} {t}" for f in FAMILY_PALETTES for t in TEXTURE_WORDS if f"{f} {t}" not in _STYLE_SPECS]
@@ -510,13 +541,32 @@ def _object_mask(obj: str, rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def render(style: str, obj: str, seed: int, size: int = 32) -> Image.Image:
-    """Render one ``size`` x ``size`` RGB image of ``obj`` in ``style``; identical for identical arguments."""
+    """Render one training image of MiniCanvas's synthetic world: ``obj`` drawn in ``style``.
+
+    Identical for identical arguments, in any process (the random generator is seeded by a stable hash).
+
+    Args:
+        style: one of ``STYLES``.
+        obj: one of ``OBJECTS``.
+        seed: picks the image's variation (position, jitter, texture phase).
+        size: the image's side in pixels, at least 8.
+
+    Returns:
+        A ``size`` x ``size`` RGB PIL image.
+
+    Raises:
+        ValueError: an unknown style or object, or a size below 8.
+
+    Examples:
+        >>> image = render("neon dots", "cat", seed=0)
+        >>> image.size, image.tobytes() == render("neon dots", "cat", seed=0).tobytes()
+        ((32, 32), True)
+    """
     if style not in _STYLE_SPECS:
         raise ValueError(f"unknown style {style!r}; allowed: {STYLES}")
     if obj not in _OBJECT_DRAWERS:
         raise ValueError(f"unknown object {obj!r}; allowed: {OBJECTS}")
-    if size < 8:
-        raise ValueError(f"size must be at least 8, got {size}")
+    check_int(size, "size", minimum=8)
     spec = _STYLE_SPECS[style]
     rng = _rng(style, obj, seed)
     big = size * SUPERSAMPLE

@@ -95,8 +95,18 @@ def read_manifest(weights_dir: str | os.PathLike | None = None) -> dict[str, Any
 
 
 def verify_weights(weights_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Check every file of the manifest (presence, size, sha256); returns the manifest or raises
-    :class:`MiniCanvasWeightsError` naming the first bad file."""
+    """Check every file of the MiniCanvas manifest (presence, size, sha256) before anything is loaded from it.
+
+    Args:
+        weights_dir: the weights folder (None: the one shipped in the package).
+
+    Returns:
+        The manifest (files, training report, measured quality).
+
+    Raises:
+        MiniCanvasWeightsError: a required file missing from the manifest, or a file missing, of the wrong size or
+            with the wrong sha256, naming the first bad file.
+    """
     root = _resolve(weights_dir)
     manifest = read_manifest(root)
     files: dict[str, dict[str, Any]] = manifest["files"]

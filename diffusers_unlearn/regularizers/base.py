@@ -27,7 +27,22 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainingContext:
-    """What regularizers see of one request being trained."""
+    """What regularizers see of one request being trained; the trainer builds one per request.
+
+    Args:
+        pipe: the unlearning pipeline.
+        unet: its denoiser (a UNet, or SD3's / Flux's transformer), with the request's adapter on it.
+        adapter: the request's trainable adapter (LoRA factors, or a dense delta).
+        objective: the request's erasure objective (its ``config`` holds the method settings).
+        concept: the concept being removed.
+        domain: its prompt domain.
+        earlier: records of the requests before this one (anything with ``.concept`` and ``.domain``).
+        base_weights: the original K/V weights, by module name.
+        start_offsets: the model training starts from, minus the base, per layer (None: it starts at the base).
+        step: the current optimiser step.
+        state: scratch space shared by the regularizers of the request.
+        progress: show progress bars for long set-ups (projectors, importance scores).
+    """
 
     pipe: Any
     unet: torch.nn.Module
@@ -45,31 +60,66 @@ class TrainingContext:
 
 @dataclass
 class Regularizer:
-    """Base class. Subclasses are dataclasses of their settings, registered with ``register_regularizer``."""
+    """Base class of the regularizers: hooks the trainer calls for one request, knowing nothing of the objective.
+
+    A subclass is a dataclass of its settings with a ``name``, registered with ``register_regularizer``; it
+    overrides the hooks it needs (the defaults do nothing). ``order`` sets who runs first (lower first: masks before
+    projections before penalties); ``adapter_kind = "dense"`` asks for a full delta instead of a LoRA.
+    """
 
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100
     adapter_kind: ClassVar[str | None] = None  # "dense" when it needs a full (masked) delta instead of a LoRA
 
     def check_request(self, concept: str, domain: str) -> None:
-        pass
+        """Refuse settings that cannot fit this request, before any model work (e.g. retaining the removed concept).
+
+        Args:
+            concept: the concept the request removes.
+            domain: its prompt domain.
+
+        Raises:
+            ValueError: the settings do not fit the request (the default accepts every request).
+        """
 
     def setup(self, ctx: TrainingContext) -> None:
-        pass
+        """Prepare once per request, after the adapter and the objective are ready (masks, projectors, references).
+
+        Args:
+            ctx: the request being trained.
+        """
 
     def loss(self, ctx: TrainingContext) -> torch.Tensor | None:
+        """An extra loss term for this step (drift penalties), added to the objective's loss.
+
+        Args:
+            ctx: the request being trained.
+
+        Returns:
+            A scalar tensor, or None for no term (the default).
+        """
         return None
 
     def transform_gradients(self, ctx: TrainingContext) -> None:
-        pass
+        """Change the adapter's gradients in place, after backward and gradient synchronisation, before clipping.
+
+        Args:
+            ctx: the request being trained.
+        """
 
     def after_step(self, ctx: TrainingContext) -> None:
-        pass
+        """Act after the optimiser step (e.g. keep the parameters inside their constraint set).
+
+        Args:
+            ctx: the request being trained.
+        """
 
     def report(self) -> dict[str, Any]:
+        """JSON-able figures for the request's ledger record (what was protected, how much was masked, ...)."""
         return {}
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., **settings}``: the form ledgers and plan files store, read back by ``regularizer_from_dict``."""
         settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         return {"name": self.name, **settings}
 
@@ -78,7 +128,17 @@ REGULARIZERS: dict[str, type[Regularizer]] = {}
 
 
 def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
-    """Make ``cls`` available by ``cls.name`` (for ledgers and run plans)."""
+    """Class decorator: make ``cls`` available by ``cls.name``, so ledgers and plan files can name it.
+
+    Args:
+        cls: a ``Regularizer`` dataclass with a ``name``.
+
+    Returns:
+        ``cls`` itself.
+
+    Raises:
+        ValueError: ``cls.name`` is empty or already registered (registries refuse duplicates).
+    """
     if not cls.name:
         raise ValueError(f"{cls.__name__}.name must be set")
     if cls.name in REGULARIZERS:
@@ -92,7 +152,21 @@ def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
 
 
 def regularizer_from_dict(data: dict[str, Any]) -> Regularizer:
-    """Rebuild a regularizer from ``{"name": ..., **settings}`` (the ledger's and run plans' form)."""
+    """Rebuild a regularizer from its stored form (what ``Regularizer.to_dict`` writes; plan files use it too).
+
+    Args:
+        data: ``{"name": ..., **settings}``.
+
+    Returns:
+        The regularizer, its settings checked by its own constructor.
+
+    Raises:
+        ValueError: an unknown name or setting (naming the allowed ones), or a setting out of range.
+
+    Examples:
+        >>> regularizer_from_dict({"name": "l2_drift", "weight": 1000.0})
+        L2Drift(weight=1000.0, reference='previous')
+    """
     if not isinstance(data, dict) or data.get("name") not in REGULARIZERS:
         name = data.get("name") if isinstance(data, dict) else data
         raise ValueError(f"unknown regularizer {name!r}; registered: {sorted(REGULARIZERS)}")
@@ -106,6 +180,18 @@ def regularizer_from_dict(data: dict[str, Any]) -> Regularizer:
 
 
 def check_regularizers(regularizers: object) -> list[Regularizer]:
+    """The request's regularizers as a list in run order (``order``, lower first).
+
+    Args:
+        regularizers: None, one ``Regularizer``, or an iterable of them.
+
+    Returns:
+        The regularizers, sorted by ``order``.
+
+    Raises:
+        TypeError: an item that is not a ``Regularizer``.
+        ValueError: the same regularizer given twice.
+    """
     if regularizers is None:
         return []
     if isinstance(regularizers, Regularizer):

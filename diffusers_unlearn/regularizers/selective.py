@@ -59,8 +59,19 @@ def top_fraction_masks(scores: dict[str, torch.Tensor], fraction: float) -> tupl
 @register_regularizer
 @dataclass
 class SelectiveFinetune(Regularizer):
-    """Train only the top ``top_k`` fraction of K/V elements by |theta * grad| (paper: 0.05 for Concept
-    Ablation, 0.4 for ESD on SDXL, 0.3 together with gradient projection)."""
+    """Train only the globally most important K/V elements, so that the rest of the model cannot drift.
+
+    Importance is ``|theta * grad|`` of the request's own erasure loss, accumulated over the frozen model's sampling
+    trajectory; the top ``top_k`` fraction over all K/V layers together is kept and the request's adapter becomes a
+    dense delta masked to those elements.
+
+    Args:
+        top_k: the fraction of elements that may change, in (0, 1]. The paper uses 0.05 for Concept Ablation, 0.4
+            for ESD on SDXL and 0.3 together with gradient projection.
+
+    Raises:
+        ValueError: ``top_k`` outside (0, 1].
+    """
 
     name: ClassVar[str] = "selective_finetune"
     order: ClassVar[int] = 0  # the mask must exist before projections are built inside it
@@ -72,6 +83,14 @@ class SelectiveFinetune(Regularizer):
         check_number(self.top_k, "SelectiveFinetune top_k", minimum=0, maximum=1, exclusive_minimum=True)
 
     def setup(self, ctx: TrainingContext) -> None:
+        """Score every K/V element and set the adapter's mask to the top ``top_k`` fraction.
+
+        Args:
+            ctx: the request being trained (its adapter must be dense).
+
+        Raises:
+            ValueError: the adapter is not dense.
+        """
         scores = importance_scores(ctx)
         masks, cutoff = top_fraction_masks(scores, self.top_k)
         ctx.adapter.masks = {layer: m.to(ctx.adapter.input_factor(layer).dtype) for layer, m in masks.items()}
@@ -81,4 +100,5 @@ class SelectiveFinetune(Regularizer):
                         "score_cutoff": cutoff}
 
     def report(self) -> dict[str, Any]:
+        """``kept_elements``, ``total_elements``, ``kept_fraction`` and the ``score_cutoff`` of the mask."""
         return dict(self._report)

@@ -53,6 +53,11 @@ class TrainingConfig:
             check_optional_number(getattr(self, name), name, minimum=0, exclusive_minimum=True)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (the ledger record's ``training`` field).
+
+        Returns:
+            Every field by name, JSON-serialisable.
+        """
         return dataclasses.asdict(self)
 
 

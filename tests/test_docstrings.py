@@ -25,7 +25,7 @@ PENDING_MODULES = {
     "diffusers_unlearn.objectives",
     "diffusers_unlearn.request",
     "diffusers_unlearn.plan",
-    "diffusers_unlearn.recipe",
+    "diffusers_unlearn.defaults",
     "diffusers_unlearn.trainer",
     "diffusers_unlearn.unlearning_mixin",
     "diffusers_unlearn.evaluation",

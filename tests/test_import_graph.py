@@ -68,7 +68,6 @@ PENDING = {
     # erasure check's verdict and the model card name the classifier check
     (P + "ledger", P + "objectives"),
     (P + "ledger", P + "regularizers"),
-    (P + "erasure_check", P + "classifier_check"),
     (P + "model_card", P + "classifier_check"),
     (P + "bench.recipes", "dataclasses"),
 }

@@ -24,16 +24,18 @@ if TYPE_CHECKING:
     from .families import ModelFamily
 
 RECOMMENDED_METHOD = "closed_form"
+"""The method of a request that names none and asks for no training (``recommended_method``)."""
 TRAINED_METHOD = "esd"
-# The recommended method's settings for one kind of concept, over its config's defaults (which are the styles'):
-# objects need a stronger soft penalty on the kept concepts' tokens to keep the other objects, and stronger guidance
-# to erase despite it (docs/benchmarks/closed-form.md, the objects table).
+"""The method of a request that names none but asks for training, and the recommended one on SD3 and Flux."""
 RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"object": {"preserve_weight": 5.0, "negative_guidance": 2.0}}
-# Every recommended request: the exactly kept span may fill at most this fraction of the K/V input width, so that a
-# narrow text space (the tiny pipelines' 32-wide one, filled by the built-in vocabulary) keeps room to erase; the
-# strongest kept directions stay exact and the rest are kept softly. Wide inputs (SD's 768, MiniCanvas's 512) stay
-# below the cap with the built-in vocabulary, so nothing changes there.
+"""The recommended method's settings for one kind of concept, over its config's defaults (which are the styles'):
+objects need a stronger soft penalty on the kept concepts' tokens to keep the other objects, and stronger guidance
+to erase despite it (docs/benchmarks/closed-form.md, "Recommended default", the closed form on objects)."""
 RECOMMENDED_KEPT_FRACTION = 0.75
+"""Every recommended request: the exactly kept span may fill at most this fraction of the K/V input width, so that a
+narrow text space (the tiny pipelines' 32-wide one, filled by the built-in vocabulary) keeps room to erase; the
+strongest kept directions stay exact and the rest are kept softly. Wide inputs (SD's 768, MiniCanvas's 512) stay
+below the cap with the built-in vocabulary, so nothing changes there."""
 
 
 def recommended_method(family: ModelFamily | None = None) -> str:
@@ -45,24 +47,62 @@ def recommended_method(family: ModelFamily | None = None) -> str:
     Returns:
         ``TRAINED_METHOD`` where the K/V layers read a different text state in each block (SD3's and Flux's joint
         transformers), ``RECOMMENDED_METHOD`` otherwise (and for an unknown family).
+
+    Examples:
+        >>> recommended_method()
+        'closed_form'
     """
     return TRAINED_METHOD if family is not None and family.per_block_text_states else RECOMMENDED_METHOD
 
 
 def asks_for_training(*settings: Any) -> bool:
     """Whether a request's training settings and regularizers ask for training: any of them given (not None, and
-    not an empty list: ``regularizers=[]`` asks for none)."""
+    not an empty list: ``regularizers=[]`` asks for none).
+
+    Args:
+        *settings: the request's ``training``, ``regularizers``, ``steps``, ``rank``, ``learning_rate`` and
+            ``batch_size`` as the caller gave them (None: not given).
+
+    Returns:
+        True when a request naming no method should get ``TRAINED_METHOD``.
+
+    Examples:
+        >>> asks_for_training(None, [], None), asks_for_training(None, None, 50)
+        (False, True)
+    """
     return any(value is not None and not (isinstance(value, (list, tuple)) and not value) for value in settings)
 
 
 def default_method(family: ModelFamily | None, trained: bool) -> str:
-    """The method of a request that names none: ``TRAINED_METHOD`` when it asks for training (``trained``, from
-    ``asks_for_training``), else ``recommended_method(family)``."""
+    """The method of a request that names none.
+
+    Args:
+        family: the model family the request runs on; None when it is not known yet.
+        trained: whether the request asks for training (``asks_for_training``).
+
+    Returns:
+        ``TRAINED_METHOD`` when ``trained``, else ``recommended_method(family)``.
+
+    Examples:
+        >>> default_method(None, trained=False), default_method(None, trained=True)
+        ('closed_form', 'esd')
+    """
     return TRAINED_METHOD if trained else recommended_method(family)
 
 
 def domain_kind(domain: str | None) -> str | None:
-    """"style" or "object" for those built-in domains and a world's ("minicanvas-object"); None for any other."""
+    """The kind of concept a domain holds, for the per-kind settings (``RECOMMENDED_DOMAIN_OPTIONS``).
+
+    Args:
+        domain: a prompt domain name, or None.
+
+    Returns:
+        "style" or "object" for those built-in domains and a world's ("minicanvas-object"); None for any other.
+
+    Examples:
+        >>> domain_kind("minicanvas-object"), domain_kind("concept")
+        ('object', None)
+    """
     if domain is None:
         return None
     for kind in ("style", "object"):
@@ -72,8 +112,20 @@ def domain_kind(domain: str | None) -> str | None:
 
 
 def recommended_options(domain: str | None) -> dict[str, Any]:
-    """The recommended method's settings for a request in ``domain``: ``RECOMMENDED_KEPT_FRACTION`` and the
-    domain kind's ``RECOMMENDED_DOMAIN_OPTIONS``. The caller's own options go over them."""
+    """The recommended method's settings for a request in ``domain``; the caller's own options go over them.
+
+    Args:
+        domain: the request's prompt domain, or None.
+
+    Returns:
+        ``max_kept_fraction`` (``RECOMMENDED_KEPT_FRACTION``) and the domain kind's ``RECOMMENDED_DOMAIN_OPTIONS``.
+
+    Examples:
+        >>> recommended_options("style")
+        {'max_kept_fraction': 0.75}
+        >>> recommended_options("object")
+        {'max_kept_fraction': 0.75, 'preserve_weight': 5.0, 'negative_guidance': 2.0}
+    """
     return {"max_kept_fraction": RECOMMENDED_KEPT_FRACTION,
             **RECOMMENDED_DOMAIN_OPTIONS.get(domain_kind(domain) or "", {})}
 

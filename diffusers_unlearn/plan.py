@@ -68,6 +68,20 @@ class PlannedRequest:
     ``method`` None (no ``method:``): the default method of the model it runs on (``defaults.default_method``),
     known only when the plan runs. ``method_options`` and ``training`` are what the plan gives; the defaults apply
     in ``to_request``.
+
+    Attributes:
+        position: the request's 1-based place in the plan (how errors name it).
+        concept: what to remove, normalised as the request normalises it.
+        domain: the prompt domain, resolved ("concept" when the plan gives none).
+        method: the method's name, or None for the default method of the model.
+        method_options: the request's fields that are options of its method (``anchor: dog``).
+        training: the plan's training fields as a ``TrainingConfig``; None when it gives none.
+        seed: the request's seed.
+        regularizers: one ``{name: ..., settings}`` map per regularizer (objects are built fresh per run).
+        strategy: the merge strategy as ``merging.strategy_to_dict`` writes it.
+        prompts: explicit prompts, or None.
+        templates: explicit templates, or None.
+        keep: what must survive the request (``keep:``), or None.
     """
 
     position: int  # 1-based place in the plan
@@ -86,8 +100,15 @@ class PlannedRequest:
     keep: Any = None
 
     def to_request(self, family: ModelFamily | None = None) -> UnlearnRequest:
-        """The request to run on a model of ``family`` (None: not known yet), with fresh regularizer objects (they
-        hold per-request state).
+        """The request to run on a model of ``family``, with fresh regularizer objects (they hold per-request
+        state).
+
+        Args:
+            family: the family of the model it runs on (``families.family_of(pipe)``): it picks the default method
+                when the plan names none. None: not known yet (parse time).
+
+        Returns:
+            The validated ``UnlearnRequest``.
 
         Raises:
             ValueError, TypeError: a field the request refuses (``request.resolve_request``).
@@ -108,13 +129,30 @@ class PlannedRequest:
         )
 
     def signature(self, family: ModelFamily | None = None) -> dict[str, Any]:
-        """The settings a ledger record of this request must have (compared on resume)."""
+        """The settings a ledger record of this request must have (compared on resume).
+
+        Args:
+            family: as in ``to_request``.
+
+        Returns:
+            ``UnlearnRequest.signature`` of the resolved request.
+        """
         return self.to_request(family).signature()
 
 
 @dataclass
 class Plan:
-    """A validated plan: where to start, where to write, and the requests in order."""
+    """A validated plan: where to start, where to write, and the requests in order (``load_plan``, ``parse_plan``).
+
+    Attributes:
+        model: a world name, a pipeline folder or a Hub id (relative folders already resolved).
+        output: the folder the unlearned pipeline is written to; its ``unlearning/`` holds the resumable ledger.
+        requests: the requests, in plan order.
+        base_model: the base model's Hub id for the model card, or None.
+        torch_dtype: the dtype to load the model in (e.g. "float16"), or None for the default.
+        device: the torch device to run on, or None for the loader's default.
+        source: how errors name the plan (its path).
+    """
 
     model: str
     output: Path
@@ -133,8 +171,18 @@ def _resolve_path(value: str, base_dir: Path | None) -> str:
 
 
 def check_device(device: str, where: str, available: bool = False) -> None:
-    """``device`` names a torch device ("cpu", "cuda", "cuda:1", "mps", ...); with ``available``, one this machine
-    has. ``PlanError`` naming ``where`` and the value otherwise."""
+    """Check that ``device`` names a torch device ("cpu", "cuda", "cuda:1", "mps", ...) and, with ``available``,
+    one this machine has: a plan is refused at parse time for a misspelled device, before the model loads for a
+    missing one.
+
+    Args:
+        device: the device string.
+        where: how the error names the value (e.g. ``"PLAN.yaml: device"``).
+        available: also check that this machine has it ("cpu" always does).
+
+    Raises:
+        PlanError: not a torch device, or (with ``available``) not on this machine.
+    """
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError, TypeError) as err:
@@ -242,13 +290,23 @@ def parse_plan(
         data: the parsed YAML.
         source: how errors name the plan (its path).
         base_dir: the plan file's folder; relative paths in the plan are relative to it.
-        model, output: override the plan's own fields.
+        model: overrides the plan's ``model``.
+        output: overrides the plan's ``output``.
 
     Returns:
         The ``Plan``.
 
     Raises:
         PlanError: a field that cannot run, named with where it is and what is allowed.
+
+    Examples:
+        >>> plan = parse_plan({"model": "tiny", "output": "out", "requests": [{"concept": "van gogh", "steps": 1}]})
+        >>> plan.requests[0].method is None, plan.requests[0].training.steps  # the method is the model's default
+        (True, 1)
+        >>> parse_plan({"model": "tiny", "output": "out", "requests": [{"concept": "cat", "stpes": 5}]})
+        Traceback (most recent call last):
+        diffusers_unlearn.plan_format.PlanError: plan: request 1 ('cat'): unknown field(s) ['stpes']
+        ('stpes': did you mean 'steps'?); ...
     """
     check_plan_fields(data, source=source, method_fields=_method_fields)
     model_name = model if model is not None else data.get("model")
@@ -283,14 +341,35 @@ def parse_plan(
 
 def load_plan(path: str | os.PathLike, *, model: str | None = None, output: str | os.PathLike | None = None) -> Plan:
     """Read and validate ``PLAN.yaml`` (every request is checked before anything runs): ``read_plan_file`` then
-    ``parse_plan``."""
+    ``parse_plan``.
+
+    Args:
+        path: the plan file; relative paths in it are relative to its folder.
+        model: overrides the plan's ``model`` (as given, not relative to the plan's folder).
+        output: overrides the plan's ``output`` (as given).
+
+    Returns:
+        The ``Plan``, ready for ``run_plan``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        PlanError: the file is not valid YAML, or a field cannot run (named with where it is and what is allowed).
+    """
     path = Path(path)
     return parse_plan(read_plan_file(path), source=str(path), base_dir=path.parent, model=model, output=output)
 
 
 @dataclass
 class RunResult:
-    """What ``run_plan`` did."""
+    """What ``run_plan`` did.
+
+    Attributes:
+        pipe: the pipeline, with every request of the plan in its ledger.
+        output: the plan's output folder.
+        trained: the request ids this run trained.
+        skipped: the request ids the output's ledger already held (an earlier, possibly interrupted run).
+        saved: whether this run (re)wrote the pipeline folder.
+    """
 
     pipe: Any
     output: Path
@@ -324,7 +403,32 @@ def run_plan(
         pipe: a pipeline to use instead of loading ``plan.model`` (it must be that model).
         progress: progress bars during training (default: the pipeline's setting).
         log: where one line per request goes (None: silent).
-        after_request: called after each request is trained and saved (for callers that report or stop).
+        after_request: called with the planned request and its ledger record after each request is trained and
+            saved (for callers that report or stop).
+
+    Returns:
+        The ``RunResult``: the pipeline, and which requests were trained, skipped and saved.
+
+    Raises:
+        PlanError: the output folder holds a ledger that does not continue the model's or that differs from the
+            plan's first requests (the message names the field), or a foreign non-empty folder; a device that is
+            not available; a request whose default method on this model refuses its options.
+
+    Examples:
+        Run a one-request plan on the tiny test pipeline, then run it again: the rerun finds the request in the
+        output's ledger and trains nothing (an interrupted run resumes the same way).
+
+        >>> import tempfile
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> plan = parse_plan({"model": "tiny", "output": folder.name + "/out",
+        ...                    "requests": [{"concept": "van gogh", "domain": "style", "steps": 1}]})
+        >>> result = run_plan(plan, progress=False, log=None)
+        >>> result.trained, result.skipped, result.saved
+        (['r0001'], [], True)
+        >>> again = run_plan(plan, progress=False, log=None)
+        >>> again.trained, again.skipped, again.saved
+        ([], ['r0001'], False)
+        >>> folder.cleanup()
     """
     say = log or (lambda _: None)
     if pipe is None:

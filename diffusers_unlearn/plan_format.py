@@ -21,10 +21,13 @@ from .defaults import asks_for_training, default_method
 from .training_config import TrainingConfig
 
 PLAN_KEYS = ("model", "output", "base_model", "strategy", "defaults", "requests", "torch_dtype", "device")
+"""The fields a plan may have at its top level."""
 TRAINING_KEYS = tuple(f.name for f in dataclasses.fields(TrainingConfig))
+"""The request fields that are ``TrainingConfig`` fields."""
 REQUEST_KEYS = (
     "concept", "domain", "method", "seed", "regularizers", "strategy", "prompts", "templates", "keep", *TRAINING_KEYS
 )
+"""The fields every request (and ``defaults:``) may have; any other field must be an option of its method."""
 
 # A method name -> the names of its options (its config's fields), or None for a method it does not know (the
 # engine then reports the unknown method).
@@ -32,12 +35,23 @@ MethodFields = Callable[[str], Sequence[str] | None]
 
 
 class PlanError(ValueError):
-    """A plan that cannot run (bad field, or a ledger that does not match it), with where and why."""
+    """A plan that cannot run (bad field, or a ledger that does not match it), with where and why.
+
+    A ``ValueError``, so that callers that catch bad values catch it too; the command line reports its message.
+    """
 
 
 class PlanLoader(yaml.SafeLoader):
     """A SafeLoader for plans: a key given twice is refused, and "1e-4" is a number (YAML 1.1 reads it as a
-    string; plans are written by people who mean a number)."""
+    string; plans are written by people who mean a number).
+
+    Examples:
+        >>> yaml.load("learning_rate: 1e-4", Loader=PlanLoader)
+        {'learning_rate': 0.0001}
+        >>> yaml.load("{concept: cat, concept: dog}", Loader=PlanLoader)
+        Traceback (most recent call last):
+        yaml.constructor.ConstructorError: while constructing a mapping ... found duplicate key 'concept' ...
+    """
 
 
 def _construct_unique_mapping(loader: PlanLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -68,7 +82,13 @@ PlanLoader.add_implicit_resolver(
 
 
 def read_plan_file(path: str | os.PathLike) -> Any:
-    """The parsed YAML of the plan file at ``path`` (not yet checked).
+    """The parsed YAML of the plan file at ``path`` (not yet checked), read with ``PlanLoader``.
+
+    Args:
+        path: the plan file, UTF-8 YAML.
+
+    Returns:
+        Whatever the YAML holds (``check_plan_fields`` checks that it is a plan).
 
     Raises:
         FileNotFoundError: no such file.
@@ -86,7 +106,20 @@ def read_plan_file(path: str | os.PathLike) -> Any:
 
 
 def location(source: str, position: int | None, concept: Any = None) -> str:
-    """``"PLAN.yaml: request 2 ('cat')"``: where in a plan an error is."""
+    """Where in a plan an error is, as every plan error names it.
+
+    Args:
+        source: how the plan is named (its path).
+        position: the request's 1-based place; None for the plan itself.
+        concept: the request's concept, named when it is a string.
+
+    Returns:
+        ``source`` alone, or ``"<source>: request <position> ('<concept>')"``.
+
+    Examples:
+        >>> location("PLAN.yaml", 2, "cat"), location("PLAN.yaml", None)
+        ("PLAN.yaml: request 2 ('cat')", 'PLAN.yaml')
+    """
     if position is None:
         return source
     return f"{source}: request {position}" + (f" ({concept!r})" if isinstance(concept, str) else "")
@@ -106,6 +139,16 @@ def check_plan_fields(data: Any, *, source: str, method_fields: MethodFields) ->
             'requests' is not a non-empty list; a request is not a map with a string 'concept'; a request field is
             neither a request key nor an option of its method (the nearest allowed names are suggested);
             torch_dtype or device is not a string.
+
+    Examples:
+        >>> options = {"esd": ["negative_guidance"]}.get  # the option names of each method
+        >>> check_plan_fields({"model": "tiny", "output": "out", "requests": [{"concept": "cat", "method": "esd",
+        ...                    "negative_guidance": 2.0}]}, source="PLAN.yaml", method_fields=options)
+        >>> check_plan_fields({"model": "tiny", "output": "out", "requests": [{"concept": "cat", "method": "esd",
+        ...                    "negative_guidence": 2.0}]}, source="PLAN.yaml", method_fields=options)
+        Traceback (most recent call last):
+        diffusers_unlearn.plan_format.PlanError: PLAN.yaml: request 1 ('cat'): unknown field(s) ['negative_guidence']
+        ('negative_guidence': did you mean 'negative_guidance'?); ...
     """
     if not isinstance(data, dict):
         raise PlanError(f"{source}: a plan is a map with 'model', 'output' and 'requests', got {type(data).__name__}")

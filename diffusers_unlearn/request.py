@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from .families import ModelFamily
     from .worlds import WorldRecipe
 
-# What a world's recipe may set (``WorldRecipe.unlearn_kwargs``): each is overridden by the caller's own value.
 RECIPE_KEYS = ("method", "domain", "steps", "learning_rate", "rank", "batch_size", "regularizers", "strategy")
+"""What a world's recipe may set (``WorldRecipe.unlearn_kwargs``): each is overridden by the caller's own value."""
 
 
 @dataclass
@@ -52,7 +52,21 @@ class UnlearnRequest:
 
     After construction ``method`` is an ``ObjectiveConfig``, ``domain`` a known domain, ``strategy`` resolved,
     ``prompts`` the list the request trains on and ``templates`` the templates behind them (None for explicit
-    prompts).
+    prompts). Build one with ``resolve_request`` (or ``pipe.unlearn``) to get the library's defaults; this class
+    applies none of them (a bare request is the trained method, ``esd``).
+
+    Raises:
+        ValueError, TypeError: a field that is not allowed (an empty concept, an unknown domain or method, a
+            ``training`` that is not a ``TrainingConfig``, a regularizer the method refuses, empty prompts...),
+            named with what is allowed.
+
+    Examples:
+        >>> request = UnlearnRequest("Van Gogh", "esd", domain="style")
+        >>> request.method.method, request.strategy, request.prompts[0]
+        ('esd', 'sequential', 'an image in Van Gogh style')
+        >>> UnlearnRequest("cat", prompts=[])
+        Traceback (most recent call last):
+        ValueError: prompts must be a non-empty list of non-empty strings, got []
     """
 
     concept: str
@@ -86,17 +100,38 @@ class UnlearnRequest:
 
     @classmethod
     def build(cls, concept: str, method: str | ObjectiveConfig | None = None, **kwargs: Any) -> UnlearnRequest:
-        """``resolve_request(concept, method, **kwargs)``, under the name earlier versions documented."""
+        """``resolve_request(concept, method, **kwargs)``, under the name earlier versions documented.
+
+        Args:
+            concept: what to remove.
+            method: a method name or config; None: the default method (``resolve_request``).
+            **kwargs: the other arguments of ``resolve_request`` (domain, steps, regularizers, options...).
+
+        Returns:
+            The validated request, with the library's defaults applied.
+
+        Raises:
+            ValueError, TypeError: as ``resolve_request``.
+        """
         return resolve_request(concept, method, **kwargs)
 
     def check_regularizers_fit(self) -> None:
         """Each regularizer's own check of this request (e.g. gradient projection cannot retain the concept it
-        removes); ``unlearn`` runs it just before training, after a resumed plan has compared its ledger."""
+        removes); ``unlearn`` runs it just before training, after a resumed plan has compared its ledger.
+
+        Raises:
+            ValueError: a regularizer that cannot serve this request, naming why.
+        """
         for regularizer in self.regularizers:
             regularizer.check_request(self.concept, self.domain)
 
     def record_fields(self) -> dict[str, Any]:
-        """The ledger record's fields that describe the request (the rest come from training it)."""
+        """The ledger record's fields that describe the request (the rest come from training it).
+
+        Returns:
+            concept, domain, method (its name), method_config, strategy, training, prompts, steps and seed, as
+            plain JSON-ready values.
+        """
         return {
             "concept": self.concept,
             "domain": self.domain,
@@ -110,7 +145,13 @@ class UnlearnRequest:
         }
 
     def signature(self) -> dict[str, Any]:
-        """The settings a ledger record of this request must have (a resumed plan compares them)."""
+        """The settings a ledger record of this request must have: a resumed plan compares them with
+        ``record_signature`` of the record in its place, so that a changed plan is refused instead of skipped.
+
+        Returns:
+            concept, domain, method_config, training, seed, regularizers, strategy and prompts, as the ledger
+            stores them (through JSON: tuples become lists).
+        """
         fields = self.record_fields()
         return _signature(fields, [r.to_dict() for r in self.regularizers])
 
@@ -186,7 +227,14 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: st
 
 def record_signature(record: RequestRecord) -> dict[str, Any]:
     """``UnlearnRequest.signature`` read back from a ledger record. A solved method's report is recorded among the
-    regularizers under the method's own name; the request never lists it, so it is left out."""
+    regularizers under the method's own name; the request never lists it, so it is left out.
+
+    Args:
+        record: a request's record from a ledger.
+
+    Returns:
+        The same keys as ``UnlearnRequest.signature``; equal to it when the record came from that request.
+    """
     fields = {
         "concept": record.concept,
         "domain": record.domain,
@@ -214,7 +262,28 @@ def training_config(
     training: TrainingConfig | None, *, steps: int | None = None, rank: int | Literal["full"] | None = None,
     learning_rate: float | None = None, batch_size: int | None = None,
 ) -> TrainingConfig:
-    """``training`` (default: ``TrainingConfig()``) with the shortcut fields that are given replaced."""
+    """``training`` (default: ``TrainingConfig()``) with the shortcut fields that are given replaced: how
+    ``steps=``, ``rank=``... of ``pipe.unlearn`` reach the config.
+
+    Args:
+        training: the config to start from; None: ``TrainingConfig()``. It is not changed.
+        steps: replaces ``steps`` when given.
+        rank: replaces ``rank`` when given.
+        learning_rate: replaces ``learning_rate`` when given.
+        batch_size: replaces ``batch_size`` when given.
+
+    Returns:
+        A new, validated ``TrainingConfig``.
+
+    Raises:
+        TypeError: ``training`` is not a ``TrainingConfig``.
+        ValueError: a value ``TrainingConfig`` refuses.
+
+    Examples:
+        >>> config = training_config(None, steps=50, rank=8)
+        >>> config.steps, config.rank, config.learning_rate
+        (50, 8, 0.0001)
+    """
     if training is not None and not isinstance(training, TrainingConfig):
         raise TypeError(f"training must be a du.TrainingConfig, got {training!r}")
     values = (training or TrainingConfig()).to_dict()
@@ -281,6 +350,16 @@ def resolve_request(
     Raises:
         ValueError, TypeError: a value that is not allowed, named with what is (from ``UnlearnRequest`` and the
             method's config); options given with a ready config; a recipe key that is not in ``RECIPE_KEYS``.
+
+    Examples:
+        >>> resolve_request("van gogh", domain="style").method.method  # no method, no training: the recommended
+        'closed_form'
+        >>> request = resolve_request("van gogh", domain="style", steps=50)  # training asked for: the trained method
+        >>> request.method.method, request.training.steps
+        ('esd', 50)
+        >>> resolve_request("van gogh", steps=0)
+        Traceback (most recent call last):
+        ValueError: steps must be an integer >= 1, got 0
     """
     concept = check_concept(concept)
     recipe = dict(world_recipe.unlearn_kwargs) if world_recipe is not None else {}

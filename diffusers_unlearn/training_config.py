@@ -28,6 +28,17 @@ class TrainingConfig:
         mixed_precision: "no", "fp16" or "bf16": autocast for the UNet passes (adapter parameters stay float32).
         gradient_accumulation_steps: micro-batches of ``batch_size`` per optimizer step.
         gradient_checkpointing: recompute UNet activations in backward (less memory, more time).
+
+    Raises:
+        ValueError: a count that is not a positive integer (or above its maximum), a learning rate, ``lora_alpha``
+            or ``max_grad_norm`` that is not a positive number, an unknown ``mixed_precision``.
+
+    Examples:
+        >>> TrainingConfig(steps=50, rank=8).to_dict()["steps"]
+        50
+        >>> TrainingConfig(rank=0)
+        Traceback (most recent call last):
+        ValueError: rank must be an integer >= 1, got 0
     """
 
     steps: int = 200

@@ -32,6 +32,7 @@ DOCTEST_MODULES = [
     "diffusers_unlearn._validation",
     "diffusers_unlearn.adapters",
     "diffusers_unlearn.classifier_check",
+    "diffusers_unlearn.defaults",
     "diffusers_unlearn.embeddings",
     "diffusers_unlearn.erasure_check",
     "diffusers_unlearn.images",
@@ -40,9 +41,13 @@ DOCTEST_MODULES = [
     "diffusers_unlearn.minicanvas.data",
     "diffusers_unlearn.mixin",
     "diffusers_unlearn.pipelines",
+    "diffusers_unlearn.plan",
+    "diffusers_unlearn.plan_format",
     "diffusers_unlearn.regularizers.base",
     "diffusers_unlearn.regularizers.drift",
+    "diffusers_unlearn.request",
     "diffusers_unlearn.tiny",
+    "diffusers_unlearn.training_config",
     "diffusers_unlearn.worlds",
 ]
 

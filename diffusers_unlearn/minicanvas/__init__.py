@@ -2,15 +2,20 @@
 
 The offline default model of diffusers-unlearn. A real ``StableDiffusionPipeline`` (UNet2DConditionModel with
 cross-attention, AutoencoderKL, CLIPTextModel, an offline CLIP tokenizer, DDIM) trained by
-``python -m diffusers_unlearn.minicanvas.train`` on :mod:`~diffusers_unlearn.minicanvas.data`, plus style and object
+``python -m diffusers_unlearn.minicanvas.train`` on ``minicanvas.data``, plus style and object
 classifiers that judge its images, as UnlearnCanvas does for Stable Diffusion.
 
->>> from diffusers_unlearn import minicanvas as mc
->>> pipe = mc.load_pipeline()
->>> style_clf, object_clf = mc.load_classifiers()
->>> images = pipe([mc.prompt("neon dots", "cat"), mc.prompt("neon dots", "cat", mc.HELDOUT_TEMPLATES[0])], num_inference_steps=mc.NUM_INFERENCE_STEPS,
-...               guidance_scale=mc.GUIDANCE_SCALE).images
->>> style_clf(images), object_clf(images)
+The example below is not run by the doctests (it loads the shipped model and samples with it, too slow for them);
+docs/snippets/minicanvas.py runs the same kind of session in the tests.
+
+Examples:
+    >>> from diffusers_unlearn import minicanvas as mc
+    >>> pipe = mc.load_pipeline()
+    >>> style_clf, object_clf = mc.load_classifiers()
+    >>> prompts = [mc.prompt("neon dots", "cat"), mc.prompt("neon dots", "cat", mc.HELDOUT_TEMPLATES[0])]
+    >>> images = pipe(prompts, num_inference_steps=mc.NUM_INFERENCE_STEPS, guidance_scale=mc.GUIDANCE_SCALE).images
+    >>> style_clf(images), object_clf(images)
+    (['neon dots', 'neon dots'], ['cat', 'cat'])
 """
 
 from __future__ import annotations
@@ -77,12 +82,23 @@ def __getattr__(name: str) -> Any:
 
 def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
                   weights_dir: str | os.PathLike | None = None):
-    """The MiniCanvas ``StableDiffusionPipeline``, loaded offline after checking every file's sha256.
+    """The MiniCanvas ``StableDiffusionPipeline``, loaded offline after checking every file's sha256 against the
+    shipped manifest (a tampered or truncated file is refused before it is read).
 
-    Raises :class:`MiniCanvasWeightsError` (a ``ValueError``) naming the file when a weight file is missing,
-    corrupted or does not fit the model. ``device=None`` leaves it on the CPU; ``torch_dtype=None`` loads float32.
     The pipeline is marked as the ``minicanvas`` world's (``unlearn_world``): its requests may remove only
     ``STYLES`` and ``OBJECTS``.
+
+    Args:
+        device: where to put it; None leaves it on the CPU.
+        torch_dtype: the dtype of its weights; None loads float32.
+        weights_dir: a folder of MiniCanvas weights with its manifest; None: the shipped ``DEFAULT_WEIGHTS_DIR``.
+
+    Returns:
+        A diffusers ``StableDiffusionPipeline`` (attach the unlearning behaviour with ``du.attach``).
+
+    Raises:
+        MiniCanvasWeightsError: a ``ValueError`` naming the file, when a weight file is missing, corrupted or does
+            not fit the model.
     """
     dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
     pipe = importlib.import_module(".weights", __name__).load_pipeline_from(weights_dir, device=device, **dtype)
@@ -91,12 +107,29 @@ def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.d
 
 
 def concepts() -> dict[str, list[str]]:
-    """MiniCanvas's vocabulary, ``{"style": STYLES, "object": OBJECTS}``: what a request on it may remove."""
+    """MiniCanvas's vocabulary: what a request on it may remove (imports no torch, so the command line checks a
+    concept's spelling before any work).
+
+    Returns:
+        ``{"style": STYLES, "object": OBJECTS}``, as new lists.
+    """
     return {"style": list(STYLES), "object": list(OBJECTS)}
 
 
 def load_classifiers(device: str | torch.device | None = None,
                      weights_dir: str | os.PathLike | None = None) -> tuple[ConceptClassifier, ConceptClassifier]:
-    """``(style_classifier, object_classifier)``; each maps PIL images or a ``[B, 3, H, W]`` tensor in [0, 1] to
-    label names (``STYLES`` / ``OBJECTS``). Checks the weights like :func:`load_pipeline`."""
+    """The classifiers that judge MiniCanvas images (UA, IRA and CRA are measured with them), checked like
+    ``load_pipeline``.
+
+    Args:
+        device: where to put them; None leaves them on the CPU.
+        weights_dir: a folder of MiniCanvas weights with its manifest; None: the shipped ``DEFAULT_WEIGHTS_DIR``.
+
+    Returns:
+        ``(style_classifier, object_classifier)``; each maps PIL images or a ``[B, 3, H, W]`` tensor in [0, 1] to
+        label names (``STYLES`` / ``OBJECTS``).
+
+    Raises:
+        MiniCanvasWeightsError: a classifier weight file is missing, corrupted or does not fit the model.
+    """
     return importlib.import_module(".weights", __name__).load_classifiers_from(weights_dir, device=device)

@@ -39,6 +39,7 @@ from .settings import EVAL_SEEDS, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, RESOLUTIO
 
 if TYPE_CHECKING:  # what type checkers see; at run time these load on first use (``__getattr__``)
     import torch
+    from diffusers import StableDiffusionPipeline
 
     from .classifier import ConceptClassifier
     from .weights import DEFAULT_WEIGHTS_DIR, MiniCanvasWeightsError, verify_weights
@@ -81,7 +82,7 @@ def __getattr__(name: str) -> Any:
 
 
 def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
-                  weights_dir: str | os.PathLike | None = None):
+                  weights_dir: str | os.PathLike | None = None) -> StableDiffusionPipeline:
     """The MiniCanvas ``StableDiffusionPipeline``, loaded offline after checking every file's sha256 against the
     shipped manifest (a tampered or truncated file is refused before it is read).
 
@@ -94,7 +95,7 @@ def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.d
         weights_dir: a folder of MiniCanvas weights with its manifest; None: the shipped ``DEFAULT_WEIGHTS_DIR``.
 
     Returns:
-        A diffusers ``StableDiffusionPipeline`` (attach the unlearning behaviour with ``du.attach``).
+        The diffusers pipeline (attach the unlearning behaviour with ``du.attach``).
 
     Raises:
         MiniCanvasWeightsError: a ``ValueError`` naming the file, when a weight file is missing, corrupted or does

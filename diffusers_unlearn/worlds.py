@@ -79,6 +79,8 @@ class World:
         concepts: ``"module:function"`` returning the world's vocabulary, ``{kind: [concepts]}`` (``"style"``,
             ``"object"``): a request on the world that removes a concept outside it is refused before any work,
             with the nearest names (``check_concept``). None: any concept is accepted.
+        evaluation: ``"module:function"`` returning the world's ``evaluation.EvalWorld`` (its axes, prompts and
+            classifiers), what ``du.evaluation.attack`` uses on the world's pipelines. None: the world has none.
     """
 
     name: str
@@ -89,12 +91,13 @@ class World:
     folder: str | None = None
     domains: str | None = None
     concepts: str | None = None
+    evaluation: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.name):
             raise ValueError(f"world name must be one lower-case word (letters, digits, '.', '_', '-'), got "
                              f"{self.name!r}")
-        for what in ("pipeline", "recipe", "domains", "concepts"):
+        for what in ("pipeline", "recipe", "domains", "concepts", "evaluation"):
             value = getattr(self, what)
             if (value is not None or what == "pipeline") and not (isinstance(value, str) and _REFERENCE.match(value)):
                 raise ValueError(f"world {self.name!r}: {what} must be a 'package.module:function' reference, got "
@@ -134,6 +137,10 @@ class World:
         """The world's calibrated settings for a request of ``domain`` with ``method`` (None: the world's own
         calibrated method); None when the world has no recipe."""
         return None if self.recipe is None else _resolve(self.recipe)(domain, method)
+
+    def evaluation_world(self) -> Any:
+        """The world's ``evaluation.EvalWorld``, or None when it declares none."""
+        return None if self.evaluation is None else _resolve(self.evaluation)()
 
     def folder_path(self) -> Path | None:
         return None if self.folder is None else _PACKAGE_DIR / self.folder
@@ -222,6 +229,7 @@ register_world(World(
     folder="minicanvas/weights/pipeline",
     domains="diffusers_unlearn.bench.world:register_minicanvas_domains",
     concepts="diffusers_unlearn.minicanvas:concepts",
+    evaluation="diffusers_unlearn.minicanvas:eval_world",
 ))
 register_world(World("tiny", "tiny random Stable Diffusion test pipeline built offline (seed 0)",
                      pipeline="diffusers_unlearn.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 from conftest import FAST
+from PIL import Image
 
 import diffusers_unlearn as du
 from diffusers_unlearn.cli import main
-from diffusers_unlearn.evaluation import ATTACKS, attack, register_attack
+from diffusers_unlearn.evaluation import ATTACKS, EvalWorld, attack, register_attack
 from diffusers_unlearn.evaluation.attacks import ParaphraseAttack, ParaphraseAttackConfig
 
 STYLES = ["van gogh", "monet", "cubism", "picasso"]
@@ -141,6 +142,37 @@ def test_paraphrase_uses_the_given_wordings(stream):
                     **SHARED, templates=templates)
     assert list(result.details["accuracy_per_template"]) == templates
     assert result.num_images == len(templates)  # one seed, one prompt per template
+
+
+def test_an_attack_prompts_a_concept_of_its_world_with_the_worlds_own_wordings_and_images(stream):
+    rendered = []
+
+    def render(style, obj, seed, size):
+        rendered.append((style, obj, seed, size))
+        return Image.new("RGB", (size, size), (10 * STYLES.index(style), 100 if obj == "cat" else 200, seed % 256))
+
+    world = EvalWorld("tw", STYLES, ["cat", "dog"], "a {object} in {style} style",
+                      heldout_templates=["{style} art of a {object}"], render=render)
+    result = attack(stream, "van gogh", "paraphrase", domain="style", classifier=BrightnessClassifier(), seed=0,
+                    world=world, **SHARED)
+    assert result.settings["world"] == "tw"
+    assert result.settings["plain_prompts"] == ["a cat in van gogh style", "a dog in van gogh style"]
+    assert result.details["templates"] == ["{style} art of a {object}"] and result.num_images == 2
+    tuned = attack(stream, "van gogh", "finetune", domain="style", classifier=BrightnessClassifier(), seed=0,
+                   world=world, **SHARED, **TINY_OPTIONS["finetune"])
+    # trained on the world's images of the kept styles across its objects: 2 kept x 2 objects x 1 image
+    assert tuned.details["training_data"] == "tw renders" and tuned.details["training_images"] == 4
+    assert sorted({(s, o) for s, o, _, _ in rendered}) == [(s, o) for s in ("cubism", "monet") for o in ("cat", "dog")]
+    # outside a world the same attack prompts the concept with the domain's generic templates
+    generic = attack(stream, "van gogh", "paraphrase", domain="style", classifier=BrightnessClassifier(), seed=0,
+                     **SHARED)
+    assert generic.settings["world"] is None and "cat" not in " ".join(generic.settings["plain_prompts"])
+    with pytest.raises(ValueError, match="slots"):  # a two-slot template needs a concept of the world
+        attack(stream, "van gogh", "paraphrase", domain="style", classifier=BrightnessClassifier(), seed=0,
+               templates=["a {object} in {style}"], **SHARED)
+    with pytest.raises(TypeError, match="EvalWorld"):
+        attack(stream, "van gogh", "paraphrase", domain="style", classifier=BrightnessClassifier(), seed=0,
+               world="minicanvas", **SHARED)
 
 
 # ------------------------------------------------------------------------------------------------- bad input

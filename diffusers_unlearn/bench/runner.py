@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import platform
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
 
 from .. import __version__
-from .._validation import check_int, check_number, check_seed
-from ..evaluation import evaluate_unlearning, kv_drift
+from .._validation import check_count, check_int, check_number, check_seed
+from ..evaluation import ATTACKS, attack, evaluate_unlearning, kv_drift
 from ..evaluation.metrics import check_eval_domain
 from ..evaluation.retention import EvalReference
 from ..mixin import attach
@@ -73,9 +76,8 @@ class BenchSettings:
     def __post_init__(self) -> None:
         check_eval_domain(self.domain)
         self.attacks = check_attacks(self.attacks)
-        if self.attack_steps is not None and (isinstance(self.attack_steps, bool)
-                                              or not isinstance(self.attack_steps, int) or self.attack_steps < 1):
-            raise ValueError(f"attack_steps must be an integer >= 1 or None, got {self.attack_steps!r}")
+        if self.attack_steps is not None:
+            check_count(self.attack_steps, "attack_steps")
         if self.method not in OBJECTIVES:
             raise ValueError(f"bench method must be a registered method {sorted(OBJECTIVES)}, got {self.method!r}")
         if self.hparams is None:
@@ -99,8 +101,6 @@ def ca_anchor(settings: BenchSettings, world: BenchWorld) -> str:
 
 def check_attacks(attacks: Sequence[str] | str | None) -> list[str]:
     """Attack kinds by name (a list or a comma-separated string), each a registered kind."""
-    from ..evaluation import ATTACKS
-
     if attacks is None:
         return []
     names = [a.strip() for a in attacks.split(",") if a.strip()] if isinstance(attacks, str) else list(attacks)
@@ -113,8 +113,6 @@ def check_attacks(attacks: Sequence[str] | str | None) -> list[str]:
 def attack_removed(world: BenchWorld, settings: BenchSettings, pipe: Any, removed: Sequence[str],
                    progress: bool = True) -> dict[str, Any]:
     """Every attack of ``settings`` on every removed concept; per kind, robust UA = 100 - mean attack accuracy."""
-    from ..evaluation import attack
-
     config = world.eval_config
     classifier = world.style_classifier if settings.domain == "style" else world.object_classifier
     axis_template = (config.template.format(object=o, style="{}") for o in config.objects) \
@@ -128,7 +126,7 @@ def attack_removed(world: BenchWorld, settings: BenchSettings, pipe: Any, remove
         if settings.attack_steps is not None and kind in ("embedding", "finetune"):
             options["steps"] = settings.attack_steps
         results = [attack(pipe, concept, kind, domain=world.prompt_domain(settings.domain), classifier=classifier,
-                          seed=settings.seed, **options) for concept in removed]
+                          seed=settings.seed, world=world.eval_world, **options) for concept in removed]
         accuracy = sum(r.accuracy for r in results) / len(results)
         plain = sum(r.plain_accuracy for r in results) / len(results)
         out[kind] = {
@@ -308,8 +306,6 @@ def _protocol_job(world_factory: Callable[[], BenchWorld], settings: BenchSettin
                   ) -> tuple[str, list[dict[str, Any]], list[str]]:
     """One protocol in a worker process (``jobs > 1``): its rows and its log lines."""
     torch.set_num_threads(threads)
-    from transformers.utils import logging as transformers_logging
-
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     lines: list[str] = []
@@ -359,9 +355,6 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
             results[protocol.name] = rows
         outer.close()
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         # Costliest first (simultaneous retrains on the whole stream), so the workers finish together.
         order = sorted(protocols, key=lambda p: not p.simultaneous)
         # spawn: forked workers would inherit torch's thread pools and any locks held at fork time

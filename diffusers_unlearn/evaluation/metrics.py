@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,12 +28,12 @@ from typing import Any, Literal
 import torch
 
 from .. import adapters as ad
-from .. import minicanvas as mc
 from .._validation import check_int, check_number, check_seed
 from ..families import denoiser_of
 from ..images import generate_images
 from ..mixin import UnlearnMixin
 from ..state import unlearning_state
+from ..worlds import get_world
 from .classifiers import Classifier, classify
 from .retention import EvalReference, FeatureExtractor, extract_features, frechet_distance, relative_image_change
 
@@ -93,17 +94,18 @@ class EvalConfig:
 
     @classmethod
     def minicanvas(cls, seeds: Sequence[int] | int | None = None, **overrides: Any) -> EvalConfig:
-        """MiniCanvas's concepts, prompt and recommended sampling; ``seeds`` an int = the first n ``EVAL_SEEDS``."""
-        if seeds is None:
-            seeds = list(mc.EVAL_SEEDS)
-        elif isinstance(seeds, int) and not isinstance(seeds, bool):
-            if not 1 <= seeds <= len(mc.EVAL_SEEDS):
-                raise ValueError(f"MiniCanvas has {len(mc.EVAL_SEEDS)} evaluation seeds; asked for {seeds}")
-            seeds = list(mc.EVAL_SEEDS)[:seeds]
-        values = dict(styles=list(mc.STYLES), objects=list(mc.OBJECTS), template=mc.PROMPT_TEMPLATE, seeds=seeds,
-                      num_inference_steps=mc.NUM_INFERENCE_STEPS, guidance_scale=mc.GUIDANCE_SCALE)
-        values.update(overrides)
-        return cls(**values)
+        """Deprecated (kept one release): ``du.minicanvas.eval_world().eval_config(seeds, **overrides)``.
+
+        Args:
+            seeds: the seeds, or an integer n for the first n of MiniCanvas's ``EVAL_SEEDS`` (default: all).
+            **overrides: any other ``EvalConfig`` field.
+
+        Returns:
+            MiniCanvas's concepts, prompt and recommended sampling as an ``EvalConfig``.
+        """
+        warnings.warn("EvalConfig.minicanvas(...) is deprecated: use du.minicanvas.eval_world().eval_config(...) "
+                      "(evaluation takes a world; it knows none of its own)", FutureWarning, stacklevel=2)
+        return get_world("minicanvas").evaluation_world().eval_config(seeds, **overrides)
 
     def concepts(self, domain: str) -> list[str]:
         return list(self.styles if check_eval_domain(domain) == "style" else self.objects)

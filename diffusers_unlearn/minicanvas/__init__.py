@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from ..evaluation.world import EvalWorld
 from .classifier import ConceptClassifier
 from .data import (
     HELDOUT_TEMPLATES,
@@ -43,6 +44,7 @@ from .weights import (
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
     "concepts",
+    "eval_world",
     "EVAL_SEEDS",
     "GUIDANCE_SCALE",
     "HELDOUT_TEMPLATES",
@@ -87,3 +89,16 @@ def load_classifiers(device: str | torch.device | None = None,
     """``(style_classifier, object_classifier)``; each maps PIL images or a ``[B, 3, H, W]`` tensor in [0, 1] to
     label names (``STYLES`` / ``OBJECTS``). Checks the weights like :func:`load_pipeline`."""
     return load_classifiers_from(weights_dir, device=device)
+
+
+def eval_world() -> EvalWorld:
+    """MiniCanvas as evaluation and attacks see it (``du.evaluation.EvalWorld``): every style and object, its prompt
+    and held-out wordings, its evaluation seeds and recommended sampling, its classifiers (``load_classifiers``,
+    which takes ``device`` and ``weights_dir``) and its renderer (the fine-tune attack's real training images).
+
+    Returns:
+        The ``EvalWorld`` named ``"minicanvas"`` (the ``minicanvas`` world's evaluation, ``du.World.evaluation``).
+    """
+    return EvalWorld("minicanvas", STYLES, OBJECTS, PROMPT_TEMPLATE, heldout_templates=HELDOUT_TEMPLATES,
+                     seeds=EVAL_SEEDS, num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
+                     classifiers=load_classifiers, render=render)

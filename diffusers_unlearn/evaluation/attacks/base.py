@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -20,28 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
 
+from ..._validation import check_count, check_number, check_seed
 from ...images import generate_images
+from ...mixin import UnlearnMixin
 from ...prompts import TEMPLATES, check_concept, check_domain
 from ..classifiers import Classifier, classify
 from ..metrics import UNLEARNCANVAS_SEEDS
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner} option {name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_number(owner: str, name: str, value: Any, minimum: float, inclusive: bool = True) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value >= minimum if inclusive else value > minimum)
-    if not ok:
-        bound = f">= {minimum}" if inclusive else f"> {minimum}"
-        raise ValueError(f"{owner} option {name} must be a finite number {bound}, got {value!r}")
+from ..world import EvalWorld, eval_world_of
 
 
 def check_templates(owner: str, name: str, value: Any) -> tuple[str, ...]:
-    """Templates with one ``{}`` slot (the concept) or ``{style}`` and ``{object}`` slots (MiniCanvas-style)."""
+    """Templates with one ``{}`` slot (the concept) or ``{style}`` and ``{object}`` slots (a world's prompt)."""
     if isinstance(value, str) or not isinstance(value, Sequence) or not value:
         raise ValueError(f"{owner} option {name} must be a non-empty list of templates, got {value!r}")
     for template in value:
@@ -59,12 +49,12 @@ class AttackConfig:
 
     Args:
         seeds: generation seeds; every scored prompt gets one image per seed. An integer n: the first n of
-            UnlearnCanvas's seeds (188, 288, 588, 688, 888), MiniCanvas's ``EVAL_SEEDS``.
-        num_inference_steps: sampling steps of every scored image (default: MiniCanvas's).
-        guidance_scale: guidance scale of every scored image (default: MiniCanvas's).
+            UnlearnCanvas's seeds (188, 288, 588, 688, 888).
+        num_inference_steps: sampling steps of every scored image.
+        guidance_scale: guidance scale of every scored image.
         batch_size: images per pipeline call.
-        plain_templates: the concept's plain prompts (default: MiniCanvas's prompt across the other domain for a
-            MiniCanvas concept, else the domain's templates, ``du.prompts.TEMPLATES``).
+        plain_templates: the concept's plain prompts (default: the world's prompt across its other axis for a
+            concept of the attack's world, ``EvalWorld``; else the domain's templates, ``du.prompts.TEMPLATES``).
         progress: progress bars (default: follow the pipeline's ``set_progress_bar_config``).
     """
 
@@ -88,9 +78,9 @@ class AttackConfig:
             raise ValueError(f"{owner} option seeds must be an integer n or a non-empty list of integers >= 0, "
                              f"got {self.seeds!r}")
         self.seeds = list(self.seeds)
-        check_int(owner, "num_inference_steps", self.num_inference_steps, 1)
-        check_int(owner, "batch_size", self.batch_size, 1)
-        check_number(owner, "guidance_scale", self.guidance_scale, 0.0)
+        check_count(self.num_inference_steps, f"{owner} option num_inference_steps")
+        check_count(self.batch_size, f"{owner} option batch_size")
+        check_number(self.guidance_scale, f"{owner} option guidance_scale", minimum=0.0)
         if self.plain_templates is not None:
             self.plain_templates = check_templates(owner, "plain_templates", self.plain_templates)
         if self.progress is not None and not isinstance(self.progress, bool):
@@ -119,9 +109,9 @@ class TrainingAttackConfig(AttackConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = f"attack {self.kind!r}"
-        check_int(owner, "steps", self.steps, 1)
-        check_int(owner, "train_batch_size", self.train_batch_size, 1)
-        check_number(owner, "learning_rate", self.learning_rate, 0.0, inclusive=False)
+        check_count(self.steps, f"{owner} option steps")
+        check_count(self.train_batch_size, f"{owner} option train_batch_size")
+        check_number(self.learning_rate, f"{owner} option learning_rate", minimum=0.0, exclusive_minimum=True)
 
 
 @dataclass
@@ -166,51 +156,35 @@ class AttackResult:
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
-def minicanvas_axis(concept: str, domain: str) -> str | None:
-    """"style" or "object" when ``concept`` is a MiniCanvas concept of that domain ("style", "object" or a bench
-    world's "<world>-style" / "<world>-object"), else None."""
-    from ... import minicanvas as mc
-
-    axis = domain.rsplit("-", 1)[-1]
-    if axis == "style" and concept in mc.STYLES:
-        return "style"
-    if axis == "object" and concept in mc.OBJECTS:
-        return "object"
-    return None
-
-
-def fill_templates(templates: Sequence[str], concept: str, axis: str | None) -> list[list[str]]:
+def fill_templates(templates: Sequence[str], concept: str, world: EvalWorld | None,
+                   axis: str | None) -> list[list[str]]:
     """The prompts of each template: a ``{}`` template gives one prompt; a ``{style}``/``{object}`` template gives
-    one per concept of MiniCanvas's other domain (``axis``: the concept's own domain)."""
-    from ... import minicanvas as mc
-
+    one per concept of the world's other axis (``axis``: the concept's own, ``world.axis``)."""
     out = []
     for template in templates:
         if "{}" in template:
             out.append([template.format(concept)])
             continue
-        if axis is None:
-            raise ValueError(f"template {template!r} has {{style}}/{{object}} slots, which only MiniCanvas concepts "
-                             f"fill; {concept!r} is not one: use templates with one '{{}}' slot")
-        others = mc.OBJECTS if axis == "style" else mc.STYLES
-        out.append([template.format(style=concept, object=o) if axis == "style" else
-                    template.format(style=o, object=concept) for o in others])
+        if world is None or axis is None:
+            raise ValueError(f"template {template!r} has {{style}}/{{object}} slots, which only a concept of the "
+                             f"attack's world fills (world={None if world is None else world.name!r}); "
+                             f"{concept!r} is not one: use templates with one '{{}}' slot, or pass world=")
+        out.append(world.fill(template, concept, axis))
     return out
 
 
-def default_plain_templates(concept: str, domain: str) -> tuple[str, ...]:
-    """MiniCanvas's own prompt for its concepts, else the domain's request templates."""
-    if minicanvas_axis(concept, domain) is not None:
-        from ... import minicanvas as mc
-
-        return (mc.PROMPT_TEMPLATE,)
+def default_plain_templates(concept: str, domain: str, world: EvalWorld | None) -> tuple[str, ...]:
+    """The world's own prompt for its concepts, else the domain's request templates."""
+    if world is not None and world.axis(concept, domain) is not None:
+        return (world.template,)
     return TEMPLATES[check_domain(domain)]
 
 
 # ------------------------------------------------------------------------------------------------------ context
 @dataclass
 class AttackContext:
-    """What an attack works with: the pipeline (never to be changed), the concept, the judge and the settings."""
+    """What an attack works with: the pipeline (never to be changed), the concept, the judge, the settings and the
+    world the concept belongs to (None: a concept prompted with the domain's generic templates)."""
 
     pipe: Any
     concept: str
@@ -218,11 +192,12 @@ class AttackContext:
     classifier: Classifier
     seed: int
     config: AttackConfig
+    world: EvalWorld | None = None
     _plain: float | None = None
 
     @property
     def axis(self) -> str | None:
-        return minicanvas_axis(self.concept, self.domain)
+        return None if self.world is None else self.world.axis(self.concept, self.domain)
 
     @property
     def progress(self) -> bool:
@@ -231,11 +206,12 @@ class AttackContext:
         return not (getattr(self.pipe, "_progress_bar_config", None) or {}).get("disable", False)
 
     def plain_templates(self) -> tuple[str, ...]:
-        return tuple(self.config.plain_templates or default_plain_templates(self.concept, self.domain))
+        return tuple(self.config.plain_templates or default_plain_templates(self.concept, self.domain, self.world))
 
     def prompts(self, templates: Sequence[str], concept: str | None = None) -> list[str]:
         """Every prompt of ``templates`` filled with ``concept`` (default: the attacked concept's own words)."""
-        return [p for group in fill_templates(templates, concept or self.concept, self.axis) for p in group]
+        return [p for group in fill_templates(templates, concept or self.concept, self.world, self.axis)
+                for p in group]
 
     def plain_prompts(self) -> list[str]:
         return self.prompts(self.plain_templates())
@@ -327,6 +303,7 @@ def attack(
     domain: str | None = None,
     classifier: Classifier,
     seed: int = 0,
+    world: EvalWorld | None = None,
     **options: Any,
 ) -> AttackResult:
     """Try to bring ``concept`` back on ``pipe`` with one kind of attack; the pipeline is left unchanged.
@@ -335,22 +312,38 @@ def attack(
         pipe: a Stable Diffusion-family pipeline, unlearned (``du.attach``) or not.
         concept: the concept to recover, a label the classifier answers with.
         kind: "paraphrase", "embedding", "finetune", "rollback" or any registered kind (``ATTACKS``).
-        domain: prompt domain of the concept ("style", "object", "concept" (default) or registered). A MiniCanvas
-            style or object is prompted with MiniCanvas's own prompt across the other domain.
+        domain: prompt domain of the concept ("style", "object", "concept" (default), registered, or a world's
+            ``"<world>-style"`` / ``"<world>-object"``). A style or object of the world is prompted with the world's
+            own prompt across its other axis.
         classifier: ``images -> labels``; accuracy is the percent of images it names as ``concept``.
         seed: makes the attack reproducible (optimisation noise, timesteps, minibatches, adapter init).
+        world: the world the concept belongs to (its axes, prompts, held-out wordings and training images;
+            ``EvalWorld``). None: the world of the pipeline or domain (``eval_world_of``: e.g. MiniCanvas for a
+            pipeline loaded with ``du.minicanvas.load_pipeline``), if any.
         **options: the kind's settings (see its config class, e.g. ``EmbeddingAttackConfig``) and the shared ones
             of ``AttackConfig`` (``seeds``, ``num_inference_steps``, ``guidance_scale``, ...).
+
+    Returns:
+        The ``AttackResult``: accuracy under attack and on the plain prompts, cost, settings and per-kind details.
+
+    Raises:
+        ValueError: an unknown kind, a bad option, concept, domain or seed, or a concept the classifier never
+            answers with.
+        TypeError: an option the kind does not have, a classifier that is not callable, a world that is not an
+            ``EvalWorld``, or a pipeline the kind cannot attack.
     """
     config = build_attack_config(kind, options)
     concept = check_concept(concept)
     domain = "concept" if domain is None else domain
     if not isinstance(domain, str) or not domain:
         raise ValueError(f"domain must be a non-empty string, got {domain!r}")
-    if minicanvas_axis(concept, domain) is None:
+    if world is None:
+        world = eval_world_of(pipe, domain)
+    elif not isinstance(world, EvalWorld):
+        raise TypeError(f"world must be an evaluation.EvalWorld or None, got {world!r}")
+    if world is None or world.axis(concept, domain) is None:
         check_domain(domain)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_seed(seed)
     if not callable(classifier):
         raise TypeError(f"classifier must be a callable from images to labels, got {classifier!r}")
     labels = getattr(classifier, "labels", None)
@@ -359,7 +352,7 @@ def attack(
                          f"{list(labels)[:20]}")
     if getattr(pipe, "unet", None) is None:
         raise TypeError(f"attacks need a UNet pipeline (Stable Diffusion 1.x/2.x or SDXL), got {type(pipe).__name__}")
-    context = AttackContext(pipe, concept, domain, classifier, seed, config)
+    context = AttackContext(pipe, concept, domain, classifier, seed, config, world)
     runner = ATTACKS[kind](config, context)
     runner.check()
     plain = context.plain_accuracy()
@@ -374,7 +367,8 @@ def attack(
         seconds=round(time.perf_counter() - started, 3),
         steps=int(outcome.steps),
         num_images=int(outcome.num_images),
-        settings={**config.to_dict(), "seed": seed, "plain_prompts": context.plain_prompts()},
+        settings={**config.to_dict(), "seed": seed, "world": None if world is None else world.name,
+                  "plain_prompts": context.plain_prompts()},
         details=outcome.details,
     )
 
@@ -383,8 +377,6 @@ def attack(
 def base_pipeline(pipe: Any) -> Any:
     """The model before any unlearning request: ``pipe`` itself when it holds none, else a copy with every request
     rolled back (the user's pipeline is untouched)."""
-    from ...mixin import UnlearnMixin
-
     if not isinstance(pipe, UnlearnMixin) or not pipe.unlearning_ledger.requests:
         return pipe
     base = copy.deepcopy(pipe)
@@ -415,8 +407,6 @@ class NoisedBatches:
     generator, the noised latents and the target the pipeline's scheduler predicts (epsilon or v)."""
 
     def __init__(self, pipe: Any, latents: torch.Tensor, generator: torch.Generator):
-        from diffusers import DDPMScheduler
-
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -439,10 +429,6 @@ class NoisedBatches:
 
 def diffusers_class(pipe: Any) -> type:
     """The plain diffusers class of a pipeline (``du.attach`` makes a subclass that adds ``UnlearnMixin``)."""
-    from diffusers import DiffusionPipeline
-
-    from ...mixin import UnlearnMixin
-
     for cls in type(pipe).__mro__:
         if issubclass(cls, DiffusionPipeline) and not issubclass(cls, UnlearnMixin):
             return cls

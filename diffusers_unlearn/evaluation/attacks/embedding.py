@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..._validation import check_count
+
 from .base import (
     Attack,
     AttackOutcome,
     NoisedBatches,
     TrainingAttackConfig,
     base_pipeline,
-    check_int,
     generate_latents,
     pipeline_view,
 )
@@ -58,8 +59,8 @@ class EmbeddingAttackConfig(TrainingAttackConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = "attack 'embedding'"
-        check_int(owner, "tries", self.tries, 1)
-        check_int(owner, "reference_seeds", self.reference_seeds, 1)
+        check_count(self.tries, f"{owner} option tries")
+        check_count(self.reference_seeds, f"{owner} option reference_seeds")
         if self.tries > self.steps:
             raise ValueError(f"{owner} option tries ({self.tries}) cannot exceed steps ({self.steps})")
         if self.init is not None and (not isinstance(self.init, str) or not self.init.strip()):

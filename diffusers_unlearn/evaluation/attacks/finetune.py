@@ -6,8 +6,9 @@ a peft LoRA is put on every attention projection of its UNet (``to_q``, ``to_k``
 cross-attention) and trained with the ordinary denoising loss on images of kept concepts only; then the erased
 concept's plain prompts are scored on the copy. The pipeline given is never touched.
 
-Training images: on MiniCanvas, the renderer's own images of the kept concepts (real data, as a user would have);
-elsewhere, the pipeline's own samples of the kept concepts' plain prompts.
+Training images: for a concept of the attack's world that renders its concepts (``EvalWorld.render``, e.g.
+MiniCanvas), the world's own images of the kept concepts (real data, as a user would have); elsewhere, the
+pipeline's own samples of the kept concepts' plain prompts.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
 from tqdm.auto import tqdm
 
+from ..._validation import check_count
 from ...conditioning import TextConditioner
+from ...mixin import UnlearnMixin
 from ...prompts import check_concept, same_concept
 from ...vocabulary import DEFAULT_VOCABULARY
 from .base import (
@@ -30,8 +34,8 @@ from .base import (
     AttackOutcome,
     NoisedBatches,
     TrainingAttackConfig,
-    check_int,
     default_plain_templates,
+    fill_templates,
     generate_latents,
 )
 
@@ -39,7 +43,7 @@ ADAPTER_NAME = "resurgence_attack"
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 # Training images are drawn at seeds from here on, away from the scored images' seeds.
 TRAINING_SEED_OFFSET = 20_000
-# Kept concepts taken from the built-in vocabulary when none are given (outside MiniCanvas).
+# Kept concepts taken from the built-in vocabulary when none are given (for a concept outside the attack's world).
 DEFAULT_KEPT = 8
 
 
@@ -50,8 +54,9 @@ class FinetuneAttackConfig(TrainingAttackConfig):
     learning_rate: AdamW learning rate of the LoRA.
     rank: LoRA rank (alpha = rank).
     train_batch_size: images per step.
-    kept: the concepts to fine-tune on (default: MiniCanvas's concepts of the domain that are neither removed nor
-        attacked; elsewhere the first 8 such concepts of the built-in vocabulary of the domain).
+    kept: the concepts to fine-tune on (default: the world's concepts of the attacked concept's axis that are
+        neither removed nor attacked; outside a world the first 8 such concepts of the built-in vocabulary of the
+        domain).
     images_per_prompt: training images per kept concept and prompt.
     """
 
@@ -65,8 +70,8 @@ class FinetuneAttackConfig(TrainingAttackConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = "attack 'finetune'"
-        check_int(owner, "rank", self.rank, 1)
-        check_int(owner, "images_per_prompt", self.images_per_prompt, 1)
+        check_count(self.rank, f"{owner} option rank")
+        check_count(self.images_per_prompt, f"{owner} option images_per_prompt")
         if self.kept is not None:
             if isinstance(self.kept, str) or not isinstance(self.kept, Sequence) or not self.kept:
                 raise ValueError(f"{owner} option kept must be a non-empty list of concepts, got {self.kept!r}")
@@ -91,10 +96,7 @@ class FinetuneAttack(Attack):
             return not any(same_concept(c, r) for r in [*removed, ctx.concept])
 
         if ctx.axis is not None:
-            from ... import minicanvas as mc
-
-            pool = mc.STYLES if ctx.axis == "style" else mc.OBJECTS
-            kept = [c for c in pool if keep(c)]
+            kept = [c for c in ctx.world.concepts(ctx.axis) if keep(c)]
         else:
             pool = DEFAULT_VOCABULARY.get(ctx.domain.rsplit("-", 1)[-1], ())
             kept = [c for c in pool if keep(c)][:DEFAULT_KEPT]
@@ -104,10 +106,6 @@ class FinetuneAttack(Attack):
         return kept
 
     def run(self) -> AttackOutcome:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        from ...mixin import UnlearnMixin
-
         ctx, cfg = self.context, self.config
         kept = self.kept_concepts()
         work = copy.deepcopy(ctx.pipe)
@@ -155,7 +153,8 @@ class FinetuneAttack(Attack):
             details={
                 "kept": kept,
                 "training_images": len(latents),
-                "training_data": "minicanvas renders" if ctx.axis is not None else "pipeline samples",
+                "training_data": f"{ctx.world.name} renders" if ctx.axis is not None and ctx.world.render is not None
+                else "pipeline samples",
                 "lora_parameters": sum(p.numel() for p in params),
                 "loss_first": sum(losses[:window]) / window,
                 "loss_last": sum(losses[-window:]) / window,
@@ -166,17 +165,16 @@ class FinetuneAttack(Attack):
         """Prompts and clean latents of the kept concepts."""
         ctx, cfg = self.context, self.config
         seeds = [TRAINING_SEED_OFFSET + ctx.seed * cfg.images_per_prompt + i for i in range(cfg.images_per_prompt)]
-        if ctx.axis is not None:
-            from ... import minicanvas as mc
-
-            pairs = [(k, o) if ctx.axis == "style" else (o, k)
-                     for k in kept for o in (mc.OBJECTS if ctx.axis == "style" else mc.STYLES)]
+        world, axis = ctx.world, ctx.axis
+        if axis is not None and world.render is not None:
+            other = world.objects if axis == "style" else world.styles
+            pairs = [(k, o) if axis == "style" else (o, k) for k in kept for o in other]
             cases = [(s, o, seed) for s, o in pairs for seed in seeds]
-            prompts = [mc.prompt(s, o) for s, o, _ in cases]
+            prompts = [world.prompt(s, o) for s, o, _ in cases]
             size = work.unet.config.sample_size * work.vae_scale_factor
-            return prompts, self._encode_images(work, [mc.render(s, o, seed, size=size) for s, o, seed in cases])
-        templates = default_plain_templates(kept[0], ctx.domain)
-        base_prompts = [t.format(k) for k in kept for t in templates if "{}" in t]
+            return prompts, self._encode_images(work, [world.render(s, o, seed, size) for s, o, seed in cases])
+        templates = default_plain_templates(kept[0], ctx.domain, world if axis is not None else None)
+        base_prompts = [p for k in kept for group in fill_templates(templates, k, world, axis) for p in group]
         cases = [(p, s) for p in base_prompts for s in seeds]
         latents = generate_latents(work, [p for p, _ in cases], [s for _, s in cases],
                                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
 from ..._validation import check_count, check_number, check_seed
+from ...conditioning import Conditioner, Conditioning
+from ...families import family_of
 from ...images import generate_images
 from ...mixin import UnlearnMixin
 from ...prompts import TEMPLATES, check_concept, check_domain
@@ -194,6 +196,7 @@ class AttackContext:
     config: AttackConfig
     world: EvalWorld | None = None
     _plain: float | None = None
+    _plain_images: torch.Tensor | None = None
 
     @property
     def axis(self) -> str | None:
@@ -235,8 +238,15 @@ class AttackContext:
     def plain_accuracy(self) -> float:
         """The plain prompts on the pipeline as given (computed once)."""
         if self._plain is None:
-            self._plain = self.accuracy(self.pipe, self.plain_prompts(), "plain prompts")
+            self._plain_images = self.images(self.pipe, self.plain_prompts(), "plain prompts")
+            hits = self.hits(self._plain_images)
+            self._plain = 100.0 * sum(hits) / len(hits)
         return self._plain
+
+    def plain_images(self) -> torch.Tensor:
+        """The plain prompts' images on the pipeline as given (``images`` order; computed once)."""
+        self.plain_accuracy()
+        return self._plain_images
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
@@ -309,7 +319,7 @@ def attack(
     """Try to bring ``concept`` back on ``pipe`` with one kind of attack; the pipeline is left unchanged.
 
     Args:
-        pipe: a Stable Diffusion-family pipeline, unlearned (``du.attach``) or not.
+        pipe: a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux pipeline, unlearned (``du.attach``) or not.
         concept: the concept to recover, a label the classifier answers with.
         kind: "paraphrase", "embedding", "finetune", "rollback" or any registered kind (``ATTACKS``).
         domain: prompt domain of the concept ("style", "object", "concept" (default), registered, or a world's
@@ -350,8 +360,7 @@ def attack(
     if labels is not None and concept not in list(labels):
         raise ValueError(f"the classifier never answers {concept!r}, so no attack could find it; its labels: "
                          f"{list(labels)[:20]}")
-    if getattr(pipe, "unet", None) is None:
-        raise TypeError(f"attacks need a UNet pipeline (Stable Diffusion 1.x/2.x or SDXL), got {type(pipe).__name__}")
+    family_of(pipe)  # a TypeError naming the supported families for any other pipeline
     context = AttackContext(pipe, concept, domain, classifier, seed, config, world)
     runner = ATTACKS[kind](config, context)
     runner.check()
@@ -389,8 +398,8 @@ def base_pipeline(pipe: Any) -> Any:
 @torch.no_grad()
 def generate_latents(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int,
                      guidance_scale: float, batch_size: int = 64) -> torch.Tensor:
-    """Final latents (the UNet's space, before the VAE) of one sample per ``(prompts[i], seeds[i])``, on the CPU;
-    each sample seeded on its own as in ``generate_images``."""
+    """Final latents (the denoiser's space, before the VAE: Flux's packed tokens) of one sample per
+    ``(prompts[i], seeds[i])``, on the CPU; each sample seeded on its own as in ``generate_images``."""
     view = pipeline_view(pipe)
     view.set_progress_bar_config(disable=True)
     chunks = []
@@ -404,27 +413,47 @@ def generate_latents(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *,
 
 class NoisedBatches:
     """Minibatches for ordinary denoising training on clean latents: rows, timesteps and noise drawn from one
-    generator, the noised latents and the target the pipeline's scheduler predicts (epsilon or v)."""
+    generator, the noised latents and the target the pipeline's model predicts.
+
+    UNets (DDPM noising): epsilon or v, as the scheduler's ``prediction_type`` says. Flow-matching transformers (SD3,
+    Flux): ``x_t = (1 - sigma) x0 + sigma noise`` and the velocity ``noise - x0``, with sigma and its timestep
+    drawn uniformly from the scheduler's training schedule, as diffusers' SD3 and Flux training scripts do.
+    """
 
     def __init__(self, pipe: Any, latents: torch.Tensor, generator: torch.Generator):
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"denoising training supports epsilon and v_prediction schedulers, got "
-                             f"{self.prediction_type!r}")
+        self.flow = family_of(pipe).parametrisation == "flow"
+        if self.flow:
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            self.prediction_type = "flow"
+        else:
+            self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            self.prediction_type = self.scheduler.config.prediction_type
+            if self.prediction_type not in ("epsilon", "v_prediction"):
+                raise ValueError(f"denoising training supports epsilon and v_prediction schedulers, got "
+                                 f"{self.prediction_type!r}")
         self.latents = latents
         self.generator = generator
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rows, noisy latents, timesteps, target)``, on the CPU in float32."""
+        """``(rows, noisy latents, timesteps, target)``, on the CPU in float32; ``timesteps`` in the scheduler's
+        units (what the pipeline's sampler hands the model)."""
         gen = self.generator
         rows = torch.randint(0, len(self.latents), (batch_size,), generator=gen)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        index = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
         clean = self.latents[rows]
         noise = torch.randn(clean.shape, generator=gen)
-        noisy = self.scheduler.add_noise(clean, noise, timesteps)
-        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(clean, noise, timesteps)
-        return rows, noisy, timesteps, target
+        if self.flow:
+            sigma = self.scheduler.sigmas[index].float().view(-1, *[1] * (clean.ndim - 1))
+            return rows, (1.0 - sigma) * clean + sigma * noise, self.scheduler.timesteps[index].float(), noise - clean
+        noisy = self.scheduler.add_noise(clean, noise, index)
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(clean, noise, index)
+        return rows, noisy, index, target
+
+
+def differentiable_encode(conditioner: Conditioner, prompts: list[str]) -> Conditioning:
+    """``conditioner.encode(prompts)`` (the pipeline's own ``encode_prompt``) with gradients: the conditioner's
+    encoding is wrapped in ``torch.no_grad``, which an attack that learns a token embedding must go around."""
+    return inspect.unwrap(type(conditioner).encode)(conditioner, prompts)
 
 
 def diffusers_class(pipe: Any) -> type:
@@ -433,6 +462,11 @@ def diffusers_class(pipe: Any) -> type:
         if issubclass(cls, DiffusionPipeline) and not issubclass(cls, UnlearnMixin):
             return cls
     raise TypeError(f"{type(pipe).__name__} is not a diffusers pipeline")
+
+
+# Pipeline-object settings a view keeps: the default image size (FluxPipeline hard-codes 1024 px), the text length
+# unlearning reads, the world the pipeline was loaded as.
+VIEW_ATTRIBUTES = ("default_sample_size", "unlearning_max_sequence_length", "unlearn_world")
 
 
 def pipeline_view(pipe: Any, **replace: Any) -> Any:
@@ -446,5 +480,8 @@ def pipeline_view(pipe: Any, **replace: Any) -> Any:
     if "requires_safety_checker" in accepted:
         components["requires_safety_checker"] = bool(getattr(pipe.config, "requires_safety_checker", False))
     view = cls(**{k: v for k, v in components.items() if k in accepted})
+    for name in VIEW_ATTRIBUTES:  # what a deployment (or the tiny Flux pipeline) sets on the pipeline object
+        if name in vars(pipe):
+            setattr(view, name, getattr(pipe, name))
     view.set_progress_bar_config(**(getattr(pipe, "_progress_bar_config", None) or {}))
     return view

@@ -18,6 +18,7 @@ from transformers.utils import logging as transformers_logging
 from .. import __version__
 from .._validation import check_count, check_int, check_number, check_seed
 from ..evaluation import ATTACKS, attack, evaluate_unlearning, kv_drift
+from ..evaluation.distributed import launched_processes
 from ..evaluation.metrics import check_eval_domain
 from ..evaluation.retention import EvalReference
 from ..mixin import attach
@@ -324,6 +325,12 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
     Row 0 of every protocol is the base model (evaluated once); row k is the state after request k.
     ``jobs > 1`` runs protocols in that many worker processes (one torch thread each), which rebuild the world
     with ``world_factory`` (a picklable callable, e.g. ``functools.partial(minicanvas_world, ...)``).
+    Launched on several processes (``accelerate launch`` / ``torch.distributed.run``, ``bench --processes N``),
+    every process serves the same stream and each evaluation's images are shared out among them
+    (``evaluation.distributed``): a solved request is solved alike in every process, and scores equal one
+    process's exactly; a trained request trains data-parallel (the trainer's mode under a launcher: each process
+    an equal share of the batch, gradients averaged), equal to one process's to float rounding. Then ``jobs`` must
+    be 1 and a trained protocol's batch size a multiple of the processes.
     """
     say = log or (lambda message: None)
     started = time.perf_counter()
@@ -332,6 +339,16 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
     check_int(jobs, "jobs", minimum=1)
     if jobs > 1 and world_factory is None:
         raise ValueError("jobs > 1 needs a picklable world_factory: worker processes rebuild the world")
+    processes = launched_processes()
+    if jobs > 1 and processes > 1:
+        raise ValueError(f"jobs must be 1 on {processes} launched processes: they share out each evaluation's "
+                         f"images, not protocols")
+    trained = [p.name for p in protocols
+               if issubclass(OBJECTIVES[p.method or settings.method][0], TrainedObjectiveConfig)]
+    if processes > 1 and trained and settings.hparams.batch_size % processes:
+        raise ValueError(f"on {processes} processes the trained protocols {trained} train data-parallel (each "
+                         f"process an equal share of the batch): batch_size {settings.hparams.batch_size} must be a "
+                         f"multiple of {processes} (--batch-size)")
     if settings.method == "ca":  # the results record the anchor every request used
         settings = dataclasses.replace(settings, anchor=ca_anchor(settings, world))
         if settings.anchor in stream:
@@ -383,6 +400,7 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
             "diffusers_unlearn": __version__,
             "torch": torch.__version__,
             "jobs": jobs,
+            "processes": processes,
             "threads": torch.get_num_threads() if jobs == 1 else 1,
             "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),

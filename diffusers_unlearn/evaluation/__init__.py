@@ -31,6 +31,7 @@ from .metrics import (
     request_costs,
     score_predictions,
 )
+from .distributed import evaluation_state, generate_and_classify, launched_processes
 from .retention import EvalReference, FeatureExtractor, frechet_distance, relative_image_change, seed_gap
 from .world import EvalWorld, eval_world_of, named_eval_world
 
@@ -52,6 +53,9 @@ __all__ = [
     "UnlearnCanvasScores",
     "classify",
     "evaluate_unlearning",
+    "evaluation_state",
+    "generate_and_classify",
+    "launched_processes",
     "eval_world_of",
     "named_eval_world",
     "frechet_distance",

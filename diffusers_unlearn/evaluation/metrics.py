@@ -30,11 +30,11 @@ import torch
 from .. import adapters as ad
 from .._validation import check_int, check_number, check_seed
 from ..families import denoiser_of
-from ..images import generate_images
 from ..mixin import UnlearnMixin
 from ..state import unlearning_state
 from ..worlds import get_world
-from .classifiers import Classifier, classify
+from .classifiers import Classifier
+from .distributed import classify_batches, generate_and_classify
 from .retention import EvalReference, FeatureExtractor, extract_features, frechet_distance, relative_image_change
 
 Domain = Literal["style", "object"]
@@ -220,27 +220,53 @@ def evaluate_unlearning(
     images: torch.Tensor | None = None,
     reference: EvalReference | None = None,
     feature_extractor: FeatureExtractor | None = None,
+    accelerator: Any = None,
 ) -> UnlearnCanvasScores:
     """Generate ``config``'s images with ``pipe`` (or take ``images``, in ``config.cases()`` order) and score them.
 
-    ``reference``: the base model's images of the same cases (``EvalReference.from_images(base_scores.images)``);
-    with it the kept concepts' images are compared with the base's (``image_change``, and ``frechet`` when the
-    reference has features and ``feature_extractor`` is given). The scored images are on ``scores.images``.
+    Each image is seeded by its own case's seed, never by the process that draws it: launched on several processes
+    (``accelerate launch`` / ``torch.distributed.run``), the images' batches are shared out and gathered again
+    (``evaluation.distributed``), and every process returns the scores one process computes.
+
+    Args:
+        pipe: the pipeline to evaluate (the same in every process).
+        removed: the removed concepts of ``domain``.
+        domain: "style" or "object".
+        style_classifier: ``images -> style labels``.
+        object_classifier: ``images -> object labels``.
+        config: what to generate and how to sample it.
+        progress: a progress bar (on the main process).
+        images: the images of ``config.cases()`` instead of generating them.
+        reference: the base model's images of the same cases (``EvalReference.from_images(base_scores.images)``);
+            with it the kept concepts' images are compared with the base's (``image_change``, and ``frechet`` when
+            the reference has features and ``feature_extractor`` is given).
+        feature_extractor: ``images -> [B, F]`` features for the Fréchet distance.
+        accelerator: the processes to split the images over: an ``accelerate.Accelerator`` or ``PartialState``;
+            None (default): all the launched processes, if several; False: this process alone.
+
+    Returns:
+        The ``UnlearnCanvasScores``, with the scored images on ``scores.images``.
+
+    Raises:
+        ValueError: a bad domain, a removed concept outside the evaluation, images that do not match the cases or
+            the reference, or a classifier that answers the wrong number of labels.
     """
     domain = check_eval_domain(domain)
     cases = config.cases()
     started = time.perf_counter()
+    classifiers = (style_classifier, object_classifier)
     if images is None:
-        images = generate_images(
-            pipe, [config.prompt(s, o) for s, o, _ in cases], [seed for _, _, seed in cases],
+        images, (style_labels, object_labels) = generate_and_classify(
+            pipe, [config.prompt(s, o) for s, o, _ in cases], [seed for _, _, seed in cases], classifiers,
             num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
             batch_size=config.batch_size, height=config.height, width=config.width, progress=progress,
-            desc=f"evaluating ({len(removed)} removed)",
+            desc=f"evaluating ({len(removed)} removed)", accelerator=accelerator,
         )
     elif len(images) != len(cases):
         raise ValueError(f"got {len(images)} images for {len(cases)} evaluation cases")
-    scores = score_predictions(cases, classify(style_classifier, images), classify(object_classifier, images),
-                               removed, domain)
+    else:
+        style_labels, object_labels = classify_batches(classifiers, images, config.batch_size)
+    scores = score_predictions(cases, style_labels, object_labels, removed, domain)
     if reference is not None:
         if reference.images.shape != images.shape:
             raise ValueError(f"reference images {tuple(reference.images.shape)} do not match this evaluation's "

@@ -4,6 +4,7 @@ share out an evaluation's images (alone and in the bench) with the scores of one
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,12 @@ from diffusers_unlearn.ledger import read_ledger_dir
 def launched(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
     worker = Path(__file__).with_name("distributed_worker.py")
+    # the workers import the package this test imported (a checkout's, not another installed copy)
+    package_root = str(Path(du.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return out

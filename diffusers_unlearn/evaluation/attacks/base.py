@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-from ..._validation import check_count, check_number, check_seed
+from ..._validation import check_count, check_int, check_number, check_seed
 from ...conditioning import Conditioner, Conditioning
 from ...families import family_of
 from ...images import generate_images
@@ -71,15 +71,13 @@ class AttackConfig:
     def __post_init__(self) -> None:
         owner = f"attack {self.kind!r}"
         if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
-            if not 1 <= self.seeds <= len(UNLEARNCANVAS_SEEDS):
-                raise ValueError(f"{owner} option seeds: an integer must be 1..{len(UNLEARNCANVAS_SEEDS)} (the first "
-                                 f"n of {list(UNLEARNCANVAS_SEEDS)}), got {self.seeds!r}; or pass a list of seeds")
+            check_int(self.seeds, f"{owner} option seeds (an integer n: the first n of {list(UNLEARNCANVAS_SEEDS)}; "
+                                  f"or a list of seeds)", minimum=1, maximum=len(UNLEARNCANVAS_SEEDS))
             self.seeds = list(UNLEARNCANVAS_SEEDS[: self.seeds])
-        elif isinstance(self.seeds, str) or not isinstance(self.seeds, Sequence) or not self.seeds or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
+        elif isinstance(self.seeds, str) or not isinstance(self.seeds, Sequence) or not self.seeds:
             raise ValueError(f"{owner} option seeds must be an integer n or a non-empty list of integers >= 0, "
                              f"got {self.seeds!r}")
-        self.seeds = list(self.seeds)
+        self.seeds = [check_seed(s, f"{owner} option seeds") for s in self.seeds]
         check_count(self.num_inference_steps, f"{owner} option num_inference_steps")
         check_count(self.batch_size, f"{owner} option batch_size")
         check_number(self.guidance_scale, f"{owner} option guidance_scale", minimum=0.0)

@@ -84,6 +84,8 @@ class World:
         concepts: ``"module:function"`` returning the world's vocabulary, ``{kind: [concepts]}`` (``"style"``,
             ``"object"``): a request on the world that removes a concept outside it is refused before any work,
             with the nearest names (``check_concept``). None: any concept is accepted.
+        evaluation: ``"module:function"`` returning the world's ``evaluation.EvalWorld`` (its axes, prompts and
+            classifiers), what ``du.evaluation.attack`` uses on the world's pipelines. None: the world has none.
 
     Raises:
         ValueError: a name that is not one lower-case word, or a reference not shaped ``"package.module:function"``.
@@ -102,12 +104,13 @@ class World:
     folder: str | None = None
     domains: str | None = None
     concepts: str | None = None
+    evaluation: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", self.name):
             raise ValueError(f"world name must be one lower-case word (letters, digits, '.', '_', '-'), got "
                              f"{self.name!r}")
-        for what in ("pipeline", "recipe", "domains", "concepts"):
+        for what in ("pipeline", "recipe", "domains", "concepts", "evaluation"):
             value = getattr(self, what)
             if (value is not None or what == "pipeline") and not (isinstance(value, str) and _REFERENCE.match(value)):
                 raise ValueError(f"world {self.name!r}: {what} must be a 'package.module:function' reference, got "
@@ -165,6 +168,10 @@ class World:
             The recipe, or None when the world has none (the library's defaults apply).
         """
         return None if self.recipe is None else _resolve(self.recipe)(domain, method)
+
+    def evaluation_world(self) -> Any:
+        """The world's ``evaluation.EvalWorld``, or None when it declares none."""
+        return None if self.evaluation is None else _resolve(self.evaluation)()
 
     def folder_path(self) -> Path | None:
         """The absolute path of the pipeline folder the world ships inside the package, or None."""
@@ -265,6 +272,7 @@ register_world(World(
     folder="minicanvas/weights/pipeline",
     domains="diffusers_unlearn.bench.world:register_minicanvas_domains",
     concepts="diffusers_unlearn.minicanvas:concepts",
+    evaluation="diffusers_unlearn.minicanvas.evaluation:eval_world",
 ))
 register_world(World("tiny", "tiny random Stable Diffusion test pipeline built offline (seed 0)",
                      pipeline="diffusers_unlearn.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))

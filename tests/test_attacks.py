@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 from conftest import FAST
+from PIL import Image
 
 import diffusers_unlearn as du
 from diffusers_unlearn.cli import main
-from diffusers_unlearn.evaluation import ATTACKS, attack, register_attack
+from diffusers_unlearn.evaluation import ATTACKS, EvalWorld, attack, register_attack
 from diffusers_unlearn.evaluation.attacks import ParaphraseAttack, ParaphraseAttackConfig
 
 STYLES = ["van gogh", "monet", "cubism", "picasso"]
@@ -141,6 +142,37 @@ def test_paraphrase_uses_the_given_wordings(stream):
                     **SHARED, templates=templates)
     assert list(result.details["accuracy_per_template"]) == templates
     assert result.num_images == len(templates)  # one seed, one prompt per template
+
+
+def test_an_attack_prompts_a_concept_of_its_world_with_the_worlds_own_wordings_and_images(stream):
+    rendered = []
+
+    def render(style, obj, seed, size):
+        rendered.append((style, obj, seed, size))
+        return Image.new("RGB", (size, size), (10 * STYLES.index(style), 100 if obj == "cat" else 200, seed % 256))
+
+    world = EvalWorld("tw", STYLES, ["cat", "dog"], "a {object} in {style} style",
+                      heldout_templates=["{style} art of a {object}"], render=render)
+    result = attack(stream, "van gogh", "paraphrase", domain="style", classifier=BrightnessClassifier(), seed=0,
+                    world=world, **SHARED)
+    assert result.settings["world"] == "tw"
+    assert result.settings["plain_prompts"] == ["a cat in van gogh style", "a dog in van gogh style"]
+    assert result.details["templates"] == ["{style} art of a {object}"] and result.num_images == 2
+    tuned = attack(stream, "van gogh", "finetune", domain="style", classifier=BrightnessClassifier(), seed=0,
+                   world=world, **SHARED, **TINY_OPTIONS["finetune"])
+    # trained on the world's images of the kept styles across its objects: 2 kept x 2 objects x 1 image
+    assert tuned.details["training_data"] == "tw renders" and tuned.details["training_images"] == 4
+    assert sorted({(s, o) for s, o, _, _ in rendered}) == [(s, o) for s in ("cubism", "monet") for o in ("cat", "dog")]
+    # outside a world the same attack prompts the concept with the domain's generic templates
+    generic = attack(stream, "van gogh", "paraphrase", domain="style", classifier=BrightnessClassifier(), seed=0,
+                     **SHARED)
+    assert generic.settings["world"] is None and "cat" not in " ".join(generic.settings["plain_prompts"])
+    with pytest.raises(ValueError, match="slots"):  # a two-slot template needs a concept of the world
+        attack(stream, "van gogh", "paraphrase", domain="style", classifier=BrightnessClassifier(), seed=0,
+               templates=["a {object} in {style}"], **SHARED)
+    with pytest.raises(TypeError, match="EvalWorld"):
+        attack(stream, "van gogh", "paraphrase", domain="style", classifier=BrightnessClassifier(), seed=0,
+               world="minicanvas", **SHARED)
 
 
 # ------------------------------------------------------------------------------------------------- bad input
@@ -317,3 +349,78 @@ def test_bench_attacks_every_removed_concept_after_the_last_request_only():
         assert list(figures["accuracy"]) == removed
         assert math.isclose(figures["robust_ua"], 100 - sum(figures["accuracy"].values()) / len(removed))
         assert math.isclose(figures["ua"], 100 - sum(figures["plain_accuracy"].values()) / len(removed))
+
+
+# ------------------------------------------------------------------------------------ on SDXL, SD3 and Flux
+FLOW_BUILDERS = {"sdxl": du.testing.tiny_sdxl_pipeline, "sd3": du.testing.tiny_sd3_pipeline,
+                 "flux": du.testing.tiny_flux_pipeline}
+# every token table a prompt goes through: SDXL's two CLIPs; SD3's CLIP-L, CLIP-G and T5; Flux's CLIP-L (pooled
+# text) and T5
+FLOW_TABLES = {"sdxl": ["text_encoder", "text_encoder_2"], "sd3": ["text_encoder", "text_encoder_2", "text_encoder_3"],
+               "flux": ["text_encoder", "text_encoder_2"]}
+FLOW_OPTIONS = {
+    "embedding": dict(steps=4, tries=2, reference_seeds=1, learning_rate=5e-2),
+    "finetune": dict(steps=4, kept=["monet", "cubism"], images_per_prompt=1, learning_rate=1e-2),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FLOW_BUILDERS))
+def flow_stream(request):
+    """A tiny SDXL / SD3 / Flux pipeline with one request (module-wide; the tests check that attacks leave it as it is)."""
+    p = du.attach(FLOW_BUILDERS[request.param](seed=0))
+    p.set_progress_bar_config(disable=True)
+    p.unlearn("van gogh", domain="style", seed=0, **FAST)
+    return request.param, p
+
+
+def flow_snapshot(pipe) -> dict:
+    """Every module's tensors and flags, every tokenizer's vocabulary, the ledger and adapters, and an image."""
+    modules = {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+    images = pipe(["a cat in van gogh style", "a dog"], num_inference_steps=3, output_type="pt",
+                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+    return {
+        "tensors": {f"{m}.{k}": v.detach().clone() for m, mod in modules.items() for k, v in mod.state_dict().items()},
+        "requires_grad": {f"{m}.{n}": p.requires_grad for m, mod in modules.items() for n, p in mod.named_parameters()},
+        "grads": [n for mod in modules.values() for n, p in mod.named_parameters() if p.grad is not None],
+        "training": [mod.training for mod in modules.values()],
+        "vocab": {k: dict(v.get_vocab()) for k, v in pipe.components.items() if k.startswith("tokenizer")},
+        "ledger": pipe.unlearning_ledger.to_dict(),
+        "artifacts": {i: {k: v.clone() for k, v in pipe.request_adapter(i).tensors.items()}
+                      for i in pipe.unlearning_ledger.ids()},
+        "images": images,
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(FLOW_OPTIONS))
+def test_attacks_on_sdxl_sd3_and_flux_change_the_output_and_restore_the_pipeline(flow_stream, kind):
+    family, pipe = flow_stream
+    before = flow_snapshot(pipe)
+    result = attack(pipe, "van gogh", kind, domain="style", classifier=BrightnessClassifier(), seed=0, **SHARED,
+                    **FLOW_OPTIONS[kind])
+    after = flow_snapshot(pipe)
+    # the same computation on an unchanged pipeline: the images agree to float rounding, the weights exactly
+    torch.testing.assert_close(after.pop("images"), before.pop("images"), rtol=0, atol=1e-6)
+    assert before["tensors"].keys() == after["tensors"].keys()
+    assert all(torch.equal(t, after["tensors"][name]) for name, t in before["tensors"].items())
+    for request_id, tensors in before.pop("artifacts").items():
+        assert all(torch.equal(v, after["artifacts"][request_id][k]) for k, v in tensors.items())
+    after.pop("artifacts")
+    before.pop("tensors"), after.pop("tensors")
+    assert before == after  # flags, grads, vocabularies, ledger
+    # measured effect, the same prompts and seeds either side: a 16x16 image in [0, 1] changes by far more than the
+    # float rounding (<1e-6) the restored pipeline shows above
+    assert result.details["image_change"] > 1e-4, result.details
+    if kind == "embedding":
+        assert result.details["text_encoders"] == FLOW_TABLES[family]
+        assert all(shift > 0.01 for shift in result.details["embedding_shift"].values()), result.details
+        assert result.details["loss_last"] != result.details["loss_first"]
+    else:
+        assert result.details["lora_parameters"] > 0 and result.details["training_images"] > 0
+
+
+def test_the_finetune_attack_on_a_transformer_adapts_the_text_stream_too():
+    from diffusers_unlearn.evaluation.attacks.finetune import lora_targets
+    from diffusers_unlearn.families import FAMILIES
+
+    assert lora_targets(FAMILIES["unet"]) == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert {"add_k_proj", "add_v_proj", "to_q"} <= set(lora_targets(FAMILIES["flux"]))

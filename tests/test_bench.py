@@ -389,3 +389,31 @@ def test_bench_quick_on_minicanvas(tmp_path):
     for name in ("metrics.png", "cost.png", "ua_matrix.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG"
+
+
+def test_bench_processes_relaunches_itself_on_that_many_processes(tmp_path, monkeypatch):
+    """``--processes N`` runs the same bench under torch.distributed.run (tests/test_distributed.py runs the bench
+    on 2 processes and compares it with one)."""
+    import os
+    from types import SimpleNamespace
+
+    from diffusers_unlearn.cli import bench as bench_command
+    from diffusers_unlearn.cli import build_parser, main
+
+    argv = ["bench", "--quick", "--processes", "2", "--protocols", "gp,closed_form", "--quiet", "--gp-neighbors",
+            "all", "--lr", "0.01", "--out", str(tmp_path / "out")]
+    args = build_parser().parse_args(argv)
+    again = bench_command.relaunch_argv(args, bench_command._defaults())
+    assert vars(build_parser().parse_args(again)) == vars(args)  # every option survives the relaunch
+
+    launched = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: launched.append((command, kw))
+                        or SimpleNamespace(returncode=0))
+    assert main(argv) == 0
+    (command, kw), = launched
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    assert command[6:8] == ["-m", "diffusers_unlearn.cli"] and command[8:] == again
+    assert kw["env"]["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert main(["bench", "--processes", "2", "--jobs", "2", "--out", str(tmp_path / "out")]) == 2
+    assert main(["bench", "--processes", "0", "--out", str(tmp_path / "out")]) == 2

@@ -105,19 +105,60 @@ def test_scoring_refuses_what_it_cannot_measure():
         ev.classify(lambda images: ["monet"], torch.zeros(2, 3, 4, 4))
 
 
-def test_eval_config_validates_and_knows_minicanvas():
+def test_eval_config_validates_and_a_world_gives_its_own():
     with pytest.raises(ValueError, match="template"):
         tiny_config(template="a {object}")
     with pytest.raises(ValueError, match="seeds"):
         tiny_config(seeds=[])
     with pytest.raises(ValueError, match="duplicates"):
         tiny_config(styles=["monet", "monet"])
-    config = ev.EvalConfig.minicanvas(seeds=2)
+    config = mc.eval_world().eval_config(seeds=2)
     assert config.styles == list(mc.STYLES) and config.objects == list(mc.OBJECTS)
     assert config.seeds == list(mc.EVAL_SEEDS)[:2]
     assert config.num_inference_steps == mc.NUM_INFERENCE_STEPS and config.guidance_scale == mc.GUIDANCE_SCALE
     assert config.prompt("neon dots", "cat") == mc.prompt("neon dots", "cat")
     assert len(config.cases()) == len(mc.STYLES) * len(mc.OBJECTS) * 2
+    assert mc.eval_world().eval_config(seeds=[7], styles=["neon dots"]).cases() == \
+        [("neon dots", o, 7) for o in mc.OBJECTS]
+    with pytest.raises(ValueError, match="asked for 6"):
+        mc.eval_world().eval_config(seeds=6)
+
+
+def test_the_old_minicanvas_helpers_still_work_one_release_with_a_future_warning():
+    with pytest.warns(FutureWarning, match="eval_world"):
+        old = ev.EvalConfig.minicanvas(seeds=2, batch_size=8)
+    assert old == mc.eval_world().eval_config(seeds=2, batch_size=8)
+    with pytest.warns(FutureWarning, match="load_classifiers"):
+        style_clf, object_clf = ev.minicanvas_classifiers()
+    assert style_clf.labels == list(mc.STYLES) and object_clf.labels == list(mc.OBJECTS)
+
+
+def test_eval_world_knows_its_axes_and_refuses_bad_input():
+    world = ev.EvalWorld("w", STYLES, OBJECTS, "a {object} in {style} style", heldout_templates=["{style} {object}"])
+    assert world.axis("monet", "style") == "style" and world.axis("monet", "w-style") == "style"
+    assert world.axis("monet", "object") is None and world.axis("dali", "style") is None
+    assert world.fill("a {object} by {style}", "dog", "object") == [f"a dog by {s}" for s in STYLES]
+    with pytest.raises(ValueError, match="has no classifiers"):
+        world.load_classifiers()
+    for bad, match in ((dict(styles=[]), "styles"), (dict(objects=["cat", "cat"]), "duplicates"),
+                       (dict(template="a {}"), "template"), (dict(heldout_templates=["{style}"]), "heldout"),
+                       (dict(seeds=[-1]), "seeds"), (dict(num_inference_steps=0), "num_inference_steps"),
+                       (dict(guidance_scale=float("nan")), "guidance_scale")):
+        values = {**dict(name="w", styles=STYLES, objects=OBJECTS, template="a {object} in {style} style"), **bad}
+        with pytest.raises(ValueError, match=match):
+            ev.EvalWorld(**values)
+    with pytest.raises(TypeError, match="render"):
+        ev.EvalWorld("w", STYLES, OBJECTS, "a {object} in {style} style", render="draw")
+
+
+def test_a_named_world_hands_evaluation_its_own_world():
+    pipe = mc.load_pipeline()
+    assert ev.eval_world_of(pipe) == mc.eval_world()  # the pipeline loaded as the minicanvas world
+    assert ev.eval_world_of(du.testing.tiny_pipeline(0), "minicanvas-style") == mc.eval_world()  # by its domain
+    assert ev.eval_world_of(du.testing.tiny_pipeline(0)) is None
+    assert ev.named_eval_world("minicanvas") == mc.eval_world()
+    with pytest.raises(ValueError, match="'tiny'"):
+        ev.named_eval_world("tiny")
 
 
 def test_evaluate_unlearning_scores_the_pipelines_own_images():
@@ -255,3 +296,20 @@ def test_eval_command_scores_a_ledger_folder_with_clip(clip_dir, tmp_path, capsy
     assert [c["concept"] for c in data["costs"]] == ["monet"]
     # a folder that is neither a ledger nor a pipeline is bad input (exit 2), said in one line
     assert main(["eval", str(tmp_path), "--quiet"]) == 2
+
+
+def test_evaluation_imports_no_world():
+    """Evaluation is handed a world (EvalWorld); no module under evaluation/ imports MiniCanvas or the bench, at
+    module level or inside a function."""
+    import ast
+    from pathlib import Path
+
+    root = Path(ev.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] + [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(part in ("minicanvas", "bench") for name in names for part in name.split(".")):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders

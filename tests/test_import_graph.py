@@ -29,12 +29,6 @@ OPTIONAL_IMPORTS = {
     (P + "analysis", "matplotlib"): "pyplot picks its backend on import: the plot selects Agg first",
     (P + "bench.report", "matplotlib"): "pyplot picks its backend on import: each plot selects Agg first",
     (P + "bench.report", "numpy"): "with matplotlib, for the plot that needs it",
-    (P + "bench.runner", "multiprocessing"): "process pools only when the bench runs protocols in parallel",
-    (P + "bench.runner", "concurrent"): "process pools only when the bench runs protocols in parallel",
-    (P + "bench.runner", "transformers"): "a worker process silences transformers' logging when it starts",
-    (P + "evaluation.attacks.base", "diffusers"): "the attacks' own schedulers and pipeline classes, when attacking",
-    (P + "evaluation.attacks.finetune", "peft"): "the fine-tuning attack's adapter, when it runs",
-    (P + "evaluation.classifiers", "transformers"): "zero-shot CLIP, only when that classifier is built",
     (P + "export", "diffusers"): "diffusers' LoRA writers, only when a LoRA is exported",
     (P + "hub", "huggingface_hub"): "the Hub client, only when a folder is pushed",
     (P + "minicanvas.quality", "PIL"): "the sample grid of the quality script",
@@ -56,14 +50,6 @@ PENDING = {
     (P + "objectives.closed_form", P + "merging"),
     (P + "objectives.closed_form", P + "objectives"),
     (P + "unlearning_mixin", P + "objectives.closed_form"),
-    # evaluation handed a world instead of importing MiniCanvas and the mixins (issue 29, item 3)
-    (P + "evaluation.attacks.base", P + "minicanvas"),
-    (P + "evaluation.attacks.base", P + "mixin"),
-    (P + "evaluation.attacks.finetune", P + "minicanvas"),
-    (P + "evaluation.attacks.finetune", P + "mixin"),
-    (P + "evaluation.attacks.paraphrase", P + "minicanvas"),
-    (P + "evaluation.attacks.rollback", P + "mixin"),
-    (P + "bench.runner", P + "evaluation"),
     # import-order workarounds: the ledger checks method and regularizer entries against the registries, the
     # erasure check's verdict and the model card name the classifier check
     (P + "ledger", P + "objectives"),
@@ -255,7 +241,6 @@ def test_no_module_below_the_pipelines_imports_the_mixins():
     assert mixin_imports_below_the_pipelines(graph) == {P + "state": [P + "mixin"]}
 
 
-@pytest.mark.xfail(strict=True, reason="evaluation/ still imports minicanvas; issue 29 item 3 hands it a world instead")
 def test_nothing_in_evaluation_imports_minicanvas():
     found = sorted({(i.module, i.target) for i in all_imports()
                     if unit_of(i.module) == P + "evaluation" and unit_of(i.target) == P + "minicanvas"})

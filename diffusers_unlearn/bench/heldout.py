@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..evaluation import classify, generate_images
+from ..evaluation.distributed import generate_and_classify
 from ..evaluation.metrics import check_eval_domain
 from .world import BenchWorld
 
@@ -37,12 +37,13 @@ def heldout_unlearning(pipe: Any, world: BenchWorld, removed: Sequence[str], dom
     started = time.perf_counter()
     cases = heldout_cases(world, removed, domain)
     config = world.eval_config
-    images = generate_images(pipe, [t.format(style=s, object=o) for s, o, t, _ in cases], [c[3] for c in cases],
-                             num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                             batch_size=config.batch_size, height=config.height, width=config.width,
-                             progress=progress, desc="held-out wordings")
     classifier = world.style_classifier if domain == "style" else world.object_classifier
-    predictions = classify(classifier, images)
+    # shared out over the launched processes, as the evaluation's own images are
+    _, (predictions,) = generate_and_classify(
+        pipe, [t.format(style=s, object=o) for s, o, t, _ in cases], [c[3] for c in cases], [classifier],
+        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+        batch_size=config.batch_size, height=config.height, width=config.width, progress=progress,
+        desc="held-out wordings")
     axis = 0 if domain == "style" else 1
     accuracy = {}
     for concept in dict.fromkeys(removed):

@@ -123,7 +123,8 @@ def markdown(result: dict[str, Any], title: str | None = None) -> str:
         f"objects x {len(eval_cfg['seeds'])} seeds, {eval_cfg['num_inference_steps']} steps, guidance "
         f"{eval_cfg['guidance_scale']}). Whole run: {result['seconds'] / 60:.1f} min "
         f"({result['environment'].get('jobs', 1)} worker process(es), {result['environment']['threads']} torch "
-        f"thread(s) each).",
+        f"thread(s) each" + (f"; each evaluation shared out over {result['environment']['processes']} processes"
+                             if result["environment"].get("processes", 1) > 1 else "") + ").",
         DEFINITIONS,
         f"Base model: IRA {_pct(base['ira'])}, CRA {_pct(base['cra'])} "
         f"(accuracy of the {settings['domain']} and the other domain's classifier on the base model's images).",

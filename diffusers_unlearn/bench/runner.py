@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import platform
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as transformers_logging
 
-from .._validation import check_int, check_number, check_seed
+from .._validation import check_count, check_int, check_number, check_seed
 from .._version import __version__
 from ..defaults import RECOMMENDED_DOMAIN_OPTIONS
-from ..evaluation import evaluate_unlearning, kv_drift
+from ..evaluation import ATTACKS, attack, evaluate_unlearning, kv_drift
+from ..evaluation.distributed import launched_processes
 from ..evaluation.metrics import check_eval_domain
 from ..evaluation.retention import EvalReference
 from ..mixin import attach
@@ -73,9 +77,8 @@ class BenchSettings:
     def __post_init__(self) -> None:
         check_eval_domain(self.domain)
         self.attacks = check_attacks(self.attacks)
-        if self.attack_steps is not None and (isinstance(self.attack_steps, bool)
-                                              or not isinstance(self.attack_steps, int) or self.attack_steps < 1):
-            raise ValueError(f"attack_steps must be an integer >= 1 or None, got {self.attack_steps!r}")
+        if self.attack_steps is not None:
+            check_count(self.attack_steps, "attack_steps")
         if self.method not in OBJECTIVES:
             raise ValueError(f"bench method must be a registered method {sorted(OBJECTIVES)}, got {self.method!r}")
         if self.hparams is None:
@@ -99,8 +102,6 @@ def ca_anchor(settings: BenchSettings, world: BenchWorld) -> str:
 
 def check_attacks(attacks: Sequence[str] | str | None) -> list[str]:
     """Attack kinds by name (a list or a comma-separated string), each a registered kind."""
-    from ..evaluation import ATTACKS
-
     if attacks is None:
         return []
     names = [a.strip() for a in attacks.split(",") if a.strip()] if isinstance(attacks, str) else list(attacks)
@@ -113,8 +114,6 @@ def check_attacks(attacks: Sequence[str] | str | None) -> list[str]:
 def attack_removed(world: BenchWorld, settings: BenchSettings, pipe: Any, removed: Sequence[str],
                    progress: bool = True) -> dict[str, Any]:
     """Every attack of ``settings`` on every removed concept; per kind, robust UA = 100 - mean attack accuracy."""
-    from ..evaluation import attack
-
     config = world.eval_config
     classifier = world.style_classifier if settings.domain == "style" else world.object_classifier
     axis_template = (config.template.format(object=o, style="{}") for o in config.objects) \
@@ -128,7 +127,7 @@ def attack_removed(world: BenchWorld, settings: BenchSettings, pipe: Any, remove
         if settings.attack_steps is not None and kind in ("embedding", "finetune"):
             options["steps"] = settings.attack_steps
         results = [attack(pipe, concept, kind, domain=world.prompt_domain(settings.domain), classifier=classifier,
-                          seed=settings.seed, **options) for concept in removed]
+                          seed=settings.seed, world=world.eval_world, **options) for concept in removed]
         accuracy = sum(r.accuracy for r in results) / len(results)
         plain = sum(r.plain_accuracy for r in results) / len(results)
         out[kind] = {
@@ -308,8 +307,6 @@ def _protocol_job(world_factory: Callable[[], BenchWorld], settings: BenchSettin
                   ) -> tuple[str, list[dict[str, Any]], list[str]]:
     """One protocol in a worker process (``jobs > 1``): its rows and its log lines."""
     torch.set_num_threads(threads)
-    from transformers.utils import logging as transformers_logging
-
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     lines: list[str] = []
@@ -328,6 +325,12 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
     Row 0 of every protocol is the base model (evaluated once); row k is the state after request k.
     ``jobs > 1`` runs protocols in that many worker processes (one torch thread each), which rebuild the world
     with ``world_factory`` (a picklable callable, e.g. ``functools.partial(minicanvas_world, ...)``).
+    Launched on several processes (``accelerate launch`` / ``torch.distributed.run``, ``bench --processes N``),
+    every process serves the same stream and each evaluation's images are shared out among them
+    (``evaluation.distributed``): a solved request is solved alike in every process, and scores equal one
+    process's exactly; a trained request trains data-parallel (the trainer's mode under a launcher: each process
+    an equal share of the batch, gradients averaged), equal to one process's to float rounding. Then ``jobs`` must
+    be 1 and a trained protocol's batch size a multiple of the processes.
     """
     say = log or (lambda message: None)
     started = time.perf_counter()
@@ -336,6 +339,16 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
     check_int(jobs, "jobs", minimum=1)
     if jobs > 1 and world_factory is None:
         raise ValueError("jobs > 1 needs a picklable world_factory: worker processes rebuild the world")
+    processes = launched_processes()
+    if jobs > 1 and processes > 1:
+        raise ValueError(f"jobs must be 1 on {processes} launched processes: they share out each evaluation's "
+                         f"images, not protocols")
+    trained = [p.name for p in protocols
+               if issubclass(OBJECTIVES[p.method or settings.method][0], TrainedObjectiveConfig)]
+    if processes > 1 and trained and settings.hparams.batch_size % processes:
+        raise ValueError(f"on {processes} processes the trained protocols {trained} train data-parallel (each "
+                         f"process an equal share of the batch): batch_size {settings.hparams.batch_size} must be a "
+                         f"multiple of {processes} (--batch-size)")
     if settings.method == "ca":  # the results record the anchor every request used
         settings = dataclasses.replace(settings, anchor=ca_anchor(settings, world))
         if settings.anchor in stream:
@@ -359,9 +372,6 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
             results[protocol.name] = rows
         outer.close()
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         # Costliest first (simultaneous retrains on the whole stream), so the workers finish together.
         order = sorted(protocols, key=lambda p: not p.simultaneous)
         # spawn: forked workers would inherit torch's thread pools and any locks held at fork time
@@ -390,6 +400,7 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
             "diffusers_unlearn": __version__,
             "torch": torch.__version__,
             "jobs": jobs,
+            "processes": processes,
             "threads": torch.get_num_threads() if jobs == 1 else 1,
             "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from .. import minicanvas as mc
-from .._validation import check_int, check_seed
+from .._validation import check_count, check_int, check_seed
 from ..classifier_check import ClassifierCheck
-from ..evaluation import Classifier, EvalConfig
+from ..evaluation import Classifier, EvalConfig, EvalWorld
 from ..evaluation.metrics import check_eval_domain
 from ..evaluation.retention import FeatureExtractor
+from ..evaluation.world import Renderer
 from ..prompts import TEMPLATES, register_templates, same_concept
 
 # fields of a method config or regularizer that name concepts to keep: what check_protected inspects
@@ -62,6 +63,8 @@ class BenchWorld:
             (None: no Fréchet distance).
         prompt_concepts: the concepts request prompts are written with, ``{"style": [...], "object": [...]}``
             (default: every concept outside the evaluation); evaluated ones among them are left out.
+        render: ``render(style, object, seed, size) -> PIL image``, the world's real images (the fine-tune
+            attack's training data, ``EvalWorld.render``); None: the attack trains on the pipeline's samples.
     """
 
     name: str
@@ -80,6 +83,7 @@ class BenchWorld:
     check_templates: int = 12
     feature_extractor: FeatureExtractor | None = None
     prompt_concepts: dict[str, list[str]] | None = None
+    render: Renderer | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or " " in self.name:
@@ -99,9 +103,7 @@ class BenchWorld:
         for template in self.heldout_templates:
             if not isinstance(template, str) or "{style}" not in template or "{object}" not in template:
                 raise ValueError(f"held-out template needs '{{style}}' and '{{object}}' slots, got {template!r}")
-        if isinstance(self.heldout_others, bool) or not isinstance(self.heldout_others, int) \
-                or self.heldout_others < 1:
-            raise ValueError(f"heldout_others must be an integer >= 1, got {self.heldout_others!r}")
+        check_count(self.heldout_others, "heldout_others")
         if self.auxiliary is not None:
             unknown = sorted(set(self.auxiliary) - {"style", "object"})
             if unknown:
@@ -117,6 +119,17 @@ class BenchWorld:
             raise ValueError(f"check_seeds must be a non-empty list of seeds the evaluation does not use (its seeds: "
                              f"{list(self.eval_config.seeds)}), got {list(self.check_seeds)}")
         check_int(self.check_templates, "check_templates", minimum=1)
+
+    @property
+    def eval_world(self) -> EvalWorld:
+        """The world as evaluation and attacks see it: every style and object, the evaluation's template, seeds and
+        sampling, the held-out wordings, the two classifiers and the renderer."""
+        config = self.eval_config
+        classifiers = (self.style_classifier, self.object_classifier)
+        return EvalWorld(self.name, self.styles, self.objects, config.template,
+                         heldout_templates=self.heldout_templates, seeds=config.seeds,
+                         num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                         classifiers=lambda **_: classifiers, render=self.render)
 
     def concepts(self, domain: str) -> list[str]:
         """Every concept of the domain (not only the evaluated ones)."""
@@ -276,8 +289,8 @@ def minicanvas_style_plan(families: int | None = None) -> tuple[list[str], list[
     """
     groups = list(mc.STYLE_FAMILIES.values())
     if families is not None:
-        if isinstance(families, bool) or not isinstance(families, int) or not 1 <= families <= len(groups):
-            raise ValueError(f"MiniCanvas has {len(groups)} style families; asked to evaluate {families!r}")
+        check_int(families, f"families (MiniCanvas has {len(groups)} style families)", minimum=1,
+                  maximum=len(groups))
         groups = groups[:families]
     return [g[0] for g in groups], [g[1] for g in groups]
 
@@ -328,7 +341,7 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
         if isinstance(order, str) or not order:
             raise ValueError(f"order must be a non-empty list of {domain}s, got {order!r}")
         orders[domain] = list(order)  # BenchWorld refuses one that is not distinct evaluated concepts
-    config = EvalConfig.minicanvas(seeds=2 if eval_seeds is None else eval_seeds, **overrides)
+    config = mc.eval_world().eval_config(seeds=2 if eval_seeds is None else eval_seeds, **overrides)
     evaluated = [*config.styles, *config.objects]
     auxiliary = {d: [c for c in concepts if c not in evaluated] for d, concepts in mc.auxiliary_concepts().items()}
     # Concept Ablation's object anchor: an object the evaluation does not score, the last one when it can
@@ -339,7 +352,8 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
                       auxiliary=auxiliary, anchors={"object": anchor},
                       feature_extractor=minicanvas_features(style_clf, object_clf),
                       prompt_concepts={"style": list(MINICANVAS_PROMPT_STYLES),
-                                       "object": list(MINICANVAS_PROMPT_OBJECTS)})
+                                       "object": list(MINICANVAS_PROMPT_OBJECTS)},
+                      render=mc.render)
 
 
 def minicanvas_features(style_classifier: Any, object_classifier: Any) -> FeatureExtractor:

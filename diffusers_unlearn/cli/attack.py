@@ -126,10 +126,9 @@ def _domain(pipe: Any, args: argparse.Namespace) -> str:
         return records[-1].domain
     from .. import minicanvas as mc
 
-    if args.concept in mc.STYLES:
-        return "style"
-    if args.concept in mc.OBJECTS:
-        return "object"
+    for axis in ("style", "object"):
+        if mc.eval_world().axis(args.concept, axis) is not None:
+            return axis
     raise UsageError(f"cannot tell the domain of {args.concept!r} (not in the ledger): pass --domain")
 
 
@@ -164,17 +163,20 @@ def table(results: list[Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import attack
+    from .. import minicanvas as mc
+    from ..evaluation import attack, eval_world_of
 
     kinds = _kinds(args.kind)
     options = _options(args, kinds)
     pipe = _load(args)
     domain = _domain(pipe, args)
     classifier = _classifier(args, domain)
+    # the pipeline's world; a pipeline judged by MiniCanvas's classifiers is a MiniCanvas one (e.g. a saved folder)
+    world = eval_world_of(pipe, domain) or (None if args.clip else mc.eval_world())
     results = []
     for kind in kinds:
         results.append(attack(pipe, args.concept, kind, domain=domain, classifier=classifier, seed=args.seed,
-                              **options[kind]))
+                              world=world, **options[kind]))
     removed = list(getattr(pipe, "removed_concepts", []) or [])
     print(f"concept {args.concept!r} ({domain}); removed concepts: {removed}")
     print("\n".join(table(results)))

@@ -86,7 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="protocols run in parallel worker processes, one torch thread each (default: the "
                         "number of CPU cores this process may use)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads with --jobs 1 (default: torch's choice)")
+                        help="torch CPU threads with --jobs 1 (default: torch's choice; with --processes N, the "
+                        "cores this process may use divided by N)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="share each evaluation's images out over N processes (relaunched with "
+                        "torch.distributed.run; every process serves the same requests, and the scores equal one "
+                        "process's); not with --jobs > 1 (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="request k uses seed SEED + k")
     parser.add_argument("--negative-guidance", type=finite_float, default=None,
                         help=f"ESD's eta ({default_text('bench/runner.py', 'BenchSettings', 'negative_guidance')})")
@@ -136,14 +141,57 @@ def command_line(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> s
     return shlex.join(parts)
 
 
+def relaunch_argv(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> list[str]:
+    """The arguments that run this bench again (every option that differs from its default, flags included)."""
+    argv = ["--debug"] if getattr(args, "debug", False) else []
+    argv.append("bench")
+    for key, value in vars(args).items():
+        if key in ("func", "command", "debug") or value == parser_defaults.get(key):
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def _relaunch(args: argparse.Namespace, processes: int) -> int:
+    """Run this bench on ``processes`` processes (``torch.distributed.run``), each with its share of the cores."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if args.threads is None:
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // processes))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               "-m", "diffusers_unlearn.cli", *relaunch_argv(args, _defaults())]
+    return subprocess.run(command, env=env, check=False).returncode
+
+
 def run(args: argparse.Namespace) -> int:
     from ._common import check_writable
 
     check_writable(args.out)
+    from ..evaluation.distributed import launched_processes
+
+    processes = 1 if args.processes is None else args.processes
+    if processes < 1:
+        raise UsageError(f"--processes must be >= 1, got {processes}")
+    if processes > 1 and args.jobs is not None and args.jobs > 1:
+        raise UsageError("--processes shares out each evaluation's images; --jobs runs protocols in workers: "
+                         "use one of them")
+    if processes > 1 and launched_processes() == 1:
+        return _relaunch(args, processes)
     import torch
 
     from .. import bench
     from ..bench.report import headline
+    from ..evaluation.distributed import evaluation_state
+
+    # launched on several processes (--processes, accelerate launch, torch.distributed.run): the main one reports
+    main_process = launched_processes() == 1 or evaluation_state().is_main_process
+    if not main_process:
+        import warnings
+
+        warnings.simplefilter("ignore")  # the main process prints each warning once (inside main's catch_warnings)
 
     if args.threads is not None:
         if args.threads < 1:
@@ -172,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     eval_families = option("eval_families")
     if eval_families is not None and eval_families < 1:
         raise UsageError(f"--eval-families must be >= 1, got {eval_families}")
-    set_quiet(args.quiet)
+    set_quiet(args.quiet or not main_process)
     from .. import minicanvas
 
     pool = list(bench.MINICANVAS_EVAL_OBJECTS) if args.domain == "style" else list(minicanvas.OBJECTS)
@@ -198,10 +246,15 @@ def run(args: argparse.Namespace) -> int:
     command = command_line(args, _defaults())
     started = time.perf_counter()
     jobs = args.jobs if args.jobs is not None else min(len(os.sched_getaffinity(0)), len(settings.protocols))
+    if launched_processes() > 1:
+        jobs = 1 if args.jobs is None else jobs  # the processes share out images, not protocols
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
-    result = bench.run_bench(world, settings, progress=not args.quiet, log=None if args.quiet else _write,
+    quiet = args.quiet or not main_process
+    result = bench.run_bench(world, settings, progress=not quiet, log=None if quiet else _write,
                              command=command, jobs=jobs, world_factory=world_factory)
+    if not main_process:
+        return 0
     paths = bench.write_report(result, args.out, title="MiniCanvas continual unlearning")
     print()
     print(f"After request {settings.requests} ({settings.domain}, {settings.method}; "

@@ -88,7 +88,8 @@ def _removed_and_domain(pipe: Any, args: argparse.Namespace) -> tuple[list[str],
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import CLIPZeroShotClassifier, EvalConfig, evaluate_unlearning, kv_drift, request_costs
+    from .. import minicanvas
+    from ..evaluation import CLIPZeroShotClassifier, evaluate_unlearning, kv_drift, request_costs
 
     overrides: dict[str, Any] = {"batch_size": args.batch_size}
     for key, value in (("styles", _names(args.styles)), ("objects", _names(args.objects)),
@@ -96,16 +97,15 @@ def run(args: argparse.Namespace) -> int:
                        ("guidance_scale", args.guidance)):
         if value is not None:
             overrides[key] = value
-    config = EvalConfig.minicanvas(seeds=args.eval_seeds, **overrides)
+    world = minicanvas.eval_world()
+    config = world.eval_config(seeds=args.eval_seeds, **overrides)
     pipe = _load_pipeline(args)
     removed, domain = _removed_and_domain(pipe, args)
     if args.clip:
         style_clf = CLIPZeroShotClassifier(args.clip, config.styles)
         object_clf = CLIPZeroShotClassifier(args.clip, config.objects)
     else:
-        from .. import minicanvas
-
-        style_clf, object_clf = minicanvas.load_classifiers(weights_dir=args.weights_dir)
+        style_clf, object_clf = world.load_classifiers(weights_dir=args.weights_dir)
     scores = evaluate_unlearning(pipe, removed, domain, style_clf, object_clf, config, progress=not args.quiet)
     drift = kv_drift(pipe)
     costs = request_costs(pipe)

@@ -1,8 +1,11 @@
 """Evaluation of unlearned pipelines: UnlearnCanvas's UA / IRA / CRA with any classifier, K/V drift, cost.
 
->>> from diffusers_unlearn import evaluation as ev
->>> config = ev.EvalConfig.minicanvas(seeds=2)
->>> style_clf, object_clf = ev.minicanvas_classifiers()
+Evaluation knows no world of its own: a world hands it an ``EvalWorld`` (concepts, prompts, classifiers).
+
+>>> from diffusers_unlearn import evaluation as ev, minicanvas
+>>> world = minicanvas.eval_world()
+>>> config = world.eval_config(seeds=2)
+>>> style_clf, object_clf = world.load_classifiers()
 >>> scores = ev.evaluate_unlearning(pipe, pipe.removed_concepts, "style", style_clf, object_clf, config)
 >>> scores.ua, scores.ira, scores.cra, ev.kv_drift(pipe)
 """
@@ -28,7 +31,9 @@ from .metrics import (
     request_costs,
     score_predictions,
 )
+from .distributed import evaluation_state, generate_and_classify, launched_processes
 from .retention import EvalReference, FeatureExtractor, frechet_distance, relative_image_change, seed_gap
+from .world import EvalWorld, eval_world_of, named_eval_world
 
 __all__ = [
     "ATTACKS",
@@ -43,10 +48,16 @@ __all__ = [
     "Classifier",
     "EvalConfig",
     "EvalReference",
+    "EvalWorld",
     "FeatureExtractor",
     "UnlearnCanvasScores",
     "classify",
     "evaluate_unlearning",
+    "evaluation_state",
+    "generate_and_classify",
+    "launched_processes",
+    "eval_world_of",
+    "named_eval_world",
     "frechet_distance",
     "relative_image_change",
     "seed_gap",

@@ -9,15 +9,17 @@ real models (UnlearnCanvas itself uses fine-tuned ViT-Large classifiers; zero-sh
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import CLIPModel, CLIPProcessor
 
-from .. import minicanvas
 from .._validation import check_int
 from ..images import Images, to_pil
+from ..worlds import get_world
 
 Classifier = Callable[[Images], Sequence[str]]
 
@@ -61,8 +63,6 @@ class CLIPZeroShotClassifier:
         device: str | torch.device | None = None,
         batch_size: int = 64,
     ) -> None:
-        from transformers import CLIPModel, CLIPProcessor
-
         path = Path(model_path)
         if not path.is_dir():
             raise FileNotFoundError(f"CLIP checkpoint folder not found: {path} (a local folder with a CLIPModel and "
@@ -124,5 +124,16 @@ class CLIPZeroShotClassifier:
 
 def minicanvas_classifiers(weights_dir: str | os.PathLike | None = None,
                            device: str | torch.device | None = None) -> tuple[Any, Any]:
-    """The shipped MiniCanvas ``(style_classifier, object_classifier)``, checked against their manifest."""
-    return minicanvas.load_classifiers(device=device, weights_dir=weights_dir)
+    """Deprecated (kept one release): ``du.minicanvas.load_classifiers(device=..., weights_dir=...)``.
+
+    Args:
+        weights_dir: the MiniCanvas weights folder (default: the shipped one).
+        device: where to run them (default: the CPU).
+
+    Returns:
+        The shipped MiniCanvas ``(style_classifier, object_classifier)``, checked against their manifest.
+    """
+    warnings.warn("minicanvas_classifiers() is deprecated: use du.minicanvas.load_classifiers() or "
+                  "du.minicanvas.eval_world().load_classifiers() (evaluation takes a world; it knows none of its own)",
+                  FutureWarning, stacklevel=2)
+    return get_world("minicanvas").evaluation_world().load_classifiers(device=device, weights_dir=weights_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,13 +28,13 @@ from typing import Any, Literal
 import torch
 
 from .. import adapters as ad
-from .. import minicanvas as mc
 from .._validation import check_int, check_number, check_seed
 from ..families import denoiser_of
-from ..images import generate_images
 from ..mixin import UnlearnMixin
 from ..state import unlearning_state
-from .classifiers import Classifier, classify
+from ..worlds import get_world
+from .classifiers import Classifier
+from .distributed import classify_batches, generate_and_classify
 from .retention import EvalReference, FeatureExtractor, extract_features, frechet_distance, relative_image_change
 
 Domain = Literal["style", "object"]
@@ -93,17 +94,18 @@ class EvalConfig:
 
     @classmethod
     def minicanvas(cls, seeds: Sequence[int] | int | None = None, **overrides: Any) -> EvalConfig:
-        """MiniCanvas's concepts, prompt and recommended sampling; ``seeds`` an int = the first n ``EVAL_SEEDS``."""
-        if seeds is None:
-            seeds = list(mc.EVAL_SEEDS)
-        elif isinstance(seeds, int) and not isinstance(seeds, bool):
-            if not 1 <= seeds <= len(mc.EVAL_SEEDS):
-                raise ValueError(f"MiniCanvas has {len(mc.EVAL_SEEDS)} evaluation seeds; asked for {seeds}")
-            seeds = list(mc.EVAL_SEEDS)[:seeds]
-        values = dict(styles=list(mc.STYLES), objects=list(mc.OBJECTS), template=mc.PROMPT_TEMPLATE, seeds=seeds,
-                      num_inference_steps=mc.NUM_INFERENCE_STEPS, guidance_scale=mc.GUIDANCE_SCALE)
-        values.update(overrides)
-        return cls(**values)
+        """Deprecated (kept one release): ``du.minicanvas.eval_world().eval_config(seeds, **overrides)``.
+
+        Args:
+            seeds: the seeds, or an integer n for the first n of MiniCanvas's ``EVAL_SEEDS`` (default: all).
+            **overrides: any other ``EvalConfig`` field.
+
+        Returns:
+            MiniCanvas's concepts, prompt and recommended sampling as an ``EvalConfig``.
+        """
+        warnings.warn("EvalConfig.minicanvas(...) is deprecated: use du.minicanvas.eval_world().eval_config(...) "
+                      "(evaluation takes a world; it knows none of its own)", FutureWarning, stacklevel=2)
+        return get_world("minicanvas").evaluation_world().eval_config(seeds, **overrides)
 
     def concepts(self, domain: str) -> list[str]:
         return list(self.styles if check_eval_domain(domain) == "style" else self.objects)
@@ -218,27 +220,53 @@ def evaluate_unlearning(
     images: torch.Tensor | None = None,
     reference: EvalReference | None = None,
     feature_extractor: FeatureExtractor | None = None,
+    accelerator: Any = None,
 ) -> UnlearnCanvasScores:
     """Generate ``config``'s images with ``pipe`` (or take ``images``, in ``config.cases()`` order) and score them.
 
-    ``reference``: the base model's images of the same cases (``EvalReference.from_images(base_scores.images)``);
-    with it the kept concepts' images are compared with the base's (``image_change``, and ``frechet`` when the
-    reference has features and ``feature_extractor`` is given). The scored images are on ``scores.images``.
+    Each image is seeded by its own case's seed, never by the process that draws it: launched on several processes
+    (``accelerate launch`` / ``torch.distributed.run``), the images' batches are shared out and gathered again
+    (``evaluation.distributed``), and every process returns the scores one process computes.
+
+    Args:
+        pipe: the pipeline to evaluate (the same in every process).
+        removed: the removed concepts of ``domain``.
+        domain: "style" or "object".
+        style_classifier: ``images -> style labels``.
+        object_classifier: ``images -> object labels``.
+        config: what to generate and how to sample it.
+        progress: a progress bar (on the main process).
+        images: the images of ``config.cases()`` instead of generating them.
+        reference: the base model's images of the same cases (``EvalReference.from_images(base_scores.images)``);
+            with it the kept concepts' images are compared with the base's (``image_change``, and ``frechet`` when
+            the reference has features and ``feature_extractor`` is given).
+        feature_extractor: ``images -> [B, F]`` features for the Fréchet distance.
+        accelerator: the processes to split the images over: an ``accelerate.Accelerator`` or ``PartialState``;
+            None (default): all the launched processes, if several; False: this process alone.
+
+    Returns:
+        The ``UnlearnCanvasScores``, with the scored images on ``scores.images``.
+
+    Raises:
+        ValueError: a bad domain, a removed concept outside the evaluation, images that do not match the cases or
+            the reference, or a classifier that answers the wrong number of labels.
     """
     domain = check_eval_domain(domain)
     cases = config.cases()
     started = time.perf_counter()
+    classifiers = (style_classifier, object_classifier)
     if images is None:
-        images = generate_images(
-            pipe, [config.prompt(s, o) for s, o, _ in cases], [seed for _, _, seed in cases],
+        images, (style_labels, object_labels) = generate_and_classify(
+            pipe, [config.prompt(s, o) for s, o, _ in cases], [seed for _, _, seed in cases], classifiers,
             num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
             batch_size=config.batch_size, height=config.height, width=config.width, progress=progress,
-            desc=f"evaluating ({len(removed)} removed)",
+            desc=f"evaluating ({len(removed)} removed)", accelerator=accelerator,
         )
     elif len(images) != len(cases):
         raise ValueError(f"got {len(images)} images for {len(cases)} evaluation cases")
-    scores = score_predictions(cases, classify(style_classifier, images), classify(object_classifier, images),
-                               removed, domain)
+    else:
+        style_labels, object_labels = classify_batches(classifiers, images, config.batch_size)
+    scores = score_predictions(cases, style_labels, object_labels, removed, domain)
     if reference is not None:
         if reference.images.shape != images.shape:
             raise ValueError(f"reference images {tuple(reference.images.shape)} do not match this evaluation's "

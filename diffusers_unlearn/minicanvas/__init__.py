@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
 # Names from the modules that import torch, loaded on first use (PEP 562), so that the world's vocabulary
 # (``concepts``: a misspelled concept is refused on the command line before any work) imports no torch.
 _LAZY = {"ConceptClassifier": "classifier", "DEFAULT_WEIGHTS_DIR": "weights", "MiniCanvasWeightsError": "weights",
-         "verify_weights": "weights"}
+         "verify_weights": "weights", "eval_world": "evaluation"}
 
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
@@ -65,6 +65,7 @@ __all__ = [
     "ConceptClassifier",
     "MiniCanvasWeightsError",
     "auxiliary_concepts",
+    "eval_world",
     "load_classifiers",
     "load_pipeline",
     "prompt",

@@ -37,3 +37,16 @@ result = ev.attack(pipe, "van gogh", "paraphrase", domain="style", classifier=My
                    templates=["{} artwork", "a drawing of {}"], seeds=1, num_inference_steps=3, progress=False)
 print(f"plain {result.plain_accuracy:.1f}%  under attack {result.accuracy:.1f}%  robust UA {result.robust_ua:.1f}")
 # --8<-- [end:attack]
+
+# --8<-- [start:world]
+world = ev.EvalWorld("my-world", STYLES, OBJECTS, "a {object} in {style} style",
+                     heldout_templates=["{style} art of a {object}"], seeds=[0, 1], num_inference_steps=3,
+                     guidance_scale=3.0, classifiers=lambda: (MyClassifier(STYLES), MyClassifier(OBJECTS)))
+style_clf, object_clf = world.load_classifiers()
+scores = ev.evaluate_unlearning(pipe, ["van gogh"], "style", style_clf, object_clf, world.eval_config(),
+                                progress=False)
+# the world's held-out wordings, across its objects: "van gogh art of a cat", "van gogh art of a dog"
+result = ev.attack(pipe, "van gogh", "paraphrase", domain="style", classifier=style_clf, seed=0, world=world,
+                   seeds=1, num_inference_steps=3, progress=False)
+print(f"UA {scores.ua:.1f}; held-out wordings {result.details['templates']}: robust UA {result.robust_ua:.1f}")
+# --8<-- [end:world]

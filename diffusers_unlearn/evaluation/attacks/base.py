@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -20,28 +19,21 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
+from ..._validation import check_count, check_int, check_number, check_seed
+from ...conditioning import Conditioner, Conditioning
+from ...families import family_of
 from ...images import generate_images
+from ...mixin import UnlearnMixin
 from ...prompts import TEMPLATES, check_concept, check_domain
 from ..classifiers import Classifier, classify
 from ..metrics import UNLEARNCANVAS_SEEDS
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner} option {name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_number(owner: str, name: str, value: Any, minimum: float, inclusive: bool = True) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value >= minimum if inclusive else value > minimum)
-    if not ok:
-        bound = f">= {minimum}" if inclusive else f"> {minimum}"
-        raise ValueError(f"{owner} option {name} must be a finite number {bound}, got {value!r}")
+from ..world import EvalWorld, eval_world_of
 
 
 def check_templates(owner: str, name: str, value: Any) -> tuple[str, ...]:
-    """Templates with one ``{}`` slot (the concept) or ``{style}`` and ``{object}`` slots (MiniCanvas-style)."""
+    """Templates with one ``{}`` slot (the concept) or ``{style}`` and ``{object}`` slots (a world's prompt)."""
     if isinstance(value, str) or not isinstance(value, Sequence) or not value:
         raise ValueError(f"{owner} option {name} must be a non-empty list of templates, got {value!r}")
     for template in value:
@@ -59,12 +51,12 @@ class AttackConfig:
 
     Args:
         seeds: generation seeds; every scored prompt gets one image per seed. An integer n: the first n of
-            UnlearnCanvas's seeds (188, 288, 588, 688, 888), MiniCanvas's ``EVAL_SEEDS``.
-        num_inference_steps: sampling steps of every scored image (default: MiniCanvas's).
-        guidance_scale: guidance scale of every scored image (default: MiniCanvas's).
+            UnlearnCanvas's seeds (188, 288, 588, 688, 888).
+        num_inference_steps: sampling steps of every scored image.
+        guidance_scale: guidance scale of every scored image.
         batch_size: images per pipeline call.
-        plain_templates: the concept's plain prompts (default: MiniCanvas's prompt across the other domain for a
-            MiniCanvas concept, else the domain's templates, ``du.prompts.TEMPLATES``).
+        plain_templates: the concept's plain prompts (default: the world's prompt across its other axis for a
+            concept of the attack's world, ``EvalWorld``; else the domain's templates, ``du.prompts.TEMPLATES``).
         progress: progress bars (default: follow the pipeline's ``set_progress_bar_config``).
     """
 
@@ -79,18 +71,16 @@ class AttackConfig:
     def __post_init__(self) -> None:
         owner = f"attack {self.kind!r}"
         if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
-            if not 1 <= self.seeds <= len(UNLEARNCANVAS_SEEDS):
-                raise ValueError(f"{owner} option seeds: an integer must be 1..{len(UNLEARNCANVAS_SEEDS)} (the first "
-                                 f"n of {list(UNLEARNCANVAS_SEEDS)}), got {self.seeds!r}; or pass a list of seeds")
+            check_int(self.seeds, f"{owner} option seeds (an integer n: the first n of {list(UNLEARNCANVAS_SEEDS)}; "
+                                  f"or a list of seeds)", minimum=1, maximum=len(UNLEARNCANVAS_SEEDS))
             self.seeds = list(UNLEARNCANVAS_SEEDS[: self.seeds])
-        elif isinstance(self.seeds, str) or not isinstance(self.seeds, Sequence) or not self.seeds or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
+        elif isinstance(self.seeds, str) or not isinstance(self.seeds, Sequence) or not self.seeds:
             raise ValueError(f"{owner} option seeds must be an integer n or a non-empty list of integers >= 0, "
                              f"got {self.seeds!r}")
-        self.seeds = list(self.seeds)
-        check_int(owner, "num_inference_steps", self.num_inference_steps, 1)
-        check_int(owner, "batch_size", self.batch_size, 1)
-        check_number(owner, "guidance_scale", self.guidance_scale, 0.0)
+        self.seeds = [check_seed(s, f"{owner} option seeds") for s in self.seeds]
+        check_count(self.num_inference_steps, f"{owner} option num_inference_steps")
+        check_count(self.batch_size, f"{owner} option batch_size")
+        check_number(self.guidance_scale, f"{owner} option guidance_scale", minimum=0.0)
         if self.plain_templates is not None:
             self.plain_templates = check_templates(owner, "plain_templates", self.plain_templates)
         if self.progress is not None and not isinstance(self.progress, bool):
@@ -119,9 +109,9 @@ class TrainingAttackConfig(AttackConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = f"attack {self.kind!r}"
-        check_int(owner, "steps", self.steps, 1)
-        check_int(owner, "train_batch_size", self.train_batch_size, 1)
-        check_number(owner, "learning_rate", self.learning_rate, 0.0, inclusive=False)
+        check_count(self.steps, f"{owner} option steps")
+        check_count(self.train_batch_size, f"{owner} option train_batch_size")
+        check_number(self.learning_rate, f"{owner} option learning_rate", minimum=0.0, exclusive_minimum=True)
 
 
 @dataclass
@@ -166,51 +156,35 @@ class AttackResult:
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
-def minicanvas_axis(concept: str, domain: str) -> str | None:
-    """"style" or "object" when ``concept`` is a MiniCanvas concept of that domain ("style", "object" or a bench
-    world's "<world>-style" / "<world>-object"), else None."""
-    from ... import minicanvas as mc
-
-    axis = domain.rsplit("-", 1)[-1]
-    if axis == "style" and concept in mc.STYLES:
-        return "style"
-    if axis == "object" and concept in mc.OBJECTS:
-        return "object"
-    return None
-
-
-def fill_templates(templates: Sequence[str], concept: str, axis: str | None) -> list[list[str]]:
+def fill_templates(templates: Sequence[str], concept: str, world: EvalWorld | None,
+                   axis: str | None) -> list[list[str]]:
     """The prompts of each template: a ``{}`` template gives one prompt; a ``{style}``/``{object}`` template gives
-    one per concept of MiniCanvas's other domain (``axis``: the concept's own domain)."""
-    from ... import minicanvas as mc
-
+    one per concept of the world's other axis (``axis``: the concept's own, ``world.axis``)."""
     out = []
     for template in templates:
         if "{}" in template:
             out.append([template.format(concept)])
             continue
-        if axis is None:
-            raise ValueError(f"template {template!r} has {{style}}/{{object}} slots, which only MiniCanvas concepts "
-                             f"fill; {concept!r} is not one: use templates with one '{{}}' slot")
-        others = mc.OBJECTS if axis == "style" else mc.STYLES
-        out.append([template.format(style=concept, object=o) if axis == "style" else
-                    template.format(style=o, object=concept) for o in others])
+        if world is None or axis is None:
+            raise ValueError(f"template {template!r} has {{style}}/{{object}} slots, which only a concept of the "
+                             f"attack's world fills (world={None if world is None else world.name!r}); "
+                             f"{concept!r} is not one: use templates with one '{{}}' slot, or pass world=")
+        out.append(world.fill(template, concept, axis))
     return out
 
 
-def default_plain_templates(concept: str, domain: str) -> tuple[str, ...]:
-    """MiniCanvas's own prompt for its concepts, else the domain's request templates."""
-    if minicanvas_axis(concept, domain) is not None:
-        from ... import minicanvas as mc
-
-        return (mc.PROMPT_TEMPLATE,)
+def default_plain_templates(concept: str, domain: str, world: EvalWorld | None) -> tuple[str, ...]:
+    """The world's own prompt for its concepts, else the domain's request templates."""
+    if world is not None and world.axis(concept, domain) is not None:
+        return (world.template,)
     return TEMPLATES[check_domain(domain)]
 
 
 # ------------------------------------------------------------------------------------------------------ context
 @dataclass
 class AttackContext:
-    """What an attack works with: the pipeline (never to be changed), the concept, the judge and the settings."""
+    """What an attack works with: the pipeline (never to be changed), the concept, the judge, the settings and the
+    world the concept belongs to (None: a concept prompted with the domain's generic templates)."""
 
     pipe: Any
     concept: str
@@ -218,11 +192,13 @@ class AttackContext:
     classifier: Classifier
     seed: int
     config: AttackConfig
+    world: EvalWorld | None = None
     _plain: float | None = None
+    _plain_images: torch.Tensor | None = None
 
     @property
     def axis(self) -> str | None:
-        return minicanvas_axis(self.concept, self.domain)
+        return None if self.world is None else self.world.axis(self.concept, self.domain)
 
     @property
     def progress(self) -> bool:
@@ -231,11 +207,12 @@ class AttackContext:
         return not (getattr(self.pipe, "_progress_bar_config", None) or {}).get("disable", False)
 
     def plain_templates(self) -> tuple[str, ...]:
-        return tuple(self.config.plain_templates or default_plain_templates(self.concept, self.domain))
+        return tuple(self.config.plain_templates or default_plain_templates(self.concept, self.domain, self.world))
 
     def prompts(self, templates: Sequence[str], concept: str | None = None) -> list[str]:
         """Every prompt of ``templates`` filled with ``concept`` (default: the attacked concept's own words)."""
-        return [p for group in fill_templates(templates, concept or self.concept, self.axis) for p in group]
+        return [p for group in fill_templates(templates, concept or self.concept, self.world, self.axis)
+                for p in group]
 
     def plain_prompts(self) -> list[str]:
         return self.prompts(self.plain_templates())
@@ -259,8 +236,15 @@ class AttackContext:
     def plain_accuracy(self) -> float:
         """The plain prompts on the pipeline as given (computed once)."""
         if self._plain is None:
-            self._plain = self.accuracy(self.pipe, self.plain_prompts(), "plain prompts")
+            self._plain_images = self.images(self.pipe, self.plain_prompts(), "plain prompts")
+            hits = self.hits(self._plain_images)
+            self._plain = 100.0 * sum(hits) / len(hits)
         return self._plain
+
+    def plain_images(self) -> torch.Tensor:
+        """The plain prompts' images on the pipeline as given (``images`` order; computed once)."""
+        self.plain_accuracy()
+        return self._plain_images
 
     def generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
@@ -327,39 +311,55 @@ def attack(
     domain: str | None = None,
     classifier: Classifier,
     seed: int = 0,
+    world: EvalWorld | None = None,
     **options: Any,
 ) -> AttackResult:
     """Try to bring ``concept`` back on ``pipe`` with one kind of attack; the pipeline is left unchanged.
 
     Args:
-        pipe: a Stable Diffusion-family pipeline, unlearned (``du.attach``) or not.
+        pipe: a Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux pipeline, unlearned (``du.attach``) or not.
         concept: the concept to recover, a label the classifier answers with.
         kind: "paraphrase", "embedding", "finetune", "rollback" or any registered kind (``ATTACKS``).
-        domain: prompt domain of the concept ("style", "object", "concept" (default) or registered). A MiniCanvas
-            style or object is prompted with MiniCanvas's own prompt across the other domain.
+        domain: prompt domain of the concept ("style", "object", "concept" (default), registered, or a world's
+            ``"<world>-style"`` / ``"<world>-object"``). A style or object of the world is prompted with the world's
+            own prompt across its other axis.
         classifier: ``images -> labels``; accuracy is the percent of images it names as ``concept``.
         seed: makes the attack reproducible (optimisation noise, timesteps, minibatches, adapter init).
+        world: the world the concept belongs to (its axes, prompts, held-out wordings and training images;
+            ``EvalWorld``). None: the world of the pipeline or domain (``eval_world_of``: e.g. MiniCanvas for a
+            pipeline loaded with ``du.minicanvas.load_pipeline``), if any.
         **options: the kind's settings (see its config class, e.g. ``EmbeddingAttackConfig``) and the shared ones
             of ``AttackConfig`` (``seeds``, ``num_inference_steps``, ``guidance_scale``, ...).
+
+    Returns:
+        The ``AttackResult``: accuracy under attack and on the plain prompts, cost, settings and per-kind details.
+
+    Raises:
+        ValueError: an unknown kind, a bad option, concept, domain or seed, or a concept the classifier never
+            answers with.
+        TypeError: an option the kind does not have, a classifier that is not callable, a world that is not an
+            ``EvalWorld``, or a pipeline the kind cannot attack.
     """
     config = build_attack_config(kind, options)
     concept = check_concept(concept)
     domain = "concept" if domain is None else domain
     if not isinstance(domain, str) or not domain:
         raise ValueError(f"domain must be a non-empty string, got {domain!r}")
-    if minicanvas_axis(concept, domain) is None:
+    if world is None:
+        world = eval_world_of(pipe, domain)
+    elif not isinstance(world, EvalWorld):
+        raise TypeError(f"world must be an evaluation.EvalWorld or None, got {world!r}")
+    if world is None or world.axis(concept, domain) is None:
         check_domain(domain)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_seed(seed)
     if not callable(classifier):
         raise TypeError(f"classifier must be a callable from images to labels, got {classifier!r}")
     labels = getattr(classifier, "labels", None)
     if labels is not None and concept not in list(labels):
         raise ValueError(f"the classifier never answers {concept!r}, so no attack could find it; its labels: "
                          f"{list(labels)[:20]}")
-    if getattr(pipe, "unet", None) is None:
-        raise TypeError(f"attacks need a UNet pipeline (Stable Diffusion 1.x/2.x or SDXL), got {type(pipe).__name__}")
-    context = AttackContext(pipe, concept, domain, classifier, seed, config)
+    family_of(pipe)  # a TypeError naming the supported families for any other pipeline
+    context = AttackContext(pipe, concept, domain, classifier, seed, config, world)
     runner = ATTACKS[kind](config, context)
     runner.check()
     plain = context.plain_accuracy()
@@ -374,7 +374,8 @@ def attack(
         seconds=round(time.perf_counter() - started, 3),
         steps=int(outcome.steps),
         num_images=int(outcome.num_images),
-        settings={**config.to_dict(), "seed": seed, "plain_prompts": context.plain_prompts()},
+        settings={**config.to_dict(), "seed": seed, "world": None if world is None else world.name,
+                  "plain_prompts": context.plain_prompts()},
         details=outcome.details,
     )
 
@@ -383,8 +384,6 @@ def attack(
 def base_pipeline(pipe: Any) -> Any:
     """The model before any unlearning request: ``pipe`` itself when it holds none, else a copy with every request
     rolled back (the user's pipeline is untouched)."""
-    from ...mixin import UnlearnMixin
-
     if not isinstance(pipe, UnlearnMixin) or not pipe.unlearning_ledger.requests:
         return pipe
     base = copy.deepcopy(pipe)
@@ -397,8 +396,8 @@ def base_pipeline(pipe: Any) -> Any:
 @torch.no_grad()
 def generate_latents(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int,
                      guidance_scale: float, batch_size: int = 64) -> torch.Tensor:
-    """Final latents (the UNet's space, before the VAE) of one sample per ``(prompts[i], seeds[i])``, on the CPU;
-    each sample seeded on its own as in ``generate_images``."""
+    """Final latents (the denoiser's space, before the VAE: Flux's packed tokens) of one sample per
+    ``(prompts[i], seeds[i])``, on the CPU; each sample seeded on its own as in ``generate_images``."""
     view = pipeline_view(pipe)
     view.set_progress_bar_config(disable=True)
     chunks = []
@@ -412,41 +411,60 @@ def generate_latents(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *,
 
 class NoisedBatches:
     """Minibatches for ordinary denoising training on clean latents: rows, timesteps and noise drawn from one
-    generator, the noised latents and the target the pipeline's scheduler predicts (epsilon or v)."""
+    generator, the noised latents and the target the pipeline's model predicts.
+
+    UNets (DDPM noising): epsilon or v, as the scheduler's ``prediction_type`` says. Flow-matching transformers (SD3,
+    Flux): ``x_t = (1 - sigma) x0 + sigma noise`` and the velocity ``noise - x0``, with sigma and its timestep
+    drawn uniformly from the scheduler's training schedule, as diffusers' SD3 and Flux training scripts do.
+    """
 
     def __init__(self, pipe: Any, latents: torch.Tensor, generator: torch.Generator):
-        from diffusers import DDPMScheduler
-
-        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"denoising training supports epsilon and v_prediction schedulers, got "
-                             f"{self.prediction_type!r}")
+        self.flow = family_of(pipe).parametrisation == "flow"
+        if self.flow:
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            self.prediction_type = "flow"
+        else:
+            self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+            self.prediction_type = self.scheduler.config.prediction_type
+            if self.prediction_type not in ("epsilon", "v_prediction"):
+                raise ValueError(f"denoising training supports epsilon and v_prediction schedulers, got "
+                                 f"{self.prediction_type!r}")
         self.latents = latents
         self.generator = generator
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rows, noisy latents, timesteps, target)``, on the CPU in float32."""
+        """``(rows, noisy latents, timesteps, target)``, on the CPU in float32; ``timesteps`` in the scheduler's
+        units (what the pipeline's sampler hands the model)."""
         gen = self.generator
         rows = torch.randint(0, len(self.latents), (batch_size,), generator=gen)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        index = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
         clean = self.latents[rows]
         noise = torch.randn(clean.shape, generator=gen)
-        noisy = self.scheduler.add_noise(clean, noise, timesteps)
-        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(clean, noise, timesteps)
-        return rows, noisy, timesteps, target
+        if self.flow:
+            sigma = self.scheduler.sigmas[index].float().view(-1, *[1] * (clean.ndim - 1))
+            return rows, (1.0 - sigma) * clean + sigma * noise, self.scheduler.timesteps[index].float(), noise - clean
+        noisy = self.scheduler.add_noise(clean, noise, index)
+        target = noise if self.prediction_type == "epsilon" else self.scheduler.get_velocity(clean, noise, index)
+        return rows, noisy, index, target
+
+
+def differentiable_encode(conditioner: Conditioner, prompts: list[str]) -> Conditioning:
+    """``conditioner.encode(prompts)`` (the pipeline's own ``encode_prompt``) with gradients: the conditioner's
+    encoding is wrapped in ``torch.no_grad``, which an attack that learns a token embedding must go around."""
+    return inspect.unwrap(type(conditioner).encode)(conditioner, prompts)
 
 
 def diffusers_class(pipe: Any) -> type:
     """The plain diffusers class of a pipeline (``du.attach`` makes a subclass that adds ``UnlearnMixin``)."""
-    from diffusers import DiffusionPipeline
-
-    from ...mixin import UnlearnMixin
-
     for cls in type(pipe).__mro__:
         if issubclass(cls, DiffusionPipeline) and not issubclass(cls, UnlearnMixin):
             return cls
     raise TypeError(f"{type(pipe).__name__} is not a diffusers pipeline")
+
+
+# Pipeline-object settings a view keeps: the default image size (FluxPipeline hard-codes 1024 px), the text length
+# unlearning reads, the world the pipeline was loaded as.
+VIEW_ATTRIBUTES = ("default_sample_size", "unlearning_max_sequence_length", "unlearn_world")
 
 
 def pipeline_view(pipe: Any, **replace: Any) -> Any:
@@ -460,5 +478,8 @@ def pipeline_view(pipe: Any, **replace: Any) -> Any:
     if "requires_safety_checker" in accepted:
         components["requires_safety_checker"] = bool(getattr(pipe.config, "requires_safety_checker", False))
     view = cls(**{k: v for k, v in components.items() if k in accepted})
+    for name in VIEW_ATTRIBUTES:  # what a deployment (or the tiny Flux pipeline) sets on the pipeline object
+        if name in vars(pipe):
+            setattr(view, name, getattr(pipe, name))
     view.set_progress_bar_config(**(getattr(pipe, "_progress_bar_config", None) or {}))
     return view

@@ -1,11 +1,14 @@
 """``embedding``: textual-inversion recovery with every weight frozen (Concept Inversion, arXiv 2308.01508).
 
-One new token's input embedding is optimised, starting from the concept's own (the mean of its tokens'), with the
-ordinary denoising loss on the base model's images of the concept: the pipeline under attack, prompted with the
-new token in the concept's place, should reproduce what the model drew before any request. The optimisation runs
-on a copy of the text encoder and tokenizer; the UNet is only read (gradients go to the embedding alone). Several
-points of the optimisation are scored ("tries") together with the plain prompt, and the best is kept: the attack
-never scores below the plain prompt it starts from.
+One new token is added to every tokenizer of the pipeline and its input embedding is optimised in every text
+encoder's token table the prompt goes through (Stable Diffusion 1.x/2.x: CLIP; SDXL: both CLIPs; SD3: CLIP-L,
+CLIP-G and T5; Flux: CLIP-L, whose pooled text it reads, and T5), each starting from the concept's own (the mean of
+its tokens' rows in that table), with the ordinary denoising loss (flow matching for SD3 and Flux) on the base
+model's images of the concept: the pipeline under attack, prompted with the new token in the concept's place,
+should reproduce what the model drew before any request. The optimisation runs on copies of the text encoders and
+tokenizers; the denoiser is only read (gradients go to the embeddings alone). Several points of the optimisation
+are scored ("tries") together with the plain prompt, and the best is kept: the attack never scores below the plain
+prompt it starts from.
 """
 
 from __future__ import annotations
@@ -18,17 +21,24 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..._validation import check_count
+from ...families import conditioner_for, denoiser_of
 from .base import (
     Attack,
     AttackOutcome,
     NoisedBatches,
     TrainingAttackConfig,
     base_pipeline,
-    check_int,
+    differentiable_encode,
     generate_latents,
     pipeline_view,
 )
 
+# The (tokenizer, text encoder) attribute pairs a diffusers pipeline may have; the attack learns the new token in
+# each pair the pipeline holds.
+TEXT_ENCODERS: tuple[tuple[str, str], ...] = (
+    ("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"),
+)
 # Reference images of the base model are drawn at seeds from here on, away from the scored images' seeds.
 REFERENCE_SEED_OFFSET = 10_000
 
@@ -58,8 +68,8 @@ class EmbeddingAttackConfig(TrainingAttackConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         owner = "attack 'embedding'"
-        check_int(owner, "tries", self.tries, 1)
-        check_int(owner, "reference_seeds", self.reference_seeds, 1)
+        check_count(self.tries, f"{owner} option tries")
+        check_count(self.reference_seeds, f"{owner} option reference_seeds")
         if self.tries > self.steps:
             raise ValueError(f"{owner} option tries ({self.tries}) cannot exceed steps ({self.steps})")
         if self.init is not None and (not isinstance(self.init, str) or not self.init.strip()):
@@ -86,18 +96,37 @@ class _InjectedToken:
         self.handle.remove()
 
 
+@dataclass
+class _Table:
+    """One text encoder's copy with the new token: its pipeline attributes, tokenizer, encoder, trainable row and
+    the token length the pipeline pads its prompts to."""
+
+    tokenizer_attr: str
+    encoder_attr: str
+    tokenizer: Any
+    text_encoder: torch.nn.Module
+    injected: _InjectedToken
+    max_length: int
+
+
 class EmbeddingAttack(Attack):
+    def encoder_pairs(self) -> list[tuple[str, str]]:
+        """The (tokenizer, text encoder) attributes the pipeline holds, in ``TEXT_ENCODERS`` order."""
+        pipe = self.context.pipe
+        return [(t, e) for t, e in TEXT_ENCODERS
+                if getattr(pipe, t, None) is not None and getattr(pipe, e, None) is not None]
+
     def check(self) -> None:
         pipe = self.context.pipe
-        if getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe, "text_encoder", None) is None \
-                or getattr(pipe, "tokenizer", None) is None:
-            raise TypeError(f"the embedding attack needs a pipeline with one text encoder and tokenizer (Stable "
-                            f"Diffusion 1.x/2.x); {type(pipe).__name__} has "
-                            f"{'two' if getattr(pipe, 'text_encoder_2', None) is not None else 'no'} text encoder(s)")
+        if not self.encoder_pairs():
+            raise TypeError(f"the embedding attack needs a pipeline with a text encoder and its tokenizer; "
+                            f"{type(pipe).__name__} has none")
         token = self.config.token
-        if token in pipe.tokenizer.get_vocab() or len(pipe.tokenizer.tokenize(token)) == 1:
-            raise ValueError(f"attack 'embedding' option token {self.config.token!r} is already a token of the "
-                             f"pipeline's tokenizer: choose a new word")
+        for tokenizer_attr, _ in self.encoder_pairs():
+            tokenizer = getattr(pipe, tokenizer_attr)
+            if token in tokenizer.get_vocab() or len(tokenizer.tokenize(token)) == 1:
+                raise ValueError(f"attack 'embedding' option token {token!r} is already a token of the pipeline's "
+                                 f"{tokenizer_attr}: choose a new word")
 
     def run(self) -> AttackOutcome:
         ctx, cfg = self.context, self.config
@@ -116,41 +145,53 @@ class EmbeddingAttack(Attack):
                                    batch_size=cfg.batch_size)
         del base
 
-        text_encoder, tokenizer, injected = self._inverted_text_encoder()
+        tables = self._inverted_text_encoders()
         try:
-            view = pipeline_view(pipe, text_encoder=text_encoder, tokenizer=tokenizer)
-            ids = self._token_ids(tokenizer, token_prompts, injected.token_id)
-            prompt_rows = torch.tensor([i for i, _ in pairs])
+            replaced = {}
+            for table in tables:
+                replaced.update({table.tokenizer_attr: table.tokenizer, table.encoder_attr: table.text_encoder})
+            view = pipeline_view(pipe, **replaced)
+            conditioner = conditioner_for(view, guidance_scale=cfg.guidance_scale)
+            for table in tables:
+                self._check_token_kept(table, token_prompts)
+            vectors = [table.injected.vector for table in tables]
+            starts = [v.detach().clone() for v in vectors]
+            prompt_rows = [i for i, _ in pairs]
             batches = NoisedBatches(pipe, latents, ctx.generator(1))
-            optimizer = torch.optim.Adam([injected.vector], lr=cfg.learning_rate)
+            optimizer = torch.optim.Adam(vectors, lr=cfg.learning_rate)
             checkpoints = sorted({cfg.steps * (k + 1) // cfg.tries for k in range(cfg.tries)})
             tries: list[dict[str, Any]] = [{"name": "plain prompt", "step": 0, "accuracy": ctx.plain_accuracy()}]
+            start_images = ctx.images(view, token_prompts, "embedding start")
             if cfg.init is not None:
-                tries.append({"name": f"start ({cfg.init!r})", "step": 0,
-                              "accuracy": ctx.accuracy(view, token_prompts, "embedding start")})
+                hits = ctx.hits(start_images)
+                tries.append({"name": f"start ({cfg.init!r})", "step": 0, "accuracy": 100.0 * sum(hits) / len(hits)})
+            last_images = start_images
             losses: list[float] = []
-            unet = pipe.unet
-            device, dtype = unet.device, next(unet.parameters()).dtype
+            denoiser = denoiser_of(pipe)
+            device = denoiser.device
             with tqdm(total=cfg.steps, desc="embedding attack", unit="step", disable=not ctx.progress,
                       leave=False) as bar:
                 for step in range(1, cfg.steps + 1):
                     rows, noisy, timesteps, target = batches.sample(cfg.train_batch_size)
-                    hidden = self._encode(text_encoder, ids[prompt_rows[rows]].to(text_encoder.device))
-                    prediction = unet(noisy.to(device, dtype), timesteps.to(device),
-                                      encoder_hidden_states=hidden.to(device, dtype)).sample
+                    cond = differentiable_encode(conditioner, [token_prompts[prompt_rows[r]] for r in rows.tolist()])
+                    prediction = conditioner.predict(denoiser, noisy.to(device), timesteps.to(device), cond)
                     loss = F.mse_loss(prediction.float(), target.to(device))
-                    # gradients of the embedding only: nothing accumulates in the (frozen) UNet's .grad
-                    (grad,) = torch.autograd.grad(loss, [injected.vector])
-                    injected.vector.grad = grad
+                    # gradients of the embeddings only: nothing accumulates in the (frozen) denoiser's .grad
+                    grads = torch.autograd.grad(loss, vectors)
+                    for vector, grad in zip(vectors, grads):
+                        vector.grad = grad
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(loss.item())
                     bar.update(1)
                     if step in checkpoints:
+                        last_images = ctx.images(view, token_prompts, f"embedding step {step}")
+                        hits = ctx.hits(last_images)
                         tries.append({"name": f"step {step}", "step": step,
-                                      "accuracy": ctx.accuracy(view, token_prompts, f"embedding step {step}")})
+                                      "accuracy": 100.0 * sum(hits) / len(hits)})
         finally:
-            injected.remove()
+            for table in tables:
+                table.injected.remove()
         best = max(range(len(tries)), key=lambda i: (tries[i]["accuracy"], -i))  # ties: the earlier try
         window = max(1, len(losses) // 10)
         return AttackOutcome(
@@ -164,42 +205,49 @@ class EmbeddingAttack(Attack):
                 "loss_first": sum(losses[:window]) / window,
                 "loss_last": sum(losses[-window:]) / window,
                 "attack_prompts": token_prompts,
+                "text_encoders": [table.encoder_attr for table in tables],
+                # how far each table's learnt row moved from its start, relative to the start's norm
+                "embedding_shift": {table.encoder_attr: float((v.detach() - s).norm() / s.norm().clamp(min=1e-12))
+                                    for table, v, s in zip(tables, vectors, starts)},
+                # mean absolute pixel change of the token prompts' images, learnt embedding against its start
+                "image_change": float((last_images - start_images).abs().mean()),
             },
         )
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _inverted_text_encoder(self) -> tuple[torch.nn.Module, Any, _InjectedToken]:
-        """Copies of the text encoder and tokenizer with the new token, and its trainable embedding."""
+    def _inverted_text_encoders(self) -> list[_Table]:
+        """Copies of every text encoder and tokenizer with the new token, each with its trainable row."""
         pipe, cfg = self.context.pipe, self.config
-        tokenizer = copy.deepcopy(pipe.tokenizer)
-        text_encoder = copy.deepcopy(pipe.text_encoder).requires_grad_(False)
         start_words = cfg.init if cfg.init is not None else self.context.concept
-        start_ids = tokenizer(start_words, add_special_tokens=False).input_ids
-        if not start_ids:
-            raise ValueError(f"attack 'embedding': {start_words!r} has no tokens to start from")
-        tokenizer.add_tokens([cfg.token])
-        token_id = tokenizer.convert_tokens_to_ids(cfg.token)
-        with torch.random.fork_rng(devices=[]):  # the new row's random init must not move the global RNG
-            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        embedding = text_encoder.get_input_embeddings()
-        with torch.no_grad():
-            start = embedding.weight[torch.tensor(start_ids, device=embedding.weight.device)].float().mean(dim=0)
-            embedding.weight[token_id] = start.to(embedding.weight.dtype)
-        return text_encoder, tokenizer, _InjectedToken(embedding, token_id, start)
+        tables = []
+        for tokenizer_attr, encoder_attr in self.encoder_pairs():
+            tokenizer = copy.deepcopy(getattr(pipe, tokenizer_attr))
+            text_encoder = copy.deepcopy(getattr(pipe, encoder_attr)).requires_grad_(False)
+            start_ids = tokenizer(start_words, add_special_tokens=False).input_ids
+            if not start_ids:
+                raise ValueError(f"attack 'embedding': {start_words!r} has no tokens to start from in the "
+                                 f"pipeline's {tokenizer_attr}")
+            tokenizer.add_tokens([cfg.token])
+            token_id = tokenizer.convert_tokens_to_ids(cfg.token)
+            embedding = text_encoder.get_input_embeddings()
+            if token_id >= embedding.num_embeddings:  # T5's table has spare rows; CLIP's grows by one
+                with torch.random.fork_rng(devices=[]):  # the new row's random init must not move the global RNG
+                    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+                embedding = text_encoder.get_input_embeddings()
+            with torch.no_grad():
+                start = embedding.weight[torch.tensor(start_ids, device=embedding.weight.device)].float().mean(dim=0)
+                embedding.weight[token_id] = start.to(embedding.weight.dtype)
+            # T5 prompts are padded to the pipeline's max_sequence_length, CLIP's to the tokenizer's length
+            is_t5 = "T5" in type(text_encoder).__name__
+            max_length = conditioner_for(pipe).max_sequence_length if is_t5 else int(tokenizer.model_max_length)
+            tables.append(_Table(tokenizer_attr, encoder_attr, tokenizer, text_encoder,
+                                 _InjectedToken(embedding, token_id, start), max_length))
+        return tables
 
-    def _token_ids(self, tokenizer: Any, prompts: list[str], token_id: int) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        missing = [p for p, row in zip(prompts, ids) if token_id not in row.tolist()]
+    def _check_token_kept(self, table: _Table, prompts: list[str]) -> None:
+        ids = table.tokenizer(prompts, padding="max_length", max_length=table.max_length, truncation=True).input_ids
+        missing = [p for p, row in zip(prompts, ids) if table.injected.token_id not in row]
         if missing:
-            raise ValueError(f"attack 'embedding': the new token is cut off in {missing[0]!r} (the tokenizer keeps "
-                             f"{tokenizer.model_max_length} tokens): use shorter plain_templates")
-        return ids
+            raise ValueError(f"attack 'embedding': the new token is cut off in {missing[0]!r} (the pipeline's "
+                             f"{table.tokenizer_attr} keeps {table.max_length} tokens): use shorter plain_templates")
 
-    def _encode(self, text_encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        # as StableDiffusionPipeline.encode_prompt: last hidden state, attention mask only if the config asks
-        mask = None
-        if getattr(text_encoder.config, "use_attention_mask", False):
-            pad = getattr(self.context.pipe.tokenizer, "pad_token_id", None)
-            mask = (ids != pad).long() if pad is not None else None
-        return text_encoder(ids, attention_mask=mask)[0]

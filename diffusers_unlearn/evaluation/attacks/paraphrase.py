@@ -1,8 +1,8 @@
 """``paraphrase``: the concept in wordings the removal request never trained on.
 
-On MiniCanvas the held-out wordings are ``minicanvas.HELDOUT_TEMPLATES`` (prompts the model was trained to
-understand but no request uses) when the installed MiniCanvas has them, else ``MINICANVAS_HELDOUT_TEMPLATES``
-(the training prompt's words, reordered). Elsewhere, ``templates=`` or a generic list per domain.
+For a concept of the attack's world (``EvalWorld``) the held-out wordings are the world's ``heldout_templates``
+(prompts the model was trained to understand but no request uses), across the world's other axis. Elsewhere, or
+for a world without them, ``templates=`` or a generic list per domain.
 """
 
 from __future__ import annotations
@@ -11,16 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..world import EvalWorld
 from .base import Attack, AttackConfig, AttackOutcome, check_templates
 
-# The current MiniCanvas tokenizer knows only its training prompts' words; these reorder them.
-MINICANVAS_HELDOUT_TEMPLATES: tuple[str, ...] = (
-    "a {object} in {style}",
-    "{style} style, a {object}",
-    "a picture of a {object} in {style} style",
-    "an image of a {object} in {style} style",
-    "a painting of a {object} in {style} style",
-)
 # Wordings no request template of the domain uses (du.prompts.TEMPLATES).
 HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
     "style": ("{} artwork", "a drawing in the manner of {}", "an illustration, {} style", "a landscape styled as {}"),
@@ -29,18 +22,18 @@ HELDOUT_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
-def default_heldout_templates(axis: str | None, domain: str) -> tuple[str, ...]:
-    if axis is not None:
-        from ... import minicanvas as mc
-
-        return tuple(getattr(mc, "HELDOUT_TEMPLATES", None) or MINICANVAS_HELDOUT_TEMPLATES)
+def default_heldout_templates(world: EvalWorld | None, axis: str | None, domain: str) -> tuple[str, ...]:
+    """The world's held-out wordings for one of its concepts (``axis`` not None), else the domain's generic ones."""
+    if world is not None and axis is not None and world.heldout_templates:
+        return tuple(world.heldout_templates)
     return HELDOUT_TEMPLATES.get(domain.rsplit("-", 1)[-1], HELDOUT_TEMPLATES["concept"])
 
 
 @dataclass
 class ParaphraseAttackConfig(AttackConfig):
     """Args:
-    templates: the held-out wordings, each with one ``{}`` slot (or ``{style}`` and ``{object}`` for MiniCanvas).
+    templates: the held-out wordings, each with one ``{}`` slot (or ``{style}`` and ``{object}`` for a concept of
+        the attack's world).
     """
 
     kind: ClassVar[str] = "paraphrase"
@@ -55,7 +48,7 @@ class ParaphraseAttackConfig(AttackConfig):
 class ParaphraseAttack(Attack):
     def run(self) -> AttackOutcome:
         ctx = self.context
-        templates = self.config.templates or default_heldout_templates(ctx.axis, ctx.domain)
+        templates = self.config.templates or default_heldout_templates(ctx.world, ctx.axis, ctx.domain)
         per_template: dict[str, float] = {}
         all_hits: list[bool] = []
         for template in templates:

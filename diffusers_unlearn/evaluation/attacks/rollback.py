@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ...mixin import UnlearnMixin
 from ...prompts import same_concept
 from .base import Attack, AttackConfig, AttackOutcome
 
@@ -23,8 +24,6 @@ class RollbackAttackConfig(AttackConfig):
 
 class RollbackAttack(Attack):
     def run(self) -> AttackOutcome:
-        from ...mixin import UnlearnMixin
-
         ctx = self.context
         pipe = ctx.pipe
         records = pipe.unlearning_ledger.requests if isinstance(pipe, UnlearnMixin) else []

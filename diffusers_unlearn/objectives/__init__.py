@@ -1,13 +1,18 @@
-"""Unlearning objectives. A new method is one module here plus one import line below."""
+"""Unlearning methods, trained or solved. A new method is one module (or folder) here plus one import line below;
+the module registers its config and objective class with ``register_objective``."""
 
 from .base import (
     OBJECTIVES,
     Objective,
     ObjectiveConfig,
     ObjectiveContext,
+    SolveContext,
+    SolvedObjective,
+    TrainedObjective,
     TrainedObjectiveConfig,
     TrajectoryObjective,
     build_objective_config,
+    objective_class,
     objective_for,
     register_objective,
 )
@@ -20,9 +25,13 @@ __all__ = [
     "Objective",
     "ObjectiveConfig",
     "ObjectiveContext",
+    "SolveContext",
+    "SolvedObjective",
+    "TrainedObjective",
     "TrainedObjectiveConfig",
     "TrajectoryObjective",
     "build_objective_config",
+    "objective_class",
     "objective_for",
     "register_objective",
     "ESDConfig",

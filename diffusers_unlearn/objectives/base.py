@@ -1,15 +1,20 @@
-"""The objective interface: what the adapted model should predict instead, for one concept.
+"""The method interface, in two kinds chosen by class through one registry (``register_objective``).
 
-An objective knows nothing of regularizers or adapters. The trainer hands it an ``ObjectiveContext`` (the UNet,
-how to run it frozen, the prompts) and asks for losses. Objectives in this package sample trajectories from the
-frozen model once per request and reuse them (and the frozen predictions on them) across training steps.
+- A trained method (``TrainedObjective``) says what the adapted model should predict instead, for one concept. It
+  knows nothing of regularizers or adapters: the trainer hands it an ``ObjectiveContext`` (the UNet, how to run it
+  frozen, the prompts) and asks for losses. Those in this package (``TrajectoryObjective``) sample trajectories from
+  the frozen model once per request and reuse them (and the frozen predictions on them) across training steps.
+- A solved method (``SolvedObjective``) computes the request's change directly, with no training loop: the trainer
+  hands it a ``SolveContext`` (the base weights, the start model, the earlier requests) and takes the artifact it
+  returns. Where a solve depends on the requests before it, its ``after_rollback`` hook re-solves it when one of
+  them is rolled back; the engine calls it in ledger order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .._validation import check_count, check_int, check_number
+from ..adapters import RequestAdapter
 from ..conditioning import Conditioner, Conditioning, sample_trajectory
 from ..prompts import check_concept, same_concept
 
@@ -58,8 +64,21 @@ class ObjectiveConfig:
                 data["concepts"] = list(data["concepts"])
         return data
 
-    def check_regularizers(self, regularizers: list[Any]) -> None:
-        """Refuse regularizers this method cannot apply (called before anything runs); trained methods take all."""
+    def check_regularizers(self, regularizers: Sequence[Any]) -> None:
+        """Refuse regularizers this method cannot apply (called before anything runs).
+
+        Trained methods take all; a solved method takes none (it trains nothing for them to act on).
+
+        Args:
+            regularizers: the request's regularizer objects.
+
+        Raises:
+            ValueError: regularizers given to a solved method.
+        """
+        registered = OBJECTIVES.get(self.method)
+        if regularizers and registered is not None and issubclass(registered[1], SolvedObjective):
+            names = [getattr(r, "name", type(r).__name__) for r in regularizers]
+            raise ValueError(f"method {self.method!r} is solved, not trained: it takes no regularizers (got {names})")
 
 
 @dataclass
@@ -152,13 +171,84 @@ def check_concepts(concepts: Any, exclude: str | None = None) -> tuple[str, ...]
     return checked
 
 
+@dataclass
+class SolveContext:
+    """What the trainer gives a solved method for one request.
+
+    Args:
+        pipe: the pipeline, its denoiser's K/V weights holding the start model (the earlier requests folded in, or
+            the base for a merge strategy).
+        concept: the concept removed.
+        domain: the request's prompt domain.
+        prompts: the request's prompts.
+        base_weights: each K/V layer's base weight, by layer name.
+        start_offsets: each K/V layer's start model minus its base (None: the request starts at the base).
+        earlier: the ledger records of the requests before this one, in order.
+        seed: the request's seed.
+        progress: show progress bars.
+    """
+
+    pipe: Any
+    concept: str
+    domain: str
+    prompts: list[str]
+    base_weights: Mapping[str, torch.Tensor]
+    start_offsets: Mapping[str, torch.Tensor] | None
+    earlier: Sequence[Any]
+    seed: int = 0
+    progress: bool = False
+
+
 class Objective(ABC):
-    """One unlearning method. Subclasses are registered with ``register_objective``."""
+    """One unlearning method: a ``TrainedObjective`` or a ``SolvedObjective``, registered with its config class by
+    ``register_objective``. The trainer picks the kind by the registered class."""
 
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
 
-    def __init__(self, config: ObjectiveConfig, context: ObjectiveContext):
+    def __init__(self, config: ObjectiveConfig):
         self.config = config
+
+
+class SolvedObjective(Objective):
+    """A method whose change is computed, not trained (a closed-form edit): ``solve`` returns the artifact.
+
+    Subclass it, implement ``solve``, and register it with its config class; ``pipe.unlearn(method=...)`` then
+    records, saves, audits and rolls back its requests like any other.
+    """
+
+    @abstractmethod
+    def solve(self, context: SolveContext) -> tuple[RequestAdapter, dict[str, Any]]:
+        """One request's change.
+
+        Args:
+            context: the request and the model as the request finds it.
+
+        Returns:
+            The request's artifact (its change of every K/V layer in ``context.base_weights``) and a report, a
+            JSON-ready dict the ledger keeps with the record.
+        """
+
+    def after_rollback(self, context: SolveContext) -> RequestAdapter | None:
+        """Called for each request of this method that follows a rolled-back one, in ledger order.
+
+        A solve that depends on the requests before it (it keeps them, or starts from them) is stale once one of
+        them is gone; this returns its new artifact, solved in ``context`` (the requests that remain before it, with
+        any re-solved ones). Default: None, the stored artifact stays.
+
+        Args:
+            context: the request (from its ledger record) and the model as it now finds it.
+
+        Returns:
+            The new artifact, or None to keep the stored one.
+        """
+        return None
+
+
+class TrainedObjective(Objective):
+    """A method trained on losses: the trainer runs the optimisation loop on what it returns."""
+
+    def __init__(self, config: ObjectiveConfig, context: ObjectiveContext):
+        super().__init__(config)
         self.context = context
 
     @abstractmethod
@@ -182,7 +272,7 @@ class Objective(ABC):
         return 0
 
 
-class TrajectoryObjective(Objective):
+class TrajectoryObjective(TrainedObjective):
     """Shared machinery: sample trajectories with the frozen model for ``sampling prompts``, train the prediction
     for ``training prompts`` on those latents toward a frozen target computed once per (step, trajectory)."""
 
@@ -358,8 +448,20 @@ OBJECTIVES: dict[str, tuple[type[ObjectiveConfig], type[Objective]]] = {}
 
 
 def register_objective(config_class: type[ObjectiveConfig], objective_class: type[Objective]) -> None:
-    """Make ``config_class.method`` usable as ``pipe.unlearn(..., method=name)``."""
+    """Make ``config_class.method`` usable as ``pipe.unlearn(..., method=name)``.
+
+    Args:
+        config_class: the method's settings (a dataclass with a ``method`` name).
+        objective_class: a ``TrainedObjective`` (trained by the trainer's loop) or a ``SolvedObjective`` (its
+            ``solve`` gives the change); the kind is read from the class.
+
+    Raises:
+        ValueError: no method name, or the name is registered already.
+        TypeError: ``objective_class`` is neither kind.
+    """
     name = config_class.method
+    if not (isinstance(objective_class, type) and issubclass(objective_class, (TrainedObjective, SolvedObjective))):
+        raise TypeError(f"objective_class must subclass TrainedObjective or SolvedObjective, got {objective_class!r}")
     if not name:
         raise ValueError(f"{config_class.__name__}.method must name the method")
     if name in OBJECTIVES:
@@ -389,8 +491,28 @@ def build_objective_config(method: str | ObjectiveConfig, options: dict[str, Any
     return config_class(**options)
 
 
-def objective_for(config: ObjectiveConfig, context: ObjectiveContext) -> Objective:
-    return OBJECTIVES[config.method][1](config, context)
+def objective_class(config: ObjectiveConfig | str) -> type[Objective]:
+    """The class registered for a method config or name (``TrainedObjective`` or ``SolvedObjective``).
+
+    Raises:
+        ValueError: the method is not registered.
+    """
+    name = config if isinstance(config, str) else config.method
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown method {name!r}; known methods: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name][1]
+
+
+def objective_for(config: ObjectiveConfig, context: ObjectiveContext) -> TrainedObjective:
+    """The trained method of ``config``, ready for the trainer's loop.
+
+    Raises:
+        TypeError: the method is solved, not trained.
+    """
+    cls = objective_class(config)
+    if not issubclass(cls, TrainedObjective):
+        raise TypeError(f"method {config.method!r} is solved, not trained: it has no training losses")
+    return cls(config, context)
 
 
 def cond_rows(cond: Conditioning, rows: torch.Tensor) -> Conditioning:

@@ -259,7 +259,8 @@ def _check_field_names(own_options: dict[str, Any], method: Any, where: str) -> 
         return  # the method's own error says what is wrong
     method_fields = [f.name for f in dataclasses.fields(OBJECTIVES[method][0]) if f.name != "method"]
     allowed = [*REQUEST_KEYS, *method_fields]
-    unknown = [k for k in own_options if k not in allowed]
+    renamed = OBJECTIVES[method][0].renamed_options  # old names, taken with a FutureWarning when the request is built
+    unknown = [k for k in own_options if k not in allowed and k not in renamed]
     if not unknown:
         return
     hints = []

@@ -22,6 +22,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._deprecation import rename_options
+from .objectives import OBJECTIVES
+
 if TYPE_CHECKING:
     from .families import ModelFamily
 
@@ -31,7 +34,7 @@ TRAINED_METHOD = "esd"
 # Objects: six MiniCanvas object removals with the style settings kept the other objects at IRA 47.2 (base 93.8);
 # a stronger soft penalty on the kept concepts' tokens keeps them (94.4) at some erasure, which guidance 2 restores
 # (UA 94.4, held-out 91.7, IRA 90.3, CRA 98.6; docs/benchmarks.md section 8).
-RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"object": {"preserve_weight": 5.0, "negative_guidance": 2.0}}
+RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"object": {"keep_weight": 5.0, "negative_guidance": 2.0}}
 # Every recommended request: the exactly kept span may fill at most this fraction of the K/V input width. With the
 # built-in vocabulary the kept states fill the whole 32-wide input of the tiny pipelines, and the request would
 # change nothing; capped, the strongest kept directions stay exact and the rest are kept softly. On SD's 768-wide
@@ -72,5 +75,7 @@ def recommended_options(requested: Any, resolved: Any, domain: str | None,
     chose the method (``requested`` None and ``resolved`` the recommended method); the options given win."""
     if requested is not None or resolved != RECOMMENDED_METHOD:
         return dict(options)
+    # an option given under its former name wins too (with its FutureWarning)
+    given = rename_options(f"method {resolved!r}", OBJECTIVES[resolved][0].renamed_options, options)
     return {"max_kept_fraction": RECOMMENDED_KEPT_FRACTION,
-            **RECOMMENDED_DOMAIN_OPTIONS.get(domain_kind(domain) or "", {}), **options}
+            **RECOMMENDED_DOMAIN_OPTIONS.get(domain_kind(domain) or "", {}), **given}

@@ -171,11 +171,25 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: st
     """The one way to name what a request removing ``concept`` keeps, for every method: ``(method config,
     regularizers)`` with ``keep`` added where each honours it; keeping ``concept`` itself is refused.
 
-    - A method that keeps concepts by construction (a ``preserve`` list and a ``vocabulary``, the closed form): the
-      request's domain joins ``preserve``; other domains join its vocabulary (over the built-in one when it has
-      none), each embedded in its own domain's templates.
-    - Gradient projection: every kept concept joins ``retain`` (exact K/V invariants on its embedding).
-    - A trained method without gradient projection: the kept concepts join its retain loss (``preserve``).
+    - A method that keeps concepts by construction (a ``keep`` list and a ``vocabulary``, the closed form): the
+      request's domain joins ``keep``; other domains join its vocabulary (over the built-in one when it has none),
+      each embedded in its own domain's templates.
+    - Gradient projection: every kept concept joins its ``keep`` (exact K/V invariants on its embedding).
+    - A trained method without gradient projection: the kept concepts join its retain loss (``keep``).
+
+    Args:
+        keep: concepts in the request's domain (a list), or ``{domain: [concepts]}``.
+        concept: the concept the request removes.
+        domain: the request's domain.
+        method: the request's method config.
+        regularizers: the request's regularizers.
+
+    Returns:
+        The method config and regularizers, with the kept concepts added.
+
+    Raises:
+        ValueError: ``keep`` names ``concept``, or the method has no way to keep concepts.
+        TypeError: ``keep`` is not a list or a mapping of lists.
     """
     pairs = _keep_pairs(keep, domain)
     kept_target = [c for c, _ in pairs if same_concept(c, concept)]
@@ -188,12 +202,12 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: st
     listed = list(check_regularizers(regularizers))
     projections = [r for r in listed if isinstance(r, GradientProjection)]
     fields = {f.name for f in dataclasses.fields(method)}
-    if {"preserve", "vocabulary"} <= fields:
+    if {"keep", "vocabulary"} <= fields:
         others: dict[str, list[str]] = {}
         for c, d in pairs:
             if d != domain:
                 others.setdefault(d, []).append(c)
-        changes: dict[str, Any] = {"preserve": list(dict.fromkeys([*method.preserve, *own]))}
+        changes: dict[str, Any] = {"keep": list(dict.fromkeys([*method.keep, *own]))}
         if others:
             current = method.vocabulary
             if current is None:
@@ -207,14 +221,14 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: st
         return dataclasses.replace(method, **changes), listed
     if projections:
         everything = list(dict.fromkeys(c for c, _ in pairs))
-        listed = [dataclasses.replace(r, retain=list(dict.fromkeys([*r.retain, *everything])))
+        listed = [dataclasses.replace(r, keep=list(dict.fromkeys([*r.keep, *everything])))
                   if isinstance(r, GradientProjection) else r for r in listed]
         return method, listed
-    if "preserve" in fields:
+    if "keep" in fields:
         everything = list(dict.fromkeys(c for c, _ in pairs))
-        kept = [c for c in everything if c.lower() not in {p.lower() for p in method.preserve}]
-        return dataclasses.replace(method, preserve=(*method.preserve, *kept)), listed
-    raise ValueError(f"method {method.method!r} has no way to keep concepts (no preserve list, no gradient "
+        kept = [c for c in everything if c.lower() not in {p.lower() for p in method.keep}]
+        return dataclasses.replace(method, keep=(*method.keep, *kept)), listed
+    raise ValueError(f"method {method.method!r} has no way to keep concepts (no keep list, no gradient "
                      f"projection): add regularizers=[du.GradientProjection()] to keep {[c for c, _ in pairs]}")
 
 
@@ -229,7 +243,10 @@ def record_signature(record: RequestRecord) -> dict[str, Any]:
         "strategy": record.strategy,
         "prompts": record.prompts,
     }
-    return _signature(fields, [{k: v for k, v in r.items() if k != "report"} for r in record.regularizers])
+    # a solved method's report entry (named after the method, holding only its report) is no regularizer
+    regularizers = [r for r in record.regularizers
+                    if not (r.get("name") == record.method and set(r) <= {"name", "report"})]
+    return _signature(fields, [{k: v for k, v in r.items() if k != "report"} for r in regularizers])
 
 
 _SIGNATURE_KEYS = ("concept", "domain", "method_config", "training", "seed", "regularizers", "strategy", "prompts")

@@ -12,7 +12,7 @@ import diffusers_unlearn as du  # noqa: E402
 
 TRAIN = dict(steps=6, sampling_steps=4, num_trajectories=2, learning_rate=1e-2)
 DATA_PARALLEL = dict(concept="van gogh", domain="style", seed=0, batch_size=2,
-                     regularizers=[du.GradientProjection(retain=["monet"], neighbors=2)], **TRAIN)
+                     regularizers=[du.GradientProjection(keep=["monet"], neighbors=2)], **TRAIN)
 MERGE_REQUESTS = [dict(concept=c, domain=d, seed=i, **TRAIN)
                   for i, (c, d) in enumerate([("van gogh", "style"), ("dog", "object"), ("cat", "object")])]
 

@@ -63,8 +63,8 @@ def test_a_ready_request_trains_like_its_keywords_and_its_signature_matches_the_
     assert record_signature(same) == request.signature() == record_signature(record)
     with pytest.raises(TypeError, match=r"got a ready UnlearnRequest and also \['method', 'steps'\]"):
         ready.unlearn(request, "ca", steps=3)
-    retains_itself = UnlearnRequest.build("cat", regularizers=[du.GradientProjection(retain=["Cat"])])
-    with pytest.raises(ValueError, match="cannot retain 'Cat': it is the concept being removed"):
+    retains_itself = UnlearnRequest.build("cat", regularizers=[du.GradientProjection(keep=["Cat"])])
+    with pytest.raises(ValueError, match="cannot keep 'Cat': it is the concept being removed"):
         ready.unlearn(retains_itself)
     assert ready.unlearning_ledger.ids() == [same.request_id]
 
@@ -87,19 +87,19 @@ def test_a_plan_request_is_checked_as_unlearn_checks_it():
 # ------------------------------------------------------------------------------------------------ keep=
 def test_keep_is_one_way_to_name_what_survives_for_every_method():
     solved = UnlearnRequest.build("van gogh", "closed_form", domain="style", keep=["monet", "klimt"])
-    assert solved.method.preserve == ["monet", "klimt"] and solved.method.vocabulary is None
+    assert solved.method.keep == ["monet", "klimt"] and solved.method.vocabulary is None
     # another domain's concepts join the closed form's vocabulary, over the built-in one
     mixed = UnlearnRequest.build("van gogh", "closed_form", domain="style", keep={"style": ["monet"],
                                                                                  "object": ["cat", "kettle"]})
-    assert mixed.method.preserve == ["monet"]
+    assert mixed.method.keep == ["monet"]
     assert mixed.method.vocabulary["object"][-1] == "kettle"
     assert set(du.vocabulary.DEFAULT_VOCABULARY["style"]) <= set(mixed.method.vocabulary["style"])
     # gradient projection retains them; a trained method without it keeps them in its retain loss
     projected = UnlearnRequest.build("van gogh", "esd", domain="style", keep=["monet"],
-                                     regularizers=[du.GradientProjection(retain=["klimt"]), du.L2Drift(weight=1.0)])
-    assert projected.regularizers[0].retain == ["klimt", "monet"] and not projected.method.preserve
+                                     regularizers=[du.GradientProjection(keep=["klimt"]), du.L2Drift(weight=1.0)])
+    assert projected.regularizers[0].keep == ["klimt", "monet"] and not projected.method.keep
     trained = UnlearnRequest.build("van gogh", "esd", domain="style", keep=["monet"])
-    assert trained.method.preserve == ("monet",)
+    assert trained.method.keep == ("monet",)
     for keep, error, match in ((["van gogh"], ValueError, "the concept this request removes"),
                                ("monet", TypeError, "got the string"),
                                ({"nope": ["x"]}, ValueError, "unknown domain 'nope'"),
@@ -134,8 +134,8 @@ def test_keep_in_a_plan_and_on_the_command_line_builds_the_same_request():
     first, second = (r.to_request() for r in plan.requests)
     assert first.signature() == UnlearnRequest.build("van gogh", "closed_form", domain="style",
                                                      keep=["monet"]).signature()
-    assert first.method.preserve == ["monet"]
-    assert second.regularizers[0].retain == ["dog", "monet"]
+    assert first.method.keep == ["monet"]
+    assert second.regularizers[0].keep == ["dog", "monet"]
     for keep, match in ((["van gogh"], "the concept this request removes"), ("monet", "got the string")):
         with pytest.raises(PlanError, match=match):
             parse_plan({"model": "tiny", "output": "out", "requests": [
@@ -147,4 +147,4 @@ def test_keep_in_a_plan_and_on_the_command_line_builds_the_same_request():
                                       "closed_form", "--keep", "monet, klimt", "--keep", "dali", "--out", "x"])
     kwargs, _ = _arguments_and_recipe(args)
     assert kwargs["keep"] == ["monet", "klimt", "dali"]
-    assert UnlearnRequest.build("van gogh", **kwargs).method.preserve == ["monet", "klimt", "dali"]
+    assert UnlearnRequest.build("van gogh", **kwargs).method.keep == ["monet", "klimt", "dali"]

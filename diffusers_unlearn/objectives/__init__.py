@@ -15,6 +15,7 @@ from .base import (
     objective_class,
     objective_for,
     register_objective,
+    stored_method_config,
 )
 from .ca import CAConfig, CAObjective
 from .closed_form import ClosedFormConfig, ClosedFormObjective
@@ -34,6 +35,7 @@ __all__ = [
     "objective_class",
     "objective_for",
     "register_objective",
+    "stored_method_config",
     "ESDConfig",
     "ESDObjective",
     "CAConfig",

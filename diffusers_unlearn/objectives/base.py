@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._deprecation import RenamedOptions, rename_options
 from .._validation import check_count, check_int, check_number
 from ..adapters import RequestAdapter
 from ..conditioning import Conditioner, Conditioning, sample_trajectory
@@ -30,7 +31,7 @@ from ..prompts import check_concept, same_concept
 
 
 @dataclass
-class ObjectiveConfig:
+class ObjectiveConfig(RenamedOptions):
     """Settings every trajectory-based objective shares.
 
     Args:
@@ -86,31 +87,33 @@ class TrainedObjectiveConfig(ObjectiveConfig):
     """Settings of the methods trained on the frozen model's trajectories (``TrajectoryObjective``).
 
     Args:
-        preserve: concepts to keep: at each training step one of them, in the slot of the removed concept of the
-            same prompt, is trained toward the frozen model's prediction on the same x_t (a retain loss). Where
-            concepts share most of their text embedding (neighbouring objects), an edit that erases one moves the
-            others; this holds them. Empty (default): no retain loss, one forward pass per step.
-        preserve_weight: weight of the retain loss against the erasure loss (both mean squared errors).
+        keep: concepts to keep: at each training step one of them, in the slot of the removed concept of the same
+            prompt, is trained toward the frozen model's prediction on the same x_t (a retain loss). Where concepts
+            share most of their text embedding (neighbouring objects), an edit that erases one moves the others;
+            this holds them. Empty (default): no retain loss, one forward pass per step. Formerly ``preserve``.
+        keep_weight: weight of the retain loss against the erasure loss (both mean squared errors). Formerly
+            ``preserve_weight``.
     """
 
-    preserve: Sequence[str] = ()
-    preserve_weight: float = 1.0
+    renamed_options: ClassVar[Mapping[str, str]] = {"preserve": "keep", "preserve_weight": "keep_weight"}
+    keep: Sequence[str] = ()
+    keep_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.preserve, str):
-            raise ValueError(f"preserve must be a list of concepts, got the string {self.preserve!r}")
-        self.preserve = tuple(check_concept(c, "each of preserve") for c in self.preserve)
-        if len({c.lower() for c in self.preserve}) != len(self.preserve):
-            raise ValueError(f"preserve lists a concept twice: {list(self.preserve)}")
-        check_number(self.preserve_weight, "preserve_weight", minimum=0)
+        if isinstance(self.keep, str):
+            raise ValueError(f"keep must be a list of concepts, got the string {self.keep!r}")
+        self.keep = tuple(check_concept(c, "each of keep") for c in self.keep)
+        if len({c.lower() for c in self.keep}) != len(self.keep):
+            raise ValueError(f"keep lists a concept twice: {list(self.keep)}")
+        check_number(self.keep_weight, "keep_weight", minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        if self.preserve:
-            data["preserve"] = list(self.preserve)
+        if self.keep:
+            data["keep"] = list(self.keep)
         else:  # requests without a retain loss keep the record they always had
-            del data["preserve"], data["preserve_weight"]
+            del data["keep"], data["keep_weight"]
         return data
 
 
@@ -315,7 +318,7 @@ class TrajectoryObjective(TrainedObjective):
 
     def _prepare_preserved(self) -> None:
         """Encode the retain loss's prompts: kept concept k in the slot of trajectory prompt i is row k * n + i."""
-        keep = tuple(getattr(self.config, "preserve", ()))
+        keep = tuple(getattr(self.config, "keep", ()))
         self.num_preserved = len(keep)
         if not keep:
             return
@@ -323,7 +326,7 @@ class TrajectoryObjective(TrainedObjective):
         removed = getattr(self.config, "concepts", None) or (ctx.concept,)
         clash = [c for c in keep if any(same_concept(c, r) for r in removed)]
         if clash:
-            raise ValueError(f"preserve lists {clash}, which this request removes ({list(removed)})")
+            raise ValueError(f"keep lists {clash}, which this request removes ({list(removed)})")
         prompts = [p for concept in keep for p in request_prompts_with(ctx, concept, getattr(self.config,
                                                                                               "concepts", None))]
         self.preserved_cond = ctx.conditioner.encode(prompts)
@@ -424,7 +427,7 @@ class TrajectoryObjective(TrainedObjective):
         prediction = self.context.conditioner.predict(
             self.context.unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).float()
         erased, kept_prediction = prediction.chunk(2)
-        return F.mse_loss(erased, target) + self.config.preserve_weight * F.mse_loss(kept_prediction, kept_target)
+        return F.mse_loss(erased, target) + self.config.keep_weight * F.mse_loss(kept_prediction, kept_target)
 
     def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         steps, rows, kept = self._draw(batch_size, self.context.generator)
@@ -475,7 +478,19 @@ def register_objective(config_class: type[ObjectiveConfig], objective_class: typ
 
 
 def build_objective_config(method: str | ObjectiveConfig, options: dict[str, Any] | None = None) -> ObjectiveConfig:
-    """A method name plus options, or a ready config, as a validated config object."""
+    """A method name plus options, or a ready config, as a validated config object.
+
+    Args:
+        method: a registered method name, or a ready config (then without options).
+        options: the config's fields by name; a renamed option's old name is taken with a ``FutureWarning``.
+
+    Returns:
+        The method's config.
+
+    Raises:
+        ValueError: an unknown method, or an option out of range.
+        TypeError: an unknown option, options beside a ready config, or an old name beside its new one.
+    """
     options = dict(options or {})
     if isinstance(method, ObjectiveConfig):
         if options:
@@ -484,11 +499,32 @@ def build_objective_config(method: str | ObjectiveConfig, options: dict[str, Any
     if not isinstance(method, str) or method not in OBJECTIVES:
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(OBJECTIVES)}")
     config_class = OBJECTIVES[method][0]
+    options = rename_options(f"method {method!r}", config_class.renamed_options, options)
     allowed = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise TypeError(f"method {method!r} has no option(s) {unknown}; allowed: {sorted(allowed)}")
     return config_class(**options)
+
+
+def stored_method_config(method: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """A method config as a ledger record stores it, with the option names of earlier versions replaced by the
+    current ones, silently: a ledger saved by an earlier version loads without a warning and compares equal to a
+    request made with the new names.
+
+    Args:
+        method: the record's method (an unregistered one is left for the ledger's check to refuse).
+        config: the record's ``method_config``.
+
+    Returns:
+        A new dict under the current names.
+
+    Raises:
+        TypeError: an old name beside its new one.
+    """
+    registered = OBJECTIVES.get(method)
+    renamed = registered[0].renamed_options if registered is not None else {}
+    return rename_options(method, renamed, config, warn=False)
 
 
 def objective_class(config: ObjectiveConfig | str) -> type[Objective]:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .._deprecation import RenamedOptions, rename_options
+
 if TYPE_CHECKING:
     from ..adapters import TrainableAdapter
     from ..objectives import Objective
@@ -44,8 +46,9 @@ class TrainingContext:
 
 
 @dataclass
-class Regularizer:
-    """Base class. Subclasses are dataclasses of their settings, registered with ``register_regularizer``."""
+class Regularizer(RenamedOptions):
+    """Base class. Subclasses are dataclasses of their settings, registered with ``register_regularizer``; a renamed
+    setting's old name goes in ``renamed_options`` (old -> new) and keeps working for one release."""
 
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100
@@ -92,17 +95,48 @@ def register_regularizer(cls: type[Regularizer]) -> type[Regularizer]:
 
 
 def regularizer_from_dict(data: dict[str, Any]) -> Regularizer:
-    """Rebuild a regularizer from ``{"name": ..., **settings}`` (the ledger's and run plans' form)."""
+    """Rebuild a regularizer from ``{"name": ..., **settings}`` (the ledger's and run plans' form).
+
+    Args:
+        data: the registered name and the settings; a renamed setting's old name is taken with a ``FutureWarning``
+            (``stored_regularizer_settings`` maps a stored record's silently first).
+
+    Returns:
+        The regularizer.
+
+    Raises:
+        ValueError: an unknown name or setting, or a setting out of range.
+        TypeError: an old setting name beside its new one.
+    """
     if not isinstance(data, dict) or data.get("name") not in REGULARIZERS:
         name = data.get("name") if isinstance(data, dict) else data
         raise ValueError(f"unknown regularizer {name!r}; registered: {sorted(REGULARIZERS)}")
     cls = REGULARIZERS[data["name"]]
     allowed = {f.name for f in dataclasses.fields(cls) if f.init}
-    settings = {k: v for k, v in data.items() if k != "name"}
+    settings = rename_options(f"regularizer {cls.name!r}", cls.renamed_options,
+                              {k: v for k, v in data.items() if k != "name"})
     unknown = sorted(set(settings) - allowed)
     if unknown:
         raise ValueError(f"regularizer {data['name']!r} has no setting(s) {unknown}; allowed: {sorted(allowed)}")
     return cls(**settings)
+
+
+def stored_regularizer_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A regularizer entry as a ledger record stores it (``{"name": ..., **settings, "report": ...}``), with the
+    setting names of earlier versions replaced by the current ones, silently: a ledger saved by an earlier version
+    loads without a warning and compares equal to a request made with the new names.
+
+    Args:
+        data: the stored entry (an unregistered name is left for the ledger's check to refuse).
+
+    Returns:
+        A new dict under the current names.
+
+    Raises:
+        TypeError: an old name beside its new one.
+    """
+    cls = REGULARIZERS.get(data.get("name"))  # type: ignore[arg-type]
+    return rename_options(str(data.get("name")), cls.renamed_options if cls is not None else {}, data, warn=False)
 
 
 def check_regularizers(regularizers: object) -> list[Regularizer]:

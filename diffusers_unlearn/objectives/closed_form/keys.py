@@ -82,7 +82,7 @@ def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormCo
         candidates = [(c, d) for d, cs in vocabulary.items() for c in cs if provide_domain(d)]
     else:
         candidates = [(c, domain) for c in vocabulary]
-    candidates = [(c, domain) for c in config.preserve] + candidates
+    candidates = [(c, domain) for c in config.keep] + candidates
     taken = [concept, *removed]
     chosen = list(dict.fromkeys((c, d) for c, d in candidates if not any(same_concept(c, t) for t in taken)))
     encoding = tqdm(chosen, desc=f"encoding {len(chosen)} kept concepts", disable=not progress, leave=False)

@@ -34,20 +34,20 @@ class Solver:
     anchor_factor: torch.Tensor  # [d, f]: A^T X_F K^-1 (anchor keys A, keys X in free coordinates X_F)
     key_factor: torch.Tensor  # [d, f]: X^T X_F K^-1
     directions: torch.Tensor  # [d, f]: F, orthonormal basis of the complement of span(P)
-    # [d, f]: (preserve_weight P^T P_F + lambda F) K^-1: pulls what earlier requests moved back towards the base
+    # [d, f]: (keep_weight P^T P_F + lambda F) K^-1: pulls what earlier requests moved back towards the base
     offset_factor: torch.Tensor | None = None
 
     @classmethod
     def build(cls, protected: torch.Tensor, mappings: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              ridge: float, weights: Sequence[float] | None = None, preserve: torch.Tensor | None = None,
-              preserve_weight: float = 0.0) -> Solver:
-        """``weights``: one per mapping (default 1), multiplying its token pairs' squared errors. ``preserve``
-        [m, d]: token states whose outputs should move little (soft, weight ``preserve_weight`` each).
+              ridge: float, weights: Sequence[float] | None = None, keep: torch.Tensor | None = None,
+              keep_weight: float = 0.0) -> Solver:
+        """``weights``: one per mapping (default 1), multiplying its token pairs' squared errors. ``keep``
+        [m, d]: token states whose outputs should move little (soft, weight ``keep_weight`` each).
 
-        Minimises sum w ||(W + D) x - W0 a||^2 + preserve_weight sum ||(W + D - W0) p||^2 + lambda ||W + D - W0||^2
+        Minimises sum w ||(W + D) x - W0 a||^2 + keep_weight sum ||(W + D - W0) p||^2 + lambda ||W + D - W0||^2
         over D = Z F^T (so D q = 0 on span(P)), with W = W0 + E the current weight (earlier requests E):
-        Z = (W0 A^T - W X^T) X_F K^-1 - E (preserve_weight P^T P_F + lambda F) K^-1 with
-        K = X_F^T X_F + preserve_weight P_F^T P_F + lambda I, lambda = ridge * trace(X_F^T X_F) / f.
+        Z = (W0 A^T - W X^T) X_F K^-1 - E (keep_weight P^T P_F + lambda F) K^-1 with
+        K = X_F^T X_F + keep_weight P_F^T P_F + lambda I, lambda = ridge * trace(X_F^T X_F) / f.
         The penalties are on the whole edit, not on this request's share: the kept tokens' outputs are held at the
         base model's, so request 12's result is the joint solve of all 12 from the base, and the kept concepts'
         small soft-penalty errors do not add up over a stream."""
@@ -72,10 +72,10 @@ class Solver:
             return cls(q, empty, empty, empty)  # the keys lie inside span(P): nothing may move
         lam = ridge * energy / free.shape[1]
         pull = lam * free  # [d, f]
-        if preserve is not None and len(preserve) and preserve_weight > 0:
-            kept = preserve.double() @ free
-            system = system + preserve_weight * (kept.T @ kept)
-            pull = pull + preserve_weight * (preserve.double().T @ kept)
+        if keep is not None and len(keep) and keep_weight > 0:
+            kept = keep.double() @ free
+            system = system + keep_weight * (kept.T @ kept)
+            pull = pull + keep_weight * (keep.double().T @ kept)
         system = system + lam * torch.eye(free.shape[1], dtype=torch.float64)
         inverse = torch.linalg.pinv(system, hermitian=True)  # K symmetric; ridge 0 with few keys leaves it singular
         solved = coords @ inverse  # [n, f] = X_F K^-1
@@ -171,12 +171,12 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     protected, chosen = protected_columns(pipe, concept, domain, config, removed, states, progress=progress)
     protected, uncapped_rank = cap_kept_span(protected, config.max_kept_fraction)
     names = [c for c, _ in chosen]
-    preserve = (torch.cat([concept_tokens(pipe, c, d, states) for c, d in chosen])
-                if chosen and config.preserve_weight > 0 else None)
+    kept_tokens = (torch.cat([concept_tokens(pipe, c, d, states) for c, d in chosen])
+                   if chosen and config.keep_weight > 0 else None)
     mappings = [mapping_keys(pipe, concept, config.anchor, prompts, config.map_every_token, config.negative_guidance,
                              states)]
     skipped = []
-    if config.include_earlier:
+    if config.keep_earlier:
         for item in earlier_list:
             if same_concept(item.concept, concept) or not item.prompts:
                 continue
@@ -191,13 +191,13 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
         warnings.warn(f"earlier removals {skipped} name no concept inside their prompts: not kept mapped", stacklevel=3)
     tensors, scales = {}, {}
     weights = [config.concept_weight] + [config.earlier_weight] * (len(mappings) - 1)
-    solver = Solver.build(protected, mappings, config.ridge, weights, preserve, config.preserve_weight)
+    solver = Solver.build(protected, mappings, config.ridge, weights, kept_tokens, config.keep_weight)
     width, kept_rank = solver.protected.shape
     if not solver.directions.shape[1]:
         why = (f"what it keeps fills the K/V layers' {width}-wide input space ({protected.shape[1]} kept states)"
                if kept_rank >= width else f"the states of {concept!r} lie inside the span of what it keeps")
         warnings.warn(f"closed_form changes nothing while removing {concept!r}: {why}. Keep fewer concepts "
-                      f"(vocabulary=, preserve=){' or solve on fewer timesteps (sampling_steps=)' if per_t else ''}, "
+                      f"(vocabulary=, keep=){' or solve on fewer timesteps (sampling_steps=)' if per_t else ''}, "
                       f"or hold only part of them exactly (max_kept_fraction=0.75, the recommended recipe's)",
                       stacklevel=3)
     # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.

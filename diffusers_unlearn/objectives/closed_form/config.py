@@ -50,8 +50,9 @@ class ClosedFormConfig(ObjectiveConfig):
             is capped at f x the input width, its strongest directions (the rest are kept by the soft penalty only),
             so a model with a narrow text space keeps room to erase. The recommended recipe uses
             ``RECOMMENDED_KEPT_FRACTION``.
-        sampling_steps, guidance_scale, resolution: the timesteps (SD3, Flux) the solve reads the text states at;
-            with ``num_trajectories``, the erasure check's trajectories.
+        sampling_steps: on SD3 and Flux the solve reads the text states at the timesteps of this many sampler steps
+            (``resolution`` shifts Flux's schedule); with ``guidance_scale`` and ``num_trajectories`` it also sets the
+            erasure check's trajectories (see ``ObjectiveConfig``).
 
     Raises:
         ValueError: a value out of range (each error names the field and what it accepts).

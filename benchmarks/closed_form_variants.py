@@ -9,7 +9,7 @@
     # the stream (the bench's closed_form protocol with these settings over its defaults)
     python benchmarks/closed_form_variants.py --requests 12 --set concept_weight=10
     # the six-object stream of ``bench --domain object``
-    python benchmarks/closed_form_variants.py --domain object --requests 6 --set preserve_weight=5
+    python benchmarks/closed_form_variants.py --domain object --requests 6 --set keep_weight=5
 
 Evaluation as ``diffusers-unlearn bench --eval-seeds 1 --eval-steps 10``: 96 images (24 styles x 4 objects x 1 seed,
 10 DDIM steps); with --concepts, ``--eval-seeds`` and ``--eval-styles`` change it. ``--set KEY=JSON`` sets a

@@ -191,7 +191,7 @@ def measure(args, variant: str) -> dict:
                                           autocast_dtype=args.dtype if args.dtype != torch.float32 else None)
         timing = {"loop_seconds": per_step * args.steps}
     else:
-        regularizers = [du.GradientProjection(retain=["monet"])] if variant == "ours+projection" else []
+        regularizers = [du.GradientProjection(keep=["monet"])] if variant == "ours+projection" else []
         training = du.TrainingConfig(steps=args.steps, learning_rate=1e-5,
                                      mixed_precision="bf16" if args.dtype == torch.bfloat16 else "no",
                                      gradient_checkpointing=args.model != "sd15")

@@ -30,8 +30,8 @@ def variants():
         "L1Drift": lambda: [du.L1Drift(weight=10.0)],
         "L2Drift": lambda: [du.L2Drift(weight=1e3)],
         "SelectiveFinetune": lambda: [du.SelectiveFinetune(top_k=0.05)],
-        "GradientProjection": lambda: [du.GradientProjection(retain=["monet"])],
-        "GradientProjection+SelectiveFinetune": lambda: [du.GradientProjection(retain=["monet"]),
+        "GradientProjection": lambda: [du.GradientProjection(keep=["monet"])],
+        "GradientProjection+SelectiveFinetune": lambda: [du.GradientProjection(keep=["monet"]),
                                                          du.SelectiveFinetune(top_k=0.3)],
     }
 

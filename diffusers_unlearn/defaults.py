@@ -27,7 +27,7 @@ RECOMMENDED_METHOD = "closed_form"
 """The method of a request that names none and asks for no training (``recommended_method``)."""
 TRAINED_METHOD = "esd"
 """The method of a request that names none but asks for training, and the recommended one on SD3 and Flux."""
-RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"object": {"preserve_weight": 5.0, "negative_guidance": 2.0}}
+RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"object": {"keep_weight": 5.0, "negative_guidance": 2.0}}
 """The recommended method's settings for one kind of concept, over its config's defaults (which are the styles'):
 objects need a stronger soft penalty on the kept concepts' tokens to keep the other objects, and stronger guidance
 to erase despite it (docs/benchmarks/closed-form.md, "Recommended default", the closed form on objects)."""
@@ -124,7 +124,7 @@ def recommended_options(domain: str | None) -> dict[str, Any]:
         >>> recommended_options("style")
         {'max_kept_fraction': 0.75}
         >>> recommended_options("object")
-        {'max_kept_fraction': 0.75, 'preserve_weight': 5.0, 'negative_guidance': 2.0}
+        {'max_kept_fraction': 0.75, 'keep_weight': 5.0, 'negative_guidance': 2.0}
     """
     return {"max_kept_fraction": RECOMMENDED_KEPT_FRACTION,
             **RECOMMENDED_DOMAIN_OPTIONS.get(domain_kind(domain) or "", {})}

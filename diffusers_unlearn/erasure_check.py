@@ -178,7 +178,7 @@ def report_erasure(concept: str, figures: dict[str, Any], require: bool, method:
     if figures.get("erased", True):
         return
     if method == "closed_form":
-        advice = ("Use a larger negative_guidance or concept_weight, or keep fewer concepts (vocabulary=, preserve=, "
+        advice = ("Use a larger negative_guidance or concept_weight, or keep fewer concepts (vocabulary=, keep=, "
                   "max_kept_fraction=)")
     else:
         advice = "Use more steps, a larger learning rate or fewer protected concepts"

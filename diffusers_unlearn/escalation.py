@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._deprecation import rename_options
 from .erasure_check import ErasureCheck
 from .request import UnlearnRequest
 
@@ -46,6 +47,7 @@ def escalated_requests(request: UnlearnRequest, escalate: Sequence[Mapping[str, 
         if not isinstance(overrides, Mapping) or not overrides:
             raise TypeError(f"escalate entry {i} must be a non-empty mapping of {config.method} settings, "
                             f"got {overrides!r}")
+        overrides = rename_options(config.method, type(config).renamed_options, overrides)
         unknown = sorted(str(k) for k in overrides if k not in fields)
         if unknown:
             raise ValueError(f"escalate entry {i} names {unknown}, which are not {config.method} settings; "

@@ -37,6 +37,8 @@ from ._atomic import atomic_write_bytes, folder_lock, remove_stale_files
 from ._validation import MAX_RANK, MAX_STEPS, SEED_MAX, check_int, check_number, finite_json_float, refuse_json_constant
 from .adapters import RequestAdapter
 from .merging import strategy_from_dict
+from .objectives import stored_method_config
+from .regularizers import stored_regularizer_settings
 
 LEDGER_FILE = "ledger.json"
 ADAPTER_DIR = "adapters"
@@ -197,6 +199,16 @@ def check_fields(
             raise LedgerError(f"{where}{sep}{name} must be {wanted}, got {value!r}"[:400])
 
 
+def _current_names(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A record's JSON with the option names an earlier version wrote (``preserve``, ``retain``, ...) replaced by the
+    current ones, silently: the ledger is read as it was saved, and compares equal to requests made today."""
+    try:
+        return {**data, "method_config": stored_method_config(data["method"], data["method_config"]),
+                "regularizers": [stored_regularizer_settings(entry) for entry in data["regularizers"]]}
+    except TypeError as err:
+        raise LedgerError(f"{where}: {err}"[:600]) from None
+
+
 @dataclass
 class RequestRecord:
     """One removal request, as the ledger keeps it: what was asked, how it was served, and where its adapter is.
@@ -285,6 +297,7 @@ class RequestRecord:
             strategy_from_dict(data["strategy"])
         except (TypeError, ValueError) as err:
             raise LedgerError(f"{where}.strategy is invalid: {err}") from None
+        data = _current_names(data, where)
         check_method_config(data["method"], data["method_config"], f"{where}.method_config")
         check_regularizer_entries(data["method"], data["regularizers"], f"{where}.regularizers")
         return cls(**data)

@@ -245,10 +245,12 @@ def _strings(value: Any, field: str, where: str) -> tuple[str, ...] | None:
 
 
 def _method_fields(method: str) -> list[str] | None:
-    """The option names of a registered method (its config's fields); None for an unknown name."""
+    """The option names of a registered method (its config's fields, and the former names it still takes with a
+    FutureWarning); None for an unknown name."""
     if method not in OBJECTIVES:
         return None
-    return [f.name for f in dataclasses.fields(OBJECTIVES[method][0])]
+    config_class = OBJECTIVES[method][0]
+    return [f.name for f in dataclasses.fields(config_class)] + list(config_class.renamed_options)
 
 
 def _planned_request(

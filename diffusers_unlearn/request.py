@@ -15,11 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._deprecation import rename_options
 from ._validation import check_seed
 from .defaults import RECOMMENDED_METHOD, TRAINED_METHOD, asks_for_training, default_method, recommended_options
 from .ledger import RequestRecord
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
-from .objectives import ObjectiveConfig, TrainedObjectiveConfig, build_objective_config
+from .objectives import OBJECTIVES, ObjectiveConfig, TrainedObjectiveConfig, build_objective_config
 from .prompts import TEMPLATES, check_concept, check_domain, same_concept, validate_templates
 from .regularizers import GradientProjection, Regularizer, check_regularizers
 from .training_config import TrainingConfig
@@ -45,7 +46,7 @@ class UnlearnRequest:
         domain: "style", "object", "concept" (default) or a registered domain: picks the prompt templates.
         training: steps, learning rate, rank, batch size, mixed precision...
         seed: makes the request reproducible (adapter init, trajectories, minibatches).
-        regularizers: e.g. ``[du.GradientProjection(retain=["monet"])]``; kept sorted by their ``order``.
+        regularizers: e.g. ``[du.GradientProjection(keep=["monet"])]``; kept sorted by their ``order``.
         strategy: "sequential" (default) or a merge strategy (name or ``du.MergeStrategy``).
         prompts: explicit prompts instead of the domain's templates filled with the concept.
         templates: templates to fill instead of the domain's (ignored when ``prompts`` is given).
@@ -178,11 +179,25 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: st
     """The one way to name what a request removing ``concept`` keeps, for every method: ``(method config,
     regularizers)`` with ``keep`` added where each honours it; keeping ``concept`` itself is refused.
 
-    - A method that keeps concepts by construction (a ``preserve`` list and a ``vocabulary``, the closed form): the
-      request's domain joins ``preserve``; other domains join its vocabulary (over the built-in one when it has
-      none), each embedded in its own domain's templates.
-    - Gradient projection: every kept concept joins ``retain`` (exact K/V invariants on its embedding).
-    - A trained method without gradient projection: the kept concepts join its retain loss (``preserve``).
+    - A method that keeps concepts by construction (a ``keep`` list and a ``vocabulary``, the closed form): the
+      request's domain joins ``keep``; other domains join its vocabulary (over the built-in one when it has none),
+      each embedded in its own domain's templates.
+    - Gradient projection: every kept concept joins its ``keep`` (exact K/V invariants on its embedding).
+    - A trained method without gradient projection: the kept concepts join its retain loss (``keep``).
+
+    Args:
+        keep: concepts in the request's domain (a list), or ``{domain: [concepts]}``.
+        concept: the concept the request removes.
+        domain: the request's domain.
+        method: the request's method config.
+        regularizers: the request's regularizers.
+
+    Returns:
+        The method config and regularizers, with the kept concepts added.
+
+    Raises:
+        ValueError: ``keep`` names ``concept``, or the method has no way to keep concepts.
+        TypeError: ``keep`` is not a list or a mapping of lists.
     """
     pairs = _keep_pairs(keep, domain)
     kept_target = [c for c, _ in pairs if same_concept(c, concept)]
@@ -195,12 +210,12 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: st
     listed = list(check_regularizers(regularizers))
     projections = [r for r in listed if isinstance(r, GradientProjection)]
     fields = {f.name for f in dataclasses.fields(method)}
-    if {"preserve", "vocabulary"} <= fields:
+    if {"keep", "vocabulary"} <= fields:
         others: dict[str, list[str]] = {}
         for c, d in pairs:
             if d != domain:
                 others.setdefault(d, []).append(c)
-        changes: dict[str, Any] = {"preserve": list(dict.fromkeys([*method.preserve, *own]))}
+        changes: dict[str, Any] = {"keep": list(dict.fromkeys([*method.keep, *own]))}
         if others:
             current = method.vocabulary
             if current is None:
@@ -214,14 +229,14 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: st
         return dataclasses.replace(method, **changes), listed
     if projections:
         everything = list(dict.fromkeys(c for c, _ in pairs))
-        listed = [dataclasses.replace(r, retain=list(dict.fromkeys([*r.retain, *everything])))
+        listed = [dataclasses.replace(r, keep=list(dict.fromkeys([*r.keep, *everything])))
                   if isinstance(r, GradientProjection) else r for r in listed]
         return method, listed
-    if "preserve" in fields:
+    if "keep" in fields:
         everything = list(dict.fromkeys(c for c, _ in pairs))
-        kept = [c for c in everything if c.lower() not in {p.lower() for p in method.preserve}]
-        return dataclasses.replace(method, preserve=(*method.preserve, *kept)), listed
-    raise ValueError(f"method {method.method!r} has no way to keep concepts (no preserve list, no gradient "
+        kept = [c for c in everything if c.lower() not in {p.lower() for p in method.keep}]
+        return dataclasses.replace(method, keep=(*method.keep, *kept)), listed
+    raise ValueError(f"method {method.method!r} has no way to keep concepts (no keep list, no gradient "
                      f"projection): add regularizers=[du.GradientProjection()] to keep {[c for c, _ in pairs]}")
 
 
@@ -244,9 +259,10 @@ def record_signature(record: RequestRecord) -> dict[str, Any]:
         "strategy": record.strategy,
         "prompts": record.prompts,
     }
-    regularizers = [{k: v for k, v in r.items() if k != "report"} for r in record.regularizers
-                    if r.get("name") != record.method]
-    return _signature(fields, regularizers)
+    # a solved method's report entry (named after the method, holding only its report) is no regularizer
+    regularizers = [r for r in record.regularizers
+                    if not (r.get("name") == record.method and set(r) <= {"name", "report"})]
+    return _signature(fields, [{k: v for k, v in r.items() if k != "report"} for r in regularizers])
 
 
 _SIGNATURE_KEYS = ("concept", "domain", "method_config", "training", "seed", "regularizers", "strategy", "prompts")
@@ -334,7 +350,7 @@ def resolve_request(
             Its retain pool (``preserve``) becomes the retain loss of a trained method that has none, less
             ``concept`` and ``removed``.
         removed: the concepts removed before this request (``pipe.removed_concepts``), for the recipe's retain pool.
-        regularizers: e.g. ``[du.GradientProjection(retain=["monet"])]``; ``[]`` for none (over a recipe's).
+        regularizers: e.g. ``[du.GradientProjection(keep=["monet"])]``; ``[]`` for none (over a recipe's).
         keep: concepts whose outputs must survive, a list (the request's domain) or ``{domain: [concepts]}``;
             every method honours it (``keep_concepts``).
         training: the full ``TrainingConfig``; ``steps``, ``rank``, ``learning_rate`` and ``batch_size`` replace its
@@ -380,14 +396,15 @@ def resolve_request(
         config = _with_options(recipe["method"], options)
     else:
         chosen = method if method is not None else default_method(family, trained)
-        if method is None and chosen == RECOMMENDED_METHOD:
-            options = {**recommended_options(domain), **options}
+        if method is None and chosen == RECOMMENDED_METHOD:  # the caller's options (former names too) win
+            options = {**recommended_options(domain), **_current_names(chosen, options)}
         config = build_objective_config(chosen, options)
+    # the world's retain pool, unless the method's own retain list was given (``keep`` below adds to it)
     if world_recipe is not None and world_recipe.preserve and isinstance(config, TrainedObjectiveConfig) \
-            and not config.preserve:
+            and not config.keep:
         pool = world_recipe.preserve_for(concept, list(removed))
         if pool:
-            config = dataclasses.replace(config, preserve=pool, preserve_weight=world_recipe.preserve_weight)
+            config = dataclasses.replace(config, keep=pool, keep_weight=world_recipe.preserve_weight)
     if keep is not None:
         config, regularizers = keep_concepts(keep, concept, check_domain(domain), config, regularizers)
     return UnlearnRequest(
@@ -408,7 +425,17 @@ def _with_options(config: ObjectiveConfig | str, options: Mapping[str, Any]) -> 
     if not isinstance(config, ObjectiveConfig):
         return build_objective_config(config, dict(options))
     settings = {k: v for k, v in config.to_dict().items() if k != "method"}
-    return build_objective_config(config.method, {**settings, **options}) if options else config
+    return build_objective_config(config.method, {**settings, **_current_names(config.method, options)}) \
+        if options else config
+
+
+def _current_names(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` of ``method`` with former option names mapped to the current ones (their FutureWarning once,
+    here), so that they can be merged over settings written with the current names."""
+    registered = OBJECTIVES.get(method) if isinstance(method, str) else None
+    if registered is None:
+        return dict(options)
+    return rename_options(f"method {method!r}", registered[0].renamed_options, options)
 
 
 __all__ = ["RECIPE_KEYS", "UnlearnRequest", "keep_concepts", "record_signature", "resolve_request", "training_config"]

@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 from . import adapters as ad
 from .families import conditioner_for, denoiser_of
 from .ledger import now
-from .objectives import ObjectiveContext, objective_for
-from .objectives.closed_form import solve as solve_closed_form
+from .objectives import ObjectiveContext, SolveContext, SolvedObjective, objective_class, objective_for
 from .regularizers import TrainingContext
 from .request import UnlearnRequest
 from .training_config import TrainingConfig
@@ -40,7 +39,7 @@ class TrainingResult:
     # when training ended (UTC, ISO seconds): the record's created_at, taken here so that every process that
     # receives a gathered result writes the same ledger
     finished_at: str = dataclasses.field(default_factory=now)
-    steps: int | None = None  # optimizer steps taken (None: training.steps); 0 for a closed-form solve
+    steps: int | None = None  # optimizer steps taken (None: training.steps); 0 for a solved method
 
 
 def train_request(
@@ -60,15 +59,12 @@ def train_request(
     With ``data_parallel`` (the default) every process of ``accelerator`` trains this same request on its slice of
     the global batch and gradients are averaged; without it each process trains on its own (merge requests).
     """
-    if getattr(request.method, "closed_form", False):  # solved, not trained: no adapter, loop or accelerator
-        started = time.perf_counter()
-        adapter, report = solve_closed_form(pipe, concept=request.concept, domain=request.domain,
-                                            prompts=request.prompts, config=request.method, base_weights=base_weights,
-                                            start_offsets=start_offsets, earlier=earlier, progress=progress)
-        seconds = time.perf_counter() - started
-        return TrainingResult(adapter=adapter, final_loss=0.0, seconds=seconds,
-                              timing={"solve_seconds": round(seconds, 4)},
-                              reports=[{"name": "closed_form", "report": report}], steps=0)
+    method_class = objective_class(request.method)
+    if issubclass(method_class, SolvedObjective):  # solved, not trained: no adapter, loop or accelerator
+        return _solve(method_class(request.method), SolveContext(
+            pipe=pipe, concept=request.concept, domain=request.domain, prompts=request.prompts,
+            base_weights=base_weights, start_offsets=start_offsets, earlier=earlier, seed=request.seed,
+            progress=progress))
     unet = denoiser_of(pipe)  # the UNet or the transformer
     training = request.training
     started = time.perf_counter()
@@ -95,6 +91,15 @@ def train_request(
     finally:
         if training.gradient_checkpointing and not checkpointing_was:
             unet.disable_gradient_checkpointing()
+
+
+def _solve(objective: SolvedObjective, context: SolveContext) -> TrainingResult:
+    """A solved method's request: its artifact, and its report kept under the method's name."""
+    started = time.perf_counter()
+    adapter, report = objective.solve(context)
+    seconds = time.perf_counter() - started
+    return TrainingResult(adapter=adapter, final_loss=0.0, seconds=seconds, timing={"solve_seconds": round(seconds, 4)},
+                          reports=[{"name": objective.config.method, "report": report}], steps=0)
 
 
 def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, accelerator: Accelerator,

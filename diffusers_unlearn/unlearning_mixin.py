@@ -27,7 +27,7 @@ from .escalation import check_erasure_check, effective_escalation, escalated_req
 from .families import denoiser_of, family_of
 from .ledger import Ledger, RequestRecord, now
 from .merging import MergeStrategy, resolve_strategy, strategy_to_dict
-from .objectives import ObjectiveConfig
+from .objectives import ObjectiveConfig, SolveContext, SolvedObjective, build_objective_config, objective_class
 from .request import UnlearnRequest, resolve_request
 from .state import UnlearningState, check_request_id, one_thread, rebuild, set_mode, unlearning_state
 from .trainer import TrainingResult, make_accelerator, train_request
@@ -119,7 +119,7 @@ class UnlearningMixin:
                 - steps, rank, learning_rate, batch_size: shortcuts for the same ``TrainingConfig`` fields
                   (``training=du.TrainingConfig(...)`` sets the rest: mixed precision, accumulation, checkpointing).
                 - seed: makes the request reproducible (adapter init, trajectories, minibatches).
-                - regularizers: e.g. ``[du.GradientProjection(retain=["monet"]), du.L2Drift(weight=1e3)]``.
+                - regularizers: e.g. ``[du.GradientProjection(keep=["monet"]), du.L2Drift(weight=1e3)]``.
                 - strategy: "sequential" (default: train on top of earlier requests) or "merge"/"ties"/
                   "task_arithmetic"/"uniform"/``du.MergeStrategy`` (train from the base, combine deltas).
                 - prompts: explicit prompts instead of the domain templates; ``templates`` replaces the templates.
@@ -331,11 +331,20 @@ class UnlearningMixin:
     def rollback(self, request_id: str) -> RequestRecord:
         """Drop one request (its adapter and record), keep the rest; returns the dropped record.
 
-        Closed-form requests after it are re-solved on the requests that remain (each was solved on top of, and
-        keeping, the ones before it); the history entry lists them. Trained requests keep their adapters.
-        """
-        from .objectives.closed_form import resolve_after_rollback
+        Every request after it whose method is solved is offered a re-solve on the requests that remain, in ledger
+        order (``SolvedObjective.after_rollback``; the closed form re-solves, since each of its requests was solved
+        on top of, and keeping, the ones before it); the history entry lists those re-solved. Trained requests keep
+        their adapters.
 
+        Args:
+            request_id: the request to drop, e.g. "r0003".
+
+        Returns:
+            The dropped request's ledger record.
+
+        Raises:
+            KeyError: no such request in the ledger. Whatever a re-solve raises; the pipeline is then left as it was.
+        """
         state = unlearning_state(self)
         check_request_id(self, request_id)
         record = state.ledger.get(request_id)
@@ -346,7 +355,7 @@ class UnlearningMixin:
         state.ledger.history.append(event)
         previous = dict(state.artifacts)
         try:
-            resolved = resolve_after_rollback(self, state, position)
+            resolved = self._resolve_after_rollback(state, position)
             state.artifacts.update(resolved)
             if resolved:
                 event["resolved"] = sorted(resolved)
@@ -363,6 +372,30 @@ class UnlearningMixin:
             logger.info("rolled back %s on a folded pipeline: re-folded the base weights (fingerprint %s) with the "
                            "remaining requests %s", request_id, state.base_fingerprint, state.ledger.ids())
         return record
+
+    def _resolve_after_rollback(self, state: UnlearningState, position: int) -> dict[str, ad.RequestAdapter]:
+        """New artifacts of the solved requests from ``position`` on, each offered its method's ``after_rollback``
+        in ledger order, on the model as ``unlearn`` would now give it: the remaining requests before it (with the
+        ones re-solved here) for a sequential ledger, the base for a merge strategy. Returns {request_id: artifact}."""
+        records = state.ledger.requests
+        artifacts = dict(state.artifacts)
+        replaced: dict[str, ad.RequestAdapter] = {}
+        for index in range(position, len(records)):
+            record = records[index]
+            method_class = objective_class(record.method)
+            if not issubclass(method_class, SolvedObjective):
+                continue
+            config = build_objective_config(record.method, {k: v for k, v in record.method_config.items()
+                                                            if k != "method"})
+            before = [] if isinstance(state.strategy, MergeStrategy) else [artifacts[r.request_id]
+                                                                           for r in records[:index]]
+            adapter = method_class(config).after_rollback(SolveContext(
+                pipe=self, concept=record.concept, domain=record.domain, prompts=list(record.prompts),
+                base_weights=state.base_weights, start_offsets=combined_deltas(before, "sequential"),
+                earlier=records[:index], seed=record.seed, progress=False))
+            if adapter is not None:
+                artifacts[record.request_id] = replaced[record.request_id] = adapter
+        return replaced
 
     @one_thread
     def fold(self) -> None:

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     retain = [s.strip() for s in args.retain.split(",") if s.strip()]
     neighbors = {} if args.neighbors is None else {"neighbors": args.neighbors}
-    regularizers = [du.GradientProjection(retain=retain, **neighbors)]
+    regularizers = [du.GradientProjection(keep=retain, **neighbors)]
     # Checked in full here, before the model loads: a typo fails in seconds, not after the download.
     request = du.UnlearnRequest.build(
         args.artist, args.method, domain="style", seed=args.seed, regularizers=regularizers,

@@ -15,7 +15,7 @@ from diffusers_unlearn.evaluation import EvalConfig, evaluate_unlearning  # noqa
 
 TRAIN = dict(steps=6, sampling_steps=4, num_trajectories=2, learning_rate=1e-2)
 DATA_PARALLEL = dict(concept="van gogh", domain="style", seed=0, batch_size=2,
-                     regularizers=[du.GradientProjection(retain=["monet"], neighbors=2)], **TRAIN)
+                     regularizers=[du.GradientProjection(keep=["monet"], neighbors=2)], **TRAIN)
 MERGE_REQUESTS = [dict(concept=c, domain=d, seed=i, **TRAIN)
                   for i, (c, d) in enumerate([("van gogh", "style"), ("dog", "object"), ("cat", "object")])]
 EVAL_STYLES, EVAL_OBJECTS = ["van gogh", "monet", "picasso"], ["dog", "cat"]

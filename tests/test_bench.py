@@ -280,8 +280,8 @@ def test_a_protocol_told_to_keep_an_evaluated_concept_is_refused():
     config = bench.BenchSettings(requests=1, hparams=HP, protocols=["gp"])
     kwargs = bench.request_kwargs(world, config, bench.PROTOCOLS["gp"], "van gogh")
     world.check_request(kwargs)  # the bench's own request keeps only unevaluated concepts
-    for bad in (dict(regularizers=[du.GradientProjection(retain=["monet"])]),
-                dict(method=du.objectives.ClosedFormConfig(preserve=["picasso"])),
+    for bad in (dict(regularizers=[du.GradientProjection(keep=["monet"])]),
+                dict(method=du.objectives.ClosedFormConfig(keep=["picasso"])),
                 dict(method=du.objectives.ClosedFormConfig(vocabulary={"tinyworld-object": ["dog"]}))):
         with pytest.raises(ValueError, match="evaluated concepts"):
             world.check_request({**kwargs, **bad})
@@ -300,15 +300,15 @@ def test_a_retain_loss_keeps_the_world_pool_outside_the_evaluation():
         pipe, world, stream = _replay(protocol, world=world, hparams=hp)
         records = pipe.unlearning_ledger.requests
         last = records[-1].method_config
-        assert last["preserve_weight"] == 2.0
+        assert last["keep_weight"] == 2.0
         # the style pool (never an evaluated concept, so never a removal of the stream), in the pool's order
-        assert stream == ["van gogh", "monet"] and last["preserve"] == ["klimt", "dali"]
+        assert stream == ["van gogh", "monet"] and last["keep"] == ["klimt", "dali"]
         if protocol == "sequential":
-            assert records[0].method_config["preserve"] == ["klimt", "dali"]
+            assert records[0].method_config["keep"] == ["klimt", "dali"]
     # the closed form keeps the pool by construction: no retain loss
     kwargs = bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form"], "monet", ["van gogh"])
     solved = kwargs["method"]
-    assert not solved.preserve and solved.preserve_weight == du.objectives.ClosedFormConfig().preserve_weight
+    assert not solved.keep and solved.keep_weight == du.objectives.ClosedFormConfig().keep_weight
 
 
 def test_a_verified_protocol_checks_with_the_world_classifier_on_seeds_apart_from_the_evaluation():
@@ -323,10 +323,10 @@ def test_a_verified_protocol_checks_with_the_world_classifier_on_seeds_apart_fro
     assert "erasure_check" not in plain
     # checked, a style request keeps more of the rest than the unchecked default; an object request keeps the
     # library's object settings
-    assert kwargs["method"].preserve_weight == 1.0 and plain["method"].preserve_weight == 0.5
+    assert kwargs["method"].keep_weight == 1.0 and plain["method"].keep_weight == 0.5
     objects = bench.BenchSettings(requests=1, domain="object", hparams=HP, protocols=["closed_form+verify"])
     solved = bench.request_kwargs(world, objects, bench.PROTOCOLS["closed_form+verify"], "dog")["method"]
-    assert (solved.preserve_weight, solved.negative_guidance) == (5.0, 2.0)
+    assert (solved.keep_weight, solved.negative_guidance) == (5.0, 2.0)
     # object requests are checked by the object classifier, on templates spread over the styles
     two = tiny_world(check_templates=2)
     spread = two.erasure_check("object")

@@ -56,7 +56,7 @@ def test_unlearn_writes_a_folder_and_updates_it_in_place(cli_folder):
     assert first["steps"] == 3 and first["training"]["learning_rate"] == 1e-2
     assert first["method_config"]["sampling_steps"] == 4
     assert [r["name"] for r in first["regularizers"]] == ["gradient_projection", "l2_drift"]
-    assert first["regularizers"][0]["retain"] == ["monet", "picasso"]
+    assert first["regularizers"][0]["keep"] == ["monet", "picasso"]
     assert second["regularizers"][0] == {**second["regularizers"][0], "name": "selective_finetune", "top_k": 0.1}
     assert second["seed"] == 1 and second["adapter"]["kind"] == "dense"
     loaded = du.load_pipeline(cli_folder)

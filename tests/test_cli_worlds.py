@@ -74,7 +74,7 @@ def test_help_defaults_are_read_from_the_dataclasses():
     with pytest.raises(LookupError, match="NO_SUCH_NAME"):
         module_constant("bench/protocols.py", "NO_SUCH_NAME")
     assert (dataclass_defaults("regularizers/projection.py", "GradientProjection")["neighbors"]
-            == du.GradientProjection(retain=["x"]).neighbors)
+            == du.GradientProjection(keep=["x"]).neighbors)
     assert _protocol_names() == list(PROTOCOLS)
     with pytest.raises(LookupError, match="NoSuchClass"):
         dataclass_defaults("bench/protocols.py", "NoSuchClass")
@@ -147,11 +147,11 @@ def test_registries_drive_method_and_regularizer_choices():
 
 def test_regularizer_flag_takes_the_plan_form_and_combines_with_the_old_flags():
     kwargs, _ = request_arguments(parse(
-        "tiny", "--concept", "cat", "--regularizer", "gradient_projection:retain=[monet, picasso],neighbors=2",
+        "tiny", "--concept", "cat", "--regularizer", "gradient_projection:keep=[monet, picasso],neighbors=2",
         "--regularizer", "l2_drift:weight=1e3", "--top-k", "0.2"))
     by_name = {r.name: r for r in kwargs.regularizers}
     assert sorted(by_name) == ["gradient_projection", "l2_drift", "selective_finetune"]
-    assert by_name["gradient_projection"].retain == ["monet", "picasso"]
+    assert by_name["gradient_projection"].keep == ["monet", "picasso"]
     assert by_name["gradient_projection"].neighbors == 2
     assert by_name["l2_drift"].weight == 1000.0 and by_name["selective_finetune"].top_k == 0.2
     # the same request written with the old flags gives the same regularizers
@@ -190,7 +190,7 @@ def test_minicanvas_recipe_needs_a_domain_and_flags_override_it():
     assert kwargs.method.negative_guidance == 2 and kwargs.domain == "minicanvas-style"
     (projection,) = kwargs.regularizers
     # --retain keeps the recipe's neighbour pool (the world's concepts), not the generic vocabulary
-    assert projection.retain == ["cat"] and "neon dots" in projection.vocabulary["minicanvas-style"]
+    assert projection.keep == ["cat"] and "neon dots" in projection.vocabulary["minicanvas-style"]
     ca, summary = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca"))
     assert ca.method.method == "ca" and ca.domain == "minicanvas-object"
     assert ca.method.anchor == "mushroom" and "a retain loss (weight 1.0) on the 8 minicanvas objects" in summary
@@ -204,12 +204,18 @@ def test_a_recipe_retain_loss_keeps_the_pool_less_the_concept_and_the_earlier_re
     from diffusers_unlearn.bench.world import MINICANVAS_EVAL_OBJECTS
 
     pool = [o for o in du.minicanvas.OBJECTS if o not in MINICANVAS_EVAL_OBJECTS]
-    assert served.method.preserve == tuple(o for o in pool if o not in ("cat", "bear", "tower"))
-    assert served.method.preserve_weight == recipe.preserve_weight > 0 and served.method.anchor == "mushroom"
+    assert served.method.keep == tuple(o for o in pool if o not in ("cat", "bear", "tower"))
+    assert served.method.keep_weight == recipe.preserve_weight > 0 and served.method.anchor == "mushroom"
     # a preserve option given on the command line wins; the closed form has no retain loss to add
-    own, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca",
-                                     "--option", "preserve=[dog]"))
-    assert own.method.preserve == ("dog",)
+    # the method's own retain list (under its former name: --option keep=... is the request's keep, which joins
+    # the recipe's gradient projection instead) replaces the pool
+    with pytest.warns(FutureWarning, match="`preserve` is deprecated"):
+        own, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca",
+                                         "--option", "preserve=[dog]"))
+    assert own.method.keep == ("dog",)
+    joined, _ = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object", "--method", "ca",
+                                        "--keep", "dog"))
+    assert "dog" in joined.regularizers[0].keep and "dog" not in joined.method.keep
     args = parse("minicanvas", "--concept", "neon lines", "--domain", "style")
     recipe = request_inputs(args)[1]
     assert recipe.preserve is None and request_arguments(args)[0].method == recipe.unlearn_kwargs["method"]
@@ -312,14 +318,14 @@ def test_unlearn_shows_labelled_progress_one_warning_and_quiet_silences_the_bars
     args = ["unlearn", "tiny", "--concept", "van gogh", "--domain", "style", "--steps", "1",
             "--option", "sampling_steps=3", "--option", "num_trajectories=1", "--top-k", "0.3",
             # a threshold every request exceeds: the in-span warning must appear, once
-            "--regularizer", "gradient_projection:warn_in_span=0.0001,retain=[monet],neighbors=2,vocabulary=[dali, cat, "
+            "--regularizer", "gradient_projection:warn_in_span=0.0001,keep=[monet],neighbors=2,vocabulary=[dali, cat, "
             "goya]"]
     assert main([*args, "--out", str(tmp_path / "loud")]) == 0
     captured = capsys.readouterr()
     for label in ("sampling 1 trajectory of the frozen model", "gradient projection: embedding neighbour candidates",
                   "selective fine-tuning: importance scores", "unlearning 'van gogh'", "saving the unlearned pipeline"):
         assert label in captured.err, label
-    assert "regularizers: selective_finetune(top_k=0.3), gradient_projection(retain=['monet'], neighbors=2" \
+    assert "regularizers: selective_finetune(top_k=0.3), gradient_projection(keep=['monet'], neighbors=2" \
         in captured.out  # --retain's neighbours are said, not silent
     # the in-span warning once; a one-step request also gets the erasure check's own warning (issue 10)
     warned = [line for line in captured.err.splitlines() if ": warning: " in line and "lies in the span" in line]

@@ -47,7 +47,7 @@ def deployed(tmp_path_factory):
     """Three requests of the three artifact shapes (LoRA rank 4, masked dense delta, full-rank LoRA with per-layer
     ranks), saved with save_unlearned. Tests must not change ``pipe``."""
     pipe = du.attach(du.testing.tiny_pipeline(seed=0))
-    pipe.unlearn("van gogh", domain="style", seed=0, regularizers=[du.GradientProjection(retain=["monet"])], **FAST)
+    pipe.unlearn("van gogh", domain="style", seed=0, regularizers=[du.GradientProjection(keep=["monet"])], **FAST)
     pipe.unlearn("dog", domain="object", seed=1, regularizers=[du.SelectiveFinetune(top_k=0.1)], **FAST)
     pipe.unlearn("cat", domain="object", seed=2, rank="full", **FAST)
     folder = tmp_path_factory.mktemp("deployed") / "saved"

@@ -95,23 +95,23 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     from diffusers_unlearn.request import UnlearnRequest
 
     objects = RECOMMENDED_DOMAIN_OPTIONS["object"]
-    assert objects == {"preserve_weight": 5.0, "negative_guidance": 2.0}
+    assert objects == {"keep_weight": 5.0, "negative_guidance": 2.0}
     assert [domain_kind(d) for d in ("object", "minicanvas-object", "style", "concept", None)] == \
         ["object", "object", "style", None, None]
     # pipe.unlearn / UnlearnRequest.build: the object settings for objects only, and only when no method is named
     request = UnlearnRequest.build("cat", domain="object")
-    assert (request.method.preserve_weight, request.method.negative_guidance) == (5.0, 2.0)
+    assert (request.method.keep_weight, request.method.negative_guidance) == (5.0, 2.0)
     assert UnlearnRequest.build("van gogh", domain="style").method == ClosedFormConfig(max_kept_fraction=0.75)
     named = UnlearnRequest.build("cat", "closed_form", domain="object").method
-    assert (named.preserve_weight, named.negative_guidance) == (0.5, 1.0)
+    assert (named.keep_weight, named.negative_guidance) == (0.5, 1.0)
     assert UnlearnRequest.build("cat", domain="object", negative_guidance=1.5).method.negative_guidance == 1.5
     # plan files and the command line follow the same rule
     plan = parse_plan({"model": "tiny", "output": str(tmp_path / "planned"), "requests": [{"concept": "cat", "domain": "object"},
-                                                    {"concept": "dog", "domain": "object", "preserve_weight": 1.0}]})
+                                                    {"concept": "dog", "domain": "object", "keep_weight": 1.0}]})
     first, second = (r.to_request().method for r in plan.requests)
-    assert (first.preserve_weight, first.negative_guidance) == (5.0, 2.0)
-    assert (second.preserve_weight, second.negative_guidance) == (1.0, 2.0)
+    assert (first.keep_weight, first.negative_guidance) == (5.0, 2.0)
+    assert (second.keep_weight, second.negative_guidance) == (1.0, 2.0)
     assert main(["unlearn", "tiny", "--concept", "cat", "--domain", "object", "--out", str(tmp_path / "out"),
                  "--quiet"]) == 0
     record = du.load_pipeline(tmp_path / "out").unlearning_ledger.requests[0]
-    assert record.method_config["preserve_weight"] == 5.0 and record.method_config["negative_guidance"] == 2.0
+    assert record.method_config["keep_weight"] == 5.0 and record.method_config["negative_guidance"] == 2.0

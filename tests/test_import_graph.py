@@ -44,12 +44,6 @@ OPTIONAL_IMPORTS = {
 # Function-level imports in modules other changes own, to be moved to the top of their module (or their edge
 # removed) there; the lead empties this set as those changes merge. Each hides an arrow that may point up.
 PENDING = {
-    # the closed form as a solved method of its own (issue 29, item 1)
-    (P + "objectives.closed_form", "tqdm"),
-    (P + "objectives.closed_form", P + "composition"),
-    (P + "objectives.closed_form", P + "merging"),
-    (P + "objectives.closed_form", P + "objectives"),
-    (P + "unlearning_mixin", P + "objectives.closed_form"),
     # import-order workarounds: the ledger checks method and regularizer entries against the registries, the
     # erasure check's verdict and the model card name the classifier check
     (P + "ledger", P + "objectives"),

@@ -127,15 +127,15 @@ def test_random_strings_round_trip_through_the_front_matter():
 
 def test_table_columns_regularizers_and_evaluation_figures():
     regs = [
-        {"name": "gradient_projection", "retain": ["monet"], "neighbors": 8, "threshold": None, "vocabulary": None,
-         "include_removed": True, "dedup_cosine": 0.95, "warn_in_span": 0.9, "report": {"protected": []}},
+        {"name": "gradient_projection", "keep": ["monet"], "neighbors": 8, "threshold": None, "vocabulary": None,
+         "keep_earlier": True, "dedup_cosine": 0.95, "warn_in_span": 0.9, "report": {"protected": []}},
         {"name": "l2_drift", "weight": 1000.0, "reference": "previous", "report": {}},
     ]
     ledger = ledger_of(["van gogh", "dog"], regularizers=regs, evaluation={"UA": 91.5, "IRA": {"style": 80.25}})
     card = build_model_card(ledger, evaluation={"CRA": 77.0})
     body = card.text
     assert "| concept | domain | method | regularizers | date | steps |" in body
-    assert "gradient\\_projection(retain=\\[monet\\]); l2\\_drift(weight=1000)" in body  # defaults left out
+    assert "gradient\\_projection(keep=\\[monet\\]); l2\\_drift(weight=1000)" in body  # defaults left out
     assert "## Evaluation" in body
     assert "| r0001 (van gogh) | UA | 91.5 |" in body
     assert "| r0002 (dog) | IRA.style | 80.25 |" in body

@@ -218,10 +218,10 @@ def test_training_draws_the_same_points_with_or_without_precomputed_targets(monk
 
 
 @pytest.mark.parametrize("options, match", [
-    (dict(preserve="monet"), "preserve must be a list of concepts, got the string 'monet'"),
-    (dict(preserve=["monet", "Monet"]), "preserve lists a concept twice"),
-    (dict(preserve=["monet"], preserve_weight=float("inf")), "preserve_weight must be a number >= 0"),
-    (dict(preserve=[" "]), "each of preserve must be a non-empty string"),
+    (dict(keep="monet"), "keep must be a list of concepts, got the string 'monet'"),
+    (dict(keep=["monet", "Monet"]), "keep lists a concept twice"),
+    (dict(keep=["monet"], keep_weight=float("inf")), "keep_weight must be a number >= 0"),
+    (dict(keep=[" "]), "each of keep must be a non-empty string"),
 ])
 def test_bad_retain_options_are_refused(options, match):
     for method, extra in (("esd", {}), ("ca", {"anchor": "plain"})):
@@ -229,23 +229,23 @@ def test_bad_retain_options_are_refused(options, match):
             build_objective_config(method, {**options, **extra})
 
 
-def test_a_request_cannot_preserve_what_it_removes():
+def test_a_request_cannot_keep_what_it_removes():
     pipe = du.testing.tiny_pipeline(seed=0)
-    with pytest.raises(ValueError, match=r"preserve lists \['Van Gogh'\], which this request removes"):
-        _objective(pipe, "esd", preserve=["monet", "Van Gogh"])
+    with pytest.raises(ValueError, match=r"keep lists \['Van Gogh'\], which this request removes"):
+        _objective(pipe, "esd", keep=["monet", "Van Gogh"])
 
 
 def test_the_retain_loss_is_recorded_only_when_used():
-    assert "preserve" not in du.ESDConfig().to_dict() and "preserve_weight" not in du.CAConfig(anchor="x").to_dict()
-    record = du.ESDConfig(preserve=["monet"], preserve_weight=2.0).to_dict()
-    assert record["preserve"] == ["monet"] and record["preserve_weight"] == 2.0
+    assert "keep" not in du.ESDConfig().to_dict() and "keep_weight" not in du.CAConfig(anchor="x").to_dict()
+    record = du.ESDConfig(keep=["monet"], keep_weight=2.0).to_dict()
+    assert record["keep"] == ["monet"] and record["keep_weight"] == 2.0
     assert build_objective_config("esd", {k: v for k, v in record.items() if k != "method"}) == \
-        du.ESDConfig(preserve=("monet",), preserve_weight=2.0)
+        du.ESDConfig(keep=("monet",), keep_weight=2.0)
 
 
 def test_the_retain_loss_adds_the_kept_prompts_error_against_the_frozen_model():
     pipe = du.testing.tiny_pipeline(seed=0)
-    objective = _objective(pipe, "esd", preserve=["monet", "picasso"], preserve_weight=3.0)
+    objective = _objective(pipe, "esd", keep=["monet", "picasso"], keep_weight=3.0)
     assert objective.preserved_cond.hidden_states.shape[0] == 2 * 2  # kept concept x request prompt
     steps, rows, kept = torch.tensor([1, 4]), torch.tensor([2, 0]), torch.tensor([1, 0])
     conditioner = objective.context.conditioner
@@ -268,7 +268,7 @@ def test_the_retain_loss_adds_the_kept_prompts_error_against_the_frozen_model():
 
 def test_precomputed_targets_cover_the_kept_prompts_training_draws():
     pipe = du.testing.tiny_pipeline(seed=0)
-    objective = _objective(pipe, "ca", anchor="plain", preserve=["monet", "picasso"])
+    objective = _objective(pipe, "ca", anchor="plain", keep=["monet", "picasso"])
     computed = objective.precompute_targets(calls=4, batch_size=2)
     assert computed == int(objective._have_target.sum()) + len(objective._preserved_targets)
     predicted = []
@@ -289,7 +289,7 @@ def test_a_retain_loss_holds_the_kept_concept_while_the_target_still_moves():
         return {k: float((generate(pipe, p) - base[k]).abs().mean()) for k, p in prompts.items()}
 
     free = change()
-    held = change(preserve=["monet"], preserve_weight=10.0)
+    held = change(keep=["monet"], keep_weight=10.0)
     print(free, held)
     assert held["kept"] < 0.5 * free["kept"]
     assert held["target"] > 0.5 * free["target"]

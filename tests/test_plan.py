@@ -19,7 +19,7 @@ defaults: {steps: 3, sampling_steps: 4, num_trajectories: 2, learning_rate: 1e-2
 requests:
   - concept: van gogh
     domain: style
-    regularizers: [{name: gradient_projection, retain: [monet]}, {name: l2_drift, weight: 1000}]
+    regularizers: [{name: gradient_projection, keep: [monet]}, {name: l2_drift, weight: 1000}]
   - {concept: dog, domain: object, seed: 1, regularizers: [{name: selective_finetune, top_k: 0.1}]}
   - {concept: cat, domain: object, method: ca, anchor: dog, seed: 2}
 """

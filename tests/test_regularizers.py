@@ -51,11 +51,11 @@ def assert_projection_invariant(pipe, record, at_least=1):
 
 # ------------------------------------------------------------------------------------ gradient projection
 def test_projection_keeps_protected_kv_outputs_exactly_and_moves_the_target(pipe):
-    record = pipe.unlearn("van gogh", domain="style", seed=0, regularizers=[du.GradientProjection(retain=["monet"])],
+    record = pipe.unlearn("van gogh", domain="style", seed=0, regularizers=[du.GradientProjection(keep=["monet"])],
                           **TRAIN)
     report = record.regularizers[0]["report"]
     sources = [p["source"] for p in report["protected"]]
-    assert sources[0] == "retain" and sources.count("neighbor") == 8
+    assert sources[0] == "keep" and sources.count("neighbor") == 8
     assert 0 < report["target_in_span"] < 1
     assert_projection_invariant(pipe, record, at_least=10)
     # DESIGN's public statement: dW @ du.concept_embedding(pipe, B) is zero for the kept concept B
@@ -69,7 +69,7 @@ def test_projection_keeps_protected_kv_outputs_exactly_and_moves_the_target(pipe
 
 def test_projection_with_full_rank_lora_and_neighbour_threshold(pipe):
     record = pipe.unlearn("cat", domain="object", seed=0, rank="full",
-                          regularizers=[du.GradientProjection(retain=["tiger"], neighbors=30, threshold=0.6)], **TRAIN)
+                          regularizers=[du.GradientProjection(keep=["tiger"], neighbors=30, threshold=0.6)], **TRAIN)
     report = record.regularizers[0]["report"]
     sims = [p["similarity"] for p in report["protected"] if p["source"] == "neighbor"]
     assert sims == sorted(sims, reverse=True) and all(s >= 0.6 for s in sims)
@@ -98,7 +98,7 @@ def test_projection_warns_when_target_lies_in_the_protected_span(pipe):
 
 def test_projection_with_nothing_to_protect_warns_and_still_trains(pipe):
     with pytest.warns(UserWarning, match="protects nothing"):
-        projection = du.GradientProjection(retain=[], neighbors=0, protect_unconditional=False)
+        projection = du.GradientProjection(keep=[], neighbors=0, protect_unconditional=False)
     with pytest.warns(UserWarning, match="nothing to protect"):
         record = pipe.unlearn("van gogh", domain="style", seed=0, regularizers=[projection], **TRAIN)
     assert record.regularizers[0]["report"]["columns"] == 0
@@ -108,8 +108,8 @@ def test_projection_with_nothing_to_protect_warns_and_still_trains(pipe):
 def test_retaining_the_target_is_refused_before_anything_changes(pipe):
     pipe.unlearn("dog", domain="object", seed=0, **TRAIN)
     before = kv_state(pipe)
-    with pytest.raises(ValueError, match="cannot retain 'Van  Gogh': it is the concept being removed"):
-        pipe.unlearn("van gogh", regularizers=[du.GradientProjection(retain=["Van  Gogh"])], **TRAIN)
+    with pytest.raises(ValueError, match="cannot keep 'Van  Gogh': it is the concept being removed"):
+        pipe.unlearn("van gogh", regularizers=[du.GradientProjection(keep=["Van  Gogh"])], **TRAIN)
     assert pipe.removed_concepts == ["dog"]
     assert all(torch.equal(v, kv_state(pipe)[k]) for k, v in before.items())
 
@@ -190,7 +190,7 @@ def test_top_fraction_masks_keep_the_global_top_k():
 def test_projection_inside_selective_mask_keeps_both_invariants_exactly(pipe):
     top_k = 0.3
     record = pipe.unlearn("van gogh", domain="style", seed=0,
-                          regularizers=[du.GradientProjection(retain=["monet"], neighbors=4),
+                          regularizers=[du.GradientProjection(keep=["monet"], neighbors=4),
                                         du.SelectiveFinetune(top_k=top_k)], **TRAIN)
     names = [r["name"] for r in record.regularizers]
     assert names == ["selective_finetune", "gradient_projection"]  # ordered: mask first
@@ -204,7 +204,7 @@ def test_projection_inside_selective_mask_keeps_both_invariants_exactly(pipe):
 def test_projection_with_merge_strategy_keeps_invariant(pipe):
     pipe.unlearn("dog", domain="object", seed=0, strategy="merge", **TRAIN)
     record = pipe.unlearn("van gogh", domain="style", seed=1, strategy="merge",
-                          regularizers=[du.GradientProjection(retain=["monet"], neighbors=2)], **TRAIN)
+                          regularizers=[du.GradientProjection(keep=["monet"], neighbors=2)], **TRAIN)
     assert record.strategy["strategy"] == "merge"
     assert_projection_invariant(pipe, record)
     assert "dog" in [p["concept"] for p in record.regularizers[0]["report"]["protected"]]
@@ -254,7 +254,7 @@ def test_drift_from_base_counts_earlier_requests(pipe):
         (lambda: du.L2Drift(reference="yesterday"), "reference must be one of"),
         (lambda: du.GradientProjection(neighbors=-1), "neighbors must be an integer >= 0"),
         (lambda: du.GradientProjection(threshold=2.0), "threshold must be a cosine"),
-        (lambda: du.GradientProjection(retain=["monet", ""]), "retain concept must be a non-empty string"),
+        (lambda: du.GradientProjection(keep=["monet", ""]), "keep concept must be a non-empty string"),
         (lambda: MergeStrategy("average"), "unknown merge method 'average'"),
         (lambda: MergeStrategy("ties", density=0.0), "density must be in"),
         (lambda: MergeStrategy("uniform", scale=2.0), "takes no scale"),
@@ -271,13 +271,13 @@ def test_the_same_regularizer_twice_is_refused(pipe):
 
 
 def test_every_regularizer_and_its_settings_go_into_the_ledger(pipe, tmp_path):
-    regs = [du.GradientProjection(retain=["monet"], neighbors=2), du.SelectiveFinetune(top_k=0.2),
+    regs = [du.GradientProjection(keep=["monet"], neighbors=2), du.SelectiveFinetune(top_k=0.2),
             du.L1Drift(weight=3.0), du.L2Drift(weight=7.0, reference="base")]
     record = pipe.unlearn("van gogh", domain="style", seed=0, regularizers=regs, **TRAIN)
     stored = {r["name"]: r for r in record.regularizers}
     assert set(stored) == {"gradient_projection", "selective_finetune", "l1_drift", "l2_drift"}
     assert stored["l2_drift"]["weight"] == 7.0 and stored["l2_drift"]["reference"] == "base"
-    assert stored["selective_finetune"]["top_k"] == 0.2 and stored["gradient_projection"]["retain"] == ["monet"]
+    assert stored["selective_finetune"]["top_k"] == 0.2 and stored["gradient_projection"]["keep"] == ["monet"]
     for entry in record.regularizers:
         rebuilt = regularizer_from_dict({k: v for k, v in entry.items() if k != "report"})
         assert rebuilt.to_dict() == {k: v for k, v in entry.items() if k != "report"}
@@ -291,7 +291,7 @@ def test_every_regularizer_and_its_settings_go_into_the_ledger(pipe, tmp_path):
 def test_similarity_vs_change_reports_kept_concepts_unchanged(pipe, tmp_path):
     others = ["monet", "picasso", "cubism", ("dog", "object"), ("tower", "object")]
     record = pipe.unlearn("van gogh", domain="style", seed=0,
-                          regularizers=[du.GradientProjection(retain=["monet"], neighbors=0)], **TRAIN)
+                          regularizers=[du.GradientProjection(keep=["monet"], neighbors=0)], **TRAIN)
     rows = similarity_vs_change(pipe, "van gogh", others, domain="style", request_id=record.request_id)
     assert [r.similarity for r in rows] == sorted((r.similarity for r in rows), reverse=True)
     by_name = {r.concept: r for r in rows}

@@ -64,8 +64,8 @@ def test_a_ready_request_trains_like_its_keywords_and_its_signature_matches_the_
     assert record_signature(same) == request.signature() == record_signature(record)
     with pytest.raises(TypeError, match=r"got a ready UnlearnRequest and also \['method', 'steps'\]"):
         ready.unlearn(request, "ca", steps=3)
-    retains_itself = UnlearnRequest.build("cat", regularizers=[du.GradientProjection(retain=["Cat"])])
-    with pytest.raises(ValueError, match="cannot retain 'Cat': it is the concept being removed"):
+    retains_itself = UnlearnRequest.build("cat", regularizers=[du.GradientProjection(keep=["Cat"])])
+    with pytest.raises(ValueError, match="cannot keep 'Cat': it is the concept being removed"):
         ready.unlearn(retains_itself)
     assert ready.unlearning_ledger.ids() == [same.request_id]
 
@@ -88,19 +88,19 @@ def test_a_plan_request_is_checked_as_unlearn_checks_it():
 # ------------------------------------------------------------------------------------------------ keep=
 def test_keep_is_one_way_to_name_what_survives_for_every_method():
     solved = UnlearnRequest.build("van gogh", "closed_form", domain="style", keep=["monet", "klimt"])
-    assert solved.method.preserve == ["monet", "klimt"] and solved.method.vocabulary is None
+    assert solved.method.keep == ["monet", "klimt"] and solved.method.vocabulary is None
     # another domain's concepts join the closed form's vocabulary, over the built-in one
     mixed = UnlearnRequest.build("van gogh", "closed_form", domain="style", keep={"style": ["monet"],
                                                                                  "object": ["cat", "kettle"]})
-    assert mixed.method.preserve == ["monet"]
+    assert mixed.method.keep == ["monet"]
     assert mixed.method.vocabulary["object"][-1] == "kettle"
     assert set(du.vocabulary.DEFAULT_VOCABULARY["style"]) <= set(mixed.method.vocabulary["style"])
     # gradient projection retains them; a trained method without it keeps them in its retain loss
     projected = UnlearnRequest.build("van gogh", "esd", domain="style", keep=["monet"],
-                                     regularizers=[du.GradientProjection(retain=["klimt"]), du.L2Drift(weight=1.0)])
-    assert projected.regularizers[0].retain == ["klimt", "monet"] and not projected.method.preserve
+                                     regularizers=[du.GradientProjection(keep=["klimt"]), du.L2Drift(weight=1.0)])
+    assert projected.regularizers[0].keep == ["klimt", "monet"] and not projected.method.keep
     trained = UnlearnRequest.build("van gogh", "esd", domain="style", keep=["monet"])
-    assert trained.method.preserve == ("monet",)
+    assert trained.method.keep == ("monet",)
     for keep, error, match in ((["van gogh"], ValueError, "the concept this request removes"),
                                ("monet", TypeError, "got the string"),
                                ({"nope": ["x"]}, ValueError, "unknown domain 'nope'"),
@@ -135,8 +135,8 @@ def test_keep_in_a_plan_and_on_the_command_line_builds_the_same_request():
     first, second = (r.to_request() for r in plan.requests)
     assert first.signature() == UnlearnRequest.build("van gogh", "closed_form", domain="style",
                                                      keep=["monet"]).signature()
-    assert first.method.preserve == ["monet"]
-    assert second.regularizers[0].retain == ["dog", "monet"]
+    assert first.method.keep == ["monet"]
+    assert second.regularizers[0].keep == ["dog", "monet"]
     for keep, match in ((["van gogh"], "the concept this request removes"), ("monet", "got the string")):
         with pytest.raises(PlanError, match=match):
             parse_plan({"model": "tiny", "output": "out", "requests": [
@@ -148,7 +148,7 @@ def test_keep_in_a_plan_and_on_the_command_line_builds_the_same_request():
                                       "closed_form", "--keep", "monet, klimt", "--keep", "dali", "--out", "x"])
     inputs, _ = request_inputs(args)
     assert inputs["keep"] == ["monet", "klimt", "dali"]
-    assert build_request(args, inputs).method.preserve == ["monet", "klimt", "dali"]
+    assert build_request(args, inputs).method.keep == ["monet", "klimt", "dali"]
 
 
 # ------------------------------------------------------------------------------------------------ resolve_request
@@ -164,20 +164,21 @@ def test_each_part_of_a_request_comes_from_the_caller_then_the_world_recipe_then
     assert served.method.negative_guidance == 3.0 and served.domain == "style" and served.training.steps == 7
     assert [r.to_dict() for r in served.regularizers] == [du.L2Drift(weight=2.0).to_dict()]
     # the recipe's retain pool, less the concept and the earlier removals
-    assert served.method.preserve == ("monet", "klimt") and served.method.preserve_weight == 0.5
-    assert resolve_request("van gogh", world_recipe=recipe(), removed=["Klimt"]).method.preserve == ("monet",)
+    assert served.method.keep == ("monet", "klimt") and served.method.keep_weight == 0.5
+    assert resolve_request("van gogh", world_recipe=recipe(), removed=["Klimt"]).method.keep == ("monet",)
     # the caller's values win, part by part
-    own = resolve_request("van gogh", world_recipe=recipe(), negative_guidance=1.0, steps=3, regularizers=[],
-                          preserve=["dali"])
+    with pytest.warns(FutureWarning, match="`preserve` is deprecated"):  # the method's option under its former name
+        own = resolve_request("van gogh", world_recipe=recipe(), negative_guidance=1.0, steps=3, regularizers=[],
+                              preserve=["dali"])
     assert own.method.negative_guidance == 1.0 and own.training.steps == 3 and own.regularizers == []
-    assert own.method.preserve == ("dali",)  # a retain list given is not the recipe's
+    assert own.method.keep == ("dali",)  # a retain list given is not the recipe's
     assert resolve_request("van gogh", world_recipe=recipe(), training=du.TrainingConfig(steps=5)).training.steps == 5
     named = resolve_request("van gogh", "ca", world_recipe=recipe(), anchor="a painting")
-    assert named.method.method == "ca" and named.method.preserve == ("monet", "klimt")
+    assert named.method.method == "ca" and named.method.keep == ("monet", "klimt")
     solved = resolve_request("van gogh", world_recipe=recipe(method=du.objectives.ClosedFormConfig(), regularizers=[]))
     assert solved.method.method == "closed_form"  # no retain loss to add to a solved method
     # no recipe: the defaults (the recommended method with its object settings, or the trained one)
-    recommended = dict(max_kept_fraction=0.75, preserve_weight=5.0, negative_guidance=2.0)
+    recommended = dict(max_kept_fraction=0.75, keep_weight=5.0, negative_guidance=2.0)
     assert resolve_request("cat", domain="object").method == resolve_request("cat", "closed_form", **recommended).method
     assert resolve_request("cat", steps=3).method.method == "esd"
     with pytest.raises(TypeError, match="a world recipe sets only"):

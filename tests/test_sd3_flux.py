@@ -40,7 +40,7 @@ def stream(request, tmp_path_factory):
     build, _, _ = FAMILIES[request.param]
     pipe = du.attach(build(seed=0))
     pipe.unlearn("van gogh", domain="style", seed=0,
-                 regularizers=[du.GradientProjection(retain=["monet"], neighbors=0)], **FAST)
+                 regularizers=[du.GradientProjection(keep=["monet"], neighbors=0)], **FAST)
     pipe.unlearn("dog", method="ca", anchor="cat", domain="object", seed=1, **FAST)
     folder = tmp_path_factory.mktemp(request.param) / "saved"
     pipe.save_unlearned(folder)
@@ -316,7 +316,7 @@ def test_the_recommended_method_on_joint_transformers_is_the_trained_one(tmp_pat
         built = du.UnlearnRequest.build("dog", domain="object", family=family)
         assert built.method.method == ("esd" if name in FAMILIES else "closed_form"), name
     assert du.UnlearnRequest.build("dog", domain="object").method.method == "closed_form"  # family not known
-    # the closed form's object settings (guidance 2, preserve weight 5) stay with the closed form
+    # the closed form's object settings (guidance 2, keep weight 5) stay with the closed form
     on_sd3 = du.UnlearnRequest.build("dog", domain="object", family=families["sd3"])
     assert on_sd3.method == build_objective_config("esd")
     args = parse_unlearn_flags("tiny-sd3", "--concept", "dog", "--domain", "object")
@@ -409,7 +409,7 @@ def test_bad_input_is_refused_with_what_is_allowed():
     with pytest.raises(TypeError, match="Stable Diffusion 3.*Flux"):
         du.attach(type("NotAPipeline", (), {"transformer": torch.nn.Linear(2, 2)})())
     with pytest.raises(ValueError, match="samples_per_step must be an integer >= 1, got 0"):
-        du.GradientProjection(retain=["monet"], samples_per_step=0)
+        du.GradientProjection(keep=["monet"], samples_per_step=0)
     pipe = du.attach(du.testing.tiny_flux_pipeline(seed=0))
     with pytest.raises(ValueError, match=r"guidance_scale must be a number >= 0, got nan \(not a finite number\)"):
         pipe.unlearn("van gogh", guidance_scale=float("nan"), **FAST)

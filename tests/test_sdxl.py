@@ -18,7 +18,7 @@ from diffusers_unlearn import adapters as ad
 def sdxl(tmp_path_factory):
     """Two SDXL requests (projection-constrained LoRA, masked dense delta), saved. Tests must not change it."""
     pipe = du.attach(du.testing.tiny_sdxl_pipeline(seed=0))
-    pipe.unlearn("van gogh", domain="style", seed=0, regularizers=[du.GradientProjection(retain=["monet"])],
+    pipe.unlearn("van gogh", domain="style", seed=0, regularizers=[du.GradientProjection(keep=["monet"])],
                  **dict(FAST, steps=8))
     pipe.unlearn("dog", domain="object", seed=1, regularizers=[du.SelectiveFinetune(top_k=0.1)], **FAST)
     folder = tmp_path_factory.mktemp("sdxl") / "saved"

@@ -70,7 +70,7 @@ import diffusers_unlearn as du
 pipe = du.attach(du.testing.tiny_pipeline(seed=0))
 training = du.TrainingConfig(mixed_precision="bf16", steps=6, learning_rate=1e-2)
 rec = pipe.unlearn("van gogh", domain="style", seed=0, training=training, sampling_steps=4, num_trajectories=2,
-                   regularizers=[du.GradientProjection(retain=["monet"], neighbors=2)], progress=False)
+                   regularizers=[du.GradientProjection(keep=["monet"], neighbors=2)], progress=False)
 art = pipe.request_adapter(rec.request_id)
 assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in art.tensors.values())
 c = du.concept_embedding(pipe, "monet")

@@ -37,7 +37,7 @@ class Hyperparameters:
             objects derived from its vocabulary in a 512-wide text space (SD 1.x: about 200 in 768).
         merge_density: fraction of each delta TIES keeps.
         merge_scale: TIES lambda (None: the strategy's default, growing with the number of merged requests).
-        preserve_weight: weight of a retain loss (``TrainedObjectiveConfig.preserve``) on the kept concepts of the
+        preserve_weight: weight of a retain loss (``TrainedObjectiveConfig.keep_weight``) on the kept concepts of the
             request's domain: the world's auxiliary pool less the concepts removed so far. 0: none. Trained methods
             only; the closed form keeps the pool by construction.
     """
@@ -144,7 +144,7 @@ VERIFIED_ESCALATION: tuple[Mapping[str, Any], ...] = ({"negative_guidance": 2.0}
 # With the check to catch a style the solve leaves recognisable, a style request can keep more: a soft penalty of 1
 # per kept token (0.5 unchecked) held the objects at 96.6% of base after 12 requests, against 91.3% (docs/benchmarks.md
 # section 8).
-VERIFIED_OPTIONS: Mapping[str, Mapping[str, Any]] = {"style": {"preserve_weight": 1.0}}
+VERIFIED_OPTIONS: Mapping[str, Mapping[str, Any]] = {"style": {"keep_weight": 1.0}}
 
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p

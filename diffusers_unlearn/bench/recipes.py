@@ -56,11 +56,11 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
     erasure_check, escalate = kwargs.pop("erasure_check", None), kwargs.pop("escalate", None)
     method = kwargs["method"]
     preserve = None
-    if getattr(method, "preserve", ()):
+    if getattr(method, "keep", ()):
         # the bench's retain loss keeps the pool less the concept and the earlier removals, which are known only
         # when the request is served: the recipe carries the pool (WorldRecipe.preserve_for), not the config
         preserve = world.vocabulary()[kwargs["domain"]]
-        options = {k: v for k, v in method.to_dict().items() if k not in ("method", "preserve", "preserve_weight")}
+        options = {k: v for k, v in method.to_dict().items() if k not in ("method", "keep", "keep_weight")}
         kwargs["method"] = type(method)(**options)
     hp = settings.hparams
     vocabulary = world.vocabulary()

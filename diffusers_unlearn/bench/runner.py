@@ -156,8 +156,7 @@ def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[st
                                                           **RECOMMENDED_DOMAIN_OPTIONS.get(settings.domain, {})))
     if settings.hparams.preserve_weight > 0 and issubclass(OBJECTIVES[method][0], TrainedObjectiveConfig):
         pool = world.vocabulary()[world.prompt_domain(settings.domain)]
-        common.update(preserve=concepts_except(pool, [*concepts, *removed]),
-                      preserve_weight=settings.hparams.preserve_weight)
+        common.update(keep=concepts_except(pool, [*concepts, *removed]), keep_weight=settings.hparams.preserve_weight)
     several = {"concepts": tuple(concepts)} if len(concepts) > 1 else {}
     if settings.method == "esd":
         return build_objective_config("esd", dict(common, negative_guidance=settings.negative_guidance,

@@ -28,7 +28,7 @@ from ..evaluation.world import Renderer
 from ..prompts import TEMPLATES, register_templates, same_concept
 
 # fields of a method config or regularizer that name concepts to keep: what check_protected inspects
-PROTECTION_FIELDS = ("preserve", "vocabulary", "retain", "keep")
+PROTECTION_FIELDS = ("vocabulary", "keep")
 
 
 @dataclass

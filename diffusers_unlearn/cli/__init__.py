@@ -44,7 +44,7 @@ def _bad_input(err: BaseException) -> bool:
 
 # Library settings named by a warning (``UnlearnWarning.settings``) -> the flag of each subcommand that sets them.
 SETTING_FLAGS = {
-    "unlearn": {"neighbors": "--neighbors", "retain": "--retain", "steps": "--steps"},
+    "unlearn": {"neighbors": "--neighbors", "keep": "--retain", "steps": "--steps"},
     "bench": {"neighbors": "--gp-neighbors", "steps": "--steps"},
     "demo": {"steps": "--steps"},
 }

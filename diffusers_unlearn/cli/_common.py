@@ -59,7 +59,8 @@ def module_constant(module_file: str, name: str) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def method_option_names() -> dict[str, list[str]]:
-    """Every built-in method's option names (its config's dataclass fields, inherited ones first), by method name,
+    """Every built-in method's option names (its config's dataclass fields, inherited ones first, and the former
+    names of renamed ones), by method name,
     read from the source of ``objectives/`` without importing it.
 
     ``run`` checks a plan's field names with them before the engine (and torch) loads, so that a typo is refused at
@@ -79,6 +80,8 @@ def method_option_names() -> dict[str, list[str]]:
                     fields.append(item.target.id)
                 elif item.target.id == "method" and item.value is not None:
                     method = ast.literal_eval(item.value)
+                elif item.target.id == "renamed_options" and item.value is not None:
+                    fields.extend(ast.literal_eval(item.value))  # former names, still taken with a FutureWarning
             classes[node.name] = ([ast.unparse(b).rpartition(".")[2] for b in node.bases], fields, method)
 
     def fields_of(name: str) -> list[str]:

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
         "  diffusers-unlearn unlearn minicanvas --concept 'neon lines' --domain style --out out/\n"
         "  diffusers-unlearn unlearn tiny --concept 'van gogh' --domain style --retain monet --out out/\n"
-        "  diffusers-unlearn unlearn tiny --concept cat --regularizer 'gradient_projection:retain=[dog],neighbors=0' "
+        "  diffusers-unlearn unlearn tiny --concept cat --regularizer 'gradient_projection:keep=[dog],neighbors=0' "
         "--regularizer l2_drift:weight=1000 --out out/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--l2", type=finite_float, default=None, help="L2 drift penalty weight")
     group.add_argument("--regularizer", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                        help="a registered regularizer in the plan-file form, e.g. l2_drift:weight=1000 or "
-                       "'gradient_projection:retain=[monet, picasso],neighbors=2'; repeatable; 'none' for no "
+                       "'gradient_projection:keep=[monet, picasso],neighbors=2'; repeatable; 'none' for no "
                        "regularizer at all")
     parser.add_argument("--strategy", default=None,
                         help="sequential (default), merge, ties, task_arithmetic or uniform (one per ledger)")
@@ -142,7 +142,7 @@ def build_regularizers(args: argparse.Namespace, recipe: Any = None) -> list | N
     specs: list[dict[str, Any]] = []
     retain = [c.strip() for value in (args.retain or []) for c in value.split(",") if c.strip()]
     if args.project or args.retain or args.neighbors is not None:
-        specs.append({"name": "gradient_projection", "retain": retain,
+        specs.append({"name": "gradient_projection", "keep": retain,
                       **({} if args.neighbors is None else {"neighbors": args.neighbors})})
     for name, value, key in (("selective_finetune", args.top_k, "top_k"), ("l1_drift", args.l1, "weight"),
                              ("l2_drift", args.l2, "weight")):
@@ -260,7 +260,7 @@ def _recipe_escalation(recipe: Any, args: argparse.Namespace) -> list[dict[str, 
 
 
 def _describe(regularizer: Any) -> str:
-    """``gradient_projection(retain=['monet'], neighbors=8)``: the settings that differ from the defaults, and always
+    """``gradient_projection(keep=['monet'], neighbors=8)``: the settings that differ from the defaults, and always
     the neighbour count (what --retain brings with it)."""
     import dataclasses
 

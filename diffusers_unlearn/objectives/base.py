@@ -1,15 +1,20 @@
-"""The objective interface: what the adapted model should predict instead, for one concept.
+"""The method interface, in two kinds chosen by class through one registry (``register_objective``).
 
-An objective knows nothing of regularizers or adapters. The trainer hands it an ``ObjectiveContext`` (the UNet,
-how to run it frozen, the prompts) and asks for losses. Objectives in this package sample trajectories from the
-frozen model once per request and reuse them (and the frozen predictions on them) across training steps.
+- A trained method (``TrainedObjective``) says what the adapted model should predict instead, for one concept. It
+  knows nothing of regularizers or adapters: the trainer hands it an ``ObjectiveContext`` (the UNet, how to run it
+  frozen, the prompts) and asks for losses. Those in this package (``TrajectoryObjective``) sample trajectories from
+  the frozen model once per request and reuse them (and the frozen predictions on them) across training steps.
+- A solved method (``SolvedObjective``) computes the request's change directly, with no training loop: the trainer
+  hands it a ``SolveContext`` (the base weights, the start model, the earlier requests) and takes the artifact it
+  returns. Where a solve depends on the requests before it, its ``after_rollback`` hook re-solves it when one of
+  them is rolled back; the engine calls it in ledger order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._deprecation import RenamedOptions, rename_options
 from .._validation import check_count, check_int, check_number
+from ..adapters import RequestAdapter
 from ..conditioning import Conditioner, Conditioning, sample_trajectory
 from ..prompts import check_concept, same_concept
 
 
 @dataclass
-class ObjectiveConfig:
+class ObjectiveConfig(RenamedOptions):
     """Settings every trajectory-based objective shares.
 
     Args:
@@ -58,8 +65,21 @@ class ObjectiveConfig:
                 data["concepts"] = list(data["concepts"])
         return data
 
-    def check_regularizers(self, regularizers: list[Any]) -> None:
-        """Refuse regularizers this method cannot apply (called before anything runs); trained methods take all."""
+    def check_regularizers(self, regularizers: Sequence[Any]) -> None:
+        """Refuse regularizers this method cannot apply (called before anything runs).
+
+        Trained methods take all; a solved method takes none (it trains nothing for them to act on).
+
+        Args:
+            regularizers: the request's regularizer objects.
+
+        Raises:
+            ValueError: regularizers given to a solved method.
+        """
+        registered = OBJECTIVES.get(self.method)
+        if regularizers and registered is not None and issubclass(registered[1], SolvedObjective):
+            names = [getattr(r, "name", type(r).__name__) for r in regularizers]
+            raise ValueError(f"method {self.method!r} is solved, not trained: it takes no regularizers (got {names})")
 
 
 @dataclass
@@ -67,31 +87,33 @@ class TrainedObjectiveConfig(ObjectiveConfig):
     """Settings of the methods trained on the frozen model's trajectories (``TrajectoryObjective``).
 
     Args:
-        preserve: concepts to keep: at each training step one of them, in the slot of the removed concept of the
-            same prompt, is trained toward the frozen model's prediction on the same x_t (a retain loss). Where
-            concepts share most of their text embedding (neighbouring objects), an edit that erases one moves the
-            others; this holds them. Empty (default): no retain loss, one forward pass per step.
-        preserve_weight: weight of the retain loss against the erasure loss (both mean squared errors).
+        keep: concepts to keep: at each training step one of them, in the slot of the removed concept of the same
+            prompt, is trained toward the frozen model's prediction on the same x_t (a retain loss). Where concepts
+            share most of their text embedding (neighbouring objects), an edit that erases one moves the others;
+            this holds them. Empty (default): no retain loss, one forward pass per step. Formerly ``preserve``.
+        keep_weight: weight of the retain loss against the erasure loss (both mean squared errors). Formerly
+            ``preserve_weight``.
     """
 
-    preserve: Sequence[str] = ()
-    preserve_weight: float = 1.0
+    renamed_options: ClassVar[Mapping[str, str]] = {"preserve": "keep", "preserve_weight": "keep_weight"}
+    keep: Sequence[str] = ()
+    keep_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.preserve, str):
-            raise ValueError(f"preserve must be a list of concepts, got the string {self.preserve!r}")
-        self.preserve = tuple(check_concept(c, "each of preserve") for c in self.preserve)
-        if len({c.lower() for c in self.preserve}) != len(self.preserve):
-            raise ValueError(f"preserve lists a concept twice: {list(self.preserve)}")
-        check_number(self.preserve_weight, "preserve_weight", minimum=0)
+        if isinstance(self.keep, str):
+            raise ValueError(f"keep must be a list of concepts, got the string {self.keep!r}")
+        self.keep = tuple(check_concept(c, "each of keep") for c in self.keep)
+        if len({c.lower() for c in self.keep}) != len(self.keep):
+            raise ValueError(f"keep lists a concept twice: {list(self.keep)}")
+        check_number(self.keep_weight, "keep_weight", minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        if self.preserve:
-            data["preserve"] = list(self.preserve)
+        if self.keep:
+            data["keep"] = list(self.keep)
         else:  # requests without a retain loss keep the record they always had
-            del data["preserve"], data["preserve_weight"]
+            del data["keep"], data["keep_weight"]
         return data
 
 
@@ -152,13 +174,84 @@ def check_concepts(concepts: Any, exclude: str | None = None) -> tuple[str, ...]
     return checked
 
 
+@dataclass
+class SolveContext:
+    """What the trainer gives a solved method for one request.
+
+    Args:
+        pipe: the pipeline, its denoiser's K/V weights holding the start model (the earlier requests folded in, or
+            the base for a merge strategy).
+        concept: the concept removed.
+        domain: the request's prompt domain.
+        prompts: the request's prompts.
+        base_weights: each K/V layer's base weight, by layer name.
+        start_offsets: each K/V layer's start model minus its base (None: the request starts at the base).
+        earlier: the ledger records of the requests before this one, in order.
+        seed: the request's seed.
+        progress: show progress bars.
+    """
+
+    pipe: Any
+    concept: str
+    domain: str
+    prompts: list[str]
+    base_weights: Mapping[str, torch.Tensor]
+    start_offsets: Mapping[str, torch.Tensor] | None
+    earlier: Sequence[Any]
+    seed: int = 0
+    progress: bool = False
+
+
 class Objective(ABC):
-    """One unlearning method. Subclasses are registered with ``register_objective``."""
+    """One unlearning method: a ``TrainedObjective`` or a ``SolvedObjective``, registered with its config class by
+    ``register_objective``. The trainer picks the kind by the registered class."""
 
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
 
-    def __init__(self, config: ObjectiveConfig, context: ObjectiveContext):
+    def __init__(self, config: ObjectiveConfig):
         self.config = config
+
+
+class SolvedObjective(Objective):
+    """A method whose change is computed, not trained (a closed-form edit): ``solve`` returns the artifact.
+
+    Subclass it, implement ``solve``, and register it with its config class; ``pipe.unlearn(method=...)`` then
+    records, saves, audits and rolls back its requests like any other.
+    """
+
+    @abstractmethod
+    def solve(self, context: SolveContext) -> tuple[RequestAdapter, dict[str, Any]]:
+        """One request's change.
+
+        Args:
+            context: the request and the model as the request finds it.
+
+        Returns:
+            The request's artifact (its change of every K/V layer in ``context.base_weights``) and a report, a
+            JSON-ready dict the ledger keeps with the record.
+        """
+
+    def after_rollback(self, context: SolveContext) -> RequestAdapter | None:
+        """Called for each request of this method that follows a rolled-back one, in ledger order.
+
+        A solve that depends on the requests before it (it keeps them, or starts from them) is stale once one of
+        them is gone; this returns its new artifact, solved in ``context`` (the requests that remain before it, with
+        any re-solved ones). Default: None, the stored artifact stays.
+
+        Args:
+            context: the request (from its ledger record) and the model as it now finds it.
+
+        Returns:
+            The new artifact, or None to keep the stored one.
+        """
+        return None
+
+
+class TrainedObjective(Objective):
+    """A method trained on losses: the trainer runs the optimisation loop on what it returns."""
+
+    def __init__(self, config: ObjectiveConfig, context: ObjectiveContext):
+        super().__init__(config)
         self.context = context
 
     @abstractmethod
@@ -182,7 +275,7 @@ class Objective(ABC):
         return 0
 
 
-class TrajectoryObjective(Objective):
+class TrajectoryObjective(TrainedObjective):
     """Shared machinery: sample trajectories with the frozen model for ``sampling prompts``, train the prediction
     for ``training prompts`` on those latents toward a frozen target computed once per (step, trajectory)."""
 
@@ -225,7 +318,7 @@ class TrajectoryObjective(Objective):
 
     def _prepare_preserved(self) -> None:
         """Encode the retain loss's prompts: kept concept k in the slot of trajectory prompt i is row k * n + i."""
-        keep = tuple(getattr(self.config, "preserve", ()))
+        keep = tuple(getattr(self.config, "keep", ()))
         self.num_preserved = len(keep)
         if not keep:
             return
@@ -233,7 +326,7 @@ class TrajectoryObjective(Objective):
         removed = getattr(self.config, "concepts", None) or (ctx.concept,)
         clash = [c for c in keep if any(same_concept(c, r) for r in removed)]
         if clash:
-            raise ValueError(f"preserve lists {clash}, which this request removes ({list(removed)})")
+            raise ValueError(f"keep lists {clash}, which this request removes ({list(removed)})")
         prompts = [p for concept in keep for p in request_prompts_with(ctx, concept, getattr(self.config,
                                                                                               "concepts", None))]
         self.preserved_cond = ctx.conditioner.encode(prompts)
@@ -334,7 +427,7 @@ class TrajectoryObjective(Objective):
         prediction = self.context.conditioner.predict(
             self.context.unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).float()
         erased, kept_prediction = prediction.chunk(2)
-        return F.mse_loss(erased, target) + self.config.preserve_weight * F.mse_loss(kept_prediction, kept_target)
+        return F.mse_loss(erased, target) + self.config.keep_weight * F.mse_loss(kept_prediction, kept_target)
 
     def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         steps, rows, kept = self._draw(batch_size, self.context.generator)
@@ -358,8 +451,20 @@ OBJECTIVES: dict[str, tuple[type[ObjectiveConfig], type[Objective]]] = {}
 
 
 def register_objective(config_class: type[ObjectiveConfig], objective_class: type[Objective]) -> None:
-    """Make ``config_class.method`` usable as ``pipe.unlearn(..., method=name)``."""
+    """Make ``config_class.method`` usable as ``pipe.unlearn(..., method=name)``.
+
+    Args:
+        config_class: the method's settings (a dataclass with a ``method`` name).
+        objective_class: a ``TrainedObjective`` (trained by the trainer's loop) or a ``SolvedObjective`` (its
+            ``solve`` gives the change); the kind is read from the class.
+
+    Raises:
+        ValueError: no method name, or the name is registered already.
+        TypeError: ``objective_class`` is neither kind.
+    """
     name = config_class.method
+    if not (isinstance(objective_class, type) and issubclass(objective_class, (TrainedObjective, SolvedObjective))):
+        raise TypeError(f"objective_class must subclass TrainedObjective or SolvedObjective, got {objective_class!r}")
     if not name:
         raise ValueError(f"{config_class.__name__}.method must name the method")
     if name in OBJECTIVES:
@@ -373,7 +478,19 @@ def register_objective(config_class: type[ObjectiveConfig], objective_class: typ
 
 
 def build_objective_config(method: str | ObjectiveConfig, options: dict[str, Any] | None = None) -> ObjectiveConfig:
-    """A method name plus options, or a ready config, as a validated config object."""
+    """A method name plus options, or a ready config, as a validated config object.
+
+    Args:
+        method: a registered method name, or a ready config (then without options).
+        options: the config's fields by name; a renamed option's old name is taken with a ``FutureWarning``.
+
+    Returns:
+        The method's config.
+
+    Raises:
+        ValueError: an unknown method, or an option out of range.
+        TypeError: an unknown option, options beside a ready config, or an old name beside its new one.
+    """
     options = dict(options or {})
     if isinstance(method, ObjectiveConfig):
         if options:
@@ -382,6 +499,7 @@ def build_objective_config(method: str | ObjectiveConfig, options: dict[str, Any
     if not isinstance(method, str) or method not in OBJECTIVES:
         raise ValueError(f"unknown method {method!r}; known methods: {sorted(OBJECTIVES)}")
     config_class = OBJECTIVES[method][0]
+    options = rename_options(f"method {method!r}", config_class.renamed_options, options)
     allowed = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(options) - allowed)
     if unknown:
@@ -389,8 +507,48 @@ def build_objective_config(method: str | ObjectiveConfig, options: dict[str, Any
     return config_class(**options)
 
 
-def objective_for(config: ObjectiveConfig, context: ObjectiveContext) -> Objective:
-    return OBJECTIVES[config.method][1](config, context)
+def stored_method_config(method: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """A method config as a ledger record stores it, with the option names of earlier versions replaced by the
+    current ones, silently: a ledger saved by an earlier version loads without a warning and compares equal to a
+    request made with the new names.
+
+    Args:
+        method: the record's method (an unregistered one is left for the ledger's check to refuse).
+        config: the record's ``method_config``.
+
+    Returns:
+        A new dict under the current names.
+
+    Raises:
+        TypeError: an old name beside its new one.
+    """
+    registered = OBJECTIVES.get(method)
+    renamed = registered[0].renamed_options if registered is not None else {}
+    return rename_options(method, renamed, config, warn=False)
+
+
+def objective_class(config: ObjectiveConfig | str) -> type[Objective]:
+    """The class registered for a method config or name (``TrainedObjective`` or ``SolvedObjective``).
+
+    Raises:
+        ValueError: the method is not registered.
+    """
+    name = config if isinstance(config, str) else config.method
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown method {name!r}; known methods: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name][1]
+
+
+def objective_for(config: ObjectiveConfig, context: ObjectiveContext) -> TrainedObjective:
+    """The trained method of ``config``, ready for the trainer's loop.
+
+    Raises:
+        TypeError: the method is solved, not trained.
+    """
+    cls = objective_class(config)
+    if not issubclass(cls, TrainedObjective):
+        raise TypeError(f"method {config.method!r} is solved, not trained: it has no training losses")
+    return cls(config, context)
 
 
 def cond_rows(cond: Conditioning, rows: torch.Tensor) -> Conditioning:

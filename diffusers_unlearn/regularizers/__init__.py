@@ -7,6 +7,7 @@ from .base import (
     check_regularizers,
     register_regularizer,
     regularizer_from_dict,
+    stored_regularizer_settings,
 )
 from .drift import L1Drift, L2Drift
 from .projection import GradientProjection
@@ -23,4 +24,5 @@ __all__ = [
     "check_regularizers",
     "register_regularizer",
     "regularizer_from_dict",
+    "stored_regularizer_settings",
 ]

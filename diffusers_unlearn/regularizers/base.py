@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from .._deprecation import RenamedOptions, rename_options
+
 if TYPE_CHECKING:
     from ..adapters import TrainableAdapter
     from ..objectives import Objective
@@ -59,12 +61,13 @@ class TrainingContext:
 
 
 @dataclass
-class Regularizer:
+class Regularizer(RenamedOptions):
     """Base class of the regularizers: hooks the trainer calls for one request, knowing nothing of the objective.
 
     A subclass is a dataclass of its settings with a ``name``, registered with ``register_regularizer``; it
     overrides the hooks it needs (the defaults do nothing). ``order`` sets who runs first (lower first: masks before
-    projections before penalties); ``adapter_kind = "dense"`` asks for a full delta instead of a LoRA.
+    projections before penalties); ``adapter_kind = "dense"`` asks for a full delta instead of a LoRA. A renamed
+    setting's old name goes in ``renamed_options`` (old -> new) and keeps working for one release.
     """
 
     name: ClassVar[str] = ""
@@ -155,13 +158,15 @@ def regularizer_from_dict(data: dict[str, Any]) -> Regularizer:
     """Rebuild a regularizer from its stored form (what ``Regularizer.to_dict`` writes; plan files use it too).
 
     Args:
-        data: ``{"name": ..., **settings}``.
+        data: ``{"name": ..., **settings}``; a renamed setting's old name is taken with a ``FutureWarning``
+            (``stored_regularizer_settings`` maps a stored record's silently first).
 
     Returns:
         The regularizer, its settings checked by its own constructor.
 
     Raises:
         ValueError: an unknown name or setting (naming the allowed ones), or a setting out of range.
+        TypeError: an old setting name beside its new one.
 
     Examples:
         >>> regularizer_from_dict({"name": "l2_drift", "weight": 1000.0})
@@ -172,11 +177,30 @@ def regularizer_from_dict(data: dict[str, Any]) -> Regularizer:
         raise ValueError(f"unknown regularizer {name!r}; registered: {sorted(REGULARIZERS)}")
     cls = REGULARIZERS[data["name"]]
     allowed = {f.name for f in dataclasses.fields(cls) if f.init}
-    settings = {k: v for k, v in data.items() if k != "name"}
+    settings = rename_options(f"regularizer {cls.name!r}", cls.renamed_options,
+                              {k: v for k, v in data.items() if k != "name"})
     unknown = sorted(set(settings) - allowed)
     if unknown:
         raise ValueError(f"regularizer {data['name']!r} has no setting(s) {unknown}; allowed: {sorted(allowed)}")
     return cls(**settings)
+
+
+def stored_regularizer_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A regularizer entry as a ledger record stores it (``{"name": ..., **settings, "report": ...}``), with the
+    setting names of earlier versions replaced by the current ones, silently: a ledger saved by an earlier version
+    loads without a warning and compares equal to a request made with the new names.
+
+    Args:
+        data: the stored entry (an unregistered name is left for the ledger's check to refuse).
+
+    Returns:
+        A new dict under the current names.
+
+    Raises:
+        TypeError: an old name beside its new one.
+    """
+    cls = REGULARIZERS.get(data.get("name"))  # type: ignore[arg-type]
+    return rename_options(str(data.get("name")), cls.renamed_options if cls is not None else {}, data, warn=False)
 
 
 def check_regularizers(regularizers: object) -> list[Regularizer]:

@@ -1,6 +1,6 @@
 """Gradient projection: K/V outputs on the embeddings of concepts to keep do not move.
 
-C's columns are the embeddings (``du.concept_embedding``) of the concepts to keep: the user's ``retain`` list,
+C's columns are the embeddings (``du.concept_embedding``) of the concepts to keep: the user's ``keep`` list,
 every concept removed earlier, and the ``neighbors`` concepts of a vocabulary most similar to the target. Each K/V
 weight update is restricted to the orthogonal complement of span(C): G -> G @ P, with
 P = I - C (C^T C + eps I)^-1 C^T. Then dW @ c = 0 for every protected c:
@@ -83,7 +83,7 @@ def project_rows(tensor: torch.Tensor, columns: torch.Tensor, projector: torch.T
 class _Protected:
     concept: str
     domain: str
-    source: str  # "retain", "removed" or "neighbor"
+    source: str  # "keep", "removed" or "neighbor"
     similarity: float | None = None
 
 
@@ -93,13 +93,14 @@ class GradientProjection(Regularizer):
     """Keep the K/V outputs of protected concepts fixed while the target is removed.
 
     Args:
-        retain: concepts to keep, embedded in the request's domain (and in the plain "concept" templates, so that
-            ``du.concept_embedding(pipe, c)`` is protected whichever domain it is asked for).
+        keep: concepts to keep, embedded in the request's domain (and in the plain "concept" templates, so that
+            ``du.concept_embedding(pipe, c)`` is protected whichever domain it is asked for). Formerly ``retain``.
         neighbors: how many concepts of ``vocabulary`` most similar to the target to protect as well.
         threshold: only protect neighbours whose cosine similarity to the target is at least this.
         vocabulary: neighbour candidates, ``{domain: [concepts]}`` or a list (in the request's domain); default:
             the built-in styles and objects (``diffusers_unlearn.vocabulary.DEFAULT_VOCABULARY``).
-        include_removed: protect every concept removed by an earlier request of the ledger.
+        keep_earlier: protect every concept removed by an earlier request of the ledger, so that this request cannot
+            bring it back. Formerly ``include_removed``.
         protect_unconditional: also keep the K/V outputs of the unconditional (empty) prompt's tokens fixed: the
             start token is the same in every prompt and the unconditional branch enters every image through
             classifier-free guidance, so an update that moves them moves every concept.
@@ -112,12 +113,13 @@ class GradientProjection(Regularizer):
 
     name: ClassVar[str] = "gradient_projection"
     order: ClassVar[int] = 10
+    renamed_options: ClassVar[Mapping[str, str]] = {"retain": "keep", "include_removed": "keep_earlier"}
 
-    retain: Sequence[str] = field(default_factory=list)
+    keep: Sequence[str] = field(default_factory=list)
     neighbors: int = 8
     threshold: float | None = None
     vocabulary: Mapping[str, Sequence[str]] | Sequence[str] | None = None
-    include_removed: bool = True
+    keep_earlier: bool = True
     protect_unconditional: bool = True
     dedup_cosine: float = 0.95
     warn_in_span: float = 0.9
@@ -127,9 +129,9 @@ class GradientProjection(Regularizer):
         samples = self.samples_per_step
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"GradientProjection samples_per_step must be an integer >= 1, got {samples!r}")
-        if isinstance(self.retain, str):
-            self.retain = [self.retain]
-        self.retain = [check_concept(c, "retain concept") for c in self.retain]
+        if isinstance(self.keep, str):
+            self.keep = [self.keep]
+        self.keep = [check_concept(c, "keep concept") for c in self.keep]
         check_int(self.neighbors, "GradientProjection neighbors", minimum=0)
         try:
             check_optional_number(self.threshold, "threshold", minimum=-1, maximum=1)
@@ -142,16 +144,16 @@ class GradientProjection(Regularizer):
             raise TypeError(f"vocabulary must be a dict of domain -> concepts or a list, got {self.vocabulary!r}")
         if self.vocabulary is not None and not isinstance(self.vocabulary, Mapping):
             self.vocabulary = [check_concept(c, "vocabulary concept") for c in self.vocabulary]
-        if not self.retain and self.neighbors == 0:
-            warn("GradientProjection(retain=[], neighbors=0) keeps no concept of its own: only concepts removed "
+        if not self.keep and self.neighbors == 0:
+            warn("GradientProjection(keep=[], neighbors=0) keeps no concept of its own: only concepts removed "
                  "earlier (with an empty ledger it protects nothing)"
                  + (" and the unconditional prompt" if self.protect_unconditional else ""),
-                 {"retain": [], "neighbors": 0})
+                 {"keep": [], "neighbors": 0})
 
     def check_request(self, concept: str, domain: str) -> None:
-        for kept in self.retain:
+        for kept in self.keep:
             if same_concept(kept, concept):
-                raise ValueError(f"GradientProjection cannot retain {kept!r}: it is the concept being removed")
+                raise ValueError(f"GradientProjection cannot keep {kept!r}: it is the concept being removed")
 
     # -------------------------------------------------------------------------------- which concepts
     def _candidates(self, domain: str) -> list[tuple[str, str]]:
@@ -161,9 +163,9 @@ class GradientProjection(Regularizer):
         return [(c, domain) for c in vocabulary]
 
     def protected_concepts(self, ctx: TrainingContext) -> list[_Protected]:
-        """The user's retain list, earlier removed concepts, then the target's nearest vocabulary neighbours."""
-        chosen: list[_Protected] = [_Protected(c, ctx.domain, "retain") for c in self.retain]
-        if self.include_removed:
+        """The user's keep list, earlier removed concepts, then the target's nearest vocabulary neighbours."""
+        chosen: list[_Protected] = [_Protected(c, ctx.domain, "keep") for c in self.keep]
+        if self.keep_earlier:
             chosen += [_Protected(r.concept, r.domain, "removed") for r in ctx.earlier
                        if not same_concept(r.concept, ctx.concept)]
         if self.neighbors:
@@ -236,7 +238,7 @@ class GradientProjection(Regularizer):
         }
         if not counts or counts[-1] == 0:
             warn(f"GradientProjection has nothing to protect while removing {ctx.concept!r}: the request is not "
-                 "constrained", {"retain": list(self.retain), "neighbors": self.neighbors})
+                 "constrained", {"keep": list(self.keep), "neighbors": self.neighbors})
         in_span_max = self._report["target_in_span"]
         if in_span_max > self.warn_in_span:
             unconditional = (f" and {self._unconditional_columns} unconditional-prompt tokens"
@@ -245,7 +247,7 @@ class GradientProjection(Regularizer):
                  f"keeps ({len(used)} concepts{unconditional}): the request can only act on the remaining "
                  f"{1 - in_span_max:.0%}, so {ctx.concept!r} may stay partly visible. If it does, keep fewer concepts "
                  "(fewer neighbours or retained concepts) or train longer",
-                 {"neighbors": self.neighbors, "retain": list(self.retain), "steps": None})
+                 {"neighbors": self.neighbors, "keep": list(self.keep), "steps": None})
 
         device = adapter.input_factor(adapter.layer_names[0]).device
         self._active = bool(counts) and counts[-1] > 0

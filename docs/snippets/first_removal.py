@@ -12,7 +12,7 @@ pipe.save_unlearning("removals/")                            # ledger.json + one
 
 # --8<-- [start:trained]
 record = pipe.unlearn("monet", method="esd", domain="style", seed=0, steps=6, sampling_steps=4,
-                      regularizers=[du.GradientProjection(retain=["picasso"]), du.L2Drift(weight=1e3)])
+                      regularizers=[du.GradientProjection(keep=["picasso"]), du.L2Drift(weight=1e3)])
 print(record.method, record.steps, f"final loss {record.final_loss:.4g}")
 # --8<-- [end:trained]
 

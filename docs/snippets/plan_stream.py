@@ -11,10 +11,10 @@ defaults: {method: esd, domain: style, steps: 6, sampling_steps: 4, num_trajecto
 requests:
   - concept: van gogh
     regularizers:
-      - {name: gradient_projection, retain: [monet]}
+      - {name: gradient_projection, keep: [monet]}
   - concept: picasso
     regularizers:
-      - {name: gradient_projection, retain: [monet]}
+      - {name: gradient_projection, keep: [monet]}
       - {name: l2_drift, weight: 1000}
 # --8<-- [end:plan]
 """)

@@ -6,7 +6,7 @@ from diffusers import DiffusionPipeline
 # --8<-- [start:flux]
 pipe = du.attach(du.testing.tiny_flux_pipeline(seed=0))       # offline, real classes, 16x16 images
 rec = pipe.unlearn("van gogh", domain="style", seed=0, steps=4, sampling_steps=4,   # ESD, SD3's and Flux's default
-                   regularizers=[du.GradientProjection(retain=["monet"], neighbors=0)])  # 0: only what is named
+                   regularizers=[du.GradientProjection(keep=["monet"], neighbors=0)])  # 0: only what is named
 pipe.save_unlearned("out/")                                    # transformer/ holds the folded weights
 plain = DiffusionPipeline.from_pretrained("out/")              # FluxPipeline, no diffusers-unlearn needed
 base = du.testing.tiny_flux_pipeline(seed=0)                   # a plain FluxPipeline of the same base

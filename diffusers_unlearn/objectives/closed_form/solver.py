@@ -1,0 +1,223 @@
+"""The solve: the smallest K/V change that maps the keys onto their anchors while the protected states keep their
+base outputs, as low-rank factors."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ...adapters import RequestAdapter, identity_factors
+from ...families import family_of
+from ...prompts import same_concept
+from ...text_states import PromptStates
+from .config import ClosedFormConfig
+from .keys import concept_states, concept_tokens, earlier_requests, mapping_keys, protected_columns
+
+logger = logging.getLogger(__name__)
+
+SPAN_RTOL = 1e-8  # singular values of P below this fraction of the largest: directions P does not use
+KEY_RTOL = 1e-12  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
+
+
+@dataclass
+class Solver:
+    """The layer-independent part of the solve (every K/V layer reads the same text keys): the protected basis and
+    the ridge-regularised inverse of the mapping keys' covariance in its complement, as low-rank factors."""
+
+    protected: torch.Tensor  # [d, r] orthonormal basis of span(P)
+    anchor_factor: torch.Tensor  # [d, f]: A^T X_F K^-1 (anchor keys A, keys X in free coordinates X_F)
+    key_factor: torch.Tensor  # [d, f]: X^T X_F K^-1
+    directions: torch.Tensor  # [d, f]: F, orthonormal basis of the complement of span(P)
+    # [d, f]: (keep_weight P^T P_F + lambda F) K^-1: pulls what earlier requests moved back towards the base
+    offset_factor: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, protected: torch.Tensor, mappings: Sequence[tuple[torch.Tensor, torch.Tensor]],
+              ridge: float, weights: Sequence[float] | None = None, keep: torch.Tensor | None = None,
+              keep_weight: float = 0.0) -> Solver:
+        """``weights``: one per mapping (default 1), multiplying its token pairs' squared errors. ``keep``
+        [m, d]: token states whose outputs should move little (soft, weight ``keep_weight`` each).
+
+        Minimises sum w ||(W + D) x - W0 a||^2 + keep_weight sum ||(W + D - W0) p||^2 + lambda ||W + D - W0||^2
+        over D = Z F^T (so D q = 0 on span(P)), with W = W0 + E the current weight (earlier requests E):
+        Z = (W0 A^T - W X^T) X_F K^-1 - E (keep_weight P^T P_F + lambda F) K^-1 with
+        K = X_F^T X_F + keep_weight P_F^T P_F + lambda I, lambda = ridge * trace(X_F^T X_F) / f.
+        The penalties are on the whole edit, not on this request's share: the kept tokens' outputs are held at the
+        base model's, so request 12's result is the joint solve of all 12 from the base, and the kept concepts'
+        small soft-penalty errors do not add up over a stream."""
+        d = protected.shape[0]
+        q = _basis(protected)
+        if q.shape[1]:
+            u, _, _ = torch.linalg.svd(protected, full_matrices=True)
+            free = u[:, q.shape[1]:]
+        else:
+            free = torch.eye(d, dtype=torch.float64)
+        empty = torch.zeros(d, 0, dtype=torch.float64)
+        if not mappings or free.shape[1] == 0:
+            return cls(q, empty, empty, empty)
+        weights = [1.0] * len(mappings) if weights is None else list(weights)
+        roots = [float(w) ** 0.5 for w in weights]  # sqrt(w) on both sides of a pair weights its squared error by w
+        keys = torch.cat([r * k for r, (k, _) in zip(roots, mappings)]).double()
+        anchors = torch.cat([r * a for r, (_, a) in zip(roots, mappings)]).double()
+        coords = keys @ free  # [n, f]: the keys' part outside span(P), all the solve may act on
+        system = coords.T @ coords
+        energy = float(torch.trace(system))
+        if energy <= KEY_RTOL * float(keys.square().sum()):
+            return cls(q, empty, empty, empty)  # the keys lie inside span(P): nothing may move
+        lam = ridge * energy / free.shape[1]
+        pull = lam * free  # [d, f]
+        if keep is not None and len(keep) and keep_weight > 0:
+            kept = keep.double() @ free
+            system = system + keep_weight * (kept.T @ kept)
+            pull = pull + keep_weight * (keep.double().T @ kept)
+        system = system + lam * torch.eye(free.shape[1], dtype=torch.float64)
+        inverse = torch.linalg.pinv(system, hermitian=True)  # K symmetric; ridge 0 with few keys leaves it singular
+        solved = coords @ inverse  # [n, f] = X_F K^-1
+        return cls(q, anchors.T @ solved, keys.T @ solved, free, pull @ inverse)
+
+    def to(self, dtype: torch.dtype) -> Solver:
+        offset = None if self.offset_factor is None else self.offset_factor.to(dtype)
+        return Solver(*(t.to(dtype) for t in (self.protected, self.anchor_factor, self.key_factor, self.directions)),
+                      offset)
+
+    def layer_factors(self, base: torch.Tensor, offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, d], B [out, r]) with D = B @ A the change of one weight whose current value is ``base + offset``
+        (``offset`` None: the base itself), in the solver's dtype."""
+        dtype = self.directions.dtype
+        w0 = base.to(dtype)
+        off = None if offset is None else offset.to(dtype)
+        a_parts, b_parts = [], []
+        q = self.protected
+        drift = None
+        if q.shape[1] and off is not None:
+            # bring P back to its base outputs (a no-op unless a trained request moved them): min-norm on span(P)
+            drift = -(off @ q)
+            if drift.abs().max() > 1e-6 * max(float(w0.abs().max()), 1e-30):
+                a_parts.append(q.T)
+                b_parts.append(drift)
+            else:
+                drift = None
+        if self.directions.shape[1]:
+            # B = W0 Fa - (W0 + E) Fk - E Fo with E = off + drift q^T, without forming the current weight
+            b = w0 @ (self.anchor_factor - self.key_factor)
+            on_offset = self.key_factor if self.offset_factor is None else self.key_factor + self.offset_factor
+            if off is not None:
+                b = b - off @ on_offset
+            if drift is not None:
+                b = b - drift @ (q.T @ on_offset)
+            a_parts.append(self.directions.T)
+            b_parts.append(b)
+        if not a_parts:
+            return torch.zeros(1, w0.shape[1], dtype=dtype), torch.zeros(w0.shape[0], 1, dtype=dtype)
+        return torch.cat(a_parts), torch.cat(b_parts, dim=1)
+
+    def layer_delta(self, base: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """D [out, d] for one weight."""
+        a, b = self.layer_factors(base, offset)
+        return b @ a
+
+
+def cap_kept_span(protected: torch.Tensor, fraction: float | None) -> tuple[torch.Tensor, int | None]:
+    """``protected`` [d, m], or its strongest ``fraction * d`` directions (scaled by their singular values) when it
+    spans more; with the rank it had when capped (None when left as it is)."""
+    if fraction is None or not protected.shape[1]:
+        return protected, None
+    limit = max(1, int(fraction * protected.shape[0]))
+    u, s, _ = torch.linalg.svd(protected, full_matrices=False)
+    rank = int((s > SPAN_RTOL * s[0]).sum())
+    if rank <= limit:
+        return protected, None
+    logger.info("closed_form: the kept states span %d of %d input directions; holding the strongest %d exactly "
+                "(max_kept_fraction=%s)", rank, protected.shape[0], limit, fraction)
+    return u[:, :limit] * s[:limit], rank
+
+
+def _basis(columns: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis [d, r] of span(columns), dropping directions below SPAN_RTOL of the largest."""
+    if columns.shape[1] == 0:
+        return columns
+    u, s, _ = torch.linalg.svd(columns, full_matrices=False)
+    return u[:, s > SPAN_RTOL * s[0]]
+
+
+def compact_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (A, B) with the same product: kept as they are below rank min(out, in), otherwise the product with an
+    identity factor (rank min(out, in), like a dense delta), so that stacked requests stay cheap."""
+    if a.shape[0] >= min(b.shape[0], a.shape[1]):
+        a, b = identity_factors(b @ a)
+    return a.float().contiguous(), b.float().contiguous()
+
+
+def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], config: ClosedFormConfig,
+          base_weights: Mapping[str, torch.Tensor], start_offsets: Mapping[str, torch.Tensor] | None,
+          earlier: Sequence[Any], progress: bool = False) -> tuple[RequestAdapter, dict[str, Any]]:
+    """One request's artifact and a report (protected concepts, share of the target in the protected span)."""
+    if same_concept(config.anchor, concept):
+        raise ValueError(f"anchor {config.anchor!r} is the concept being removed")
+    earlier_list = earlier_requests(earlier)
+    removed = [e.concept for e in earlier_list]
+    layers = list(base_weights)
+    family = family_of(pipe)
+    solved_layers = family.prompt_only_layers(layers)  # every UNet layer; the first joint block's
+    states = PromptStates.for_pipeline(pipe, layers, steps=config.sampling_steps, guidance_scale=config.guidance_scale,
+                                       resolution=config.resolution)
+    per_t = family.per_block_text_states  # joint blocks modulate the text by t: kept states per solve timestep
+    protected, chosen = protected_columns(pipe, concept, domain, config, removed, states, progress=progress)
+    protected, uncapped_rank = cap_kept_span(protected, config.max_kept_fraction)
+    names = [c for c, _ in chosen]
+    kept_tokens = (torch.cat([concept_tokens(pipe, c, d, states) for c, d in chosen])
+                   if chosen and config.keep_weight > 0 else None)
+    mappings = [mapping_keys(pipe, concept, config.anchor, prompts, config.map_every_token, config.negative_guidance,
+                             states)]
+    skipped = []
+    if config.keep_earlier:
+        for item in earlier_list:
+            if same_concept(item.concept, concept) or not item.prompts:
+                continue
+            try:
+                mappings.append(mapping_keys(
+                    pipe, item.concept, item.anchor, item.prompts,
+                    config.map_every_token if item.map_every_token is None else item.map_every_token,
+                    config.negative_guidance if item.negative_guidance is None else item.negative_guidance, states))
+            except ValueError:
+                skipped.append(item.concept)  # e.g. a simultaneous retraining "a+b": no single concept to map
+    if skipped:
+        warnings.warn(f"earlier removals {skipped} name no concept inside their prompts: not kept mapped", stacklevel=3)
+    tensors, scales = {}, {}
+    weights = [config.concept_weight] + [config.earlier_weight] * (len(mappings) - 1)
+    solver = Solver.build(protected, mappings, config.ridge, weights, kept_tokens, config.keep_weight)
+    width, kept_rank = solver.protected.shape
+    if not solver.directions.shape[1]:
+        why = (f"what it keeps fills the K/V layers' {width}-wide input space ({protected.shape[1]} kept states)"
+               if kept_rank >= width else f"the states of {concept!r} lie inside the span of what it keeps")
+        warnings.warn(f"closed_form changes nothing while removing {concept!r}: {why}. Keep fewer concepts "
+                      f"(vocabulary=, keep=){' or solve on fewer timesteps (sampling_steps=)' if per_t else ''}, "
+                      f"or hold only part of them exactly (max_kept_fraction=0.75, the recommended recipe's)",
+                      stacklevel=3)
+    # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
+    applied = solver.to(torch.float32)
+    for layer in tqdm(layers, desc=f"solving {concept!r}", disable=not progress, leave=False):
+        base = base_weights[layer].detach().cpu()
+        if layer in solved_layers:
+            offset = start_offsets[layer].detach().cpu() if start_offsets else None
+            a, b = compact_factors(*applied.layer_factors(base, offset))
+        else:  # reads image-dependent states (later joint blocks): left as it is, stored as a zero change
+            a, b = torch.zeros(1, base.shape[1]), torch.zeros(base.shape[0], 1)
+        tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"] = a, b
+        scales[layer] = 1.0
+    q = solver.protected
+    target = concept_states(pipe, concept, domain, states)[1].T  # [d, S * T]
+    in_span = float((q.T @ target).square().sum() / target.square().sum()) if q.shape[1] else 0.0
+    report = {"protected": names, "protected_columns": int(protected.shape[1]), "protected_rank": int(q.shape[1]),
+              "target_in_span": round(in_span, 6), "earlier_mapped": len(mappings) - 1,
+              "solve_rank": int(solver.directions.shape[1]), "ridge": config.ridge,
+              "solved_layers": len(solved_layers)}
+    if uncapped_rank is not None:
+        report["protected_rank_uncapped"] = uncapped_rank
+    return RequestAdapter("lora", tensors, scales), report

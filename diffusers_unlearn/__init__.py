@@ -29,22 +29,22 @@ logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionNotic
 # Public name -> the submodule that defines it. Imported on first use (PEP 562), so that ``import diffusers_unlearn``
 # and ``diffusers-unlearn --help`` do not pay for torch, diffusers and transformers.
 _EXPORTS = {
-    "RequestAdapter": "adapters",
-    "ClassifierCheck": "classifier_check",
-    "ErasureCheck": "erasure_check",
-    "ErasureError": "erasure_check",
-    "PipelineBusyError": "state",
-    "ErasureWarning": "erasure_check",
+    "RequestAdapter": "kv.adapters",
+    "ClassifierCheck": "engine.classifier_check",
+    "ErasureCheck": "engine.erasure_check",
+    "ErasureError": "engine.erasure_check",
+    "PipelineBusyError": "engine.state",
+    "ErasureWarning": "engine.erasure_check",
     "concept_embedding": "embeddings",
     "cosine_similarities": "embeddings",
-    "LoraExport": "export",
-    "Ledger": "ledger",
-    "LedgerError": "ledger",
-    "RequestRecord": "ledger",
-    "MergeStrategy": "merging",
-    "UnknownRequestError": "mixin",
-    "UnlearnMixin": "mixin",
-    "attach": "mixin",
+    "LoraExport": "publishing.export",
+    "Ledger": "engine.ledger",
+    "LedgerError": "engine.ledger",
+    "RequestRecord": "engine.ledger",
+    "MergeStrategy": "kv.merging",
+    "UnknownRequestError": "mixins.attach",
+    "UnlearnMixin": "mixins.attach",
+    "attach": "mixins.attach",
     "CAConfig": "objectives",
     "ESDConfig": "objectives",
     "ObjectiveConfig": "objectives",
@@ -60,8 +60,8 @@ _EXPORTS = {
     "Regularizer": "regularizers",
     "SelectiveFinetune": "regularizers",
     "register_regularizer": "regularizers",
-    "UnlearnRequest": "request",
-    "TrainingConfig": "training_config",
+    "UnlearnRequest": "engine.request",
+    "TrainingConfig": "engine.training_config",
     "UnlearnStableDiffusionPipeline": "pipelines",
     "UnlearnStableDiffusionXLPipeline": "pipelines",
     "UnlearnStableDiffusion3Pipeline": "pipelines",
@@ -72,15 +72,15 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names above load on first use
-    from .adapters import RequestAdapter
-    from .classifier_check import ClassifierCheck
-    from .erasure_check import ErasureCheck, ErasureError, ErasureWarning
-    from .state import PipelineBusyError
+    from .kv.adapters import RequestAdapter
+    from .engine.classifier_check import ClassifierCheck
+    from .engine.erasure_check import ErasureCheck, ErasureError, ErasureWarning
+    from .engine.state import PipelineBusyError
     from .embeddings import concept_embedding, cosine_similarities
-    from .export import LoraExport
-    from .ledger import Ledger, LedgerError, RequestRecord
-    from .merging import MergeStrategy
-    from .mixin import UnknownRequestError, UnlearnMixin, attach
+    from .publishing.export import LoraExport
+    from .engine.ledger import Ledger, LedgerError, RequestRecord
+    from .kv.merging import MergeStrategy
+    from .mixins.attach import UnknownRequestError, UnlearnMixin, attach
     from .objectives import CAConfig, ESDConfig, ObjectiveConfig, register_objective
     from .pipelines import (
         UnlearnFluxPipeline,
@@ -99,8 +99,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names abov
         SelectiveFinetune,
         register_regularizer,
     )
-    from .request import UnlearnRequest
-    from .training_config import TrainingConfig
+    from .engine.request import UnlearnRequest
+    from .engine.training_config import TrainingConfig
     from .worlds import World, register_world
 
 

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 
 from ._validation import check_int, check_number, check_seed
-from .conditioning import Conditioning
+from .families.conditioning import Conditioning
 from .embeddings import concept_embedding, cosine_similarities
-from .families import conditioner_for, denoiser_of
+from .families.registry import conditioner_for, denoiser_of
 from .prompts import TEMPLATES, check_domain, concept_prompts
-from .text_states import ProtectedPrompt, collect_block_states, relative_change
-from .state import rebuild, unlearning_state
+from .kv.text_states import ProtectedPrompt, collect_block_states, relative_change
+from .engine.state import rebuild, unlearning_state
 
 
 @dataclass

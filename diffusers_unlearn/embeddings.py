@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ._warn import warn
-from .families import conditioner_for
+from .families.registry import conditioner_for
 from .prompts import TEMPLATES, check_concept, check_domain, concept_prompts, validate_templates
 
 _CACHE_ATTR = "_unlearn_embedding_cache"

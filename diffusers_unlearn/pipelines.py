@@ -24,9 +24,9 @@ from diffusers import (
 )
 
 from ._warn import warn
-from .export import is_hub_repo_id
-from .mixin import UnlearnMixin, attach
-from .saved_folder import FOLDER_ATTR, UNLEARNING_DIR
+from .publishing.export import is_hub_repo_id
+from .mixins.attach import UnlearnMixin, attach
+from .engine.saved_folder import FOLDER_ATTR, UNLEARNING_DIR
 from .worlds import describe_worlds, get_world, world_names
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class UnlearnStableDiffusion3Pipeline(_ReadyClassMixin, UnlearnMixin, StableDiff
 
 class UnlearnFluxPipeline(_ReadyClassMixin, UnlearnMixin, FluxPipeline):
     """``FluxPipeline`` with continual unlearning. Requests adapt the text-stream ``add_k_proj`` / ``add_v_proj``
-    of the dual-stream blocks (the single-stream blocks are left alone, see ``families.py``); FLUX.1-dev's
+    of the dual-stream blocks (the single-stream blocks are left alone, see ``families/registry.py``); FLUX.1-dev's
     guidance embedding replaces classifier-free guidance in every objective."""
 
 

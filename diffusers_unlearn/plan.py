@@ -23,7 +23,7 @@ Example ``PLAN.yaml``::
         anchor: dog             # fields the request does not know are options of its method
 
 A request without ``method:`` and without training fields gets the recommended method of the model it runs on
-(``defaults.py``), resolved when the plan runs; the plan's shape and field names are checked without the engine
+(``engine/defaults.py``), resolved when the plan runs; the plan's shape and field names are checked without the engine
 first (``plan_format.py``). After every request the ledger and adapters are saved atomically in
 ``<output>/unlearning/``; at the end the complete folded pipeline is written to ``<output>``. A rerun loads that
 ledger, checks that the requests it holds are the plan's first requests with the same settings (it refuses when they
@@ -43,22 +43,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .defaults import recommended_method
-from .export import STATE_FILE, UNLEARNING_DIR, check_output_folder, read_saved_state
-from .families import family_of
-from .ledger import LEDGER_FILE, RequestRecord, read_ledger_dir
-from .merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
-from .model_card import check_base_model
+from .engine.defaults import recommended_method
+from .publishing.export import STATE_FILE, UNLEARNING_DIR, check_output_folder, read_saved_state
+from .families.registry import family_of
+from .engine.ledger import LEDGER_FILE, RequestRecord, read_ledger_dir
+from .kv.merging import MergeStrategy, resolve_strategy, strategy_from_dict, strategy_to_dict
+from .publishing.model_card import check_base_model
 from .objectives import OBJECTIVES
 from .pipelines import load_pipeline
 from .plan_format import REQUEST_KEYS, TRAINING_KEYS, PlanError, check_plan_fields, location, read_plan_file
 from .regularizers import regularizer_from_dict
-from .request import UnlearnRequest, record_signature, resolve_request
-from .training_config import TrainingConfig
+from .engine.request import UnlearnRequest, record_signature, resolve_request
+from .engine.training_config import TrainingConfig
 from .worlds import get_world
 
 if TYPE_CHECKING:
-    from .families import ModelFamily
+    from .families.registry import ModelFamily
 
 
 @dataclass(frozen=True)

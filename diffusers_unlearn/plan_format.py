@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from .defaults import asks_for_training, default_method
-from .training_config import TrainingConfig
+from .engine.defaults import asks_for_training, default_method
+from .engine.training_config import TrainingConfig
 
 PLAN_KEYS = ("model", "output", "base_model", "strategy", "defaults", "requests", "torch_dtype", "device")
 """The fields a plan may have at its top level."""

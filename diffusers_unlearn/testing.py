@@ -4,7 +4,7 @@ The components are the real diffusers/transformers classes at toy sizes and rand
 download; they live in ``tiny``, which the package's own modules use, so no module of the package imports this one.
 """
 
-from .tiny import (  # noqa: F401
+from .families.tiny import (  # noqa: F401
     SD1_DDIM_CONFIG,
     TINY_MAX_LENGTH,
     TINY_WORDS,

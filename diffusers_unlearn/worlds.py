@@ -268,20 +268,20 @@ def describe_worlds() -> str:
 register_world(World(
     "minicanvas", "the shipped MiniCanvas model (synthetic styles x objects), with its calibrated request recipe",
     pipeline="diffusers_unlearn.minicanvas:load_pipeline",
-    recipe="diffusers_unlearn.bench.recipes:minicanvas_recipe",
+    recipe="diffusers_unlearn.bench.world_recipe:minicanvas_recipe",
     folder="minicanvas/weights/pipeline",
     domains="diffusers_unlearn.bench.world:register_minicanvas_domains",
     concepts="diffusers_unlearn.minicanvas:concepts",
     evaluation="diffusers_unlearn.minicanvas.evaluation:eval_world",
 ))
 register_world(World("tiny", "tiny random Stable Diffusion test pipeline built offline (seed 0)",
-                     pipeline="diffusers_unlearn.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))
+                     pipeline="diffusers_unlearn.families.tiny:tiny_pipeline", pipeline_kwargs={"seed": 0}))
 register_world(World("tiny-sdxl", "tiny random SDXL test pipeline built offline (seed 0)",
-                     pipeline="diffusers_unlearn.tiny:tiny_sdxl_pipeline", pipeline_kwargs={"seed": 0}))
+                     pipeline="diffusers_unlearn.families.tiny:tiny_sdxl_pipeline", pipeline_kwargs={"seed": 0}))
 register_world(World("tiny-sd3", "tiny random SD3 test pipeline built offline (seed 0)",
-                     pipeline="diffusers_unlearn.tiny:tiny_sd3_pipeline", pipeline_kwargs={"seed": 0}))
+                     pipeline="diffusers_unlearn.families.tiny:tiny_sd3_pipeline", pipeline_kwargs={"seed": 0}))
 register_world(World("tiny-flux", "tiny random Flux (guidance-distilled) test pipeline built offline (seed 0)",
-                     pipeline="diffusers_unlearn.tiny:tiny_flux_pipeline", pipeline_kwargs={"seed": 0}))
+                     pipeline="diffusers_unlearn.families.tiny:tiny_flux_pipeline", pipeline_kwargs={"seed": 0}))
 
 __all__ = ["WORLDS", "UnknownConceptError", "World", "WorldRecipe", "check_world_concept", "describe_worlds",
            "get_world", "register_world", "world_names", "world_of"]

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import diffusers_unlearn as du
-    from diffusers_unlearn import hub
+    from diffusers_unlearn.publishing import hub
 
     hub.check_repo_id(args.repo_id)  # a bad id fails before anything is loaded or written
     evaluation = json.loads(args.evaluation) if args.evaluation else None

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from diffusers_unlearn.families import conditioner_for
+from diffusers_unlearn.families.registry import conditioner_for
 from diffusers_unlearn.prompts import TEMPLATES
 from diffusers_unlearn.vocabulary import DEFAULT_VOCABULARY
 

@@ -6,7 +6,7 @@ import torch
 from conftest import FAST
 
 import diffusers_unlearn as du
-from diffusers_unlearn import adapters as ad
+from diffusers_unlearn.kv import adapters as ad
 
 
 def test_full_rank_lora_and_rank_in_ledger(pipe):

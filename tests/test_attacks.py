@@ -420,7 +420,7 @@ def test_attacks_on_sdxl_sd3_and_flux_change_the_output_and_restore_the_pipeline
 
 def test_the_finetune_attack_on_a_transformer_adapts_the_text_stream_too():
     from diffusers_unlearn.evaluation.attacks.finetune import lora_targets
-    from diffusers_unlearn.families import FAMILIES
+    from diffusers_unlearn.families.registry import FAMILIES
 
     assert lora_targets(FAMILIES["unet"]) == ["to_q", "to_k", "to_v", "to_out.0"]
     assert {"add_k_proj", "add_v_proj", "to_q"} <= set(lora_targets(FAMILIES["flux"]))

@@ -14,7 +14,7 @@ from test_evaluation import OBJECTS, STYLES, ChannelClassifier, tiny_config
 
 import diffusers_unlearn as du
 from diffusers_unlearn import bench
-from diffusers_unlearn.bench.recipes import RECOMMENDED_PROTOCOL, TRAINED_PROTOCOL
+from diffusers_unlearn.bench.world_recipe import RECOMMENDED_PROTOCOL, TRAINED_PROTOCOL
 from diffusers_unlearn.bench.report import headline
 
 HP = bench.Hyperparameters(steps=3, learning_rate=1e-2)

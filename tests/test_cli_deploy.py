@@ -10,7 +10,7 @@ from conftest import FAST
 from PIL import Image
 
 import diffusers_unlearn as du
-from diffusers_unlearn.audit import PANELS, audit_images
+from diffusers_unlearn.engine.audit import PANELS, audit_images
 from diffusers_unlearn.cli import build_parser, main
 
 FAST_ARGS = ["--steps", "3", "--learning-rate", "1e-2", "--option", "sampling_steps=4", "--option",

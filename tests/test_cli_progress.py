@@ -41,7 +41,7 @@ def test_unlearn_labels_every_phase_and_reports_the_time_waited_and_the_check(tm
 
 
 def test_the_minicanvas_recipe_is_printed_as_a_short_summary():
-    from diffusers_unlearn.bench.recipes import describe_config
+    from diffusers_unlearn.bench.world_recipe import describe_config
     from diffusers_unlearn.worlds import get_world
 
     recipe = get_world("minicanvas").request_recipe("style", None)

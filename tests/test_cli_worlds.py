@@ -222,7 +222,7 @@ def test_a_recipe_retain_loss_keeps_the_pool_less_the_concept_and_the_earlier_re
 
 
 def test_the_minicanvas_recipe_is_recommended_per_domain():
-    from diffusers_unlearn.bench.recipes import RECOMMENDED_RECIPES
+    from diffusers_unlearn.bench.world_recipe import RECOMMENDED_RECIPES
 
     styles, _ = request_arguments(parse("minicanvas", "--concept", "neon lines", "--domain", "style"))
     objects, summary = request_arguments(parse("minicanvas", "--concept", "cat", "--domain", "object"))
@@ -253,7 +253,7 @@ def test_the_minicanvas_style_recipe_is_verified_by_the_classifier_unless_the_us
     trained = parse("minicanvas", "--concept", "neon lines", "--domain", "style", "--steps", "5")
     assert request_inputs(trained)[1].escalate is None  # the trained recipe has no ladder
     from diffusers_unlearn.bench import minicanvas_world
-    from diffusers_unlearn.bench.recipes import world_recipe
+    from diffusers_unlearn.bench.world_recipe import world_recipe
 
     plain = world_recipe(minicanvas_world(), "style", "closed_form", protocol="closed_form")
     assert plain.erasure_check is None and plain.escalate is None
@@ -263,7 +263,7 @@ def test_the_minicanvas_style_recipe_is_verified_by_the_classifier_unless_the_us
 
 def test_unlearn_minicanvas_on_the_command_line_serves_the_demo_request(tmp_path, capsys):
     from diffusers_unlearn.bench import PROTOCOLS, BenchSettings, Hyperparameters, minicanvas_world, serve_request
-    from diffusers_unlearn.bench.recipes import RECOMMENDED_PROTOCOL
+    from diffusers_unlearn.bench.world_recipe import RECOMMENDED_PROTOCOL
 
     world = minicanvas_world()
     stream = world.stream("style", 1)

@@ -12,7 +12,7 @@ from conftest import PROMPT, generate, kv_state
 from deploy_helpers import check_with_plain_diffusers
 
 import diffusers_unlearn as du
-from diffusers_unlearn.conditioning import TextConditioner
+from diffusers_unlearn.families.conditioning import TextConditioner
 from diffusers_unlearn.embeddings import concept_embedding
 from diffusers_unlearn.objectives.closed_form import ClosedFormConfig, Solver, compact_factors, mapping_keys
 

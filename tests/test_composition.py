@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from conftest import generate
 
-from diffusers_unlearn import adapters as ad
-from diffusers_unlearn.composition import combined_deltas
+from diffusers_unlearn.kv import adapters as ad
+from diffusers_unlearn.kv.composition import combined_deltas
 
 
 def test_stacked_requests_share_one_adapter_branch(two_requests):

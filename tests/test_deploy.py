@@ -15,8 +15,8 @@ from diffusers import DiffusionPipeline
 from safetensors import safe_open
 
 import diffusers_unlearn as du
-from diffusers_unlearn import adapters as ad
-from diffusers_unlearn.export import exact_factors, saved_files
+from diffusers_unlearn.kv import adapters as ad
+from diffusers_unlearn.publishing.export import exact_factors, saved_files
 
 EXPECTED_FILES = [
     "README.md",
@@ -264,7 +264,7 @@ def test_save_refuses_a_foreign_folder_and_a_failed_save_keeps_the_old_one(deplo
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("diffusers_unlearn.model_card.build_model_card", broken)
+    monkeypatch.setattr("diffusers_unlearn.publishing.model_card.build_model_card", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         pipe.save_unlearned(target)
     assert {p: (target / p).read_bytes() for p in saved_files(target)} == before

@@ -14,7 +14,7 @@ import pytest
 import diffusers_unlearn as du
 from diffusers_unlearn.objectives import ClosedFormConfig, build_objective_config
 from diffusers_unlearn.regularizers import regularizer_from_dict
-from diffusers_unlearn.request import UnlearnRequest, record_signature
+from diffusers_unlearn.engine.request import UnlearnRequest, record_signature
 
 # (class, old name, new name, a value): every renamed option
 RENAMED = [

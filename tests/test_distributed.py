@@ -25,7 +25,7 @@ from distributed_worker import (
 import diffusers_unlearn as du
 from diffusers_unlearn import bench
 from diffusers_unlearn.evaluation import EvalConfig, evaluate_unlearning
-from diffusers_unlearn.ledger import read_ledger_dir
+from diffusers_unlearn.engine.ledger import read_ledger_dir
 
 
 @pytest.fixture(scope="module")

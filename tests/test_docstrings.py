@@ -23,8 +23,8 @@ import diffusers_unlearn as du
 # yet. The lead empties this set after merging those branches (then every public name is checked).
 PENDING_MODULES = {
     "diffusers_unlearn.objectives",
-    "diffusers_unlearn.trainer",
-    "diffusers_unlearn.unlearning_mixin",
+    "diffusers_unlearn.engine.trainer",
+    "diffusers_unlearn.mixins.unlearning",
     "diffusers_unlearn.evaluation",
     "diffusers_unlearn.bench",
     "diffusers_unlearn.cli",

@@ -11,8 +11,8 @@ import torch
 from conftest import FAST, PROMPT, generate, kv_state
 
 import diffusers_unlearn as du
-from diffusers_unlearn import adapters as ad
-from diffusers_unlearn.conditioning import TextConditioner, sample_trajectory
+from diffusers_unlearn.kv import adapters as ad
+from diffusers_unlearn.families.conditioning import TextConditioner, sample_trajectory
 
 
 def test_tiny_pipeline_is_real_deterministic_and_offline():

@@ -10,8 +10,8 @@ import torch
 from conftest import FAST, generate, kv_state
 
 import diffusers_unlearn as du
-from diffusers_unlearn.erasure_check import ErasureCheck, ErasureError, ErasureWarning
-from diffusers_unlearn.model_card import build_model_card
+from diffusers_unlearn.engine.erasure_check import ErasureCheck, ErasureError, ErasureWarning
+from diffusers_unlearn.publishing.model_card import build_model_card
 
 # 32-wide text space: the default vocabulary (69 concepts) and the empty prompt span all of it, so a closed-form
 # request with it has no free direction and changes nothing; two auxiliary concepts leave room.
@@ -91,8 +91,8 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     from diffusers_unlearn.cli import main
     from diffusers_unlearn.objectives.closed_form import ClosedFormConfig
     from diffusers_unlearn.plan import parse_plan
-    from diffusers_unlearn.defaults import RECOMMENDED_DOMAIN_OPTIONS, domain_kind
-    from diffusers_unlearn.request import UnlearnRequest
+    from diffusers_unlearn.engine.defaults import RECOMMENDED_DOMAIN_OPTIONS, domain_kind
+    from diffusers_unlearn.engine.request import UnlearnRequest
 
     objects = RECOMMENDED_DOMAIN_OPTIONS["object"]
     assert objects == {"keep_weight": 5.0, "negative_guidance": 2.0}

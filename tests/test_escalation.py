@@ -9,7 +9,7 @@ import pytest
 from test_erasure_check import ROOM, pipe  # noqa: F401  (the same quiet tiny pipeline and closed-form request)
 
 import diffusers_unlearn as du
-from diffusers_unlearn.escalation import (
+from diffusers_unlearn.engine.escalation import (
     check_erasure_check,
     effective_escalation,
     escalated_requests,

@@ -260,8 +260,8 @@ def test_kv_drift_is_the_relative_frobenius_norm_of_the_composed_change():
     reference = {k: w.clone() for k, w in base.items()}
     pipe.fold()
     # a plain (folded) pipeline compared with explicit base weights gives the same number
-    for name, weight in du.adapters.kv_weights(pipe.unet).items():
-        du.adapters.kv_weights(folded.unet)[name].data.copy_(weight)
+    for name, weight in du.kv.adapters.kv_weights(pipe.unet).items():
+        du.kv.adapters.kv_weights(folded.unet)[name].data.copy_(weight)
     assert ev.kv_drift(folded, base_weights=reference) == pytest.approx(drift, rel=1e-5)
     with pytest.raises(TypeError, match="attached"):
         ev.kv_drift(du.testing.tiny_pipeline(0))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import diffusers_unlearn as du
-from diffusers_unlearn.adapters import RequestAdapter
-from diffusers_unlearn.export import LoraExport, exact_factors, lora_state_dict
+from diffusers_unlearn.kv.adapters import RequestAdapter
+from diffusers_unlearn.publishing.export import LoraExport, exact_factors, lora_state_dict
 
 
 def _masked(shape, density, seed):

@@ -9,8 +9,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import diffusers_unlearn as du
-from diffusers_unlearn import adapters as ad
-from diffusers_unlearn.families import FAMILIES, denoiser_of, family_of, register_family, supported_architectures
+from diffusers_unlearn.kv import adapters as ad
+from diffusers_unlearn.families.registry import FAMILIES, denoiser_of, family_of, register_family, supported_architectures
 
 TINY = {"unet": du.testing.tiny_pipeline, "unet-sdxl": du.testing.tiny_sdxl_pipeline,
         "sd3": du.testing.tiny_sd3_pipeline, "flux": du.testing.tiny_flux_pipeline}

@@ -11,8 +11,8 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelet
 
 import diffusers_unlearn as du
 from diffusers_unlearn.cli import main
-from diffusers_unlearn.export import saved_files
-from diffusers_unlearn.hub import plan_push, push_folder
+from diffusers_unlearn.publishing.export import saved_files
+from diffusers_unlearn.publishing.hub import plan_push, push_folder
 
 SECRET = "hf_SECRETtokenDoNotLeak1234567890"
 STALE = ["unlearning/adapters/r0009.safetensors", "unlearning/lora/r0009.safetensors"]

@@ -29,30 +29,21 @@ OPTIONAL_IMPORTS = {
     (P + "analysis", "matplotlib"): "pyplot picks its backend on import: the plot selects Agg first",
     (P + "bench.report", "matplotlib"): "pyplot picks its backend on import: each plot selects Agg first",
     (P + "bench.report", "numpy"): "with matplotlib, for the plot that needs it",
-    (P + "export", "diffusers"): "diffusers' LoRA writers, only when a LoRA is exported",
-    (P + "hub", "huggingface_hub"): "the Hub client, only when a folder is pushed",
+    (P + "publishing.export", "diffusers"): "diffusers' LoRA writers, only when a LoRA is exported",
+    (P + "publishing.hub", "huggingface_hub"): "the Hub client, only when a folder is pushed",
     (P + "minicanvas.quality", "PIL"): "the sample grid of the quality script",
     (P + "minicanvas.train", "multiprocessing"): "rendering the training set in worker processes",
     (P + "minicanvas.train", "diffusers"): "the training script builds the model's components",
     (P + "minicanvas.train", "transformers"): "the training script builds the text encoder",
-    (P + "minicanvas.weights", "diffusers"): "the components, when the weights load (the vocabulary needs none)",
-    (P + "minicanvas.weights", "safetensors"): "reading a weight file's keys, when the weights load",
-    (P + "minicanvas.weights", "transformers"): "the text encoder and tokenizer, when the weights load",
+    (P + "minicanvas.checkpoint", "diffusers"): "the components, when the weights load (the vocabulary needs none)",
+    (P + "minicanvas.checkpoint", "safetensors"): "reading a weight file's keys, when the weights load",
+    (P + "minicanvas.checkpoint", "transformers"): "the text encoder and tokenizer, when the weights load",
     (P + "pipelines", "huggingface_hub"): "downloading an unlearned folder from the Hub, only for a Hub id",
+    (P + "publishing.model_card", P + "engine.classifier_check"): "a card names the classifier check only when a "
+    "record carries one: writing a card imports no classifier",
 }
 
-# Function-level imports in modules other changes own, to be moved to the top of their module (or their edge
-# removed) there; the lead empties this set as those changes merge. Each hides an arrow that may point up.
-PENDING = {
-    # import-order workarounds: the ledger checks method and regularizer entries against the registries, the
-    # erasure check's verdict and the model card name the classifier check
-    (P + "ledger", P + "objectives"),
-    (P + "ledger", P + "regularizers"),
-    (P + "model_card", P + "classifier_check"),
-    (P + "bench.recipes", "dataclasses"),
-}
-
-MIXINS = {P + "mixin", P + "unlearning_mixin", P + "saving_mixin"}
+MIXINS = {P + "mixins.attach", P + "mixins.unlearning", P + "mixins.saving"}
 
 
 @dataclass(frozen=True)
@@ -113,13 +104,13 @@ def all_imports() -> list[Import]:
     return found
 
 
-def import_graph(imports: Iterable[Import] | None = None, pending: bool = True) -> dict[str, set[str]]:
+def import_graph(imports: Iterable[Import] | None = None) -> dict[str, set[str]]:
     """module -> the package's modules it imports, at any place (top, function, TYPE_CHECKING). A package's
     ``__init__`` imports its children (its re-exports); a module that imports a name of its own package's
-    ``__init__`` therefore closes a cycle, as it does at run time. ``pending`` False: without the ``PENDING`` edges."""
+    ``__init__`` therefore closes a cycle, as it does at run time."""
     graph: dict[str, set[str]] = {_module_name(p): set() for p in PACKAGE_DIR.rglob("*.py")}
     for imp in all_imports() if imports is None else imports:
-        if imp.target in graph and (pending or (imp.module, imp.target) not in PENDING):
+        if imp.target in graph:
             graph[imp.module].add(imp.target)
     return graph
 
@@ -193,24 +184,24 @@ def test_the_graph_sees_function_local_type_checking_and_package_root_imports():
     imports = all_imports()
     places = {(i.module, i.target): i.where for i in imports}
     # cli modules import their heavy dependencies inside run() to keep --help instant
-    assert places[(P + "cli.push", P + "hub")] == "function"
-    assert places[(PACKAGE, P + "request")] == "type_checking"  # the root's re-exports for type checkers
-    assert places[(P + "request", P + "families")] == "type_checking"
-    assert places[(P + "export", P + "model_card")] == "top"  # "from . import model_card": the submodule
+    assert places[(P + "cli.push", P + "publishing.hub")] == "function"
+    assert places[(PACKAGE, P + "engine.request")] == "type_checking"  # the root's re-exports for type checkers
+    assert places[(P + "engine.request", P + "families.registry")] == "type_checking"
+    assert places[(P + "publishing.export", P + "publishing.model_card")] == "top"  # "from . import model_card": the submodule
     # a name of a package's __init__ is an arrow to the package, which imports its children: a cycle
-    root_name = [Import(P + "export", PACKAGE, "top", 1)]
-    assert any({PACKAGE, P + "export"} <= set(c) for c in cycles(import_graph([*imports, *root_name])))
-    hidden = [Import(P + "families", P + "trainer", "type_checking", 1)]  # trainer imports families
-    assert any({P + "families", P + "trainer"} <= set(c) for c in cycles(import_graph([*imports, *hidden])))
+    root_name = [Import(P + "publishing.export", PACKAGE, "top", 1)]
+    assert any({PACKAGE, P + "publishing.export"} <= set(c) for c in cycles(import_graph([*imports, *root_name])))
+    hidden = [Import(P + "families.registry", P + "engine.trainer", "type_checking", 1)]  # trainer imports families
+    assert any({P + "families.registry", P + "engine.trainer"} <= set(c) for c in cycles(import_graph([*imports, *hidden])))
 
 
 def test_no_import_cycle_between_modules():
-    assert cycles(import_graph(pending=False)) == []
+    assert cycles(import_graph()) == []
 
 
 def test_no_import_cycle_between_top_level_units():
-    units = unit_graph(import_graph(pending=False))
-    assert {P + "evaluation", P + "minicanvas", P + "mixin"} <= set(units)
+    units = unit_graph(import_graph())
+    assert {P + "evaluation", P + "minicanvas", P + "mixins", P + "engine", P + "kv", P + "families"} <= set(units)
     assert cycles(units) == []
 
 
@@ -227,12 +218,12 @@ def mixin_imports_below_the_pipelines(graph: Mapping[str, set[str]]) -> dict[str
 
 
 def test_no_module_below_the_pipelines_imports_the_mixins():
-    graph = import_graph(pending=False)
-    assert {P + "request", P + "trainer", P + "state", P + "export"} <= reachable(graph, P + "pipelines")
+    graph = import_graph()
+    assert {P + "engine.request", P + "engine.trainer", P + "engine.state", P + "publishing.export"} <= reachable(graph, P + "pipelines")
     assert mixin_imports_below_the_pipelines(graph) == {}
     # the check sees one: the state module reaching up for the mixin
-    graph[P + "state"] = graph[P + "state"] | {P + "mixin"}
-    assert mixin_imports_below_the_pipelines(graph) == {P + "state": [P + "mixin"]}
+    graph[P + "engine.state"] = graph[P + "engine.state"] | {P + "mixins.attach"}
+    assert mixin_imports_below_the_pipelines(graph) == {P + "engine.state": [P + "mixins.attach"]}
 
 
 def test_nothing_in_evaluation_imports_minicanvas():
@@ -244,10 +235,36 @@ def test_nothing_in_evaluation_imports_minicanvas():
 def test_imports_sit_at_the_top_except_in_the_cli_and_for_listed_dependencies():
     inside = {(i.module, i.target) for i in all_imports()
               if i.where == "function" and not i.module.startswith(P + "cli.") and i.module != P + "cli"}
-    assert sorted(inside - set(OPTIONAL_IMPORTS) - PENDING) == []
+    assert sorted(inside - set(OPTIONAL_IMPORTS)) == []
 
 
 def test_every_listed_exception_still_exists():
     # a stale entry would let a new import of the same pair through unnoticed: remove it when its import goes
     inside = {(i.module, i.target) for i in all_imports() if i.where == "function"}
-    assert sorted((set(OPTIONAL_IMPORTS) | PENDING) - inside) == []
+    assert sorted(set(OPTIONAL_IMPORTS) - inside) == []
+
+
+# The layers of DEVELOPERS.md's picture, bottom first: a unit imports only units of its own layer or below.
+LAYERS = [
+    {"_atomic", "_deprecation", "_progress", "_tokenizer", "_validation", "_version", "_warn", "images", "prompts",
+     "vocabulary", "worlds"},
+    {"families", "testing"},
+    {"embeddings", "kv"},
+    {"objectives", "regularizers"},
+    {"engine"},
+    {"publishing"},
+    {"mixins"},
+    {"analysis", "evaluation", "pipelines"},
+    {"minicanvas"},
+    {"bench", "plan", "plan_format"},
+    {"cli"},
+]
+
+
+def test_units_import_only_their_own_layer_or_below():
+    layer = {P + unit: i for i, units in enumerate(LAYERS) for unit in units}
+    graph = unit_graph(import_graph())
+    assert sorted(set(graph) - set(layer)) == []  # a new unit takes its place in LAYERS (and in DEVELOPERS.md)
+    upward = sorted((unit, target) for unit, targets in graph.items() for target in targets
+                    if target in layer and layer[target] > layer[unit])
+    assert upward == []

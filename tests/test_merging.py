@@ -10,8 +10,8 @@ import torch
 from conftest import FAST, generate
 
 import diffusers_unlearn as du
-from diffusers_unlearn import adapters as ad
-from diffusers_unlearn.merging import MergeStrategy
+from diffusers_unlearn.kv import adapters as ad
+from diffusers_unlearn.kv.merging import MergeStrategy
 
 TRAIN = dict(FAST, steps=12)
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusers_unlearn import minicanvas as mc
-from diffusers_unlearn.minicanvas import weights as mc_weights
+from diffusers_unlearn.minicanvas import checkpoint as mc_weights
 
 HELD_OUT_SEED = 7_000_000  # far from the training (0..) and validation (1_000_000..) render seeds
 

@@ -33,7 +33,7 @@ def test_attach_makes_one_class_per_pipeline_class_that_keeps_its_name_and_modul
 
 
 def test_the_two_mixins_share_no_public_name_and_the_combined_one_adds_none():
-    assert [c.__name__ for c in du.UnlearnMixin.__bases__] == ["UnlearningMixin", "SavingMixin"]
+    assert [c.__name__ for c in du.UnlearnMixin.__bases__] == ["RequestStreamMixin", "SavingMixin"]
     unlearning, saving = (_public(c) for c in du.UnlearnMixin.__bases__)
     assert unlearning and saving and not unlearning & saving
     assert not _public(du.UnlearnMixin)  # UnlearnMixin only combines them

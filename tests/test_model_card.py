@@ -12,8 +12,8 @@ from conftest import FAST
 from huggingface_hub import ModelCard
 
 import diffusers_unlearn as du
-from diffusers_unlearn.ledger import Ledger, RequestRecord
-from diffusers_unlearn.model_card import TAGS, build_model_card, card_yaml, escape_markdown
+from diffusers_unlearn.engine.ledger import Ledger, RequestRecord
+from diffusers_unlearn.publishing.model_card import TAGS, build_model_card, card_yaml, escape_markdown
 
 HOSTILE = [
     "van gogh",

@@ -11,9 +11,9 @@ import torch
 from conftest import FAST, generate, kv_state
 
 import diffusers_unlearn as du
-from diffusers_unlearn import adapters as ad
+from diffusers_unlearn.kv import adapters as ad
 from diffusers_unlearn.analysis import plot_similarity_vs_change, similarity_vs_change
-from diffusers_unlearn.merging import MergeStrategy
+from diffusers_unlearn.kv.merging import MergeStrategy
 from diffusers_unlearn.regularizers import regularizer_from_dict
 from diffusers_unlearn.regularizers.projection import complement_projector
 from diffusers_unlearn.regularizers.selective import top_fraction_masks

@@ -8,7 +8,7 @@ from conftest import FAST
 
 import diffusers_unlearn as du
 from diffusers_unlearn.plan import PlanError, parse_plan
-from diffusers_unlearn.request import UnlearnRequest, record_signature, resolve_request
+from diffusers_unlearn.engine.request import UnlearnRequest, record_signature, resolve_request
 from diffusers_unlearn.worlds import WorldRecipe
 
 OPTIONS = dict(steps=FAST["steps"], learning_rate=FAST["learning_rate"], sampling_steps=FAST["sampling_steps"],
@@ -190,7 +190,7 @@ def test_each_part_of_a_request_comes_from_the_caller_then_the_world_recipe_then
 def test_unlearn_a_plan_and_the_command_line_resolve_the_same_request(pipe):
     from diffusers_unlearn.cli import build_parser
     from diffusers_unlearn.cli.unlearn import build_request, request_inputs
-    from diffusers_unlearn.families import family_of
+    from diffusers_unlearn.families.registry import family_of
 
     record = pipe.unlearn("cat", domain="object", keep=["dog"], seed=2, progress=False)
     expected = record_signature(record)

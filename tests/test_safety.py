@@ -17,7 +17,7 @@ from safetensors.torch import save as st_save
 
 import diffusers_unlearn as du
 from diffusers_unlearn._validation import check_int, check_number, check_repo_id, check_seed
-from diffusers_unlearn.ledger import LedgerError, read_ledger_dir
+from diffusers_unlearn.engine.ledger import LedgerError, read_ledger_dir
 from diffusers_unlearn.plan import PlanError, load_plan, parse_plan
 
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]

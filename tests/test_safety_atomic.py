@@ -19,8 +19,8 @@ from conftest import FAST
 
 import diffusers_unlearn as du
 from diffusers_unlearn import _atomic
-from diffusers_unlearn import ledger as ledger_module
-from diffusers_unlearn.ledger import read_ledger_dir
+from diffusers_unlearn.engine import ledger as ledger_module
+from diffusers_unlearn.engine.ledger import read_ledger_dir
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 

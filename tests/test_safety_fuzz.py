@@ -26,8 +26,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import diffusers_unlearn as du
-from diffusers_unlearn.saved_folder import STATE_FILE, UNLEARNING_DIR, read_saved_state, read_saved_unlearning
-from diffusers_unlearn.ledger import LedgerError
+from diffusers_unlearn.engine.saved_folder import STATE_FILE, UNLEARNING_DIR, read_saved_state, read_saved_unlearning
+from diffusers_unlearn.engine.ledger import LedgerError
 from diffusers_unlearn.plan import PlanError, load_plan
 
 HUGE = "1e400"  # overflows a float: written into the text raw
@@ -227,7 +227,7 @@ def test_fuzzed_state_files_are_refused_or_restored(original, tmp_path):
     data = json.loads(state_path.read_text())
     plain = DiffusionPipeline.from_pretrained(folder)
     plain.set_progress_bar_config(disable=True)
-    current = {n: w.detach().clone() for n, w in du.adapters.kv_weights(plain.unet).items()}
+    current = {n: w.detach().clone() for n, w in du.kv.adapters.kv_weights(plain.unet).items()}
     before = kv_state(plain)
     rng = random.Random(99)
     outcomes = []
@@ -328,7 +328,7 @@ def test_fuzzed_bounds_inconsistencies_headers_temporaries_and_lock_interrupts(o
     import fcntl
 
     from diffusers_unlearn import _atomic
-    from diffusers_unlearn import ledger as ledger_module
+    from diffusers_unlearn.engine import ledger as ledger_module
 
     source = original[0]
     root, data, pipe, before = _fuzz_setup(original, tmp_path)

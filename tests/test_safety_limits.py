@@ -22,11 +22,12 @@ from safetensors.torch import save as st_save
 from test_safety import _copy, saved  # noqa: F401 (saved: the module fixture of one saved request)
 
 import diffusers_unlearn as du
-from diffusers_unlearn import _atomic, export
-from diffusers_unlearn import ledger as ledger_module
-from diffusers_unlearn.ledger import INDEX_MAX, LEDGER_MAX_BYTES, Ledger, LedgerError, read_ledger_dir, write_ledger_dir
+from diffusers_unlearn import _atomic
+from diffusers_unlearn.publishing import export
+from diffusers_unlearn.engine import ledger as ledger_module
+from diffusers_unlearn.engine.ledger import INDEX_MAX, LEDGER_MAX_BYTES, Ledger, LedgerError, read_ledger_dir, write_ledger_dir
 from diffusers_unlearn.plan import PlanError, load_plan, run_plan
-from diffusers_unlearn.state import PipelineBusyError
+from diffusers_unlearn.engine.state import PipelineBusyError
 
 
 def _refused(folder: Path, match: str) -> None:
@@ -291,7 +292,7 @@ def test_two_threads_unlearning_on_one_pipeline_give_one_result_and_one_clear_er
 
 # ------------------------------------------------------------------- readers and save_unlearned, processes
 def _reader(target: str, rounds: int, queue) -> None:
-    from diffusers_unlearn.saved_folder import read_saved_state
+    from diffusers_unlearn.engine.saved_folder import read_saved_state
 
     errors = []
     for _ in range(rounds):

@@ -16,12 +16,12 @@ from dit_world import UNRELATED_PROMPTS, base_trajectory, teach_concept_pictures
 from test_cli_worlds import parse as parse_unlearn_flags
 
 import diffusers_unlearn as du
-from diffusers_unlearn import adapters as ad
+from diffusers_unlearn.kv import adapters as ad
 from diffusers_unlearn.analysis import conditioning_routes, text_stream_change
-from diffusers_unlearn.families import conditioner_for
+from diffusers_unlearn.families.registry import conditioner_for
 from diffusers_unlearn.objectives.closed_form import ClosedFormConfig, mapping_keys
 from diffusers_unlearn.prompts import TEMPLATES
-from diffusers_unlearn.text_states import PromptStates
+from diffusers_unlearn.kv.text_states import PromptStates
 from diffusers_unlearn.vocabulary import DEFAULT_VOCABULARY
 
 FAST = dict(steps=6, sampling_steps=4, num_trajectories=2, learning_rate=1e-2)
@@ -306,7 +306,7 @@ def test_the_recommended_method_on_joint_transformers_is_the_trained_one(tmp_pat
     # With its defaults (every built-in concept, 50 solve timesteps) the closed form keeps thousands of states in a
     # joint block's text stream and changes nothing (the test above fills it with far fewer): the recipe trains.
     from diffusers_unlearn.cli.unlearn import build_request, request_inputs
-    from diffusers_unlearn.families import family_of
+    from diffusers_unlearn.families.registry import family_of
     from diffusers_unlearn.objectives import build_objective_config
     from diffusers_unlearn.plan import PlanError, parse_plan, run_plan
 

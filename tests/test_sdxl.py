@@ -11,7 +11,7 @@ from conftest import FAST, generate
 from deploy_helpers import check_with_plain_diffusers
 
 import diffusers_unlearn as du
-from diffusers_unlearn import adapters as ad
+from diffusers_unlearn.kv import adapters as ad
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import diffusers_unlearn as du
-from diffusers_unlearn.adapters import RequestAdapter
+from diffusers_unlearn.kv.adapters import RequestAdapter
 from diffusers_unlearn.objectives import OBJECTIVES, SolveContext, SolvedObjective, register_objective
-from diffusers_unlearn.state import unlearning_state
+from diffusers_unlearn.engine.state import unlearning_state
 
 SCALE = 0.25  # large against the tiny model's K/V entries (about 0.1), so the change is plainly there
 

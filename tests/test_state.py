@@ -12,7 +12,7 @@ from peft import LoraConfig
 from test_erasure_check import ROOM
 
 import diffusers_unlearn as du
-from diffusers_unlearn import state as st
+from diffusers_unlearn.engine import state as st
 
 
 class Holder:

@@ -10,7 +10,7 @@ from conftest import FAST, kv_state
 from test_training_options import _adapter
 
 import diffusers_unlearn as du
-from diffusers_unlearn import adapters as ad
+from diffusers_unlearn.kv import adapters as ad
 
 
 @dataclass

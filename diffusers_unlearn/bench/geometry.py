@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..adapters import kv_weights
+from ..kv.adapters import kv_weights
 from ..embeddings import concept_embedding
 from ..regularizers import GradientProjection
 from ..regularizers.base import TrainingContext
@@ -34,7 +34,7 @@ def protected_share(pipe: Any, world: BenchWorld, target: str, domain: str = "st
     pool = world.vocabulary()
     count = sum(len(c) for c in pool.values()) if neighbors is None else neighbors
     gp = GradientProjection(neighbors=count, vocabulary=pool)
-    ctx = TrainingContext(pipe=pipe, unet=pipe.unet, adapter=None, objective=None, concept=target,
+    ctx = TrainingContext(pipe=pipe, denoiser=pipe.unet, adapter=None, objective=None, concept=target,
                           domain=prompt_domain,
                           earlier=[SimpleNamespace(concept=c, domain=prompt_domain) for c in removed],
                           base_weights=kv_weights(pipe.unet), start_offsets=None)

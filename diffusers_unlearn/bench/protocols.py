@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._validation import check_int, check_number
-from ..merging import MergeStrategy
+from ..kv.merging import MergeStrategy
 from ..regularizers import GradientProjection, L1Drift, L2Drift, Regularizer, SelectiveFinetune
 
 
@@ -116,7 +116,7 @@ class Protocol:
     description: str = ""
     method: str | None = None  # the erasure method of this protocol (None: the bench's --method)
     # verified: each request ends with the world's classifier check (``BenchWorld.erasure_check``), and one it finds
-    # not erased is served again with each of ``escalate``'s method settings in turn (``escalation.py``)
+    # not erased is served again with each of ``escalate``'s method settings in turn (``engine/escalation.py``)
     verify: bool = False
     escalate: tuple[Mapping[str, Any], ...] = ()
     # method settings of this protocol's requests over the bench's, per domain ("style" / "object")

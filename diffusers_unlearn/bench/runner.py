@@ -17,12 +17,12 @@ from transformers.utils import logging as transformers_logging
 
 from .._validation import check_count, check_int, check_number, check_seed
 from .._version import __version__
-from ..defaults import RECOMMENDED_DOMAIN_OPTIONS
+from ..engine.defaults import RECOMMENDED_DOMAIN_OPTIONS
 from ..evaluation import ATTACKS, attack, evaluate_unlearning, kv_drift
 from ..evaluation.distributed import launched_processes
 from ..evaluation.metrics import check_eval_domain
 from ..evaluation.retention import EvalReference
-from ..mixin import attach
+from ..mixins.attach import attach
 from ..objectives import OBJECTIVES, ObjectiveConfig, TrainedObjectiveConfig, build_objective_config
 from ..objectives.esd import REFERENCES as ESD_REFERENCES
 from ..prompts import concepts_except
@@ -151,7 +151,7 @@ def _objective(settings: BenchSettings, world: BenchWorld, concepts: Sequence[st
                                   num_trajectories=num_prompts * settings.trajectories_per_prompt)
     method = method or settings.method  # a protocol may name its own method
     if method == "closed_form":  # keeps every other concept of the world, and the earlier removals
-        # the library's recommended settings for the domain (recipe.py), as pipe.unlearn(concept, domain=...) uses
+        # the library's recommended settings for the domain (engine/defaults.py), as pipe.unlearn(concept, domain=...) uses
         return build_objective_config("closed_form", dict(common, vocabulary=world.vocabulary(),
                                                           **RECOMMENDED_DOMAIN_OPTIONS.get(settings.domain, {})))
     if settings.hparams.preserve_weight > 0 and issubclass(OBJECTIVES[method][0], TrainedObjectiveConfig):

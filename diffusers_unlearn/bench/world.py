@@ -20,7 +20,7 @@ import torch
 
 from .. import minicanvas as mc
 from .._validation import check_count, check_int, check_seed
-from ..classifier_check import ClassifierCheck
+from ..engine.classifier_check import ClassifierCheck
 from ..evaluation import Classifier, EvalConfig, EvalWorld
 from ..evaluation.metrics import check_eval_domain
 from ..evaluation.retention import FeatureExtractor

@@ -38,7 +38,7 @@ def _bad_input(err: BaseException) -> bool:
     if isinstance(err, (UsageError, FileNotFoundError, ValueError, TypeError)):
         return True
     kinds = [getattr(sys.modules.get(f"{__package__.rpartition('.')[0]}.{module}"), name, None)
-             for module, name in (("ledger", "LedgerError"), ("state", "UnknownRequestError"))]
+             for module, name in (("engine.ledger", "LedgerError"), ("engine.state", "UnknownRequestError"))]
     return any(isinstance(kind, type) and isinstance(err, kind) for kind in kinds)
 
 

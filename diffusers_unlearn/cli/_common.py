@@ -162,7 +162,7 @@ def is_ledger_folder(path: Path) -> bool:
 def load_folder(folder: str, model: str | None, args: argparse.Namespace) -> Any:
     """A pipeline for FOLDER: an unlearned pipeline folder loads as it is; a ledger folder is loaded onto ``--model``
     (the base it was made on)."""
-    from ..cli import UsageError
+    from . import UsageError
 
     path = Path(folder)
     if not path.is_dir():
@@ -183,7 +183,7 @@ def check_writable(path: str | os.PathLike, flag: str = "--out", folder: bool = 
     """``path`` if it can be written (a folder, or a file when ``folder`` is False): it is one, or can be made in
     its nearest existing parent, which must be a writable folder. Checked before any work, so that a request is
     not computed only to fail on its output (``UsageError``, exit status 2)."""
-    from ..cli import UsageError
+    from . import UsageError
 
     target = Path(path)
     what = "folder" if folder else "file"

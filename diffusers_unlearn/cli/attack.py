@@ -91,7 +91,7 @@ def _options(args: argparse.Namespace, kinds: list[str]) -> dict[str, dict[str, 
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from ..mixin import attach
+    from ..mixins.attach import attach
 
     def minicanvas() -> Any:
         from .. import minicanvas as mc

@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
-    from ..state import check_request_id
+    from . import UsageError
+    from ..engine.state import check_request_id
 
     out = Path(args.out or f"audit-{args.request}.png")
     if out.suffix.lower() != ".png":

@@ -103,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out)
     from .. import minicanvas as mc
     from ..bench import PROTOCOLS, BenchSettings, method_hyperparameters, minicanvas_world, serve_request
-    from ..bench.recipes import RECOMMENDED_PROTOCOL
-    from ..erasure_check import verdict
+    from ..bench.world_recipe import RECOMMENDED_PROTOCOL
+    from ..engine.erasure_check import verdict
     from ..evaluation import EvalReference, evaluate_unlearning, generate_images, kv_drift
-    from ..mixin import attach
+    from ..mixins.attach import attach
     from ._common import set_quiet
 
     set_quiet(args.quiet)

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load_pipeline(args: argparse.Namespace) -> Any:
-    from ..mixin import attach
+    from ..mixins.attach import attach
 
     path = Path(args.folder)
     if not path.is_dir():

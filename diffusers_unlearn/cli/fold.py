@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
+    from . import UsageError
 
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None and is_ledger_folder(folder):
         raise UsageError(f"{folder} is a ledger folder: pass --out for the pipeline folder to write")
     out = check_writable(args.out) if args.out is not None else folder
-    from ..export import check_output_folder
-    from ..model_card import check_base_model
-    from ..state import check_request_id
+    from ..publishing.export import check_output_folder
+    from ..publishing.model_card import check_base_model
+    from ..engine.state import check_request_id
 
     check_base_model(args.base_model)
     check_output_folder(out)

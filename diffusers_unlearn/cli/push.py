@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import plan_push, push_folder
+    from ..publishing.hub import plan_push, push_folder
 
     if args.dry_run:
         plan = plan_push(args.folder, args.repo_id, private=args.private, create_pr=args.create_pr)

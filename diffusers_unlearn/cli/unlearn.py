@@ -99,7 +99,7 @@ def _yaml_value(text: str) -> Any:
 
 def parse_options(items: list[str], flag: str = "--option") -> dict:
     """``KEY=VALUE`` pairs; values read as YAML scalars (numbers, booleans, lists), else as text."""
-    from ..cli import UsageError
+    from . import UsageError
 
     options = {}
     for item in items:
@@ -126,7 +126,7 @@ def _split_top_level(text: str) -> list[str]:
 
 def parse_regularizer(text: str) -> dict[str, Any]:
     """``NAME[:KEY=VALUE,...]`` -> ``{"name": NAME, KEY: VALUE, ...}`` (the plan file's form)."""
-    from ..cli import UsageError
+    from . import UsageError
 
     name, _, rest = text.partition(":")
     if not name.strip():
@@ -136,7 +136,7 @@ def parse_regularizer(text: str) -> dict[str, Any]:
 
 def build_regularizers(args: argparse.Namespace, recipe: Any = None) -> list | None:
     """The regularizers the flags ask for; None when no regularizer flag is given (the recipe's apply)."""
-    from ..cli import UsageError
+    from . import UsageError
     from ..regularizers import REGULARIZERS, check_regularizers, regularizer_from_dict
 
     specs: list[dict[str, Any]] = []
@@ -168,7 +168,7 @@ def build_regularizers(args: argparse.Namespace, recipe: Any = None) -> list | N
 
 
 def _rank(value: str | None) -> int | str | None:
-    from ..cli import UsageError
+    from . import UsageError
 
     if value is None or value == "full":
         return value
@@ -210,8 +210,8 @@ def request_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         UsageError: an unknown --method or regularizer, a malformed --option / --regularizer / --rank.
         ValueError: the world's recipe refuses the domain.
     """
-    from ..cli import UsageError
-    from ..defaults import TRAINED_METHOD, asks_for_training
+    from . import UsageError
+    from ..engine.defaults import TRAINED_METHOD, asks_for_training
     from ..objectives import OBJECTIVES
     from ..worlds import get_world
 
@@ -246,7 +246,7 @@ def build_request(args: argparse.Namespace, inputs: dict[str, Any], family: Any 
     """The request of the flags (``request_inputs``) on a model of ``family`` after the ``removed`` concepts: the
     command line's one call of ``request.resolve_request``. ``family`` None: the model is not loaded yet; ``run``
     checks the request so before loading the model, then builds it for the loaded model."""
-    from ..request import resolve_request
+    from ..engine.request import resolve_request
 
     return resolve_request(args.concept, family=family, removed=list(removed), **inputs)
 
@@ -284,8 +284,8 @@ def run(args: argparse.Namespace) -> int:
     world = get_world(args.model) or _world_of_folder(args.model)
     if world is not None:  # a concept outside the world's vocabulary (a misspelling) is refused before any work
         world.check_concept(args.concept.strip(), args.domain)
-    from ..export import check_output_folder
-    from ..model_card import check_base_model
+    from ..publishing.export import check_output_folder
+    from ..publishing.model_card import check_base_model
 
     check_base_model(args.base_model)
     inputs, recipe = request_inputs(args)
@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     if "regularizers" in inputs:
         print("regularizers: " + (", ".join(_describe(r) for r in request.regularizers) or "none"))
     pipe = load(args.model, args)
-    from ..families import family_of
+    from ..families.registry import family_of
 
     # for the loaded model: its family's default method, the recipe's retain pool less the earlier removals
     request = build_request(args, inputs, family_of(pipe), pipe.removed_concepts)
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     record = pipe.unlearn(request, progress=not args.quiet, **checked)
     waited = time.perf_counter() - started
-    from ..erasure_check import verdict
+    from ..engine.erasure_check import verdict
 
     work = "solving" if record.steps == 0 else f"{record.steps} training steps"
     print(f"removed {short(record.concept)} as {record.request_id} in {waited:.1f} s ({work} {record.seconds:.1f} s, "

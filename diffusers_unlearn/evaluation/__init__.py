@@ -10,6 +10,8 @@ Evaluation knows no world of its own: a world hands it an ``EvalWorld`` (concept
 >>> scores.ua, scores.ira, scores.cra, ev.kv_drift(pipe)
 """
 
+import warnings
+
 from ..images import generate_images, to_pil
 from .attacks import ATTACKS, AttackResult, attack, register_attack
 from .classifiers import (
@@ -24,7 +26,7 @@ from .metrics import (
     UNLEARNCANVAS_SEEDS,
     UNLEARNCANVAS_TEMPLATE,
     EvalConfig,
-    UnlearnCanvasScores,
+    UnlearningScores,
     evaluate_unlearning,
     kv_drift,
     kv_drift_per_layer,
@@ -50,7 +52,7 @@ __all__ = [
     "EvalReference",
     "EvalWorld",
     "FeatureExtractor",
-    "UnlearnCanvasScores",
+    "UnlearningScores",
     "classify",
     "evaluate_unlearning",
     "evaluation_state",
@@ -69,3 +71,12 @@ __all__ = [
     "score_predictions",
     "to_pil",
 ]
+
+
+def __getattr__(name: str):
+    # former names, kept one release with a FutureWarning
+    if name == "UnlearnCanvasScores":
+        warnings.warn("UnlearnCanvasScores is deprecated and will be removed in version 0.3.0; use UnlearningScores "
+                      "(the scores of any world, MiniCanvas's included)", FutureWarning, stacklevel=2)
+        return UnlearningScores
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 import torch
 
-from .. import adapters as ad
+from ..kv import adapters as ad
 from .._validation import check_int, check_number, check_seed
-from ..families import denoiser_of
-from ..mixin import UnlearnMixin
-from ..state import unlearning_state
+from ..families.registry import denoiser_of
+from ..mixins.attach import UnlearnMixin
+from ..engine.state import unlearning_state
 from ..worlds import get_world
 from .classifiers import Classifier
 from .distributed import classify_batches, generate_and_classify
@@ -122,7 +122,7 @@ class EvalConfig:
 
 
 @dataclass
-class UnlearnCanvasScores:
+class UnlearningScores:
     """UA / IRA / CRA (percent; None where undefined: no removed, or no kept, concept) and their details."""
 
     domain: Domain
@@ -168,7 +168,7 @@ def score_predictions(
     object_predictions: Sequence[str],
     removed: Sequence[str],
     domain: str,
-) -> UnlearnCanvasScores:
+) -> UnlearningScores:
     """UA / IRA / CRA from the intended ``(style, object, ...)`` of each image and the two classifiers' answers."""
     domain = check_eval_domain(domain)
     if not (len(cases) == len(style_predictions) == len(object_predictions)):
@@ -195,7 +195,7 @@ def score_predictions(
         cross_by[concept] = accuracy([(other_pred[i], concept) for i in kept_rows if cases[i][other] == concept])
     removed_acc = _mean([accuracy_by[c] for c in removed])
     removed_rows = [i for i, c in enumerate(cases) if c[axis] in removed]
-    return UnlearnCanvasScores(
+    return UnlearningScores(
         domain=domain,
         removed=removed,
         ua=None if removed_acc is None else 100.0 - removed_acc,
@@ -221,7 +221,7 @@ def evaluate_unlearning(
     reference: EvalReference | None = None,
     feature_extractor: FeatureExtractor | None = None,
     accelerator: Any = None,
-) -> UnlearnCanvasScores:
+) -> UnlearningScores:
     """Generate ``config``'s images with ``pipe`` (or take ``images``, in ``config.cases()`` order) and score them.
 
     Each image is seeded by its own case's seed, never by the process that draws it: launched on several processes
@@ -245,7 +245,7 @@ def evaluate_unlearning(
             None (default): all the launched processes, if several; False: this process alone.
 
     Returns:
-        The ``UnlearnCanvasScores``, with the scored images on ``scores.images``.
+        The ``UnlearningScores``, with the scored images on ``scores.images``.
 
     Raises:
         ValueError: a bad domain, a removed concept outside the evaluation, images that do not match the cases or

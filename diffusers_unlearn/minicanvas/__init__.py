@@ -42,12 +42,12 @@ if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
     from diffusers import StableDiffusionPipeline
 
     from .classifier import ConceptClassifier
-    from .weights import DEFAULT_WEIGHTS_DIR, MiniCanvasWeightsError, verify_weights
+    from .checkpoint import DEFAULT_WEIGHTS_DIR, MiniCanvasWeightsError, verify_weights
 
 # Names from the modules that import torch, loaded on first use (PEP 562), so that the world's vocabulary
 # (``concepts``: a misspelled concept is refused on the command line before any work) imports no torch.
-_LAZY = {"ConceptClassifier": "classifier", "DEFAULT_WEIGHTS_DIR": "weights", "MiniCanvasWeightsError": "weights",
-         "verify_weights": "weights", "eval_world": "evaluation"}
+_LAZY = {"ConceptClassifier": "classifier", "DEFAULT_WEIGHTS_DIR": "checkpoint", "MiniCanvasWeightsError": "checkpoint",
+         "verify_weights": "checkpoint", "eval_world": "evaluation"}
 
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
@@ -103,7 +103,7 @@ def load_pipeline(device: str | torch.device | None = None, torch_dtype: torch.d
             not fit the model.
     """
     dtype = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-    pipe = importlib.import_module(".weights", __name__).load_pipeline_from(weights_dir, device=device, **dtype)
+    pipe = importlib.import_module(".checkpoint", __name__).load_pipeline_from(weights_dir, device=device, **dtype)
     pipe.unlearn_world = "minicanvas"
     return pipe
 
@@ -134,4 +134,4 @@ def load_classifiers(device: str | torch.device | None = None,
     Raises:
         MiniCanvasWeightsError: a classifier weight file is missing, corrupted or does not fit the model.
     """
-    return importlib.import_module(".weights", __name__).load_classifiers_from(weights_dir, device=device)
+    return importlib.import_module(".checkpoint", __name__).load_classifiers_from(weights_dir, device=device)

@@ -24,7 +24,7 @@ import torch
 from ..images import generate_images, to_pil
 from . import data as mc_data
 from . import settings
-from . import weights as mc_weights
+from . import checkpoint as mc_weights
 
 __all__ = ["OBJECTS_PER_STYLE", "QUALITY_TARGETS", "evaluate_weights", "measure_classifiers", "measure_quality",
            "quality_pairs", "sample_grid"]

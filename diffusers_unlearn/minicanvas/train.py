@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _tokenizer
-from ..tiny import SD1_DDIM_CONFIG
+from ..families.tiny import SD1_DDIM_CONFIG
 from . import data as mc_data
 from . import quality
-from . import weights as mc_weights
+from . import checkpoint as mc_weights
 from .classifier import ConceptClassifierNet
 
 __all__ = ["TrainConfig", "FULL", "QUICK", "export_checkpoint", "train", "main"]

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from .._deprecation import RenamedOptions, rename_options
 from .._validation import check_count, check_int, check_number
-from ..adapters import RequestAdapter
-from ..conditioning import Conditioner, Conditioning, sample_trajectory
+from ..kv.adapters import RequestAdapter
+from ..families.conditioning import Conditioner, Conditioning, sample_trajectory
 from ..prompts import check_concept, same_concept
 
 
@@ -123,7 +123,7 @@ class ObjectiveContext:
 
     pipe: Any
     conditioner: Conditioner
-    unet: torch.nn.Module  # the denoiser: the UNet, or SD3's / Flux's transformer
+    denoiser: torch.nn.Module  # the denoiser: the UNet, or SD3's / Flux's transformer
     concept: str
     prompts: list[str]
     frozen: Callable[[], AbstractContextManager]  # runs the UNet without the request's adapter

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from .._validation import check_number
-from ..conditioning import Conditioning
+from ..families.conditioning import Conditioning
 from .base import (TrainedObjectiveConfig, TrajectoryObjective, check_concepts, cond_rows, register_objective,
                    request_prompts_with)
 

@@ -23,7 +23,7 @@ import torch
 from .._deprecation import RenamedOptions, rename_options
 
 if TYPE_CHECKING:
-    from ..adapters import TrainableAdapter
+    from ..kv.adapters import TrainableAdapter
     from ..objectives import Objective
 
 
@@ -33,7 +33,7 @@ class TrainingContext:
 
     Args:
         pipe: the unlearning pipeline.
-        unet: its denoiser (a UNet, or SD3's / Flux's transformer), with the request's adapter on it.
+        denoiser: its denoiser (a UNet, or SD3's / Flux's transformer), with the request's adapter on it.
         adapter: the request's trainable adapter (LoRA factors, or a dense delta).
         objective: the request's erasure objective (its ``config`` holds the method settings).
         concept: the concept being removed.
@@ -47,7 +47,7 @@ class TrainingContext:
     """
 
     pipe: Any
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     adapter: TrainableAdapter
     objective: Objective
     concept: str

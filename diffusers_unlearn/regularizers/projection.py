@@ -13,7 +13,7 @@ P = I - C (C^T C + eps I)^-1 C^T. Then dW @ c = 0 for every protected c:
 SD3 and Flux (joint transformer blocks): each block's ``add_k_proj`` / ``add_v_proj`` reads a different text
 state, which depends on the timestep and, after the first block, on the image. There C is per layer: the states
 that layer reads at the protected concepts' tokens (one column per protected prompt and sampled x_t, over the
-x_t of the request's own trajectories; ``text_states.py``). The first block's invariant is then exact at every
+x_t of the request's own trajectories; ``kv/text_states.py``). The first block's invariant is then exact at every
 timestep of the sampler; for the later blocks it holds on the collected x_t and approximately on others
 (``analysis.text_stream_change`` measures it on held-out x_t).
 """
@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from .._validation import check_int, check_number, check_optional_number
 from .._warn import warn
 from ..embeddings import concept_embedding, concept_embeddings, cosine_similarities
-from ..families import conditioner_for, family_of
+from ..families.registry import conditioner_for, family_of
 from ..prompts import DEFAULT_DOMAIN, TEMPLATES, check_concept, concept_prompts, same_concept
-from ..text_states import ProtectedPrompt, collect_block_states
+from ..kv.text_states import ProtectedPrompt, collect_block_states
 from ..vocabulary import DEFAULT_VOCABULARY
 from .base import Regularizer, TrainingContext, register_regularizer
 

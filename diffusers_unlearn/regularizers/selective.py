@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._validation import check_number
-from ..adapters import kv_linear
+from ..kv.adapters import kv_linear
 from .base import Regularizer, TrainingContext, register_regularizer
 
 

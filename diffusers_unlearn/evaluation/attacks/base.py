@@ -22,10 +22,10 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
 from ..._validation import check_count, check_int, check_number, check_seed
-from ...conditioning import Conditioner, Conditioning
-from ...families import family_of
+from ...families.conditioning import Conditioner, Conditioning
+from ...families.registry import family_of
 from ...images import generate_images
-from ...mixin import UnlearnMixin
+from ...mixins.attach import UnlearnMixin
 from ...prompts import TEMPLATES, check_concept, check_domain
 from ..classifiers import Classifier, classify
 from ..metrics import UNLEARNCANVAS_SEEDS

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..._validation import check_count
-from ...families import conditioner_for, denoiser_of
+from ...families.registry import conditioner_for, denoiser_of
 from .base import (
     Attack,
     AttackOutcome,

@@ -27,8 +27,8 @@ from peft import LoraConfig, inject_adapter_in_model
 from tqdm.auto import tqdm
 
 from ..._validation import check_count
-from ...families import ModelFamily, conditioner_for, denoiser_of, family_of
-from ...mixin import UnlearnMixin
+from ...families.registry import ModelFamily, conditioner_for, denoiser_of, family_of
+from ...mixins.attach import UnlearnMixin
 from ...prompts import check_concept, same_concept
 from ...vocabulary import DEFAULT_VOCABULARY
 from .base import (

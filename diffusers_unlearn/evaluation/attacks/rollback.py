@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...mixin import UnlearnMixin
+from ...mixins.attach import UnlearnMixin
 from ...prompts import same_concept
 from .base import Attack, AttackConfig, AttackOutcome
 

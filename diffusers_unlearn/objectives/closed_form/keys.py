@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...conditioning import _find_sublist
+from ...families.conditioning import _find_sublist
 from ...prompts import TEMPLATES, provide_domain, same_concept
-from ...text_states import PromptStates
+from ...kv.text_states import PromptStates
 from ...vocabulary import DEFAULT_VOCABULARY
 from ..base import swap_concept
 from .config import ClosedFormConfig

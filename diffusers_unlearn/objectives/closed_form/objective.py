@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...adapters import RequestAdapter
+from ...kv.adapters import RequestAdapter
 from ..base import SolvedObjective, SolveContext
 from .config import ClosedFormConfig
 from .solver import solve

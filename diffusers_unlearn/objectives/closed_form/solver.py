@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ...adapters import RequestAdapter, identity_factors
-from ...families import family_of
+from ...kv.adapters import RequestAdapter, identity_factors
+from ...families.registry import family_of
 from ...prompts import same_concept
-from ...text_states import PromptStates
+from ...kv.text_states import PromptStates
 from .config import ClosedFormConfig
 from .keys import concept_states, concept_tokens, earlier_requests, mapping_keys, protected_columns
 

@@ -1,0 +1,134 @@
+"""What a request gets when its caller does not say: the recommended method, the trained method, and the
+recommended method's settings per kind of concept.
+
+``request.resolve_request`` applies these rules for ``pipe.unlearn``, plan files and the command line alike:
+
+- No method and no training asked for: ``recommended_method(family)``. That is the closed form, which keeps the
+  other concepts and every earlier removal by construction and needs no training or tuning
+  (docs/benchmarks/closed-form.md, "Recommended default"), except on joint transformers (SD3, Flux): there the
+  closed form solves only the first joint block and its kept states fill the text stream, so the request would
+  change nothing (docs/concepts/sd3-flux.md); they get ``TRAINED_METHOD``.
+- No method but training settings (steps, learning rate, rank, batch size, a ``TrainingConfig``) or regularizers:
+  a trained request, ``TRAINED_METHOD``.
+- The recommended method gets ``recommended_options(domain)`` under the options the caller gives.
+
+Nothing here imports torch: plan files and the command line check a request's fields against these rules before
+the engine loads.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..families.registry import ModelFamily
+
+RECOMMENDED_METHOD = "closed_form"
+"""The method of a request that names none and asks for no training (``recommended_method``)."""
+TRAINED_METHOD = "esd"
+"""The method of a request that names none but asks for training, and the recommended one on SD3 and Flux."""
+RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"object": {"keep_weight": 5.0, "negative_guidance": 2.0}}
+"""The recommended method's settings for one kind of concept, over its config's defaults (which are the styles'):
+objects need a stronger soft penalty on the kept concepts' tokens to keep the other objects, and stronger guidance
+to erase despite it (docs/benchmarks/closed-form.md, "Recommended default", the closed form on objects)."""
+RECOMMENDED_KEPT_FRACTION = 0.75
+"""Every recommended request: the exactly kept span may fill at most this fraction of the K/V input width, so that a
+narrow text space (the tiny pipelines' 32-wide one, filled by the built-in vocabulary) keeps room to erase; the
+strongest kept directions stay exact and the rest are kept softly. Wide inputs (SD's 768, MiniCanvas's 512) stay
+below the cap with the built-in vocabulary, so nothing changes there."""
+
+
+def recommended_method(family: ModelFamily | None = None) -> str:
+    """The method of a request that names none and asks for no training.
+
+    Args:
+        family: the model family the request runs on (``families.family_of(pipe)``); None when it is not known yet.
+
+    Returns:
+        ``TRAINED_METHOD`` where the K/V layers read a different text state in each block (SD3's and Flux's joint
+        transformers), ``RECOMMENDED_METHOD`` otherwise (and for an unknown family).
+
+    Examples:
+        >>> recommended_method()
+        'closed_form'
+    """
+    return TRAINED_METHOD if family is not None and family.per_block_text_states else RECOMMENDED_METHOD
+
+
+def asks_for_training(*settings: Any) -> bool:
+    """Whether a request's training settings and regularizers ask for training: any of them given (not None, and
+    not an empty list: ``regularizers=[]`` asks for none).
+
+    Args:
+        *settings: the request's ``training``, ``regularizers``, ``steps``, ``rank``, ``learning_rate`` and
+            ``batch_size`` as the caller gave them (None: not given).
+
+    Returns:
+        True when a request naming no method should get ``TRAINED_METHOD``.
+
+    Examples:
+        >>> asks_for_training(None, [], None), asks_for_training(None, None, 50)
+        (False, True)
+    """
+    return any(value is not None and not (isinstance(value, (list, tuple)) and not value) for value in settings)
+
+
+def default_method(family: ModelFamily | None, trained: bool) -> str:
+    """The method of a request that names none.
+
+    Args:
+        family: the model family the request runs on; None when it is not known yet.
+        trained: whether the request asks for training (``asks_for_training``).
+
+    Returns:
+        ``TRAINED_METHOD`` when ``trained``, else ``recommended_method(family)``.
+
+    Examples:
+        >>> default_method(None, trained=False), default_method(None, trained=True)
+        ('closed_form', 'esd')
+    """
+    return TRAINED_METHOD if trained else recommended_method(family)
+
+
+def domain_kind(domain: str | None) -> str | None:
+    """The kind of concept a domain holds, for the per-kind settings (``RECOMMENDED_DOMAIN_OPTIONS``).
+
+    Args:
+        domain: a prompt domain name, or None.
+
+    Returns:
+        "style" or "object" for those built-in domains and a world's ("minicanvas-object"); None for any other.
+
+    Examples:
+        >>> domain_kind("minicanvas-object"), domain_kind("concept")
+        ('object', None)
+    """
+    if domain is None:
+        return None
+    for kind in ("style", "object"):
+        if domain == kind or domain.endswith(f"-{kind}"):
+            return kind
+    return None
+
+
+def recommended_options(domain: str | None) -> dict[str, Any]:
+    """The recommended method's settings for a request in ``domain``; the caller's own options go over them.
+
+    Args:
+        domain: the request's prompt domain, or None.
+
+    Returns:
+        ``max_kept_fraction`` (``RECOMMENDED_KEPT_FRACTION``) and the domain kind's ``RECOMMENDED_DOMAIN_OPTIONS``.
+
+    Examples:
+        >>> recommended_options("style")
+        {'max_kept_fraction': 0.75}
+        >>> recommended_options("object")
+        {'max_kept_fraction': 0.75, 'keep_weight': 5.0, 'negative_guidance': 2.0}
+    """
+    return {"max_kept_fraction": RECOMMENDED_KEPT_FRACTION,
+            **RECOMMENDED_DOMAIN_OPTIONS.get(domain_kind(domain) or "", {})}
+
+
+__all__ = ["RECOMMENDED_DOMAIN_OPTIONS", "RECOMMENDED_KEPT_FRACTION", "RECOMMENDED_METHOD", "TRAINED_METHOD",
+           "asks_for_training", "default_method", "domain_kind", "recommended_method", "recommended_options"]

@@ -41,8 +41,9 @@ if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from .classifier import ConceptClassifier
     from .checkpoint import DEFAULT_WEIGHTS_DIR, MiniCanvasWeightsError, verify_weights
+    from .classifier import ConceptClassifier
+    from .evaluation import eval_world
 
 # Names from the modules that import torch, loaded on first use (PEP 562), so that the world's vocabulary
 # (``concepts``: a misspelled concept is refused on the command line before any work) imports no torch.

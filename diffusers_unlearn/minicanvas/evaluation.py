@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..evaluation.world import EvalWorld
 from .data import HELDOUT_TEMPLATES, OBJECTS, PROMPT_TEMPLATE, STYLES, render
 from .settings import EVAL_SEEDS, GUIDANCE_SCALE, NUM_INFERENCE_STEPS
-from . import load_classifiers
+from .checkpoint import load_classifiers_from
 
 
 def eval_world() -> EvalWorld:
@@ -19,5 +19,5 @@ def eval_world() -> EvalWorld:
     """
     return EvalWorld("minicanvas", STYLES, OBJECTS, PROMPT_TEMPLATE, heldout_templates=HELDOUT_TEMPLATES,
                      seeds=EVAL_SEEDS, num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE,
-                     classifiers=load_classifiers, render=render)
+                     classifiers=load_classifiers_from, render=render)
 

@@ -45,7 +45,7 @@ def test_merge_strategy_trains_from_the_base_and_composes_by_ties():
 
         def setup(self, ctx):
             for n, w in base.items():
-                assert torch.equal(ad.kv_linear(ctx.unet, n).weight, w), n
+                assert torch.equal(ad.kv_linear(ctx.denoiser, n).weight, w), n
             self.setups.append(ctx.concept)
 
     strategy = MergeStrategy("ties", density=0.5)

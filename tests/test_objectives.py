@@ -82,7 +82,7 @@ def _ca_anchor_prompts(pipe, concept, prompts, **options) -> list[str]:
     """The anchor prompts CA pairs with ``prompts`` (its prepare() also samples the anchor trajectories)."""
     config = du.CAConfig(sampling_steps=2, num_trajectories=len(prompts), **options)
     context = du.objectives.ObjectiveContext(
-        pipe=pipe, conditioner=du.families.conditioning.TextConditioner(pipe), unet=pipe.unet, concept=concept,
+        pipe=pipe, conditioner=du.families.conditioning.TextConditioner(pipe), denoiser=pipe.unet, concept=concept,
         prompts=prompts, frozen=torch.no_grad, generator=torch.Generator().manual_seed(0))
     objective = CAObjective(config, context)
     objective.prepare()
@@ -146,7 +146,7 @@ def test_esd_context_reference_takes_each_prompts_own_concept_out():
     pipe = du.testing.tiny_pipeline(seed=0)
     config = du.ESDConfig(reference="context", concepts=("dots", "neon dots"), sampling_steps=2, num_trajectories=2)
     context = du.objectives.ObjectiveContext(
-        pipe=pipe, conditioner=du.families.conditioning.TextConditioner(pipe), unet=pipe.unet, concept="neon dots+dots",
+        pipe=pipe, conditioner=du.families.conditioning.TextConditioner(pipe), denoiser=pipe.unet, concept="neon dots+dots",
         prompts=["a dog in neon dots style", "a cat in dots style"], frozen=torch.no_grad,
         generator=torch.Generator().manual_seed(0))
     assert request_prompts_with(context, "", config.concepts) == ["a dog in style", "a cat in style"]
@@ -159,7 +159,7 @@ def test_esd_context_reference_takes_each_prompts_own_concept_out():
 def _objective(pipe, method, **options):
     config = build_objective_config(method, {"sampling_steps": 6, "num_trajectories": 3, **options})
     context = du.objectives.ObjectiveContext(
-        pipe=pipe, conditioner=du.families.conditioning.TextConditioner(pipe), unet=pipe.unet, concept="van gogh",
+        pipe=pipe, conditioner=du.families.conditioning.TextConditioner(pipe), denoiser=pipe.unet, concept="van gogh",
         prompts=["a painting in van gogh style", "van gogh art"], frozen=torch.no_grad,
         generator=torch.Generator().manual_seed(0))
     objective = OBJECTIVES[method][1](config, context)

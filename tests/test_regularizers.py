@@ -124,7 +124,7 @@ class IndependentTopK(du.Regularizer):
     top_k: float = 0.1
 
     def setup(self, ctx):
-        weights = {n: ad.kv_linear(ctx.unet, n).weight for n in ctx.adapter.layer_names}
+        weights = {n: ad.kv_linear(ctx.denoiser, n).weight for n in ctx.adapter.layer_names}
         for w in weights.values():
             w.requires_grad_(True)
         total = sum(ctx.objective.trajectory_losses())

@@ -25,8 +25,8 @@ class Probe(du.Regularizer):
         self.adapter_params = {id(p) for p in ctx.adapter.parameters}
 
     def after_step(self, ctx):
-        trainable = [n for n, p in ctx.unet.named_parameters() if p.requires_grad]
-        self.seen.append((trainable, {id(p) for p in ctx.unet.parameters() if p.requires_grad} == self.adapter_params))
+        trainable = [n for n, p in ctx.denoiser.named_parameters() if p.requires_grad]
+        self.seen.append((trainable, {id(p) for p in ctx.denoiser.parameters() if p.requires_grad} == self.adapter_params))
 
 
 def test_only_the_new_adapter_trains_and_earlier_ones_stay_bit_identical(pipe):
@@ -66,7 +66,7 @@ def test_training_starts_from_earlier_requests_folded(pipe):
 
         def setup(self, ctx):
             for n, w in expected.items():
-                torch.testing.assert_close(ad.kv_linear(ctx.unet, n).weight, w, rtol=0, atol=1e-6)
+                torch.testing.assert_close(ad.kv_linear(ctx.denoiser, n).weight, w, rtol=0, atol=1e-6)
             assert ctx.start_offsets is not None
             self.setups.append(ctx.concept)
 

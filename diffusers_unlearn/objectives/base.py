@@ -300,7 +300,7 @@ class TrajectoryObjective(TrainedObjective):
         with ctx.frozen():
             self.latents, self.timesteps = sample_trajectory(
                 ctx.conditioner,
-                ctx.unet,
+                ctx.denoiser,
                 self.sampling_cond,
                 self.uncond,
                 steps=cfg.sampling_steps,
@@ -345,7 +345,7 @@ class TrajectoryObjective(TrainedObjective):
             s, r, k = torch.tensor(missing).T
             ctx = self.context
             with torch.no_grad(), ctx.frozen():
-                values = ctx.conditioner.predict(ctx.unet, self.latents[s, r], self.timesteps[s],
+                values = ctx.conditioner.predict(ctx.denoiser, self.latents[s, r], self.timesteps[s],
                                                  cond_rows(self.preserved_cond, self._preserved_rows(r, k))).float()
             self._preserved_targets.update(zip(missing, values))
         return torch.stack([self._preserved_targets[p] for p in points])
@@ -419,13 +419,13 @@ class TrajectoryObjective(TrainedObjective):
         target = self._targets[steps, rows]
         cond = cond_rows(self.training_cond, rows)
         if kept is None:
-            prediction = self.context.conditioner.predict(self.context.unet, latents, timesteps, cond)
+            prediction = self.context.conditioner.predict(self.context.denoiser, latents, timesteps, cond)
             return F.mse_loss(prediction.float(), target)
         # the erased and the kept prompts on the same x_t, in one forward pass
         kept_target = self._preserved_targets_for(steps, rows, kept)
         both = Conditioning.cat([cond, cond_rows(self.preserved_cond, self._preserved_rows(rows, kept))])
         prediction = self.context.conditioner.predict(
-            self.context.unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).float()
+            self.context.denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both).float()
         erased, kept_prediction = prediction.chunk(2)
         return F.mse_loss(erased, target) + self.config.keep_weight * F.mse_loss(kept_prediction, kept_target)
 

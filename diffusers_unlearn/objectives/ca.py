@@ -56,7 +56,7 @@ class CAObjective(TrajectoryObjective):
 
     def frozen_target(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         ctx = self.context
-        return ctx.conditioner.predict(ctx.unet, latents, timesteps, cond_rows(self.sampling_cond, rows))
+        return ctx.conditioner.predict(ctx.denoiser, latents, timesteps, cond_rows(self.sampling_cond, rows))
 
 
 register_objective(CAConfig, CAObjective)

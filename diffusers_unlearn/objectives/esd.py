@@ -60,7 +60,7 @@ class ESDObjective(TrajectoryObjective):
         ctx = self.context
         both = Conditioning.cat([cond_rows(self.reference_cond, rows), cond_rows(self.sampling_cond, rows)])
         noise = ctx.conditioner.predict(
-            ctx.unet, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both
+            ctx.denoiser, torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), both
         ).float()
         reference, concept = noise.chunk(2)
         return reference - self.config.negative_guidance * (concept - reference)

@@ -300,7 +300,7 @@ class GradientProjection(Regularizer):
         objective = ctx.objective
         if not hasattr(objective, "latents") or not hasattr(objective, "timesteps"):
             raise ValueError(
-                f"GradientProjection on {type(ctx.unet).__name__} collects each block's text states over the "
+                f"GradientProjection on {type(ctx.denoiser).__name__} collects each block's text states over the "
                 f"request's sampled x_t; method {objective.config.method!r} samples no trajectories"
             )
         conditioner = objective.context.conditioner
@@ -318,7 +318,7 @@ class GradientProjection(Regularizer):
         targets = [ProtectedPrompt(p, pos) for p, pos in
                    zip(target_prompts, conditioner.concept_positions(target_prompts, ctx.concept))]
         layers = ctx.adapter.layer_names
-        states = collect_block_states(conditioner, ctx.unet, layers, protected + targets, objective.latents,
+        states = collect_block_states(conditioner, ctx.denoiser, layers, protected + targets, objective.latents,
                                       objective.timesteps, self.samples_per_step, objective.context.frozen)
         count, per_x = len(protected), len(protected) + len(targets)
         columns, in_span = {}, {}

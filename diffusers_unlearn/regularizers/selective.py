@@ -36,7 +36,7 @@ def importance_scores(ctx: TrainingContext) -> dict[str, torch.Tensor]:
         loss.backward()
     scores = {}
     for layer, param in params.items():
-        theta = kv_linear(ctx.unet, layer).weight.detach().float()
+        theta = kv_linear(ctx.denoiser, layer).weight.detach().float()
         scores[layer] = (theta * param.grad.float()).abs()
         param.grad = None
     return scores

@@ -16,7 +16,7 @@ from diffusers_unlearn.engine.escalation import (
     escalation_options,
 )
 
-LADDER = [{"negative_guidance": 2.0}, {"negative_guidance": 3.0, "preserve_weight": 5.0}]
+LADDER = [{"negative_guidance": 2.0}, {"negative_guidance": 3.0, "keep_weight": 5.0}]
 
 
 def test_each_attempt_is_the_request_with_its_entry_over_the_method_settings_and_nothing_else():

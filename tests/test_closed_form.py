@@ -83,6 +83,23 @@ def test_protected_outputs_stay_at_base_and_the_concept_maps_to_the_anchor(solve
     assert after < 0.5, after  # least squares in the free directions; the protected part cannot move
 
 
+def test_an_adversarial_round_lowers_what_the_best_embedding_recovers_and_keeps_the_protection():
+    pipe = _quiet(du.attach(du.testing.tiny_pipeline(seed=0)))
+    record = pipe.unlearn("van gogh", adversarial_rounds=2, **STYLE)
+    assert record.method_config["adversarial_rounds"] == 2
+    adversarial = record.regularizers[0]["report"]["adversarial"]
+    # each round's best K/V input recovers more of the concept than its own states do, and the round maps it away
+    for found in adversarial["rounds"]:
+        assert found["recovery"] > found["recovery_plain"] and found["recovery_after"] < found["recovery"], found
+    # the protected outputs stay at the base model's, as without rounds
+    base, weights, vectors = pipe._unlearning().base_weights, _total_weights(pipe), _protected_vectors(pipe)
+    for name, w0 in base.items():
+        delta = weights[name] - w0.double()
+        assert torch.all((vectors @ delta.T).norm(dim=1) <= 1e-5 * delta.norm() * vectors.norm(dim=1)), name
+    plain = _quiet(du.attach(du.testing.tiny_pipeline(seed=0))).unlearn("van gogh", **STYLE)
+    assert "adversarial_rounds" not in plain.method_config and "adversarial" not in plain.regularizers[0]["report"]
+
+
 def test_a_later_request_keeps_earlier_removals_mapped():
     def gaps(**options):
         pipe = _quiet(du.attach(du.testing.tiny_pipeline(seed=0)))
@@ -283,6 +300,8 @@ def test_a_trained_request_after_a_closed_form_one_keeps_its_adapter_on_rollback
         (dict(keep_earlier="yes"), TypeError, "keep_earlier must be True or False"),
         (dict(map_every_token=1), TypeError, "map_every_token must be True or False"),
         (dict(protection="hard"), ValueError, r"protection must be one of \['span', 'soft'\], got 'hard'"),
+        (dict(adversarial_rounds=-1), ValueError, r"adversarial_rounds must be an integer >= 0"),
+        (dict(adversarial_rounds=1.5), ValueError, r"adversarial_rounds must be an integer >= 0"),
         (dict(negative_guidance=-1.0), ValueError, "negative_guidance must be a number >= 0, got -1.0"),
         (dict(concept_weight=0.0), ValueError, "concept_weight must be a number > 0, got 0.0"),
         (dict(negative_guidance=float("nan")), ValueError, "negative_guidance must be a number >= 0.*not a finite number"),

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 SPAN_RTOL = 1e-8  # singular values of P below this fraction of the largest: directions P does not use
 KEY_RTOL = 1e-12  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
-ADVERSARIAL_RIDGE = 1e-3  # Tikhonov weight of the adversarial embedding's least squares, relative (adversarial_map)
+ADVERSARIAL_RIDGE = 0.1  # pull of the adversarial embedding towards the attacked key, relative (adversarial_map)
 
 
 @dataclass
@@ -152,11 +152,12 @@ def recovery(edited: Sequence[tuple[torch.Tensor, torch.Tensor]], states: torch.
 def adversarial_map(edited: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """RECE's closed-form adversarial embedding on the edited weights, as a linear map of the key it attacks.
 
-    For a key x (a state of a removed concept's tokens), e = argmin_e sum_l ||W'_l e - W0_l x||^2 + lambda ||e||^2
-    over the solved layers: the K/V input that brings x's base outputs back on the edited model, which a learnt
-    embedding aims at. Every layer reads the same input, so e = M x with one d x d matrix M = (sum W'^T W' +
-    lambda I)^-1 sum W'^T W0 for every key, in float64; lambda is ``ADVERSARIAL_RIDGE`` times the mean eigenvalue of
-    sum W'^T W'.
+    For a key x (a state of a removed concept's tokens), e = argmin_e sum_l ||W'_l e - W0_l x||^2 + lambda ||e - x||^2
+    over the solved layers: the K/V input near x that brings x's base outputs back on the edited model, where a
+    learnt embedding started from the concept heads. Every layer reads the same input, so e = M x with one d x d
+    matrix M = (sum W'^T W' + lambda I)^-1 (sum W'^T W0 + lambda I) for every key, in float64; lambda is
+    ``ADVERSARIAL_RIDGE`` times the mean eigenvalue of sum W'^T W' (the pull towards x: with none, e may lie far
+    from any state the text encoder gives).
 
     Args:
         edited: (W0, W') per solved layer (``edited_layers``).
@@ -168,7 +169,8 @@ def adversarial_map(edited: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torc
     gram = sum(w.T @ w for _, w in edited)
     cross = sum(w.T @ w0 for w0, w in edited)
     lam = ADVERSARIAL_RIDGE * float(torch.trace(gram)) / d
-    return torch.linalg.solve(gram + lam * torch.eye(d, dtype=torch.float64), cross)
+    eye = torch.eye(d, dtype=torch.float64)
+    return torch.linalg.solve(gram + lam * eye, cross + lam * eye)
 
 
 def cap_kept_span(protected: torch.Tensor, fraction: float | None) -> tuple[torch.Tensor, int | None]:

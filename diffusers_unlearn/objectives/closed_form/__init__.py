@@ -38,7 +38,8 @@ from .config import PROTECTIONS, ClosedFormConfig
 from .keys import (EarlierRequest, concept_states, concept_tokens, default_states, earlier_requests, mapping_keys,
                    protected_columns)
 from .objective import ClosedFormObjective
-from .solver import KEY_RTOL, SPAN_RTOL, Solver, cap_kept_span, compact_factors, solve
+from .solver import (KEY_RTOL, SPAN_RTOL, Solver, adversarial_map, cap_kept_span, compact_factors, edited_layers,
+                     recovery, solve)
 
 register_objective(ClosedFormConfig, ClosedFormObjective)
 
@@ -50,13 +51,16 @@ __all__ = [
     "ClosedFormObjective",
     "EarlierRequest",
     "Solver",
+    "adversarial_map",
     "cap_kept_span",
     "compact_factors",
     "concept_states",
     "concept_tokens",
     "default_states",
+    "edited_layers",
     "earlier_requests",
     "mapping_keys",
     "protected_columns",
+    "recovery",
     "solve",
 ]

@@ -6,11 +6,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..._validation import check_number
+from ..._validation import check_count, check_number
 from ...prompts import check_concept
 from ..base import ObjectiveConfig
 
 PROTECTIONS = ("span", "soft")
+MAX_ADVERSARIAL_ROUNDS = 100
 
 
 @dataclass
@@ -50,6 +51,12 @@ class ClosedFormConfig(ObjectiveConfig):
             is capped at f x the input width, its strongest directions (the rest are kept by the soft penalty only),
             so a model with a narrow text space keeps room to erase. The recommended recipe uses
             ``RECOMMENDED_KEPT_FRACTION``.
+        adversarial_rounds: k >= 0 rounds of RECE-style adversarial erasure (default 0: none). Each round finds, for
+            every state of the concept's tokens (and of each earlier removal kept mapped), the K/V input that best
+            brings its base outputs back on the edited weights (closed form, ``solver.adversarial_map``: what a
+            learnt embedding aims at), adds it to what maps onto the anchor and solves again under the same
+            protection. The report records each round's recovery and the final one. A later request solves the
+            earlier removals again with its own rounds: give every request of a stream the same number.
         sampling_steps: on SD3 and Flux the solve reads the text states at the timesteps of this many sampler steps
             (``resolution`` shifts Flux's schedule); with ``guidance_scale`` and ``num_trajectories`` it also sets the
             erasure check's trajectories (see ``ObjectiveConfig``).
@@ -79,6 +86,7 @@ class ClosedFormConfig(ObjectiveConfig):
     negative_guidance: float = 1.0
     ridge: float = 1e-4
     max_kept_fraction: float | None = None
+    adversarial_rounds: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,8 +114,15 @@ class ClosedFormConfig(ObjectiveConfig):
             check_number(getattr(self, name), name, minimum=0, exclusive_minimum=True)
         for name in ("keep_weight", "negative_guidance", "ridge"):
             check_number(getattr(self, name), name, minimum=0)
+        check_count(self.adversarial_rounds, "adversarial_rounds", minimum=0, maximum=MAX_ADVERSARIAL_ROUNDS)
         if self.protection not in PROTECTIONS:
             raise ValueError(f"protection must be one of {list(PROTECTIONS)}, got {self.protection!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if not self.adversarial_rounds:  # requests without adversarial rounds keep the record they always had
+            del data["adversarial_rounds"]
+        return data
 
     def check_regularizers(self, regularizers: Sequence[Any]) -> None:
         if regularizers:

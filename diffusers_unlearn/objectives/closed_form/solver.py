@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 SPAN_RTOL = 1e-8  # singular values of P below this fraction of the largest: directions P does not use
 KEY_RTOL = 1e-12  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
+ADVERSARIAL_RIDGE = 0.1  # pull of the adversarial embedding towards the attacked key, relative (adversarial_map)
 
 
 @dataclass
@@ -123,6 +124,55 @@ class Solver:
         return b @ a
 
 
+def edited_layers(solver: Solver, base_weights: Mapping[str, torch.Tensor],
+                  start_offsets: Mapping[str, torch.Tensor] | None, layers: Sequence[str]
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(W0, W') per solved layer in float64: the base weight and the weight after ``solver``'s change, W' = W0 + E + D
+    (start model E, the solve's change D)."""
+    out = []
+    for layer in layers:
+        w0 = base_weights[layer].detach().cpu().double()
+        offset = start_offsets[layer].detach().cpu().double() if start_offsets else None
+        out.append((w0, w0 + solver.layer_delta(w0, offset) + (0 if offset is None else offset)))
+    return out
+
+
+def recovery(edited: Sequence[tuple[torch.Tensor, torch.Tensor]], states: torch.Tensor, keys: torch.Tensor) -> float:
+    """How much of the keys' base K/V outputs the states bring back on the edited layers: 1 - sum ||W' y - W0 x||^2 /
+    sum ||W0 x||^2 over the layers and rows (y a row of ``states``, x the same row of ``keys``): 1 when they come back
+    exactly, 0 when nothing of them does."""
+    energy = error = 0.0
+    for w0, w in edited:
+        wanted = keys.double() @ w0.T
+        energy += float(wanted.square().sum())
+        error += float((states.double() @ w.T - wanted).square().sum())
+    return 1 - error / energy
+
+
+def adversarial_map(edited: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """RECE's closed-form adversarial embedding on the edited weights, as a linear map of the key it attacks.
+
+    For a key x (a state of a removed concept's tokens), e = argmin_e sum_l ||W'_l e - W0_l x||^2 + lambda ||e - x||^2
+    over the solved layers: the K/V input near x that brings x's base outputs back on the edited model, where a
+    learnt embedding started from the concept heads. Every layer reads the same input, so e = M x with one d x d
+    matrix M = (sum W'^T W' + lambda I)^-1 (sum W'^T W0 + lambda I) for every key, in float64; lambda is
+    ``ADVERSARIAL_RIDGE`` times the mean eigenvalue of sum W'^T W' (the pull towards x: with none, e may lie far
+    from any state the text encoder gives).
+
+    Args:
+        edited: (W0, W') per solved layer (``edited_layers``).
+
+    Returns:
+        M [d, d], float64: the adversarial states of keys [n, d] are ``keys @ M.T``.
+    """
+    d = edited[0][0].shape[1]
+    gram = sum(w.T @ w for _, w in edited)
+    cross = sum(w.T @ w0 for w0, w in edited)
+    lam = ADVERSARIAL_RIDGE * float(torch.trace(gram)) / d
+    eye = torch.eye(d, dtype=torch.float64)
+    return torch.linalg.solve(gram + lam * eye, cross + lam * eye)
+
+
 def cap_kept_span(protected: torch.Tensor, fraction: float | None) -> tuple[torch.Tensor, int | None]:
     """``protected`` [d, m], or its strongest ``fraction * d`` directions (scaled by their singular values) when it
     spans more; with the rank it had when capped (None when left as it is)."""
@@ -190,8 +240,28 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     if skipped:
         warnings.warn(f"earlier removals {skipped} name no concept inside their prompts: not kept mapped", stacklevel=3)
     tensors, scales = {}, {}
-    weights = [config.concept_weight] + [config.earlier_weight] * (len(mappings) - 1)
+    earlier_mapped = len(mappings) - 1
+    weights = [config.concept_weight] + [config.earlier_weight] * earlier_mapped
     solver = Solver.build(protected, mappings, config.ridge, weights, kept_tokens, config.keep_weight)
+    rounds = []
+    if config.adversarial_rounds:
+        # RECE: the states that bring each mapped concept (this one and the earlier removals kept mapped) back on the
+        # edited weights join what maps onto its anchor, with its targets and weight; the solve runs again under the
+        # same protection
+        attacked = list(zip(mappings, weights))
+        concept_keys = mappings[0][0]
+        for _ in range(config.adversarial_rounds):
+            edited = edited_layers(solver, base_weights, start_offsets, solved_layers)
+            found = adversarial_map(edited)
+            for (keys, targets), weight in attacked:
+                mappings.append((keys.double() @ found.T, targets))
+                weights.append(weight)
+            solver = Solver.build(protected, mappings, config.ridge, weights, kept_tokens, config.keep_weight)
+            after = edited_layers(solver, base_weights, start_offsets, solved_layers)
+            adversarial = concept_keys.double() @ found.T
+            rounds.append({"recovery": round(recovery(edited, adversarial, concept_keys), 6),
+                           "recovery_after": round(recovery(after, adversarial, concept_keys), 6),
+                           "recovery_plain": round(recovery(edited, concept_keys, concept_keys), 6)})
     width, kept_rank = solver.protected.shape
     if not solver.directions.shape[1]:
         why = (f"what it keeps fills the K/V layers' {width}-wide input space ({protected.shape[1]} kept states)"
@@ -215,9 +285,14 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     target = concept_states(pipe, concept, domain, states)[1].T  # [d, S * T]
     in_span = float((q.T @ target).square().sum() / target.square().sum()) if q.shape[1] else 0.0
     report = {"protected": names, "protected_columns": int(protected.shape[1]), "protected_rank": int(q.shape[1]),
-              "target_in_span": round(in_span, 6), "earlier_mapped": len(mappings) - 1,
+              "target_in_span": round(in_span, 6), "earlier_mapped": earlier_mapped,
               "solve_rank": int(solver.directions.shape[1]), "ridge": config.ridge,
               "solved_layers": len(solved_layers)}
     if uncapped_rank is not None:
         report["protected_rank_uncapped"] = uncapped_rank
+    if rounds:  # what the best state recovers on the final weights, and what the concept's own states do
+        edited, keys = edited_layers(solver, base_weights, start_offsets, solved_layers), mappings[0][0]
+        adversarial = keys.double() @ adversarial_map(edited).T
+        report["adversarial"] = {"rounds": rounds, "recovery": round(recovery(edited, adversarial, keys), 6),
+                                 "recovery_plain": round(recovery(edited, keys, keys), 6)}
     return RequestAdapter("lora", tensors, scales), report

@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .report import _colors, _pct, _table
+import numpy as np
+
+from .report import _colors, _pct, _table, pyplot
 
 # (row key, column label) of the final-row table, in order
 FINAL_COLUMNS = (("ua", "UA"), ("ua_style", "UA styles"), ("ua_object", "UA objects"), ("ua_heldout", "UA held-out"),
@@ -210,13 +212,7 @@ def _mark_domains(ax: Any, result: dict[str, Any]) -> None:
 def plot_stream_metrics(result: dict[str, Any], path: str | os.PathLike) -> None:
     """UA (all, styles, objects), IRA, CRA and what removed prompts keep, after every scored request, one line per
     protocol; object requests shaded and every point marked with the domain of the request before it (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
+    plt = pyplot()
     names = list(result["protocols"])
     colors = _colors(names)
     n = len(result["requests"])
@@ -243,10 +239,10 @@ def plot_stream_metrics(result: dict[str, Any], path: str | os.PathLike) -> None
         ax.set_xlabel("number of removal requests")
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy-based score (%)")
-    handles = [Line2D([], [], color=colors[name], label=result["protocols"][name]["label"]) for name in names]
-    handles += [Line2D([], [], color="gray", marker=DOMAIN_MARKERS[d], linestyle="", label=f"after a {d} request")
+    handles = [plt.Line2D([], [], color=colors[name], label=result["protocols"][name]["label"]) for name in names]
+    handles += [plt.Line2D([], [], color="gray", marker=DOMAIN_MARKERS[d], linestyle="", label=f"after a {d} request")
                 for d in DOMAIN_MARKERS]
-    handles.append(Patch(color=DOMAIN_COLORS["object"], alpha=0.25, label="object request"))
+    handles.append(plt.Rectangle((0, 0), 1, 1, color=DOMAIN_COLORS["object"], alpha=0.25, label="object request"))
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
     stream = result["stream"]
     methods = ", ".join(dict.fromkeys(p["method"] for p in result["protocols"].values()))
@@ -258,11 +254,7 @@ def plot_stream_metrics(result: dict[str, Any], path: str | os.PathLike) -> None
 
 def plot_stream_cost(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Seconds of each request (coloured by its domain) and the K/V drift after it, per protocol (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(result["protocols"])
     colors = _colors(names)
     n = len(result["requests"])
@@ -281,6 +273,9 @@ def plot_stream_cost(result: dict[str, Any], path: str | os.PathLike) -> None:
                      markersize=3, label=label)
     axes[0].set_title("seconds per request (solve or training)", fontsize=10)
     axes[1].set_title("K/V drift ||W - W_base|| / ||W_base||", fontsize=10)
+    drifts = [r["drift"] for p in result["protocols"].values() for r in p["rows"][1:]]
+    if drifts and min(drifts) > 0 and max(drifts) / min(drifts) > 100:  # closed form and trained protocols together
+        axes[1].set_yscale("log")
     for ax in axes:
         _mark_domains(ax, result)
         ax.set_xlabel("request")
@@ -294,12 +289,7 @@ def plot_stream_cost(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 def plot_stream_ua_matrix(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Heat-map per protocol: UA of each removed concept (rows; objects marked) after each scored request (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    plt = pyplot()
     names = list(result["protocols"])
     requests = result["requests"]
     labels = [f"{r['concept']}" + (" (obj)" if r["domain"] == "object" else "") for r in requests]

@@ -124,7 +124,13 @@ def register_stream(stream: Stream) -> Stream:
 
 
 def get_stream(name: str | Stream) -> Stream:
-    """A registered stream by name (a ``Stream`` is returned as it is).
+    """A registered stream by name.
+
+    Args:
+        name: a name of ``STREAMS``, or a ``Stream`` (returned as it is: an unregistered stream runs too).
+
+    Returns:
+        The stream.
 
     Raises:
         ValueError: no stream of that name, with the registered names.

@@ -493,6 +493,7 @@ def test_the_mixed36_world_scores_only_concepts_no_protocol_keeps():
     assert narrowed.vocabulary() == {"minicanvas-style": ["neon"], "minicanvas-object": ["car", "flower", "mushroom"]}
     with pytest.raises(ValueError, match="retrain every request so far at once"):
         bench.StreamSettings("mixed36", protocols=["simultaneous"])
+    assert bench.StreamSettings("mixed36", protocols="closed_form, gp").protocols == ["closed_form", "gp"]
 
 
 def test_score_stream_counts_each_set_on_its_own_images():

@@ -166,6 +166,7 @@ class StreamSettings:
         check_int(self.every, "every", minimum=1)
         if self.protocols is None:
             self.protocols = [p.name for p in resolve_protocols(None) if not p.simultaneous]
+        self.protocols = [p.name for p in resolve_protocols(self.protocols)]  # a list of names, however given
         simultaneous = [p.name for p in resolve_protocols(self.protocols) if p.simultaneous]
         if simultaneous:
             raise ValueError(f"protocol(s) {simultaneous} retrain every request so far at once in one prompt domain; "

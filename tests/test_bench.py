@@ -417,3 +417,149 @@ def test_bench_processes_relaunches_itself_on_that_many_processes(tmp_path, monk
     assert kw["env"]["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert main(["bench", "--processes", "2", "--jobs", "2", "--out", str(tmp_path / "out")]) == 2
     assert main(["bench", "--processes", "0", "--out", str(tmp_path / "out")]) == 2
+
+
+# ------------------------------------------------------------------------------------------ mixed streams (--stream)
+def test_mixed36_interleaves_30_styles_and_6_objects_in_shared_families():
+    from diffusers_unlearn import minicanvas as mc
+
+    stream = bench.get_stream("mixed36")
+    assert [d for d, _ in stream.requests].count("style") == 30 and len(stream.requests) == 36
+    concepts = [c for _, c in stream.requests]
+    assert len(set(concepts)) == 36  # no concept removed twice
+    # the stated order: an object at requests 3, 9, ..., 33; the first 12 styles are the 12-request bench's
+    assert [k for k, (d, _) in enumerate(stream.requests, start=1) if d == "object"] == [3, 9, 15, 21, 27, 33]
+    assert stream.removed("style")[:12] == bench.minicanvas_style_plan()[0]
+    removed, kept = stream.removed("style"), stream.kept_concepts("style")
+    assert len(kept) == 18 and sorted(removed + kept) == sorted(mc.STYLES)  # every style removed or scored
+    for family, members in mc.STYLE_FAMILIES.items():  # removed and kept styles share every family
+        assert set(members) & set(removed) and set(members) & set(kept), family
+    assert {s.split()[1] for s in removed} == {s.split()[1] for s in kept}  # and every texture word
+    # objects: removed, scored and protected parts, disjoint and together all of MiniCanvas's
+    objects = [stream.removed("object"), stream.kept_concepts("object"), stream.protected_concepts("object")]
+    assert [len(part) for part in objects] == [6, 3, 3] and sorted(sum(objects, [])) == sorted(mc.OBJECTS)
+    with pytest.raises(ValueError, match="registered already"):
+        bench.register_stream(stream)
+    with pytest.raises(ValueError, match="unknown stream 'mixed99'"):
+        bench.get_stream("mixed99")
+
+
+def test_a_stream_refuses_repeats_and_overlapping_sets():
+    with pytest.raises(ValueError, match=r"removes \['Monet ', 'monet'\] more than once"):
+        bench.Stream("bad", "", (("style", "monet"), ("style", "Monet ")), {})
+    with pytest.raises(ValueError, match=r"kept styles \['monet'\] are also removed or scored"):
+        bench.Stream("bad", "", (("style", "monet"),), {"style": ("monet",)})
+    with pytest.raises(ValueError, match=r"protected objects \['cat'\] are also removed or scored"):
+        bench.Stream("bad", "", (("style", "monet"),), {"object": ("cat",)}, {"object": ("cat",)})
+    with pytest.raises(ValueError, match="request prompts may not be written with removed or scored"):
+        bench.Stream("bad", "", (("style", "monet"),), {"object": ("cat",)}, prompt_concepts={"object": ("cat",)})
+
+
+def test_the_mixed36_world_scores_only_concepts_no_protocol_keeps():
+    stream = bench.get_stream("mixed36")
+    world = bench.minicanvas_stream_world("mixed36", eval_seeds=1)
+    described = world.describe()
+    scored = [*described["scored"]["style"], *described["scored"]["object"]]
+    protected = [c for concepts in described["protected"].values() for c in concepts]
+    assert not set(scored) & set(protected) and "car" in protected and "neon" in protected
+    assert set(scored) == {c for _, c in stream.requests} | {c for d in ("style", "object")
+                                                           for c in stream.kept_concepts(d)}
+    # kept concepts first: held-out images draw kept concepts of the other domain
+    assert world.eval_config.styles[:18] == stream.kept_concepts("style")
+    assert world.eval_config.objects[:3] == stream.kept_concepts("object")
+    assert not described["request_prompts_use_evaluated"]
+    assert described["request_prompt_others"]["style"] == ["car", "flower", "mushroom"]
+    assert "neon checks" in described["request_prompt_others"]["object"]
+    # both domains' requests go through the bench's engine call, each with its domain's settings
+    settings = bench.StreamSettings("mixed36", protocols=["closed_form", "gp"])
+    for protocol in ("closed_form", "gp"):
+        for domain, concept in (("style", "neon lines"), ("object", "cat")):
+            kwargs = bench.request_kwargs(world, settings.for_domain(domain), bench.PROTOCOLS[protocol], concept)
+            assert kwargs["domain"] == f"minicanvas-{domain}"
+    # request prompts name no scored concept of the other domain
+    for domain, other in (("style", "object"), ("object", "style")):
+        scored_other = described["scored"][other]
+        assert not [t for t in world.templates(domain) if any(f" {c} " in f" {t} " for c in scored_other)]
+    solved = bench.request_kwargs(world, settings.for_domain("object"), bench.PROTOCOLS["closed_form"], "cat")
+    assert solved["method"].negative_guidance == 2.0  # the library's object settings
+    # a protocol told to keep a scored concept is refused
+    with pytest.raises(ValueError, match="evaluated concepts"):
+        world.check_request({**solved, "method": du.objectives.ClosedFormConfig(preserve=["bear"])})
+    with pytest.raises(ValueError, match="evaluated concepts"):
+        dataclasses.replace(world, auxiliary={"style": ["neon waves"], "object": []})
+    # a pool that names scored concepts loses them: what a protocol keeps is the pool less the stream's concepts
+    narrowed = bench.stream_world(bench.minicanvas_world(eval_seeds=1), stream,
+                                  auxiliary={"style": ["neon waves", "neon"], "object": ["bear", "car"]})
+    assert narrowed.vocabulary() == {"minicanvas-style": ["neon"], "minicanvas-object": ["car", "flower", "mushroom"]}
+    with pytest.raises(ValueError, match="retrain every request so far at once"):
+        bench.StreamSettings("mixed36", protocols=["simultaneous"])
+    assert bench.StreamSettings("mixed36", protocols="closed_form, gp").protocols == ["closed_form", "gp"]
+
+
+def test_score_stream_counts_each_set_on_its_own_images():
+    # styles a, b removed, k kept; objects y removed, x kept; one image per pair, in this order:
+    cases = [(s, o, 0) for s in ("a", "b", "k") for o in ("x", "y")]  # (a,x) (a,y) (b,x) (b,y) (k,x) (k,y)
+    styles = ["a", "a", "b", "k", "k", "a"]  # a: 2 of 2, b: 1 of 2, k: 1 of 2 (missed in the removed object's image)
+    objects = ["x", "y", "z", "y", "x", "x"]  # x: (a,x) and (k,x) of 3; y: (a,y) and (b,y) of 3
+    scores = bench.score_stream(cases, styles, objects, {"style": ["a", "b"], "object": ["y"]},
+                                {"style": ["k"], "object": ["x"]})
+    assert scores["ua_style"] == pytest.approx(100 - (100 + 50) / 2)
+    assert scores["ua_object"] == pytest.approx(100 - 100 * 2 / 3)
+    assert scores["ua"] == pytest.approx(100 - (100 + 50 + 100 * 2 / 3) / 3)  # every removed concept, both domains
+    # a kept concept is scored on its images with kept concepts only: k on (k,x), x on (k,x)
+    assert scores["accuracy"]["k"] == pytest.approx(50) and scores["ira"] == pytest.approx(100)
+    assert scores["accuracy"]["x"] == pytest.approx(100 * 2 / 3) and scores["cra"] == pytest.approx(100)
+    assert scores["cross_removed"] == pytest.approx(50)  # x in the removed styles' images: (a,x) yes, (b,x) no
+    assert scores["cross_removed_object"] == pytest.approx(0)  # k in the removed object's image (k,y): no
+    with pytest.raises(ValueError, match="both removed and kept"):
+        bench.score_stream(cases, styles, objects, {"style": ["a"]}, {"style": ["a"]})
+
+
+def tiny_stream_world():
+    world = wider_world(heldout_templates=["{style} painting of a {object}"], heldout_others=1)
+    stream = bench.Stream("tiny3", "two styles and an object", (("style", "van gogh"), ("object", "dog"),
+                                                                ("style", "monet")),
+                          {"style": ("picasso",), "object": ("cat",)}, {"style": ("klimt",)})
+    return bench.stream_world(world, stream), stream
+
+
+def test_a_tiny_mixed_stream_gives_rows_of_both_domains(tmp_path):
+    world, stream = tiny_stream_world()
+    assert world.vocabulary() == {"tinyworld-style": ["klimt", "dali"], "tinyworld-object": ["bird"]}
+    settings = bench.StreamSettings(stream, protocols=["sequential", "closed_form"], every=2,
+                                    hparams={"style": HP, "object": HP})
+    result = bench.run_stream_bench(world, settings, progress=False, log=None, command="pytest")
+    assert [(r["domain"], r["concept"]) for r in result["requests"]] == list(stream.requests)
+    for name, protocol in result["protocols"].items():
+        rows = protocol["rows"]
+        assert [r["domain"] for r in rows] == [None, "style", "object", "style"]
+        assert [r["scored"] for r in rows] == [True, False, True, True]  # every 2nd request and the last
+        assert rows[1]["ua"] is None and rows[1]["drift"] > 0  # an unscored request records its cost and drift
+        last = rows[-1]
+        assert set(last["accuracy"]) == set(world.evaluated())
+        assert last["ua"] == pytest.approx(100 - sum(last["accuracy"][c] for c in ("van gogh", "dog", "monet")) / 3)
+        assert last["ira"] == pytest.approx(last["kept_accuracy"]["picasso"])
+        assert last["heldout_images"] == 3  # each removed concept x 1 wording x 1 kept concept of the other domain
+        solved = protocol["method"] == "closed_form"
+        assert all((r["steps"] == 0) == solved for r in rows[1:])
+    assert result["base_removed"]["ua"] is not None and result["base"]["ua"] is None
+    paths = bench.write_stream_report(result, tmp_path, title="Tiny stream")
+    assert json.loads(paths["json"].read_text())["protocols"]["sequential"]["rows"] == \
+        result["protocols"]["sequential"]["rows"]
+    text = paths["markdown"].read_text()
+    assert "1. `van gogh`, 2. `dog` (object), 3. `monet`" in text and "IRA over the 1 kept styles `picasso`" in text
+    assert "tinyworld-style: `klimt`, `dali`" in text and "### Goals after the whole stream" in text
+    assert "| concept | 2 | 3 |" in text and "| 2. dog (object) |" in text  # scored columns only
+    for key in ("metrics_plot", "cost_plot", "ua_matrix_plot"):
+        with Image.open(paths[key]) as image:
+            assert image.format == "PNG" and image.width > 300
+
+
+def test_bench_stream_refuses_the_options_it_fixes(tmp_path):
+    from diffusers_unlearn.cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["bench", "--stream", "mixed36", "--order", "neon lines", "--out", out]) == 2
+    assert main(["bench", "--stream", "mixed36", "--domain", "object", "--out", out]) == 2
+    assert main(["bench", "--every", "2", "--out", out]) == 2  # --every belongs to --stream
+    assert main(["bench", "--stream", "nope", "--out", out]) == 2

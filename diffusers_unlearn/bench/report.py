@@ -245,6 +245,16 @@ def attack_section(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, selected before pyplot loads (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _colors(names: list[str]) -> dict[str, Any]:
     import matplotlib
 

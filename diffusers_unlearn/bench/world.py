@@ -188,8 +188,10 @@ class BenchWorld:
         none outside it (a world as small as its evaluation; ``describe`` says so)."""
         other = "object" if check_eval_domain(domain) == "style" else "style"
         unevaluated = self.unevaluated(other)
-        if self.prompt_concepts is not None:
-            return [c for c in self.prompt_concepts[other] if c in unevaluated] or unevaluated
+        if self.prompt_concepts is not None:  # may name words outside the world's concepts (e.g. auxiliary ones)
+            evaluated = self.evaluated()
+            chosen = [c for c in self.prompt_concepts[other] if not any(same_concept(c, e) for e in evaluated)]
+            return chosen or unevaluated or self.concepts(other)
         return unevaluated or self.concepts(other)
 
     def templates(self, domain: str) -> list[str]:
@@ -236,7 +238,8 @@ class BenchWorld:
                 "protected": {d: list(c) for d, c in self.vocabulary().items()},
                 "scored": {"style": list(self.eval_config.styles), "object": list(self.eval_config.objects)},
                 "request_prompt_others": {d: self.prompt_others(d) for d in ("style", "object")},
-                "request_prompts_use_evaluated": any(not self.unevaluated(d) for d in ("style", "object"))}
+                "request_prompts_use_evaluated": any(any(same_concept(c, e) for c in self.prompt_others(d)
+                                                         for e in self.evaluated()) for d in ("style", "object"))}
 
 
 def world_templates(template: str, styles: Sequence[str], objects: Sequence[str], domain: str) -> list[str]:

@@ -5,6 +5,11 @@ A stream of removal requests (default: the paper's protocol, 12 styles, one fami
 selective fine-tuning, TIES merging, gradient projection and its combinations); UA, IRA and CRA are measured after
 every request, plus the UA of the removed concepts in held-out wordings. Writes results.md, results.json,
 metrics.png, cost.png and ua_matrix.png (per-concept UA after every request) into --out.
+
+--stream NAME serves a named stream that mixes styles and objects instead (mixed36: 30 styles and 6 objects
+interleaved), scored after every --every K requests and the last: UA over everything removed so far and per domain,
+IRA over the stream's kept styles, CRA over its kept objects (none of them protected), held-out UA and what the
+removed concepts' prompts keep of the other domain.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from ._common import dataclass_defaults, default_text, finite_float, module_cons
 
 # --quick: the same code path, small enough for CI (a couple of minutes on 2 CPU cores).
 QUICK = {"requests": 2, "steps": 4, "eval_seeds": 1, "eval_objects": 2, "eval_families": 2, "eval_steps": 10}
+# --quick with --stream: the first requests of the stream, enough to reach one of each domain (mixed36: 2 styles, 1 object)
+QUICK_STREAM_REQUESTS = 3
+# options of the one-domain bench that a named stream fixes itself (argparse dest -> flag)
+STREAM_FIXED = {"order": "--order", "eval_objects": "--eval-objects", "eval_families": "--eval-families",
+                "attacks": "--attacks", "attack_steps": "--attack-steps"}
 # The paper's stream lengths: 12 style requests; object requests on MiniCanvas's 12 objects, half of them.
 DEFAULT_REQUESTS = {"style": 12, "object": 6}
 # Options that map onto Hyperparameters fields (argparse dest -> field).
@@ -61,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"length of the removal stream (default {DEFAULT_REQUESTS['style']} styles, "
                         f"{DEFAULT_REQUESTS['object']} objects)")
     parser.add_argument("--domain", choices=["style", "object"], default="style")
+    streams = ", ".join(_stream_names()) or "the streams of bench/streams.py"
+    parser.add_argument("--stream", default=None,
+                        help=f"serve a named stream that mixes styles and objects ({streams}) instead of --domain's; "
+                        "--requests N: its first N requests")
+    parser.add_argument("--every", type=int, default=None,
+                        help="with --stream: score after every K requests and after the last (default 1: after "
+                        "every request); the others record cost and drift only")
     parser.add_argument("--method", default="esd",
                         help="erasure method registered with du.register_objective (default esd); an unknown name is "
                         "refused with the registered list")
@@ -221,6 +238,10 @@ def run(args: argparse.Namespace) -> int:
     if eval_families is not None and eval_families < 1:
         raise UsageError(f"--eval-families must be >= 1, got {eval_families}")
     set_quiet(args.quiet or not main_process)
+    if args.stream is not None:
+        return _run_stream(args, fields, eval_seeds, eval_steps, main_process)
+    if args.every is not None:
+        raise UsageError("--every applies to --stream runs")
     from .. import minicanvas
 
     pool = list(bench.MINICANVAS_EVAL_OBJECTS) if args.domain == "style" else list(minicanvas.OBJECTS)
@@ -264,6 +285,69 @@ def run(args: argparse.Namespace) -> int:
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
+
+
+def _run_stream(args: argparse.Namespace, fields: dict[str, Any], eval_seeds: int, eval_steps: int | None,
+                main_process: bool) -> int:
+    """``bench --stream NAME``: a named mixed stream on MiniCanvas (``bench.mixed``)."""
+    from .. import bench
+    from ..evaluation.distributed import launched_processes
+
+    fixed = [flag for dest, flag in STREAM_FIXED.items() if getattr(args, dest) is not None]
+    if args.domain != "style":
+        fixed.append("--domain")
+    if fixed:
+        raise UsageError(f"--stream {args.stream} fixes its own order, domains and evaluation set: drop "
+                         f"{', '.join(fixed)}")
+    every = 1 if args.every is None else args.every
+    requests = args.requests if args.requests is not None else (QUICK_STREAM_REQUESTS if args.quick else None)
+    options: dict[str, Any] = {}
+    if args.negative_guidance is not None:
+        options["negative_guidance"] = args.negative_guidance
+    if args.reference is not None:
+        options["reference"] = args.reference
+    protocols = None if args.protocols == "all" else args.protocols
+    try:
+        hparams = {d: bench.method_hyperparameters(args.method, d, **fields) for d in ("style", "object")}
+        settings = bench.StreamSettings(args.stream, requests=requests, every=every, method=args.method,
+                                        protocols=protocols, hparams=hparams, anchor=args.anchor, seed=args.seed,
+                                        **options)
+        world_factory = functools.partial(bench.minicanvas_stream_world, args.stream, weights_dir=args.weights_dir,
+                                          eval_seeds=eval_seeds, eval_steps=eval_steps)
+        world = world_factory()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    command = command_line(args, _defaults())
+    started = time.perf_counter()
+    jobs = args.jobs if args.jobs is not None else min(len(os.sched_getaffinity(0)), len(settings.protocols))
+    if launched_processes() > 1:
+        jobs = 1 if args.jobs is None else jobs  # the processes share out images, not protocols
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    quiet = args.quiet or not main_process
+    result = bench.run_stream_bench(world, settings, progress=not quiet, log=None if quiet else _write,
+                                    command=command, jobs=jobs, world_factory=world_factory)
+    if not main_process:
+        return 0
+    paths = bench.write_stream_report(result, args.out, title=f"MiniCanvas: stream {args.stream}")
+    from ..bench.stream_report import stream_headline
+
+    print()
+    print(f"After request {len(result['requests'])} of stream {args.stream} "
+          f"({(time.perf_counter() - started) / 60:.1f} min):")
+    print("\n".join(stream_headline(result)))
+    print()
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _stream_names() -> list[str]:
+    """The stream names of ``bench/streams.py`` (``Stream("name", ...)``), read without importing it."""
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "bench" / "streams.py").read_text(encoding="utf-8"))
+    return [node.args[0].value for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Stream" and node.args
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)]
 
 
 def _protocol_names() -> list[str]:

@@ -35,7 +35,7 @@ from ..evaluation import kv_drift
 from ..evaluation.distributed import generate_and_classify, launched_processes
 from ..evaluation.metrics import DOMAINS
 from ..evaluation.retention import EvalReference, extract_features, frechet_distance, relative_image_change
-from ..mixin import attach
+from ..mixins.attach import attach
 from ..objectives import OBJECTIVES, TrainedObjectiveConfig
 from .heldout import heldout_unlearning
 from .protocols import Hyperparameters, Protocol, method_hyperparameters, resolve_protocols

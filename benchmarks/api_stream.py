@@ -15,7 +15,7 @@
     # generic set's 16 nearest concepts of each target
     python benchmarks/api_stream.py --set method='"esd"' --regularizer gradient_projection='{"neighbors": 64,
         "vocabulary": "generic-style"}' --hold-out
-    python benchmarks/api_stream.py --set method='"esd"' --preserve-nearest 16 --hold-out
+    python benchmarks/api_stream.py --set method='"esd"' --nearest 16 --nearest-pool generic-style:2000 --hold-out
 
 Each request is ``pipe.unlearn(style, domain="style", **options)`` on the shipped MiniCanvas model; the styles are
 the bench's removal order (one per family). After the last request (and, with ``--every``, after each) it scores,
@@ -40,6 +40,7 @@ shares a word with one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -61,9 +62,15 @@ def main() -> int:
     parser.add_argument("--vocabulary", default=None, metavar="SPEC", help="vocabulary= (the closed form's kept set)")
     parser.add_argument("--regularizer", action="append", default=[], metavar="NAME=JSON",
                         help="a registered regularizer and its fields; a string vocabulary is a SPEC")
-    parser.add_argument("--preserve-nearest", type=int, default=0, metavar="N",
-                        help="preserve= the N concepts of --preserve-pool nearest to each request's concept")
-    parser.add_argument("--preserve-pool", default="generic-style", metavar="SPEC")
+    parser.add_argument("--nearest", type=int, default=0, metavar="N",
+                        help="the N concepts of --nearest-pool nearest to each request's concept ...")
+    parser.add_argument("--nearest-pool", default="generic-style", metavar="SPEC")
+    parser.add_argument("--nearest-by", choices=("embedding", "lexical"), default="embedding",
+                        help="nearest by embedding cosine, or those sharing the most words first (then cosine)")
+    parser.add_argument("--nearest-as", choices=("preserve", "retain", "both"), default="preserve",
+                        help="... passed as preserve= (a retain loss, or the closed form's kept list) or as "
+                             "gradient projection's retain= (exact invariants; needs --regularizer "
+                             "gradient_projection)")
     parser.add_argument("--hold-out", nargs="?", const="phrases", choices=("phrases", "words"), default=None,
                         help="drop from the sets built here every phrase that contains a scored concept "
                              "(phrases), or that shares a word with one (words)")
@@ -133,15 +140,25 @@ def main() -> int:
     pipe = du.attach(world.load_pipeline())
     family = family_of(pipe)
     preserve_nearest: dict[str, list[str]] = {}
-    if args.preserve_nearest:
-        pool = resolve(args.preserve_pool)
+    nearest_seconds: dict[str, float] = {}  # the neighbour search (the pool's embeddings on the first): request time
+    if args.nearest:
+        pool = resolve(args.nearest_pool)
         for k, style in enumerate(stream):
-            preserve_nearest[style] = nearest(pipe, style, "style", pool, args.preserve_nearest, taken=stream[:k + 1])
+            started = time.perf_counter()
+            preserve_nearest[style] = nearest(pipe, style, "style", pool, args.nearest, taken=stream[:k + 1],
+                                              lexical=args.nearest_by == "lexical")
+            nearest_seconds[style] = time.perf_counter() - started
 
     def request_options(k: int, style: str) -> dict[str, Any]:
         extra: dict[str, Any] = {"keep": keep} if keep else {}
-        if preserve_nearest:
+        if preserve_nearest and args.nearest_as in ("preserve", "both"):
             extra["preserve"] = [*options.get("preserve", []), *preserve_nearest[style]]
+        if preserve_nearest and args.nearest_as in ("retain", "both"):
+            projections = [r for r in options.get("regularizers", []) if r.name == "gradient_projection"]
+            if not projections:
+                raise SystemExit("--nearest-as retain needs --regularizer gradient_projection=...")
+            extra["regularizers"] = [dataclasses.replace(r, retain=[*r.retain, *preserve_nearest[style]])
+                                     if r.name == "gradient_projection" else r for r in options["regularizers"]]
         return {**options, **extra}
 
     # every phrase any request will protect, read from the requests as the library builds them
@@ -179,7 +196,8 @@ def main() -> int:
         print(f"refused (protected by the requests, not scored): {refused}; scored instead: "
               f"{honesty['substituted']}", flush=True)
     if args.dry_run:
-        print(json.dumps({"scored": {"style": scored_styles, "object": scored_objects}, **honesty}, indent=1))
+        print(json.dumps({"scored": {"style": scored_styles, "object": scored_objects}, **honesty,
+                          "nearest": preserve_nearest}, indent=1))
         return 0
     config = world.eval_config
     config = type(config)(**{**config.to_dict(), "styles": scored_styles, "objects": scored_objects})
@@ -198,7 +216,7 @@ def main() -> int:
     for k, style in enumerate(stream):
         started = time.perf_counter()
         record = pipe.unlearn(style, domain="style", seed=k, progress=False, **request_options(k, style))
-        request_seconds.append(time.perf_counter() - started)
+        request_seconds.append(time.perf_counter() - started + nearest_seconds.get(style, 0.0))
         records.append({"concept": style, "method": record.method, "seconds": round(request_seconds[-1], 2),
                         **request_report(record)})
         if not args.every and k < len(stream) - 1:
@@ -225,14 +243,14 @@ def main() -> int:
             + [f"--set {s}" for s in args.set]
             + ([f"--vocabulary {args.vocabulary}"] if args.vocabulary else [])
             + [f"--regularizer '{r}'" for r in args.regularizer]
-            + ([f"--preserve-nearest {args.preserve_nearest} --preserve-pool {args.preserve_pool}"]
-               if args.preserve_nearest else [])
+            + ([f"--nearest {args.nearest} --nearest-pool {args.nearest_pool} --nearest-by {args.nearest_by} "
+                f"--nearest-as {args.nearest_as}"] if args.nearest else [])
             + ([f"--hold-out {args.hold_out}"] if args.hold_out else [])
             + [f"--eval-seeds {args.eval_seeds}", f"--requests {args.requests}"]),
         "stream": stream, "keep": keep, "scored": {"style": scored_styles, "object": scored_objects},
         "honesty": honesty,
         "options": {k: (describe(v) if k in ("vocabulary", "regularizers") else v) for k, v in options.items()},
-        "preserve_nearest": preserve_nearest or None,
+        "nearest": preserve_nearest or None,
         "base": rows[0], "rows": rows, "requests": records,
         "ratios": {"ira": _ratio(final.get("ira"), base.ira), "cra": _ratio(final.get("cra"), base.cra),
                    "kept_in_removed": _ratio(final.get("cross_removed"), base_removed)},
@@ -340,19 +358,22 @@ def fill(scored: Sequence[str], refused: Sequence[str], spare: Sequence[str], pr
 
 
 def nearest(pipe: Any, concept: str, domain: str, pool: Mapping[str, Sequence[str]], count: int,
-            taken: Sequence[str]) -> list[str]:
-    """The ``count`` concepts of ``pool`` whose embeddings are nearest (cosine) to ``concept``'s, none of ``taken``
-    (the concept and the earlier removals) or containing one of them."""
+            taken: Sequence[str], lexical: bool = False) -> list[str]:
+    """The ``count`` concepts of ``pool`` nearest to ``concept``, none of ``taken`` (the concept and the earlier
+    removals) or containing one of them: by the cosine of their embeddings, or (``lexical``) those sharing the most
+    words with ``concept`` first, each group by cosine."""
     import torch
 
     from diffusers_unlearn.embeddings import concept_embedding, concept_embeddings
 
     candidates = [(c, d) for d, cs in pool.items() for c in cs
-                  if not any(contains(c, t) or contains(t, c) for t in taken)]
+                  if not any(contains(c, t) for t in taken)]
     target = concept_embedding(pipe, concept, domain)
     vectors = concept_embeddings(pipe, candidates)
     sims = torch.nn.functional.cosine_similarity(vectors, target[:, None], dim=0)
-    order = torch.argsort(sims, descending=True, stable=True)[:count].tolist()
+    words = set(concept.lower().split())
+    shared = [len(words & set(c.lower().split())) if lexical else 0 for c, _ in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: (-shared[i], -float(sims[i])))[:count]
     return [candidates[i][0] for i in order]
 
 

@@ -10,13 +10,15 @@ periods, genres and looks), artists' media and printmaking techniques, colour na
 patterns of surfaces and fabrics, and everyday subjects (animals, plants, food, objects, vehicles, buildings,
 landscapes, people). They were not drawn from any model's or benchmark's concept list. The grammar is fixed:
 
-- style concepts (the "style" domain's ``{}`` slot, e.g. "an image in {} style"): each art style, each medium, each
-  "<colour> <texture>" and each "<colour> <medium>";
+- style concepts (the "style" domain's ``{}`` slot, e.g. "an image in {} style"): each art style, medium, colour
+  and texture alone, each "<colour> <texture>" and each "<colour> <medium>" (the single words keep what a phrase
+  is made of: protecting "teal stripes" alone need not keep "teal" in another phrase);
 - object concepts (the "object" domain's slot, e.g. "a photo of a {}"): each subject and each "<colour> <subject>";
 - prompts: "a <subject> in <art style> style", "a <medium> of a <subject>", "a <subject> with <colour> <texture>".
 
-Combinations are interleaved rule by rule and word by word, so a prefix of any length (``limit=``) mixes every rule
-and every word list rather than one colour's combinations. The order is fixed by the lists (no randomness).
+Rules are interleaved item by item and each "<a> <b>" rule runs in rounds that use every word of the shorter list,
+so a prefix (``limit=``) mixes every rule and every word rather than one colour's combinations. The order is fixed
+by the lists (no randomness).
 """
 
 from __future__ import annotations
@@ -114,13 +116,12 @@ def _interleave(*rules: Iterable[str]) -> list[str]:
 
 
 def _pairs(first: Sequence[str], second: Sequence[str]) -> list[tuple[str, str]]:
-    """Every (a, b) of ``first`` x ``second``, ordered by diagonals (a_i b_j with i + j = 0, 1, ...) so that a prefix
-    uses many words of both lists, not one word of the first with all of the second."""
-    out = []
-    for total in range(len(first) + len(second) - 1):
-        for i in range(max(0, total - len(second) + 1), min(total, len(first) - 1) + 1):
-            out.append((first[i], second[total - i]))
-    return out
+    """Every (a, b) of ``first`` x ``second`` once, in rounds: round r pairs each word of the shorter list with the
+    word r places further on in the longer one (wrapping), so that any prefix of one round or more uses every word
+    of the shorter list and about as many of the longer."""
+    if len(first) <= len(second):
+        return [(first[i], second[(i + r) % len(second)]) for r in range(len(second)) for i in range(len(first))]
+    return [(first[(j + r) % len(first)], second[j]) for r in range(len(first)) for j in range(len(second))]
 
 
 def _joined(pairs: Iterable[tuple[str, str]]) -> list[str]:
@@ -143,7 +144,8 @@ PROMPT_ROUNDS = 4  # partners per subject in each prompt rule
 
 @lru_cache(maxsize=None)
 def _build() -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
-    style = _interleave(ART_STYLES, MEDIA, _joined(_pairs(COLOURS, TEXTURES)), _joined(_pairs(COLOURS, MEDIA)))
+    style = _interleave(ART_STYLES, MEDIA, COLOURS, TEXTURES, _joined(_pairs(COLOURS, TEXTURES)),
+                        _joined(_pairs(COLOURS, MEDIA)))
     subject = _interleave(SUBJECTS, _joined(_pairs(COLOURS, SUBJECTS)))
     patterns = _joined(_pairs(COLOURS, TEXTURES))
     prompts = _interleave(

@@ -71,6 +71,9 @@ def main() -> int:
                         help="... passed as preserve= (a retain loss, or the closed form's kept list) or as "
                              "gradient projection's retain= (exact invariants; needs --regularizer "
                              "gradient_projection)")
+    parser.add_argument("--keep-parts", action="store_true",
+                        help="add each word of a several-word concept to its nearest list (remove the phrase, not "
+                             "its parts)")
     parser.add_argument("--hold-out", nargs="?", const="phrases", choices=("phrases", "words"), default=None,
                         help="drop from the sets built here every phrase that contains a scored concept "
                              "(phrases), or that shares a word with one (words)")
@@ -141,12 +144,14 @@ def main() -> int:
     family = family_of(pipe)
     preserve_nearest: dict[str, list[str]] = {}
     nearest_seconds: dict[str, float] = {}  # the neighbour search (the pool's embeddings on the first): request time
-    if args.nearest:
-        pool = resolve(args.nearest_pool)
+    if args.nearest or args.keep_parts:
+        pool = resolve(args.nearest_pool) if args.nearest else {}
         for k, style in enumerate(stream):
             started = time.perf_counter()
-            preserve_nearest[style] = nearest(pipe, style, "style", pool, args.nearest, taken=stream[:k + 1],
-                                              lexical=args.nearest_by == "lexical")
+            parts = [w for w in style.split() if len(style.split()) > 1] if args.keep_parts else []
+            found = nearest(pipe, style, "style", pool, args.nearest, taken=stream[:k + 1],
+                            lexical=args.nearest_by == "lexical") if args.nearest else []
+            preserve_nearest[style] = list(dict.fromkeys([*parts, *found]))
             nearest_seconds[style] = time.perf_counter() - started
 
     def request_options(k: int, style: str) -> dict[str, Any]:
@@ -243,8 +248,10 @@ def main() -> int:
             + [f"--set {s}" for s in args.set]
             + ([f"--vocabulary {args.vocabulary}"] if args.vocabulary else [])
             + [f"--regularizer '{r}'" for r in args.regularizer]
-            + ([f"--nearest {args.nearest} --nearest-pool {args.nearest_pool} --nearest-by {args.nearest_by} "
-                f"--nearest-as {args.nearest_as}"] if args.nearest else [])
+            + ([f"--nearest {args.nearest} --nearest-pool {args.nearest_pool} --nearest-by {args.nearest_by}"]
+               if args.nearest else [])
+            + (["--keep-parts"] if args.keep_parts else [])
+            + ([f"--nearest-as {args.nearest_as}"] if args.nearest or args.keep_parts else [])
             + ([f"--hold-out {args.hold_out}"] if args.hold_out else [])
             + [f"--eval-seeds {args.eval_seeds}", f"--requests {args.requests}"]),
         "stream": stream, "keep": keep, "scored": {"style": scored_styles, "object": scored_objects},

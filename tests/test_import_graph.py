@@ -247,8 +247,7 @@ def test_every_listed_exception_still_exists():
 # The layers of DEVELOPERS.md's picture, bottom first: a unit imports only units of its own layer or below.
 LAYERS = [
     {"_atomic", "_deprecation", "_progress", "_tokenizer", "_validation", "_version", "_warn", "generic_vocabulary",
-     "images", "prompts",
-     "vocabulary", "worlds"},
+     "images", "prompts", "vocabulary", "worlds"},
     {"families", "testing"},
     {"embeddings", "kv"},
     {"objectives", "regularizers"},

@@ -50,8 +50,8 @@ class BenchSettings:
         negative_guidance: ESD's eta (ESD's own 1).
         reference: ESD's reference prediction: "context" (default: the prompt without the concept) or "empty"
             (ESD's own). The bench's prompts name an object beside the style; steering away from the empty prompt
-            steers away from the object too (one request at eta 5: CRA 48% of base), from the prompt without the
-            style it does not (docs/benchmarks.md section 1, calibration).
+            steers away from the object too, from the prompt without the style it does not
+            (docs/benchmarks/minicanvas.md, calibration).
         anchor: Concept Ablation's anchor (default: the world's for the domain, ``BenchWorld.anchors``, else a generic
             word of the domain, ``DEFAULT_ANCHORS``; ``ca_anchor`` resolves it).
         trajectories_per_prompt: frozen-model trajectories per request prompt (one prompt per template).

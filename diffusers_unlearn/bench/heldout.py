@@ -13,7 +13,16 @@ from .world import BenchWorld
 
 def heldout_cases(world: BenchWorld, removed: Sequence[str], domain: str) -> list[tuple[str, str, str, int]]:
     """``(style, object, template, seed)`` of every held-out image: each removed concept in each held-out template,
-    with the first ``world.heldout_others`` evaluated concepts of the other domain, at the first evaluation seed."""
+    with the first ``world.heldout_others`` evaluated concepts of the other domain, at the first evaluation seed.
+
+    Args:
+        world: the bench world (its held-out templates and evaluation).
+        removed: the concepts removed so far.
+        domain: their domain, "style" or "object".
+
+    Returns:
+        One tuple per held-out image.
+    """
     domain = check_eval_domain(domain)
     config = world.eval_config
     seed = config.seeds[0]
@@ -30,7 +39,19 @@ def heldout_cases(world: BenchWorld, removed: Sequence[str], domain: str) -> lis
 def heldout_unlearning(pipe: Any, world: BenchWorld, removed: Sequence[str], domain: str,
                        progress: bool = False) -> dict[str, Any] | None:
     """UA of the removed concepts in the held-out wordings: ``{"ua", "accuracy" (per concept), "num_images",
-    "images_per_concept", "seconds"}``; None without held-out templates or removed concepts."""
+    "images_per_concept", "seconds"}``; None without held-out templates or removed concepts. Tells erasing a
+    concept from erasing only the request's wordings of it.
+
+    Args:
+        pipe: the pipeline after the requests.
+        world: the bench world (its held-out templates, evaluation sampling and classifiers).
+        removed: the concepts removed so far.
+        domain: their domain, "style" or "object".
+        progress: show a progress bar while generating.
+
+    Returns:
+        The held-out scores, or None.
+    """
     if not world.heldout_templates or not removed:
         return None
     domain = check_eval_domain(domain)

@@ -69,9 +69,19 @@ class Hyperparameters:
         self.merge_strategy()
 
     def merge_strategy(self) -> MergeStrategy:
+        """The TIES merge of the merging protocols, with ``merge_scale`` and ``merge_density``.
+
+        Returns:
+            The merge strategy.
+        """
         return MergeStrategy("ties", scale=self.merge_scale, density=self.merge_density)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting, for the bench report.
+
+        Returns:
+            The settings as a dict.
+        """
         return dataclasses.asdict(self)
 
 
@@ -92,13 +102,27 @@ METHOD_TRAINING: dict[str, dict[str, dict[str, Any]]] = {
 
 def method_hyperparameters(method: str, domain: str = "style", **explicit: Any) -> Hyperparameters:
     """Hyperparameters for ``method``'s requests in ``domain``: ``explicit`` over ``METHOD_TRAINING[method][domain]``
-    over the defaults."""
+    over the defaults.
+
+    Args:
+        method: the erasure method, e.g. "esd".
+        domain: "style" or "object".
+        **explicit: settings that win over the method's and the defaults.
+
+    Returns:
+        The hyperparameters.
+    """
     return Hyperparameters(**{**METHOD_TRAINING.get(method, {}).get(domain, {}), **explicit})
 
 
 @dataclass(frozen=True)
 class ProtocolContext:
-    """What a protocol's regularizers may depend on: the settings and the concept vocabulary of the world."""
+    """What a protocol's regularizers may depend on: the settings and the concept vocabulary of the world.
+
+    Attributes:
+        hparams: the bench's training settings.
+        vocabulary: registered prompt domain -> concepts, gradient projection's pool.
+    """
 
     hparams: Hyperparameters
     vocabulary: Mapping[str, Sequence[str]]  # registered prompt domain -> concepts, gradient projection's pool
@@ -106,7 +130,21 @@ class ProtocolContext:
 
 @dataclass(frozen=True)
 class Protocol:
-    """One way of serving a stream of removal requests."""
+    """One way of serving a stream of removal requests.
+
+    Attributes:
+        name: the protocol's key, e.g. on the command line.
+        label: its name in tables and plots.
+        regularizers: builds the regularizers of each request from the context.
+        merge: train each request from the base and compose with TIES.
+        simultaneous: retrain from the base on all requests so far, at every step.
+        description: one sentence for the report.
+        method: the erasure method of this protocol (None: the bench's ``--method``).
+        verify: end each request with the world's classifier check (``BenchWorld.erasure_check``).
+        escalate: method settings to serve a request again with, in turn, when the check finds it not erased
+            (``engine/escalation.py``).
+        options: method settings of this protocol's requests over the bench's, per domain ("style" / "object").
+    """
 
     name: str
     label: str
@@ -123,9 +161,25 @@ class Protocol:
     options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def build_regularizers(self, ctx: ProtocolContext) -> list[Regularizer]:
+        """New regularizer objects for one request.
+
+        Args:
+            ctx: the settings and vocabulary they may depend on.
+
+        Returns:
+            The regularizers (a fresh list per request).
+        """
         return list(self.regularizers(ctx))
 
     def strategy(self, ctx: ProtocolContext) -> str | MergeStrategy:
+        """How the protocol's requests are composed: the TIES merge when ``merge``, else "sequential".
+
+        Args:
+            ctx: the settings (the merge's scale and density).
+
+        Returns:
+            The strategy.
+        """
         return ctx.hparams.merge_strategy() if self.merge else "sequential"
 
 
@@ -180,7 +234,17 @@ PROTOCOLS: dict[str, Protocol] = {
 
 
 def resolve_protocols(names: Sequence[str] | str | None) -> list[Protocol]:
-    """Protocols by name (a list or a comma-separated string); None or "all": every protocol, in table order."""
+    """Protocols by name (a list or a comma-separated string); None or "all": every protocol, in table order.
+
+    Args:
+        names: protocol names, a comma-separated string, "all" or None.
+
+    Returns:
+        The protocols, each once, in the order named.
+
+    Raises:
+        ValueError: an unknown name, or no name.
+    """
     if names is None or names == "all":
         return list(PROTOCOLS.values())
     if isinstance(names, str):

@@ -39,7 +39,15 @@ def has_heldout(result: dict[str, Any]) -> bool:
 
 def ua_matrix(result: dict[str, Any], protocol: str) -> list[list[float | None]]:
     """Per-concept UA: row i is the i-th removed concept, column k the state after request k+1 (None before the
-    concept's own request). A concept that comes back shows as a falling row."""
+    concept's own request). A concept that comes back shows as a falling row.
+
+    Args:
+        result: a bench result.
+        protocol: the protocol's name.
+
+    Returns:
+        The matrix as nested lists.
+    """
     stream = result["stream"]
     rows = result["protocols"][protocol]["rows"][1:]
     return [[None if k < i else 100.0 - row["accuracy"][concept] for k, row in enumerate(rows)]
@@ -99,7 +107,15 @@ def _method_settings(settings: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any], title: str | None = None) -> str:
-    """The whole results table as Markdown."""
+    """The whole results table as Markdown.
+
+    Args:
+        result: a bench result (``run_bench``'s return value, or ``results.json`` read back).
+        title: the section title (default: "Continual unlearning benchmark").
+
+    Returns:
+        The Markdown text, with the command, the settings and the table.
+    """
     settings, hp = result["settings"], result["settings"]["hparams"]
     base = result["base"]
     n = len(result["stream"])
@@ -277,7 +293,12 @@ def metrics_title(result: dict[str, Any]) -> str:
 
 
 def plot_metrics(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """UA, IRA and CRA against the number of requests, one line per protocol (PNG)."""
+    """UA, IRA and CRA against the number of requests, one line per protocol (PNG).
+
+    Args:
+        result: a bench result (``run_bench``'s return value, or ``results.json`` read back).
+        path: where to write the PNG.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,7 +330,12 @@ def plot_metrics(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def plot_cost(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Cumulative training steps and seconds against the number of requests: sequential against simultaneous."""
+    """Cumulative training steps and seconds against the number of requests: sequential against simultaneous.
+
+    Args:
+        result: a bench result (``run_bench``'s return value, or ``results.json`` read back).
+        path: where to write the PNG.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,7 +366,12 @@ UA_MATRIX_FONT, UA_MATRIX_DPI = 9, 110
 
 
 def plot_ua_matrix(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Heat-map per protocol: UA of each removed concept (rows) after each request (columns) (PNG)."""
+    """Heat-map per protocol: UA of each removed concept (rows) after each request (columns) (PNG).
+
+    Args:
+        result: a bench result (``run_bench``'s return value, or ``results.json`` read back).
+        path: where to write the PNG.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,8 +404,16 @@ def plot_ua_matrix(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def write_report(result: dict[str, Any], out_dir: str | os.PathLike, title: str | None = None) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md``, ``metrics.png``, ``cost.png`` and ``ua_matrix.png`` into ``out_dir``;
-    returns the paths."""
+    """Write ``results.json``, ``results.md``, ``metrics.png``, ``cost.png`` and ``ua_matrix.png`` into ``out_dir``.
+
+    Args:
+        result: a bench result (``run_bench``'s return value).
+        out_dir: the folder to write into (created if missing).
+        title: the Markdown section title (see ``markdown``).
+
+    Returns:
+        File kind -> path of each written file.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "metrics_plot": out / "metrics.png",

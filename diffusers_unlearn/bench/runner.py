@@ -50,8 +50,8 @@ class BenchSettings:
         negative_guidance: ESD's eta (ESD's own 1).
         reference: ESD's reference prediction: "context" (default: the prompt without the concept) or "empty"
             (ESD's own). The bench's prompts name an object beside the style; steering away from the empty prompt
-            steers away from the object too (one request at eta 5: CRA 48% of base), from the prompt without the
-            style it does not (docs/benchmarks.md section 1, calibration).
+            steers away from the object too, from the prompt without the style it does not
+            (docs/benchmarks/minicanvas.md, calibration).
         anchor: Concept Ablation's anchor (default: the world's for the domain, ``BenchWorld.anchors``, else a generic
             word of the domain, ``DEFAULT_ANCHORS``; ``ca_anchor`` resolves it).
         trajectories_per_prompt: frozen-model trajectories per request prompt (one prompt per template).
@@ -92,11 +92,24 @@ class BenchSettings:
         check_seed(self.seed)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting, for the bench report.
+
+        Returns:
+            The settings as a dict.
+        """
         return dataclasses.asdict(self)
 
 
 def ca_anchor(settings: BenchSettings, world: BenchWorld) -> str:
-    """Concept Ablation's anchor for ``settings`` on ``world``: the explicit one, the world's, or the generic word."""
+    """Concept Ablation's anchor for ``settings`` on ``world``: the explicit one, the world's, or the generic word.
+
+    Args:
+        settings: the bench settings (``anchor`` and ``domain``).
+        world: the bench world (its ``anchors``).
+
+    Returns:
+        The anchor concept.
+    """
     return settings.anchor or world.anchors.get(settings.domain) or DEFAULT_ANCHORS[settings.domain]
 
 
@@ -173,7 +186,21 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
     but the seed), ``removed`` the concepts removed before it: the world's prompt domain, the method config,
     training settings, regularizers and strategy; a verified protocol adds the world's erasure check and its
     escalation.
-    ``diffusers-unlearn unlearn <world>`` uses them too (see ``bench.recipes``)."""
+    ``diffusers-unlearn unlearn <world>`` uses them too (see ``bench.recipes``).
+
+    Args:
+        world: the bench world.
+        settings: the bench settings.
+        protocol: a protocol that is not simultaneous.
+        concept: the concept to remove.
+        removed: the concepts removed before it.
+
+    Returns:
+        The keyword arguments.
+
+    Raises:
+        ValueError: the method or a regularizer would keep an evaluated concept (``BenchWorld.check_request``).
+    """
     if protocol.simultaneous:
         raise ValueError(f"protocol {protocol.name!r} retrains every request at once; it has no single-request form")
     world.register_domains()  # here, where requests need them: in worker processes too
@@ -197,7 +224,22 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
 
 def serve_request(pipe: Any, protocol: Protocol, world: BenchWorld, settings: BenchSettings, stream: Sequence[str],
                   k: int, progress: bool = True) -> tuple[int, float]:
-    """Serve request ``k`` (0-based) of ``stream`` on ``pipe`` under ``protocol``; returns (training steps, seconds)."""
+    """Serve request ``k`` (0-based) of ``stream`` on ``pipe`` under ``protocol``.
+
+    A simultaneous protocol rolls every request back and retrains on all of ``stream[:k + 1]`` at once.
+
+    Args:
+        pipe: the attached pipeline serving the stream.
+        protocol: how the requests are served.
+        world: the bench world.
+        settings: the bench settings.
+        stream: the concepts to remove, in order.
+        k: the request's index in ``stream``.
+        progress: show progress bars.
+
+    Returns:
+        (training steps, seconds) of the request.
+    """
     if not protocol.simultaneous:
         record = pipe.unlearn(**request_kwargs(world, settings, protocol, stream[k], stream[:k]),
                               seed=settings.seed + k, progress=progress)
@@ -275,7 +317,20 @@ def run_protocol(world: BenchWorld, settings: BenchSettings, protocol: Protocol,
                  on_request: Callable[[], None] | None = None,
                  reference: EvalReference | None = None) -> list[dict[str, Any]]:
     """Serve the whole stream under one protocol on a fresh pipeline; one row per request after ``base_row``.
-    ``reference``: the base model's evaluation images (``base_reference``), for the image-change measures."""
+
+    Args:
+        world: the bench world (a fresh pipeline comes from it).
+        settings: the bench settings.
+        protocol: how the requests are served.
+        base_row: the base model's row (row 0).
+        progress: show progress bars.
+        log: where progress lines go (None: nowhere).
+        on_request: called after each request (e.g. to advance a shared progress bar).
+        reference: the base model's evaluation images (``base_reference``), for the image-change measures.
+
+    Returns:
+        The rows, ``base_row`` first.
+    """
     say = log or (lambda message: None)
     stream = world.stream(settings.domain, settings.requests)
     pipe = attach(world.load_pipeline())
@@ -330,6 +385,22 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
     process's exactly; a trained request trains data-parallel (the trainer's mode under a launcher: each process
     an equal share of the batch, gradients averaged), equal to one process's to float rounding. Then ``jobs`` must
     be 1 and a trained protocol's batch size a multiple of the processes.
+
+    Args:
+        world: the bench world.
+        settings: the bench settings (protocols, stream length, method, training settings).
+        progress: show progress bars.
+        log: where progress lines go (None: nowhere).
+        command: the command line, recorded in the results.
+        jobs: worker processes for the protocols.
+        world_factory: rebuilds the world in a worker process (needed with ``jobs > 1``).
+
+    Returns:
+        The results: settings, world, stream, base row and each protocol's rows.
+
+    Raises:
+        ValueError: ``jobs > 1`` without a ``world_factory``, ``jobs > 1`` or an indivisible batch size under a
+            launcher, or a Concept Ablation anchor that the stream removes.
     """
     say = log or (lambda message: None)
     started = time.perf_counter()

@@ -132,7 +132,17 @@ class BenchWorld:
                          classifiers=lambda **_: classifiers, render=self.render)
 
     def concepts(self, domain: str) -> list[str]:
-        """Every concept of the domain (not only the evaluated ones)."""
+        """Every concept of the domain (not only the evaluated ones).
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            The concepts, in the world's order.
+
+        Raises:
+            ValueError: ``domain`` is neither "style" nor "object".
+        """
         return list(self.styles if check_eval_domain(domain) == "style" else self.objects)  # type: ignore[arg-type]
 
     def evaluated(self) -> list[str]:
@@ -140,13 +150,28 @@ class BenchWorld:
         return [*self.eval_config.styles, *self.eval_config.objects]
 
     def unevaluated(self, domain: str) -> list[str]:
-        """The domain's concepts outside the evaluation: what protection and request prompts may use."""
+        """The domain's concepts outside the evaluation: what protection and request prompts may use.
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            The concepts.
+        """
         evaluated = self.evaluated()
         return [c for c in self.concepts(domain) if not any(same_concept(c, e) for e in evaluated)]
 
     def check_protected(self, concepts: Any, what: str) -> None:
         """Refuse ``concepts`` (names to keep, a list or ``{domain: [...]}``) that include an evaluated concept:
-        a protocol told to keep a concept keeps it, and its retention would measure only that."""
+        a protocol told to keep a concept keeps it, and its retention would measure only that.
+
+        Args:
+            concepts: the names to keep, a list or ``{domain: [...]}``.
+            what: what holds them, for the error message (e.g. "keep of closed_form").
+
+        Raises:
+            ValueError: an evaluated concept is among them.
+        """
         names = [c for cs in concepts.values() for c in cs] if isinstance(concepts, dict) else list(concepts or [])
         evaluated = self.evaluated()
         overlap = sorted({str(c) for c in names if any(same_concept(str(c), e) for e in evaluated)})
@@ -158,7 +183,14 @@ class BenchWorld:
 
     def check_request(self, kwargs: dict[str, Any]) -> None:
         """Refuse a request (``pipe.unlearn`` keyword arguments) whose method or regularizers keep an evaluated
-        concept (any of ``PROTECTION_FIELDS``)."""
+        concept (any of ``PROTECTION_FIELDS``).
+
+        Args:
+            kwargs: the request's ``pipe.unlearn`` keyword arguments.
+
+        Raises:
+            ValueError: the method or a regularizer keeps an evaluated concept.
+        """
         for part in [kwargs.get("method"), *kwargs.get("regularizers", [])]:
             for name in PROTECTION_FIELDS:
                 value = getattr(part, name, None)
@@ -171,6 +203,13 @@ class BenchWorld:
 
         A stream may remove every evaluated concept of the domain (MiniCanvas's ``--requests 12``); after the request
         that removes the last kept one, IRA and CRA are undefined (n/a) and UA is the only score.
+
+        Args:
+            domain: "style" or "object".
+            requests: how many concepts to take.
+
+        Returns:
+            The concepts to remove, in order.
         """
         order = self.orders[check_eval_domain(domain)]
         check_int(requests, "requests", minimum=1)
@@ -180,12 +219,30 @@ class BenchWorld:
         return order[:requests]
 
     def prompt_domain(self, domain: str) -> str:
+        """The prompt domain of the world's requests, ``"<world>-style"`` or ``"<world>-object"``.
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            The prompt domain.
+
+        Raises:
+            ValueError: ``domain`` is neither "style" nor "object".
+        """
         return f"{self.name}-{check_eval_domain(domain)}"
 
     def prompt_others(self, domain: str) -> list[str]:
         """The other domain's concepts a ``domain`` request's prompts are written with: those outside the
         evaluation, so that no request trains on a scored concept's prompt; every one of them when the world has
-        none outside it (a world as small as its evaluation; ``describe`` says so)."""
+        none outside it (a world as small as its evaluation; ``describe`` says so).
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            The concepts of the other domain.
+        """
         other = "object" if check_eval_domain(domain) == "style" else "style"
         unevaluated = self.unevaluated(other)
         if self.prompt_concepts is not None:  # may name words outside the world's concepts (e.g. auxiliary ones)
@@ -196,7 +253,14 @@ class BenchWorld:
 
     def templates(self, domain: str) -> list[str]:
         """Request templates: the world's own prompt with the concept's slot open, across the other domain's
-        concepts outside the evaluation (``prompt_others``)."""
+        concepts outside the evaluation (``prompt_others``).
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            The templates, each with one ``{}`` slot.
+        """
         others = self.prompt_others(domain)
         if check_eval_domain(domain) == "style":
             return world_templates(self.eval_config.template, [], others, domain)
@@ -212,7 +276,14 @@ class BenchWorld:
 
     def erasure_check(self, domain: str) -> ClassifierCheck:
         """The check of a verified protocol's ``domain`` request: the domain's classifier on ``check_templates`` of
-        the request's templates (spread over them) at ``check_seeds``, sampled as the evaluation samples."""
+        the request's templates (spread over them) at ``check_seeds``, sampled as the evaluation samples.
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            The erasure check.
+        """
         templates = self.templates(domain)
         step = max(1, len(templates) // self.check_templates)
         config = self.eval_config
@@ -229,6 +300,11 @@ class BenchWorld:
         return {self.prompt_domain(d): list(pool[d]) for d in ("style", "object")}
 
     def describe(self) -> dict[str, Any]:
+        """The world's concepts, evaluation, orders and the split between protected and scored concepts.
+
+        Returns:
+            A JSON-ready dict for the bench report.
+        """
         return {"name": self.name, "styles": self.styles, "objects": self.objects, "eval": self.eval_config.to_dict(),
                 "orders": self.orders, "heldout_templates": list(self.heldout_templates),
                 "heldout_others": self.heldout_others, "check_seeds": list(self.check_seeds),
@@ -272,7 +348,14 @@ def register_minicanvas_domains() -> None:
 
 def family_round_robin(families: dict[str, Sequence[str]]) -> list[str]:
     """One member of each family in turn: consecutive requests hit different families, and every removed style
-    keeps a near neighbour (same family) among the kept ones for as long as possible."""
+    keeps a near neighbour (same family) among the kept ones for as long as possible.
+
+    Args:
+        families: family name -> its members, in order.
+
+    Returns:
+        The members, first of each family, then second of each, and so on.
+    """
     queues = [list(members) for members in families.values()]
     order: list[str] = []
     while any(queues):
@@ -288,7 +371,13 @@ def minicanvas_style_plan(families: int | None = None) -> tuple[list[str], list[
     The paper's protocol: one style of each family in turn (request k removes the first member of family k), so
     consecutive requests hit different families; the kept set, on which IRA is scored, is the second member of
     each family, a near neighbour (same family word and palette) of a removed style, and shares texture words with
-    removed styles of other families. ``families``: only the first n families (a cheaper evaluation).
+    removed styles of other families.
+
+    Args:
+        families: only the first n families (a cheaper evaluation); None: all of them.
+
+    Returns:
+        ``(removal order, kept styles)``.
     """
     groups = list(mc.STYLE_FAMILIES.values())
     if families is not None:
@@ -307,18 +396,33 @@ def minicanvas_world(weights_dir: str | os.PathLike | None = None, eval_seeds: i
     """The shipped MiniCanvas model and classifiers, with the evaluation set of the paper's kind.
 
     ``domain="style"``: styles are removed one family after another (:func:`minicanvas_style_plan`); the evaluated
-    styles are the removal order (12) plus a kept neighbour of each (12), drawn with ``MINICANVAS_EVAL_OBJECTS``.
+    styles are the removal order plus a kept neighbour of each, drawn with ``MINICANVAS_EVAL_OBJECTS``.
     ``domain="object"``: every object is evaluated and removed in order, drawn in one style of each family.
     What protocols may keep (``auxiliary``) is ``minicanvas.auxiliary_concepts()`` less every evaluated concept, and
     request prompts use only unevaluated concepts of the other domain (the honest protocol, module docstring).
-    ``eval_seeds`` (the first n ``EVAL_SEEDS``, default 2), ``eval_objects``, ``eval_families`` (style plan of the
-    first n families) and ``eval_steps`` (sampling steps, also those of the requests' trajectories) make the
-    evaluation cheaper. ``order``: the removal order of ``domain`` instead (evaluated concepts; the stream is its
-    first ``requests``), e.g. to check that a recipe does not depend on the default order. Gradient projection's
-    pool is ``minicanvas.auxiliary_concepts()`` (108 concepts). Concept Ablation maps an object onto ``mushroom``
-    (the last object, which a stream of up to 11 default-order requests keeps): the model draws no object-less
-    image, and a generic word ("picture") draws random objects, ``cat`` in 5 of 24 images, so removing ``cat`` onto
-    it left a sixth of its images (docs/benchmarks.md section 1, calibration).
+    Gradient projection's pool is ``minicanvas.auxiliary_concepts()``. Concept Ablation maps an object onto the last
+    object the evaluation does not score (``mushroom`` by default, which a default-order stream keeps): the model
+    draws no object-less image, and a generic word draws random objects, the removed one among them
+    (docs/benchmarks/minicanvas.md, calibration).
+
+    Args:
+        weights_dir: where the MiniCanvas weights are (default: the shipped ones).
+        eval_seeds: the first n ``EVAL_SEEDS`` (default 2); fewer make the evaluation cheaper.
+        eval_objects: the objects the style evaluation draws (default ``MINICANVAS_EVAL_OBJECTS``).
+        eval_steps: sampling steps of the evaluation, also those of the requests' trajectories.
+        batch_size: images per pipeline call.
+        device: where the model and classifiers run (default: CPU).
+        domain: "style" or "object", the domain the stream removes.
+        eval_families: style plan of the first n families only.
+        heldout: also score the removed concepts in the held-out wordings (``BenchWorld.heldout_templates``).
+        order: the removal order of ``domain`` instead of the default (evaluated concepts; the stream is its
+            first ``requests``), e.g. to check that a recipe does not depend on the default order.
+
+    Returns:
+        The bench world.
+
+    Raises:
+        ValueError: ``domain`` is neither "style" nor "object", or ``order`` is empty or not evaluated concepts.
     """
     check_eval_domain(domain)
     style_clf, object_clf = mc.load_classifiers(device=device, weights_dir=weights_dir)

@@ -27,7 +27,19 @@ DEFAULT_CLIP_TEMPLATES: tuple[str, ...] = ("a {} image", "an image in {} style",
 
 
 def classify(classifier: Classifier, images: Images, labels: Sequence[str] | None = None) -> list[str]:
-    """Call ``classifier`` and check that it answers one label per image (from ``labels`` when given)."""
+    """Call ``classifier`` and check that it answers one label per image (from ``labels`` when given).
+
+    Args:
+        classifier: a callable from images to one label each.
+        images: the images to classify.
+        labels: the labels it may answer (None: any).
+
+    Returns:
+        One label per image.
+
+    Raises:
+        ValueError: the classifier answered another number of labels, or a label outside ``labels``.
+    """
     count = len(images)
     predictions = list(classifier(images))
     if len(predictions) != count:
@@ -87,6 +99,7 @@ class CLIPZeroShotClassifier:
 
     @property
     def device(self) -> torch.device:
+        """Where the CLIP model runs."""
         return next(self.model.parameters()).device
 
     @torch.no_grad()
@@ -101,7 +114,14 @@ class CLIPZeroShotClassifier:
 
     @torch.no_grad()
     def image_features(self, images: Images) -> torch.Tensor:
-        """Normalised CLIP image embeddings ``[B, d]``."""
+        """Normalised CLIP image embeddings ``[B, d]``.
+
+        Args:
+            images: a batch of images (PIL images, or a float tensor [B, 3, H, W] in [0, 1]).
+
+        Returns:
+            The embeddings, float32, on the model's device.
+        """
         pil = to_pil(images)
         out = []
         for start in range(0, len(pil), self.batch_size):
@@ -112,10 +132,25 @@ class CLIPZeroShotClassifier:
         return torch.cat(out) if out else torch.zeros(0, self.text_features.shape[1])
 
     def logits(self, images: Images) -> torch.Tensor:
-        """Cosine similarity of every image with every label ``[B, len(labels)]``."""
+        """Cosine similarity of every image with every label ``[B, len(labels)]``.
+
+        Args:
+            images: a batch of images (PIL images, or a float tensor [B, 3, H, W] in [0, 1]).
+
+        Returns:
+            The similarities, one row per image.
+        """
         return self.image_features(images) @ self.text_features.T
 
     def __call__(self, images: Images) -> list[str]:
+        """The label of highest similarity for each image.
+
+        Args:
+            images: a batch of images (PIL images, or a float tensor [B, 3, H, W] in [0, 1]).
+
+        Returns:
+            One label per image.
+        """
         return [self.labels[i] for i in self.logits(images).argmax(dim=1).tolist()]
 
     def __repr__(self) -> str:

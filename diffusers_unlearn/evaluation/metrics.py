@@ -108,9 +108,29 @@ class EvalConfig:
         return get_world("minicanvas").evaluation_world().eval_config(seeds, **overrides)
 
     def concepts(self, domain: str) -> list[str]:
+        """The evaluated concepts of one domain.
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            ``styles`` or ``objects`` as a list.
+
+        Raises:
+            ValueError: ``domain`` is neither.
+        """
         return list(self.styles if check_eval_domain(domain) == "style" else self.objects)
 
     def prompt(self, style: str, obj: str) -> str:
+        """The template filled with one style and one object.
+
+        Args:
+            style: the style filled into ``{style}``.
+            obj: the object filled into ``{object}``.
+
+        Returns:
+            The prompt.
+        """
         return self.template.format(style=style, object=obj)
 
     def cases(self) -> list[tuple[str, str, int]]:
@@ -118,12 +138,36 @@ class EvalConfig:
         return [(s, o, seed) for seed in self.seeds for s in self.styles for o in self.objects]
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, for the scores' record of what was evaluated.
+
+        Returns:
+            The fields as a dict.
+        """
         return dataclasses.asdict(self)
 
 
 @dataclass
 class UnlearningScores:
-    """UA / IRA / CRA (percent; None where undefined: no removed, or no kept, concept) and their details."""
+    """UA / IRA / CRA (percent; None where undefined: no removed, or no kept, concept) and their details.
+
+    Attributes:
+        domain: the removed concepts' domain, "style" or "object".
+        removed: the removed concepts.
+        ua: unlearning accuracy: 100 minus the classifier's accuracy on the removed concepts' images.
+        ira: in-domain retain accuracy: the same classifier's accuracy on the kept concepts' images.
+        cra: cross-domain retain accuracy: the other domain's classifier on the kept concepts' images.
+        accuracy: per concept of ``domain``, its classifier's accuracy on that concept's images.
+        cross_accuracy: per concept of the other domain, on the kept concepts' images.
+        num_images: how many images were scored.
+        seconds: wall time of the evaluation.
+        config: the ``EvalConfig`` as a dict.
+        cross_removed: the other domain's classifier on the removed concepts' images.
+        image_change: kept concepts' images against the base's at the same seed, relative to the base's seed gap
+            (needs a reference).
+        frechet: Fréchet distance of the kept concepts' image features to the base's (needs a reference with
+            features).
+        images: the scored images (not saved).
+    """
 
     domain: Domain
     removed: list[str]
@@ -144,9 +188,19 @@ class UnlearningScores:
     images: torch.Tensor | None = field(default=None, repr=False, compare=False)  # the scored images, not saved
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field but the images, JSON-ready.
+
+        Returns:
+            The scores as a dict.
+        """
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "images"}
 
     def summary(self) -> str:
+        """One line: UA, IRA, CRA and, where measured, the kept-in-removed accuracy and the image change.
+
+        Returns:
+            The line, e.g. for a log or a progress message.
+        """
         def pct(x: float | None) -> str:
             return "n/a" if x is None else f"{x:.1f}"
 
@@ -169,7 +223,21 @@ def score_predictions(
     removed: Sequence[str],
     domain: str,
 ) -> UnlearningScores:
-    """UA / IRA / CRA from the intended ``(style, object, ...)`` of each image and the two classifiers' answers."""
+    """UA / IRA / CRA from the intended ``(style, object, ...)`` of each image and the two classifiers' answers.
+
+    Args:
+        cases: the intended ``(style, object)`` or ``(style, object, seed)`` of each image.
+        style_predictions: the style classifier's answer per image.
+        object_predictions: the object classifier's answer per image.
+        removed: the removed concepts of ``domain``.
+        domain: "style" or "object".
+
+    Returns:
+        The scores (without images, timing or config).
+
+    Raises:
+        ValueError: the predictions do not match the images one to one, or a removed concept was not evaluated.
+    """
     domain = check_eval_domain(domain)
     if not (len(cases) == len(style_predictions) == len(object_predictions)):
         raise ValueError(f"need one prediction per image: {len(cases)} images, {len(style_predictions)} style and "
@@ -312,6 +380,17 @@ def kv_drift(pipe: Any, base_weights: dict[str, torch.Tensor] | None = None) -> 
 
     For an attached pipeline the change is that of its active requests as composed (stacked, merged, folded);
     otherwise pass ``base_weights`` (layer name -> weight) of the model it came from.
+
+    Args:
+        pipe: an attached pipeline, or any pipeline when ``base_weights`` is given.
+        base_weights: layer name -> base K/V weight (None: the attached pipeline's own base).
+
+    Returns:
+        The relative change, 0.0 for an unchanged model.
+
+    Raises:
+        TypeError: no ``base_weights`` and the pipeline is not attached.
+        ValueError: ``base_weights`` do not match the K/V layers, or the pipeline has LoRA layers (fold it first).
     """
     base, change = _kv_change(pipe, base_weights)
     num = sum(float(d.square().sum()) for d in change.values())
@@ -320,13 +399,32 @@ def kv_drift(pipe: Any, base_weights: dict[str, torch.Tensor] | None = None) -> 
 
 
 def kv_drift_per_layer(pipe: Any, base_weights: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """``||dW||_F / ||W_base||_F`` per K/V layer."""
+    """``||dW||_F / ||W_base||_F`` per K/V layer.
+
+    Args:
+        pipe: an attached pipeline, or any pipeline when ``base_weights`` is given.
+        base_weights: layer name -> base K/V weight (None: the attached pipeline's own base).
+
+    Returns:
+        Layer name -> relative change.
+
+    Raises:
+        TypeError: no ``base_weights`` and the pipeline is not attached.
+        ValueError: as for ``kv_drift``.
+    """
     base, change = _kv_change(pipe, base_weights)
     return {k: float(change[k].norm() / base[k].norm()) if float(base[k].norm()) else 0.0 for k in base}
 
 
 def request_costs(pipe: Any) -> list[dict[str, Any]]:
-    """Training cost of each active request, from the ledger: steps, seconds (setup + loop), seconds per step."""
+    """Training cost of each active request, from the ledger: steps and seconds (setup + loop).
+
+    Args:
+        pipe: an attached pipeline.
+
+    Returns:
+        One dict per ledger request: request_id, concept, steps, seconds, setup_seconds, loop_seconds.
+    """
     rows = []
     for record in pipe.unlearning_ledger.requests:
         rows.append({

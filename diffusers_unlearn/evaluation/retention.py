@@ -29,8 +29,16 @@ def _per_image_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def seed_gap(base_images: torch.Tensor, cases: Sequence[tuple[Any, ...]],
              rows: Sequence[int] | None = None) -> float | None:
     """Mean distance between the base model's images of the same prompt at different seeds (the first two seeds
-    each prompt has among ``rows``); None when no prompt has two seeds. ``cases``: ``(style, object, seed)`` per
-    image."""
+    each prompt has among ``rows``); None when no prompt has two seeds: the scale a change is measured against.
+
+    Args:
+        base_images: the base model's images, one per case.
+        cases: ``(style, object, seed)`` per image.
+        rows: the images to use (default: every image).
+
+    Returns:
+        The mean distance, or None.
+    """
     chosen = range(len(cases)) if rows is None else rows
     by_prompt: dict[tuple[Any, Any], list[int]] = {}
     for i in chosen:
@@ -46,7 +54,20 @@ def seed_gap(base_images: torch.Tensor, cases: Sequence[tuple[Any, ...]],
 def relative_image_change(images: torch.Tensor, base_images: torch.Tensor, cases: Sequence[tuple[Any, ...]],
                           rows: Sequence[int] | None = None) -> float | None:
     """Mean distance of ``images`` to ``base_images`` (same prompt, same seed) over ``rows`` (default every image),
-    divided by the base model's seed gap on the same rows; None when the gap is undefined (one seed) or zero."""
+    divided by the base model's seed gap on the same rows; None when the gap is undefined (one seed) or zero.
+
+    Args:
+        images: the edited model's images, one per case.
+        base_images: the base model's images of the same cases.
+        cases: ``(style, object, seed)`` per image.
+        rows: the images to compare (default: every image).
+
+    Returns:
+        The change in units of the seed gap, or None.
+
+    Raises:
+        ValueError: the two image sets differ in shape or do not have one image per case.
+    """
     if images.shape != base_images.shape or len(images) != len(cases):
         raise ValueError(f"images {tuple(images.shape)} and base images {tuple(base_images.shape)} must have the same "
                          f"shape, one per case ({len(cases)} cases)")
@@ -67,7 +88,18 @@ def _sqrt_psd(matrix: torch.Tensor) -> torch.Tensor:
 
 def frechet_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) between two feature sets [N, F] (float64; the
-    covariances may be singular, as with fewer images than features: the symmetric form needs no inverse)."""
+    covariances may be singular, as with fewer images than features: the symmetric form needs no inverse).
+
+    Args:
+        features: [N, F] features of one image set.
+        reference: [M, F] features of the other.
+
+    Returns:
+        The distance, >= 0.
+
+    Raises:
+        ValueError: the sets are not [N, F] with the same F, have fewer than 2 rows, or are not finite.
+    """
     if features.ndim != 2 or reference.ndim != 2 or features.shape[1] != reference.shape[1]:
         raise ValueError(f"feature sets must be [N, F] with the same F, got {tuple(features.shape)} and "
                          f"{tuple(reference.shape)}")
@@ -88,13 +120,30 @@ def frechet_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
 @dataclass
 class EvalReference:
     """The base model's evaluation images (in ``EvalConfig.cases()`` order) and, with a feature extractor, their
-    features: what ``evaluate_unlearning`` compares a later state with."""
+    features: what ``evaluate_unlearning`` compares a later state with.
+
+    Attributes:
+        images: the base model's images, float32 on the CPU.
+        features: their features [N, F] (None: no feature extractor was given).
+    """
 
     images: torch.Tensor
     features: torch.Tensor | None = None
 
     @classmethod
     def from_images(cls, images: torch.Tensor, feature_extractor: FeatureExtractor | None = None) -> EvalReference:
+        """A reference from the base model's images, with their features when an extractor is given.
+
+        Args:
+            images: the base model's evaluation images, in ``EvalConfig.cases()`` order.
+            feature_extractor: a callable from images to [B, F] features (None: images only).
+
+        Returns:
+            The reference (images copied to float32 on the CPU).
+
+        Raises:
+            ValueError: the extractor does not return one feature row per image.
+        """
         images = images.detach().float().cpu()
         features = None if feature_extractor is None else extract_features(feature_extractor, images)
         return cls(images, features)

@@ -103,22 +103,61 @@ class EvalWorld:
                 raise TypeError(f"EvalWorld {what} must be callable or None, got {value!r}")
 
     def concepts(self, axis: str) -> tuple[str, ...]:
-        """Every concept of ``axis`` ("style" or "object")."""
+        """Every concept of ``axis`` ("style" or "object").
+
+        Args:
+            axis: "style" or "object".
+
+        Returns:
+            The world's concepts of that axis, in order.
+
+        Raises:
+            ValueError: ``axis`` is neither.
+        """
         return self.styles if check_axis(axis) == "style" else self.objects
 
     def axis(self, concept: str, domain: str) -> str | None:
         """"style" or "object" when ``concept`` is one of the world's concepts of the axis ``domain`` names
-        ("style", "object", or a prompt domain ``"<world>-style"`` / ``"<world>-object"``), else None."""
+        ("style", "object", or a prompt domain ``"<world>-style"`` / ``"<world>-object"``), else None.
+
+        Args:
+            concept: the concept to look up.
+            domain: "style", "object", or a prompt domain ending in one of them.
+
+        Returns:
+            The axis, or None when the concept is not one of the world's concepts of it.
+        """
         axis = domain.rsplit("-", 1)[-1]
         return axis if axis in AXES and concept in self.concepts(axis) else None
 
     def prompt(self, style: str, obj: str, template: str | None = None) -> str:
-        """``template`` (default: the world's) filled with one style and one object."""
+        """``template`` (default: the world's) filled with one style and one object.
+
+        Args:
+            style: the style filled into ``{style}``.
+            obj: the object filled into ``{object}``.
+            template: a ``{style}``/``{object}`` template (default: the world's).
+
+        Returns:
+            The prompt.
+        """
         return (template or self.template).format(style=style, object=obj)
 
     def fill(self, template: str, concept: str, axis: str) -> list[str]:
         """A ``{style}``/``{object}`` template with ``concept`` in the ``axis`` slot, across every concept of the
-        other axis (one prompt each)."""
+        other axis (one prompt each).
+
+        Args:
+            template: a template with ``{style}`` and ``{object}`` slots.
+            concept: the concept put in the ``axis`` slot.
+            axis: "style" or "object".
+
+        Returns:
+            One prompt per concept of the other axis, in the world's order.
+
+        Raises:
+            ValueError: ``axis`` is neither "style" nor "object".
+        """
         if check_axis(axis) == "style":
             return [self.prompt(concept, o, template) for o in self.objects]
         return [self.prompt(s, concept, template) for s in self.styles]
@@ -151,6 +190,12 @@ class EvalWorld:
     def load_classifiers(self, **kwargs: Any) -> tuple[Classifier, Classifier]:
         """``(style_classifier, object_classifier)`` of the world; ``kwargs`` go to its loader.
 
+        Args:
+            **kwargs: passed to the world's classifier loader (e.g. a device).
+
+        Returns:
+            The style and the object classifier.
+
         Raises:
             ValueError: the world has no classifiers of its own.
         """
@@ -168,13 +213,27 @@ def check_axis(axis: str) -> str:
 def eval_world_of(pipe: Any, domain: str | None = None) -> EvalWorld | None:
     """The evaluation world of a pipeline: that of the named world a request on ``pipe`` in ``domain`` belongs to
     (``du.worlds.world_of``: a ``"<world>-<kind>"`` domain, the world the pipeline was loaded as, or its ledger's),
-    when that world declares one; else None."""
+    when that world declares one; else None.
+
+    Args:
+        pipe: the pipeline.
+        domain: a request's domain (None: the pipeline's own world or its ledger's).
+
+    Returns:
+        The evaluation world, or None.
+    """
     world, _ = world_of(pipe, domain)
     return None if world is None else world.evaluation_world()
 
 
 def named_eval_world(name: str) -> EvalWorld:
     """The evaluation world of the registered world ``name``.
+
+    Args:
+        name: a registered world's name.
+
+    Returns:
+        Its evaluation world.
 
     Raises:
         ValueError: no world of that name, or one without an evaluation world.

@@ -74,10 +74,18 @@ class RequestStreamMixin:
 
     @property
     def base_fingerprint(self) -> str:
+        """Fingerprint of the base weights the requests were made on; a saved ledger refuses another base."""
         return unlearning_state(self).base_fingerprint
 
     def request_adapter(self, request_id: str) -> ad.RequestAdapter:
-        """The stored artifact of one request (factors or dense delta, float32, CPU)."""
+        """The stored artifact of one request (factors or dense delta, float32, CPU).
+
+        Args:
+            request_id: the request whose adapter to return, e.g. "r0003".
+
+        Returns:
+            The request's ``RequestAdapter``.
+        """
         return unlearning_state(self).artifact(request_id)
 
     # -------------------------------------------------------------------------------------------- unlearn
@@ -180,6 +188,20 @@ class RequestStreamMixin:
         ``UnlearnRequest`` objects. Under ``accelerate launch`` process i trains requests i, i + n, ...; the adapters
         are gathered and every process ends with the same ledger, equal to training the requests one after another
         with ``unlearn``.
+
+        Args:
+            requests: ``unlearn`` keyword mappings (``concept`` required) or ready ``UnlearnRequest`` objects.
+            strategy: the merge strategy every request shares ("merge", "ties", "task_arithmetic", "uniform" or a
+                ``MergeStrategy``); requests are trained from the base, so a sequential strategy is refused.
+            accelerator: an ``accelerate.Accelerator`` (default: one made from the first request's training).
+            progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
+
+        Returns:
+            The committed ledger records, in the order of ``requests``.
+
+        Raises:
+            ValueError: the strategy is not a merge strategy, ``requests`` is empty or not a list, a mapping has no
+                ``concept`` or a request asks for another strategy.
         """
         chosen = resolve_strategy(strategy)
         if not isinstance(chosen, MergeStrategy):
@@ -313,6 +335,17 @@ class RequestStreamMixin:
         """Within the block, only that request is active (``mode="only"``) or all but it (``"without"``).
 
         The previous state comes back on exit, also on exceptions.
+
+        Args:
+            request_id: the request to isolate, e.g. "r0003".
+            mode: "only" (just this request active) or "without" (every request but this one).
+
+        Returns:
+            A context manager that yields the pipeline itself.
+
+        Raises:
+            UnknownRequestError: the ledger holds no ``request_id``.
+            ValueError: ``mode`` is neither "only" nor "without".
         """
         state = unlearning_state(self)
         check_request_id(self, request_id)
@@ -410,5 +443,14 @@ class RequestStreamMixin:
     @one_thread
     def audit_grid(self, request_id: str, prompt: str, **kwargs: Any) -> Any:
         """A 2x2 PIL image: the same prompt and seed on the base, all requests, only ``request_id`` and all but it,
-        with captions. ``kwargs``: ``num_inference_steps``, ``seed``, ``guidance_scale`` and other pipeline args."""
+        with captions, to see at a glance what one request changes.
+
+        Args:
+            request_id: the request to show alone and left out, e.g. "r0003".
+            prompt: the prompt rendered in all four panels.
+            **kwargs: ``num_inference_steps``, ``seed``, ``guidance_scale`` and other pipeline arguments.
+
+        Returns:
+            The captioned grid as one PIL image.
+        """
         return audit_grid(self, request_id, prompt, **kwargs)

@@ -57,6 +57,11 @@ class ObjectiveConfig(RenamedOptions):
         check_number(self.guidance_scale, "guidance_scale", minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as the ledger records them, with the method's name under ``"method"``.
+
+        Returns:
+            A JSON-ready dict that ``build_objective_config`` turns back into an equal config.
+        """
         data = {"method": self.method, **dataclasses.asdict(self)}
         if "concepts" in data:  # a several-concept field: one-concept requests keep the record they always had
             if data["concepts"] is None:
@@ -93,6 +98,10 @@ class TrainedObjectiveConfig(ObjectiveConfig):
             this holds them. Empty (default): no retain loss, one forward pass per step. Formerly ``preserve``.
         keep_weight: weight of the retain loss against the erasure loss (both mean squared errors). Formerly
             ``preserve_weight``.
+        sampling_steps: as in ``ObjectiveConfig``.
+        guidance_scale: as in ``ObjectiveConfig``.
+        num_trajectories: as in ``ObjectiveConfig``.
+        resolution: as in ``ObjectiveConfig``.
     """
 
     renamed_options: ClassVar[Mapping[str, str]] = {"preserve": "keep", "preserve_weight": "keep_weight"}
@@ -109,6 +118,11 @@ class TrainedObjectiveConfig(ObjectiveConfig):
         check_number(self.keep_weight, "keep_weight", minimum=0)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as the ledger records them; ``keep`` and ``keep_weight`` only when something is kept.
+
+        Returns:
+            A JSON-ready dict, the same as before the retain loss existed for requests that keep nothing.
+        """
         data = super().to_dict()
         if self.keep:
             data["keep"] = list(self.keep)
@@ -119,7 +133,19 @@ class TrainedObjectiveConfig(ObjectiveConfig):
 
 @dataclass
 class ObjectiveContext:
-    """What the trainer gives an objective for one request."""
+    """What the trainer gives an objective for one request.
+
+    Attributes:
+        pipe: the pipeline being edited.
+        conditioner: encodes prompts and runs the denoiser for this model family.
+        denoiser: the UNet, or SD3's / Flux's transformer.
+        concept: the concept being removed.
+        prompts: the request's prompts naming the concept.
+        frozen: a context manager factory that runs the denoiser without the request's adapter.
+        generator: CPU generator seeded from the request's seed (every random draw goes through it).
+        templates: the templates behind ``prompts`` (None: prompts given directly).
+        progress: show a progress bar while sampling the frozen model's trajectories.
+    """
 
     pipe: Any
     conditioner: Conditioner
@@ -204,7 +230,11 @@ class SolveContext:
 
 class Objective(ABC):
     """One unlearning method: a ``TrainedObjective`` or a ``SolvedObjective``, registered with its config class by
-    ``register_objective``. The trainer picks the kind by the registered class."""
+    ``register_objective``. The trainer picks the kind by the registered class.
+
+    Args:
+        config: the method's settings (an instance of ``config_class``).
+    """
 
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
 
@@ -217,6 +247,9 @@ class SolvedObjective(Objective):
 
     Subclass it, implement ``solve``, and register it with its config class; ``pipe.unlearn(method=...)`` then
     records, saves, audits and rolls back its requests like any other.
+
+    Args:
+        config: the method's settings (an instance of ``config_class``).
     """
 
     @abstractmethod
@@ -248,7 +281,12 @@ class SolvedObjective(Objective):
 
 
 class TrainedObjective(Objective):
-    """A method trained on losses: the trainer runs the optimisation loop on what it returns."""
+    """A method trained on losses: the trainer runs the optimisation loop on what it returns.
+
+    Args:
+        config: the method's settings (an instance of ``config_class``).
+        context: the request's model, prompts and generator, as the trainer gives them.
+    """
 
     def __init__(self, config: ObjectiveConfig, context: ObjectiveContext):
         super().__init__(config)
@@ -261,8 +299,16 @@ class TrainedObjective(Objective):
     @abstractmethod
     def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """The loss of one training step on a random minibatch of ``batch_size`` (drawn with the context's
-        generator). With ``shard=(i, n)``, the loss of the i-th of n equal slices of that minibatch: every process
-        draws the same global batch and trains on its own slice."""
+        generator).
+
+        Args:
+            batch_size: the global minibatch size.
+            shard: ``(i, n)``: the loss of the i-th of n equal slices of that minibatch; every process draws the
+                same global batch and trains on its own slice.
+
+        Returns:
+            The scalar loss, with gradients to the adapter.
+        """
 
     @abstractmethod
     def trajectory_losses(self) -> Iterator[torch.Tensor]:
@@ -271,25 +317,61 @@ class TrainedObjective(Objective):
     def precompute_targets(self, calls: int, batch_size: int, shard: tuple[int, int] = (0, 1), *,
                            points_per_batch: int = 16, progress: bool = False) -> int:
         """Optional: compute, before training, whatever the next ``calls`` training losses would compute frozen,
-        so that a training step costs one forward and one backward pass. Returns how many targets it computed."""
+        so that a training step costs one forward and one backward pass.
+
+        Args:
+            calls: how many ``training_loss`` calls to prepare for.
+            batch_size: their ``batch_size``.
+            shard: their ``shard``.
+            points_per_batch: trajectory points per batched frozen pass.
+            progress: show a progress bar.
+
+        Returns:
+            How many targets it computed (default: 0, nothing to precompute).
+        """
         return 0
 
 
 class TrajectoryObjective(TrainedObjective):
     """Shared machinery: sample trajectories with the frozen model for ``sampling prompts``, train the prediction
-    for ``training prompts`` on those latents toward a frozen target computed once per (step, trajectory)."""
+    for ``training prompts`` on those latents toward a frozen target computed once per (step, trajectory).
+
+    Args:
+        config: the method's settings (a ``TrainedObjectiveConfig`` or subclass).
+        context: the request's model, prompts and generator, as the trainer gives them.
+    """
 
     def sampling_prompts(self) -> list[str]:
+        """The prompts the frozen model's trajectories are sampled with (default: the request's prompts).
+
+        Returns:
+            One prompt per trajectory slot; trajectory i uses prompt ``i % len(prompts)``.
+        """
         return self.context.prompts
 
     def training_prompts(self) -> list[str]:
+        """The prompts whose prediction is trained on those trajectories (default: the request's prompts).
+
+        Returns:
+            As many prompts as ``sampling_prompts``, in the same order.
+        """
         return self.context.prompts
 
     @abstractmethod
     def frozen_target(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Target noise prediction, computed under ``context.frozen()`` for trajectory ``rows``."""
+        """Target noise prediction, computed under ``context.frozen()`` for trajectory ``rows``.
+
+        Args:
+            latents: the trajectory latents x_t, one per row.
+            timesteps: the scheduler timestep of each latent.
+            rows: the trajectory index of each latent (selects its prompts' conditioning).
+
+        Returns:
+            The target prediction, shaped like ``latents``.
+        """
 
     def prepare(self) -> None:
+        """Encode the prompts and sample the frozen model's trajectories (once per request, before training)."""
         ctx, cfg = self.context, self.config
         n = cfg.num_trajectories
         sampling, training = self.sampling_prompts(), self.training_prompts()
@@ -369,7 +451,14 @@ class TrajectoryObjective(TrainedObjective):
         return len(points)
 
     def targets_at(self, step: int) -> torch.Tensor:
-        """Frozen targets of every trajectory at trajectory step ``step`` (computed once per request)."""
+        """Frozen targets of every trajectory at trajectory step ``step`` (computed once per request).
+
+        Args:
+            step: index into the sampled trajectory steps.
+
+        Returns:
+            The targets of all trajectories at that step, one row per trajectory.
+        """
         wanted = torch.zeros_like(self._have_target)
         wanted[step] = True
         self._store_missing(wanted)
@@ -381,7 +470,17 @@ class TrajectoryObjective(TrainedObjective):
         calls of ``training_loss(batch_size, shard)`` will draw, so that a training step pays no frozen pass.
 
         The points are found by replaying the draws on a copy of the context's generator: training then draws the
-        same points as without this call. Returns the number of targets computed.
+        same points as without this call.
+
+        Args:
+            calls: how many ``training_loss`` calls to prepare for.
+            batch_size: their ``batch_size``.
+            shard: their ``shard``.
+            points_per_batch: trajectory points per batched frozen pass.
+            progress: show a progress bar.
+
+        Returns:
+            The number of targets computed (points already stored are not counted).
         """
         replay = torch.Generator().set_state(self.context.generator.get_state())
         wanted = torch.zeros_like(self._have_target)
@@ -430,6 +529,15 @@ class TrajectoryObjective(TrainedObjective):
         return F.mse_loss(erased, target) + self.config.keep_weight * F.mse_loss(kept_prediction, kept_target)
 
     def training_loss(self, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """Mean squared error to the frozen targets on a random minibatch, plus the weighted retain loss if any.
+
+        Args:
+            batch_size: the global minibatch size (trajectory points drawn with the context's generator).
+            shard: ``(i, n)``: the loss of the i-th of n equal slices of that minibatch.
+
+        Returns:
+            The scalar loss, with gradients to the adapter.
+        """
         steps, rows, kept = self._draw(batch_size, self.context.generator)
         part = _shard_slice(batch_size, shard)
         return self._loss(steps[part], rows[part], None if kept is None else kept[part])
@@ -530,6 +638,12 @@ def stored_method_config(method: str, config: Mapping[str, Any]) -> dict[str, An
 def objective_class(config: ObjectiveConfig | str) -> type[Objective]:
     """The class registered for a method config or name (``TrainedObjective`` or ``SolvedObjective``).
 
+    Args:
+        config: a method config, or a method name such as "esd".
+
+    Returns:
+        The objective class registered for that method.
+
     Raises:
         ValueError: the method is not registered.
     """
@@ -541,6 +655,13 @@ def objective_class(config: ObjectiveConfig | str) -> type[Objective]:
 
 def objective_for(config: ObjectiveConfig, context: ObjectiveContext) -> TrainedObjective:
     """The trained method of ``config``, ready for the trainer's loop.
+
+    Args:
+        config: the request's method config.
+        context: what the trainer gives the objective for this request.
+
+    Returns:
+        The objective instance (``prepare`` not yet called).
 
     Raises:
         TypeError: the method is solved, not trained.

@@ -26,12 +26,20 @@ REFERENCES = ("empty", "context")
 
 @dataclass
 class ESDConfig(TrainedObjectiveConfig):
-    """Args:
-    negative_guidance: eta, how far past the reference prediction the target goes (ESD default 1.0).
-    reference: what the concept's prediction is steered from: "empty" (ESD's unconditional prediction, default) or
-        "context" (the request's prompt without the concept, so that the rest of the prompt is kept).
-    concepts: with ``reference="context"``, for a request over several concepts, the concepts its prompts contain
-        (each prompt's own is taken out). None (default): the request's one concept.
+    """Settings of ESD (``method="esd"``).
+
+    Args:
+        negative_guidance: eta, how far past the reference prediction the target goes (ESD default 1.0).
+        reference: what the concept's prediction is steered from: "empty" (ESD's unconditional prediction, default)
+            or "context" (the request's prompt without the concept, so that the rest of the prompt is kept).
+        concepts: with ``reference="context"``, for a request over several concepts, the concepts its prompts
+            contain (each prompt's own is taken out). None (default): the request's one concept.
+        sampling_steps: as in ``ObjectiveConfig``.
+        guidance_scale: as in ``ObjectiveConfig``.
+        num_trajectories: as in ``ObjectiveConfig``.
+        resolution: as in ``ObjectiveConfig``.
+        keep: as in ``TrainedObjectiveConfig``.
+        keep_weight: as in ``TrainedObjectiveConfig``.
     """
 
     method: ClassVar[str] = "esd"
@@ -48,7 +56,20 @@ class ESDConfig(TrainedObjectiveConfig):
 
 
 class ESDObjective(TrajectoryObjective):
+    """Erased Stable Diffusion: train the concept's prediction toward the reference prediction pushed away from
+    the concept (negative guidance), on the frozen model's own trajectories of the concept.
+
+    Args:
+        config: the ESD settings.
+        context: the request's model, prompts and generator, as the trainer gives them.
+    """
+
     def prepare(self) -> None:
+        """Encode the reference prompts (empty or the context without the concept) and sample the trajectories.
+
+        Raises:
+            ValueError: ``reference="context"`` and a prompt does not contain the concept.
+        """
         # the reference prompts first: a prompt without the concept fails before any trajectory is sampled
         references = (request_prompts_with(self.context, "", self.config.concepts)
                       if self.config.reference == "context" else None)
@@ -57,6 +78,16 @@ class ESDObjective(TrajectoryObjective):
                                else self.context.conditioner.encode(references).select(self.rows_prompt))
 
     def frozen_target(self, latents: torch.Tensor, timesteps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The frozen reference prediction minus ``negative_guidance`` times the concept's guidance direction.
+
+        Args:
+            latents: the trajectory latents x_t, one per row.
+            timesteps: the scheduler timestep of each latent.
+            rows: the trajectory index of each latent.
+
+        Returns:
+            The target prediction, shaped like ``latents``.
+        """
         ctx = self.context
         both = Conditioning.cat([cond_rows(self.reference_cond, rows), cond_rows(self.sampling_cond, rows)])
         noise = ctx.conditioner.predict(

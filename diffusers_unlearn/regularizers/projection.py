@@ -151,6 +151,15 @@ class GradientProjection(Regularizer):
                  {"keep": [], "neighbors": 0})
 
     def check_request(self, concept: str, domain: str) -> None:
+        """Refuse a keep list that names the concept being removed, before any model work.
+
+        Args:
+            concept: the concept this request removes.
+            domain: its domain (unused here; part of the regularizer interface).
+
+        Raises:
+            ValueError: ``keep`` names ``concept``.
+        """
         for kept in self.keep:
             if same_concept(kept, concept):
                 raise ValueError(f"GradientProjection cannot keep {kept!r}: it is the concept being removed")
@@ -163,7 +172,14 @@ class GradientProjection(Regularizer):
         return [(c, domain) for c in vocabulary]
 
     def protected_concepts(self, ctx: TrainingContext) -> list[_Protected]:
-        """The user's keep list, earlier removed concepts, then the target's nearest vocabulary neighbours."""
+        """The user's keep list, earlier removed concepts, then the target's nearest vocabulary neighbours.
+
+        Args:
+            ctx: the request's training context (pipeline, concept, domain, earlier requests).
+
+        Returns:
+            The concepts whose directions the projection protects, each with why it was chosen.
+        """
         chosen: list[_Protected] = [_Protected(c, ctx.domain, "keep") for c in self.keep]
         if self.keep_earlier:
             chosen += [_Protected(r.concept, r.domain, "removed") for r in ctx.earlier
@@ -217,6 +233,14 @@ class GradientProjection(Regularizer):
 
     # -------------------------------------------------------------------------------------- hooks
     def setup(self, ctx: TrainingContext) -> None:
+        """Choose the protected concepts and build each layer's projector onto their orthogonal complement.
+
+        Args:
+            ctx: the request's training context, with the adapter ready.
+
+        Raises:
+            ValueError: ``keep`` names the concept being removed.
+        """
         self.check_request(ctx.concept, ctx.domain)
         chosen = self.protected_concepts(ctx)
         adapter = ctx.adapter
@@ -336,6 +360,11 @@ class GradientProjection(Regularizer):
                             mask)
 
     def transform_gradients(self, ctx: TrainingContext) -> None:
+        """Project each input factor's gradient so the step cannot move the protected concepts' outputs.
+
+        Args:
+            ctx: the request's training context.
+        """
         if not self._active:
             return
         for layer in ctx.adapter.layer_names:
@@ -352,7 +381,17 @@ class GradientProjection(Regularizer):
             param.copy_(self._project(layer, param, ctx))
 
     def after_step(self, ctx: TrainingContext) -> None:
+        """Project the input factors back into the allowed subspace, which Adam's update can leave.
+
+        Args:
+            ctx: the request's training context.
+        """
         self._project_parameters(ctx)  # Adam's elementwise update leaves the subspace; bring A (or D) back
 
     def report(self) -> dict[str, Any]:
+        """What was protected and how, for the request's ledger record.
+
+        Returns:
+            A JSON-able copy of the figures gathered in ``setup``.
+        """
         return dict(self._report)

@@ -87,6 +87,11 @@ class AttackConfig:
             raise ValueError(f"{owner} option progress must be True, False or None, got {self.progress!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as an attack result records them (``progress`` left out: it changes no figure).
+
+        Returns:
+            A JSON-ready dict with the attack's ``kind``.
+        """
         values = dataclasses.asdict(self)
         values.pop("progress")
         return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
@@ -119,11 +124,16 @@ class AttackResult:
     """What an attack found.
 
     Attributes:
+        kind: the attack kind, e.g. "embedding".
+        concept: the attacked concept.
+        domain: its prompt domain.
         accuracy: percent of the attack's images that the classifier names as the concept.
         plain_accuracy: the same for the concept's plain prompts on the pipeline as given.
-        seconds, steps: the attack's cost (wall time, its own images' scoring included, the plain prompts'
-            excluded; optimisation steps, 0 for prompt-only attacks).
-        settings: every option the attack ran with. details: per-kind figures (per wording, per try, per request).
+        seconds: the attack's wall time (its own images' scoring included, the plain prompts' excluded).
+        steps: its optimisation steps (0 for prompt-only attacks).
+        num_images: how many attack images were scored.
+        settings: every option the attack ran with.
+        details: per-kind figures (per wording, per try, per request).
     """
 
     kind: str
@@ -144,12 +154,23 @@ class AttackResult:
 
     @property
     def plain_ua(self) -> float:
+        """Unlearning accuracy on the plain prompts: 100 - ``plain_accuracy``."""
         return 100.0 - self.plain_accuracy
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, with ``robust_ua`` and ``plain_ua`` added.
+
+        Returns:
+            A JSON-ready dict.
+        """
         return {**dataclasses.asdict(self), "robust_ua": self.robust_ua, "plain_ua": self.plain_ua}
 
     def summary(self) -> str:
+        """One line: the accuracy under attack and on the plain prompt, the UA change and the cost.
+
+        Returns:
+            The line.
+        """
         return (f"{self.kind}: {self.concept!r} named in {self.accuracy:.1f}% of attack images (plain prompt "
                 f"{self.plain_accuracy:.1f}%), UA {self.plain_ua:.1f} -> {self.robust_ua:.1f}; "
                 f"{self.steps} steps, {self.seconds:.1f} s")
@@ -184,7 +205,19 @@ def default_plain_templates(concept: str, domain: str, world: EvalWorld | None) 
 @dataclass
 class AttackContext:
     """What an attack works with: the pipeline (never to be changed), the concept, the judge, the settings and the
-    world the concept belongs to (None: a concept prompted with the domain's generic templates)."""
+    world the concept belongs to (None: a concept prompted with the domain's generic templates).
+
+    Attributes:
+        pipe: the pipeline under attack (never changed).
+        concept: the attacked concept.
+        domain: its prompt domain.
+        classifier: the judge, from images to labels.
+        seed: the attack's seed.
+        config: the attack's settings.
+        world: the evaluation world of the concept, or None.
+        _plain: the plain prompts' accuracy once computed (internal cache).
+        _plain_images: the plain prompts' images once generated (internal cache).
+    """
 
     pipe: Any
     concept: str
@@ -198,27 +231,59 @@ class AttackContext:
 
     @property
     def axis(self) -> str | None:
+        """The concept's axis in its world ("style" or "object"), or None outside a world."""
         return None if self.world is None else self.world.axis(self.concept, self.domain)
 
     @property
     def progress(self) -> bool:
+        """Whether to show progress bars: the config's choice, else the pipeline's progress bar config."""
         if self.config.progress is not None:
             return self.config.progress
         return not (getattr(self.pipe, "_progress_bar_config", None) or {}).get("disable", False)
 
     def plain_templates(self) -> tuple[str, ...]:
+        """The concept's plain templates: the config's, else the world's prompt or the domain's templates.
+
+        Returns:
+            The templates.
+        """
         return tuple(self.config.plain_templates or default_plain_templates(self.concept, self.domain, self.world))
 
     def prompts(self, templates: Sequence[str], concept: str | None = None) -> list[str]:
-        """Every prompt of ``templates`` filled with ``concept`` (default: the attacked concept's own words)."""
+        """Every prompt of ``templates`` filled with ``concept`` (default: the attacked concept's own words).
+
+        Args:
+            templates: templates with one ``{}`` slot or ``{style}``/``{object}`` slots.
+            concept: the words to fill in (default: the attacked concept).
+
+        Returns:
+            The prompts, template by template.
+
+        Raises:
+            ValueError: a ``{style}``/``{object}`` template for a concept outside the attack's world.
+        """
         return [p for group in fill_templates(templates, concept or self.concept, self.world, self.axis)
                 for p in group]
 
     def plain_prompts(self) -> list[str]:
+        """The concept's plain prompts (``plain_templates`` filled with it).
+
+        Returns:
+            The prompts.
+        """
         return self.prompts(self.plain_templates())
 
     def images(self, pipe: Any, prompts: Sequence[str], desc: str) -> torch.Tensor:
-        """One image per prompt and seed, prompt-major."""
+        """One image per prompt and seed, prompt-major.
+
+        Args:
+            pipe: the pipeline to sample (a view of it is used, so its scheduler is untouched).
+            prompts: the prompts.
+            desc: the progress bar's label.
+
+        Returns:
+            The images as a tensor.
+        """
         cases = [(p, s) for p in prompts for s in self.config.seeds]
         return generate_images(pipeline_view(pipe), [p for p, _ in cases], [s for _, s in cases],
                                num_inference_steps=self.config.num_inference_steps,
@@ -226,10 +291,27 @@ class AttackContext:
                                progress=self.progress, desc=desc)
 
     def hits(self, images: torch.Tensor) -> list[bool]:
-        """Whether the classifier names each image as the concept."""
+        """Whether the classifier names each image as the concept.
+
+        Args:
+            images: the images to judge.
+
+        Returns:
+            One bool per image.
+        """
         return [label == self.concept for label in classify(self.classifier, images)]
 
     def accuracy(self, pipe: Any, prompts: Sequence[str], desc: str = "attack images") -> float:
+        """Percent of the images of ``prompts`` (one per seed) on ``pipe`` that the classifier names as the concept.
+
+        Args:
+            pipe: the pipeline to sample.
+            prompts: the prompts.
+            desc: the progress bar's label.
+
+        Returns:
+            The accuracy in percent.
+        """
         hits = self.hits(self.images(pipe, prompts, desc))
         return 100.0 * sum(hits) / len(hits)
 
@@ -247,12 +329,27 @@ class AttackContext:
         return self._plain_images
 
     def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the attack's seed, so each use of randomness is reproducible.
+
+        Args:
+            offset: tells apart the generators of one attack's different uses.
+
+        Returns:
+            A new generator.
+        """
         return torch.Generator().manual_seed(self.seed * 1_000_003 + offset)
 
 
 @dataclass
 class AttackOutcome:
-    """What an attack's ``run`` returns; ``attack()`` adds the plain accuracy, the settings and the time."""
+    """What an attack's ``run`` returns; ``attack()`` adds the plain accuracy, the settings and the time.
+
+    Attributes:
+        accuracy: percent of the attack's images that the classifier names as the concept.
+        steps: optimisation steps (0 for prompt-only attacks).
+        num_images: how many attack images were scored.
+        details: per-kind figures.
+    """
 
     accuracy: float
     steps: int
@@ -261,7 +358,12 @@ class AttackOutcome:
 
 
 class Attack(ABC):
-    """One kind of recovery attack. Subclasses are registered with ``register_attack``."""
+    """One kind of recovery attack. Subclasses are registered with ``register_attack``.
+
+    Args:
+        config: the attack's settings (an instance of ``config_class``).
+        context: the pipeline, concept, classifier and world it attacks.
+    """
 
     config_class: ClassVar[type[AttackConfig]] = AttackConfig
 
@@ -270,18 +372,30 @@ class Attack(ABC):
         self.context = context
 
     def check(self) -> None:
-        """Refuse a pipeline or concept this attack cannot run on, before any work."""
+        """Refuse a pipeline or concept this attack cannot run on, before any work (default: accept all)."""
 
     @abstractmethod
     def run(self) -> AttackOutcome:
-        """Attack ``context.pipe`` (without changing it) and score the attack's images."""
+        """Attack ``context.pipe`` (without changing it) and score the attack's images.
+
+        Returns:
+            The accuracy under attack, its optimisation steps, the number of images scored and per-kind details.
+        """
 
 
 ATTACKS: dict[str, type[Attack]] = {}
 
 
 def register_attack(config_class: type[AttackConfig], attack_class: type[Attack]) -> None:
-    """Make ``config_class.kind`` usable as ``du.evaluation.attack(..., kind)``; a kind is registered once."""
+    """Make ``config_class.kind`` usable as ``du.evaluation.attack(..., kind)``; a kind is registered once.
+
+    Args:
+        config_class: the kind's settings dataclass; its ``kind`` names the attack.
+        attack_class: the ``Attack`` subclass that runs it.
+
+    Raises:
+        ValueError: ``config_class.kind`` is empty, or the kind is already registered.
+    """
     kind = config_class.kind
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"{config_class.__name__}.kind must name the attack kind")
@@ -293,6 +407,19 @@ def register_attack(config_class: type[AttackConfig], attack_class: type[Attack]
 
 
 def build_attack_config(kind: str, options: dict[str, Any]) -> AttackConfig:
+    """The settings of a registered attack kind from keyword options.
+
+    Args:
+        kind: a registered attack kind, e.g. "paraphrase".
+        options: the kind's options and the shared ones of ``AttackConfig``.
+
+    Returns:
+        The kind's config, validated.
+
+    Raises:
+        ValueError: an unknown kind or a bad value.
+        TypeError: an option the kind does not have.
+    """
     if not isinstance(kind, str) or kind not in ATTACKS:
         raise ValueError(f"unknown attack kind {kind!r}; allowed kinds: {sorted(ATTACKS)}")
     config_class = ATTACKS[kind].config_class

@@ -45,16 +45,24 @@ REFERENCE_SEED_OFFSET = 10_000
 
 @dataclass
 class EmbeddingAttackConfig(TrainingAttackConfig):
-    """Args:
-    steps: optimisation steps of the embedding.
-    learning_rate: Adam learning rate of the embedding.
-    train_batch_size: noised reference latents per step.
-    tries: points of the optimisation that are scored (evenly spaced, the last at ``steps``); the plain prompt is
-        always scored too and the best of all is the result.
-    reference_seeds: base-model images per plain prompt to learn from.
-    init: words whose mean token embedding starts the optimisation (default: the concept itself). Another start
-        is scored as a try of its own.
-    token: the new token's text.
+    """Settings of the ``embedding`` attack.
+
+    Args:
+        steps: optimisation steps of the embedding.
+        learning_rate: Adam learning rate of the embedding.
+        train_batch_size: noised reference latents per step.
+        tries: points of the optimisation that are scored (evenly spaced, the last at ``steps``); the plain prompt
+            is always scored too and the best of all is the result.
+        reference_seeds: base-model images per plain prompt to learn from.
+        init: words whose mean token embedding starts the optimisation (default: the concept itself). Another
+            start is scored as a try of its own.
+        token: the new token's text.
+        seeds: as in ``AttackConfig``.
+        num_inference_steps: as in ``AttackConfig``.
+        guidance_scale: as in ``AttackConfig``.
+        batch_size: as in ``AttackConfig``.
+        plain_templates: as in ``AttackConfig``.
+        progress: as in ``AttackConfig``.
     """
 
     kind: ClassVar[str] = "embedding"
@@ -110,6 +118,13 @@ class _Table:
 
 
 class EmbeddingAttack(Attack):
+    """Textual-inversion recovery: learn one new token's embedding, every weight frozen (module docstring).
+
+    Args:
+        config: the attack's settings.
+        context: the pipeline, concept, classifier and world it attacks.
+    """
+
     def encoder_pairs(self) -> list[tuple[str, str]]:
         """The (tokenizer, text encoder) attributes the pipeline holds, in ``TEXT_ENCODERS`` order."""
         pipe = self.context.pipe
@@ -117,6 +132,12 @@ class EmbeddingAttack(Attack):
                 if getattr(pipe, t, None) is not None and getattr(pipe, e, None) is not None]
 
     def check(self) -> None:
+        """Refuse a pipeline without a text encoder, or a ``token`` its tokenizers already know.
+
+        Raises:
+            TypeError: the pipeline has no text encoder with its tokenizer.
+            ValueError: ``token`` is already a token of one of the pipeline's tokenizers.
+        """
         pipe = self.context.pipe
         if not self.encoder_pairs():
             raise TypeError(f"the embedding attack needs a pipeline with a text encoder and its tokenizer; "
@@ -129,6 +150,11 @@ class EmbeddingAttack(Attack):
                                  f"{tokenizer_attr}: choose a new word")
 
     def run(self) -> AttackOutcome:
+        """Learn the embedding on the base model's images, score each try and the plain prompt, keep the best.
+
+        Returns:
+            The accuracy under attack, its optimisation steps, the number of images scored and per-kind details.
+        """
         ctx, cfg = self.context, self.config
         pipe = ctx.pipe
         templates = ctx.plain_templates()

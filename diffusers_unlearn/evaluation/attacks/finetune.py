@@ -53,15 +53,23 @@ DEFAULT_KEPT = 8
 
 @dataclass
 class FinetuneAttackConfig(TrainingAttackConfig):
-    """Args:
-    steps: fine-tuning steps.
-    learning_rate: AdamW learning rate of the LoRA.
-    rank: LoRA rank (alpha = rank).
-    train_batch_size: images per step.
-    kept: the concepts to fine-tune on (default: the world's concepts of the attacked concept's axis that are
-        neither removed nor attacked; outside a world the first 8 such concepts of the built-in vocabulary of the
-        domain).
-    images_per_prompt: training images per kept concept and prompt.
+    """Settings of the ``finetune`` attack.
+
+    Args:
+        steps: fine-tuning steps.
+        learning_rate: AdamW learning rate of the LoRA.
+        rank: LoRA rank (alpha = rank).
+        train_batch_size: images per step.
+        kept: the concepts to fine-tune on (default: the world's concepts of the attacked concept's axis that are
+            neither removed nor attacked; outside a world the first 8 such concepts of the built-in vocabulary of
+            the domain).
+        images_per_prompt: training images per kept concept and prompt.
+        seeds: as in ``AttackConfig``.
+        num_inference_steps: as in ``AttackConfig``.
+        guidance_scale: as in ``AttackConfig``.
+        batch_size: as in ``AttackConfig``.
+        plain_templates: as in ``AttackConfig``.
+        progress: as in ``AttackConfig``.
     """
 
     kind: ClassVar[str] = "finetune"
@@ -83,7 +91,19 @@ class FinetuneAttackConfig(TrainingAttackConfig):
 
 
 class FinetuneAttack(Attack):
+    """Benign fine-tuning resurgence: a LoRA trained on kept concepts only, on a folded copy (module docstring).
+
+    Args:
+        config: the attack's settings.
+        context: the pipeline, concept, classifier and world it attacks.
+    """
+
     def check(self) -> None:
+        """Refuse a kept list that contains the attacked concept, or an empty one.
+
+        Raises:
+            ValueError: the attacked concept is among the kept ones, or there is nothing to fine-tune on.
+        """
         ctx = self.context
         kept = self.kept_concepts()
         clash = [c for c in kept if same_concept(c, ctx.concept)]
@@ -91,6 +111,14 @@ class FinetuneAttack(Attack):
             raise ValueError(f"attack 'finetune' option kept must not contain the attacked concept {ctx.concept!r}")
 
     def kept_concepts(self) -> list[str]:
+        """The concepts to fine-tune on: ``kept``, else those of the concept's axis neither removed nor attacked.
+
+        Returns:
+            The concepts.
+
+        Raises:
+            ValueError: none is left.
+        """
         ctx = self.context
         if self.config.kept is not None:
             return list(self.config.kept)
@@ -110,6 +138,11 @@ class FinetuneAttack(Attack):
         return kept
 
     def run(self) -> AttackOutcome:
+        """Fine-tune a copy on the kept concepts' images and score the concept's plain prompts on it.
+
+        Returns:
+            The accuracy under attack, its optimisation steps, the number of images scored and per-kind details.
+        """
         ctx, cfg = self.context, self.config
         kept = self.kept_concepts()
         work = copy.deepcopy(ctx.pipe)

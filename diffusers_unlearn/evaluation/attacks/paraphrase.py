@@ -31,9 +31,17 @@ def default_heldout_templates(world: EvalWorld | None, axis: str | None, domain:
 
 @dataclass
 class ParaphraseAttackConfig(AttackConfig):
-    """Args:
-    templates: the held-out wordings, each with one ``{}`` slot (or ``{style}`` and ``{object}`` for a concept of
-        the attack's world).
+    """Settings of the ``paraphrase`` attack.
+
+    Args:
+        templates: the held-out wordings, each with one ``{}`` slot (or ``{style}`` and ``{object}`` for a concept
+            of the attack's world).
+        seeds: as in ``AttackConfig``.
+        num_inference_steps: as in ``AttackConfig``.
+        guidance_scale: as in ``AttackConfig``.
+        batch_size: as in ``AttackConfig``.
+        plain_templates: as in ``AttackConfig``.
+        progress: as in ``AttackConfig``.
     """
 
     kind: ClassVar[str] = "paraphrase"
@@ -46,7 +54,19 @@ class ParaphraseAttackConfig(AttackConfig):
 
 
 class ParaphraseAttack(Attack):
+    """The concept in held-out wordings, scored per wording (module docstring).
+
+    Args:
+        config: the attack's settings.
+        context: the pipeline, concept, classifier and world it attacks.
+    """
+
     def run(self) -> AttackOutcome:
+        """Score every held-out wording; the accuracy is over all their images (per wording in the details).
+
+        Returns:
+            The accuracy under attack, its optimisation steps, the number of images scored and per-kind details.
+        """
         ctx = self.context
         templates = self.config.templates or default_heldout_templates(ctx.world, ctx.axis, ctx.domain)
         per_template: dict[str, float] = {}

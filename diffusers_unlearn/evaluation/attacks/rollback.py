@@ -17,13 +17,34 @@ from .base import Attack, AttackConfig, AttackOutcome
 
 @dataclass
 class RollbackAttackConfig(AttackConfig):
-    """No options of its own: every request of the ledger other than the concept's is rolled back in turn."""
+    """No options of its own: every request of the ledger other than the concept's is rolled back in turn.
+
+    Args:
+        seeds: as in ``AttackConfig``.
+        num_inference_steps: as in ``AttackConfig``.
+        guidance_scale: as in ``AttackConfig``.
+        batch_size: as in ``AttackConfig``.
+        plain_templates: as in ``AttackConfig``.
+        progress: as in ``AttackConfig``.
+    """
 
     kind: ClassVar[str] = "rollback"
 
 
 class RollbackAttack(Attack):
+    """Each other request left out in turn inside ``pipe.audit`` (module docstring).
+
+    Args:
+        config: the attack's settings.
+        context: the pipeline, concept, classifier and world it attacks.
+    """
+
     def run(self) -> AttackOutcome:
+        """Score the plain prompts with each other request rolled back; the worst case is the result.
+
+        Returns:
+            The accuracy under attack, its optimisation steps, the number of images scored and per-kind details.
+        """
         ctx = self.context
         pipe = ctx.pipe
         records = pipe.unlearning_ledger.requests if isinstance(pipe, UnlearnMixin) else []

@@ -60,6 +60,9 @@ class ClosedFormConfig(ObjectiveConfig):
         sampling_steps: on SD3 and Flux the solve reads the text states at the timesteps of this many sampler steps
             (``resolution`` shifts Flux's schedule); with ``guidance_scale`` and ``num_trajectories`` it also sets the
             erasure check's trajectories (see ``ObjectiveConfig``).
+        guidance_scale: as in ``ObjectiveConfig`` (the erasure check's trajectories).
+        num_trajectories: as in ``ObjectiveConfig`` (the erasure check's trajectories).
+        resolution: as in ``ObjectiveConfig``; on Flux it also shifts the timesteps the solve reads.
 
     Raises:
         ValueError: a value out of range (each error names the field and what it accepts).
@@ -119,12 +122,25 @@ class ClosedFormConfig(ObjectiveConfig):
             raise ValueError(f"protection must be one of {list(PROTECTIONS)}, got {self.protection!r}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as the ledger records them; ``adversarial_rounds`` only when it is not 0.
+
+        Returns:
+            A JSON-ready dict, the same as before adversarial rounds existed for requests without them.
+        """
         data = super().to_dict()
         if not self.adversarial_rounds:  # requests without adversarial rounds keep the record they always had
             del data["adversarial_rounds"]
         return data
 
     def check_regularizers(self, regularizers: Sequence[Any]) -> None:
+        """Refuse every regularizer: the solve trains nothing for one to act on (its protection is built in).
+
+        Args:
+            regularizers: the request's regularizer objects.
+
+        Raises:
+            ValueError: any regularizer is given.
+        """
         if regularizers:
             names = [getattr(r, "name", type(r).__name__) for r in regularizers]
             raise ValueError(

@@ -19,7 +19,14 @@ from .config import ClosedFormConfig
 
 
 def default_states(pipe: Any) -> PromptStates:
-    """The token states a request with the default settings solves on (the default sampling steps' timesteps)."""
+    """The token states a request with the default settings solves on (the default sampling steps' timesteps).
+
+    Args:
+        pipe: the pipeline whose text encoders and first K/V inputs give the states.
+
+    Returns:
+        The pipeline's ``PromptStates`` at ``ClosedFormConfig()``'s sampling steps and guidance scale.
+    """
     defaults = ClosedFormConfig()
     return PromptStates.for_pipeline(pipe, steps=defaults.sampling_steps, guidance_scale=defaults.guidance_scale)
 
@@ -36,6 +43,21 @@ def mapping_keys(pipe: Any, concept: str, anchor: str, prompts: Sequence[str], a
     aims at a + g (a - x), past its anchor a. Where several tokenizers make up the text sequence (SD3: CLIP, then
     T5) the pairs are aligned inside each one's segment; where the states depend on the timestep (SD3, Flux), every
     pair is taken at each timestep of ``states`` (default: ``default_states``).
+
+    Args:
+        pipe: the pipeline whose text states are read.
+        concept: the concept whose tokens are mapped.
+        anchor: what they map onto ("" for the empty slot).
+        prompts: the prompts naming the concept; the anchor prompts are these with the concept swapped.
+        all_tokens: also pair the concept's earlier tokens with the anchor's last one.
+        negative_guidance: g >= 0, how far past its anchor each key aims.
+        states: the token states to read (default: ``default_states(pipe)``).
+
+    Returns:
+        (keys [n, d], target keys [n, d]), float64.
+
+    Raises:
+        ValueError: no prompt contains the concept, or its tokens cannot be found in any of them.
     """
     pairs = [(p, swap_concept(p, concept, anchor)) for p in prompts if concept.lower() in p.lower()]
     if not pairs:
@@ -75,7 +97,20 @@ def protected_columns(pipe: Any, concept: str, domain: str, config: ClosedFormCo
                       states: PromptStates | None = None, progress: bool = False
                       ) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """P [d, m] (float64): kept/auxiliary concept embeddings (one per timestep of ``states`` where they depend on
-    it) and the empty prompt's tokens; the (concept, domain) pairs behind them."""
+    it) and the empty prompt's tokens; the (concept, domain) pairs behind them.
+
+    Args:
+        pipe: the pipeline whose text states are read.
+        concept: the concept being removed (left out of what is kept).
+        domain: its domain (the kept concepts of ``config.keep`` are embedded in it).
+        config: the request's settings (``keep``, ``vocabulary``, ``protection``, ``protect_unconditional``).
+        removed: concepts removed earlier (left out of what is kept).
+        states: the token states to read (default: ``default_states(pipe)``).
+        progress: show a progress bar while encoding the kept concepts.
+
+    Returns:
+        (P [d, m], the kept (concept, domain) pairs in the order their columns were added).
+    """
     states = default_states(pipe) if states is None else states
     vocabulary = DEFAULT_VOCABULARY if config.vocabulary is None else config.vocabulary
     if isinstance(vocabulary, Mapping):
@@ -104,7 +139,17 @@ def concept_states(pipe: Any, concept: str, domain: str, states: PromptStates | 
     tokenizer segment [n, d] (the tokens its presence changes), its embeddings [T * S, d]: per tokenizer segment
     (S: 1, or SD3's CLIP and T5) the mean over templates of the mean over its own tokens, at each timestep of
     ``states``). Cached on the pipeline (the text encoders and the layers before the edited K/V are never
-    trained)."""
+    trained).
+
+    Args:
+        pipe: the pipeline whose text states are read (and that holds the cache).
+        concept: the concept to embed.
+        domain: its domain (picks the templates).
+        states: the token states to read (default: ``default_states(pipe)``).
+
+    Returns:
+        (token states [n, d], embeddings [T * S, d]), float64.
+    """
     states = default_states(pipe) if states is None else states
     cache: dict = pipe.__dict__.setdefault(_TOKEN_CACHE, {})
     key = (concept.lower(), TEMPLATES[domain], states.key)
@@ -134,14 +179,33 @@ def concept_states(pipe: Any, concept: str, domain: str, states: PromptStates | 
 
 def concept_tokens(pipe: Any, concept: str, domain: str, states: PromptStates | None = None) -> torch.Tensor:
     """Token states [n, d] (float64) of ``concept`` in every template of its domain: its first token and every one
-    after it (see ``concept_states``)."""
+    after it (see ``concept_states``).
+
+    Args:
+        pipe: the pipeline whose text states are read.
+        concept: the concept to read.
+        domain: its domain (picks the templates).
+        states: the token states to read (default: ``default_states(pipe)``).
+
+    Returns:
+        The token states [n, d], float64.
+    """
     return concept_states(pipe, concept, domain, states)[0]
 
 
 @dataclass
 class EarlierRequest:
     """What the solve needs of an earlier request: its concept, domain, prompts and anchor, and, for an earlier
-    closed-form request, the mapping it was solved with (None: the current request's)."""
+    closed-form request, the mapping it was solved with (None: the current request's).
+
+    Attributes:
+        concept: the concept it removed.
+        domain: its domain.
+        prompts: the prompts it was made with.
+        anchor: what its concept maps onto ("" for the empty slot, and for methods without an anchor).
+        negative_guidance: its own guidance, for a closed-form request (None: the current request's).
+        map_every_token: its own token mapping, for a closed-form request (None: the current request's).
+    """
 
     concept: str
     domain: str
@@ -154,7 +218,14 @@ class EarlierRequest:
 def earlier_requests(records: Sequence[Any]) -> list[EarlierRequest]:
     """Earlier removals from ledger records; a record's anchor is its method's anchor ("" for ESD-like methods). An
     earlier closed-form request keeps its own guidance and token mapping, so that a later request with other
-    settings keeps it where it was solved; other methods' records are mapped with the current request's."""
+    settings keeps it where it was solved; other methods' records are mapped with the current request's.
+
+    Args:
+        records: the ledger records of the requests before this one, in ledger order.
+
+    Returns:
+        One ``EarlierRequest`` per record, in the same order.
+    """
     out = []
     for record in records:
         config = getattr(record, "method_config", None) or {}

@@ -12,7 +12,11 @@ from .solver import solve
 
 class ClosedFormObjective(SolvedObjective):
     """Solves one request with ``solve``; re-solves it after a rollback, since each request is solved on top of,
-    and keeping mapped, the ones before it."""
+    and keeping mapped, the ones before it.
+
+    Args:
+        config: the closed-form settings.
+    """
 
     config: ClosedFormConfig
 

@@ -29,7 +29,16 @@ ADVERSARIAL_RIDGE = 0.1  # pull of the adversarial embedding towards the attacke
 @dataclass
 class Solver:
     """The layer-independent part of the solve (every K/V layer reads the same text keys): the protected basis and
-    the ridge-regularised inverse of the mapping keys' covariance in its complement, as low-rank factors."""
+    the ridge-regularised inverse of the mapping keys' covariance in its complement, as low-rank factors.
+
+    Attributes:
+        protected: [d, r] orthonormal basis of span(P).
+        anchor_factor: [d, f]: A^T X_F K^-1 (anchor keys A, keys X in free coordinates X_F).
+        key_factor: [d, f]: X^T X_F K^-1.
+        directions: [d, f]: F, orthonormal basis of the complement of span(P).
+        offset_factor: [d, f]: (keep_weight P^T P_F + lambda F) K^-1, which pulls what earlier requests moved back
+            towards the base (None: no pull).
+    """
 
     protected: torch.Tensor  # [d, r] orthonormal basis of span(P)
     anchor_factor: torch.Tensor  # [d, f]: A^T X_F K^-1 (anchor keys A, keys X in free coordinates X_F)
@@ -42,8 +51,7 @@ class Solver:
     def build(cls, protected: torch.Tensor, mappings: Sequence[tuple[torch.Tensor, torch.Tensor]],
               ridge: float, weights: Sequence[float] | None = None, keep: torch.Tensor | None = None,
               keep_weight: float = 0.0) -> Solver:
-        """``weights``: one per mapping (default 1), multiplying its token pairs' squared errors. ``keep``
-        [m, d]: token states whose outputs should move little (soft, weight ``keep_weight`` each).
+        """Factor the solve for a protected set and the token pairs to map.
 
         Minimises sum w ||(W + D) x - W0 a||^2 + keep_weight sum ||(W + D - W0) p||^2 + lambda ||W + D - W0||^2
         over D = Z F^T (so D q = 0 on span(P)), with W = W0 + E the current weight (earlier requests E):
@@ -51,7 +59,19 @@ class Solver:
         K = X_F^T X_F + keep_weight P_F^T P_F + lambda I, lambda = ridge * trace(X_F^T X_F) / f.
         The penalties are on the whole edit, not on this request's share: the kept tokens' outputs are held at the
         base model's, so request 12's result is the joint solve of all 12 from the base, and the kept concepts'
-        small soft-penalty errors do not add up over a stream."""
+        small soft-penalty errors do not add up over a stream.
+
+        Args:
+            protected: P [d, m], the states whose outputs stay exactly at the base.
+            mappings: (keys [n, d], target keys [n, d]) pairs, float64 (``keys.mapping_keys``).
+            ridge: lambda relative to the mean eigenvalue of the keys' covariance outside span(P).
+            weights: one per mapping (default 1), multiplying its token pairs' squared errors.
+            keep: [m, d]: token states whose outputs should move little (soft).
+            keep_weight: the soft penalty's weight on each row of ``keep``.
+
+        Returns:
+            The solver; with empty factors when there is nothing to map or no direction left to move.
+        """
         d = protected.shape[0]
         q = _basis(protected)
         if q.shape[1]:
@@ -83,13 +103,29 @@ class Solver:
         return cls(q, anchors.T @ solved, keys.T @ solved, free, pull @ inverse)
 
     def to(self, dtype: torch.dtype) -> Solver:
+        """The same solver with every factor cast to ``dtype``.
+
+        Args:
+            dtype: the dtype of the returned factors.
+
+        Returns:
+            A new ``Solver``.
+        """
         offset = None if self.offset_factor is None else self.offset_factor.to(dtype)
         return Solver(*(t.to(dtype) for t in (self.protected, self.anchor_factor, self.key_factor, self.directions)),
                       offset)
 
     def layer_factors(self, base: torch.Tensor, offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, d], B [out, r]) with D = B @ A the change of one weight whose current value is ``base + offset``
-        (``offset`` None: the base itself), in the solver's dtype."""
+        (``offset`` None: the base itself), in the solver's dtype.
+
+        Args:
+            base: W0 [out, d], the base weight.
+            offset: E [out, d], what earlier requests changed (None: nothing).
+
+        Returns:
+            (A [r, d], B [out, r]); a zero rank-1 pair when nothing may move.
+        """
         dtype = self.directions.dtype
         w0 = base.to(dtype)
         off = None if offset is None else offset.to(dtype)
@@ -119,7 +155,15 @@ class Solver:
         return torch.cat(a_parts), torch.cat(b_parts, dim=1)
 
     def layer_delta(self, base: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-        """D [out, d] for one weight."""
+        """D [out, d] for one weight.
+
+        Args:
+            base: W0 [out, d], the base weight.
+            offset: E [out, d], what earlier requests changed (None: nothing).
+
+        Returns:
+            The dense change D = B @ A of ``layer_factors``.
+        """
         a, b = self.layer_factors(base, offset)
         return b @ a
 
@@ -128,7 +172,17 @@ def edited_layers(solver: Solver, base_weights: Mapping[str, torch.Tensor],
                   start_offsets: Mapping[str, torch.Tensor] | None, layers: Sequence[str]
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(W0, W') per solved layer in float64: the base weight and the weight after ``solver``'s change, W' = W0 + E + D
-    (start model E, the solve's change D)."""
+    (start model E, the solve's change D).
+
+    Args:
+        solver: the built solver.
+        base_weights: W0 per layer name.
+        start_offsets: E per layer name (None: the request starts from the base).
+        layers: the layers to compute, in order.
+
+    Returns:
+        (W0, W') per layer of ``layers``, float64 on the CPU.
+    """
     out = []
     for layer in layers:
         w0 = base_weights[layer].detach().cpu().double()
@@ -140,7 +194,16 @@ def edited_layers(solver: Solver, base_weights: Mapping[str, torch.Tensor],
 def recovery(edited: Sequence[tuple[torch.Tensor, torch.Tensor]], states: torch.Tensor, keys: torch.Tensor) -> float:
     """How much of the keys' base K/V outputs the states bring back on the edited layers: 1 - sum ||W' y - W0 x||^2 /
     sum ||W0 x||^2 over the layers and rows (y a row of ``states``, x the same row of ``keys``): 1 when they come back
-    exactly, 0 when nothing of them does."""
+    exactly, 0 when nothing of them does.
+
+    Args:
+        edited: (W0, W') per solved layer (``edited_layers``).
+        states: [n, d] the K/V inputs fed to the edited weights (e.g. adversarial states).
+        keys: [n, d] the keys whose base outputs they should bring back.
+
+    Returns:
+        The recovered share (at most 1; negative when the states land further away than zero output would).
+    """
     energy = error = 0.0
     for w0, w in edited:
         wanted = keys.double() @ w0.T
@@ -175,7 +238,15 @@ def adversarial_map(edited: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torc
 
 def cap_kept_span(protected: torch.Tensor, fraction: float | None) -> tuple[torch.Tensor, int | None]:
     """``protected`` [d, m], or its strongest ``fraction * d`` directions (scaled by their singular values) when it
-    spans more; with the rank it had when capped (None when left as it is)."""
+    spans more; with the rank it had when capped (None when left as it is).
+
+    Args:
+        protected: P [d, m].
+        fraction: the largest share of the width d to hold exactly, in (0, 1); None: no cap.
+
+    Returns:
+        (the columns to protect, the uncapped rank or None).
+    """
     if fraction is None or not protected.shape[1]:
         return protected, None
     limit = max(1, int(fraction * protected.shape[0]))
@@ -198,7 +269,15 @@ def _basis(columns: torch.Tensor) -> torch.Tensor:
 
 def compact_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (A, B) with the same product: kept as they are below rank min(out, in), otherwise the product with an
-    identity factor (rank min(out, in), like a dense delta), so that stacked requests stay cheap."""
+    identity factor (rank min(out, in), like a dense delta), so that stacked requests stay cheap.
+
+    Args:
+        a: A [r, in].
+        b: B [out, r].
+
+    Returns:
+        (A, B) in float32, contiguous, with B @ A equal to the input product.
+    """
     if a.shape[0] >= min(b.shape[0], a.shape[1]):
         a, b = identity_factors(b @ a)
     return a.float().contiguous(), b.float().contiguous()
@@ -207,7 +286,25 @@ def compact_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
 def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], config: ClosedFormConfig,
           base_weights: Mapping[str, torch.Tensor], start_offsets: Mapping[str, torch.Tensor] | None,
           earlier: Sequence[Any], progress: bool = False) -> tuple[RequestAdapter, dict[str, Any]]:
-    """One request's artifact and a report (protected concepts, share of the target in the protected span)."""
+    """One request's artifact and a report (protected concepts, share of the target in the protected span).
+
+    Args:
+        pipe: the pipeline being edited.
+        concept: the concept to remove.
+        domain: its domain.
+        prompts: the request's prompts naming the concept.
+        config: the closed-form settings.
+        base_weights: W0 per K/V layer name.
+        start_offsets: E per layer, what earlier requests changed (None: the request starts from the base).
+        earlier: the ledger records of the requests before this one (their removals stay mapped).
+        progress: show progress bars.
+
+    Returns:
+        (the request's ``RequestAdapter``, a JSON-ready report for its ledger record).
+
+    Raises:
+        ValueError: the anchor is the concept, or the concept cannot be found in the prompts' tokens.
+    """
     if same_concept(config.anchor, concept):
         raise ValueError(f"anchor {config.anchor!r} is the concept being removed")
     earlier_list = earlier_requests(earlier)

@@ -185,17 +185,36 @@ class StreamSettings:
         return self.stream.head(self.requests)  # type: ignore[union-attr]
 
     def scored(self, k: int) -> bool:
-        """Whether the state after request ``k`` (1-based; 0: the base model) is evaluated."""
+        """Whether the state after request ``k`` is evaluated (every ``every``-th request, the base and the last).
+
+        Args:
+            k: the request's position, 1-based; 0 is the base model.
+
+        Returns:
+            True when that state is scored.
+        """
         return k == 0 or k % self.every == 0 or k == len(self.served)
 
     def for_domain(self, domain: str) -> BenchSettings:
-        """The one-domain settings a ``domain`` request of the stream is served with."""
+        """The one-domain settings a request of the stream is served with.
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            The bench's one-domain settings, with this stream's protocols and that domain's hyperparameters.
+        """
         return BenchSettings(requests=1, domain=domain, method=self.method, protocols=self.protocols,
                              hparams=self.hparams[domain], negative_guidance=self.negative_guidance,  # type: ignore[index]
                              reference=self.reference, anchor=self.anchor,
                              trajectories_per_prompt=self.trajectories_per_prompt, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (the stream by name), as the results record them.
+
+        Returns:
+            Every field by name.
+        """
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["stream"] = self.stream.name  # type: ignore[union-attr]
         values["hparams"] = {d: h.to_dict() for d, h in self.hparams.items()}  # type: ignore[union-attr]

@@ -128,6 +128,18 @@ class ProtocolContext:
     vocabulary: Mapping[str, Sequence[str]]  # registered prompt domain -> concepts, gradient projection's pool
 
 
+def no_regularizers(ctx: ProtocolContext) -> list[Regularizer]:
+    """A protocol's default: plain sequential requests, no regularizer.
+
+    Args:
+        ctx: the request's context (unused).
+
+    Returns:
+        An empty list.
+    """
+    return []
+
+
 @dataclass(frozen=True)
 class Protocol:
     """One way of serving a stream of removal requests.
@@ -148,7 +160,7 @@ class Protocol:
 
     name: str
     label: str
-    regularizers: Callable[[ProtocolContext], list[Regularizer]] = lambda ctx: []
+    regularizers: Callable[[ProtocolContext], list[Regularizer]] = no_regularizers
     merge: bool = False  # train each request from the base, compose with TIES
     simultaneous: bool = False  # retrain from the base on all requests so far, at every step
     description: str = ""

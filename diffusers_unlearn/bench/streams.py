@@ -75,19 +75,50 @@ class Stream:
                                  f"{domain}s {used}")
 
     def removed(self, domain: str) -> list[str]:
-        """The domain's removals, in stream order."""
+        """The domain's removals, in stream order.
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            The concepts of that domain the stream removes.
+        """
         return [c for d, c in self.requests if d == check_eval_domain(domain)]
 
     def kept_concepts(self, domain: str) -> list[str]:
-        """The domain's scored kept concepts."""
+        """The domain's kept concepts that are scored (never protected).
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            The scored kept concepts.
+        """
         return list(self.kept.get(check_eval_domain(domain), ()))
 
     def protected_concepts(self, domain: str) -> list[str]:
-        """The domain's kept concepts that protocols may keep (never scored)."""
+        """The domain's kept concepts that protocols may keep (never scored).
+
+        Args:
+            domain: "style" or "object".
+
+        Returns:
+            The protected concepts.
+        """
         return list(self.protected.get(check_eval_domain(domain), ()))
 
     def head(self, requests: int | None) -> list[tuple[str, str]]:
-        """The first ``requests`` requests (None: all of them)."""
+        """The stream's first requests.
+
+        Args:
+            requests: how many (None: all of them).
+
+        Returns:
+            ``(domain, concept)`` pairs in stream order.
+
+        Raises:
+            ValueError: a count that is not between 1 and the stream's length.
+        """
         if requests is None:
             return list(self.requests)
         if not isinstance(requests, int) or isinstance(requests, bool) or not 1 <= requests <= len(self.requests):
@@ -96,6 +127,11 @@ class Stream:
         return list(self.requests[:requests])
 
     def describe(self) -> dict[str, Any]:
+        """The stream as the report records it: name, description, requests, kept and protected sets.
+
+        Returns:
+            JSON-ready values.
+        """
         return {"name": self.name, "description": self.description,
                 "requests": [list(r) for r in self.requests],
                 "kept": {d: self.kept_concepts(d) for d in DOMAINS},

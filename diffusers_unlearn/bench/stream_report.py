@@ -114,7 +114,15 @@ def _listing(concepts: list[str]) -> str:
 
 def markdown_stream(result: dict[str, Any], title: str | None = None) -> str:
     """The whole stream report as Markdown: command, order, the protected and scored sets, the final table, the
-    goals, every request's figures and the per-concept UA."""
+    goals, every request's figures and the per-concept UA.
+
+    Args:
+        result: ``run_stream_bench``'s result (or its ``results.json`` read back).
+        title: the heading (None: "Mixed removal stream").
+
+    Returns:
+        The Markdown text.
+    """
     settings, stream, world = result["settings"], result["stream"], result["world"]
     requests = result["requests"]
     n = len(requests)
@@ -211,7 +219,12 @@ def _mark_domains(ax: Any, result: dict[str, Any]) -> None:
 
 def plot_stream_metrics(result: dict[str, Any], path: str | os.PathLike) -> None:
     """UA (all, styles, objects), IRA, CRA and what removed prompts keep, after every scored request, one line per
-    protocol; object requests shaded and every point marked with the domain of the request before it (PNG)."""
+    protocol; object requests shaded and every point marked with the domain of the request before it.
+
+    Args:
+        result: ``run_stream_bench``'s result.
+        path: the PNG file to write.
+    """
     plt = pyplot()
     names = list(result["protocols"])
     colors = _colors(names)

@@ -117,8 +117,8 @@ def markdown_stream(result: dict[str, Any], title: str | None = None) -> str:
     goals, every request's figures and the per-concept UA.
 
     Args:
-        result: a stream run's results (what ``results.json`` holds).
-        title: the page title (None: one naming the stream).
+        result: ``run_stream_bench``'s result (or its ``results.json`` read back).
+        title: the heading (None: "Mixed removal stream").
 
     Returns:
         The Markdown text.
@@ -219,11 +219,11 @@ def _mark_domains(ax: Any, result: dict[str, Any]) -> None:
 
 def plot_stream_metrics(result: dict[str, Any], path: str | os.PathLike) -> None:
     """UA (all, styles, objects), IRA, CRA and what removed prompts keep, after every scored request, one line per
-    protocol; object requests shaded and every point marked with the domain of the request before it (PNG).
+    protocol; object requests shaded and every point marked with the domain of the request before it.
 
     Args:
-        result: a stream run's results (what ``results.json`` holds).
-        path: where to write the PNG.
+        result: ``run_stream_bench``'s result.
+        path: the PNG file to write.
     """
     plt = pyplot()
     names = list(result["protocols"])

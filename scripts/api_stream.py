@@ -43,6 +43,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shlex
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -182,13 +183,13 @@ def main() -> int:
                                            named["style"])
     scored_objects, substituted_objects = fill(world_objects, refused["object"], spare_objects, protected_list,
                                                named["object"])
-    if not scored_objects:
-        raise SystemExit("every MiniCanvas object is protected by these requests: nothing left to score CRA on")
     # a named concept is protected, never scored: the kept concepts scored are the unnamed ones
     kept_styles = [s for s in kept_styles if s not in named["style"]]
     scored_objects = [o for o in scored_objects if o not in named["object"]]
+    if not scored_objects or not kept_styles:
+        raise SystemExit("these requests protect every MiniCanvas object or kept style: nothing left to score")
     scored_styles = [*stream, *kept_styles]
-    overlap = set(kept_styles + scored_objects) & {c for c in protected_list}
+    overlap = [c for c in kept_styles + scored_objects if is_protected(c, protected_list)]
     assert not overlap, overlap  # protected and scored must be disjoint
     honesty = {
         "protected_phrases": len(protected_list),
@@ -245,9 +246,9 @@ def main() -> int:
     summary = {
         "command": "python scripts/api_stream.py " + " ".join(
             (["--reverse"] if args.reverse else []) + (["--half-named"] if args.half_named else [])
-            + [f"--set {s}" for s in args.set]
+            + [f"--set {shlex.quote(s)}" for s in args.set]
             + ([f"--vocabulary {args.vocabulary}"] if args.vocabulary else [])
-            + [f"--regularizer '{r}'" for r in args.regularizer]
+            + [f"--regularizer {shlex.quote(r)}" for r in args.regularizer]
             + ([f"--nearest {args.nearest} --nearest-pool {args.nearest_pool} --nearest-by {args.nearest_by}"]
                if args.nearest else [])
             + (["--keep-parts"] if args.keep_parts else [])

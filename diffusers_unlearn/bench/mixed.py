@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers.utils import logging as transformers_logging
 
 from .._validation import check_int
 from .._version import __version__
@@ -39,7 +38,7 @@ from ..mixins.attach import attach
 from ..objectives import OBJECTIVES, TrainedObjectiveConfig
 from .heldout import heldout_unlearning
 from .protocols import Hyperparameters, Protocol, method_hyperparameters, resolve_protocols
-from .runner import BenchSettings, ca_anchor, request_kwargs
+from .runner import BenchSettings, ca_anchor, protocol_job, request_kwargs
 from .streams import Stream, get_stream
 from .world import BenchWorld
 
@@ -336,21 +335,6 @@ def run_stream_protocol(world: BenchWorld, settings: StreamSettings, protocol: P
     return rows
 
 
-def _protocol_job(world_factory: Callable[[], BenchWorld], settings: StreamSettings, name: str,
-                  base_row: dict[str, Any], base_images: torch.Tensor | None) -> tuple[str, list[dict[str, Any]],
-                                                                                   list[str]]:
-    """One protocol in a worker process (``jobs > 1``): its rows and its log lines."""
-    torch.set_num_threads(1)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    lines: list[str] = []
-    world = world_factory()
-    reference = None if base_images is None else EvalReference.from_images(base_images, world.feature_extractor)
-    rows = run_stream_protocol(world, settings, resolve_protocols([name])[0], base_row, progress=False,
-                               log=lines.append, reference=reference)
-    return name, rows, lines
-
-
 def run_stream_bench(world: BenchWorld, settings: StreamSettings, *, progress: bool = True,
                      log: Callable[[str], None] | None = print, command: str | None = None, jobs: int = 1,
                      world_factory: Callable[[], BenchWorld] | None = None) -> dict[str, Any]:
@@ -426,7 +410,8 @@ def run_stream_bench(world: BenchWorld, settings: StreamSettings, *, progress: b
     else:
         # spawn: forked workers would inherit torch's thread pools and any locks held at fork time
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_protocol_job, world_factory, settings, p.name, base_row, reference.images)
+            futures = [pool.submit(protocol_job, world_factory, settings, p.name, base_row, 1, reference.images,
+                                   run_stream_protocol)
                        for p in protocols]
             for future in as_completed(futures):
                 name, rows, lines = future.result()

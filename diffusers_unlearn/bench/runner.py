@@ -356,18 +356,20 @@ def run_protocol(world: BenchWorld, settings: BenchSettings, protocol: Protocol,
     return rows
 
 
-def _protocol_job(world_factory: Callable[[], BenchWorld], settings: BenchSettings, name: str,
-                  base_row: dict[str, Any], threads: int, base_images: torch.Tensor | None = None
-                  ) -> tuple[str, list[dict[str, Any]], list[str]]:
-    """One protocol in a worker process (``jobs > 1``): its rows and its log lines."""
+def protocol_job(world_factory: Callable[[], BenchWorld], settings: Any, name: str, base_row: dict[str, Any],
+                 threads: int, base_images: torch.Tensor | None = None,
+                 run: Callable[..., list[dict[str, Any]]] | None = None
+                 ) -> tuple[str, list[dict[str, Any]], list[str]]:
+    """One protocol in a worker process (``jobs > 1``): its rows and its log lines. ``run`` serves the protocol
+    (``run_protocol``, the default; a stream passes its own)."""
     torch.set_num_threads(threads)
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     lines: list[str] = []
     world = world_factory()
     reference = None if base_images is None else EvalReference.from_images(base_images, world.feature_extractor)
-    rows = run_protocol(world, settings, resolve_protocols([name])[0], base_row, progress=False,
-                        log=lines.append, reference=reference)
+    rows = (run or run_protocol)(world, settings, resolve_protocols([name])[0], base_row, progress=False,
+                                 log=lines.append, reference=reference)
     return name, rows, lines
 
 
@@ -446,7 +448,7 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
         order = sorted(protocols, key=lambda p: not p.simultaneous)
         # spawn: forked workers would inherit torch's thread pools and any locks held at fork time
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_protocol_job, world_factory, settings, p.name, base_row, 1, reference.images)
+            futures = [pool.submit(protocol_job, world_factory, settings, p.name, base_row, 1, reference.images)
                        for p in order]
             with tqdm(total=len(futures), desc="bench", unit="protocol", disable=not progress) as outer:
                 for future in as_completed(futures):

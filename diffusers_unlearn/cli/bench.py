@@ -255,22 +255,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     requests = option("requests", min(DEFAULT_REQUESTS[args.domain], len(world.orders[args.domain])))
-    options: dict[str, Any] = {}
-    if args.negative_guidance is not None:
-        options["negative_guidance"] = args.negative_guidance
-    if args.reference is not None:
-        options["reference"] = args.reference
+    options = _method_options(args)
     settings = bench.BenchSettings(requests=requests, domain=args.domain, method=args.method,
                                    protocols=args.protocols, hparams=hparams, anchor=args.anchor, seed=args.seed,
                                    attacks=args.attacks, attack_steps=args.attack_steps, **options)
     world.stream(settings.domain, settings.requests)  # refuse an impossible stream before any work
     command = command_line(args, _defaults())
     started = time.perf_counter()
-    jobs = args.jobs if args.jobs is not None else min(len(os.sched_getaffinity(0)), len(settings.protocols))
-    if launched_processes() > 1:
-        jobs = 1 if args.jobs is None else jobs  # the processes share out images, not protocols
-    if jobs < 1:
-        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    jobs = _jobs(args, len(settings.protocols))
     quiet = args.quiet or not main_process
     result = bench.run_bench(world, settings, progress=not quiet, log=None if quiet else _write,
                              command=command, jobs=jobs, world_factory=world_factory)
@@ -287,11 +279,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The method settings the flags set (``--negative-guidance``, ``--reference``), for the 12-request bench and
+    the streams alike."""
+    options: dict[str, Any] = {}
+    if args.negative_guidance is not None:
+        options["negative_guidance"] = args.negative_guidance
+    if args.reference is not None:
+        options["reference"] = args.reference
+    return options
+
+
+def _jobs(args: argparse.Namespace, protocols: int) -> int:
+    """Worker processes for ``protocols`` protocols: ``--jobs``, or one per core and protocol; one when the bench is
+    launched on several processes (they share out images, not protocols)."""
+    from ..evaluation.distributed import launched_processes
+
+    jobs = args.jobs if args.jobs is not None else min(len(os.sched_getaffinity(0)), protocols)
+    if launched_processes() > 1:
+        jobs = 1 if args.jobs is None else jobs
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    return jobs
+
+
 def _run_stream(args: argparse.Namespace, fields: dict[str, Any], eval_seeds: int, eval_steps: int | None,
                 main_process: bool) -> int:
     """``bench --stream NAME``: a named mixed stream on MiniCanvas (``bench.mixed``)."""
     from .. import bench
-    from ..evaluation.distributed import launched_processes
 
     fixed = [flag for dest, flag in STREAM_FIXED.items() if getattr(args, dest) is not None]
     if args.domain != "style":
@@ -301,11 +316,7 @@ def _run_stream(args: argparse.Namespace, fields: dict[str, Any], eval_seeds: in
                          f"{', '.join(fixed)}")
     every = 1 if args.every is None else args.every
     requests = args.requests if args.requests is not None else (QUICK_STREAM_REQUESTS if args.quick else None)
-    options: dict[str, Any] = {}
-    if args.negative_guidance is not None:
-        options["negative_guidance"] = args.negative_guidance
-    if args.reference is not None:
-        options["reference"] = args.reference
+    options = _method_options(args)
     protocols = None if args.protocols == "all" else args.protocols
     try:
         hparams = {d: bench.method_hyperparameters(args.method, d, **fields) for d in ("style", "object")}
@@ -319,11 +330,7 @@ def _run_stream(args: argparse.Namespace, fields: dict[str, Any], eval_seeds: in
         raise UsageError(str(exc)) from None
     command = command_line(args, _defaults())
     started = time.perf_counter()
-    jobs = args.jobs if args.jobs is not None else min(len(os.sched_getaffinity(0)), len(settings.protocols))
-    if launched_processes() > 1:
-        jobs = 1 if args.jobs is None else jobs  # the processes share out images, not protocols
-    if jobs < 1:
-        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    jobs = _jobs(args, len(settings.protocols))
     quiet = args.quiet or not main_process
     result = bench.run_stream_bench(world, settings, progress=not quiet, log=None if quiet else _write,
                                     command=command, jobs=jobs, world_factory=world_factory)

@@ -190,8 +190,9 @@ class StreamSettings:
 
     def for_domain(self, domain: str) -> BenchSettings:
         """The one-domain settings a ``domain`` request of the stream is served with."""
+        hparams = self.hparams[domain]  # type: ignore[index]
         return BenchSettings(requests=1, domain=domain, method=self.method, protocols=self.protocols,
-                             hparams=self.hparams[domain], negative_guidance=self.negative_guidance,  # type: ignore[index]
+                             hparams=hparams, negative_guidance=self.negative_guidance,
                              reference=self.reference, anchor=self.anchor,
                              trajectories_per_prompt=self.trajectories_per_prompt, seed=self.seed)
 

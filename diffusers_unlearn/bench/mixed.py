@@ -203,8 +203,9 @@ class StreamSettings:
         Returns:
             The bench's one-domain settings, with this stream's protocols and that domain's hyperparameters.
         """
+        hparams = self.hparams[domain]  # type: ignore[index]
         return BenchSettings(requests=1, domain=domain, method=self.method, protocols=self.protocols,
-                             hparams=self.hparams[domain], negative_guidance=self.negative_guidance,  # type: ignore[index]
+                             hparams=hparams, negative_guidance=self.negative_guidance,
                              reference=self.reference, anchor=self.anchor,
                              trajectories_per_prompt=self.trajectories_per_prompt, seed=self.seed)
 

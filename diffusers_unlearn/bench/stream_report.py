@@ -88,7 +88,8 @@ def goal_table(result: dict[str, Any]) -> list[str]:
             if value is None or target is None:
                 cells.append("n/a")
             else:
-                cells.append(f"{_pct(value)} ({'met' if value >= target - 1e-9 else f'missed by {target - value:.1f}'})")
+                verdict = "met" if value >= target - 1e-9 else f"missed by {target - value:.1f}"
+                cells.append(f"{_pct(value)} ({verdict})")
         rows.append([label, text, *cells])
     return _table(header, rows)
 
@@ -150,7 +151,8 @@ def markdown_stream(result: dict[str, Any], title: str | None = None) -> str:
         f"{len(eval_cfg['objects'])} objects x {len(eval_cfg['seeds'])} seed(s), {eval_cfg['num_inference_steps']} "
         f"steps, guidance {eval_cfg['guidance_scale']}), after "
         + ("every request" if every == 1 else f"every {every} requests and the last") + ". "
-        "All scores in percent. UA (unlearning accuracy, 100: fully erased): 100 - the mean accuracy of the removed concepts' own classifier over all their images, over everything "
+        "All scores in percent. UA (unlearning accuracy, 100: fully erased): 100 - the mean accuracy of the removed "
+        "concepts' own classifier over all their images, over everything "
         "removed so far (styles and objects alike; per domain: UA styles, UA objects). IRA: the style classifier on "
         "the kept styles' images drawn with kept objects; CRA: the object classifier on the kept objects' images in "
         "kept styles (fixed sets, so the curve compares like with like; the base row is the same images of the base "

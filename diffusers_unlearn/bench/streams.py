@@ -69,7 +69,8 @@ class Stream:
                 if overlap:
                     raise ValueError(f"stream {self.name!r}: {what} {domain}s {overlap} are also removed or scored; "
                                      f"a {what} concept is neither removed nor scored elsewhere")
-            used = [c for c in self.prompt_concepts.get(domain, ()) if any(same_concept(c, o) for o in [*removed, *kept])]
+            used = [c for c in self.prompt_concepts.get(domain, ())
+                    if any(same_concept(c, o) for o in [*removed, *kept])]
             if used:
                 raise ValueError(f"stream {self.name!r}: request prompts may not be written with removed or scored "
                                  f"{domain}s {used}")
@@ -214,7 +215,8 @@ def stream_world(world: BenchWorld, stream: Stream | str, auxiliary: Mapping[str
         prompts.setdefault(domain, [c for c in world.concepts(domain) if c not in every])
     anchors = {d: a for d, a in world.anchors.items() if not any(same_concept(a, e) for e in every)}
     config = dataclasses.replace(world.eval_config, styles=evaluated["style"], objects=evaluated["object"])
-    return dataclasses.replace(world, eval_config=config, orders={d: stream.removed(d) or evaluated[d] for d in DOMAINS},
+    orders = {d: stream.removed(d) or evaluated[d] for d in DOMAINS}
+    return dataclasses.replace(world, eval_config=config, orders=orders,
                                auxiliary=protected, prompt_concepts=prompts, anchors=anchors)
 
 

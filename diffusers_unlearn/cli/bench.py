@@ -28,7 +28,7 @@ from ._common import dataclass_defaults, default_text, finite_float, module_cons
 
 # --quick: the same code path, small enough for CI (a couple of minutes on 2 CPU cores).
 QUICK = {"requests": 2, "steps": 4, "eval_seeds": 1, "eval_objects": 2, "eval_families": 2, "eval_steps": 10}
-# --quick with --stream: the first requests of the stream, enough to reach one of each domain (mixed36: 2 styles, 1 object)
+# --quick with --stream: the first requests of the stream, enough to reach both domains (mixed36: 2 styles, 1 object)
 QUICK_STREAM_REQUESTS = 3
 # options of the one-domain bench that a named stream fixes itself (argparse dest -> flag)
 STREAM_FIXED = {"order": "--order", "eval_objects": "--eval-objects", "eval_families": "--eval-families",

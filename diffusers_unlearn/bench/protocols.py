@@ -86,14 +86,14 @@ class Hyperparameters:
 
 
 # Training settings that differ by erasure method and domain, over Hyperparameters' defaults; explicit settings win
-# (docs/benchmarks.md section 1, calibration). Concept Ablation's target (the anchor's prediction, with no guidance
+# (docs/benchmarks/minicanvas.md, calibration). Concept Ablation's target (the anchor's prediction, with no guidance
 # to amplify it) moves slower than ESD's: at 100 steps and 2e-3 it erased nothing on MiniCanvas, at 300 steps and
 # 5e-3 every style checked alone. MiniCanvas's objects share most of their text embedding (cosine 0.86-0.97 at the
 # object token), so one object's removal took its neighbours with it (cat: tower 100 -> 0) for both methods and at
 # every strength tried; a retain loss on the other objects keeps them.
 METHOD_TRAINING: dict[str, dict[str, dict[str, Any]]] = {
     # ESD on objects: a heavier retain loss holds the nearest neighbours (bird took tree from 67 to 8 at weight 1);
-    # 4 points per step, 200 steps at 4e-3 erase the last images that weight 3 alone left (docs/benchmarks.md)
+    # 4 points per step, 200 steps at 4e-3 erase the last images that weight 3 alone left (docs/benchmarks/minicanvas.md)
     "esd": {"object": {"preserve_weight": 3.0, "steps": 200, "learning_rate": 4e-3, "batch_size": 4}},
     "ca": {"style": {"steps": 300, "learning_rate": 5e-3},
            "object": {"steps": 300, "learning_rate": 5e-3, "preserve_weight": 1.0}},
@@ -204,13 +204,17 @@ def _gp(ctx: ProtocolContext) -> GradientProjection:
 
 # The verified closed form's ladder: negative guidance aims a mapped token past its anchor, away from the concept.
 # One closed-form request at the default guidance 1 left `forest hatching` in half its images; guidance 2 erased it
-# and kept its neighbours (docs/benchmarks.md section 8). A stream at guidance 2 for every request kept the objects
+# and kept its neighbours (docs/benchmarks/closed-form.md). A stream at guidance 2 for every request kept the objects
 # worse, so only the requests that need it get it.
 VERIFIED_ESCALATION: tuple[Mapping[str, Any], ...] = ({"negative_guidance": 2.0}, {"negative_guidance": 3.0})
 # With the check to catch a style the solve leaves recognisable, a style request can keep more: a soft penalty of 1
-# per kept token (0.5 unchecked) held the objects at 96.6% of base after 12 requests, against 91.3% (docs/benchmarks.md
-# section 8).
+# per kept token (0.5 unchecked) held the objects at 96.6% of base after 12 requests, against 91.3%
+# (docs/benchmarks/closed-form.md).
 VERIFIED_OPTIONS: Mapping[str, Mapping[str, Any]] = {"style": {"keep_weight": 1.0}}
+
+# The robust closed form's rounds: one round took a single request's embedding-attack accuracy from 16.7 to 0
+# (docs/benchmarks/closed-form.md); a stream's later requests solve the earlier removals again with their own rounds.
+ADVERSARIAL_ROUNDS = 2
 
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
@@ -241,6 +245,11 @@ PROTOCOLS: dict[str, Protocol] = {
                  description="closed form keeping more of the other styles; a request the world's classifier still "
                              "recognises on check seeds (apart from the evaluation's) is solved again with negative "
                              "guidance 2, then 3"),
+        Protocol("closed_form+adversarial", "Closed form, adversarial rounds", method="closed_form",
+                 options={d: {"adversarial_rounds": ADVERSARIAL_ROUNDS} for d in ("style", "object")},
+                 description=f"closed form, then {ADVERSARIAL_ROUNDS} RECE rounds: the K/V inputs that best bring "
+                             "each mapped concept back on the edited weights are mapped onto its anchor too, and "
+                             "the solve runs again under the same protection"),
     )
 }
 

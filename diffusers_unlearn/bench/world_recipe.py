@@ -16,10 +16,11 @@ from .protocols import PROTOCOLS
 from .runner import BenchSettings, request_kwargs
 from .world import BenchWorld, minicanvas_world
 
-# The closed-form solve, verified by the world's classifier: the demo's protocol and a style request's default. On
-# the 48-style world the closed form is the only recipe that erases every removed style and keeps the other styles
-# through 12 requests (docs/benchmarks.md section 1); the check re-solves, with stronger negative guidance, the
-# requests it leaves recognisable, and the only one to meet every goal of issue 10 at 5 seeds (section 8).
+# The closed-form solve, verified by the world's classifier: the demo's protocol and a style request's default. It
+# erases every removed style through 12 requests, and the check re-solves, with stronger negative guidance, the
+# requests it leaves recognisable (docs/benchmarks/closed-form.md). It keeps the styles it is told to keep; styles
+# nobody named go (the honest protocol, docs/benchmarks/minicanvas.md), which gradient projection keeps better
+# while erasing less.
 RECOMMENDED_PROTOCOL = "closed_form+verify"
 # A request that names a trained method (or asks for training): gradient projection, the single-request recipe
 # that keeps the most of the world over that stream (GP + merging keeps more, but it is a strategy of the stream).
@@ -27,7 +28,7 @@ TRAINED_PROTOCOL = "gp"
 # The recommended (protocol, method) of a request that names neither, per domain. Objects: Concept Ablation onto a
 # concrete object with the retain loss, under gradient projection. After six object requests it erased every one
 # and kept the other objects and the styles at base (UA 100, IRA 94.4, CRA 100), where the closed form kept the
-# other objects at IRA 47.2 (docs/benchmarks.md section 1, six object requests).
+# other objects at IRA 47.2 (docs/benchmarks/minicanvas.md, six object requests).
 RECOMMENDED_RECIPES: dict[str, tuple[str, str | None]] = {"style": (RECOMMENDED_PROTOCOL, None),
                                                           "object": (TRAINED_PROTOCOL, "ca")}
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ...kv.adapters import RequestAdapter, identity_factors
+from ...kv.adapters import RequestAdapter, identity_factors, smaller_form
 from ...families.registry import family_of
 from ...prompts import same_concept
 from ...kv.text_states import PromptStates
@@ -38,6 +38,9 @@ class Solver:
         directions: [d, f]: F, orthonormal basis of the complement of span(P).
         offset_factor: [d, f]: (keep_weight P^T P_F + lambda F) K^-1, which pulls what earlier requests moved back
             towards the base (None: no pull).
+        exact_inverse: K was positive definite (a ridge > 0) and inverted exactly, so that the weight after the
+            change is W0 (I + G) whatever the earlier requests did (``dense_change``).
+        change_map: G [d, d] = (anchor_factor - key_factor) F^T, computed on first use by ``dense_change``.
     """
 
     protected: torch.Tensor  # [d, r] orthonormal basis of span(P)
@@ -46,6 +49,8 @@ class Solver:
     directions: torch.Tensor  # [d, f]: F, orthonormal basis of the complement of span(P)
     # [d, f]: (keep_weight P^T P_F + lambda F) K^-1: pulls what earlier requests moved back towards the base
     offset_factor: torch.Tensor | None = None
+    exact_inverse: bool = False  # K is positive definite (ridge > 0) and inverted exactly: see dense_change
+    change_map: torch.Tensor | None = field(default=None, repr=False)  # [d, d] G, built on first use
 
     @classmethod
     def build(cls, protected: torch.Tensor, mappings: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -73,12 +78,12 @@ class Solver:
             The solver; with empty factors when there is nothing to map or no direction left to move.
         """
         d = protected.shape[0]
-        q = _basis(protected)
-        if q.shape[1]:
-            u, _, _ = torch.linalg.svd(protected, full_matrices=True)
-            free = u[:, q.shape[1]:]
+        if protected.shape[1]:
+            u, s, _ = torch.linalg.svd(protected, full_matrices=True)  # one SVD: the basis and its complement
+            rank = int((s > SPAN_RTOL * s[0]).sum())
+            q, free = u[:, :rank], u[:, rank:]
         else:
-            free = torch.eye(d, dtype=torch.float64)
+            q, free = protected, torch.eye(d, dtype=torch.float64)
         empty = torch.zeros(d, 0, dtype=torch.float64)
         if not mappings or free.shape[1] == 0:
             return cls(q, empty, empty, empty)
@@ -86,21 +91,24 @@ class Solver:
         roots = [float(w) ** 0.5 for w in weights]  # sqrt(w) on both sides of a pair weights its squared error by w
         keys = torch.cat([r * k for r, (k, _) in zip(roots, mappings)]).double()
         anchors = torch.cat([r * a for r, (_, a) in zip(roots, mappings)]).double()
-        coords = keys @ free  # [n, f]: the keys' part outside span(P), all the solve may act on
-        system = coords.T @ coords
+        # X^T X and A^T X in the input space (2 n d^2 operations), then moved to the free coordinates (d^3): cheaper
+        # than products through the n x f coordinates once there are more token pairs than input dimensions
+        key_gram = keys.T @ keys
+        on_free = key_gram @ free  # [d, f] = X^T X_F
+        system = free.T @ on_free
         energy = float(torch.trace(system))
-        if energy <= KEY_RTOL * float(keys.square().sum()):
+        if energy <= KEY_RTOL * float(torch.trace(key_gram)):
             return cls(q, empty, empty, empty)  # the keys lie inside span(P): nothing may move
         lam = ridge * energy / free.shape[1]
         pull = lam * free  # [d, f]
         if keep is not None and len(keep) and keep_weight > 0:
-            kept = keep.double() @ free
-            system = system + keep_weight * (kept.T @ kept)
-            pull = pull + keep_weight * (keep.double().T @ kept)
+            kept = (keep.double().T @ keep.double()) @ free  # [d, f] = P^T P_F
+            system = system + keep_weight * (free.T @ kept)
+            pull = pull + keep_weight * kept
         system = system + lam * torch.eye(free.shape[1], dtype=torch.float64)
-        inverse = torch.linalg.pinv(system, hermitian=True)  # K symmetric; ridge 0 with few keys leaves it singular
-        solved = coords @ inverse  # [n, f] = X_F K^-1
-        return cls(q, anchors.T @ solved, keys.T @ solved, free, pull @ inverse)
+        inverse = _inverse(system, lam > 0)
+        cross = (anchors.T @ keys) @ free  # [d, f] = A^T X_F
+        return cls(q, cross @ inverse, on_free @ inverse, free, pull @ inverse, lam > 0)
 
     def to(self, dtype: torch.dtype) -> Solver:
         """The same solver with every factor cast to ``dtype``.
@@ -112,8 +120,9 @@ class Solver:
             A new ``Solver``.
         """
         offset = None if self.offset_factor is None else self.offset_factor.to(dtype)
+        change_map = None if self.change_map is None else self.change_map.to(dtype)
         return Solver(*(t.to(dtype) for t in (self.protected, self.anchor_factor, self.key_factor, self.directions)),
-                      offset)
+                      offset, self.exact_inverse, change_map)
 
     def layer_factors(self, base: torch.Tensor, offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, d], B [out, r]) with D = B @ A the change of one weight whose current value is ``base + offset``
@@ -154,6 +163,54 @@ class Solver:
             return torch.zeros(1, w0.shape[1], dtype=dtype), torch.zeros(w0.shape[0], 1, dtype=dtype)
         return torch.cat(a_parts), torch.cat(b_parts, dim=1)
 
+    def dense_change(self, base: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """D [out, d] for one weight, as one product with a d x d map shared by every layer.
+
+        With K inverted exactly (``exact_inverse``) and the drift on span(P) corrected, the weight after the change
+        is W0 (I + G), G = (anchor_factor - key_factor) F^T: the earlier requests' offset E cancels (its part on F
+        through the pull, its part on span(P) through the drift correction), so D = W0 G - E. That is one
+        [out, d] x [d, d] product per layer, what a plain UCE solve costs, instead of two products through the
+        [d, f] factors. ``layer_factors`` gives the same change as factors, skipping a drift correction below 1e-6
+        of the weight's largest entry; this form always applies it. Without ``exact_inverse`` (ridge 0) this is
+        ``B @ A`` of ``layer_factors``.
+
+        Args:
+            base: W0 [out, d], the base weight.
+            offset: E [out, d], what earlier requests changed (None: nothing).
+
+        Returns:
+            D [out, d] in the solver's dtype.
+        """
+        dtype = self.directions.dtype
+        if not (self.exact_inverse and self.directions.shape[1]):
+            a, b = self.layer_factors(base, offset)
+            return b @ a
+        if self.change_map is None:
+            self.change_map = (self.anchor_factor - self.key_factor) @ self.directions.T
+        change = base.to(dtype) @ self.change_map
+        return change if offset is None else change - offset.to(dtype)
+
+    def layer_change(self, base: torch.Tensor, offset: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """One weight's change in whichever stored form holds fewer numbers (``kv.adapters.smaller_form``): LoRA
+        factors of rank r (r x (out + in)) or the dense delta (out x in).
+
+        Args:
+            base: W0 [out, d], the base weight.
+            offset: E [out, d], what earlier requests changed (None: nothing).
+
+        Returns:
+            (A [r, d], B [out, r]) when the factors are smaller, else D [out, d]; in the solver's dtype.
+        """
+        out_features, in_features = base.shape
+        rank = self.directions.shape[1]  # at least the factors' rank; the drift correction may add span(P)'s
+        if smaller_form(rank, out_features, in_features) == "lora" or not self.exact_inverse:
+            a, b = self.layer_factors(base, offset)
+            if smaller_form(a.shape[0], out_features, in_features) == "lora":
+                return a, b
+            return b @ a
+        return self.dense_change(base, offset)
+
     def layer_delta(self, base: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
         """D [out, d] for one weight.
 
@@ -162,10 +219,9 @@ class Solver:
             offset: E [out, d], what earlier requests changed (None: nothing).
 
         Returns:
-            The dense change D = B @ A of ``layer_factors``.
+            The dense change (``dense_change``).
         """
-        a, b = self.layer_factors(base, offset)
-        return b @ a
+        return self.dense_change(base, offset)
 
 
 def edited_layers(solver: Solver, base_weights: Mapping[str, torch.Tensor],
@@ -259,12 +315,15 @@ def cap_kept_span(protected: torch.Tensor, fraction: float | None) -> tuple[torc
     return u[:, :limit] * s[:limit], rank
 
 
-def _basis(columns: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis [d, r] of span(columns), dropping directions below SPAN_RTOL of the largest."""
-    if columns.shape[1] == 0:
-        return columns
-    u, s, _ = torch.linalg.svd(columns, full_matrices=False)
-    return u[:, s > SPAN_RTOL * s[0]]
+def _inverse(system: torch.Tensor, definite: bool) -> torch.Tensor:
+    """K^-1 of the symmetric system: by Cholesky when it is positive definite (a ridge > 0; a third of the work of
+    an eigendecomposition), else (or if Cholesky fails) the pseudo-inverse (ridge 0 with few keys leaves K
+    singular)."""
+    if definite:
+        factor, info = torch.linalg.cholesky_ex(system)
+        if not int(info):
+            return torch.cholesky_inverse(factor)
+    return torch.linalg.pinv(system, hermitian=True)
 
 
 def compact_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,16 +426,19 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
                       f"(vocabulary=, keep=){' or solve on fewer timesteps (sampling_steps=)' if per_t else ''}, "
                       f"or hold only part of them exactly (max_kept_fraction=0.75, the recommended recipe's)",
                       stacklevel=3)
-    # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
+    # Applied to each float32 weight in float32: the change is stored in float32 anyway, and it halves the cost.
     applied = solver.to(torch.float32)
     for layer in tqdm(layers, desc=f"solving {concept!r}", disable=not progress, leave=False):
         base = base_weights[layer].detach().cpu()
         if layer in solved_layers:
             offset = start_offsets[layer].detach().cpu() if start_offsets else None
-            a, b = compact_factors(*applied.layer_factors(base, offset))
+            change = applied.layer_change(base, offset)
         else:  # reads image-dependent states (later joint blocks): left as it is, stored as a zero change
-            a, b = torch.zeros(1, base.shape[1]), torch.zeros(base.shape[0], 1)
-        tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"] = a, b
+            change = torch.zeros(1, base.shape[1]), torch.zeros(base.shape[0], 1)
+        if isinstance(change, tuple):  # per layer, whichever form is smaller: factors or the dense delta
+            tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"] = (t.float().contiguous() for t in change)
+        else:
+            tensors[f"{layer}.delta"] = change.float().contiguous()
         scales[layer] = 1.0
     q = solver.protected
     target = concept_states(pipe, concept, domain, states)[1].T  # [d, S * T]

@@ -381,7 +381,8 @@ class CapacityWarning(UserWarning):
 
 
 def check_capacity(solver: Solver, concept: str, fraction: float = CAPACITY_FRACTION) -> bool:
-    """Warn (``CapacityWarning``) when ``solver.occupancy`` reaches ``fraction`` of the K/V input width.
+    """Warn (``CapacityWarning``) when ``solver.occupancy`` reaches ``fraction`` of the K/V input width. ``solve``
+    asks from a stream's second request on, once earlier removals share the space with the new one.
 
     The mapped rank saturates just below the free width (the last direction's key energy rarely clears the ridge),
     so the default fraction is a little under 1: the first request that reaches it is where the stream's measured
@@ -404,9 +405,10 @@ def check_capacity(solver: Solver, concept: str, fraction: float = CAPACITY_FRAC
         f"closed_form: removing {concept!r} fills the K/V layers' {width}-wide text space ({kept} directions keep "
         f"protected states exactly, {solver.mapped_rank} map this and the earlier removals; {occupied:.0%} of the "
         f"width): removals now share directions and each new one moves the earlier ones' mapping. Free room by "
-        "keeping fewer concepts (vocabulary=, keep=, or max_kept_fraction=0.75), a lower keep_weight, rolling back "
-        "removals no longer needed (pipe.rollback), or keep_earlier=False (later requests may then undo earlier "
-        "removals); folding does not free it (the ledger still keeps every removal mapped)",
+        "keeping fewer concepts (vocabulary=, keep=) or holding fewer exactly (a lower max_kept_fraction=), by "
+        "rolling back removals no longer needed (pipe.rollback), or with keep_earlier=False (later requests may then "
+        "undo earlier removals); fold() and a lower keep_weight do not free it (the ledger still keeps every removal "
+        "mapped, and the kept states stay held)",
         CapacityWarning, stacklevel=3)
     return True
 
@@ -523,7 +525,7 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
                       f"(vocabulary=, keep=){' or solve on fewer timesteps (sampling_steps=)' if per_t else ''}, "
                       f"or hold only part of them exactly (max_kept_fraction=0.75, the recommended recipe's)",
                       stacklevel=3)
-    else:
+    elif earlier_mapped:  # removals share the space only once there are earlier ones kept mapped
         check_capacity(solver, concept)
     # Applied to each float32 weight in float32: the change is stored in float32 anyway, and it halves the cost.
     applied = solver.to(torch.float32)

@@ -384,9 +384,10 @@ def check_capacity(solver: Solver, concept: str, fraction: float = CAPACITY_FRAC
     """Warn (``CapacityWarning``) when ``solver.occupancy`` reaches ``fraction`` of the K/V input width. ``solve``
     asks from a stream's second request on, once earlier removals share the space with the new one.
 
-    The mapped rank saturates just below the free width (the last direction's key energy rarely clears the ridge),
-    so the default fraction is a little under 1: the first request that reaches it is where the stream's measured
-    mapping error of its earlier removals starts to grow (docs/benchmarks/closed-form.md, "Capacity").
+    The mapped rank saturates just below the free width (the last directions' key energy rarely clears the ridge),
+    so the default fraction is a little under 1: past it each request adds only a few directions, and every new
+    removal is fitted against the earlier ones (what the measured streams do there: docs/benchmarks/closed-form.md,
+    "Capacity").
 
     Args:
         solver: the built solver of the request.

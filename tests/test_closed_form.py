@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from deploy_helpers import check_with_plain_diffusers
 import diffusers_unlearn as du
 from diffusers_unlearn.families.conditioning import TextConditioner
 from diffusers_unlearn.embeddings import concept_embedding
-from diffusers_unlearn.objectives.closed_form import ClosedFormConfig, Solver, compact_factors, mapping_keys
+from diffusers_unlearn.objectives.closed_form import (CapacityWarning, ClosedFormConfig, Solver, check_capacity,
+                                                      compact_factors, concept_tokens, default_states, mapping_keys)
+from diffusers_unlearn.objectives.closed_form import solver as solver_module
 
 # The tiny pipeline's text space is 32 wide and its empty prompt has 16 tokens: a small auxiliary vocabulary
 # leaves free directions for the edit (on SD's 768-wide space the default vocabulary does).
@@ -338,3 +341,82 @@ def test_bad_input_is_refused_and_changes_nothing(solved, kwargs, error, match):
     after = kv_state(pipe)
     assert after.keys() == before_state.keys() and all(torch.equal(after[k], before_state[k]) for k in after)
     assert torch.equal(generate(pipe), before_images)
+
+
+def test_the_dense_change_is_the_factors_product_and_ignores_what_earlier_requests_moved():
+    """dense_change computes W0 G - E with one d x d map: the same change as the factors (drift correction included),
+    and the weight after it, W + D = W0 (I + G), is the same whatever the start offset E was."""
+    gen = torch.Generator().manual_seed(2)
+    d, out = 40, 24
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    w0, protected = rand(out, d), rand(d, 10)
+    solver = Solver.build(protected, [(rand(6, d), rand(6, d)), (rand(5, d), rand(5, d))], ridge=1e-3,
+                          weights=[1.0, 10.0], keep=rand(30, d), keep_weight=0.5)
+    assert solver.exact_inverse
+    for offset in (None, 0.1 * rand(out, d), 0.3 * rand(out, d)):
+        a, b = solver.layer_factors(w0, offset)
+        dense = solver.dense_change(w0, offset)
+        torch.testing.assert_close(dense, b @ a, rtol=0, atol=1e-10 * float(dense.abs().max()))
+        after = w0 + (0 if offset is None else offset) + dense
+        torch.testing.assert_close(after, w0 + solver.dense_change(w0, None), rtol=0,
+                                   atol=1e-10 * float(w0.abs().max()))
+        torch.testing.assert_close(after @ protected, w0 @ protected, rtol=0, atol=1e-9 * float(w0.abs().max()))
+
+
+def _capacity_solver(d, protected_rank, pairs):
+    gen = torch.Generator().manual_seed(3)
+    protected = torch.randn(d, protected_rank, generator=gen, dtype=torch.float64)
+    keys = torch.randn(pairs, d, generator=gen, dtype=torch.float64)
+    return Solver.build(protected, [(keys, torch.randn(pairs, d, generator=gen, dtype=torch.float64))], ridge=1e-4)
+
+
+def test_the_capacity_warning_fires_when_the_kept_states_fill_a_tiny_layer_and_not_below():
+    """On a 24-wide layer with 8 protected directions, 14 random key pairs hold 14 more (22 of 24, below 0.95): no
+    warning; 16 pairs hold all 16 free directions: CapacityWarning, naming what frees room."""
+    below = _capacity_solver(24, 8, 14)
+    assert below.mapped_rank == 14 and below.occupancy == pytest.approx(22 / 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CapacityWarning)
+        assert not check_capacity(below, "van gogh")
+    full = _capacity_solver(24, 8, 16)
+    assert full.mapped_rank == 16 and full.occupancy == 1.0
+    with pytest.warns(CapacityWarning, match=r"'van gogh' fills the K/V layers' 24-wide.*keeping fewer concepts.*"
+                                             r"max_kept_fraction.*rolling back.*keep_earlier=False"):
+        assert check_capacity(full, "van gogh")
+    with pytest.raises(ValueError, match="fraction"):
+        check_capacity(full, "van gogh", fraction=0)
+
+
+def test_the_report_counts_the_mapped_and_protected_directions(solved):
+    for record in solved.unlearning_ledger.requests:
+        report = record.regularizers[0]["report"]
+        assert 0 < report["mapped_rank"] <= report["solve_rank"]
+        assert report["occupancy"] == pytest.approx((report["protected_rank"] + report["mapped_rank"]) / 32, abs=1e-6)
+
+
+def test_the_kept_gram_is_updated_across_requests_as_if_summed_again(monkeypatch):
+    """A stream's next request drops the removed concept from what it keeps: the cached keep^T keep is updated by
+    reading only that concept's tokens, and equals the sum taken again (float64 rounding apart)."""
+    pipe = du.testing.tiny_pipeline(seed=0)
+    states = default_states(pipe)
+    first = [("monet", "style"), ("picasso", "style"), ("cat", "object"), ("horse", "object")]
+    solver_module.kept_gram(pipe, first, states)
+    read = []
+    monkeypatch.setattr(solver_module, "concept_tokens", lambda p, c, d, s: read.append(c) or concept_tokens(p, c, d, s))
+    second = [pair for pair in first if pair[0] != "picasso"]
+    updated = solver_module.kept_gram(pipe, second, states)
+    assert read == ["picasso"]
+    rows = torch.cat([concept_tokens(pipe, c, d, states) for c, d in second])
+    torch.testing.assert_close(updated, rows.T @ rows, rtol=0, atol=1e-12 * float((rows.T @ rows).abs().max()))
+
+
+def test_solve_warns_about_capacity_from_the_second_request_of_a_full_stream():
+    """The recommended default on the 32-wide tiny model holds 24 directions exactly and its first removal maps most
+    of the rest: no warning while nothing else is mapped, a CapacityWarning once a second removal shares them."""
+    pipe = _quiet(du.attach(du.testing.tiny_pipeline(seed=0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CapacityWarning)
+        first = pipe.unlearn("van gogh", domain="style")
+    assert first.regularizers[0]["report"]["occupancy"] >= 0.95
+    with pytest.warns(CapacityWarning, match="'dog' fills the K/V layers' 32-wide text space"):
+        pipe.unlearn("dog", domain="object")

@@ -446,7 +446,7 @@ def check_adapter_values(adapter: RequestAdapter, where: str) -> None:
                               f"{tuple(tensor.shape)}")
         if not bool(torch.isfinite(tensor).all()):
             raise LedgerError(f"{where}: tensor {key} holds non-finite values (NaN or Inf)")
-    suffixes = (".delta",) if adapter.kind == "dense" else (".lora_A", ".lora_B")
+    suffixes = (".delta",) if adapter.kind == "dense" else (".lora_A", ".lora_B", ".delta")  # lora: dense layers too
     stray = [key for key in adapter.tensors if not key.endswith(suffixes)]
     if stray or not adapter.layers:
         raise LedgerError(f"{where}: a {adapter.kind} adapter holds unexpected tensors {sorted(stray)[:4]} or none")
@@ -454,6 +454,8 @@ def check_adapter_values(adapter: RequestAdapter, where: str) -> None:
         if set(adapter.scales) != set(adapter.layers):
             raise LedgerError(f"{where} has scales for {sorted(adapter.scales)} but layers {sorted(adapter.layers)}")
         for layer in adapter.layers:
+            if adapter.dense_layer(layer):
+                continue  # a dense delta: checked above (finite 2-D float), its shape against the model's on load
             a, b = adapter.tensors.get(f"{layer}.lora_A"), adapter.tensors.get(f"{layer}.lora_B")
             if a is None or b is None or a.shape[0] != b.shape[1]:
                 raise LedgerError(f"{where}: layer {layer} has LoRA factors that do not fit together "
@@ -467,7 +469,7 @@ def check_adapter_values(adapter: RequestAdapter, where: str) -> None:
                                   f"[-{SCALE_MAX:g}, {SCALE_MAX:g}]")
             if not bool(torch.isfinite(adapter.delta(layer)).all()):
                 raise LedgerError(f"{where}: layer {layer}'s change (B @ A * scale) overflows to non-finite values")
-        if len(adapter.tensors) != 2 * len(adapter.layers):
+        if len(adapter.tensors) != sum(1 if adapter.dense_layer(layer) else 2 for layer in adapter.layers):
             raise LedgerError(f"{where}: a LoRA factor without its partner")
 
 
@@ -630,7 +632,7 @@ def check_adapter_fits(adapter: RequestAdapter, shapes: dict[str, tuple[int, ...
         )
     for layer in adapter.layers:
         out_features, in_features = shapes[layer]
-        if adapter.kind == "dense":
+        if adapter.dense_layer(layer):
             got = tuple(adapter.tensors[f"{layer}.delta"].shape)
         else:  # factor shapes, checked before any product: a wrong one would fail inside torch
             a, b = adapter.tensors[f"{layer}.lora_A"], adapter.tensors[f"{layer}.lora_B"]

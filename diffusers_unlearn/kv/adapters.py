@@ -9,6 +9,9 @@ Two kinds of artifact, one mechanism:
 * ``dense``: a (masked) full delta D [out, in] per layer, as selective fine-tuning produces. In the UNet it is a
   peft LoRA of rank min(in, out) with an identity factor (A = I, B = D or A = D, B = I, scale 1), which represents D
   exactly, so stacking, audit, export and folding treat both kinds alike.
+
+A ``lora`` artifact may also store some layers as a dense delta (``"{layer}.delta"``, scale 1): whichever of the
+two forms is smaller for that layer (``smaller_form``), as the closed form does; ``dense_layer`` says which.
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ class RequestAdapter:
     Args:
         kind: ``"lora"`` (low-rank factors, what trained methods and the closed form produce) or ``"dense"`` (a
             full, possibly masked delta, what selective fine-tuning produces).
-        tensors: ``"{layer}.lora_A"`` [r, in] and ``"{layer}.lora_B"`` [out, r] per layer (kind ``"lora"``), or
+        tensors: ``"{layer}.lora_A"`` [r, in] and ``"{layer}.lora_B"`` [out, r] per layer (kind ``"lora"``; a layer
+            whose delta is smaller than its factors may hold ``"{layer}.delta"`` instead, scale 1), or
             ``"{layer}.delta"`` [out, in] (kind ``"dense"``).
         scales: the LoRA scale (alpha / r) per layer; dense deltas need none.
 
@@ -98,8 +102,29 @@ class RequestAdapter:
     @property
     def layers(self) -> list[str]:
         """The module names of the layers the request changes, in stored order."""
-        suffix = ".delta" if self.kind == "dense" else ".lora_A"
-        return [key[: -len(suffix)] for key in self.tensors if key.endswith(suffix)]
+        suffixes = (".delta",) if self.kind == "dense" else (".lora_A", ".delta")
+        names = (key.rpartition(".")[0] for key in self.tensors if key.endswith(suffixes))
+        return list(dict.fromkeys(names))
+
+    def dense_layer(self, layer: str) -> bool:
+        """Whether ``layer``'s change is stored as a dense delta (every layer of a ``"dense"`` artifact, the layers a
+        ``"lora"`` artifact stores in that smaller form).
+
+        Args:
+            layer: the K/V module's name, one of :attr:`layers`.
+
+        Returns:
+            True when the artifact holds ``"{layer}.delta"``.
+        """
+        return f"{layer}.delta" in self.tensors
+
+    def stored_bytes(self) -> int:
+        """The bytes of every stored tensor (what the ledger's adapter file holds, less its small header).
+
+        Returns:
+            The sum of each tensor's element count times its element size.
+        """
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def delta(self, layer: str) -> torch.Tensor:
         """The effective weight change of one layer.
@@ -113,7 +138,7 @@ class RequestAdapter:
         Raises:
             KeyError: the request does not change that layer.
         """
-        if self.kind == "dense":
+        if self.dense_layer(layer):
             return self.tensors[f"{layer}.delta"]
         a, b = self.tensors[f"{layer}.lora_A"], self.tensors[f"{layer}.lora_B"]
         return (b @ a) * self.scales[layer]
@@ -135,7 +160,7 @@ class RequestAdapter:
         Raises:
             KeyError: the request does not change that layer.
         """
-        if self.kind == "lora":
+        if not self.dense_layer(layer):
             return self.tensors[f"{layer}.lora_A"], self.tensors[f"{layer}.lora_B"], self.scales[layer]
         return (*identity_factors(self.tensors[f"{layer}.delta"]), 1.0)
 
@@ -150,6 +175,21 @@ class RequestAdapter:
             The adapter.
         """
         return cls("dense", {f"{k}.delta": v.detach().float().cpu().contiguous() for k, v in deltas.items()})
+
+
+def smaller_form(rank: int, out_features: int, in_features: int) -> str:
+    """Which stored form of one layer's change holds fewer numbers: ``"lora"`` (factors, rank x (out + in)) or
+    ``"dense"`` (the delta, out x in); ``"lora"`` on a tie.
+
+    Args:
+        rank: the rank of the factors.
+        out_features: the layer's output width.
+        in_features: the layer's input width.
+
+    Returns:
+        ``"lora"`` or ``"dense"``.
+    """
+    return "lora" if rank * (out_features + in_features) <= out_features * in_features else "dense"
 
 
 def identity_factors(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,7 +108,7 @@ def stack(artifacts: list[ad.RequestAdapter]) -> ad.RequestAdapter:
     for layer in artifacts[0].layers:
         a_parts, b_parts, dense = [], [], None
         for artifact in artifacts:
-            if artifact.kind == "dense":
+            if artifact.dense_layer(layer):
                 delta = artifact.delta(layer)
                 dense = delta.clone() if dense is None else dense + delta
             else:

@@ -70,7 +70,7 @@ def exact_factors(artifact: ad.RequestAdapter, layer: str) -> tuple[torch.Tensor
     columns) <= min(out, in), and B @ A reproduces D bit for bit (each product is one entry of D times 1). A layer
     whose delta is all zeros gets rank 1 with zero factors (a LoRA cannot have rank 0).
     """
-    if artifact.kind == "lora":
+    if not artifact.dense_layer(layer):
         return artifact.lora_factors(layer)
     delta = artifact.tensors[f"{layer}.delta"]
     out_features, in_features = delta.shape

@@ -16,8 +16,10 @@ When the concept's embedding lies almost inside span(P) only its residual outsid
 the solve still maps it (a larger edit), and the report records the share of the target inside the span
 (``target_in_span``; figures in docs/benchmarks/closed-form.md).
 
-The result is stored exactly as LoRA factors D = B @ A, so the ledger, audit, fold, merge and LoRA export treat it
-like any trained request. Each request is solved on top of, and keeping, the ones before it, so rolling one back
+The result is stored exactly, each layer in whichever form holds fewer numbers: LoRA factors D = B @ A or the dense
+delta (``Solver.layer_change``), so the ledger, audit, fold, merge and LoRA export treat it like any trained request.
+When the protected states and the removals kept mapped fill the K/V input (``Solver.occupancy``), the solve warns
+with a ``CapacityWarning`` that names what frees room. Each request is solved on top of, and keeping, the ones before it, so rolling one back
 re-solves the closed-form requests after it (``ClosedFormObjective.after_rollback``, called by the engine).
 
 SD3 and Flux: only the first joint block is solved. UCE assumes each K/V layer reads token states fixed by the
@@ -38,12 +40,14 @@ from .config import PROTECTIONS, ClosedFormConfig
 from .keys import (EarlierRequest, concept_states, concept_tokens, default_states, earlier_requests, mapping_keys,
                    protected_columns)
 from .objective import ClosedFormObjective
-from .solver import (KEY_RTOL, SPAN_RTOL, Solver, adversarial_map, cap_kept_span, compact_factors, edited_layers,
-                     recovery, solve)
+from .solver import (CAPACITY_FRACTION, KEY_RTOL, SPAN_RTOL, CapacityWarning, Solver, adversarial_map, cap_kept_span,
+                     check_capacity, compact_factors, edited_layers, recovery, solve)
 
 register_objective(ClosedFormConfig, ClosedFormObjective)
 
 __all__ = [
+    "CAPACITY_FRACTION",
+    "CapacityWarning",
     "KEY_RTOL",
     "PROTECTIONS",
     "SPAN_RTOL",
@@ -53,6 +57,7 @@ __all__ = [
     "Solver",
     "adversarial_map",
     "cap_kept_span",
+    "check_capacity",
     "compact_factors",
     "concept_states",
     "concept_tokens",

@@ -6,15 +6,16 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ...kv.adapters import RequestAdapter, identity_factors
+from ..._validation import check_number
+from ...kv.adapters import RequestAdapter, identity_factors, smaller_form
 from ...families.registry import family_of
-from ...prompts import same_concept
+from ...prompts import TEMPLATES, same_concept
 from ...kv.text_states import PromptStates
 from .config import ClosedFormConfig
 from .keys import concept_states, concept_tokens, earlier_requests, mapping_keys, protected_columns
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 SPAN_RTOL = 1e-8  # singular values of P below this fraction of the largest: directions P does not use
 KEY_RTOL = 1e-12  # eigenvalues of the projected key covariance below this fraction of the largest: numerical zero
 ADVERSARIAL_RIDGE = 0.1  # pull of the adversarial embedding towards the attacked key, relative (adversarial_map)
+CAPACITY_FRACTION = 0.95  # Solver.occupancy at which check_capacity warns (see there)
 
 
 @dataclass
@@ -38,6 +40,12 @@ class Solver:
         directions: [d, f]: F, orthonormal basis of the complement of span(P).
         offset_factor: [d, f]: (keep_weight P^T P_F + lambda F) K^-1, which pulls what earlier requests moved back
             towards the base (None: no pull).
+        exact_inverse: K was positive definite (a ridge > 0) and inverted exactly, so that the weight after the
+            change is W0 (I + G) whatever the earlier requests did (``dense_change``).
+        change_map: G [d, d] = (anchor_factor - key_factor) F^T, computed on first use by ``dense_change``.
+        mapped_rank: how many directions of F the mapped keys (the new concept's and every earlier removal's) hold:
+            eigenvalues of X_F^T X_F above the ridge lambda (below it the ridge, not the mapping, sets the change,
+            which maps less than half of such a direction); with the protected rank, what ``occupancy`` counts.
     """
 
     protected: torch.Tensor  # [d, r] orthonormal basis of span(P)
@@ -46,11 +54,14 @@ class Solver:
     directions: torch.Tensor  # [d, f]: F, orthonormal basis of the complement of span(P)
     # [d, f]: (keep_weight P^T P_F + lambda F) K^-1: pulls what earlier requests moved back towards the base
     offset_factor: torch.Tensor | None = None
+    exact_inverse: bool = False  # K is positive definite (ridge > 0) and inverted exactly: see dense_change
+    change_map: torch.Tensor | None = field(default=None, repr=False)  # [d, d] G, built on first use
+    mapped_rank: int = 0  # directions of F the mapped keys hold above the ridge (see occupancy)
 
     @classmethod
     def build(cls, protected: torch.Tensor, mappings: Sequence[tuple[torch.Tensor, torch.Tensor]],
               ridge: float, weights: Sequence[float] | None = None, keep: torch.Tensor | None = None,
-              keep_weight: float = 0.0) -> Solver:
+              keep_weight: float = 0.0, keep_gram: torch.Tensor | None = None) -> Solver:
         """Factor the solve for a protected set and the token pairs to map.
 
         Minimises sum w ||(W + D) x - W0 a||^2 + keep_weight sum ||(W + D - W0) p||^2 + lambda ||W + D - W0||^2
@@ -68,17 +79,19 @@ class Solver:
             weights: one per mapping (default 1), multiplying its token pairs' squared errors.
             keep: [m, d]: token states whose outputs should move little (soft).
             keep_weight: the soft penalty's weight on each row of ``keep``.
+            keep_gram: [d, d] float64: keep^T keep, given instead of ``keep`` (``kept_gram`` caches it across a
+                stream's requests, whose kept concepts rarely change).
 
         Returns:
             The solver; with empty factors when there is nothing to map or no direction left to move.
         """
         d = protected.shape[0]
-        q = _basis(protected)
-        if q.shape[1]:
-            u, _, _ = torch.linalg.svd(protected, full_matrices=True)
-            free = u[:, q.shape[1]:]
+        if protected.shape[1]:
+            u, s, _ = torch.linalg.svd(protected, full_matrices=True)  # one SVD: the basis and its complement
+            rank = int((s > SPAN_RTOL * s[0]).sum())
+            q, free = u[:, :rank], u[:, rank:]
         else:
-            free = torch.eye(d, dtype=torch.float64)
+            q, free = protected, torch.eye(d, dtype=torch.float64)
         empty = torch.zeros(d, 0, dtype=torch.float64)
         if not mappings or free.shape[1] == 0:
             return cls(q, empty, empty, empty)
@@ -86,21 +99,28 @@ class Solver:
         roots = [float(w) ** 0.5 for w in weights]  # sqrt(w) on both sides of a pair weights its squared error by w
         keys = torch.cat([r * k for r, (k, _) in zip(roots, mappings)]).double()
         anchors = torch.cat([r * a for r, (_, a) in zip(roots, mappings)]).double()
-        coords = keys @ free  # [n, f]: the keys' part outside span(P), all the solve may act on
-        system = coords.T @ coords
+        # X^T X and A^T X in the input space (2 n d^2 operations), then moved to the free coordinates (d^3): cheaper
+        # than products through the n x f coordinates once there are more token pairs than input dimensions
+        key_gram = keys.T @ keys
+        on_free = key_gram @ free  # [d, f] = X^T X_F
+        system = free.T @ on_free
         energy = float(torch.trace(system))
-        if energy <= KEY_RTOL * float(keys.square().sum()):
+        if energy <= KEY_RTOL * float(torch.trace(key_gram)):
             return cls(q, empty, empty, empty)  # the keys lie inside span(P): nothing may move
         lam = ridge * energy / free.shape[1]
+        spectrum = torch.linalg.eigvalsh(system)
+        mapped_rank = int((spectrum > max(lam, KEY_RTOL * float(spectrum[-1]))).sum())
         pull = lam * free  # [d, f]
-        if keep is not None and len(keep) and keep_weight > 0:
-            kept = keep.double() @ free
-            system = system + keep_weight * (kept.T @ kept)
-            pull = pull + keep_weight * (keep.double().T @ kept)
+        if keep_gram is None and keep is not None and len(keep):
+            keep_gram = keep.double().T @ keep.double()
+        if keep_gram is not None and keep_weight > 0:
+            kept = keep_gram.double() @ free  # [d, f] = P^T P_F
+            system = system + keep_weight * (free.T @ kept)
+            pull = pull + keep_weight * kept
         system = system + lam * torch.eye(free.shape[1], dtype=torch.float64)
-        inverse = torch.linalg.pinv(system, hermitian=True)  # K symmetric; ridge 0 with few keys leaves it singular
-        solved = coords @ inverse  # [n, f] = X_F K^-1
-        return cls(q, anchors.T @ solved, keys.T @ solved, free, pull @ inverse)
+        inverse = _inverse(system, lam > 0)
+        cross = (anchors.T @ keys) @ free  # [d, f] = A^T X_F
+        return cls(q, cross @ inverse, on_free @ inverse, free, pull @ inverse, lam > 0, mapped_rank=mapped_rank)
 
     def to(self, dtype: torch.dtype) -> Solver:
         """The same solver with every factor cast to ``dtype``.
@@ -111,9 +131,18 @@ class Solver:
         Returns:
             A new ``Solver``.
         """
-        offset = None if self.offset_factor is None else self.offset_factor.to(dtype)
-        return Solver(*(t.to(dtype) for t in (self.protected, self.anchor_factor, self.key_factor, self.directions)),
-                      offset)
+        cast = {name: getattr(self, name).to(dtype) for name in ("protected", "anchor_factor", "key_factor",
+                                                                   "directions", "offset_factor", "change_map")
+                if getattr(self, name) is not None}
+        return replace(self, **cast)
+
+    @property
+    def occupancy(self) -> float:
+        """Share of the K/V input width the solve already holds: (protected rank + ``mapped_rank``) / d. At 1 every
+        direction either keeps a protected state exactly or maps some removal's keys, so a new removal can only be
+        mapped by moving the earlier ones (a least-squares compromise); ``check_capacity`` warns before that."""
+        width = self.protected.shape[0]
+        return (self.protected.shape[1] + self.mapped_rank) / width if width else 1.0
 
     def layer_factors(self, base: torch.Tensor, offset: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, d], B [out, r]) with D = B @ A the change of one weight whose current value is ``base + offset``
@@ -154,6 +183,54 @@ class Solver:
             return torch.zeros(1, w0.shape[1], dtype=dtype), torch.zeros(w0.shape[0], 1, dtype=dtype)
         return torch.cat(a_parts), torch.cat(b_parts, dim=1)
 
+    def dense_change(self, base: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """D [out, d] for one weight, as one product with a d x d map shared by every layer.
+
+        With K inverted exactly (``exact_inverse``) and the drift on span(P) corrected, the weight after the change
+        is W0 (I + G), G = (anchor_factor - key_factor) F^T: the earlier requests' offset E cancels (its part on F
+        through the pull, its part on span(P) through the drift correction), so D = W0 G - E. That is one
+        [out, d] x [d, d] product per layer, what a plain UCE solve costs, instead of two products through the
+        [d, f] factors. ``layer_factors`` gives the same change as factors, skipping a drift correction below 1e-6
+        of the weight's largest entry; this form always applies it. Without ``exact_inverse`` (ridge 0) this is
+        ``B @ A`` of ``layer_factors``.
+
+        Args:
+            base: W0 [out, d], the base weight.
+            offset: E [out, d], what earlier requests changed (None: nothing).
+
+        Returns:
+            D [out, d] in the solver's dtype.
+        """
+        dtype = self.directions.dtype
+        if not (self.exact_inverse and self.directions.shape[1]):
+            a, b = self.layer_factors(base, offset)
+            return b @ a
+        if self.change_map is None:
+            self.change_map = (self.anchor_factor - self.key_factor) @ self.directions.T
+        change = base.to(dtype) @ self.change_map
+        return change if offset is None else change - offset.to(dtype)
+
+    def layer_change(self, base: torch.Tensor, offset: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """One weight's change in whichever stored form holds fewer numbers (``kv.adapters.smaller_form``): LoRA
+        factors of rank r (r x (out + in)) or the dense delta (out x in).
+
+        Args:
+            base: W0 [out, d], the base weight.
+            offset: E [out, d], what earlier requests changed (None: nothing).
+
+        Returns:
+            (A [r, d], B [out, r]) when the factors are smaller, else D [out, d]; in the solver's dtype.
+        """
+        out_features, in_features = base.shape
+        rank = self.directions.shape[1]  # at least the factors' rank; the drift correction may add span(P)'s
+        if smaller_form(rank, out_features, in_features) == "lora" or not self.exact_inverse:
+            a, b = self.layer_factors(base, offset)
+            if smaller_form(a.shape[0], out_features, in_features) == "lora":
+                return a, b
+            return b @ a
+        return self.dense_change(base, offset)
+
     def layer_delta(self, base: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
         """D [out, d] for one weight.
 
@@ -162,10 +239,49 @@ class Solver:
             offset: E [out, d], what earlier requests changed (None: nothing).
 
         Returns:
-            The dense change D = B @ A of ``layer_factors``.
+            The dense change (``dense_change``).
         """
-        a, b = self.layer_factors(base, offset)
-        return b @ a
+        return self.dense_change(base, offset)
+
+
+_GRAM_CACHE = "_unlearn_closed_form_kept_gram"
+
+
+def kept_gram(pipe: Any, chosen: Sequence[tuple[str, str]], states: PromptStates) -> torch.Tensor:
+    """keep^T keep [d, d], float64, over the token states of every kept (concept, domain) (``concept_tokens``): the
+    soft penalty's part of the solve, its costliest product (one row per token of every kept concept in every
+    template). Cached on the pipeline with the concepts it sums, and updated for the next request by adding and
+    subtracting only the concepts that changed (a stream's kept concepts lose the removed one at most), or summed
+    again when more than half changed.
+
+    Args:
+        pipe: the pipeline whose text states are read (and that holds the cache).
+        chosen: the kept (concept, domain) pairs.
+        states: the token states to read (the cache is kept per ``states.key``).
+
+    Returns:
+        The Gram matrix [d, d], float64.
+    """
+    def gram(pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+        rows = torch.cat([concept_tokens(pipe, c, d, states) for c, d in pairs])
+        return rows.T @ rows
+
+    # what concept_tokens reads: the concept, its domain's templates, the states
+    wanted = {(c.lower(), d, tuple(TEMPLATES[d])): (c, d) for c, d in chosen}
+    cached = pipe.__dict__.get(_GRAM_CACHE)
+    total = None
+    if cached is not None and cached[0] == states.key:
+        added, dropped = wanted.keys() - cached[1].keys(), cached[1].keys() - wanted.keys()
+        if len(added) + len(dropped) <= len(wanted) / 2:
+            total = cached[2]
+            if added:
+                total = total + gram([wanted[k] for k in sorted(added)])
+            if dropped:
+                total = total - gram([cached[1][k] for k in sorted(dropped)])
+    if total is None:
+        total = gram(list(wanted.values()))
+    pipe.__dict__[_GRAM_CACHE] = (states.key, wanted, total)
+    return total
 
 
 def edited_layers(solver: Solver, base_weights: Mapping[str, torch.Tensor],
@@ -259,12 +375,54 @@ def cap_kept_span(protected: torch.Tensor, fraction: float | None) -> tuple[torc
     return u[:, :limit] * s[:limit], rank
 
 
-def _basis(columns: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis [d, r] of span(columns), dropping directions below SPAN_RTOL of the largest."""
-    if columns.shape[1] == 0:
-        return columns
-    u, s, _ = torch.linalg.svd(columns, full_matrices=False)
-    return u[:, s > SPAN_RTOL * s[0]]
+class CapacityWarning(UserWarning):
+    """The closed form's solve holds (nearly) every direction of the K/V input: a new removal can only be mapped by
+    moving the earlier ones (``Solver.occupancy`` reached ``CAPACITY_FRACTION``)."""
+
+
+def check_capacity(solver: Solver, concept: str, fraction: float = CAPACITY_FRACTION) -> bool:
+    """Warn (``CapacityWarning``) when ``solver.occupancy`` reaches ``fraction`` of the K/V input width. ``solve``
+    asks from a stream's second request on, once earlier removals share the space with the new one.
+
+    The mapped rank saturates just below the free width (the last directions' key energy rarely clears the ridge),
+    so the default fraction is a little under 1: past it each request adds only a few directions, and every new
+    removal is fitted against the earlier ones (what the measured streams do there: docs/benchmarks/closed-form.md,
+    "Capacity").
+
+    Args:
+        solver: the built solver of the request.
+        concept: the concept being removed (named in the warning).
+        fraction: the share of the width at which to warn, in (0, 1].
+
+    Returns:
+        Whether it warned.
+    """
+    check_number(fraction, "fraction", minimum=0, maximum=1, exclusive_minimum=True)
+    occupied = solver.occupancy
+    if occupied < fraction:
+        return False
+    width, kept = solver.protected.shape
+    warnings.warn(
+        f"closed_form: removing {concept!r} fills the K/V layers' {width}-wide text space ({kept} directions keep "
+        f"protected states exactly, {solver.mapped_rank} map this and the earlier removals; {occupied:.0%} of the "
+        f"width): removals now share directions and each new one moves the earlier ones' mapping. Free room by "
+        "keeping fewer concepts (vocabulary=, keep=) or holding fewer exactly (a lower max_kept_fraction=), by "
+        "rolling back removals no longer needed (pipe.rollback), or with keep_earlier=False (later requests may then "
+        "undo earlier removals); fold() and a lower keep_weight do not free it (the ledger still keeps every removal "
+        "mapped, and the kept states stay held)",
+        CapacityWarning, stacklevel=3)
+    return True
+
+
+def _inverse(system: torch.Tensor, definite: bool) -> torch.Tensor:
+    """K^-1 of the symmetric system: by Cholesky when it is positive definite (a ridge > 0; a third of the work of
+    an eigendecomposition), else (or if Cholesky fails) the pseudo-inverse (ridge 0 with few keys leaves K
+    singular)."""
+    if definite:
+        factor, info = torch.linalg.cholesky_ex(system)
+        if not int(info):
+            return torch.cholesky_inverse(factor)
+    return torch.linalg.pinv(system, hermitian=True)
 
 
 def compact_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,8 +476,7 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     protected, chosen = protected_columns(pipe, concept, domain, config, removed, states, progress=progress)
     protected, uncapped_rank = cap_kept_span(protected, config.max_kept_fraction)
     names = [c for c, _ in chosen]
-    kept_tokens = (torch.cat([concept_tokens(pipe, c, d, states) for c, d in chosen])
-                   if chosen and config.keep_weight > 0 else None)
+    keep_gram = kept_gram(pipe, chosen, states) if chosen and config.keep_weight > 0 else None
     mappings = [mapping_keys(pipe, concept, config.anchor, prompts, config.map_every_token, config.negative_guidance,
                              states)]
     skipped = []
@@ -339,7 +496,8 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     tensors, scales = {}, {}
     earlier_mapped = len(mappings) - 1
     weights = [config.concept_weight] + [config.earlier_weight] * earlier_mapped
-    solver = Solver.build(protected, mappings, config.ridge, weights, kept_tokens, config.keep_weight)
+    solver = Solver.build(protected, mappings, config.ridge, weights, keep_weight=config.keep_weight,
+                          keep_gram=keep_gram)
     rounds = []
     if config.adversarial_rounds:
         # RECE: the states that bring each mapped concept (this one and the earlier removals kept mapped) back on the
@@ -353,7 +511,8 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
             for (keys, targets), weight in attacked:
                 mappings.append((keys.double() @ found.T, targets))
                 weights.append(weight)
-            solver = Solver.build(protected, mappings, config.ridge, weights, kept_tokens, config.keep_weight)
+            solver = Solver.build(protected, mappings, config.ridge, weights, keep_weight=config.keep_weight,
+                          keep_gram=keep_gram)
             after = edited_layers(solver, base_weights, start_offsets, solved_layers)
             adversarial = concept_keys.double() @ found.T
             rounds.append({"recovery": round(recovery(edited, adversarial, concept_keys), 6),
@@ -367,23 +526,29 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
                       f"(vocabulary=, keep=){' or solve on fewer timesteps (sampling_steps=)' if per_t else ''}, "
                       f"or hold only part of them exactly (max_kept_fraction=0.75, the recommended recipe's)",
                       stacklevel=3)
-    # Applied to each float32 weight in float32: the factors are stored in float32 anyway, and it halves the cost.
+    elif earlier_mapped:  # removals share the space only once there are earlier ones kept mapped
+        check_capacity(solver, concept)
+    # Applied to each float32 weight in float32: the change is stored in float32 anyway, and it halves the cost.
     applied = solver.to(torch.float32)
     for layer in tqdm(layers, desc=f"solving {concept!r}", disable=not progress, leave=False):
         base = base_weights[layer].detach().cpu()
         if layer in solved_layers:
             offset = start_offsets[layer].detach().cpu() if start_offsets else None
-            a, b = compact_factors(*applied.layer_factors(base, offset))
+            change = applied.layer_change(base, offset)
         else:  # reads image-dependent states (later joint blocks): left as it is, stored as a zero change
-            a, b = torch.zeros(1, base.shape[1]), torch.zeros(base.shape[0], 1)
-        tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"] = a, b
+            change = torch.zeros(1, base.shape[1]), torch.zeros(base.shape[0], 1)
+        if isinstance(change, tuple):  # per layer, whichever form is smaller: factors or the dense delta
+            tensors[f"{layer}.lora_A"], tensors[f"{layer}.lora_B"] = (t.float().contiguous() for t in change)
+        else:
+            tensors[f"{layer}.delta"] = change.float().contiguous()
         scales[layer] = 1.0
     q = solver.protected
     target = concept_states(pipe, concept, domain, states)[1].T  # [d, S * T]
     in_span = float((q.T @ target).square().sum() / target.square().sum()) if q.shape[1] else 0.0
     report = {"protected": names, "protected_columns": int(protected.shape[1]), "protected_rank": int(q.shape[1]),
               "target_in_span": round(in_span, 6), "earlier_mapped": earlier_mapped,
-              "solve_rank": int(solver.directions.shape[1]), "ridge": config.ridge,
+              "solve_rank": int(solver.directions.shape[1]), "mapped_rank": solver.mapped_rank,
+              "occupancy": round(solver.occupancy, 6), "ridge": config.ridge,
               "solved_layers": len(solved_layers)}
     if uncapped_rank is not None:
         report["protected_rank_uncapped"] = uncapped_rank

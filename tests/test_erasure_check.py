@@ -101,7 +101,11 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     # pipe.unlearn / UnlearnRequest.build: the object settings for objects only, and only when no method is named
     request = UnlearnRequest.build("cat", domain="object")
     assert (request.method.keep_weight, request.method.negative_guidance) == (5.0, 2.0)
-    assert UnlearnRequest.build("van gogh", domain="style").method == ClosedFormConfig(max_kept_fraction=0.75)
+    # styles: mapped onto the anchor itself (an erased prompt keeps its object)
+    assert RECOMMENDED_DOMAIN_OPTIONS["style"] == {"negative_guidance": 0.0}
+    assert UnlearnRequest.build("van gogh", domain="style").method == \
+        ClosedFormConfig(max_kept_fraction=0.75, negative_guidance=0.0)
+    assert UnlearnRequest.build("van gogh", domain="concept").method == ClosedFormConfig(max_kept_fraction=0.75)
     named = UnlearnRequest.build("cat", "closed_form", domain="object").method
     assert (named.keep_weight, named.negative_guidance) == (0.5, 1.0)
     assert UnlearnRequest.build("cat", domain="object", negative_guidance=1.5).method.negative_guidance == 1.5

@@ -27,10 +27,15 @@ RECOMMENDED_METHOD = "closed_form"
 """The method of a request that names none and asks for no training (``recommended_method``)."""
 TRAINED_METHOD = "esd"
 """The method of a request that names none but asks for training, and the recommended one on SD3 and Flux."""
-RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"object": {"keep_weight": 5.0, "negative_guidance": 2.0}}
-"""The recommended method's settings for one kind of concept, over its config's defaults (which are the styles'):
-objects need a stronger soft penalty on the kept concepts' tokens to keep the other objects, and stronger guidance
-to erase despite it (docs/benchmarks/closed-form.md, "Recommended default", the closed form on objects)."""
+RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"style": {"negative_guidance": 0.0},
+                                                          "object": {"keep_weight": 5.0, "negative_guidance": 2.0}}
+"""The recommended method's settings for one kind of concept, over its config's defaults. Styles map onto the
+anchor itself (no guidance past it): aimed past the anchor, an erased style's prompt lost its object too ("a bear in
+<removed style> style" drew no bear), and on the anchor it keeps the bear in another style and still erases
+(docs/benchmarks/closed-form.md, "An erased prompt keeps its object"); a style the check still recognises is solved
+again with guidance (the verified recipe's escalation). Objects need a stronger soft penalty on the kept concepts'
+tokens to keep the other objects, and stronger guidance to erase despite it (docs/benchmarks/closed-form.md,
+"Recommended default", the closed form on objects)."""
 RECOMMENDED_KEPT_FRACTION = 0.75
 """Every recommended request: the exactly kept span may fill at most this fraction of the K/V input width, so that a
 narrow text space (the tiny pipelines' 32-wide one, filled by the built-in vocabulary) keeps room to erase; the

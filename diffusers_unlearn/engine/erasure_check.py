@@ -26,6 +26,7 @@ from .._validation import check_count, check_number
 from .classifier_check import ClassifierCheck
 from ..families.conditioning import Conditioning, sample_trajectory
 from ..families.registry import conditioner_for, denoiser_of
+from ..objectives.base import prompts_by_concept
 
 MIN_SHIFT = 0.5
 
@@ -164,6 +165,42 @@ def check_erasure(pipe: Any, request_id: str, concept: str, prompts: list[str], 
     }
 
 
+def measure_erasure(check: Any, pipe: Any, request_id: str, request: Any) -> dict[str, Any]:
+    """The erasure figures of a committed request, with ``check`` (an ``ErasureCheck``, a ``ClassifierCheck`` or an
+    object like them): one measurement for one concept; for a request of several, one per concept on the prompts
+    that name it, combined so that the request counts as erased only when every concept is.
+
+    Args:
+        check: the erasure check (its ``measure(pipe, request_id, concept, prompts, seed=, guidance_scale=,
+            resolution=)``).
+        pipe: the unlearning pipeline that holds the request.
+        request_id: the committed request.
+        request: its ``UnlearnRequest`` (concepts, prompts, seed and method settings).
+
+    Returns:
+        ``check``'s figures for one concept. For several: the least erased concept's figures (not erased first,
+        then the smallest shift or the most often recognised), ``erased`` true only when every concept's is,
+        ``worst`` naming that concept and ``concepts`` mapping each concept to its own figures (without the probe).
+    """
+    options = dict(seed=request.seed, guidance_scale=request.method.guidance_scale,
+                   resolution=request.method.resolution)
+    concepts = tuple(request.concepts)
+    if len(concepts) == 1:
+        return check.measure(pipe, request_id, request.concept, request.prompts, **options)
+    groups = prompts_by_concept(request.prompts, concepts)
+    per = {c: check.measure(pipe, request_id, c, groups[c], **options) for c in concepts}
+
+    def weakness(concept: str) -> tuple[bool, float]:
+        figures = per[concept]
+        if "target_shift" in figures:
+            return bool(figures.get("erased", True)), float(figures["target_shift"])
+        return bool(figures.get("erased", True)), -float(figures.get("recognized", 0.0))
+
+    worst = min(concepts, key=weakness)
+    return {**per[worst], "erased": all(bool(f.get("erased", True)) for f in per.values()), "worst": worst,
+            "concepts": {c: {k: v for k, v in f.items() if k != "probe"} for c, f in per.items()}}
+
+
 def verdict(figures: dict[str, Any]) -> str:
     """The check's one-line reading of ``figures`` (a record's ``erasure``: the shift check's, or a
     ``ClassifierCheck``'s, told apart by their ``check`` entry)."""
@@ -184,7 +221,13 @@ def report_erasure(concept: str, figures: dict[str, Any], require: bool, method:
         advice = "Use more steps, a larger learning rate or fewer protected concepts"
     tried = len(figures.get("attempts") or [])
     escalated = f" (after {tried} weaker attempt(s), undone)" if tried else ""
-    message = f"the request removing {concept!r} did not erase it{escalated}: {verdict(figures)}. " + advice
+    per = figures.get("concepts")
+    if isinstance(per, dict):  # a request of several concepts: name those that stayed, and the weakest's figures
+        stayed = [c for c, f in per.items() if not f.get("erased", True)]
+        message = (f"the request removing {concept!r} did not erase {stayed}{escalated}: "
+                   f"{figures.get('worst')!r}: {verdict(figures)}. " + advice)
+    else:
+        message = f"the request removing {concept!r} did not erase it{escalated}: {verdict(figures)}. " + advice
     if require:
         raise ErasureError(message + "; nothing was committed (require_erasure=True)", figures)
     warnings.warn(message + "; it is recorded in the ledger as not erased", ErasureWarning, stacklevel=4)

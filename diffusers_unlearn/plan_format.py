@@ -175,9 +175,9 @@ def check_plan_fields(data: Any, *, source: str, method_fields: MethodFields) ->
             raise PlanError(f"{location(source, position)}: missing 'concept'")
         several = isinstance(concept, list) and bool(concept) and all(isinstance(c, str) for c in concept)
         if not isinstance(concept, str) and not several:
-            raise PlanError(f"{location(source, position)}: concept must be a string or a non-empty list of strings "
-                            f"(several concepts removed by one request), got {type(concept).__name__} {concept!r} "
-                            "(quote it in YAML: yes/no/on/off and numbers are not strings there)")
+            raise PlanError(f"{location(source, position)}: concept must be a string, got {type(concept).__name__} "
+                            f"{concept!r} (quote it in YAML: yes/no/on/off and numbers are not strings there; "
+                            "several concepts removed by one request are a non-empty list of strings)")
         _check_request_field_names(fields, method_fields, location(source, position, concept))
     for key in ("torch_dtype", "device"):
         if data.get(key) is not None and not isinstance(data.get(key), str):

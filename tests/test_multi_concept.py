@@ -238,8 +238,8 @@ def test_a_plan_request_may_list_several_concepts(tmp_path):
 
 
 @pytest.mark.parametrize("concept, match", [
-    ([], "concept must be a string or a non-empty list of strings"),
-    (["cat", 3], "concept must be a string or a non-empty list of strings"),
+    ([], "concept must be a string, got list .*a non-empty list of strings"),
+    (["cat", 3], "concept must be a string, got list .*a non-empty list of strings"),
     (["cat", "Cat"], "concept lists 'Cat' twice"),
 ])
 def test_a_plan_with_a_bad_concept_list_is_refused(concept, match, tmp_path):

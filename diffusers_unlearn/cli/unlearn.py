@@ -328,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.erasure_check import verdict
 
     work = "solving" if record.steps == 0 else f"{record.steps} training steps"
-    print(f"removed {short(record.concept, 60 + 40 * len(record.concepts))} as {record.request_id} in {waited:.1f} s ({work} {record.seconds:.1f} s, "
+    shown = short(record.concept, 60 + 40 * (len(record.concepts) - 1))  # a request of several names them all
+    print(f"removed {shown} as {record.request_id} in {waited:.1f} s ({work} {record.seconds:.1f} s, "
           f"the erasure check {max(waited - record.seconds, 0):.1f} s; final loss {record.final_loss:.4g}; "
           f"{before} earlier request(s))")
     if record.erasure:

@@ -131,7 +131,8 @@ class UnlearnRequest:
             self.templates = chosen
 
     @classmethod
-    def build(cls, concept: str | Sequence[str], method: str | ObjectiveConfig | None = None, **kwargs: Any) -> UnlearnRequest:
+    def build(cls, concept: str | Sequence[str], method: str | ObjectiveConfig | None = None,
+              **kwargs: Any) -> UnlearnRequest:
         """``resolve_request(concept, method, **kwargs)``, under the name earlier versions documented.
 
         Args:

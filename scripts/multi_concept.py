@@ -30,14 +30,15 @@ from pathlib import Path
 
 import torch
 
-import diffusers_unlearn as du
-from diffusers_unlearn import minicanvas as mc
-from diffusers_unlearn.bench.mixed import evaluate_stream
-from diffusers_unlearn.bench.protocols import resolve_protocols
-from diffusers_unlearn.bench.runner import BenchSettings, request_kwargs
-from diffusers_unlearn.bench.streams import Stream, stream_world
-from diffusers_unlearn.bench.world import minicanvas_world
-from diffusers_unlearn.evaluation import kv_drift
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's package, not an installed one
+import diffusers_unlearn as du  # noqa: E402
+from diffusers_unlearn import minicanvas as mc  # noqa: E402
+from diffusers_unlearn.bench.mixed import evaluate_stream  # noqa: E402
+from diffusers_unlearn.bench.protocols import resolve_protocols  # noqa: E402
+from diffusers_unlearn.bench.runner import BenchSettings, request_kwargs  # noqa: E402
+from diffusers_unlearn.bench.streams import Stream, stream_world  # noqa: E402
+from diffusers_unlearn.bench.world import minicanvas_world  # noqa: E402
+from diffusers_unlearn.evaluation import kv_drift  # noqa: E402
 
 REMOVED = tuple(s for styles in mc.STYLE_FAMILIES.values() for s in styles[:2])
 KEPT_STYLES = tuple(s for styles in mc.STYLE_FAMILIES.values() for s in styles[2:])
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> dict:
     one_wall = time.perf_counter() - started
     report = record.regularizers[0]["report"]
     one = {"requests": 1, "ledger_entries": len(pipe.unlearning_ledger.requests), "solve_seconds": record.seconds,
-           "unlearn_seconds": round(one_wall, 3), "erased": record.erasure.get("erased"),
+           "unlearn_seconds": round(one_wall, 3), "probe_prompts": len(record.erasure.get("probe", {}).get("prompts", []))
+           * len(REMOVED), "erased": record.erasure.get("erased"),
            "not_erased": [c for c, f in record.erasure.get("concepts", {}).items() if not f.get("erased", True)],
            "drift": kv_drift(pipe), "protected_rank": report.get("protected_rank"),
            "solve_rank": report.get("solve_rank"), "mapped_concepts": report.get("mapped_concepts")}

@@ -297,3 +297,17 @@ def test_a_request_of_several_concepts_checks_its_other_fields():
     several = UnlearnRequest.build(THREE, "closed_form", domain="style")
     assert dataclasses.replace(several, prompts=None) == several  # escalation rebuilds requests this way
     assert several.signature()["concepts"] == THREE
+
+
+def test_gradient_projection_protects_none_of_the_request_s_concepts():
+    pipe = _pipe()
+    pipe.unlearn("dog", **OBJECT)
+    projection = du.GradientProjection(vocabulary=["dali", "klimt", "monet", "picasso"], neighbors=4)
+    record = pipe.unlearn(THREE, method="esd", domain="style", steps=2, sampling_steps=2, num_trajectories=3,
+                          regularizers=[projection])
+    protected = [p["concept"] for p in record.regularizers[0]["report"]["protected"]]
+    assert "dog" in protected and {"monet", "picasso"} <= set(protected)  # earlier removal and neighbours kept
+    assert not set(THREE) & set(protected)  # none of the concepts being removed
+    with pytest.raises(ValueError, match="cannot keep 'klimt'"):  # refused before any work
+        pipe.unlearn(THREE, domain="style", steps=2, regularizers=[du.GradientProjection(keep=["klimt"])])
+    assert pipe.unlearning_ledger.ids() == ["r0001", "r0002"]

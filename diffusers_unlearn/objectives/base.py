@@ -212,7 +212,9 @@ def prompt_concept(prompt: str, concepts: Sequence[str]) -> str:
 
 
 def prompts_by_concept(prompts: Sequence[str], concepts: Sequence[str]) -> dict[str, list[str]]:
-    """A several-concept request's prompts, grouped by the concept each names (``prompt_concept``), in order.
+    """A several-concept request's prompts, grouped by the concept each names (``prompt_concept``), in order:
+    ``["dots art", "neon dots art"]`` over ``["dots", "neon dots"]`` gives ``{"dots": ["dots art"], "neon dots":
+    ["neon dots art"]}``.
 
     Args:
         prompts: the request's prompts.
@@ -223,10 +225,6 @@ def prompts_by_concept(prompts: Sequence[str], concepts: Sequence[str]) -> dict[
 
     Raises:
         ValueError: a prompt names none of the concepts, or a concept is named by no prompt.
-
-    Examples:
-        >>> prompts_by_concept(["dots art", "neon dots art", "a dots cup"], ["dots", "neon dots"])
-        {'dots': ['dots art', 'a dots cup'], 'neon dots': ['neon dots art']}
     """
     groups: dict[str, list[str]] = {c: [] for c in concepts}
     for prompt in prompts:

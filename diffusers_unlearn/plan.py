@@ -21,6 +21,8 @@ Example ``PLAN.yaml``::
         domain: object
         method: ca
         anchor: dog             # fields the request does not know are options of its method
+      - concept: [monet, picasso]   # several concepts: one request, one ledger entry
+        domain: style
 
 A request without ``method:`` and without training fields gets the recommended method of the model it runs on
 (``engine/defaults.py``), resolved when the plan runs; the plan's shape and field names are checked without the engine
@@ -71,7 +73,8 @@ class PlannedRequest:
 
     Attributes:
         position: the request's 1-based place in the plan (how errors name it).
-        concept: what to remove, normalised as the request normalises it.
+        concept: what to remove, normalised as the request normalises it: a string, or a tuple of the concepts one
+            request removes together.
         domain: the prompt domain, resolved ("concept" when the plan gives none).
         method: the method's name, or None for the default method of the model.
         method_options: the request's fields that are options of its method (``anchor: dog``).
@@ -85,7 +88,7 @@ class PlannedRequest:
     """
 
     position: int  # 1-based place in the plan
-    concept: str
+    concept: str | tuple[str, ...]
     domain: str
     method: str | None
     method_options: dict[str, Any]
@@ -114,7 +117,7 @@ class PlannedRequest:
             ValueError, TypeError: a field the request refuses (``request.resolve_request``).
         """
         return resolve_request(
-            self.concept,
+            self.concept if isinstance(self.concept, str) else list(self.concept),
             self.method,
             domain=self.domain,
             family=family,
@@ -277,8 +280,9 @@ def _planned_request(
         request = planned.to_request()  # validates every field once, as pipe.unlearn does
     except (TypeError, ValueError) as err:
         raise PlanError(f"{at}: {err}") from None
-    # The plan keeps the request's normalised concept, resolved domain and checked seed.
-    return dataclasses.replace(planned, concept=request.concept, domain=request.domain, seed=request.seed)
+    # The plan keeps the request's normalised concept(s), resolved domain and checked seed.
+    concept = request.concept if len(request.concepts) == 1 else tuple(request.concepts)
+    return dataclasses.replace(planned, concept=concept, domain=request.domain, seed=request.seed)
 
 
 def parse_plan(
@@ -463,13 +467,13 @@ def run_plan(
         if problem:
             raise PlanError(problem)
         skipped.append(record.request_id)
-        say(f"[{planned.position}/{total}] {planned.concept!r}: already in the ledger as {record.request_id}, skipped")
+        say(f"[{planned.position}/{total}] {_label(planned)!r}: already in the ledger as {record.request_id}, skipped")
     trained = []
     for planned, request in requests[len(done):]:
         record = pipe.unlearn(request, progress=progress)
         pipe.save_unlearning(checkpoint)  # atomic: an interruption from here on loses nothing
         trained.append(record.request_id)
-        say(f"[{planned.position}/{total}] {planned.concept!r}: removed as {record.request_id} in "
+        say(f"[{planned.position}/{total}] {_label(planned)!r}: removed as {record.request_id} in "
             f"{record.seconds:.1f}s (final loss {record.final_loss:.4g})")
         if after_request is not None:
             after_request(planned, record)
@@ -493,6 +497,11 @@ def _request_on(planned: PlannedRequest, family: ModelFamily, source: str) -> Un
             raise
         raise PlanError(f"{location(source, planned.position, planned.concept)} on this model gets the recommended "
                         f"method {recommended_method(family)!r}: {err}; name a method in the plan") from None
+
+
+def _label(planned: PlannedRequest) -> str:
+    """The planned request's concept, or its concepts joined by ", "."""
+    return planned.concept if isinstance(planned.concept, str) else ", ".join(planned.concept)
 
 
 def _folder_up_to_date(output: Path, ids: list[str]) -> bool:

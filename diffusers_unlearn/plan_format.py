@@ -111,7 +111,7 @@ def location(source: str, position: int | None, concept: Any = None) -> str:
     Args:
         source: how the plan is named (its path).
         position: the request's 1-based place; None for the plan itself.
-        concept: the request's concept, named when it is a string.
+        concept: the request's concept, named when it is a string (a list of strings: joined by ", ").
 
     Returns:
         ``source`` alone, or ``"<source>: request <position> ('<concept>')"``.
@@ -122,6 +122,8 @@ def location(source: str, position: int | None, concept: Any = None) -> str:
     """
     if position is None:
         return source
+    if isinstance(concept, (list, tuple)) and concept and all(isinstance(c, str) for c in concept):
+        concept = ", ".join(concept)  # a request of several concepts: their label
     return f"{source}: request {position}" + (f" ({concept!r})" if isinstance(concept, str) else "")
 
 
@@ -136,7 +138,8 @@ def check_plan_fields(data: Any, *, source: str, method_fields: MethodFields) ->
 
     Raises:
         PlanError: the plan is not a map; it has an unknown field; 'defaults' is not a map or sets 'concept';
-            'requests' is not a non-empty list; a request is not a map with a string 'concept'; a request field is
+            'requests' is not a non-empty list; a request is not a map with a 'concept' that is a string or a
+            non-empty list of strings (several concepts removed by one request); a request field is
             neither a request key nor an option of its method (the nearest allowed names are suggested);
             torch_dtype or device is not a string.
 
@@ -170,9 +173,11 @@ def check_plan_fields(data: Any, *, source: str, method_fields: MethodFields) ->
         concept = fields.get("concept")
         if "concept" not in raw:
             raise PlanError(f"{location(source, position)}: missing 'concept'")
-        if not isinstance(concept, str):
+        several = isinstance(concept, list) and bool(concept) and all(isinstance(c, str) for c in concept)
+        if not isinstance(concept, str) and not several:
             raise PlanError(f"{location(source, position)}: concept must be a string, got {type(concept).__name__} "
-                            f"{concept!r} (quote it in YAML: yes/no/on/off and numbers are not strings there)")
+                            f"{concept!r} (quote it in YAML: yes/no/on/off and numbers are not strings there; "
+                            "several concepts removed by one request are a non-empty list of strings)")
         _check_request_field_names(fields, method_fields, location(source, position, concept))
     for key in ("torch_dtype", "device"):
         if data.get(key) is not None and not isinstance(data.get(key), str):

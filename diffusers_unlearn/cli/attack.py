@@ -121,7 +121,8 @@ def _domain(pipe: Any, args: argparse.Namespace) -> str:
     from ..prompts import same_concept
 
     ledger = getattr(pipe, "unlearning_ledger", None)
-    records = [r for r in ledger.requests if same_concept(r.concept, args.concept)] if ledger is not None else []
+    records = [r for r in ledger.requests if any(same_concept(c, args.concept) for c in r.concepts)] \
+        if ledger is not None else []
     if records:
         return records[-1].domain
     from .. import minicanvas as mc

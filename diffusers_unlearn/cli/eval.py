@@ -75,7 +75,7 @@ def _removed_and_domain(pipe: Any, args: argparse.Namespace) -> tuple[list[str],
     removed = _names(args.removed)
     records = pipe.unlearning_ledger.requests
     if removed is None:
-        removed = [r.concept for r in records]
+        removed = [c for r in records for c in r.concepts]  # every concept of a request of several
     domain = args.domain
     if domain is None:
         # a benchmark world registers "<world>-style"; the built-in domains are "style" and "object"

@@ -4,7 +4,8 @@ After every request the ledger is saved in OUT/unlearning/; at the end OUT is th
 skips the requests the ledger already holds (and refuses a plan whose first requests differ from the ledger).
 The plan is a YAML map: 'model' (a world name, a folder or a Hub id), 'output' (the folder to write), optional
 'defaults' (fields every request gets), 'strategy', 'base_model', 'torch_dtype', 'device', and 'requests', a list of
-maps with 'concept' and optionally 'domain', 'method', 'seed', 'regularizers' (names or {name: ..., settings}),
+maps with 'concept' (a string, or a list of concepts that one request removes) and optionally 'domain', 'method',
+'seed', 'regularizers' (names or {name: ..., settings}),
 'strategy', 'prompts', 'templates', training settings ('steps', 'learning_rate', 'rank', 'batch_size', ...) and any
 option of the method ('anchor', 'negative_guidance', ...). A misspelled field is refused with the allowed ones.
 """
@@ -24,6 +25,7 @@ EXAMPLE = """example PLAN.yaml:
       domain: style
       regularizers: [{name: gradient_projection, retain: [monet]}, {name: l2_drift, weight: 1000}]
     - {concept: cat, domain: object, method: ca, anchor: dog}
+    - {concept: [monet, picasso], domain: style}   # one request removing both
 """
 
 

@@ -1,4 +1,5 @@
-"""``diffusers-unlearn unlearn``: remove one concept from a model or an unlearned folder and save the result.
+"""``diffusers-unlearn unlearn``: remove one concept (or several, as one request) from a model or an unlearned folder
+and save the result.
 
 On a world with a calibrated recipe (``minicanvas``) the request uses the world's prompts, method settings,
 training settings and regularizers (what the demo does); every flag given overrides its part of the recipe.
@@ -19,16 +20,21 @@ from ._common import (MODEL_HELP, add_loading_options, add_quiet, check_writable
 def register(subparsers: argparse._SubParsersAction) -> None:
     gp_neighbors = default_text("regularizers/projection.py", "GradientProjection", "neighbors", prefix="")
     parser = subparsers.add_parser(
-        "unlearn", help="remove one concept and save the unlearned pipeline folder", description=__doc__,
+        "unlearn", help="remove one concept (or several in one request) and save the unlearned pipeline folder",
+        description=__doc__,
         epilog="examples:\n"
         "  diffusers-unlearn unlearn minicanvas --concept 'neon lines' --domain style --out out/\n"
+        "  diffusers-unlearn unlearn minicanvas --concept 'neon lines,ink sketch' --concept pastel --domain style "
+        "--out out/\n"
         "  diffusers-unlearn unlearn tiny --concept 'van gogh' --domain style --retain monet --out out/\n"
         "  diffusers-unlearn unlearn tiny --concept cat --regularizer 'gradient_projection:keep=[dog],neighbors=0' "
         "--regularizer l2_drift:weight=1000 --out out/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL_OR_FOLDER", help=MODEL_HELP)
-    parser.add_argument("--concept", required=True, help="the concept to remove, e.g. 'van gogh'")
+    parser.add_argument("--concept", required=True, action="append", metavar="CONCEPTS",
+                        help="the concept to remove, e.g. 'van gogh'; several (comma-separated, or the flag repeated) "
+                        "are removed by one request: one ledger entry, one solve or training run")
     parser.add_argument("--out", required=True,
                         help="folder to write the unlearned pipeline to (new, empty, or an unlearned folder; "
                              "MODEL_OR_FOLDER itself updates it)")
@@ -248,7 +254,18 @@ def build_request(args: argparse.Namespace, inputs: dict[str, Any], family: Any 
     checks the request so before loading the model, then builds it for the loaded model."""
     from ..engine.request import resolve_request
 
-    return resolve_request(args.concept, family=family, removed=list(removed), **inputs)
+    concepts = requested_concepts(args)
+    return resolve_request(concepts[0] if len(concepts) == 1 else concepts, family=family, removed=list(removed),
+                           **inputs)
+
+
+def requested_concepts(args: argparse.Namespace) -> list[str]:
+    """The concepts of ``--concept`` (each value comma-separated, the flag repeatable), in order; a plain string
+    (one concept, as a caller may set it) is taken as it is."""
+    values = [args.concept] if isinstance(args.concept, str) else list(args.concept or [])
+    if len(values) == 1 and isinstance(args.concept, str):
+        return values
+    return [c.strip() for value in values for c in value.split(",") if c.strip()]
 
 
 def _recipe_escalation(recipe: Any, args: argparse.Namespace) -> list[dict[str, Any]] | None:
@@ -283,7 +300,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable(args.out)
     world = get_world(args.model) or _world_of_folder(args.model)
     if world is not None:  # a concept outside the world's vocabulary (a misspelling) is refused before any work
-        world.check_concept(args.concept.strip(), args.domain)
+        for concept in requested_concepts(args):
+            world.check_concept(concept.strip(), args.domain)
     from ..publishing.export import check_output_folder
     from ..publishing.model_card import check_base_model
 
@@ -310,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.erasure_check import verdict
 
     work = "solving" if record.steps == 0 else f"{record.steps} training steps"
-    print(f"removed {short(record.concept)} as {record.request_id} in {waited:.1f} s ({work} {record.seconds:.1f} s, "
+    shown = short(record.concept, 60 + 40 * (len(record.concepts) - 1))  # a request of several names them all
+    print(f"removed {shown} as {record.request_id} in {waited:.1f} s ({work} {record.seconds:.1f} s, "
           f"the erasure check {max(waited - record.seconds, 0):.1f} s; final loss {record.final_loss:.4g}; "
           f"{before} earlier request(s))")
     if record.erasure:

@@ -26,6 +26,7 @@ from .._validation import check_count, check_number
 from .classifier_check import ClassifierCheck
 from ..families.conditioning import Conditioning, sample_trajectory
 from ..families.registry import conditioner_for, denoiser_of
+from ..objectives.base import prompts_by_concept
 
 MIN_SHIFT = 0.5
 
@@ -95,6 +96,25 @@ class ErasureCheck:
         return check_erasure(pipe, request_id, concept, prompts, seed=seed, guidance_scale=guidance_scale,
                              resolution=resolution, check=self)
 
+    def measure_concepts(self, pipe: Any, request_id: str, groups: dict[str, list[str]], *, seed: int,
+                         guidance_scale: float, resolution: int | None) -> dict[str, dict[str, Any]]:
+        """:meth:`measure` for each concept of a request of several, every probe in one batch of trajectories
+        (the model switched once, not once per concept).
+
+        Args:
+            pipe: the unlearning pipeline that holds the request.
+            request_id: the committed request to measure.
+            groups: each concept and the request's prompts that name it (the first ``self.prompts`` are probed).
+            seed: seed of the probe trajectories.
+            guidance_scale: classifier-free guidance of the probe trajectories.
+            resolution: image side of the probes (None: the pipeline's default).
+
+        Returns:
+            Each concept's figures, as :meth:`measure` returns them.
+        """
+        return check_erasure_concepts(pipe, request_id, groups, seed=seed, guidance_scale=guidance_scale,
+                                      resolution=resolution, check=self)
+
     @staticmethod
     def verdict(figures: dict[str, Any]) -> str:
         """One line for warnings and the model card.
@@ -120,16 +140,30 @@ def _without(prompt: str, concept: str) -> str:
     return " ".join((prompt[:start] + prompt[start + len(concept):]).split())
 
 
-@torch.no_grad()
 def check_erasure(pipe: Any, request_id: str, concept: str, prompts: list[str], *, seed: int,
                   guidance_scale: float = 3.0, resolution: int | None = None,
                   check: ErasureCheck | None = None) -> dict[str, Any]:
     """Measure request ``request_id`` of ``pipe`` (already committed); returns the record's ``erasure`` figures."""
+    return check_erasure_concepts(pipe, request_id, {concept: prompts}, seed=seed, guidance_scale=guidance_scale,
+                                  resolution=resolution, check=check)[concept]
+
+
+@torch.no_grad()
+def check_erasure_concepts(pipe: Any, request_id: str, groups: dict[str, list[str]], *, seed: int,
+                           guidance_scale: float = 3.0, resolution: int | None = None,
+                           check: ErasureCheck | None = None) -> dict[str, dict[str, Any]]:
+    """``check_erasure`` of each concept of ``groups`` (concept -> its prompts), all probes in one batch of
+    trajectories under one switch of the model; returns each concept's figures."""
     check = check or ErasureCheck()
     conditioner = conditioner_for(pipe)  # the UNet's or the transformer's own parametrisation
     denoiser = denoiser_of(pipe)
-    probes = list(prompts[: check.prompts])
-    references = [_without(p, concept) for p in probes]
+    probes: list[str] = []
+    owners: list[str] = []
+    for concept, prompts in groups.items():
+        chosen = list(prompts[: check.prompts])
+        probes += chosen
+        owners += [concept] * len(chosen)
+    references = [_without(p, c) for p, c in zip(probes, owners)]
     n = len(probes)
     cond = conditioner.encode(probes)
     reference = conditioner.encode(references)
@@ -153,15 +187,63 @@ def check_erasure(pipe: Any, request_id: str, concept: str, prompts: list[str], 
     b_target, b_ref, b_uncond = before.chunk(3)
     a_target, a_ref, _ = after.chunk(3)
     tiny = torch.finfo(torch.float32).tiny
-    target_shift = float((a_target - b_target).norm() / (b_target - b_ref).norm().clamp(min=tiny))
-    reference_shift = float((a_ref - b_ref).norm() / (b_ref - b_uncond).norm().clamp(min=tiny))
-    return {
-        "target_shift": round(target_shift, 4),
-        "reference_shift": round(reference_shift, 4),
-        "min_shift": check.min_shift,
-        "erased": bool(target_shift >= check.min_shift),
-        "probe": {"prompts": probes, "steps": check.steps, "points": points.tolist(), "seed": seed},
-    }
+    out = {}
+    for concept in groups:
+        # rows are (probe point, prompt); one concept takes them all, several each take their own prompts' rows
+        rows = slice(None) if len(groups) == 1 else \
+            torch.tensor([o == concept for o in owners]).repeat(len(points))
+        target_shift = float((a_target[rows] - b_target[rows]).norm()
+                             / (b_target[rows] - b_ref[rows]).norm().clamp(min=tiny))
+        reference_shift = float((a_ref[rows] - b_ref[rows]).norm()
+                                / (b_ref[rows] - b_uncond[rows]).norm().clamp(min=tiny))
+        out[concept] = {
+            "target_shift": round(target_shift, 4),
+            "reference_shift": round(reference_shift, 4),
+            "min_shift": check.min_shift,
+            "erased": bool(target_shift >= check.min_shift),
+            "probe": {"prompts": [p for p, o in zip(probes, owners) if o == concept], "steps": check.steps,
+                      "points": points.tolist(), "seed": seed},
+        }
+    return out
+
+
+def measure_erasure(check: Any, pipe: Any, request_id: str, request: Any) -> dict[str, Any]:
+    """The erasure figures of a committed request, with ``check`` (an ``ErasureCheck``, a ``ClassifierCheck`` or an
+    object like them): one measurement for one concept; for a request of several, one per concept on the prompts
+    that name it (in one batch where the check has ``measure_concepts``), combined so that the request counts as
+    erased only when every concept is.
+
+    Args:
+        check: the erasure check (its ``measure(pipe, request_id, concept, prompts, seed=, guidance_scale=,
+            resolution=)``).
+        pipe: the unlearning pipeline that holds the request.
+        request_id: the committed request.
+        request: its ``UnlearnRequest`` (concepts, prompts, seed and method settings).
+
+    Returns:
+        ``check``'s figures for one concept. For several: the least erased concept's figures (not erased first,
+        then the smallest shift or the most often recognised), ``erased`` true only when every concept's is,
+        ``worst`` naming that concept and ``concepts`` mapping each concept to its own figures (without the probe).
+    """
+    options = dict(seed=request.seed, guidance_scale=request.method.guidance_scale,
+                   resolution=request.method.resolution)
+    concepts = tuple(request.concepts)
+    if len(concepts) == 1:
+        return check.measure(pipe, request_id, request.concept, request.prompts, **options)
+    groups = prompts_by_concept(request.prompts, concepts)
+    batched = getattr(check, "measure_concepts", None)
+    per = batched(pipe, request_id, groups, **options) if callable(batched) else \
+        {c: check.measure(pipe, request_id, c, groups[c], **options) for c in concepts}
+
+    def weakness(concept: str) -> tuple[bool, float]:
+        figures = per[concept]
+        if "target_shift" in figures:
+            return bool(figures.get("erased", True)), float(figures["target_shift"])
+        return bool(figures.get("erased", True)), -float(figures.get("recognized", 0.0))
+
+    worst = min(concepts, key=weakness)
+    return {**per[worst], "erased": all(bool(f.get("erased", True)) for f in per.values()), "worst": worst,
+            "concepts": {c: {k: v for k, v in f.items() if k != "probe"} for c, f in per.items()}}
 
 
 def verdict(figures: dict[str, Any]) -> str:
@@ -184,7 +266,13 @@ def report_erasure(concept: str, figures: dict[str, Any], require: bool, method:
         advice = "Use more steps, a larger learning rate or fewer protected concepts"
     tried = len(figures.get("attempts") or [])
     escalated = f" (after {tried} weaker attempt(s), undone)" if tried else ""
-    message = f"the request removing {concept!r} did not erase it{escalated}: {verdict(figures)}. " + advice
+    per = figures.get("concepts")
+    if isinstance(per, dict):  # a request of several concepts: name those that stayed, and the weakest's figures
+        stayed = [c for c, f in per.items() if not f.get("erased", True)]
+        message = (f"the request removing {concept!r} did not erase {stayed}{escalated}: "
+                   f"{figures.get('worst')!r}: {verdict(figures)}. " + advice)
+    else:
+        message = f"the request removing {concept!r} did not erase it{escalated}: {verdict(figures)}. " + advice
     if require:
         raise ErasureError(message + "; nothing was committed (require_erasure=True)", figures)
     warnings.warn(message + "; it is recorded in the ledger as not erased", ErasureWarning, stacklevel=4)

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from safetensors.torch import save as st_save
 from .._atomic import atomic_write_bytes, folder_lock, remove_stale_files
 from .._validation import MAX_RANK, MAX_STEPS, SEED_MAX, check_int, check_number, finite_json_float, refuse_json_constant
 from ..kv.adapters import RequestAdapter
+from ..prompts import check_concept
 from ..kv.merging import strategy_from_dict
 from ..objectives import OBJECTIVES, build_objective_config, stored_method_config
 from ..regularizers import REGULARIZERS, regularizer_from_dict, stored_regularizer_settings
@@ -106,6 +107,73 @@ def _is_dict(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) for k in value)
 
 
+CONCEPT_SEPARATOR = ", "
+"""Between the concepts of a several-concept request in its label (``RequestRecord.concept``)."""
+
+
+def concepts_label(concepts: Sequence[str]) -> str:
+    """The one-line name of a request's concepts: the concept itself, or several joined by ``CONCEPT_SEPARATOR``.
+
+    Args:
+        concepts: the request's concepts, in order.
+
+    Returns:
+        The label, e.g. ``"van gogh, monet"``.
+
+    Examples:
+        >>> concepts_label(["van gogh"]), concepts_label(["van gogh", "monet"])
+        ('van gogh', 'van gogh, monet')
+    """
+    return CONCEPT_SEPARATOR.join(concepts)
+
+
+def check_request_concepts(value: Any, what: str = "concept") -> tuple[str, ...]:
+    """The concepts one request removes: a string (one concept) or a non-empty list of distinct strings, each
+    stripped; two that differ only in case or spacing are the same concept and are refused.
+
+    Args:
+        value: what the caller gave as the request's concept(s).
+        what: how errors name the value.
+
+    Returns:
+        The concepts, stripped, in the given order (one for a string).
+
+    Raises:
+        TypeError: not a string nor a list or tuple of strings.
+        ValueError: an empty string or list, or the same concept twice.
+
+    Examples:
+        >>> check_request_concepts(" van gogh "), check_request_concepts(["cat", "dog"])
+        (('van gogh',), ('cat', 'dog'))
+        >>> check_request_concepts(["cat", " Cat"])
+        Traceback (most recent call last):
+        ValueError: concept lists 'Cat' twice (case and spacing do not matter): ['cat', ' Cat']
+    """
+    if isinstance(value, str):
+        return (check_concept(value, what),)
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{what} must be a string or a list of strings, got {type(value).__name__}: {value!r}"[:400])
+    if not value:
+        raise ValueError(f"{what} must be a non-empty string or a non-empty list of strings, got {value!r}")
+    out = tuple(check_concept(item, f"each {what}") for item in value)
+    seen: set[str] = set()
+    for item in out:
+        norm = " ".join(item.lower().split())
+        if norm in seen:
+            raise ValueError(f"{what} lists {item!r} twice (case and spacing do not matter): {list(value)!r}"[:400])
+        seen.add(norm)
+    return out
+
+
+def _is_concept_list(value: Any) -> bool:
+    """A several-concept record's ``concepts``: at least two distinct non-empty strings, each stripped."""
+    try:
+        checked = check_request_concepts(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, list) and len(value) >= 2 and list(checked) == value
+
+
 # field -> (check, what it must be); the checks a record's JSON passes before a RequestRecord is built
 _RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "request_id": (lambda v: isinstance(v, str) and bool(REQUEST_ID.fullmatch(v)), "a request id like 'r0001'"),
@@ -130,9 +198,12 @@ _RECORD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "timing": (lambda v: _is_dict(v) and all(_is_number(x) for x in v.values()), "a map of numbers"),
     "evaluation": (_is_dict, "a map"),
     "erasure": (_is_dict, "a map"),  # the erasure check's figures; absent in ledgers written before it
+    # a several-concept request's concepts; absent for one concept (the record then is what it always was)
+    "concepts": (_is_concept_list, "a list of at least 2 distinct non-empty strings (a one-concept record has none)"),
 }
-# fields a ledger written by an earlier version may lack (every other field is required)
-_RECORD_OPTIONAL = ("erasure",)
+# fields a ledger written by an earlier version may lack (every other field is required); ``concepts`` is written
+# only for a request of several concepts
+_RECORD_OPTIONAL = ("erasure", "concepts")
 _ADAPTER_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kind": (lambda v: v in ("lora", "dense"), "'lora' or 'dense'"),
     "file": (lambda v: isinstance(v, str) and bool(ADAPTER_FILE.fullmatch(v)),
@@ -215,7 +286,8 @@ class RequestRecord:
     Attributes:
         request_id: ``"r0001"``, ``"r0002"``, ...: the request's index, zero-padded; never reused after a rollback.
         index: the number in ``request_id``.
-        concept: the removed concept, as asked.
+        concept: the removed concept, as asked; for a request of several concepts their label (``concepts_label``:
+            joined by ", "), so that everything that shows one line per request names all of them.
         domain: its prompt domain (``"style"``, ``"object"``, or a world's own).
         method: the registered erasure method that served it (``"closed_form"``, ``"esd"``, ``"ca"``, ...).
         method_config: that method's settings, as its config class writes them.
@@ -235,6 +307,8 @@ class RequestRecord:
         timing: seconds per phase (setup, the step loop, or the solve).
         evaluation: figures an evaluation attached to the request, if any.
         erasure: the erasure check's figures (``{}`` in ledgers made before the check existed).
+        concepts: every concept the request removed, in order (a tuple; ``(concept,)`` for one concept). Stored in
+            ``ledger.json`` only for several, so a one-concept record is written exactly as before it existed.
     """
 
     request_id: str
@@ -258,10 +332,23 @@ class RequestRecord:
     timing: dict[str, float] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     erasure: dict[str, Any] = field(default_factory=dict)  # the erasure check's figures ({}: ledgers made before it)
+    concepts: Sequence[str] = ()  # every concept removed; () is filled in as (concept,)
+
+    def __post_init__(self) -> None:
+        self.concepts = tuple(self.concepts) if self.concepts else (self.concept,)
+        if len(self.concepts) > 1 and self.concept != concepts_label(self.concepts):
+            raise LedgerError(f"a several-concept record's concept must be its concepts' label "
+                              f"{concepts_label(self.concepts)!r}, got {self.concept!r}"[:400])
 
     def to_dict(self) -> dict[str, Any]:
-        """The record's JSON form (plain dicts and lists), as ``ledger.json`` stores it."""
-        return dataclasses.asdict(self)
+        """The record's JSON form (plain dicts and lists), as ``ledger.json`` stores it; ``concepts`` only for a
+        request of several concepts."""
+        data = dataclasses.asdict(self)
+        if len(self.concepts) > 1:
+            data["concepts"] = list(self.concepts)
+        else:
+            del data["concepts"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "request record") -> RequestRecord:
@@ -293,6 +380,9 @@ class RequestRecord:
             strategy_from_dict(data["strategy"])
         except (TypeError, ValueError) as err:
             raise LedgerError(f"{where}.strategy is invalid: {err}") from None
+        if "concepts" in data and data["concept"] != concepts_label(data["concepts"]):
+            raise LedgerError(f"{where}.concept must be the label of its concepts "
+                              f"{concepts_label(data['concepts'])!r}, got {data['concept']!r}"[:400])
         data = _current_names(data, where)
         check_method_config(data["method"], data["method_config"], f"{where}.method_config")
         check_regularizer_entries(data["method"], data["regularizers"], f"{where}.regularizers")

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._deprecation import rename_options
 from .._validation import check_seed
 from .defaults import RECOMMENDED_METHOD, TRAINED_METHOD, asks_for_training, default_method, recommended_options
-from .ledger import RequestRecord
+from .ledger import RequestRecord, check_request_concepts, concepts_label
 from ..kv.merging import MergeStrategy, resolve_strategy, strategy_to_dict
-from ..objectives import OBJECTIVES, ObjectiveConfig, TrainedObjectiveConfig, build_objective_config
+from ..objectives import (OBJECTIVES, ObjectiveConfig, TrainedObjective, TrainedObjectiveConfig,
+                          build_objective_config, objective_class)
 from ..prompts import TEMPLATES, check_concept, check_domain, same_concept, validate_templates
 from ..regularizers import GradientProjection, Regularizer, check_regularizers
 from .training_config import TrainingConfig
@@ -39,7 +40,9 @@ class UnlearnRequest:
     """One removal request, validated on construction.
 
     Args:
-        concept: what to remove, e.g. "van gogh".
+        concept: what to remove, e.g. "van gogh", or a list of distinct concepts removed together by this one
+            request (``["van gogh", "monet"]``: one ledger entry, one solve or one training run). A list of one is
+            that one concept.
         method: a registered method name ("esd", "ca", ...) or a ready method config (``du.CAConfig(...)``); a
             name becomes its config with default options (``resolve_request`` passes options and picks the
             recommended method when none is named).
@@ -50,10 +53,15 @@ class UnlearnRequest:
         strategy: "sequential" (default) or a merge strategy (name or ``du.MergeStrategy``).
         prompts: explicit prompts instead of the domain's templates filled with the concept.
         templates: templates to fill instead of the domain's (ignored when ``prompts`` is given).
+        concepts: leave it out: it is set from ``concept`` (given, it must be what ``concept`` gives).
 
-    After construction ``method`` is an ``ObjectiveConfig``, ``domain`` a known domain, ``strategy`` resolved,
+    After construction ``concept`` is a string (for several concepts their label, joined by ", "), ``concepts`` the
+    tuple of every concept, ``method`` an ``ObjectiveConfig``, ``domain`` a known domain, ``strategy`` resolved,
     ``prompts`` the list the request trains on and ``templates`` the templates behind them (None for explicit
-    prompts). Build one with ``resolve_request`` (or ``pipe.unlearn``) to get the library's defaults; this class
+    prompts). Several concepts fill each template with each concept in turn (template by template, so that the
+    prompts go round the concepts); explicit prompts must name every concept. A trained method then samples at
+    least one trajectory per concept: its ``num_trajectories`` is raised to the next multiple of the number of
+    concepts, so that every concept has as many trajectories and each training step draws among them (seeded). Build one with ``resolve_request`` (or ``pipe.unlearn``) to get the library's defaults; this class
     applies none of them (a bare request is the trained method, ``esd``).
 
     Raises:
@@ -70,7 +78,7 @@ class UnlearnRequest:
         ValueError: prompts must be a non-empty list of non-empty strings, got []
     """
 
-    concept: str
+    concept: str | Sequence[str]
     method: ObjectiveConfig | str = TRAINED_METHOD
     domain: str | None = None
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -79,11 +87,29 @@ class UnlearnRequest:
     strategy: str | MergeStrategy | None = None
     prompts: Sequence[str] | None = None
     templates: Sequence[str] | None = None
+    concepts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        self.concept = check_concept(self.concept)
+        concepts = check_request_concepts(self.concept)
+        if self.concepts is not None and tuple(self.concepts) != concepts:  # ``dataclasses.replace`` passes both
+            listed = check_request_concepts(self.concepts, "concepts")
+            if not (isinstance(self.concept, str) and self.concept.strip() == concepts_label(listed)):
+                raise ValueError(f"concepts {self.concepts!r} does not match concept {self.concept!r}; pass the "
+                                 f"list as concept")
+            concepts = listed
+        self.concepts, self.concept = concepts, concepts_label(concepts)
         self.domain = check_domain(self.domain)
         self.method = build_objective_config(self.method)
+        several = len(self.concepts) > 1
+        if several:
+            anchor = getattr(self.method, "anchor", None)
+            if isinstance(anchor, str) and any(same_concept(anchor, c) for c in self.concepts):
+                raise ValueError(f"anchor {anchor!r} is one of the concepts being removed {list(self.concepts)}")
+            trajectories = self.method.num_trajectories
+            if issubclass(objective_class(self.method), TrainedObjective) and trajectories % len(self.concepts):
+                # every concept gets as many of the trajectories training draws from
+                self.method = dataclasses.replace(
+                    self.method, num_trajectories=-(-trajectories // len(self.concepts)) * len(self.concepts))
         if not isinstance(self.training, TrainingConfig):
             raise TypeError(f"training must be a du.TrainingConfig, got {self.training!r}")
         check_seed(self.seed)
@@ -95,12 +121,18 @@ class UnlearnRequest:
             if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
                 raise ValueError(f"prompts must be a non-empty list of non-empty strings, got {prompts!r}")
             self.prompts, self.templates = list(prompts), None
+            missing = [c for c in self.concepts if not any(c.lower() in p.lower() for p in self.prompts)] \
+                if several else []
+            if missing:
+                raise ValueError(f"prompts must name every concept of the request; none names {missing}")
         else:
             chosen = validate_templates(self.templates) if self.templates is not None else TEMPLATES[self.domain]
-            self.prompts, self.templates = [t.format(self.concept) for t in chosen], chosen
+            self.prompts = [t.format(c) for t in chosen for c in self.concepts]
+            self.templates = chosen
 
     @classmethod
-    def build(cls, concept: str, method: str | ObjectiveConfig | None = None, **kwargs: Any) -> UnlearnRequest:
+    def build(cls, concept: str | Sequence[str], method: str | ObjectiveConfig | None = None,
+              **kwargs: Any) -> UnlearnRequest:
         """``resolve_request(concept, method, **kwargs)``, under the name earlier versions documented.
 
         Args:
@@ -124,16 +156,19 @@ class UnlearnRequest:
             ValueError: a regularizer that cannot serve this request, naming why.
         """
         for regularizer in self.regularizers:
-            regularizer.check_request(self.concept, self.domain)
+            for concept in self.concepts:
+                regularizer.check_request(concept, self.domain)
 
     def record_fields(self) -> dict[str, Any]:
         """The ledger record's fields that describe the request (the rest come from training it).
 
         Returns:
             concept, domain, method (its name), method_config, strategy, training, prompts, steps and seed, as
-            plain JSON-ready values.
+            plain JSON-ready values; and concepts for a request of several.
         """
+        several = {"concepts": list(self.concepts)} if len(self.concepts) > 1 else {}
         return {
+            **several,
             "concept": self.concept,
             "domain": self.domain,
             "method": self.method.method,
@@ -150,10 +185,10 @@ class UnlearnRequest:
         ``record_signature`` of the record in its place, so that a changed plan is refused instead of skipped.
 
         Returns:
-            concept, domain, method_config, training, seed, regularizers, strategy and prompts, as the ledger
-            stores them (through JSON: tuples become lists).
+            concept, concepts, domain, method_config, training, seed, regularizers, strategy and prompts, as the
+            ledger stores them (through JSON: tuples become lists).
         """
-        fields = self.record_fields()
+        fields = {**self.record_fields(), "concepts": list(self.concepts)}
         return _signature(fields, [r.to_dict() for r in self.regularizers])
 
 
@@ -173,7 +208,7 @@ def _keep_pairs(keep: Sequence[str] | Mapping[str, Sequence[str]], domain: str) 
     return [(check_concept(c, "keep concept"), domain) for c in keep]
 
 
-def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: str, domain: str,
+def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: str | Sequence[str], domain: str,
                   method: ObjectiveConfig, regularizers: Sequence[Regularizer] | Regularizer | None
                   ) -> tuple[ObjectiveConfig, Sequence[Regularizer] | Regularizer | None]:
     """The one way to name what a request removing ``concept`` keeps, for every method: ``(method config,
@@ -187,7 +222,7 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: st
 
     Args:
         keep: concepts in the request's domain (a list), or ``{domain: [concepts]}``.
-        concept: the concept the request removes.
+        concept: the concept the request removes, or its list of concepts.
         domain: the request's domain.
         method: the request's method config.
         regularizers: the request's regularizers.
@@ -196,11 +231,12 @@ def keep_concepts(keep: Sequence[str] | Mapping[str, Sequence[str]], concept: st
         The method config and regularizers, with the kept concepts added.
 
     Raises:
-        ValueError: ``keep`` names ``concept``, or the method has no way to keep concepts.
+        ValueError: ``keep`` names a concept the request removes, or the method has no way to keep concepts.
         TypeError: ``keep`` is not a list or a mapping of lists.
     """
     pairs = _keep_pairs(keep, domain)
-    kept_target = [c for c, _ in pairs if same_concept(c, concept)]
+    removed = [concept] if isinstance(concept, str) else list(concept)
+    kept_target = [c for c, _ in pairs if any(same_concept(c, r) for r in removed)]
     if kept_target:
         raise ValueError(f"keep names {kept_target[0]!r}, the concept this request removes; keep lists what must "
                          f"survive it")
@@ -252,6 +288,7 @@ def record_signature(record: RequestRecord) -> dict[str, Any]:
     """
     fields = {
         "concept": record.concept,
+        "concepts": list(record.concepts),
         "domain": record.domain,
         "method_config": record.method_config,
         "training": record.training,
@@ -265,7 +302,7 @@ def record_signature(record: RequestRecord) -> dict[str, Any]:
     return _signature(fields, [{k: v for k, v in r.items() if k != "report"} for r in regularizers])
 
 
-_SIGNATURE_KEYS = ("concept", "domain", "method_config", "training", "seed", "regularizers", "strategy", "prompts")
+_SIGNATURE_KEYS = ("concept", "concepts", "domain", "method_config", "training", "seed", "regularizers", "strategy", "prompts")
 
 
 def _signature(fields: dict[str, Any], regularizers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -310,7 +347,7 @@ def training_config(
 
 
 def resolve_request(
-    concept: str,
+    concept: str | Sequence[str],
     method: str | ObjectiveConfig | None = None,
     *,
     domain: str | None = None,
@@ -337,7 +374,7 @@ def resolve_request(
     the library's default (``engine/defaults.py``).
 
     Args:
-        concept: what to remove, e.g. "van gogh".
+        concept: what to remove, e.g. "van gogh", or a list of distinct concepts removed by this one request.
         method: a registered method name or a ready config. None: the recipe's method config (with ``options`` set
             over its settings), else ``defaults.default_method`` for ``family``: the recommended method with
             ``defaults.recommended_options(domain)`` under ``options``, or the trained method when training
@@ -377,7 +414,7 @@ def resolve_request(
         Traceback (most recent call last):
         ValueError: steps must be an integer >= 1, got 0
     """
-    concept = check_concept(concept)
+    concepts = check_request_concepts(concept)
     recipe = dict(world_recipe.unlearn_kwargs) if world_recipe is not None else {}
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
     if unknown:
@@ -402,13 +439,13 @@ def resolve_request(
     # the world's retain pool, unless the method's own retain list was given (``keep`` below adds to it)
     if world_recipe is not None and world_recipe.preserve and isinstance(config, TrainedObjectiveConfig) \
             and not config.keep:
-        pool = world_recipe.preserve_for(concept, list(removed))
+        pool = world_recipe.preserve_for(concepts[0], [*removed, *concepts[1:]])
         if pool:
             config = dataclasses.replace(config, keep=pool, keep_weight=world_recipe.preserve_weight)
     if keep is not None:
-        config, regularizers = keep_concepts(keep, concept, check_domain(domain), config, regularizers)
+        config, regularizers = keep_concepts(keep, concepts, check_domain(domain), config, regularizers)
     return UnlearnRequest(
-        concept,
+        concepts[0] if len(concepts) == 1 else list(concepts),
         config,
         domain=domain,
         training=training_config(training, **shortcuts),

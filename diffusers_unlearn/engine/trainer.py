@@ -64,7 +64,7 @@ def train_request(
         return _solve(method_class(request.method), SolveContext(
             pipe=pipe, concept=request.concept, domain=request.domain, prompts=request.prompts,
             base_weights=base_weights, start_offsets=start_offsets, earlier=earlier, seed=request.seed,
-            progress=progress))
+            progress=progress, concepts=request.concepts))
     denoiser = denoiser_of(pipe)  # the UNet or the transformer
     training = request.training
     started = time.perf_counter()
@@ -119,6 +119,7 @@ def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, acc
             generator=generator,
             templates=request.templates,
             progress=progress and accelerator.is_local_main_process,
+            concepts=request.concepts,
         ),
     )
     with accelerator.autocast():
@@ -141,6 +142,7 @@ def _train(pipe: Any, request: UnlearnRequest, adapter: ad.TrainableAdapter, acc
         base_weights=base_weights,
         start_offsets=start_offsets,
         progress=progress and accelerator.is_local_main_process,
+        concepts=request.concepts,
     )
     for regularizer in regularizers:
         with accelerator.autocast():

@@ -22,7 +22,7 @@ from .._progress import phase
 from .._version import __version__
 from ..engine.audit import audit_grid
 from ..kv.composition import Mode, combined_deltas, materialize
-from ..engine.erasure_check import ErasureError, report_erasure
+from ..engine.erasure_check import ErasureError, measure_erasure, report_erasure
 from ..engine.escalation import check_erasure_check, effective_escalation, escalated_requests, escalation_options
 from ..families.registry import denoiser_of, family_of
 from ..engine.ledger import Ledger, RequestRecord, now
@@ -59,8 +59,8 @@ class RequestStreamMixin:
     # -------------------------------------------------------------------------------------------- queries
     @property
     def removed_concepts(self) -> list[str]:
-        """Concepts of the active requests, in the order they were removed."""
-        return [r.concept for r in unlearning_state(self).ledger.requests]
+        """Concepts of the active requests, in the order they were removed (every concept of a request of several)."""
+        return [c for r in unlearning_state(self).ledger.requests for c in r.concepts]
 
     @property
     def unlearning_ledger(self) -> Ledger:
@@ -105,8 +105,10 @@ class RequestStreamMixin:
         """Remove ``concept`` with one new adapter trained on the current model; return its ledger record.
 
         Args:
-            concept: what to remove, e.g. "van gogh", or a ready ``du.UnlearnRequest`` (then no other argument
-                but ``progress`` and ``accelerator``).
+            concept: what to remove, e.g. "van gogh"; a list of distinct concepts (``["van gogh", "monet"]``) is one
+                request that removes them all (one ledger entry and adapter: the closed form solves them jointly,
+                a trained method samples them in one run); or a ready ``du.UnlearnRequest`` (then no other
+                argument but ``progress`` and ``accelerator``).
             method: "closed_form", "esd", "ca" (needs ``anchor=``) or any registered method, or a ready method
                 config. None (default): the recommended method (``engine/defaults.py``: "closed_form" on UNets, "esd" on SD3
                 and Flux), or "esd" when training settings or regularizers are given.
@@ -147,7 +149,8 @@ class RequestStreamMixin:
             request = concept
         else:
             request = resolve_request(concept, method, family=family_of(self), **options)
-        check_world_concept(self, request.concept, request.domain, prompts_given=request.templates is None)
+        for name in request.concepts:
+            check_world_concept(self, name, request.domain, prompts_given=request.templates is None)
         check = check_erasure_check(erasure_check)
         escalate = effective_escalation(request, escalate)
         attempts = escalated_requests(request, escalate)
@@ -233,7 +236,8 @@ class RequestStreamMixin:
             results = []
             for i in mine:
                 # As if trained one after another: earlier requests of this batch count as removed before it.
-                earlier = before + [SimpleNamespace(concept=r.concept, domain=r.domain) for r in built[:i]]
+                earlier = before + [SimpleNamespace(concept=r.concept, concepts=r.concepts, domain=r.domain)
+                                    for r in built[:i]]
                 results.append((i, self._train_request(built[i], earlier, accelerator, self._progress(progress),
                                                        data_parallel=False)))
             gathered = dict(gather_object(results)) if accelerator.num_processes > 1 else dict(results)
@@ -314,9 +318,7 @@ class RequestStreamMixin:
         try:
             rebuild(self)
             with phase(f"checking that {request.concept!r} is erased", self._progress(None)):
-                record.erasure = check_erasure_check(check).measure(
-                    self, request_id, request.concept, request.prompts, seed=request.seed,
-                    guidance_scale=request.method.guidance_scale, resolution=request.method.resolution)
+                record.erasure = measure_erasure(check_erasure_check(check), self, request_id, request)
             if failed:
                 record.erasure["attempts"] = [dict(f) for f in failed]
             report_erasure(request.concept, record.erasure, require_erasure, request.method.method)
@@ -384,7 +386,8 @@ class RequestStreamMixin:
         artifact = state.artifacts.pop(request_id)
         position = state.ledger.requests.index(record)
         state.ledger.requests.remove(record)
-        event = {"event": "rollback", "request_id": request_id, "concept": record.concept, "at": now()}
+        event = {"event": "rollback", "request_id": request_id, "concept": record.concept,
+                 **({"concepts": list(record.concepts)} if len(record.concepts) > 1 else {}), "at": now()}
         state.ledger.history.append(event)
         previous = dict(state.artifacts)
         try:
@@ -425,7 +428,7 @@ class RequestStreamMixin:
             adapter = method_class(config).after_rollback(SolveContext(
                 pipe=self, concept=record.concept, domain=record.domain, prompts=list(record.prompts),
                 base_weights=state.base_weights, start_offsets=combined_deltas(before, "sequential"),
-                earlier=records[:index], seed=record.seed, progress=False))
+                earlier=records[:index], seed=record.seed, progress=False, concepts=tuple(record.concepts)))
             if adapter is not None:
                 artifacts[record.request_id] = replaced[record.request_id] = adapter
         return replaced

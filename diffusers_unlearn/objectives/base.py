@@ -139,12 +139,14 @@ class ObjectiveContext:
         pipe: the pipeline being edited.
         conditioner: encodes prompts and runs the denoiser for this model family.
         denoiser: the UNet, or SD3's / Flux's transformer.
-        concept: the concept being removed.
+        concept: the concept being removed (for a request of several, their label).
         prompts: the request's prompts naming the concept.
         frozen: a context manager factory that runs the denoiser without the request's adapter.
         generator: CPU generator seeded from the request's seed (every random draw goes through it).
         templates: the templates behind ``prompts`` (None: prompts given directly).
         progress: show a progress bar while sampling the frozen model's trajectories.
+        concepts: every concept the request removes (empty: ``(concept,)``); several share one run, each prompt
+            naming one of them.
     """
 
     pipe: Any
@@ -156,6 +158,12 @@ class ObjectiveContext:
     generator: torch.Generator  # CPU generator seeded from the request's seed
     templates: tuple[str, ...] | None = None  # the templates behind ``prompts`` (None: prompts given directly)
     progress: bool = False  # show a progress bar while sampling the frozen model's trajectories
+    concepts: tuple[str, ...] = ()  # every concept removed (empty: just ``concept``)
+
+    @property
+    def removed(self) -> tuple[str, ...]:
+        """Every concept the request removes: ``concepts``, or ``(concept,)``."""
+        return tuple(self.concepts) or (self.concept,)
 
 
 def swap_concept(prompt: str, concept: str, replacement: str) -> str:
@@ -173,18 +181,58 @@ def request_prompts_with(context: ObjectiveContext, replacement: str,
     or each prompt with the concept swapped. Several (a request that removes them at once): each prompt's own
     concept is swapped, the longest match first (a concept that contains another, "neon dots" / "dots", wins)."""
     if concepts is None:
-        if context.templates is not None:
+        if len(context.removed) > 1:  # a request of several concepts: each prompt's own is swapped
+            concepts = context.removed
+        elif context.templates is not None:
             return [" ".join(template.format(replacement).split()) for template in context.templates]
-        concepts = [context.concept]
-    ordered = sorted(concepts, key=len, reverse=True)
-    swapped = []
-    for prompt in context.prompts:
-        concept = next((c for c in ordered if c.lower() in prompt.lower()), None)
-        if concept is None:
-            raise ValueError(f"prompt {prompt!r} contains none of the concepts {list(concepts)}: the method swaps "
-                             f"the concept out of each prompt")
-        swapped.append(swap_concept(prompt, concept, replacement))
-    return swapped
+        else:
+            concepts = [context.concept]
+    return [swap_concept(prompt, prompt_concept(prompt, concepts), replacement) for prompt in context.prompts]
+
+
+def prompt_concept(prompt: str, concepts: Sequence[str]) -> str:
+    """The concept a prompt of a several-concept request names: the longest of ``concepts`` it contains
+    (case-insensitive), so that "neon dots" wins over "dots".
+
+    Args:
+        prompt: one of the request's prompts.
+        concepts: the request's concepts.
+
+    Returns:
+        That concept.
+
+    Raises:
+        ValueError: the prompt contains none of them.
+    """
+    found = next((c for c in sorted(concepts, key=len, reverse=True) if c.lower() in prompt.lower()), None)
+    if found is None:
+        raise ValueError(f"prompt {prompt!r} contains none of the concepts {list(concepts)}: the method swaps "
+                         f"the concept out of each prompt")
+    return found
+
+
+def prompts_by_concept(prompts: Sequence[str], concepts: Sequence[str]) -> dict[str, list[str]]:
+    """A several-concept request's prompts, grouped by the concept each names (``prompt_concept``), in order:
+    ``["dots art", "neon dots art"]`` over ``["dots", "neon dots"]`` gives ``{"dots": ["dots art"], "neon dots":
+    ["neon dots art"]}``.
+
+    Args:
+        prompts: the request's prompts.
+        concepts: its concepts.
+
+    Returns:
+        ``{concept: its prompts}`` for every concept, in the order of ``concepts``.
+
+    Raises:
+        ValueError: a prompt names none of the concepts, or a concept is named by no prompt.
+    """
+    groups: dict[str, list[str]] = {c: [] for c in concepts}
+    for prompt in prompts:
+        groups[prompt_concept(prompt, concepts)].append(prompt)
+    empty = [c for c, ps in groups.items() if not ps]
+    if empty:
+        raise ValueError(f"no prompt names {empty} (each prompt names its longest concept)")
+    return groups
 
 
 def check_concepts(concepts: Any, exclude: str | None = None) -> tuple[str, ...] | None:
@@ -207,7 +255,7 @@ class SolveContext:
     Args:
         pipe: the pipeline, its denoiser's K/V weights holding the start model (the earlier requests folded in, or
             the base for a merge strategy).
-        concept: the concept removed.
+        concept: the concept removed (for a request of several, their label).
         domain: the request's prompt domain.
         prompts: the request's prompts.
         base_weights: each K/V layer's base weight, by layer name.
@@ -215,6 +263,7 @@ class SolveContext:
         earlier: the ledger records of the requests before this one, in order.
         seed: the request's seed.
         progress: show progress bars.
+        concepts: every concept the request removes (empty: ``(concept,)``), to be solved together.
     """
 
     pipe: Any
@@ -226,6 +275,12 @@ class SolveContext:
     earlier: Sequence[Any]
     seed: int = 0
     progress: bool = False
+    concepts: tuple[str, ...] = ()
+
+    @property
+    def removed(self) -> tuple[str, ...]:
+        """Every concept the request removes: ``concepts``, or ``(concept,)``."""
+        return tuple(self.concepts) or (self.concept,)
 
 
 class Objective(ABC):
@@ -405,7 +460,7 @@ class TrajectoryObjective(TrainedObjective):
         if not keep:
             return
         ctx = self.context
-        removed = getattr(self.config, "concepts", None) or (ctx.concept,)
+        removed = getattr(self.config, "concepts", None) or ctx.removed
         clash = [c for c in keep if any(same_concept(c, r) for r in removed)]
         if clash:
             raise ValueError(f"keep lists {clash}, which this request removes ({list(removed)})")

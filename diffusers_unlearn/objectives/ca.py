@@ -66,7 +66,7 @@ class CAObjective(TrajectoryObjective):
         Raises:
             ValueError: the anchor is the concept being removed, or a prompt does not contain the concept.
         """
-        if self.config.concepts is None and same_concept(self.config.anchor, self.context.concept):
+        if self.config.concepts is None and any(same_concept(self.config.anchor, c) for c in self.context.removed):
             raise ValueError(f"anchor {self.config.anchor!r} is the concept being removed")
         # Anchor prompts pair one to one with the target prompts: same template, anchor in the concept's slot.
         self.anchor_prompts = request_prompts_with(self.context, self.config.anchor, self.config.concepts)

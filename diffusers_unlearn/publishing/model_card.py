@@ -268,7 +268,7 @@ def build_model_card(
     evaluation = dict(evaluation or {})
     robustness = robustness_lines(evaluation.pop("robustness", None))
     check_figures(evaluation)
-    concepts = [r.concept for r in ledger.requests]
+    concepts = [c for r in ledger.requests for c in r.concepts]  # every concept of a request of several
     data = ModelCardData(
         base_model=base_model,
         library_name="diffusers",
@@ -280,8 +280,9 @@ def build_model_card(
             "version": __version__,
             "base_fingerprint": ledger.base_fingerprint,
             "requests": [
-                {"id": r.request_id, "concept": r.concept, "domain": r.domain, "method": r.method,
-                 "erased": r.erasure.get("erased")}
+                {"id": r.request_id, "concept": r.concept,
+                 **({"concepts": list(r.concepts)} if len(r.concepts) > 1 else {}), "domain": r.domain,
+                 "method": r.method, "erased": r.erasure.get("erased")}
                 for r in ledger.requests
             ],
         },

@@ -44,6 +44,7 @@ class TrainingContext:
         step: the current optimiser step.
         state: scratch space shared by the regularizers of the request.
         progress: show progress bars for long set-ups (projectors, importance scores).
+        concepts: every concept the request removes (empty: ``(concept,)``; for several, ``concept`` is their label).
     """
 
     pipe: Any
@@ -58,6 +59,7 @@ class TrainingContext:
     step: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     progress: bool = False  # show progress bars for long set-ups (projector, importance scores)
+    concepts: tuple[str, ...] = ()  # every concept removed (empty: just ``concept``)
 
 
 @dataclass

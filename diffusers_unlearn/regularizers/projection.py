@@ -181,11 +181,13 @@ class GradientProjection(Regularizer):
             The concepts whose directions the projection protects, each with why it was chosen.
         """
         chosen: list[_Protected] = [_Protected(c, ctx.domain, "keep") for c in self.keep]
+        removing = list(ctx.concepts or (ctx.concept,))  # a request of several concepts protects none of them
         if self.keep_earlier:
-            chosen += [_Protected(r.concept, r.domain, "removed") for r in ctx.earlier
-                       if not same_concept(r.concept, ctx.concept)]
+            chosen += [_Protected(c, r.domain, "removed") for r in ctx.earlier
+                       for c in (getattr(r, "concepts", None) or (r.concept,))
+                       if not any(same_concept(c, t) for t in removing)]
         if self.neighbors:
-            taken = [p.concept for p in chosen] + [ctx.concept]
+            taken = [p.concept for p in chosen] + removing
             pool = [(c, d) for c, d in self._candidates(ctx.domain) if not any(same_concept(c, t) for t in taken)]
             pool = list(dict.fromkeys(pool))
             if pool:

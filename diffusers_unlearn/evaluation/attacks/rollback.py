@@ -48,7 +48,7 @@ class RollbackAttack(Attack):
         ctx = self.context
         pipe = ctx.pipe
         records = pipe.unlearning_ledger.requests if isinstance(pipe, UnlearnMixin) else []
-        others = [r for r in records if not same_concept(r.concept, ctx.concept)]
+        others = [r for r in records if not any(same_concept(c, ctx.concept) for c in r.concepts)]
         prompts = ctx.plain_prompts()
         per_request: dict[str, dict[str, object]] = {}
         for record in others:

@@ -14,7 +14,7 @@ from ...families.conditioning import _find_sublist
 from ...prompts import TEMPLATES, provide_domain, same_concept
 from ...kv.text_states import PromptStates
 from ...vocabulary import DEFAULT_VOCABULARY
-from ..base import swap_concept
+from ..base import prompts_by_concept, swap_concept
 from .config import ClosedFormConfig
 
 
@@ -224,7 +224,8 @@ def earlier_requests(records: Sequence[Any]) -> list[EarlierRequest]:
         records: the ledger records of the requests before this one, in ledger order.
 
     Returns:
-        One ``EarlierRequest`` per record, in the same order.
+        One ``EarlierRequest`` per concept of each record (a record of several concepts gives one per concept, with
+        the prompts that name it), in ledger order.
     """
     out = []
     for record in records:
@@ -232,7 +233,11 @@ def earlier_requests(records: Sequence[Any]) -> list[EarlierRequest]:
         anchor = config.get("anchor") or ""
         prompts = list(getattr(record, "prompts", None) or [])
         own = getattr(record, "method", None) == ClosedFormConfig.method
-        out.append(EarlierRequest(record.concept, record.domain, prompts, " ".join(str(anchor).split()),
-                                  config.get("negative_guidance") if own else None,
-                                  config.get("map_every_token") if own else None))
+        concepts = tuple(getattr(record, "concepts", None) or (record.concept,))
+        groups = prompts_by_concept(prompts, concepts) if len(concepts) > 1 and prompts else \
+            {c: prompts for c in concepts}
+        for concept in concepts:
+            out.append(EarlierRequest(concept, record.domain, groups[concept], " ".join(str(anchor).split()),
+                                      config.get("negative_guidance") if own else None,
+                                      config.get("map_every_token") if own else None))
     return out

@@ -443,7 +443,8 @@ def compact_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], config: ClosedFormConfig,
           base_weights: Mapping[str, torch.Tensor], start_offsets: Mapping[str, torch.Tensor] | None,
-          earlier: Sequence[Any], progress: bool = False) -> tuple[RequestAdapter, dict[str, Any]]:
+          earlier: Sequence[Any], progress: bool = False, also: Sequence[tuple[str, Sequence[str]]] = ()
+          ) -> tuple[RequestAdapter, dict[str, Any]]:
     """One request's artifact and a report (protected concepts, share of the target in the protected span).
 
     Args:
@@ -456,6 +457,8 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
         start_offsets: E per layer, what earlier requests changed (None: the request starts from the base).
         earlier: the ledger records of the requests before this one (their removals stay mapped).
         progress: show progress bars.
+        also: (concept, its prompts) of the request's other concepts, mapped jointly with ``concept`` in one solve
+            (same weight and settings; left out of what is kept).
 
     Returns:
         (the request's ``RequestAdapter``, a JSON-ready report for its ledger record).
@@ -463,7 +466,8 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     Raises:
         ValueError: the anchor is the concept, or the concept cannot be found in the prompts' tokens.
     """
-    if same_concept(config.anchor, concept):
+    together = [(concept, prompts), *also]
+    if any(same_concept(config.anchor, c) for c, _ in together):
         raise ValueError(f"anchor {config.anchor!r} is the concept being removed")
     earlier_list = earlier_requests(earlier)
     removed = [e.concept for e in earlier_list]
@@ -473,16 +477,17 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     states = PromptStates.for_pipeline(pipe, layers, steps=config.sampling_steps, guidance_scale=config.guidance_scale,
                                        resolution=config.resolution)
     per_t = family.per_block_text_states  # joint blocks modulate the text by t: kept states per solve timestep
-    protected, chosen = protected_columns(pipe, concept, domain, config, removed, states, progress=progress)
+    protected, chosen = protected_columns(pipe, concept, domain, config, removed + [c for c, _ in also], states,
+                                          progress=progress)
     protected, uncapped_rank = cap_kept_span(protected, config.max_kept_fraction)
     names = [c for c, _ in chosen]
     keep_gram = kept_gram(pipe, chosen, states) if chosen and config.keep_weight > 0 else None
-    mappings = [mapping_keys(pipe, concept, config.anchor, prompts, config.map_every_token, config.negative_guidance,
-                             states)]
+    mappings = [mapping_keys(pipe, c, config.anchor, p, config.map_every_token, config.negative_guidance, states)
+                for c, p in together]
     skipped = []
     if config.keep_earlier:
         for item in earlier_list:
-            if same_concept(item.concept, concept) or not item.prompts:
+            if any(same_concept(item.concept, c) for c, _ in together) or not item.prompts:
                 continue
             try:
                 mappings.append(mapping_keys(
@@ -494,8 +499,8 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     if skipped:
         warnings.warn(f"earlier removals {skipped} name no concept inside their prompts: not kept mapped", stacklevel=3)
     tensors, scales = {}, {}
-    earlier_mapped = len(mappings) - 1
-    weights = [config.concept_weight] + [config.earlier_weight] * earlier_mapped
+    earlier_mapped = len(mappings) - len(together)
+    weights = [config.concept_weight] * len(together) + [config.earlier_weight] * earlier_mapped
     solver = Solver.build(protected, mappings, config.ridge, weights, keep_weight=config.keep_weight,
                           keep_gram=keep_gram)
     rounds = []
@@ -512,7 +517,7 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
                 mappings.append((keys.double() @ found.T, targets))
                 weights.append(weight)
             solver = Solver.build(protected, mappings, config.ridge, weights, keep_weight=config.keep_weight,
-                          keep_gram=keep_gram)
+                                  keep_gram=keep_gram)
             after = edited_layers(solver, base_weights, start_offsets, solved_layers)
             adversarial = concept_keys.double() @ found.T
             rounds.append({"recovery": round(recovery(edited, adversarial, concept_keys), 6),

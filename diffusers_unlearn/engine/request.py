@@ -61,8 +61,9 @@ class UnlearnRequest:
     prompts). Several concepts fill each template with each concept in turn (template by template, so that the
     prompts go round the concepts); explicit prompts must name every concept. A trained method then samples at
     least one trajectory per concept: its ``num_trajectories`` is raised to the next multiple of the number of
-    concepts, so that every concept has as many trajectories and each training step draws among them (seeded). Build one with ``resolve_request`` (or ``pipe.unlearn``) to get the library's defaults; this class
-    applies none of them (a bare request is the trained method, ``esd``).
+    concepts, so that every concept has as many trajectories and each training step draws among them (seeded).
+    Build one with ``resolve_request`` (or ``pipe.unlearn``) to get the library's defaults; this class applies none
+    of them (a bare request is the trained method, ``esd``).
 
     Raises:
         ValueError, TypeError: a field that is not allowed (an empty concept, an unknown domain or method, a

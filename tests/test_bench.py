@@ -88,7 +88,9 @@ def test_report_files(result, tmp_path):
     # the verified protocol's requests and what its classifier check sent back, from the rows' erasure figures
     checked = result["protocols"]["closed_form+verify"]["rows"][1:]
     escalated = sum(bool(r["erasure"].get("attempts")) for r in checked)
-    assert all(r["erasure"]["check"] == "classifier" and r["erasure"]["settings"]["negative_guidance"] >= 1
+    # a style starts on its anchor (guidance 0); an escalated request ends on a rung of the ladder
+    assert all(r["erasure"]["check"] == "classifier" for r in checked)
+    assert all(r["erasure"]["settings"]["negative_guidance"] >= (2 if r["erasure"].get("attempts") else 0)
                for r in checked)
     assert f"Closed form, verified: the classifier check (2 images per request, seeds apart from the evaluation's) " \
            f"sent back {escalated} of 2 requests" in text

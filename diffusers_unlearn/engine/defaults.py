@@ -36,6 +36,11 @@ anchor itself (no guidance past it): aimed past the anchor, an erased style's pr
 again with guidance (the verified recipe's escalation). Objects need a stronger soft penalty on the kept concepts'
 tokens to keep the other objects, and stronger guidance to erase despite it (docs/benchmarks/closed-form.md,
 "Recommended default", the closed form on objects)."""
+RECOMMENDED_ESCALATION: dict[str, tuple[dict[str, Any], ...]] = {
+    "style": ({"negative_guidance": 1.0}, {"negative_guidance": 2.0})}
+"""What a recommended request whose erasure check fails is solved again with, in turn, per kind of concept (when the
+caller passes no ``escalate``): a style mapped onto its anchor that the check still finds is aimed past it, as far as
+needed (``engine/escalation.py``)."""
 RECOMMENDED_KEPT_FRACTION = 0.75
 """Every recommended request: the exactly kept span may fill at most this fraction of the K/V input width, so that a
 narrow text space (the tiny pipelines' 32-wide one, filled by the built-in vocabulary) keeps room to erase; the
@@ -127,7 +132,7 @@ def recommended_options(domain: str | None) -> dict[str, Any]:
 
     Examples:
         >>> recommended_options("style")
-        {'max_kept_fraction': 0.75}
+        {'max_kept_fraction': 0.75, 'negative_guidance': 0.0}
         >>> recommended_options("object")
         {'max_kept_fraction': 0.75, 'keep_weight': 5.0, 'negative_guidance': 2.0}
     """
@@ -135,5 +140,28 @@ def recommended_options(domain: str | None) -> dict[str, Any]:
             **RECOMMENDED_DOMAIN_OPTIONS.get(domain_kind(domain) or "", {})}
 
 
-__all__ = ["RECOMMENDED_DOMAIN_OPTIONS", "RECOMMENDED_KEPT_FRACTION", "RECOMMENDED_METHOD", "TRAINED_METHOD",
-           "asks_for_training", "default_method", "domain_kind", "recommended_method", "recommended_options"]
+def recommended_escalation(domain: str | None, method: str) -> list[dict[str, Any]] | None:
+    """The escalation of a request served with the recommended method and settings (``RECOMMENDED_ESCALATION``).
+
+    Args:
+        domain: the request's prompt domain, or None.
+        method: the name of the method that serves it.
+
+    Returns:
+        The ladder of method settings for the domain's kind, or None (no escalation) for another kind or method.
+
+    Examples:
+        >>> recommended_escalation("style", "closed_form")
+        [{'negative_guidance': 1.0}, {'negative_guidance': 2.0}]
+        >>> recommended_escalation("object", "closed_form") is None
+        True
+    """
+    if method != RECOMMENDED_METHOD:
+        return None
+    ladder = RECOMMENDED_ESCALATION.get(domain_kind(domain) or "")
+    return [dict(step) for step in ladder] if ladder else None
+
+
+__all__ = ["RECOMMENDED_DOMAIN_OPTIONS", "RECOMMENDED_ESCALATION", "RECOMMENDED_KEPT_FRACTION", "RECOMMENDED_METHOD",
+           "TRAINED_METHOD", "asks_for_training", "default_method", "domain_kind", "recommended_escalation",
+           "recommended_method", "recommended_options"]

@@ -21,6 +21,7 @@ from ..kv import adapters as ad
 from .._progress import phase
 from .._version import __version__
 from ..engine.audit import audit_grid
+from ..engine.defaults import recommended_escalation
 from ..kv.composition import Mode, combined_deltas, materialize
 from ..engine.erasure_check import ErasureError, measure_erasure, report_erasure
 from ..engine.escalation import check_erasure_check, effective_escalation, escalated_requests, escalation_options
@@ -119,7 +120,9 @@ class RequestStreamMixin:
                 images of the concept are still recognised.
             escalate: method settings to try, in order, while the check finds the concept not erased, e.g.
                 ``[{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]`` (``engine/escalation.py``); each failed attempt
-                is undone, and the committed record lists them.
+                is undone, and the committed record lists them. None (default): a request that names no method and
+                no ``negative_guidance`` gets the recommended ladder of its domain (``RECOMMENDED_ESCALATION``: a
+                style request is solved again with guidance 1, then 2); ``[]``: none.
             progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
             accelerator: an ``accelerate.Accelerator`` (default: one made from ``training``). Under
                 ``accelerate launch`` every process runs this call; the global batch is split between them.
@@ -152,6 +155,10 @@ class RequestStreamMixin:
         for name in request.concepts:
             check_world_concept(self, name, request.domain, prompts_given=request.templates is None)
         check = check_erasure_check(erasure_check)
+        if escalate is None and method is None and not isinstance(concept, UnlearnRequest) \
+                and "negative_guidance" not in options:
+            # the recommended recipe: a style mapped onto its anchor that the check still finds is aimed past it
+            escalate = recommended_escalation(request.domain, request.method.method)
         escalate = effective_escalation(request, escalate)
         attempts = escalated_requests(request, escalate)
         for attempt in attempts:

@@ -31,14 +31,14 @@ from tqdm.auto import tqdm
 from .._validation import check_int
 from .._version import __version__
 from ..evaluation import kv_drift
-from ..evaluation.distributed import generate_and_classify, launched_processes
+from ..evaluation.distributed import generate_and_classify
 from ..evaluation.metrics import DOMAINS
 from ..evaluation.retention import EvalReference, extract_features, frechet_distance, relative_image_change
 from ..mixins.attach import attach
 from ..objectives import OBJECTIVES, TrainedObjectiveConfig
 from .heldout import heldout_unlearning
 from .protocols import Hyperparameters, Protocol, method_hyperparameters, resolve_protocols
-from .runner import BenchSettings, ca_anchor, protocol_job, request_kwargs
+from .runner import BenchSettings, ca_anchor, check_launch, protocol_job, request_kwargs
 from .streams import Stream, get_stream
 from .world import BenchWorld
 
@@ -371,13 +371,7 @@ def run_stream_bench(world: BenchWorld, settings: StreamSettings, *, progress: b
             raise ValueError(f"world {world.name!r} does not evaluate the stream's {domain}s {missing}: build it "
                              f"with bench.stream_world(world, {stream.name!r})")
     protocols = resolve_protocols(settings.protocols)
-    check_int(jobs, "jobs", minimum=1)
-    if jobs > 1 and world_factory is None:
-        raise ValueError("jobs > 1 needs a picklable world_factory: worker processes rebuild the world")
-    processes = launched_processes()
-    if jobs > 1 and processes > 1:
-        raise ValueError(f"jobs must be 1 on {processes} launched processes: they share out each evaluation's "
-                         f"images, not protocols")
+    processes = check_launch(jobs, world_factory)
     for domain in DOMAINS:
         hp = settings.hparams[domain]  # type: ignore[index]
         trained = [p.name for p in protocols

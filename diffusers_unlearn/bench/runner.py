@@ -373,6 +373,29 @@ def protocol_job(world_factory: Callable[[], BenchWorld], settings: Any, name: s
     return name, rows, lines
 
 
+def check_launch(jobs: int, world_factory: Callable[[], BenchWorld] | None) -> int:
+    """Refuse worker jobs the bench cannot serve; return the number of launched processes.
+
+    Args:
+        jobs: protocols run in parallel worker processes.
+        world_factory: what workers rebuild the world with (needed when ``jobs > 1``).
+
+    Returns:
+        The processes the bench was launched on (1 without a launcher).
+
+    Raises:
+        ValueError: ``jobs`` below 1, several jobs without a world factory, or several jobs on several processes.
+    """
+    check_int(jobs, "jobs", minimum=1)
+    if jobs > 1 and world_factory is None:
+        raise ValueError("jobs > 1 needs a picklable world_factory: worker processes rebuild the world")
+    processes = launched_processes()
+    if jobs > 1 and processes > 1:
+        raise ValueError(f"jobs must be 1 on {processes} launched processes: they share out each evaluation's "
+                         f"images, not protocols")
+    return processes
+
+
 def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = True,
               log: Callable[[str], None] | None = print, command: str | None = None, jobs: int = 1,
               world_factory: Callable[[], BenchWorld] | None = None) -> dict[str, Any]:
@@ -408,13 +431,7 @@ def run_bench(world: BenchWorld, settings: BenchSettings, *, progress: bool = Tr
     started = time.perf_counter()
     stream = world.stream(settings.domain, settings.requests)
     protocols = resolve_protocols(settings.protocols)
-    check_int(jobs, "jobs", minimum=1)
-    if jobs > 1 and world_factory is None:
-        raise ValueError("jobs > 1 needs a picklable world_factory: worker processes rebuild the world")
-    processes = launched_processes()
-    if jobs > 1 and processes > 1:
-        raise ValueError(f"jobs must be 1 on {processes} launched processes: they share out each evaluation's "
-                         f"images, not protocols")
+    processes = check_launch(jobs, world_factory)
     trained = [p.name for p in protocols
                if issubclass(OBJECTIVES[p.method or settings.method][0], TrainedObjectiveConfig)]
     if processes > 1 and trained and settings.hparams.batch_size % processes:

@@ -55,8 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--requests", type=int, default=None, help="stream length (default 12 styles, 6 objects)")
+    parser.add_argument("--domain", choices=("style", "object"), default="style",
+                        help="remove styles (the bench's order) or objects (MiniCanvas's order)")
     parser.add_argument("--reverse", action="store_true", help="remove in the reverse of the bench's order")
+    parser.add_argument("--order", default=None, metavar="A,B,...",
+                        help="remove these evaluated concepts instead, in this order (e.g. each family's kept style: "
+                             "another split of removed and kept)")
     parser.add_argument("--half-named", action="store_true",
                         help="pass the kept styles of the first 6 families and 6 objects as keep=")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="an unlearn() keyword")
@@ -98,14 +103,25 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     options = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
-    world = minicanvas_world(eval_seeds=args.eval_seeds, eval_steps=args.eval_steps)
-    stream = world.stream("style", args.requests)
+    domain = args.domain
+    other = "object" if domain == "style" else "style"
+    if args.requests is None:
+        args.requests = 12 if domain == "style" else 6
+    if args.half_named and domain != "style":
+        raise SystemExit("--half-named names kept styles of 6 families: style streams only")
+    order = [c.strip() for c in args.order.split(",")] if args.order else None
+    if order is not None:
+        args.requests = min(args.requests, len(order))
+    world = minicanvas_world(eval_seeds=args.eval_seeds, eval_steps=args.eval_steps, domain=domain, order=order)
+    stream = world.stream(domain, args.requests)
     if args.reverse:
         stream = stream[::-1]
     mc = du.minicanvas
     keep: dict[str, list[str]] | None = None
-    world_styles = [s for s in world.eval_config.styles if s not in stream]
-    world_objects = list(world.eval_config.objects)
+    evaluated = {"style": list(world.eval_config.styles), "object": list(world.eval_config.objects)}
+    # the kept concepts the world scores: the stream's domain less the stream, and the other domain
+    world_kept = {domain: [c for c in evaluated[domain] if c not in stream], other: evaluated[other]}
+    world_styles, world_objects = world_kept["style"], world_kept["object"]
     if args.half_named:
         families = list(mc.STYLE_FAMILIES.values())
         named_styles = [s for members in families[:6] for s in members if s not in stream]
@@ -150,7 +166,7 @@ def main() -> int:
         for k, style in enumerate(stream):
             started = time.perf_counter()
             parts = [w for w in style.split() if len(style.split()) > 1] if args.keep_parts else []
-            found = nearest(pipe, style, "style", pool, args.nearest, taken=stream[:k + 1],
+            found = nearest(pipe, style, domain, pool, args.nearest, taken=stream[:k + 1],
                             lexical=args.nearest_by == "lexical") if args.nearest else []
             preserve_nearest[style] = list(dict.fromkeys([*parts, *found]))
             nearest_seconds[style] = time.perf_counter() - started
@@ -170,7 +186,7 @@ def main() -> int:
     # every phrase any request will protect, read from the requests as the library builds them
     protected: set[str] = set()
     for k, style in enumerate(stream):
-        built = du.UnlearnRequest.build(style, domain="style", seed=k, family=family, **request_options(k, style))
+        built = du.UnlearnRequest.build(style, domain=domain, seed=k, family=family, **request_options(k, style))
         protected |= set(protected_phrases(built))
     protected_list = sorted(protected)
     named = {d: [] if keep is None else keep[d] for d in ("style", "object")}  # left out by design, not refused
@@ -178,7 +194,7 @@ def main() -> int:
                "object": [c for c in world_objects if c not in named["object"] and is_protected(c, protected_list)]}
     removed_protected = [c for c in stream if is_protected(c, protected_list)]
     spare_styles = [s for s in mc.STYLES if s not in stream and s not in world_styles]
-    spare_objects = [o for o in mc.OBJECTS if o not in world_objects]
+    spare_objects = [o for o in mc.OBJECTS if o not in stream and o not in world_objects]
     kept_styles, substituted_styles = fill(world_styles, refused["style"], spare_styles, protected_list,
                                            named["style"])
     scored_objects, substituted_objects = fill(world_objects, refused["object"], spare_objects, protected_list,
@@ -188,8 +204,9 @@ def main() -> int:
     scored_objects = [o for o in scored_objects if o not in named["object"]]
     if not scored_objects or not kept_styles:
         raise SystemExit("these requests protect every MiniCanvas object or kept style: nothing left to score")
-    scored_styles = [*stream, *kept_styles]
     overlap = [c for c in kept_styles + scored_objects if is_protected(c, protected_list)]
+    scored_styles, scored_objects = ([*stream, *kept_styles], scored_objects) if domain == "style" \
+        else (kept_styles, [*stream, *scored_objects])
     assert not overlap, overlap  # protected and scored must be disjoint
     honesty = {
         "protected_phrases": len(protected_list),
@@ -209,7 +226,7 @@ def main() -> int:
     config = type(config)(**{**config.to_dict(), "styles": scored_styles, "objects": scored_objects})
 
     cached = base_images(args.base_cache, config)
-    base = evaluate_unlearning(pipe, [], "style", world.style_classifier, world.object_classifier, config,
+    base = evaluate_unlearning(pipe, [], domain, world.style_classifier, world.object_classifier, config,
                                progress=False, images=cached)
     if cached is None and args.base_cache:
         store_base_images(args.base_cache, config, base.images)
@@ -221,7 +238,7 @@ def main() -> int:
     records = []
     for k, style in enumerate(stream):
         started = time.perf_counter()
-        record = pipe.unlearn(style, domain="style", seed=k, progress=False, **request_options(k, style))
+        record = pipe.unlearn(style, domain=domain, seed=k, progress=False, **request_options(k, style))
         request_seconds.append(time.perf_counter() - started + nearest_seconds.get(style, 0.0))
         records.append({"concept": style, "method": record.method, "seconds": round(request_seconds[-1], 2),
                         **request_report(record)})
@@ -229,9 +246,9 @@ def main() -> int:
             print(f"request {k + 1} {style!r}: {request_seconds[-1]:.1f}s", flush=True)
             continue
         removed = stream[: k + 1]
-        scores = evaluate_unlearning(pipe, removed, "style", world.style_classifier, world.object_classifier, config,
+        scores = evaluate_unlearning(pipe, removed, domain, world.style_classifier, world.object_classifier, config,
                                      progress=False, reference=reference, feature_extractor=world.feature_extractor)
-        heldout = heldout_unlearning(pipe, world, removed, "style")
+        heldout = heldout_unlearning(pipe, world, removed, domain)
         row = {"request": k + 1, "concept": style, "method": record.method,
                **{k_: v for k_, v in scores.to_dict().items() if k_ not in ("config",)},
                "ua_heldout": None if heldout is None else heldout["ua"], "drift": kv_drift(pipe),
@@ -241,11 +258,13 @@ def main() -> int:
               f"drift {row['drift']:.3f}  {request_seconds[-1]:.1f}s", flush=True)
     final = rows[-1]
     # the base model's objects in the same removed styles' prompts: what "kept in removed" is compared with
-    base_removed = evaluate_unlearning(None, stream, "style", world.style_classifier, world.object_classifier, config,
+    base_removed = evaluate_unlearning(None, stream, domain, world.style_classifier, world.object_classifier, config,
                                        images=base.images).cross_removed
     summary = {
         "command": "python scripts/api_stream.py " + " ".join(
-            (["--reverse"] if args.reverse else []) + (["--half-named"] if args.half_named else [])
+            ([f"--domain {domain}"] if domain != "style" else []) + (["--reverse"] if args.reverse else [])
+            + ([f"--order {shlex.quote(args.order)}"] if args.order else [])
+            + (["--half-named"] if args.half_named else [])
             + [f"--set {shlex.quote(s)}" for s in args.set]
             + ([f"--vocabulary {args.vocabulary}"] if args.vocabulary else [])
             + [f"--regularizer {shlex.quote(r)}" for r in args.regularizer]
@@ -255,7 +274,7 @@ def main() -> int:
             + ([f"--nearest-as {args.nearest_as}"] if args.nearest or args.keep_parts else [])
             + ([f"--hold-out {args.hold_out}"] if args.hold_out else [])
             + [f"--eval-seeds {args.eval_seeds}", f"--requests {args.requests}"]),
-        "stream": stream, "keep": keep, "scored": {"style": scored_styles, "object": scored_objects},
+        "domain": domain, "stream": stream, "keep": keep, "scored": {"style": scored_styles, "object": scored_objects},
         "honesty": honesty,
         "options": {k: (describe(v) if k in ("vocabulary", "regularizers") else v) for k, v in options.items()},
         "nearest": preserve_nearest or None,
@@ -334,13 +353,13 @@ def is_protected(concept: str, phrases: Sequence[str]) -> bool:
 
 def protected_phrases(request: Any) -> Iterable[str]:
     """Every concept a built ``du.UnlearnRequest`` may protect: the closed form's vocabulary (the built-in one when
-    none is given) and preserve list, a trained method's preserve list, gradient projection's retain list and its
+    none is given) and keep list, a trained method's keep list (retain loss), gradient projection's retain list and its
     whole neighbour pool (any of it may be chosen)."""
     from diffusers_unlearn.regularizers import GradientProjection
     from diffusers_unlearn.vocabulary import DEFAULT_VOCABULARY
 
     config = request.method
-    yield from getattr(config, "preserve", ())
+    yield from getattr(config, "keep", ())
     if hasattr(config, "vocabulary"):
         yield from flatten(DEFAULT_VOCABULARY if config.vocabulary is None else config.vocabulary)
     for regularizer in request.regularizers:

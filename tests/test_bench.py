@@ -323,12 +323,16 @@ def test_a_verified_protocol_checks_with_the_world_classifier_on_seeds_apart_fro
     assert kwargs["escalate"] == [{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]
     plain = bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form"], "van gogh")
     assert "erasure_check" not in plain
+    # the unverified closed form is the library's default: its settings and its escalation (the default check)
+    assert plain["escalate"] == [{"negative_guidance": 1.0}, {"negative_guidance": 2.0}]
+    assert (plain["method"].negative_guidance, plain["method"].ridge) == (0.0, 0.3)
+    assert "escalate" not in bench.request_kwargs(world, config, bench.PROTOCOLS["gp"], "van gogh")
     # checked, a style request keeps more of the rest than the unchecked default; an object request keeps the
     # library's object settings
     assert kwargs["method"].keep_weight == 1.0 and plain["method"].keep_weight == 0.5
     objects = bench.BenchSettings(requests=1, domain="object", hparams=HP, protocols=["closed_form+verify"])
     solved = bench.request_kwargs(world, objects, bench.PROTOCOLS["closed_form+verify"], "dog")["method"]
-    assert (solved.keep_weight, solved.negative_guidance) == (5.0, 2.0)
+    assert (solved.keep_weight, solved.negative_guidance) == (5.0, 1.0)
     # object requests are checked by the object classifier, on templates spread over the styles
     two = tiny_world(check_templates=2)
     spread = two.erasure_check("object")
@@ -483,7 +487,7 @@ def test_the_mixed36_world_scores_only_concepts_no_protocol_keeps():
         scored_other = described["scored"][other]
         assert not [t for t in world.templates(domain) if any(f" {c} " in f" {t} " for c in scored_other)]
     solved = bench.request_kwargs(world, settings.for_domain("object"), bench.PROTOCOLS["closed_form"], "cat")
-    assert solved["method"].negative_guidance == 2.0  # the library's object settings
+    assert solved["method"].negative_guidance == 1.0  # the library's object settings
     # a protocol told to keep a scored concept is refused
     with pytest.raises(ValueError, match="evaluated concepts"):
         world.check_request({**solved, "method": du.objectives.ClosedFormConfig(preserve=["bear"])})

@@ -95,16 +95,16 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     from diffusers_unlearn.engine.request import UnlearnRequest
 
     objects = RECOMMENDED_DOMAIN_OPTIONS["object"]
-    assert objects == {"keep_weight": 5.0, "negative_guidance": 2.0}
+    assert objects == {"keep_weight": 5.0, "negative_guidance": 1.0}
     assert [domain_kind(d) for d in ("object", "minicanvas-object", "style", "concept", None)] == \
         ["object", "object", "style", None, None]
     # pipe.unlearn / UnlearnRequest.build: the object settings for objects only, and only when no method is named
     request = UnlearnRequest.build("cat", domain="object")
-    assert (request.method.keep_weight, request.method.negative_guidance) == (5.0, 2.0)
+    assert (request.method.keep_weight, request.method.negative_guidance) == (5.0, 1.0)
     # styles: mapped onto the anchor itself (an erased prompt keeps its object)
-    assert RECOMMENDED_DOMAIN_OPTIONS["style"] == {"negative_guidance": 0.0}
+    assert RECOMMENDED_DOMAIN_OPTIONS["style"] == {"negative_guidance": 0.0, "ridge": 0.3}
     assert UnlearnRequest.build("van gogh", domain="style").method == \
-        ClosedFormConfig(max_kept_fraction=0.75, negative_guidance=0.0)
+        ClosedFormConfig(max_kept_fraction=0.75, negative_guidance=0.0, ridge=0.3)
     assert UnlearnRequest.build("van gogh", domain="concept").method == ClosedFormConfig(max_kept_fraction=0.75)
     named = UnlearnRequest.build("cat", "closed_form", domain="object").method
     assert (named.keep_weight, named.negative_guidance) == (0.5, 1.0)
@@ -113,9 +113,12 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     plan = parse_plan({"model": "tiny", "output": str(tmp_path / "planned"), "requests": [{"concept": "cat", "domain": "object"},
                                                     {"concept": "dog", "domain": "object", "keep_weight": 1.0}]})
     first, second = (r.to_request().method for r in plan.requests)
-    assert (first.keep_weight, first.negative_guidance) == (5.0, 2.0)
-    assert (second.keep_weight, second.negative_guidance) == (1.0, 2.0)
+    assert (first.keep_weight, first.negative_guidance) == (5.0, 1.0)
+    assert (second.keep_weight, second.negative_guidance) == (1.0, 1.0)
     assert main(["unlearn", "tiny", "--concept", "cat", "--domain", "object", "--out", str(tmp_path / "out"),
                  "--quiet"]) == 0
     record = du.load_pipeline(tmp_path / "out").unlearning_ledger.requests[0]
-    assert record.method_config["keep_weight"] == 5.0 and record.method_config["negative_guidance"] == 2.0
+    # served with the object settings, or with the escalation's guidance 2 where the check sent it back
+    escalated = bool(record.erasure.get("attempts"))
+    assert record.method_config["keep_weight"] == 5.0
+    assert record.method_config["negative_guidance"] == (2.0 if escalated else 1.0)

@@ -178,7 +178,7 @@ def test_each_part_of_a_request_comes_from_the_caller_then_the_world_recipe_then
     solved = resolve_request("van gogh", world_recipe=recipe(method=du.objectives.ClosedFormConfig(), regularizers=[]))
     assert solved.method.method == "closed_form"  # no retain loss to add to a solved method
     # no recipe: the defaults (the recommended method with its object settings, or the trained one)
-    recommended = dict(max_kept_fraction=0.75, keep_weight=5.0, negative_guidance=2.0)
+    recommended = dict(max_kept_fraction=0.75, keep_weight=5.0, negative_guidance=1.0)
     assert resolve_request("cat", domain="object").method == resolve_request("cat", "closed_form", **recommended).method
     assert resolve_request("cat", steps=3).method.method == "esd"
     with pytest.raises(TypeError, match="a world recipe sets only"):
@@ -192,9 +192,16 @@ def test_unlearn_a_plan_and_the_command_line_resolve_the_same_request(pipe):
     from diffusers_unlearn.cli.unlearn import build_request, request_inputs
     from diffusers_unlearn.families.registry import family_of
 
+    from diffusers_unlearn.engine.defaults import recommended_escalation
+    from diffusers_unlearn.engine.escalation import escalated_requests
+
     record = pipe.unlearn("cat", domain="object", keep=["dog"], seed=2, progress=False)
-    expected = record_signature(record)
-    assert record.method == "closed_form" and record.method_config["negative_guidance"] == 2.0
+    resolved = resolve_request("cat", domain="object", keep=["dog"], seed=2, family=family_of(pipe))
+    expected = resolved.signature()
+    # the record is the resolved request, or the recommended escalation's step the erasure check stopped at
+    ladder = escalated_requests(resolved, recommended_escalation("object", "closed_form"))
+    assert record_signature(record) == ladder[len(record.erasure.get("attempts") or [])].signature()
+    assert record.method == "closed_form" and resolved.method.negative_guidance == 1.0
     [planned] = parse_plan({"model": "tiny", "output": "out", "requests": [
         {"concept": "cat", "domain": "object", "keep": ["dog"], "seed": 2}]}).requests
     assert planned.to_request(family_of(pipe)).signature() == expected

@@ -17,7 +17,7 @@ from transformers.utils import logging as transformers_logging
 
 from .._validation import check_count, check_int, check_number, check_seed
 from .._version import __version__
-from ..engine.defaults import RECOMMENDED_DOMAIN_OPTIONS
+from ..engine.defaults import RECOMMENDED_DOMAIN_OPTIONS, recommended_escalation
 from ..evaluation import ATTACKS, attack, evaluate_unlearning, kv_drift
 from ..evaluation.distributed import launched_processes
 from ..evaluation.metrics import check_eval_domain
@@ -185,7 +185,7 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
     """``pipe.unlearn`` keyword arguments of one request for ``concept`` under a non-simultaneous ``protocol`` (all
     but the seed), ``removed`` the concepts removed before it: the world's prompt domain, the method config,
     training settings, regularizers and strategy; a verified protocol adds the world's erasure check and its
-    escalation.
+    escalation, any other protocol of the recommended method the recommended escalation (``pipe.unlearn``'s).
     ``diffusers-unlearn unlearn <world>`` uses them too (see ``bench.recipes``).
 
     Args:
@@ -206,9 +206,12 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
     world.register_domains()  # here, where requests need them: in worker processes too
     ctx = ProtocolContext(settings.hparams, world.vocabulary())
     hp = settings.hparams
-    verified = dict(erasure_check=world.erasure_check(settings.domain), escalate=list(protocol.escalate)) \
-        if protocol.verify else {}
     method = _objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method, removed)
+    if protocol.verify:
+        verified = dict(erasure_check=world.erasure_check(settings.domain), escalate=list(protocol.escalate))
+    else:  # the recommended settings come with their escalation, as pipe.unlearn(concept, domain=...) serves them
+        ladder = recommended_escalation(settings.domain, method.method)
+        verified = dict(escalate=ladder) if ladder else {}
     if protocol.options.get(settings.domain):
         method = dataclasses.replace(method, **protocol.options[settings.domain])
     kwargs = dict(

@@ -320,11 +320,13 @@ def test_a_verified_protocol_checks_with_the_world_classifier_on_seeds_apart_fro
     check = kwargs["erasure_check"]
     assert check.classifier is world.style_classifier and check.seeds == [1]
     assert check.templates == world.templates("style") and check.num_inference_steps == 3
-    assert kwargs["escalate"] == [{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]
+    assert kwargs["escalate"] == [{"ridge": 1e-4}, {"ridge": 1e-4, "negative_guidance": 1.0},
+                                  {"ridge": 1e-4, "negative_guidance": 2.0}]
     plain = bench.request_kwargs(world, config, bench.PROTOCOLS["closed_form"], "van gogh")
     assert "erasure_check" not in plain
     # the unverified closed form is the library's default: its settings and its escalation (the default check)
-    assert plain["escalate"] == [{"negative_guidance": 1.0}, {"negative_guidance": 2.0}]
+    assert plain["escalate"] == [{"ridge": 1e-4}, {"ridge": 1e-4, "negative_guidance": 1.0},
+                                 {"ridge": 1e-4, "negative_guidance": 2.0}]
     assert (plain["method"].negative_guidance, plain["method"].ridge) == (0.0, 0.3)
     assert "escalate" not in bench.request_kwargs(world, config, bench.PROTOCOLS["gp"], "van gogh")
     # checked, a style request keeps more of the rest than the unchecked default; an object request keeps the

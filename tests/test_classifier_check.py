@@ -136,10 +136,10 @@ def test_bad_classifier_check_settings_are_refused(field, value, match):
 
 
 def test_the_verified_closed_form_re_solves_a_minicanvas_style_the_plain_solve_leaves_recognisable():
-    """A measured effect on the shipped model: one closed-form request at the default guidance leaves `forest
-    hatching` recognisable on the check images (1 of 8 measured under the honest protocol, which keeps only the
-    concepts the bench does not score; 7 of 12 when it kept every concept); the verified protocol solves it again
-    with guidance 2, after which the classifier no longer recognises it."""
+    """A measured effect on the shipped model: one closed-form request at the recommended settings (on its anchor,
+    bounded) leaves `forest hatching` recognisable on the check images (8 of 8 measured under the honest protocol,
+    which keeps only the concepts the bench does not score); the verified protocol solves it again up its ladder
+    (without the bound, then aimed past the anchor), after which the classifier no longer recognises it."""
     from diffusers_unlearn import bench
 
     world = bench.minicanvas_world(eval_seeds=1, eval_steps=10)
@@ -148,7 +148,10 @@ def test_the_verified_closed_form_re_solves_a_minicanvas_style_the_plain_solve_l
     bench.serve_request(pipe, bench.PROTOCOLS["closed_form+verify"], world, settings, ["forest hatching"], 0,
                         progress=False)
     record = pipe.unlearning_ledger.requests[0]
-    (attempt,) = record.erasure["attempts"]
-    assert attempt["options"] == {} and attempt["recognized"] >= 0.125 > record.erasure["recognized"]
-    assert record.method_config["negative_guidance"] == 2.0 and record.erasure["recognized"] <= 0.1
+    attempts = record.erasure["attempts"]
+    ladder = list(bench.PROTOCOLS["closed_form+verify"].escalate["style"])
+    assert attempts[0]["options"] == {} and attempts[0]["recognized"] >= 0.125 > record.erasure["recognized"]
+    assert [a["options"] for a in attempts[1:]] == ladder[:len(attempts) - 1]  # each step in turn, until it erased
+    committed = ladder[len(attempts) - 1]
+    assert {k: record.method_config[k] for k in committed} == committed and record.erasure["recognized"] <= 0.1
     assert record.erasure["probe"]["seeds"] == [1] and 1 not in world.eval_config.seeds

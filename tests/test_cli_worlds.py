@@ -245,9 +245,10 @@ def test_the_minicanvas_style_recipe_is_verified_by_the_classifier_unless_the_us
     assert "erasure_check" not in kwargs and isinstance(recipe.erasure_check, du.ClassifierCheck)
     assert recipe.erasure_check.seeds == [1] and not set(recipe.erasure_check.seeds) & set(du.minicanvas.EVAL_SEEDS)
     assert recipe.erasure_check.images_per_concept == 8
-    assert _recipe_escalation(recipe, args) == [{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]
-    assert "verified by the style classifier on 8 check images, solved again with negative_guidance=2.0, then " \
-           "negative_guidance=3.0" in recipe.summary
+    assert _recipe_escalation(recipe, args) == [{"ridge": 1e-4}, {"ridge": 1e-4, "negative_guidance": 1.0},
+                                                {"ridge": 1e-4, "negative_guidance": 2.0}]
+    assert "verified by the style classifier on 8 check images, solved again with ridge=0.0001, then " \
+           "ridge=0.0001, negative_guidance=1.0, then ridge=0.0001, negative_guidance=2.0" in recipe.summary
     own = parse("minicanvas", "--concept", "neon lines", "--domain", "style", "--option", "negative_guidance=1.5")
     assert _recipe_escalation(request_inputs(own)[1], own) is None  # the user's guidance stands
     trained = parse("minicanvas", "--concept", "neon lines", "--domain", "style", "--steps", "5")
@@ -255,8 +256,11 @@ def test_the_minicanvas_style_recipe_is_verified_by_the_classifier_unless_the_us
     from diffusers_unlearn.bench import minicanvas_world
     from diffusers_unlearn.bench.world_recipe import world_recipe
 
+    from diffusers_unlearn.engine.defaults import recommended_escalation
+
     plain = world_recipe(minicanvas_world(), "style", "closed_form", protocol="closed_form")
-    assert plain.erasure_check is None and plain.escalate is None
+    # the unverified recipe escalates as pipe.unlearn's default does, on its default erasure check
+    assert plain.erasure_check is None and plain.escalate == recommended_escalation("style", "closed_form")
     assert "(solved, no training)" in plain.summary and "verified" not in plain.summary
     assert "learning rate" not in plain.summary  # not the trained summary
 

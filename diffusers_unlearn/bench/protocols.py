@@ -153,8 +153,8 @@ class Protocol:
         description: one sentence for the report.
         method: the erasure method of this protocol (None: the bench's ``--method``).
         verify: end each request with the world's classifier check (``BenchWorld.erasure_check``).
-        escalate: method settings to serve a request again with, in turn, when the check finds it not erased
-            (``engine/escalation.py``).
+        escalate: per domain ("style" / "object"), method settings to serve a request again with, in turn, when the
+            check finds it not erased (``engine/escalation.py``).
         options: method settings of this protocol's requests over the bench's, per domain ("style" / "object").
     """
 
@@ -168,7 +168,7 @@ class Protocol:
     # verified: each request ends with the world's classifier check (``BenchWorld.erasure_check``), and one it finds
     # not erased is served again with each of ``escalate``'s method settings in turn (``engine/escalation.py``)
     verify: bool = False
-    escalate: tuple[Mapping[str, Any], ...] = ()
+    escalate: Mapping[str, tuple[Mapping[str, Any], ...]] = dataclasses.field(default_factory=dict)
     # method settings of this protocol's requests over the bench's, per domain ("style" / "object")
     options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -202,11 +202,16 @@ def _gp(ctx: ProtocolContext) -> GradientProjection:
     return GradientProjection(neighbors=neighbors, vocabulary=dict(ctx.vocabulary))
 
 
-# The verified closed form's ladder: negative guidance aims a mapped token past its anchor, away from the concept.
-# One closed-form request at the default guidance 1 left `forest hatching` in half its images; guidance 2 erased it
-# and kept its neighbours (docs/benchmarks/closed-form.md). A stream at guidance 2 for every request kept the objects
-# worse, so only the requests that need it get it.
-VERIFIED_ESCALATION: tuple[Mapping[str, Any], ...] = ({"negative_guidance": 2.0}, {"negative_guidance": 3.0})
+# The verified closed form's ladder, per domain. A style starts bounded and on its anchor (the recommended
+# settings); one the check still recognises is solved without the bound first (the exact least squares, still on
+# the anchor: the erased prompt keeps its object), then aimed past its anchor. An object starts one anchor-distance
+# past it; guidance 2, then 3 aim further (one request at guidance 1 left `forest hatching` in half its images,
+# guidance 2 erased it: docs/benchmarks/closed-form.md); only the requests that need it get it.
+UNBOUNDED = 1e-4  # ClosedFormConfig's own ridge
+VERIFIED_ESCALATION: Mapping[str, tuple[Mapping[str, Any], ...]] = {
+    "style": ({"ridge": UNBOUNDED}, {"ridge": UNBOUNDED, "negative_guidance": 1.0},
+              {"ridge": UNBOUNDED, "negative_guidance": 2.0}),
+    "object": ({"negative_guidance": 2.0}, {"negative_guidance": 3.0})}
 # With the check to catch a style the solve leaves recognisable, a style request can keep more: a soft penalty of 1
 # per kept token (0.5 unchecked) held the objects at 96.6% of base after 12 requests, against 91.3%
 # (docs/benchmarks/closed-form.md).
@@ -243,8 +248,9 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol("closed_form+verify", "Closed form, verified", method="closed_form", verify=True,
                  escalate=VERIFIED_ESCALATION, options=VERIFIED_OPTIONS,
                  description="closed form keeping more of the other styles; a request the world's classifier still "
-                             "recognises on check seeds (apart from the evaluation's) is solved again with negative "
-                             "guidance 2, then 3"),
+                             "recognises on check seeds (apart from the evaluation's) is solved again, more strongly "
+                             "each time (a style without the ridge, then with negative guidance 1, then 2; an "
+                             "object with guidance 2, then 3)"),
         Protocol("closed_form+adversarial", "Closed form, adversarial rounds", method="closed_form",
                  options={d: {"adversarial_rounds": ADVERSARIAL_ROUNDS} for d in ("style", "object")},
                  description=f"closed form, then {ADVERSARIAL_ROUNDS} RECE rounds: the K/V inputs that best bring "

@@ -208,7 +208,8 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
     hp = settings.hparams
     method = _objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method, removed)
     if protocol.verify:
-        verified = dict(erasure_check=world.erasure_check(settings.domain), escalate=list(protocol.escalate))
+        verified = dict(erasure_check=world.erasure_check(settings.domain),
+                        escalate=list(protocol.escalate.get(settings.domain, ())))
     else:  # the recommended settings come with their escalation, as pipe.unlearn(concept, domain=...) serves them
         ladder = recommended_escalation(settings.domain, method.method)
         verified = dict(escalate=ladder) if ladder else {}
@@ -297,7 +298,7 @@ def _erasure_figures(record: Any, protocol: Protocol) -> dict[str, Any]:
     """A request's erasure check as a results row keeps it (the probe's prompts are the request's own), with the
     settings a verified protocol escalates, as the request finally used them."""
     figures = {k: v for k, v in record.erasure.items() if k != "probe"}
-    escalated = sorted({key for step in protocol.escalate for key in step})
+    escalated = sorted({key for steps in protocol.escalate.values() for step in steps for key in step})
     if escalated:
         figures["settings"] = {key: record.method_config.get(key) for key in escalated}
     return figures

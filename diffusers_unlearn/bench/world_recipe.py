@@ -75,10 +75,12 @@ def world_recipe(world: BenchWorld, domain: str | None, method: str | None,
     if kwargs["method"].method == "closed_form":
         summary = (f"{world.name} recipe: {describe_config(kwargs['method'])} (solved, no training), prompts of domain "
                    f"{kwargs['domain']!r}, keeping the {pool} {world.name} concepts and the earlier removals")
-        if escalate:
-            ladder = ", then ".join(", ".join(f"{k}={v}" for k, v in step.items()) for step in escalate)
+        ladder = ", then ".join(", ".join(f"{k}={v}" for k, v in step.items()) for step in escalate or ())
+        if escalate and erasure_check is not None:
             summary += (f"; verified by the {domain} classifier on {erasure_check.images_per_concept} check images, "
                         f"solved again with {ladder} while it still recognises the concept")
+        elif escalate:  # the recommended escalation, decided by pipe.unlearn's default erasure check
+            summary += f"; solved again with {ladder} while the erasure check still finds the concept"
     else:
         retain = (f", a retain loss (weight {hp.preserve_weight}) on the {len(preserve)} {world.name} {domain}s "
                   "less the concept and the earlier removals" if preserve else "")

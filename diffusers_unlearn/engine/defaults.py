@@ -38,9 +38,11 @@ as much, with the same erasure. Objects keep the stronger soft penalty on the ke
 anchor-distance past it (guidance 1): guidance 2 erased a few points more but lost most of the other objects and
 the styles in the erased objects' prompts, guidance 0 kept them and erased too little."""
 RECOMMENDED_ESCALATION: dict[str, tuple[dict[str, Any], ...]] = {
-    "style": ({"negative_guidance": 1.0}, {"negative_guidance": 2.0}), "object": ({"negative_guidance": 2.0},)}
+    "style": ({"ridge": 1e-4}, {"ridge": 1e-4, "negative_guidance": 1.0}, {"ridge": 1e-4, "negative_guidance": 2.0}),
+    "object": ({"negative_guidance": 2.0},)}
 """What a recommended request whose erasure check fails is solved again with, in turn, per kind of concept (when the
-caller passes no ``escalate``): a concept the check still finds is aimed further past its anchor
+caller passes no ``escalate``): a style the check still finds is solved without the bound first (still on its
+anchor, so its prompts keep their objects), then aimed past its anchor; an object is aimed further past its anchor
 (``engine/escalation.py``)."""
 RECOMMENDED_KEPT_FRACTION = 0.75
 """Every recommended request: the exactly kept span may fill at most this fraction of the K/V input width, so that a
@@ -152,8 +154,8 @@ def recommended_escalation(domain: str | None, method: str) -> list[dict[str, An
         The ladder of method settings for the domain's kind, or None (no escalation) for another kind or method.
 
     Examples:
-        >>> recommended_escalation("style", "closed_form")
-        [{'negative_guidance': 1.0}, {'negative_guidance': 2.0}]
+        >>> recommended_escalation("style", "closed_form")[0]
+        {'ridge': 0.0001}
         >>> recommended_escalation("object", "closed_form")
         [{'negative_guidance': 2.0}]
         >>> recommended_escalation("concept", "closed_form") is None

@@ -88,10 +88,13 @@ def test_report_files(result, tmp_path):
     # the verified protocol's requests and what its classifier check sent back, from the rows' erasure figures
     checked = result["protocols"]["closed_form+verify"]["rows"][1:]
     escalated = sum(bool(r["erasure"].get("attempts")) for r in checked)
-    # a style starts on its anchor (guidance 0); an escalated request ends on a rung of the ladder
+    # a style starts on its anchor, bounded; an escalated request ends on the rung of the ladder after its attempts
     assert all(r["erasure"]["check"] == "classifier" for r in checked)
-    assert all(r["erasure"]["settings"]["negative_guidance"] >= (2 if r["erasure"].get("attempts") else 0)
-               for r in checked)
+    ladder = [{}, *bench.PROTOCOLS["closed_form+verify"].escalate["style"]]
+    for r in checked:
+        rung = ladder[len(r["erasure"].get("attempts") or [])]
+        assert r["erasure"]["settings"] == {"negative_guidance": rung.get("negative_guidance", 0.0),
+                                            "ridge": rung.get("ridge", 0.3)}
     assert f"Closed form, verified: the classifier check (2 images per request, seeds apart from the evaluation's) " \
            f"sent back {escalated} of 2 requests" in text
     assert all("check" not in r["erasure"] for r in result["protocols"]["sequential"]["rows"][1:])

@@ -95,7 +95,7 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     from diffusers_unlearn.engine.request import UnlearnRequest
 
     objects = RECOMMENDED_DOMAIN_OPTIONS["object"]
-    assert objects == {"keep_weight": 5.0, "negative_guidance": 1.0}
+    assert objects == {"keep_weight": 5.0, "negative_guidance": 1.0, "ridge": 0.3}
     assert [domain_kind(d) for d in ("object", "minicanvas-object", "style", "concept", None)] == \
         ["object", "object", "style", None, None]
     # pipe.unlearn / UnlearnRequest.build: the object settings for objects only, and only when no method is named
@@ -118,10 +118,13 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     assert main(["unlearn", "tiny", "--concept", "cat", "--domain", "object", "--out", str(tmp_path / "out"),
                  "--quiet"]) == 0
     record = du.load_pipeline(tmp_path / "out").unlearning_ledger.requests[0]
-    # served with the object settings, or with the escalation's guidance 2 where the check sent it back
-    escalated = bool(record.erasure.get("attempts"))
+    # served with the object settings, or with the escalation's step where the check stopped sending it back
+    from diffusers_unlearn.engine.defaults import recommended_escalation
+
+    served = [{}, *recommended_escalation("object", "closed_form")][len(record.erasure.get("attempts") or [])]
     assert record.method_config["keep_weight"] == 5.0
-    assert record.method_config["negative_guidance"] == (2.0 if escalated else 1.0)
+    assert record.method_config["negative_guidance"] == served.get("negative_guidance", 1.0)
+    assert record.method_config["ridge"] == served.get("ridge", 0.3)
 
 
 def test_the_recommended_style_setting_bounds_the_edit_and_still_erases_on_minicanvas():

@@ -204,14 +204,15 @@ def _gp(ctx: ProtocolContext) -> GradientProjection:
 
 # The verified closed form's ladder, per domain. A style starts bounded and on its anchor (the recommended
 # settings); one the check still recognises is solved without the bound first (the exact least squares, still on
-# the anchor: the erased prompt keeps its object), then aimed past its anchor. An object starts one anchor-distance
-# past it; guidance 2, then 3 aim further (one request at guidance 1 left `forest hatching` in half its images,
+# the anchor: the erased prompt keeps its object), then aimed past its anchor. An object starts bounded, one
+# anchor-distance past it; without the bound, then guidance 2, then 3 aim further (one request at guidance 1 left `forest hatching` in half its images,
 # guidance 2 erased it: docs/benchmarks/closed-form.md); only the requests that need it get it.
 UNBOUNDED = 1e-4  # ClosedFormConfig's own ridge
 VERIFIED_ESCALATION: Mapping[str, tuple[Mapping[str, Any], ...]] = {
     "style": ({"ridge": UNBOUNDED}, {"ridge": UNBOUNDED, "negative_guidance": 1.0},
               {"ridge": UNBOUNDED, "negative_guidance": 2.0}),
-    "object": ({"negative_guidance": 2.0}, {"negative_guidance": 3.0})}
+    "object": ({"ridge": UNBOUNDED}, {"ridge": UNBOUNDED, "negative_guidance": 2.0},
+               {"ridge": UNBOUNDED, "negative_guidance": 3.0})}
 # With the check to catch a style the solve leaves recognisable, a style request can keep more: a soft penalty of 1
 # per kept token (0.5 unchecked) held the objects at 96.6% of base after 12 requests, against 91.3%
 # (docs/benchmarks/closed-form.md).
@@ -249,8 +250,8 @@ PROTOCOLS: dict[str, Protocol] = {
                  escalate=VERIFIED_ESCALATION, options=VERIFIED_OPTIONS,
                  description="closed form keeping more of the other styles; a request the world's classifier still "
                              "recognises on check seeds (apart from the evaluation's) is solved again, more strongly "
-                             "each time (a style without the ridge, then with negative guidance 1, then 2; an "
-                             "object with guidance 2, then 3)"),
+                             "each time (without the ridge, then aimed past the anchor: a style with negative "
+                             "guidance 1, then 2; an object with guidance 2, then 3)"),
         Protocol("closed_form+adversarial", "Closed form, adversarial rounds", method="closed_form",
                  options={d: {"adversarial_rounds": ADVERSARIAL_ROUNDS} for d in ("style", "object")},
                  description=f"closed form, then {ADVERSARIAL_ROUNDS} RECE rounds: the K/V inputs that best bring "

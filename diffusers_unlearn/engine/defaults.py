@@ -28,7 +28,8 @@ RECOMMENDED_METHOD = "closed_form"
 TRAINED_METHOD = "esd"
 """The method of a request that names none but asks for training, and the recommended one on SD3 and Flux."""
 RECOMMENDED_DOMAIN_OPTIONS: dict[str, dict[str, Any]] = {"style": {"negative_guidance": 0.0, "ridge": 0.3},
-                                                          "object": {"keep_weight": 5.0, "negative_guidance": 1.0}}
+                                                          "object": {"keep_weight": 5.0, "negative_guidance": 1.0,
+                                                                     "ridge": 0.3}}
 """The recommended method's settings for one kind of concept, over its config's defaults, chosen on a stream of
 removals where nothing else is named (docs/benchmarks/retention.md). Styles map onto the anchor itself: aimed past
 it, an erased style's prompt lost its object too ("a bear in <removed style> style" drew no bear); on the anchor the
@@ -36,14 +37,16 @@ bear is drawn in another style. A ridge of 0.3 (relative to the mean eigenvalue 
 bounds each edit: over 12 removals the K/V drift stays near 2 instead of 11, and the styles nobody named keep 3.8x
 as much, with the same erasure. Objects keep the stronger soft penalty on the kept concepts' tokens and aim one
 anchor-distance past it (guidance 1): guidance 2 erased a few points more but lost most of the other objects and
-the styles in the erased objects' prompts, guidance 0 kept them and erased too little."""
+the styles in the erased objects' prompts, guidance 0 kept them and erased too little. Both kinds share the ridge:
+a stream's solve is joint, so a request with another ridge would re-solve every earlier removal with it (a mixed
+stream whose objects were unbounded swung the K/V drift between 7 and 100)."""
 RECOMMENDED_ESCALATION: dict[str, tuple[dict[str, Any], ...]] = {
     "style": ({"ridge": 1e-4}, {"ridge": 1e-4, "negative_guidance": 1.0}, {"ridge": 1e-4, "negative_guidance": 2.0}),
-    "object": ({"negative_guidance": 2.0},)}
+    "object": ({"ridge": 1e-4}, {"ridge": 1e-4, "negative_guidance": 2.0})}
 """What a recommended request whose erasure check fails is solved again with, in turn, per kind of concept (when the
 caller passes no ``escalate``): a style the check still finds is solved without the bound first (still on its
-anchor, so its prompts keep their objects), then aimed past its anchor; an object is aimed further past its anchor
-(``engine/escalation.py``)."""
+anchor, so its prompts keep their objects), then aimed past its anchor; an object without the bound, then further
+past its anchor (``engine/escalation.py``)."""
 RECOMMENDED_KEPT_FRACTION = 0.75
 """Every recommended request: the exactly kept span may fill at most this fraction of the K/V input width, so that a
 narrow text space (the tiny pipelines' 32-wide one, filled by the built-in vocabulary) keeps room to erase; the
@@ -137,7 +140,7 @@ def recommended_options(domain: str | None) -> dict[str, Any]:
         >>> recommended_options("style")
         {'max_kept_fraction': 0.75, 'negative_guidance': 0.0, 'ridge': 0.3}
         >>> recommended_options("object")
-        {'max_kept_fraction': 0.75, 'keep_weight': 5.0, 'negative_guidance': 1.0}
+        {'max_kept_fraction': 0.75, 'keep_weight': 5.0, 'negative_guidance': 1.0, 'ridge': 0.3}
     """
     return {"max_kept_fraction": RECOMMENDED_KEPT_FRACTION,
             **RECOMMENDED_DOMAIN_OPTIONS.get(domain_kind(domain) or "", {})}
@@ -157,7 +160,7 @@ def recommended_escalation(domain: str | None, method: str) -> list[dict[str, An
         >>> recommended_escalation("style", "closed_form")[0]
         {'ridge': 0.0001}
         >>> recommended_escalation("object", "closed_form")
-        [{'negative_guidance': 2.0}]
+        [{'ridge': 0.0001}, {'ridge': 0.0001, 'negative_guidance': 2.0}]
         >>> recommended_escalation("concept", "closed_form") is None
         True
     """

@@ -38,8 +38,9 @@ bounds each edit: over 12 removals the K/V drift stays near 2 instead of 11, and
 as much, with the same erasure. Objects keep the stronger soft penalty on the kept concepts' tokens and aim one
 anchor-distance past it (guidance 1): guidance 2 erased a few points more but lost most of the other objects and
 the styles in the erased objects' prompts, guidance 0 kept them and erased too little. Both kinds share the ridge:
-a stream's solve is joint, so a request with another ridge would re-solve every earlier removal with it (a mixed
-stream whose objects were unbounded swung the K/V drift between 7 and 100)."""
+a stream's solve is joint, so a request with another ridge re-solves every earlier removal with it (in a mixed
+stream with unbounded objects the K/V drift jumped from 2 to 68 at the first object request and fell back to 7 at
+the next style request)."""
 RECOMMENDED_ESCALATION: dict[str, tuple[dict[str, Any], ...]] = {
     "style": ({"ridge": 1e-4}, {"ridge": 1e-4, "negative_guidance": 1.0}, {"ridge": 1e-4, "negative_guidance": 2.0}),
     "object": ({"ridge": 1e-4}, {"ridge": 1e-4, "negative_guidance": 2.0})}

@@ -146,3 +146,18 @@ def test_the_recommended_style_setting_bounds_the_edit_and_still_erases_on_minic
             assert not any(r.erasure.get("attempts") for r in records)
     assert drift["default"] < drift["unbounded"] / 3
     assert min(shifts["default"]) >= 0.9
+
+
+def test_the_recommended_ladder_leaves_a_setting_the_caller_gave_alone():
+    """A request whose caller sets what the recommended ladder changes (its ridge or its guidance) gets no ladder:
+    the caller's value is what is served, even when the check finds the concept not erased."""
+    pipe = du.attach(du.testing.tiny_pipeline(seed=0))
+    pipe.set_progress_bar_config(disable=True)
+    strict = du.ErasureCheck(min_shift=1e6)  # nothing passes: any ladder would be climbed to its end
+    with pytest.warns(ErasureWarning):
+        own = pipe.unlearn("van gogh", domain="style", ridge=0.5, erasure_check=strict, progress=False)
+    assert own.method_config["ridge"] == 0.5 and not own.erasure.get("attempts")
+    with pytest.warns(ErasureWarning):
+        laddered = pipe.unlearn("monet", domain="style", erasure_check=strict, progress=False)
+    assert len(laddered.erasure["attempts"]) == 3  # the recommended ladder, climbed to its end
+    assert (laddered.method_config["ridge"], laddered.method_config["negative_guidance"]) == (1e-4, 2.0)

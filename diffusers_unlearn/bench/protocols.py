@@ -204,9 +204,10 @@ def _gp(ctx: ProtocolContext) -> GradientProjection:
 
 # The verified closed form's ladder, per domain. A style starts bounded and on its anchor (the recommended
 # settings); one the check still recognises is solved without the bound first (the exact least squares, still on
-# the anchor: the erased prompt keeps its object), then aimed past its anchor. An object starts bounded, one
-# anchor-distance past it; without the bound, then guidance 2, then 3 aim further (one request at guidance 1 left `forest hatching` in half its images,
-# guidance 2 erased it: docs/benchmarks/closed-form.md); only the requests that need it get it.
+# the anchor: the erased prompt keeps its object), then aimed past its anchor (one request at guidance 1 left
+# `forest hatching` in half its images, guidance 2 erased it: docs/benchmarks/closed-form.md). An object starts
+# bounded, one anchor-distance past it, then goes without the bound, then to guidance 2, then 3. Only the requests
+# that need it climb.
 UNBOUNDED = 1e-4  # ClosedFormConfig's own ridge
 VERIFIED_ESCALATION: Mapping[str, tuple[Mapping[str, Any], ...]] = {
     "style": ({"ridge": UNBOUNDED}, {"ridge": UNBOUNDED, "negative_guidance": 1.0},

@@ -121,8 +121,9 @@ class RequestStreamMixin:
             escalate: method settings to try, in order, while the check finds the concept not erased, e.g.
                 ``[{"negative_guidance": 2.0}, {"negative_guidance": 3.0}]`` (``engine/escalation.py``); each failed attempt
                 is undone, and the committed record lists them. None (default): a request that names no method and
-                no ``negative_guidance`` gets the recommended ladder of its domain (``RECOMMENDED_ESCALATION``: a
-                style request is solved again with guidance 1, then 2); ``[]``: none.
+                none of the settings the ladder changes (``ridge``, ``negative_guidance``) gets the recommended
+                ladder of its domain (``RECOMMENDED_ESCALATION``: a style is solved again without the ridge, then
+                with guidance 1, then 2); ``[]``: none.
             progress: show a progress bar (default: follow the pipeline's ``set_progress_bar_config``).
             accelerator: an ``accelerate.Accelerator`` (default: one made from ``training``). Under
                 ``accelerate launch`` every process runs this call; the global batch is split between them.
@@ -155,10 +156,12 @@ class RequestStreamMixin:
         for name in request.concepts:
             check_world_concept(self, name, request.domain, prompts_given=request.templates is None)
         check = check_erasure_check(erasure_check)
-        if escalate is None and method is None and not isinstance(concept, UnlearnRequest) \
-                and "negative_guidance" not in options:
-            # the recommended recipe: a style mapped onto its anchor that the check still finds is aimed past it
-            escalate = recommended_escalation(request.domain, request.method.method)
+        if escalate is None and method is None and not isinstance(concept, UnlearnRequest):
+            # the recommended recipe: a concept the check still finds is solved again more strongly, unless the
+            # caller set what the ladder changes (then the caller's value stands)
+            ladder = recommended_escalation(request.domain, request.method.method) or []
+            if not any(key in options for step in ladder for key in step):
+                escalate = ladder or None
         escalate = effective_escalation(request, escalate)
         attempts = escalated_requests(request, escalate)
         for attempt in attempts:

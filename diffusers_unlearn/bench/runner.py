@@ -208,15 +208,15 @@ def request_kwargs(world: BenchWorld, settings: BenchSettings, protocol: Protoco
     hp = settings.hparams
     method = _objective(settings, world, [concept], len(world.templates(settings.domain)), protocol.method, removed)
     if protocol.verify:
-        verified = dict(erasure_check=world.erasure_check(settings.domain),
-                        escalate=list(protocol.escalate.get(settings.domain, ())))
+        checked = dict(erasure_check=world.erasure_check(settings.domain),
+                       escalate=list(protocol.escalate.get(settings.domain, ())))
     else:  # the recommended settings come with their escalation, as pipe.unlearn(concept, domain=...) serves them
         ladder = recommended_escalation(settings.domain, method.method)
-        verified = dict(escalate=ladder) if ladder else {}
+        checked = dict(escalate=ladder) if ladder else {}
     if protocol.options.get(settings.domain):
         method = dataclasses.replace(method, **protocol.options[settings.domain])
     kwargs = dict(
-        **verified,
+        **checked,
         concept=concept,
         method=method,
         domain=world.prompt_domain(settings.domain), steps=hp.steps, learning_rate=hp.learning_rate, rank=hp.rank,

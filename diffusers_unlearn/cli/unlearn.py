@@ -270,10 +270,9 @@ def requested_concepts(args: argparse.Namespace) -> list[str]:
 
 def _recipe_escalation(recipe: Any, args: argparse.Namespace) -> list[dict[str, Any]] | None:
     """The recipe's escalation, unless an --option sets what it escalates: then the user's value stands."""
-    given = parse_options(args.option)
-    if not recipe.escalate or any(key in given for step in recipe.escalate for key in step):
-        return None
-    return recipe.escalate
+    from ..engine.defaults import escalation_unless_set
+
+    return escalation_unless_set(recipe.escalate, parse_options(args.option))
 
 
 def _describe(regularizer: Any) -> str:

@@ -18,6 +18,7 @@ the engine loads.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -172,6 +173,30 @@ def recommended_escalation(domain: str | None, method: str) -> list[dict[str, An
     return [dict(step) for step in ladder] if ladder else None
 
 
+def escalation_unless_set(ladder: Sequence[Mapping[str, Any]] | None,
+                          given: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A default ladder, unless the caller's own method options set a setting it changes: then the caller's value
+    stands and nothing escalates (``pipe.unlearn`` and the command line's world recipes alike).
+
+    Args:
+        ladder: the default escalation (``recommended_escalation``, a world recipe's), or None.
+        given: the method options the caller set.
+
+    Returns:
+        The ladder's steps, or None (no escalation).
+
+    Examples:
+        >>> escalation_unless_set([{"ridge": 1e-4}], {})
+        [{'ridge': 0.0001}]
+        >>> escalation_unless_set([{"ridge": 1e-4}], {"ridge": 0.5}) is None
+        True
+    """
+    steps = [dict(step) for step in ladder or ()]
+    if not steps or any(key in given for step in steps for key in step):
+        return None
+    return steps
+
+
 __all__ = ["RECOMMENDED_DOMAIN_OPTIONS", "RECOMMENDED_ESCALATION", "RECOMMENDED_KEPT_FRACTION", "RECOMMENDED_METHOD",
-           "TRAINED_METHOD", "asks_for_training", "default_method", "domain_kind", "recommended_escalation",
-           "recommended_method", "recommended_options"]
+           "TRAINED_METHOD", "asks_for_training", "default_method", "domain_kind", "escalation_unless_set",
+           "recommended_escalation", "recommended_method", "recommended_options"]

@@ -21,7 +21,7 @@ from ..kv import adapters as ad
 from .._progress import phase
 from .._version import __version__
 from ..engine.audit import audit_grid
-from ..engine.defaults import recommended_escalation
+from ..engine.defaults import escalation_unless_set, recommended_escalation
 from ..kv.composition import Mode, combined_deltas, materialize
 from ..engine.erasure_check import ErasureError, measure_erasure, report_erasure
 from ..engine.escalation import check_erasure_check, effective_escalation, escalated_requests, escalation_options
@@ -157,11 +157,8 @@ class RequestStreamMixin:
             check_world_concept(self, name, request.domain, prompts_given=request.templates is None)
         check = check_erasure_check(erasure_check)
         if escalate is None and method is None and not isinstance(concept, UnlearnRequest):
-            # the recommended recipe: a concept the check still finds is solved again more strongly, unless the
-            # caller set what the ladder changes (then the caller's value stands)
-            ladder = recommended_escalation(request.domain, request.method.method) or []
-            if not any(key in options for step in ladder for key in step):
-                escalate = ladder or None
+            # the recommended recipe: a concept the check still finds is solved again more strongly
+            escalate = escalation_unless_set(recommended_escalation(request.domain, request.method.method), options)
         escalate = effective_escalation(request, escalate)
         attempts = escalated_requests(request, escalate)
         for attempt in attempts:

@@ -94,7 +94,7 @@ def test_report_files(result, tmp_path):
     for r in checked:
         rung = ladder[len(r["erasure"].get("attempts") or [])]
         assert r["erasure"]["settings"] == {"negative_guidance": rung.get("negative_guidance", 0.0),
-                                            "ridge": rung.get("ridge", 0.3)}
+                                            "ridge": rung.get("ridge", 0.1)}
     assert f"Closed form, verified: the classifier check (2 images per request, seeds apart from the evaluation's) " \
            f"sent back {escalated} of 2 requests" in text
     assert all("check" not in r["erasure"] for r in result["protocols"]["sequential"]["rows"][1:])
@@ -330,7 +330,7 @@ def test_a_verified_protocol_checks_with_the_world_classifier_on_seeds_apart_fro
     # the unverified closed form is the library's default: its settings and its escalation (the default check)
     assert plain["escalate"] == [{"ridge": 1e-4}, {"ridge": 1e-4, "negative_guidance": 1.0},
                                  {"ridge": 1e-4, "negative_guidance": 2.0}]
-    assert (plain["method"].negative_guidance, plain["method"].ridge) == (0.0, 0.3)
+    assert (plain["method"].negative_guidance, plain["method"].ridge, plain["method"].siblings) == (0.0, 0.1, 16)
     assert "escalate" not in bench.request_kwargs(world, config, bench.PROTOCOLS["gp"], "van gogh")
     # checked, a style request keeps more of the rest than the unchecked default; an object request keeps the
     # library's object settings

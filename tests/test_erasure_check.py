@@ -95,16 +95,18 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     from diffusers_unlearn.engine.request import UnlearnRequest
 
     objects = RECOMMENDED_DOMAIN_OPTIONS["object"]
-    assert objects == {"keep_weight": 5.0, "negative_guidance": 1.0, "ridge": 0.3}
+    assert objects == {"keep_weight": 5.0, "negative_guidance": 1.0, "ridge": 0.1, "siblings": 16,
+                       "sibling_weight": 8.0}
     assert [domain_kind(d) for d in ("object", "minicanvas-object", "style", "concept", None)] == \
         ["object", "object", "style", None, None]
     # pipe.unlearn / UnlearnRequest.build: the object settings for objects only, and only when no method is named
     request = UnlearnRequest.build("cat", domain="object")
     assert (request.method.keep_weight, request.method.negative_guidance) == (5.0, 1.0)
     # styles: mapped onto the anchor itself (an erased prompt keeps its object)
-    assert RECOMMENDED_DOMAIN_OPTIONS["style"] == {"negative_guidance": 0.0, "ridge": 0.3}
+    assert RECOMMENDED_DOMAIN_OPTIONS["style"] == {"negative_guidance": 0.0, "ridge": 0.1, "siblings": 16,
+                                                  "sibling_weight": 1.6}
     assert UnlearnRequest.build("van gogh", domain="style").method == \
-        ClosedFormConfig(max_kept_fraction=0.75, negative_guidance=0.0, ridge=0.3)
+        ClosedFormConfig(max_kept_fraction=0.75, negative_guidance=0.0, ridge=0.1, siblings=16, sibling_weight=1.6)
     assert UnlearnRequest.build("van gogh", domain="concept").method == ClosedFormConfig(max_kept_fraction=0.75)
     named = UnlearnRequest.build("cat", "closed_form", domain="object").method
     assert (named.keep_weight, named.negative_guidance) == (0.5, 1.0)
@@ -124,13 +126,13 @@ def test_the_default_recipe_keeps_objects_with_its_object_settings_and_the_user_
     served = [{}, *recommended_escalation("object", "closed_form")][len(record.erasure.get("attempts") or [])]
     assert record.method_config["keep_weight"] == 5.0
     assert record.method_config["negative_guidance"] == served.get("negative_guidance", 1.0)
-    assert record.method_config["ridge"] == served.get("ridge", 0.3)
+    assert record.method_config["ridge"] == served.get("ridge", objects["ridge"])
 
 
 def test_the_recommended_style_setting_bounds_the_edit_and_still_erases_on_minicanvas():
     """A measured effect on the shipped model: three style removals with the recommended settings (on the anchor,
-    ridge 0.3) move the K/V weights less than a third as far as the same removals solved without the bound (1.4
-    against 8.9 measured), and every request's own prediction still moves almost all the way (shift >= 0.9, the
+    ridge 0.1, siblings) move the K/V weights less than a third as far as the same removals solved without the bound
+    (2.6 against 13.5 measured), and every request's own prediction still moves almost all the way (shift >= 0.9, the
     check's threshold is 0.5), so none escalates."""
     from diffusers_unlearn.evaluation import kv_drift
 
@@ -142,7 +144,7 @@ def test_the_recommended_style_setting_bounds_the_edit_and_still_erases_on_minic
         records = [pipe.unlearn(s, domain="style", seed=k, progress=False, **options) for k, s in enumerate(styles)]
         drift[name], shifts[name] = kv_drift(pipe), [r.erasure["target_shift"] for r in records]
         if name == "default":
-            assert [r.method_config["ridge"] for r in records] == [0.3] * 3  # served as resolved: nothing escalated
+            assert [r.method_config["ridge"] for r in records] == [0.1] * 3  # served as resolved: nothing escalated
             assert not any(r.erasure.get("attempts") for r in records)
     assert drift["default"] < drift["unbounded"] / 3
     assert min(shifts["default"]) >= 0.9

@@ -178,7 +178,8 @@ def test_each_part_of_a_request_comes_from_the_caller_then_the_world_recipe_then
     solved = resolve_request("van gogh", world_recipe=recipe(method=du.objectives.ClosedFormConfig(), regularizers=[]))
     assert solved.method.method == "closed_form"  # no retain loss to add to a solved method
     # no recipe: the defaults (the recommended method with its object settings, or the trained one)
-    recommended = dict(max_kept_fraction=0.75, keep_weight=5.0, negative_guidance=1.0, ridge=0.3)
+    recommended = dict(max_kept_fraction=0.75, keep_weight=5.0, negative_guidance=1.0, ridge=0.1, siblings=16,
+                       sibling_weight=8.0)
     assert resolve_request("cat", domain="object").method == resolve_request("cat", "closed_form", **recommended).method
     assert resolve_request("cat", steps=3).method.method == "esd"
     with pytest.raises(TypeError, match="a world recipe sets only"):

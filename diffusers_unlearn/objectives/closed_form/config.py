@@ -12,6 +12,7 @@ from ..base import ObjectiveConfig
 
 PROTECTIONS = ("span", "soft")
 MAX_ADVERSARIAL_ROUNDS = 100
+MAX_SIBLINGS = 256  # draws per word: more only slow the request (each draw is one text-encoder pass per prompt)
 
 
 @dataclass
@@ -57,6 +58,14 @@ class ClosedFormConfig(ObjectiveConfig):
             learnt embedding aims at), adds it to what maps onto the anchor and solves again under the same
             protection. The report records each round's recovery and the final one. A later request solves the
             earlier removals again with its own rounds: give every request of a stream the same number.
+        siblings: n >= 0 random draws per word (default 0: none). Each word of the concept (and of each earlier removal
+            kept mapped) is replaced, in the request's prompts, by n random token embeddings drawn from the text
+            encoder's own token table statistics (``siblings.sibling_tokens``), and the states after it are kept by a
+            soft penalty: the solve then moves the concept's own combination of words rather than what each word
+            brings to every other phrase. No real word is drawn, so no concept is kept by name; the concepts nobody
+            named that share a word with the removed one keep most of their images (docs/benchmarks/retention.md).
+        sibling_weight: the soft penalty's total weight on each (prompt, word)'s draws (each draw weighs
+            ``sibling_weight / siblings``), against a mapped token's ``concept_weight``.
         sampling_steps: on SD3 and Flux the solve reads the text states at the timesteps of this many sampler steps
             (``resolution`` shifts Flux's schedule); with ``guidance_scale`` and ``num_trajectories`` it also sets the
             erasure check's trajectories (see ``ObjectiveConfig``).
@@ -90,6 +99,8 @@ class ClosedFormConfig(ObjectiveConfig):
     ridge: float = 1e-4
     max_kept_fraction: float | None = None
     adversarial_rounds: int = 0
+    siblings: int = 0
+    sibling_weight: float = 1.6
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,21 +126,25 @@ class ClosedFormConfig(ObjectiveConfig):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("concept_weight", "earlier_weight"):
             check_number(getattr(self, name), name, minimum=0, exclusive_minimum=True)
-        for name in ("keep_weight", "negative_guidance", "ridge"):
+        check_count(self.siblings, "siblings", minimum=0, maximum=MAX_SIBLINGS)
+        for name in ("keep_weight", "negative_guidance", "ridge", "sibling_weight"):
             check_number(getattr(self, name), name, minimum=0)
         check_count(self.adversarial_rounds, "adversarial_rounds", minimum=0, maximum=MAX_ADVERSARIAL_ROUNDS)
         if self.protection not in PROTECTIONS:
             raise ValueError(f"protection must be one of {list(PROTECTIONS)}, got {self.protection!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as the ledger records them; ``adversarial_rounds`` only when it is not 0.
+        """The settings as the ledger records them; ``adversarial_rounds`` only when it is not 0, ``siblings`` and
+        ``sibling_weight`` only when ``siblings`` is not 0.
 
         Returns:
-            A JSON-ready dict, the same as before adversarial rounds existed for requests without them.
+            A JSON-ready dict, the same as before these options existed for requests without them.
         """
         data = super().to_dict()
         if not self.adversarial_rounds:  # requests without adversarial rounds keep the record they always had
             del data["adversarial_rounds"]
+        if not self.siblings:
+            del data["siblings"], data["sibling_weight"]
         return data
 
     def check_regularizers(self, regularizers: Sequence[Any]) -> None:

@@ -18,6 +18,7 @@ from ...families.registry import family_of
 from ...prompts import TEMPLATES, same_concept
 from ...kv.text_states import PromptStates
 from .config import ClosedFormConfig
+from .siblings import sibling_tokens
 from .keys import concept_states, concept_tokens, earlier_requests, mapping_keys, protected_columns
 
 logger = logging.getLogger(__name__)
@@ -484,6 +485,18 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     keep_gram = kept_gram(pipe, chosen, states) if chosen and config.keep_weight > 0 else None
     mappings = [mapping_keys(pipe, c, config.anchor, p, config.map_every_token, config.negative_guidance, states)
                 for c, p in together]
+    soft_weight = config.keep_weight
+    if config.siblings:
+        # the concept's words each beside random ones, for every concept the solve maps (this request's and the
+        # earlier removals kept mapped): kept softly, so the edit moves each concept's own combination of words
+        sources = list(together)
+        if config.keep_earlier:
+            sources += [(e.concept, e.prompts) for e in earlier_list
+                        if e.prompts and not any(same_concept(e.concept, c) for c, _ in together)]
+        rows = torch.cat([sibling_tokens(pipe, c, p, config.siblings, states) for c, p in sources])
+        sibling_gram = (config.sibling_weight / config.siblings) * (rows.T @ rows)  # the draws share the weight
+        keep_gram = sibling_gram if keep_gram is None else config.keep_weight * keep_gram + sibling_gram
+        soft_weight = 1.0  # both penalties are weighted inside the Gram matrix
     skipped = []
     if config.keep_earlier:
         for item in earlier_list:
@@ -501,7 +514,7 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     tensors, scales = {}, {}
     earlier_mapped = len(mappings) - len(together)
     weights = [config.concept_weight] * len(together) + [config.earlier_weight] * earlier_mapped
-    solver = Solver.build(protected, mappings, config.ridge, weights, keep_weight=config.keep_weight,
+    solver = Solver.build(protected, mappings, config.ridge, weights, keep_weight=soft_weight,
                           keep_gram=keep_gram)
     rounds = []
     if config.adversarial_rounds:
@@ -516,7 +529,7 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
             for (keys, targets), weight in attacked:
                 mappings.append((keys.double() @ found.T, targets))
                 weights.append(weight)
-            solver = Solver.build(protected, mappings, config.ridge, weights, keep_weight=config.keep_weight,
+            solver = Solver.build(protected, mappings, config.ridge, weights, keep_weight=soft_weight,
                                   keep_gram=keep_gram)
             after = edited_layers(solver, base_weights, start_offsets, solved_layers)
             adversarial = concept_keys.double() @ found.T
@@ -557,6 +570,8 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
               "solved_layers": len(solved_layers)}
     if uncapped_rank is not None:
         report["protected_rank_uncapped"] = uncapped_rank
+    if config.siblings:
+        report["sibling_states"] = int(rows.shape[0])
     if rounds:  # what the best state recovers on the final weights, and what the concept's own states do
         edited, keys = edited_layers(solver, base_weights, start_offsets, solved_layers), mappings[0][0]
         adversarial = keys.double() @ adversarial_map(edited).T

@@ -1,0 +1,123 @@
+"""Sibling states: what a concept's prompts read when one of its words is replaced by a random word.
+
+A removal named through the API cannot know which concepts its user keeps, and the ones most at risk share words
+with it ("neon dots" beside a removed "neon lines"): a causal text encoder gives the shared word the same state in
+both prompts, and the states after it differ only by what the other word adds. Each word of the concept is replaced
+in turn, in each of the request's prompts, by random token embeddings drawn from a Gaussian with the per-feature mean
+and spread of the text encoder's own token table: no real word is named, so no concept is protected by name, but the
+solve sees how the states after the shared word vary with the word beside it and is steered (as a soft penalty) to
+an edit that moves the concept's own combination rather than everything its words enter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+
+from ...families.conditioning import _find_sublist
+from ...kv.text_states import PromptStates
+
+_CACHE = "_unlearn_closed_form_siblings"
+ENCODE_BATCH = 64  # sibling prompts per text-encoder pass: bounds the memory on wide encoders (T5)
+ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
+
+
+def _text_encoders(pipe: Any) -> list[tuple[torch.nn.Module, Any]]:
+    found = []
+    for encoder_name, tokenizer_name in ENCODERS:
+        encoder, tokenizer = getattr(pipe, encoder_name, None), getattr(pipe, tokenizer_name, None)
+        if encoder is not None and tokenizer is not None and hasattr(encoder, "get_input_embeddings"):
+            found.append((encoder, tokenizer))
+    return found
+
+
+def _table_gaussian(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = table.detach().float().cpu()
+    return rows.mean(dim=0), rows.std(dim=0)
+
+
+@torch.no_grad()
+def sibling_tokens(pipe: Any, concept: str, prompts: Sequence[str], count: int, states: PromptStates,
+                   seed: int = 0, max_prompts: int = 8) -> torch.Tensor:
+    """Token states [n, d] (float64) of ``concept``'s prompts with each of its words replaced by random embeddings.
+
+    Args:
+        pipe: the pipeline whose text encoders are read.
+        concept: the concept; each whitespace-separated word is replaced in turn.
+        prompts: the prompts naming it (the first ``max_prompts`` that contain it are used).
+        count: random replacements per word and prompt.
+        states: the token states to read.
+        seed: the draws' seed (the same states on every machine and in every request of a stream).
+        max_prompts: at most this many prompts.
+
+    Returns:
+        [n, d] float64: in each sibling prompt, the replaced word's first token and every token after it.
+    """
+    words = concept.split()
+    chosen = [p for p in prompts if concept.lower() in p.lower()][:max_prompts]
+    cache: dict = pipe.__dict__.setdefault(_CACHE, {})
+    key = (concept.lower(), tuple(chosen), count, seed, max_prompts, states.key)
+    if key in cache:
+        return cache[key]
+    if not chosen or count <= 0:
+        return torch.zeros(0, states.conditioner.cross_attention_dim, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    rows: list[tuple[str, str]] = []  # (prompt, word replaced)
+    for prompt in chosen:
+        for word in words:
+            rows += [(prompt, word)] * count
+    encoders = _text_encoders(pipe)
+    draws = {}
+    for index, (encoder, tokenizer) in enumerate(encoders):
+        mean, spread = _table_gaussian(encoder.get_input_embeddings().weight)
+        word_ids = {w: tokenizer(w, add_special_tokens=False).input_ids for w in words}
+        concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
+        # per row: the positions of the replaced word inside the concept, found in the row's ids at run time
+        vectors = [mean + spread * torch.randn(len(word_ids[w]), mean.shape[0], generator=generator)
+                   for _, w in rows]
+        draws[index] = (word_ids, concept_ids, vectors)
+
+    chunk: list[int] = []  # the rows of ``rows`` being encoded now
+
+    def hook_for(index: int):
+        word_ids, concept_ids, vectors = draws[index]
+
+        def replace(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            ids = inputs[0]
+            if ids.shape[0] != len(chunk):
+                return output  # another call inside the encoder (none today): leave it alone
+            output = output.clone()
+            for position, row in enumerate(chunk):
+                word = rows[row][1]
+                start = _find_sublist(ids[position].tolist(), concept_ids)
+                inner = _find_sublist(concept_ids, word_ids[word])
+                if start < 0 or inner < 0:
+                    continue  # truncated, or tokenized differently inside this prompt
+                at, length = start + inner, len(word_ids[word])
+                output[position, at:at + length] = vectors[row][:length].to(output.device, output.dtype)
+            return output
+        return replace
+
+    collected = []
+    with ExitStack() as stack:
+        for index, (encoder, _) in enumerate(encoders):
+            handle = encoder.get_input_embeddings().register_forward_hook(hook_for(index))
+            stack.callback(handle.remove)
+        for first in range(0, len(rows), ENCODE_BATCH):
+            chunk[:] = range(first, min(first + ENCODE_BATCH, len(rows)))
+            hidden, segments = states.states([rows[row][0] for row in chunk])  # [T, B, L, d]
+            for segment in segments:
+                tokenizer, offset = segment.tokenizer, segment.offset
+                concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
+                end = offset + len(segment.ids[0])
+                for position, row in enumerate(chunk):
+                    start = _find_sublist(segment.ids[position], concept_ids)
+                    inner = _find_sublist(concept_ids, tokenizer(rows[row][1], add_special_tokens=False).input_ids)
+                    if start >= 0 and inner >= 0:
+                        collected.append(hidden[:, position, offset + start + inner:end].flatten(0, 1))
+    result = torch.cat(collected) if collected else torch.zeros(0, hidden.shape[-1], dtype=torch.float64)
+    cache[key] = result
+    return result

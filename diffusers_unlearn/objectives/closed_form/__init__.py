@@ -10,7 +10,10 @@ the request's change D solves, in float64 and with no training loop (``solver.py
    P back to its base outputs;
 2. inside that complement, least squares with a small ridge over token pairs (c, a) (``keys.mapping_keys``): the
    new concept's tokens c map to the anchor's outputs W0 a, and so does every concept removed earlier (read from
-   the ledger, each with its own anchor), so that a later request cannot undo an earlier one.
+   the ledger, each with its own anchor), so that a later request cannot undo an earlier one;
+3. optionally (``siblings=``, on in the recommended settings) a soft penalty on sibling states
+   (``siblings.sibling_tokens``): every mapped concept's prompts with one of its words replaced by random token
+   embeddings, so that the edit moves the concept's own combination of words, not each word's other company.
 
 When the concept's embedding lies almost inside span(P) only its residual outside the span can carry the erasure;
 the solve still maps it (a larger edit), and the report records the share of the target inside the span
@@ -40,6 +43,7 @@ from .config import PROTECTIONS, ClosedFormConfig
 from .keys import (EarlierRequest, concept_states, concept_tokens, default_states, earlier_requests, mapping_keys,
                    protected_columns)
 from .objective import ClosedFormObjective
+from .siblings import draw_embeddings, sibling_tokens, table_statistics
 from .solver import (CAPACITY_FRACTION, KEY_RTOL, SPAN_RTOL, CapacityWarning, Solver, adversarial_map, cap_kept_span,
                      check_capacity, compact_factors, edited_layers, recovery, solve)
 
@@ -67,5 +71,8 @@ __all__ = [
     "mapping_keys",
     "protected_columns",
     "recovery",
+    "sibling_tokens",
     "solve",
+    "draw_embeddings",
+    "table_statistics",
 ]

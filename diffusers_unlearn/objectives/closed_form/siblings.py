@@ -1,4 +1,4 @@
-"""Sibling states: what a concept's prompts read when one of its words is replaced by a random word.
+"""Sibling states: what a concept's prompts read when one of its words is replaced by random token embeddings.
 
 A removal named through the API cannot know which concepts its user keeps, and the ones most at risk share words
 with it ("neon dots" beside a removed "neon lines"): a causal text encoder gives the shared word the same state in
@@ -34,9 +34,32 @@ def _text_encoders(pipe: Any) -> list[tuple[torch.nn.Module, Any]]:
     return found
 
 
-def _table_gaussian(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def table_statistics(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-feature mean and spread of a token embedding table.
+
+    Args:
+        table: the text encoder's input embeddings [vocabulary, width].
+
+    Returns:
+        (mean [width], standard deviation [width]), float32 on the CPU.
+    """
     rows = table.detach().float().cpu()
     return rows.mean(dim=0), rows.std(dim=0)
+
+
+def draw_embeddings(mean: torch.Tensor, spread: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Random token embeddings from a Gaussian with a per-feature mean and spread (``table_statistics``).
+
+    Args:
+        mean: [width], the mean of each feature.
+        spread: [width], the standard deviation of each feature.
+        count: how many embeddings to draw.
+        generator: the random generator (seeded by the caller, so that the draws repeat).
+
+    Returns:
+        [count, width] float32.
+    """
+    return mean + spread * torch.randn(count, mean.shape[0], generator=generator)
 
 
 @torch.no_grad()
@@ -72,12 +95,11 @@ def sibling_tokens(pipe: Any, concept: str, prompts: Sequence[str], count: int, 
     encoders = _text_encoders(pipe)
     draws = {}
     for index, (encoder, tokenizer) in enumerate(encoders):
-        mean, spread = _table_gaussian(encoder.get_input_embeddings().weight)
+        mean, spread = table_statistics(encoder.get_input_embeddings().weight)
         word_ids = {w: tokenizer(w, add_special_tokens=False).input_ids for w in words}
         concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
-        # per row: the positions of the replaced word inside the concept, found in the row's ids at run time
-        vectors = [mean + spread * torch.randn(len(word_ids[w]), mean.shape[0], generator=generator)
-                   for _, w in rows]
+        # one embedding per token of the replaced word; where it lies is found in each row's ids at run time
+        vectors = [draw_embeddings(mean, spread, len(word_ids[w]), generator) for _, w in rows]
         draws[index] = (word_ids, concept_ids, vectors)
 
     chunk: list[int] = []  # the rows of ``rows`` being encoded now

@@ -12,7 +12,7 @@ from ..base import ObjectiveConfig
 
 PROTECTIONS = ("span", "soft")
 MAX_ADVERSARIAL_ROUNDS = 100
-MAX_SIBLINGS = 256  # draws per word: more only slow the request (each draw is one text-encoder pass per prompt)
+MAX_SIBLINGS = 256  # draws per word: more only slow the request (each draw is one more prompt to encode per prompt)
 
 
 @dataclass

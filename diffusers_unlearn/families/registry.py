@@ -136,6 +136,18 @@ def denoiser_of(pipe: Any) -> torch.nn.Module | None:
     return None
 
 
+# The (tokenizer, text encoder) attribute pairs a diffusers pipeline may have: SD's one, SDXL's two, SD3's three.
+TEXT_ENCODERS: tuple[tuple[str, str], ...] = (
+    ("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"),
+)
+
+
+def text_encoder_pairs(pipe: Any) -> list[tuple[str, str]]:
+    """The (tokenizer, text encoder) attribute names of ``TEXT_ENCODERS`` that the pipeline holds, in that order."""
+    return [(t, e) for t, e in TEXT_ENCODERS
+            if getattr(pipe, t, None) is not None and getattr(pipe, e, None) is not None]
+
+
 def family_of(pipe: Any) -> ModelFamily:
     """The family of a pipeline, or a ``TypeError`` naming what is supported."""
     denoiser = denoiser_of(pipe)
@@ -155,11 +167,13 @@ def conditioner_for(pipe: Any, guidance_scale: float | None = None) -> Condition
 
 __all__ = [
     "FAMILIES",
+    "TEXT_ENCODERS",
     "ModelFamily",
     "conditioner_for",
     "denoiser_of",
     "family_of",
     "family_of_denoiser",
+    "text_encoder_pairs",
     "register_family",
     "supported_architectures",
 ]

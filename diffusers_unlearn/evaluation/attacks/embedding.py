@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..._validation import check_count
-from ...families.registry import conditioner_for, denoiser_of
+from ...families.registry import conditioner_for, denoiser_of, text_encoder_pairs
 from .base import (
     Attack,
     AttackOutcome,
@@ -34,11 +34,6 @@ from .base import (
     pipeline_view,
 )
 
-# The (tokenizer, text encoder) attribute pairs a diffusers pipeline may have; the attack learns the new token in
-# each pair the pipeline holds.
-TEXT_ENCODERS: tuple[tuple[str, str], ...] = (
-    ("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"),
-)
 # Reference images of the base model are drawn at seeds from here on, away from the scored images' seeds.
 REFERENCE_SEED_OFFSET = 10_000
 
@@ -126,10 +121,9 @@ class EmbeddingAttack(Attack):
     """
 
     def encoder_pairs(self) -> list[tuple[str, str]]:
-        """The (tokenizer, text encoder) attributes the pipeline holds, in ``TEXT_ENCODERS`` order."""
-        pipe = self.context.pipe
-        return [(t, e) for t, e in TEXT_ENCODERS
-                if getattr(pipe, t, None) is not None and getattr(pipe, e, None) is not None]
+        """The (tokenizer, text encoder) attributes the pipeline holds, in ``TEXT_ENCODERS`` order (the attack
+        learns the new token in each)."""
+        return text_encoder_pairs(self.context.pipe)
 
     def check(self) -> None:
         """Refuse a pipeline without a text encoder, or a ``token`` its tokenizers already know.

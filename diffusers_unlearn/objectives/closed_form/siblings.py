@@ -18,20 +18,11 @@ from typing import Any
 import torch
 
 from ...families.conditioning import _find_sublist
+from ...families.registry import text_encoder_pairs
 from ...kv.text_states import PromptStates
 
 _CACHE = "_unlearn_closed_form_siblings"
 ENCODE_BATCH = 64  # sibling prompts per text-encoder pass: bounds the memory on wide encoders (T5)
-ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
-
-
-def _text_encoders(pipe: Any) -> list[tuple[torch.nn.Module, Any]]:
-    found = []
-    for encoder_name, tokenizer_name in ENCODERS:
-        encoder, tokenizer = getattr(pipe, encoder_name, None), getattr(pipe, tokenizer_name, None)
-        if encoder is not None and tokenizer is not None and hasattr(encoder, "get_input_embeddings"):
-            found.append((encoder, tokenizer))
-    return found
 
 
 def table_statistics(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +51,19 @@ def draw_embeddings(mean: torch.Tensor, spread: torch.Tensor, count: int, genera
         [count, width] float32.
     """
     return mean + spread * torch.randn(count, mean.shape[0], generator=generator)
+
+
+def _word_spans(tokenizer: Any, concept: str, words: Sequence[str]
+                ) -> tuple[list[int], dict[str, tuple[int, int] | None]]:
+    """The concept's token ids and, per word, (where its tokens start inside them, how many); None for a word whose
+    tokens alone are not found inside the concept's."""
+    concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
+    spans = {}
+    for word in words:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        inner = _find_sublist(concept_ids, ids)
+        spans[word] = (inner, len(ids)) if inner >= 0 else None
+    return concept_ids, spans
 
 
 @torch.no_grad()
@@ -92,54 +96,48 @@ def sibling_tokens(pipe: Any, concept: str, prompts: Sequence[str], count: int, 
     for prompt in chosen:
         for word in words:
             rows += [(prompt, word)] * count
-    encoders = _text_encoders(pipe)
-    draws = {}
-    for index, (encoder, tokenizer) in enumerate(encoders):
+    encoders = [(getattr(pipe, e), getattr(pipe, t)) for t, e in text_encoder_pairs(pipe)]
+    replacements = []  # per encoder: the concept's ids, each word's span inside them, one draw per row
+    for encoder, tokenizer in encoders:
         mean, spread = table_statistics(encoder.get_input_embeddings().weight)
-        word_ids = {w: tokenizer(w, add_special_tokens=False).input_ids for w in words}
-        concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
+        concept_ids, spans = _word_spans(tokenizer, concept, words)
         # one embedding per token of the replaced word; where it lies is found in each row's ids at run time
-        vectors = [draw_embeddings(mean, spread, len(word_ids[w]), generator) for _, w in rows]
-        draws[index] = (word_ids, concept_ids, vectors)
+        lengths = {w: len(tokenizer(w, add_special_tokens=False).input_ids) for w in words}
+        vectors = [draw_embeddings(mean, spread, lengths[w], generator) for _, w in rows]
+        replacements.append((concept_ids, spans, vectors))
 
     chunk: list[int] = []  # the rows of ``rows`` being encoded now
 
-    def hook_for(index: int):
-        word_ids, concept_ids, vectors = draws[index]
-
+    def hook_for(concept_ids: list[int], spans: dict[str, tuple[int, int] | None], vectors: list[torch.Tensor]):
         def replace(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             ids = inputs[0]
             if ids.shape[0] != len(chunk):
                 return output  # another call inside the encoder (none today): leave it alone
             output = output.clone()
             for position, row in enumerate(chunk):
-                word = rows[row][1]
-                start = _find_sublist(ids[position].tolist(), concept_ids)
-                inner = _find_sublist(concept_ids, word_ids[word])
-                if start < 0 or inner < 0:
+                span, start = spans[rows[row][1]], _find_sublist(ids[position].tolist(), concept_ids)
+                if span is None or start < 0:
                     continue  # truncated, or tokenized differently inside this prompt
-                at, length = start + inner, len(word_ids[word])
+                at, length = start + span[0], span[1]
                 output[position, at:at + length] = vectors[row][:length].to(output.device, output.dtype)
             return output
         return replace
 
     collected = []
     with ExitStack() as stack:
-        for index, (encoder, _) in enumerate(encoders):
-            handle = encoder.get_input_embeddings().register_forward_hook(hook_for(index))
+        for (encoder, _), replacement in zip(encoders, replacements):
+            handle = encoder.get_input_embeddings().register_forward_hook(hook_for(*replacement))
             stack.callback(handle.remove)
         for first in range(0, len(rows), ENCODE_BATCH):
             chunk[:] = range(first, min(first + ENCODE_BATCH, len(rows)))
             hidden, segments = states.states([rows[row][0] for row in chunk])  # [T, B, L, d]
             for segment in segments:
-                tokenizer, offset = segment.tokenizer, segment.offset
-                concept_ids = tokenizer(concept, add_special_tokens=False).input_ids
-                end = offset + len(segment.ids[0])
+                concept_ids, spans = _word_spans(segment.tokenizer, concept, words)
+                end = segment.offset + len(segment.ids[0])
                 for position, row in enumerate(chunk):
-                    start = _find_sublist(segment.ids[position], concept_ids)
-                    inner = _find_sublist(concept_ids, tokenizer(rows[row][1], add_special_tokens=False).input_ids)
-                    if start >= 0 and inner >= 0:
-                        collected.append(hidden[:, position, offset + start + inner:end].flatten(0, 1))
+                    span, start = spans[rows[row][1]], _find_sublist(segment.ids[position], concept_ids)
+                    if span is not None and start >= 0:
+                        collected.append(hidden[:, position, segment.offset + start + span[0]:end].flatten(0, 1))
     result = torch.cat(collected) if collected else torch.zeros(0, hidden.shape[-1], dtype=torch.float64)
     cache[key] = result
     return result

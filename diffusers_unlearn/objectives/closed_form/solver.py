@@ -485,30 +485,27 @@ def solve(pipe: Any, *, concept: str, domain: str, prompts: Sequence[str], confi
     keep_gram = kept_gram(pipe, chosen, states) if chosen and config.keep_weight > 0 else None
     mappings = [mapping_keys(pipe, c, config.anchor, p, config.map_every_token, config.negative_guidance, states)
                 for c, p in together]
+    # the earlier removals this solve keeps mapped: not one of this request's concepts, and named in their prompts
+    kept_mapped = [e for e in earlier_list if e.prompts and not any(same_concept(e.concept, c) for c, _ in together)] \
+        if config.keep_earlier else []
     soft_weight = config.keep_weight
     if config.siblings:
         # the concept's words each beside random ones, for every concept the solve maps (this request's and the
         # earlier removals kept mapped): kept softly, so the edit moves each concept's own combination of words
-        sources = list(together)
-        if config.keep_earlier:
-            sources += [(e.concept, e.prompts) for e in earlier_list
-                        if e.prompts and not any(same_concept(e.concept, c) for c, _ in together)]
+        sources = list(together) + [(e.concept, e.prompts) for e in kept_mapped]
         rows = torch.cat([sibling_tokens(pipe, c, p, config.siblings, states) for c, p in sources])
         sibling_gram = (config.sibling_weight / config.siblings) * (rows.T @ rows)  # the draws share the weight
         keep_gram = sibling_gram if keep_gram is None else config.keep_weight * keep_gram + sibling_gram
         soft_weight = 1.0  # both penalties are weighted inside the Gram matrix
     skipped = []
-    if config.keep_earlier:
-        for item in earlier_list:
-            if any(same_concept(item.concept, c) for c, _ in together) or not item.prompts:
-                continue
-            try:
-                mappings.append(mapping_keys(
-                    pipe, item.concept, item.anchor, item.prompts,
-                    config.map_every_token if item.map_every_token is None else item.map_every_token,
-                    config.negative_guidance if item.negative_guidance is None else item.negative_guidance, states))
-            except ValueError:
-                skipped.append(item.concept)  # e.g. a simultaneous retraining "a+b": no single concept to map
+    for item in kept_mapped:
+        try:
+            mappings.append(mapping_keys(
+                pipe, item.concept, item.anchor, item.prompts,
+                config.map_every_token if item.map_every_token is None else item.map_every_token,
+                config.negative_guidance if item.negative_guidance is None else item.negative_guidance, states))
+        except ValueError:
+            skipped.append(item.concept)  # e.g. a simultaneous retraining "a+b": no single concept to map
     if skipped:
         warnings.warn(f"earlier removals {skipped} name no concept inside their prompts: not kept mapped", stacklevel=3)
     tensors, scales = {}, {}
